@@ -1,0 +1,418 @@
+// llmio_native._core: the only place csrc/io, csrc/ring and the CPU oracles
+// meet Python. Responsibilities: map C++ errors to Python exceptions once,
+// release the GIL around every wait and copy, and tie the lifetime of native
+// memory to the Python objects that view it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <system_error>
+
+#include "cuda/cut_windows.hpp"
+#include "io/errors.hpp"
+#include "io/reader.hpp"
+#include "ring/host_buffer.hpp"
+#include "ring/slot_ring.hpp"
+
+namespace py = pybind11;
+using namespace llmio;
+
+#ifndef LLMIO_VERSION
+#define LLMIO_VERSION "0.0.0"
+#endif
+
+namespace {
+
+PyObject* g_unsupported = nullptr;
+PyObject* g_short_read = nullptr;
+
+void set_os_error(PyObject* type, int err, const std::string& msg, const std::string& path) {
+  py::tuple args = path.empty() ? py::tuple(py::make_tuple(err, msg)) : py::tuple(py::make_tuple(err, msg, path));
+  PyErr_SetObject(type, args.ptr());
+}
+
+void translate(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const ShortReadError& e) {
+    set_os_error(g_short_read, e.err(), e.what(), e.path());
+  } catch (const IoError& e) {
+    // OSError(errno, ...) picks FileNotFoundError, PermissionError, ... itself.
+    set_os_error(PyExc_OSError, e.err(), e.what(), e.path());
+  } catch (const UnsupportedError& e) {
+    PyErr_SetString(g_unsupported, e.what());
+  } catch (const std::system_error& e) {
+    set_os_error(PyExc_OSError, e.code().value(), e.what(), "");
+  }
+}
+
+// Aligned memory owned by a numpy array through a capsule.
+struct OwnedBuffer {
+  uint8_t* base = nullptr;
+  uint8_t* dst = nullptr;
+  uint32_t slack_before = 0, slack_after = 0;
+};
+
+OwnedBuffer alloc_for(const Reader& r, uint32_t file, uint64_t offset, uint64_t nbytes) {
+  const uint64_t A = r.alignment(file);
+  const uint64_t pad = offset % A;
+  const uint64_t total = std::max<uint64_t>(A, (pad + nbytes + A - 1) / A * A);
+  void* p = nullptr;
+  if (posix_memalign(&p, A, total) != 0) throw std::bad_alloc();
+  OwnedBuffer b;
+  b.base = static_cast<uint8_t*>(p);
+  b.dst = b.base + pad;
+  b.slack_before = static_cast<uint32_t>(pad);
+  b.slack_after = static_cast<uint32_t>(total - pad - nbytes);
+  return b;
+}
+
+py::array wrap(const OwnedBuffer& b, uint64_t nbytes) {
+  py::capsule owner(b.base, [](void* q) { std::free(q); });
+  return py::array(py::dtype::of<uint8_t>(), {static_cast<py::ssize_t>(nbytes)}, {1}, b.dst, owner);
+}
+
+uint32_t check_file(const Reader& r, int64_t i) {
+  if (i < 0 || static_cast<uint64_t>(i) >= r.num_files())
+    throw py::index_error("file index " + std::to_string(i) + " out of range for " +
+                          std::to_string(r.num_files()) + " files");
+  return static_cast<uint32_t>(i);
+}
+
+uint64_t check_nonneg(int64_t v, const char* what) {
+  if (v < 0) throw std::invalid_argument(std::string(what) + " must be >= 0, got " + std::to_string(v));
+  return static_cast<uint64_t>(v);
+}
+
+py::dict reader_stats(Reader& r) {
+  auto& s = r.stats();
+  py::dict d;
+  d["backend"] = r.backend();
+  d["batches"] = s.batches.load();
+  d["requests"] = s.requests.load();
+  d["bytes"] = s.bytes.load();
+  d["ops_direct"] = s.ops_direct.load();
+  d["ops_buffered"] = s.ops_buffered.load();
+  d["bytes_direct"] = s.bytes_direct.load();
+  d["bytes_buffered"] = s.bytes_buffered.load();
+  d["bounce_ops"] = s.bounce_ops.load();
+  d["bounce_bytes"] = s.bounce_bytes.load();
+  d["fixed_buffer_ops"] = s.fixed_buffer_ops.load();
+  d["retries"] = s.retries.load();
+  d["submits"] = s.submits.load();
+  d["wait_s"] = s.wait_ns.load() / 1e9;
+  d["direct_requested"] = r.direct_requested();
+  d["direct_fallbacks"] = r.fallbacks();
+  py::list direct_files;
+  for (size_t i = 0; i < r.num_files(); ++i) direct_files.append(r.direct_active(i));
+  d["direct_active"] = direct_files;
+  for (auto& kv : r.features()) d[kv.first.c_str()] = kv.second;
+  d["max_io_bytes"] = r.options().max_io_bytes;
+  return d;
+}
+
+// A filled ring slot handed to Python. Holding the ring keeps the arena alive
+// for as long as any view of the slot exists.
+struct PySlot {
+  std::shared_ptr<SlotRing> ring;
+  FilledSlot f;
+  bool released = false;
+  ~PySlot() {
+    if (!released && ring) {
+      try {
+        ring->release(f.slot);
+      } catch (...) {
+      }
+    }
+  }
+  void release() {
+    if (released) return;
+    released = true;
+    ring->release(f.slot);
+  }
+  uint8_t* ptr() const { return ring->slot_ptr(f.slot); }
+};
+
+py::dict probe_dict() {
+  UringProbe p = probe_io_uring();
+  py::dict d;
+  d["compiled"] = p.compiled;
+  d["usable"] = p.usable;
+  d["errno"] = p.err;
+  d["reason"] = p.reason;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "llmio_native native core: read engines, pinned ring, CPU oracles";
+  m.attr("__version__") = LLMIO_VERSION;
+#ifdef LLMIO_HAVE_URING
+  m.attr("HAVE_URING") = true;
+#else
+  m.attr("HAVE_URING") = false;
+#endif
+
+  static py::exception<UnsupportedError> unsupported(m, "UnsupportedError", PyExc_RuntimeError);
+  static py::exception<ShortReadError> short_read(m, "ShortReadError", PyExc_OSError);
+  static py::exception<std::runtime_error> cuda_error(m, "CudaError", PyExc_RuntimeError);
+  g_unsupported = unsupported.ptr();
+  g_short_read = short_read.ptr();
+  py::register_exception_translator(&translate);
+
+  m.def("probe_io_uring", &probe_dict, "io_uring usability on this kernel: compiled, usable, errno, reason");
+  m.def("_set_faults", [](const std::string& spec) {
+    detail::set_faults(spec);
+    reset_io_uring_probe();
+  }, "Test-only fault injection (see csrc/io/file.hpp).");
+  m.def("_faults", &detail::faults_spec);
+  m.def("host_live_bytes", &HostBuffer::live_bytes, "Bytes mapped by live host buffers and ring arenas");
+  m.def("host_live_count", &HostBuffer::live_count);
+
+  py::class_<Reader, std::shared_ptr<Reader>>(m, "Reader")
+      .def(py::init([](const std::vector<std::string>& paths, const std::string& backend, bool direct,
+                       int64_t queue_depth, int64_t num_threads, int64_t max_io_bytes) {
+             if (queue_depth < 1) throw std::invalid_argument("queue_depth must be >= 1");
+             if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+             if (max_io_bytes < 4096) throw std::invalid_argument("max_io_bytes must be >= 4096");
+             EngineOptions o;
+             o.queue_depth = static_cast<uint32_t>(queue_depth);
+             o.num_threads = static_cast<uint32_t>(num_threads);
+             o.max_io_bytes = static_cast<uint64_t>(max_io_bytes);
+             py::gil_scoped_release nogil;
+             return std::make_shared<Reader>(paths, backend, direct, o);
+           }),
+           py::arg("paths"), py::arg("backend"), py::arg("direct") = true, py::arg("queue_depth") = 64,
+           py::arg("num_threads") = 16, py::arg("max_io_bytes") = 1 << 20)
+      .def_property_readonly("backend", &Reader::backend)
+      .def_property_readonly("num_files", &Reader::num_files)
+      .def("path", [](const Reader& r, int64_t i) { return r.path(check_file(r, i)); })
+      .def("file_size", [](const Reader& r, int64_t i) { return r.file_size(check_file(r, i)); })
+      .def("alignment", [](const Reader& r, int64_t i) { return r.alignment(check_file(r, i)); })
+      .def("direct_active", [](const Reader& r, int64_t i) { return r.direct_active(check_file(r, i)); })
+      .def("read",
+           [](Reader& r, int64_t i, int64_t offset, int64_t nbytes) {
+             const uint32_t f = check_file(r, i);
+             const uint64_t off = check_nonneg(offset, "offset"), n = check_nonneg(nbytes, "nbytes");
+             OwnedBuffer b = alloc_for(r, f, off, n);
+             py::array out = wrap(b, n);  // owns b from here on
+             ReadRequest q{f, off, n, b.dst, b.slack_before, b.slack_after};
+             {
+               py::gil_scoped_release nogil;
+               r.read_batch(&q, 1);
+             }
+             return out;
+           },
+           py::arg("i"), py::arg("offset"), py::arg("nbytes"))
+      .def("read_batch",
+           [](Reader& r, const std::vector<std::tuple<int64_t, int64_t, int64_t>>& reqs) {
+             std::vector<ReadRequest> qs;
+             py::list out;
+             qs.reserve(reqs.size());
+             for (const auto& t : reqs) {
+               const uint32_t f = check_file(r, std::get<0>(t));
+               const uint64_t off = check_nonneg(std::get<1>(t), "offset");
+               const uint64_t n = check_nonneg(std::get<2>(t), "nbytes");
+               OwnedBuffer b = alloc_for(r, f, off, n);
+               out.append(wrap(b, n));
+               qs.push_back(ReadRequest{f, off, n, b.dst, b.slack_before, b.slack_after});
+             }
+             {
+               py::gil_scoped_release nogil;
+               r.read_batch(qs.data(), qs.size());
+             }
+             return out;
+           },
+           py::arg("requests"))
+      .def("read_into",
+           [](Reader& r, int64_t i, int64_t offset, py::object buf) {
+             const uint32_t f = check_file(r, i);
+             const uint64_t off = check_nonneg(offset, "offset");
+             Py_buffer view;
+             if (PyObject_GetBuffer(buf.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+               PyErr_Clear();
+               throw py::type_error("read_into needs a writable C-contiguous buffer, got " +
+                                    std::string(py::str(py::type::of(buf))));
+             }
+             ReadRequest q{f, off, static_cast<uint64_t>(view.len), static_cast<uint8_t*>(view.buf), 0, 0};
+             try {
+               py::gil_scoped_release nogil;
+               r.read_batch(&q, 1);
+             } catch (...) {
+               PyBuffer_Release(&view);
+               throw;
+             }
+             PyBuffer_Release(&view);
+             return q.nbytes;
+           },
+           py::arg("i"), py::arg("offset"), py::arg("buf"))
+      .def("read_batch_ptr",
+           [](Reader& r, const std::vector<std::tuple<int64_t, int64_t, uintptr_t, int64_t>>& reqs) {
+             // (file, offset, ptr, nbytes): the caller keeps the memory alive.
+             std::vector<ReadRequest> qs;
+             qs.reserve(reqs.size());
+             for (const auto& t : reqs) {
+               const uint32_t f = check_file(r, std::get<0>(t));
+               qs.push_back(ReadRequest{f, check_nonneg(std::get<1>(t), "offset"),
+                                        check_nonneg(std::get<3>(t), "nbytes"),
+                                        reinterpret_cast<uint8_t*>(std::get<2>(t)), 0, 0});
+             }
+             py::gil_scoped_release nogil;
+             r.read_batch(qs.data(), qs.size());
+           },
+           py::arg("requests"))
+      .def("stats", &reader_stats);
+
+  py::class_<PySlot>(m, "RingSlot", py::buffer_protocol())
+      .def_buffer([](PySlot& s) {
+        return py::buffer_info(s.ptr(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(s.f.used)}, {1});
+      })
+      .def_property_readonly("index", [](const PySlot& s) { return s.f.slot; })
+      .def_property_readonly("seq", [](const PySlot& s) { return s.f.seq; })
+      .def_property_readonly("tag", [](const PySlot& s) { return s.f.tag; })
+      .def_property_readonly("offsets", [](const PySlot& s) { return s.f.offsets; })
+      .def_property_readonly("nbytes", [](const PySlot& s) { return s.f.nbytes; })
+      .def_property_readonly("used", [](const PySlot& s) { return s.f.used; })
+      .def_property_readonly("ptr", [](const PySlot& s) { return reinterpret_cast<uintptr_t>(s.ptr()); })
+      .def_property_readonly("released", [](const PySlot& s) { return s.released; })
+      .def("array",
+           [](py::object self, size_t k) {
+             PySlot& s = self.cast<PySlot&>();
+             if (s.released) throw std::invalid_argument("slot was released");
+             if (k >= s.f.offsets.size())
+               throw py::index_error("request " + std::to_string(k) + " out of range for " +
+                                     std::to_string(s.f.offsets.size()));
+             // The array keeps the slot object (and so the arena) alive.
+             return py::array(py::dtype::of<uint8_t>(), {static_cast<py::ssize_t>(s.f.nbytes[k])}, {1},
+                              s.ptr() + s.f.offsets[k], self);
+           },
+           py::arg("k"), "numpy uint8 view of request k's bytes (no copy)")
+      .def("release", &PySlot::release, "Give the slot back to the ring (idempotent).");
+
+  py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
+      .def(py::init([](std::shared_ptr<Reader> reader, int64_t num_slots, int64_t slot_bytes, int64_t producers) {
+             if (num_slots < 1) throw std::invalid_argument("num_slots must be >= 1");
+             if (slot_bytes < 1) throw std::invalid_argument("slot_bytes must be >= 1");
+             if (producers < 1) throw std::invalid_argument("num_producers must be >= 1");
+             return std::make_shared<SlotRing>(std::move(reader), static_cast<uint32_t>(num_slots),
+                                               static_cast<uint64_t>(slot_bytes), static_cast<uint32_t>(producers));
+           }),
+           py::arg("reader"), py::arg("num_slots"), py::arg("slot_bytes"), py::arg("num_producers") = 1)
+      .def("required_bytes",
+           [](SlotRing& r, const std::vector<std::tuple<uint32_t, int64_t, int64_t>>& reqs, bool packed) {
+             std::vector<RingRequest> rr;
+             for (auto& t : reqs)
+               rr.push_back(RingRequest{std::get<0>(t), check_nonneg(std::get<1>(t), "offset"),
+                                        check_nonneg(std::get<2>(t), "nbytes")});
+             return r.required_bytes(rr, packed);
+           },
+           py::arg("requests"), py::arg("packed") = false)
+      .def("submit",
+           [](SlotRing& r, int64_t tag, const std::vector<std::tuple<uint32_t, int64_t, int64_t>>& reqs,
+              bool packed) {
+             std::vector<RingRequest> rr;
+             rr.reserve(reqs.size());
+             for (auto& t : reqs)
+               rr.push_back(RingRequest{std::get<0>(t), check_nonneg(std::get<1>(t), "offset"),
+                                        check_nonneg(std::get<2>(t), "nbytes")});
+             return r.submit(tag, rr, packed);
+           },
+           py::arg("tag"), py::arg("requests"), py::arg("packed") = false)
+      .def("get",
+           [](std::shared_ptr<SlotRing> r, py::object timeout) -> py::object {
+             // Wait in short slices so Ctrl-C (KeyboardInterrupt) gets through.
+             const bool forever = timeout.is_none();
+             const double limit = forever ? 0.0 : timeout.cast<double>();
+             auto t0 = std::chrono::steady_clock::now();
+             for (;;) {
+               int64_t slice = 50;
+               if (!forever) {
+                 double left = limit - std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                 if (left <= 0) slice = 0;
+                 else slice = std::min<int64_t>(50, static_cast<int64_t>(left * 1000) + 1);
+               }
+               std::optional<FilledSlot> f;
+               {
+                 py::gil_scoped_release nogil;
+                 f = r->get(slice);
+               }
+               if (f) {
+                 auto s = std::make_unique<PySlot>();
+                 s->ring = r;
+                 s->f = std::move(*f);
+                 return py::cast(std::move(s));
+               }
+               if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+               if (!forever && slice == 0) return py::none();
+             }
+           },
+           py::arg("timeout") = py::none(),
+           "Next filled slot in submission order; None if timeout (seconds) passes first.")
+      .def("close", [](SlotRing& r) {
+        py::gil_scoped_release nogil;
+        r.close();
+      })
+      .def_property_readonly("closed", &SlotRing::closed)
+      .def_property_readonly("num_slots", &SlotRing::num_slots)
+      .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
+      .def_property_readonly("arena_ptr", [](const SlotRing& r) { return reinterpret_cast<uintptr_t>(r.arena()); })
+      .def_property_readonly("arena_bytes", &SlotRing::arena_bytes)
+      .def_property_readonly("huge_pages", &SlotRing::huge_pages)
+      .def_property_readonly("pending", &SlotRing::pending)
+      .def_property_readonly("held", &SlotRing::held)
+      .def("stats", [](const SlotRing& r) {
+        RingStats s = r.stats();
+        py::dict d;
+        d["submitted"] = s.submitted;
+        d["delivered"] = s.delivered;
+        d["released"] = s.released;
+        d["bytes"] = s.bytes;
+        d["producer_busy_s"] = s.producer_busy_ns / 1e9;
+        d["consumer_wait_s"] = s.consumer_wait_ns / 1e9;
+        d["consumer_waits"] = s.consumer_waits;
+        return d;
+      });
+
+  py::class_<HostBuffer, std::shared_ptr<HostBuffer>>(m, "HostBuffer", py::buffer_protocol())
+      .def(py::init([](int64_t nbytes) {
+             if (nbytes < 1) throw std::invalid_argument("HostBuffer needs nbytes >= 1");
+             return std::make_shared<HostBuffer>(static_cast<uint64_t>(nbytes));
+           }),
+           py::arg("nbytes"))
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {1});
+      })
+      .def_property_readonly("ptr", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("nbytes", &HostBuffer::size)
+      .def_property_readonly("huge_pages", &HostBuffer::huge_pages);
+
+  m.def("cut_windows_ref",
+        [](py::buffer tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
+           int64_t seq_len) {
+          py::buffer_info ti = tokens.request();
+          if (ti.ndim != 1 || (ti.itemsize != 2 && ti.itemsize != 4))
+            throw std::invalid_argument("tokens must be a 1-D uint16 or uint32 array");
+          if (seq_len < 1) throw std::invalid_argument("seq_len must be >= 1");
+          if (ti.strides[0] != ti.itemsize) throw std::invalid_argument("tokens must be contiguous");
+          const auto B = static_cast<py::ssize_t>(starts.size());
+          py::array_t<int64_t> x({B, static_cast<py::ssize_t>(seq_len)});
+          py::array_t<int64_t> y({B, static_cast<py::ssize_t>(seq_len)});
+          CutWindowsParams p{ti.ptr, static_cast<uint32_t>(ti.itemsize), static_cast<uint64_t>(ti.shape[0]),
+                             starts.data(), static_cast<uint32_t>(B), static_cast<uint32_t>(seq_len),
+                             x.mutable_data(), y.mutable_data()};
+          {
+            py::gil_scoped_release nogil;
+            cut_windows_ref(p);
+          }
+          return py::make_tuple(x, y);
+        },
+        py::arg("tokens"), py::arg("starts"), py::arg("seq_len"),
+        "CPU oracle of cut_windows_kernel: x[b,t]=tokens[starts[b]+t], y=x shifted by one, int64.");
+}

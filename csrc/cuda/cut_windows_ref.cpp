@@ -1,0 +1,34 @@
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cut_windows.hpp"
+
+namespace llmio {
+
+namespace {
+template <class T>
+void cut(const CutWindowsParams& p) {
+  const T* tok = static_cast<const T*>(p.tokens);
+  for (uint32_t b = 0; b < p.batch; ++b) {
+    const int64_t s = p.starts[b];
+    if (s < 0 || uint64_t(s) + p.seq_len + 1 > p.num_tokens)
+      throw std::invalid_argument("window " + std::to_string(b) + " starting at token " + std::to_string(s) +
+                                  " needs " + std::to_string(p.seq_len + 1) + " tokens but the buffer holds " +
+                                  std::to_string(p.num_tokens));
+    int64_t* x = p.x + uint64_t(b) * p.seq_len;
+    int64_t* y = p.y + uint64_t(b) * p.seq_len;
+    for (uint32_t t = 0; t < p.seq_len; ++t) {
+      x[t] = static_cast<int64_t>(tok[s + t]);
+      y[t] = static_cast<int64_t>(tok[s + t + 1]);
+    }
+  }
+}
+}  // namespace
+
+void cut_windows_ref(const CutWindowsParams& p) {
+  if (p.token_bytes == 2) cut<uint16_t>(p);
+  else if (p.token_bytes == 4) cut<uint32_t>(p);
+  else throw std::invalid_argument("token_bytes must be 2 or 4, got " + std::to_string(p.token_bytes));
+}
+
+}  // namespace llmio

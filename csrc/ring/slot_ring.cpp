@@ -1,0 +1,221 @@
+#include "ring/slot_ring.hpp"
+
+#include <chrono>
+#include <stdexcept>
+#include <string>
+
+#include "io/file.hpp"
+
+namespace llmio {
+
+using detail::align_up;
+
+SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t slot_bytes,
+                   uint32_t num_producers)
+    : reader_(std::move(reader)), num_slots_(num_slots) {
+  if (!reader_) throw std::invalid_argument("SlotRing needs a reader");
+  if (num_slots == 0) throw std::invalid_argument("num_slots must be >= 1");
+  if (slot_bytes == 0) throw std::invalid_argument("slot_bytes must be >= 1");
+  if (num_producers == 0) throw std::invalid_argument("num_producers must be >= 1");
+  slot_bytes_ = align_up(slot_bytes, 4096);  // every slot starts page-aligned
+  arena_ = std::make_unique<HostBuffer>(uint64_t(num_slots_) * slot_bytes_);
+  held_.assign(num_slots_, 0);
+  for (uint32_t s = num_slots_; s-- > 0;) free_.push_back(s);
+  for (uint32_t t = 0; t < num_producers; ++t) threads_.emplace_back([this] { producer(); });
+}
+
+SlotRing::~SlotRing() { close(); }
+
+void SlotRing::layout(const std::vector<RingRequest>& reqs, bool packed,
+                      std::vector<uint64_t>& offsets, uint64_t& used) const {
+  offsets.clear();
+  uint64_t cur = 0;
+  for (const auto& r : reqs) {
+    if (packed) {
+      offsets.push_back(cur);
+      cur += r.nbytes;
+      continue;
+    }
+    const uint64_t A = reader_->alignment(r.file);
+    const uint64_t pos = align_up(cur, A) + r.offset % A;
+    offsets.push_back(pos);
+    cur = align_up(pos + r.nbytes, A);
+  }
+  used = cur;
+}
+
+uint64_t SlotRing::required_bytes(const std::vector<RingRequest>& reqs, bool packed) const {
+  std::vector<uint64_t> off;
+  uint64_t used = 0;
+  layout(reqs, packed, off, used);
+  return used;
+}
+
+uint64_t SlotRing::submit(int64_t tag, const std::vector<RingRequest>& reqs, bool packed) {
+  Job j;
+  j.tag = tag;
+  j.reqs = reqs;
+  layout(j.reqs, packed, j.offsets, j.used);
+  if (j.used > slot_bytes_)
+    throw std::invalid_argument("job (tag " + std::to_string(tag) + ") needs " + std::to_string(j.used) +
+                                " bytes but a slot holds " + std::to_string(slot_bytes_));
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) throw std::runtime_error("submit on a closed ring");
+    j.seq = next_seq_++;
+    for (const auto& r : j.reqs) stats_.bytes += r.nbytes;
+    queue_.push_back(std::move(j));
+    stats_.submitted++;
+  }
+  cv_work_.notify_one();
+  return next_seq_ - 1;
+}
+
+void SlotRing::producer() {
+  std::unique_lock<std::mutex> lk(mu_);
+  std::vector<ReadRequest> rr;
+  for (;;) {
+    cv_work_.wait(lk, [&] { return stop_ || (!failed_ && !queue_.empty() && !free_.empty()); });
+    if (stop_) return;
+    Job job = std::move(queue_.front());
+    queue_.pop_front();
+    const uint32_t slot = free_.back();
+    free_.pop_back();
+    ++busy_;
+    lk.unlock();
+
+    auto t0 = std::chrono::steady_clock::now();
+    uint8_t* base = slot_ptr(slot);
+    rr.clear();
+    for (size_t k = 0; k < job.reqs.size(); ++k) {
+      ReadRequest q;
+      q.file = job.reqs[k].file;
+      q.offset = job.reqs[k].offset;
+      q.nbytes = job.reqs[k].nbytes;
+      q.dst = base + job.offsets[k];
+      // Slack up to the neighbouring alignment boundaries (aligned layout).
+      const uint64_t A = reader_->alignment(q.file);
+      const uint64_t lo = job.offsets[k] - job.offsets[k] % A;
+      const uint64_t hi = std::min<uint64_t>(align_up(job.offsets[k] + q.nbytes, A), slot_bytes_);
+      const uint64_t prev_end = k ? job.offsets[k - 1] + job.reqs[k - 1].nbytes : 0;
+      const uint64_t next_start = k + 1 < job.reqs.size() ? job.offsets[k + 1] : slot_bytes_;
+      // Never scribble over a neighbour's bytes (packed layout shares blocks).
+      const uint64_t lo_ok = std::max(lo, prev_end);
+      const uint64_t hi_ok = std::min(hi, next_start);
+      q.slack_before = static_cast<uint32_t>(job.offsets[k] - std::min(lo_ok, job.offsets[k]));
+      q.slack_after = static_cast<uint32_t>(hi_ok > job.offsets[k] + q.nbytes ? hi_ok - job.offsets[k] - q.nbytes : 0);
+      rr.push_back(q);
+    }
+    CapturedError err;
+    try {
+      reader_->read_batch(rr.data(), rr.size());
+    } catch (...) {
+      err = CapturedError::from_current("ring producer, job " + std::to_string(job.seq) + " (tag " +
+                                        std::to_string(job.tag) + ")");
+    }
+    const uint64_t dt = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now() - t0).count();
+    lk.lock();
+    --busy_;
+    stats_.producer_busy_ns += dt;
+    if (err.set) failed_ = true;
+    const uint64_t seq = job.seq;
+    done_.emplace(seq, Done{slot, std::move(job), std::move(err)});
+    cv_done_.notify_all();
+  }
+}
+
+std::optional<FilledSlot> SlotRing::get(int64_t timeout_ms) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (fail_err_.set) fail_err_.rethrow();
+  auto ready = [&] { return done_.count(next_deliver_) > 0 || stop_; };
+  if (!ready()) {
+    if (next_deliver_ == next_seq_)
+      throw std::logic_error("ring get(): no job submitted that has not been delivered");
+    // Everything held by the consumer and nothing in flight: waiting cannot end.
+    uint32_t nheld = 0;
+    for (auto h : held_) nheld += h;
+    if (nheld == num_slots_ && busy_ == 0)
+      throw std::logic_error("ring get(): all " + std::to_string(num_slots_) +
+                             " slots are held by the consumer; release one first");
+    auto t0 = std::chrono::steady_clock::now();
+    bool ok = cv_done_.wait_for(lk, std::chrono::milliseconds(timeout_ms), ready);
+    stats_.consumer_wait_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now() - t0).count();
+    stats_.consumer_waits++;
+    if (!ok) return std::nullopt;
+  }
+  if (stop_ && !done_.count(next_deliver_)) throw std::runtime_error("ring is closed");
+  auto it = done_.find(next_deliver_);
+  Done d = std::move(it->second);
+  done_.erase(it);
+  if (d.err.set) {
+    fail_err_ = d.err;
+    free_.push_back(d.slot);
+    cv_work_.notify_all();
+    d.err.rethrow();
+  }
+  ++next_deliver_;
+  held_[d.slot] = 1;
+  stats_.delivered++;
+  FilledSlot f;
+  f.slot = d.slot;
+  f.seq = d.job.seq;
+  f.tag = d.job.tag;
+  f.offsets = std::move(d.job.offsets);
+  f.used = d.job.used;
+  for (const auto& r : d.job.reqs) f.nbytes.push_back(r.nbytes);
+  return f;
+}
+
+void SlotRing::release(uint32_t slot) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (slot >= num_slots_ || !held_[slot])
+      throw std::invalid_argument("release(" + std::to_string(slot) + "): slot is not held by the consumer");
+    held_[slot] = 0;
+    free_.push_back(slot);
+    stats_.released++;
+  }
+  cv_work_.notify_one();
+}
+
+void SlotRing::close() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_ && threads_.empty()) return;
+    stop_ = true;
+  }
+  cv_work_.notify_all();
+  cv_done_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  std::lock_guard<std::mutex> g(mu_);
+  threads_.clear();
+  queue_.clear();
+  done_.clear();
+}
+
+bool SlotRing::closed() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return stop_;
+}
+
+uint64_t SlotRing::pending() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return next_seq_ - next_deliver_;
+}
+
+uint32_t SlotRing::held() const {
+  std::lock_guard<std::mutex> g(mu_);
+  uint32_t n = 0;
+  for (auto h : held_) n += h;
+  return n;
+}
+
+RingStats SlotRing::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return stats_;
+}
+
+}  // namespace llmio
