@@ -90,6 +90,14 @@ class Engine {
   // Backend-specific facts for stats(): "registered_files", ...
   virtual std::vector<std::pair<std::string, int64_t>> features() const { return {}; }
 
+  // Long-lived destination memory (a ring arena) the engine may register with
+  // the kernel (io_uring fixed buffers) so reads into it skip per-I/O page
+  // pinning. Best effort: returns -1 when not supported or refused
+  // (RLIMIT_MEMLOCK), and reads work either way. The caller guarantees no read
+  // into the region is in flight when it unregisters.
+  virtual int register_region(uint8_t* ptr, uint64_t nbytes) { return -1; }
+  virtual void unregister_region(int id) {}
+
   FileSet& files() { return *files_; }
   const EngineOptions& options() const { return opt_; }
   EngineStats& stats() { return stats_; }

@@ -22,6 +22,8 @@ class Reader {
   void read_batch(const ReadRequest* reqs, size_t n) { engine_->read_batch(reqs, n); }
 
   const char* backend() const { return engine_->name(); }
+  int register_region(uint8_t* ptr, uint64_t nbytes) { return engine_->register_region(ptr, nbytes); }
+  void unregister_region(int id) { engine_->unregister_region(id); }
   size_t num_files() const { return files_->size(); }
   uint64_t file_size(size_t i) const { return files_->at(i).size; }
   uint32_t alignment(size_t i) const { return files_->at(i).align; }

@@ -110,12 +110,37 @@ std::unique_ptr<Engine> make_uring_engine(std::shared_ptr<FileSet>, EngineOption
 
 namespace {
 
+constexpr size_t kMaxRegions = 16;
+
+struct Region {
+  uint8_t* ptr = nullptr;
+  uint64_t len = 0;
+};
+
 struct Ring {
   struct io_uring ring;
   bool files_registered = false;
   bool buffers_registered = false;
+  // Sparse buffer table: bounce buffers first, then kMaxRegions region slots
+  // kept in sync with the engine's registered regions (by generation).
+  bool sparse = false;
+  uint64_t regions_gen = 0;
+  Region regions[kMaxRegions];  // as registered in this ring's table
+  int region_index(const uint8_t* p, uint64_t len) const {
+    for (size_t k = 0; k < kMaxRegions; ++k)
+      if (regions[k].ptr && p >= regions[k].ptr && p + len <= regions[k].ptr + regions[k].len)
+        return static_cast<int>(bounce.size() + k);
+    return -1;
+  }
+  // Bounce buffers: [0, nsmall) hold one small op each (ragged heads and
+  // tails, small random reads), the rest one max_io op each. Small reads must
+  // not queue behind a handful of MiB-sized buffers.
   std::vector<detail::AlignedBuffer> bounce;
-  std::vector<int> free_bounce;
+  std::vector<int> free_small, free_large;
+  uint64_t small_bytes = 0;
+  std::vector<int>& free_for(uint64_t len) { return len <= small_bytes ? free_small : free_large; }
+  void give_back(int idx) { (static_cast<size_t>(idx) < nsmall ? free_small : free_large).push_back(idx); }
+  size_t nsmall = 0;
   ~Ring() { io_uring_queue_exit(&ring); }
 };
 
@@ -139,7 +164,39 @@ class UringEngine final : public Engine {
     return {{"queue_depth", opt_.queue_depth},
             {"registered_files", registered_files_.load()},
             {"registered_buffers", registered_buffers_.load()},
+            {"registered_regions", registered_regions_.load()},
             {"rings", static_cast<int64_t>(created_)}};
+  }
+
+  int register_region(uint8_t* ptr, uint64_t nbytes) override {
+    if (!ptr || nbytes == 0 || nbytes > (1ull << 30)) return -1;  // kernel limit: 1 GiB per buffer
+    int id = -1;
+    {
+      std::lock_guard<std::mutex> g(regions_mu_);
+      for (size_t k = 0; k < kMaxRegions; ++k) {
+        if (!regions_[k].ptr) {
+          regions_[k] = Region{ptr, nbytes};
+          id = static_cast<int>(k);
+          ++regions_gen_;
+          break;
+        }
+      }
+    }
+    if (id < 0) return -1;
+    sync_free_rings();
+    return id;
+  }
+
+  void unregister_region(int id) override {
+    if (id < 0 || static_cast<size_t>(id) >= kMaxRegions) return;
+    {
+      std::lock_guard<std::mutex> g(regions_mu_);
+      regions_[id] = Region{};
+      ++regions_gen_;
+    }
+    // Rings in use sync when they are released; free ones now, so the pages
+    // of an arena about to be unmapped are unpinned promptly.
+    sync_free_rings();
   }
 
   void read_batch(const ReadRequest* reqs, size_t n) override {
@@ -165,6 +222,42 @@ class UringEngine final : public Engine {
   }
 
  private:
+  // Brings a ring's region slots up to date with the engine's regions. A slot
+  // the kernel refuses (RLIMIT_MEMLOCK) stays empty: reads into it are plain.
+  void sync_regions(Ring& r) {
+    if (!r.sparse) return;
+    Region want[kMaxRegions];
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> g(regions_mu_);
+      gen = regions_gen_;
+      if (gen == r.regions_gen) return;
+      for (size_t k = 0; k < kMaxRegions; ++k) want[k] = regions_[k];
+    }
+    for (size_t k = 0; k < kMaxRegions; ++k) {
+      if (want[k].ptr == r.regions[k].ptr && want[k].len == r.regions[k].len) continue;
+      struct iovec iov = {want[k].ptr, static_cast<size_t>(want[k].len)};
+      int rc = io_uring_register_buffers_update_tag(&r.ring, r.bounce.size() + k, &iov, nullptr, 1);
+      if (rc == 1) {
+        r.regions[k] = want[k];
+      } else {
+        // Could not pin (or unpin by replacing): leave the slot unused.
+        struct iovec none = {nullptr, 0};
+        io_uring_register_buffers_update_tag(&r.ring, r.bounce.size() + k, &none, nullptr, 1);
+        r.regions[k] = Region{};
+      }
+    }
+    r.regions_gen = gen;
+    int64_t live = 0;
+    for (size_t k = 0; k < kMaxRegions; ++k) live += r.regions[k].ptr != nullptr;
+    registered_regions_.store(live);
+  }
+
+  void sync_free_rings() {
+    std::lock_guard<std::mutex> g(pool_mu_);
+    for (auto& r : free_) sync_regions(*r);
+  }
+
   std::unique_ptr<Ring> make_ring() {
     auto r = std::make_unique<Ring>();
     int rc = io_uring_queue_init(opt_.queue_depth, &r->ring, 0);
@@ -188,17 +281,28 @@ class UringEngine final : public Engine {
     }
     // Bounce buffers, registered as fixed buffers when RLIMIT_MEMLOCK allows;
     // without registration they still work as plain buffers.
-    const uint32_t nb = std::min<uint32_t>(opt_.queue_depth, 64);
+    // Memory per ring: queue_depth x 64 KiB small + 8 x max_io large.
+    r->small_bytes = std::min<uint64_t>(bounce_bytes_, detail::align_up(kSmallBounce, align_));
+    r->nsmall = std::min<uint32_t>(opt_.queue_depth, 256);
+    const size_t nlarge = bounce_bytes_ > r->small_bytes ? 8 : 0;
     std::vector<struct iovec> iov;
-    for (uint32_t i = 0; i < nb; ++i) {
-      r->bounce.emplace_back(bounce_bytes_, align_);
-      iov.push_back({r->bounce.back().data(), static_cast<size_t>(bounce_bytes_)});
-      r->free_bounce.push_back(static_cast<int>(i));
+    for (size_t i = 0; i < r->nsmall + nlarge; ++i) {
+      const uint64_t sz = i < r->nsmall ? r->small_bytes : bounce_bytes_;
+      r->bounce.emplace_back(sz, align_);
+      iov.push_back({r->bounce.back().data(), static_cast<size_t>(sz)});
+      r->give_back(static_cast<int>(i));
     }
-    if (io_uring_register_buffers(&r->ring, iov.data(), iov.size()) == 0) {
+    if (io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0 &&
+        io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) == iov.size()) {
+      r->sparse = true;
       r->buffers_registered = true;
-      registered_buffers_.store(1);
+    } else {
+      if (r->sparse) io_uring_unregister_buffers(&r->ring);
+      r->sparse = false;
+      r->buffers_registered = io_uring_register_buffers(&r->ring, iov.data(), iov.size()) == 0;
     }
+    if (r->buffers_registered) registered_buffers_.store(1);
+    sync_regions(*r);
     return r;
   }
 
@@ -208,6 +312,8 @@ class UringEngine final : public Engine {
       if (!free_.empty()) {
         auto r = std::move(free_.back());
         free_.pop_back();
+        lk.unlock();
+        sync_regions(*r);
         return r;
       }
       if (created_ < kMaxRings) {
@@ -226,6 +332,7 @@ class UringEngine final : public Engine {
   }
 
   void release(std::unique_ptr<Ring> r) {
+    sync_regions(*r);
     {
       std::lock_guard<std::mutex> g(pool_mu_);
       free_.push_back(std::move(r));
@@ -250,7 +357,7 @@ class UringEngine final : public Engine {
     auto fail = [&](size_t i) {
       if (!err.set) err = CapturedError::from_current("");
       if (st[i].bounce >= 0) {
-        R.free_bounce.push_back(st[i].bounce);
+        R.give_back(st[i].bounce);
         st[i].bounce = -1;
       }
       ++completed;
@@ -282,9 +389,10 @@ class UringEngine final : public Engine {
           continue;
         }
         if (op.bounce && st[i].bounce < 0) {
-          if (R.free_bounce.empty()) break;  // wait for a completion
-          st[i].bounce = R.free_bounce.back();
-          R.free_bounce.pop_back();
+          std::vector<int>& fl = R.free_for(op.len);
+          if (fl.empty()) break;  // wait for a completion
+          st[i].bounce = fl.back();
+          fl.pop_back();
         }
         struct io_uring_sqe* sqe = io_uring_get_sqe(&R.ring);
         if (!sqe) break;
@@ -295,8 +403,12 @@ class UringEngine final : public Engine {
         uint8_t* base = op.bounce ? R.bounce[st[i].bounce].data() : op.dst;
         const uint64_t d = st[i].done;
         const unsigned len = static_cast<unsigned>(op.len - d);
+        const int region = op.bounce ? -1 : R.region_index(op.dst, op.len);
         if (op.bounce && R.buffers_registered) {
           io_uring_prep_read_fixed(sqe, fd, base + d, len, op.offset + d, st[i].bounce);
+          stats_.fixed_buffer_ops.fetch_add(1, std::memory_order_relaxed);
+        } else if (region >= 0) {
+          io_uring_prep_read_fixed(sqe, fd, base + d, len, op.offset + d, region);
           stats_.fixed_buffer_ops.fetch_add(1, std::memory_order_relaxed);
         } else {
           io_uring_prep_read(sqe, fd, base + d, len, op.offset + d);
@@ -369,7 +481,7 @@ class UringEngine final : public Engine {
           if (files_->disable_direct(op.file, "O_DIRECT read refused (EINVAL); reading buffered"))
             stats_.direct_fallbacks.fetch_add(1, std::memory_order_relaxed);
           if (st[i].bounce >= 0) {
-            R.free_bounce.push_back(st[i].bounce);
+            R.give_back(st[i].bounce);
             st[i].bounce = -1;
           }
           detail::demote_to_buffered(op);
@@ -409,7 +521,7 @@ class UringEngine final : public Engine {
         std::memcpy(op.copy_dst, R.bounce[st[i].bounce].data() + op.skip, op.copy_len);
         stats_.bounce_ops.fetch_add(1, std::memory_order_relaxed);
         stats_.bounce_bytes.fetch_add(op.copy_len, std::memory_order_relaxed);
-        R.free_bounce.push_back(st[i].bounce);
+        R.give_back(st[i].bounce);
         st[i].bounce = -1;
       }
       ++completed;
@@ -419,12 +531,16 @@ class UringEngine final : public Engine {
   }
 
   static constexpr size_t kMaxRings = 8;
+  static constexpr uint64_t kSmallBounce = 64 * 1024;
   uint64_t bounce_bytes_ = 0, align_ = 4096;
   std::mutex pool_mu_;
   std::condition_variable pool_cv_;
   std::vector<std::unique_ptr<Ring>> free_;
   size_t created_ = 0;
-  std::atomic<int64_t> registered_files_{0}, registered_buffers_{0};
+  std::atomic<int64_t> registered_files_{0}, registered_buffers_{0}, registered_regions_{0};
+  std::mutex regions_mu_;
+  Region regions_[kMaxRegions];
+  uint64_t regions_gen_ = 0;
 };
 
 }  // namespace

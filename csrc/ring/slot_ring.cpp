@@ -21,6 +21,12 @@ SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t 
   arena_ = std::make_unique<HostBuffer>(uint64_t(num_slots_) * slot_bytes_);
   held_.assign(num_slots_, 0);
   for (uint32_t s = num_slots_; s-- > 0;) free_.push_back(s);
+  // Register the arena as fixed buffers (1 GiB pieces) where the engine can.
+  const uint64_t total = uint64_t(num_slots_) * slot_bytes_;
+  for (uint64_t off = 0; off < total; off += (1ull << 30)) {
+    int id = reader_->register_region(arena_->data() + off, std::min<uint64_t>(1ull << 30, total - off));
+    if (id >= 0) regions_.push_back(id);
+  }
   for (uint32_t t = 0; t < num_producers; ++t) threads_.emplace_back([this] { producer(); });
 }
 
@@ -190,6 +196,9 @@ void SlotRing::close() {
   cv_done_.notify_all();
   for (auto& t : threads_)
     if (t.joinable()) t.join();
+  // No producer runs now, so no read targets the arena: unregister it.
+  for (int id : regions_) reader_->unregister_region(id);
+  regions_.clear();
   std::lock_guard<std::mutex> g(mu_);
   threads_.clear();
   queue_.clear();

@@ -137,6 +137,7 @@ class SlotRing {
   CapturedError fail_err_;
   RingStats stats_;
   std::vector<std::thread> threads_;
+  std::vector<int> regions_;         // engine registrations of the arena
 };
 
 }  // namespace llmio
