@@ -11,8 +11,11 @@ from typing import Any
 
 from ._native import CUDA_IMPORT_ERROR, _core, _cuda
 from .errors import CudaError, ShortReadError, UnsupportedError
+from .errors import ChecksumError, FormatError, IncompleteDatasetError
+from .memory import empty_aligned
 from .reader import Reader, resolve_backend
 from .ring import PinnedRing
+from .dataset import DatasetWriter, TokenDataset, VerifyReport, open_dataset
 
 __version__: str = _core.__version__
 
@@ -25,14 +28,32 @@ __all__ = [
     "ShortReadError",
     "CudaError",
     "resolve_backend",
+    "empty_aligned",
+    "DatasetWriter",
+    "open_dataset",
+    "TokenDataset",
+    "VerifyReport",
+    "FormatError",
+    "ChecksumError",
+    "IncompleteDatasetError",
 ]
+
+
+def _zstd_version() -> str | None:
+    """libzstd version through the `zstandard` bindings (the zstd codec), or None."""
+    try:
+        import zstandard
+
+        return str(zstandard.ZSTD_VERSION and ".".join(map(str, zstandard.ZSTD_VERSION)))
+    except ImportError:
+        return None
 
 
 def info() -> dict[str, Any]:
     """What this build can do on this machine, and why not where it cannot.
 
     Returns a dict with: ``version``; ``compiled`` (features built in: ``io_uring``,
-    ``cuda``, ``zstd``); ``io_uring`` (``usable``, ``errno``, ``reason`` when not
+    ``cuda``, ``zstd`` via the ``zstandard`` bindings); ``io_uring`` (``usable``, ``errno``, ``reason`` when not
     usable: ENOSYS, seccomp EPERM, the ``kernel.io_uring_disabled`` sysctl, not
     compiled); ``backend`` (what ``backend="auto"`` picks, honouring ``LLMIO_BACKEND``,
     or the error it would raise); ``cuda`` (module built, devices, runtime and driver
@@ -55,7 +76,8 @@ def info() -> dict[str, Any]:
             cuda["reason"] = _cuda.device_count_error() or "no CUDA device"
     return {
         "version": __version__,
-        "compiled": {"io_uring": bool(_core.HAVE_URING), "cuda": _cuda is not None, "zstd": False},
+        "compiled": {"io_uring": bool(_core.HAVE_URING), "cuda": _cuda is not None, "zstd": _zstd_version() is not None},
+        "zstd": _zstd_version(),
         "io_uring": probe,
         "backend": backend,
         "env_backend": os.environ.get("LLMIO_BACKEND") or None,

@@ -11,6 +11,15 @@ The C++ core raises these through the bindings:
   backend, ``LLMIO_BACKEND=io_uring``) is not available here.
 * :class:`CudaError`: a CUDA call failed.
 * ``ValueError`` for bad arguments, ``IndexError`` for a bad file index.
+
+The token-dataset layer (``llmio_native.dataset``) adds, all naming the file and the
+chunk or byte offset:
+
+* :class:`FormatError` (a ``ValueError``): a file is not what its format says (wrong
+  magic, unknown version, truncated, tables or manifest inconsistent, dtype mismatch).
+* :class:`ChecksumError` (a :class:`FormatError`): stored bytes do not match their checksum.
+* :class:`IncompleteDatasetError` (a :class:`FormatError`): a dataset directory without
+  ``manifest.json`` (the writer did not finish).
 """
 from __future__ import annotations
 
@@ -20,4 +29,29 @@ UnsupportedError = _core.UnsupportedError
 ShortReadError = _core.ShortReadError
 CudaError = _core.CudaError
 
-__all__ = ["UnsupportedError", "ShortReadError", "CudaError"]
+
+class FormatError(ValueError):
+    """A dataset file is malformed or inconsistent with its manifest.
+
+    Attributes (``None`` where they do not apply): ``path`` (the file), ``chunk`` (chunk
+    index within that file), ``offset`` (byte offset in that file).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, chunk: int | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.chunk = chunk
+        self.offset = offset
+
+
+class ChecksumError(FormatError):
+    """Stored bytes of a chunk do not match the checksum recorded for them."""
+
+
+class IncompleteDatasetError(FormatError):
+    """A dataset directory has no ``manifest.json``: its writer did not finish."""
+
+
+__all__ = ["UnsupportedError", "ShortReadError", "CudaError", "FormatError", "ChecksumError",
+           "IncompleteDatasetError"]

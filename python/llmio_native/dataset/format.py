@@ -1,0 +1,271 @@
+"""On-disk layout of the llmio token dataset, format version 1 (see docs/format.md).
+
+Shard file (all integers little-endian)::
+
+     0      4096                                               table_offset  doc_index_offset   EOF
+     +------+------------------+--------+------------------+-----+-------------+----------------+
+     |header| chunk 0 (stored) | zeros  | chunk 1 (stored) | ... | chunk table | document index |
+     |4 KiB |                  | to 4Ki |                  |     | 48 B/chunk  | 8 B/document   |
+     +------+------------------+--------+------------------+-----+-------------+----------------+
+            ^ 4096-aligned              ^ 4096-aligned           ^ 4096-aligned
+
+Header, bytes [0, 88); bytes [88, 4096) are zero::
+
+     0        8      12           16          20     24          32         40            48
+     +--------+------+------------+-----------+------+-----------+----------+-------------+
+     | magic  | ver  |header_bytes|token_bytes| codec| num_chunks|num_tokens|num_documents|
+     +--------+------+------------+-----------+------+-----------+----------+-------------+
+     48             56             64                 72                80               88
+     +--------------+--------------+------------------+-----------------+----------------+
+     | chunk_tokens | table_offset | doc_index_offset | tables_checksum | header_checksum|
+     +--------------+--------------+------------------+-----------------+----------------+
+
+Chunk table entry (48 bytes)::
+
+     0        8              16            24           28     30     32         40         48
+     +--------+--------------+-------------+------------+------+------+----------+----------+
+     | offset | stored_bytes | first_token | token_count| codec| flags| checksum | reserved |
+     +--------+--------------+-------------+------------+------+------+----------+----------+
+"""
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+import xxhash
+import zstandard
+
+from ..errors import FormatError, UnsupportedError
+
+MAGIC = b"LIOTOKS\0"
+VERSION = 1
+KNOWN_VERSIONS = (1,)
+HEADER_BYTES = 4096
+ALIGN = 4096
+FORMAT_NAME = "llmio-tokens"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_TMP_NAME = ".manifest.json.tmp"
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".lio"
+DOCS_SPILL_SUFFIX = ".docs.tmp"
+
+# magic, version, header_bytes, token_bytes, codec, num_chunks, num_tokens, num_documents,
+# chunk_tokens, table_offset, doc_index_offset, tables_checksum  (bytes [0, 80))
+_HEADER_BODY = struct.Struct("<8sIIIIQQQQQQQ")
+_HEADER_CHECKSUM = struct.Struct("<Q")
+HEADER_USED = _HEADER_BODY.size + _HEADER_CHECKSUM.size  # 88
+assert _HEADER_BODY.size == 80
+
+CHUNK_ENTRY = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("stored_bytes", "<u8"),
+        ("first_token", "<u8"),
+        ("token_count", "<u4"),
+        ("codec", "<u2"),
+        ("flags", "<u2"),
+        ("checksum", "<u8"),
+        ("reserved", "<u8"),
+    ]
+)
+assert CHUNK_ENTRY.itemsize == 48
+DOC_END = np.dtype("<u8")
+
+#: Row type of ``TokenDataset.chunks``: one row per chunk of the whole dataset.
+CHUNKS_DTYPE = np.dtype(
+    [
+        ("file", "<i4"),
+        ("offset", "<u8"),
+        ("stored_bytes", "<u8"),
+        ("first_token", "<u8"),
+        ("token_count", "<u8"),
+        ("codec", "<u2"),
+        ("checksum", "<u8"),
+    ]
+)
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+CODEC_RANS = 2
+CODEC_IDS = {"none": CODEC_NONE, "zstd": CODEC_ZSTD, "rans": CODEC_RANS}
+CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+#: Codecs this build can write and read; ``rans`` is reserved for the GPU token codec.
+IMPLEMENTED_CODECS = (CODEC_NONE, CODEC_ZSTD)
+
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+TOKEN_BYTES_TO_DTYPE = {2: "uint16", 4: "uint32"}
+
+
+def checksum(data: Any) -> int:
+    """XXH3-64 (seed 0) of a bytes-like object or contiguous array."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a``."""
+    return (n + a - 1) // a * a
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``shard-00000.lio`` (more digits past 99999)."""
+    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+
+
+def pack_header(
+    *,
+    token_bytes: int,
+    codec: int,
+    num_chunks: int,
+    num_tokens: int,
+    num_documents: int,
+    chunk_tokens: int,
+    table_offset: int,
+    doc_index_offset: int,
+    tables_checksum: int,
+) -> bytes:
+    """The 4096-byte shard header with its checksum filled in."""
+    body = _HEADER_BODY.pack(
+        MAGIC, VERSION, HEADER_BYTES, token_bytes, codec, num_chunks, num_tokens, num_documents,
+        chunk_tokens, table_offset, doc_index_offset, tables_checksum,
+    )
+    head = body + _HEADER_CHECKSUM.pack(checksum(body))
+    return head + bytes(HEADER_BYTES - len(head))
+
+
+def unpack_header(buf: bytes, path: str) -> dict[str, int]:
+    """Parse and check a shard header (magic, version, checksum, zero padding).
+
+    Raises:
+        FormatError: short file, wrong magic, unknown version, bad header checksum, nonzero
+            reserved bytes; the message names ``path``.
+    """
+    if len(buf) < HEADER_BYTES:
+        raise FormatError(
+            f"{path}: truncated shard header ({len(buf)} of {HEADER_BYTES} bytes)", path=path, offset=0
+        )
+    if buf[:8] != MAGIC:
+        raise FormatError(
+            f"{path}: not an llmio token shard (magic {bytes(buf[:8])!r} @ offset 0, expected {MAGIC!r})",
+            path=path, offset=0,
+        )
+    fields = _HEADER_BODY.unpack_from(buf, 0)
+    version = fields[1]
+    if version not in KNOWN_VERSIONS:
+        raise FormatError(
+            f"{path}: shard format version {version} is not supported by this build "
+            f"(it reads versions {list(KNOWN_VERSIONS)}); upgrade llmio_native",
+            path=path, offset=8,
+        )
+    (stored_sum,) = _HEADER_CHECKSUM.unpack_from(buf, _HEADER_BODY.size)
+    actual = checksum(bytes(buf[: _HEADER_BODY.size]))
+    if stored_sum != actual:
+        raise FormatError(
+            f"{path}: header checksum mismatch @ offset 0 (recorded {stored_sum:#018x}, "
+            f"computed {actual:#018x}): the header is corrupt",
+            path=path, offset=0,
+        )
+    pad = np.frombuffer(buf, dtype=np.uint8, count=HEADER_BYTES - HEADER_USED, offset=HEADER_USED)
+    if pad.any():
+        bad = int(np.flatnonzero(pad)[0]) + HEADER_USED
+        raise FormatError(
+            f"{path}: reserved header byte @ offset {bad} is {int(buf[bad])}, expected 0 "
+            "(corrupt header, or written by a newer version)",
+            path=path, offset=bad,
+        )
+    names = (
+        "magic", "version", "header_bytes", "token_bytes", "codec", "num_chunks", "num_tokens",
+        "num_documents", "chunk_tokens", "table_offset", "doc_index_offset", "tables_checksum",
+    )
+    out = dict(zip(names, fields))
+    out["header_checksum"] = stored_sum
+    if out["header_bytes"] != HEADER_BYTES:
+        raise FormatError(
+            f"{path}: header_bytes is {out['header_bytes']}, expected {HEADER_BYTES}", path=path, offset=12
+        )
+    return out
+
+
+# -- codecs --------------------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "cctx", None)
+    if cache is None:
+        cache = _tls.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode_chunk(tokens: np.ndarray, codec: int, level: int) -> tuple[Any, int, int]:
+    """Encode one chunk: returns ``(stored bytes-like, codec id used, checksum of stored)``.
+
+    A zstd chunk that would not get smaller is stored raw (codec ``none``): every chunk
+    names its own codec, so readers handle the mix. Runs on writer worker threads
+    (zstd and xxhash release the GIL).
+    """
+    raw = memoryview(np.ascontiguousarray(tokens)).cast("B")
+    if codec == CODEC_ZSTD:
+        comp = _cctx(level).compress(raw)
+        if len(comp) < raw.nbytes:
+            return comp, CODEC_ZSTD, checksum(comp)
+    return raw, CODEC_NONE, checksum(raw)
+
+
+def decode_into(stored: Any, codec: int, out: np.ndarray, where: str) -> None:
+    """Decode checked ``stored`` bytes of one chunk into ``out`` (exact size).
+
+    Raises:
+        FormatError: unknown codec id, or the stored bytes do not decode to exactly
+            ``out.nbytes`` bytes; the message starts with ``where`` (shard, chunk, offset).
+        UnsupportedError: the reserved ``rans`` codec (not implemented by this build).
+    """
+    dst = memoryview(out).cast("B")
+    if codec == CODEC_NONE:
+        src = memoryview(stored).cast("B")
+        if src.nbytes != dst.nbytes:
+            raise FormatError(f"{where}: raw chunk has {src.nbytes} bytes, expected {dst.nbytes}")
+        dst[:] = src
+        return
+    if codec == CODEC_ZSTD:
+        try:
+            size = zstandard.frame_content_size(stored)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{where}: not a zstd frame ({exc})") from None
+        if size != dst.nbytes:
+            raise FormatError(f"{where}: zstd frame holds {size} bytes, expected {dst.nbytes}")
+        try:
+            reader = _dctx().stream_reader(stored, read_across_frames=False)
+            got = 0
+            while got < dst.nbytes:
+                n = reader.readinto(dst[got:])
+                if not n:
+                    break
+                got += n
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{where}: zstd decode failed ({exc})") from None
+        if got != dst.nbytes:
+            raise FormatError(f"{where}: zstd frame decoded to {got} bytes, expected {dst.nbytes}")
+        return
+    if codec == CODEC_RANS:
+        raise UnsupportedError(
+            f"{where}: codec 'rans' (id {CODEC_RANS}) is reserved for the GPU token codec and "
+            "not implemented by this build"
+        )
+    raise FormatError(
+        f"{where}: unknown codec id {codec} (this build knows "
+        + ", ".join(f"{n}={i}" for n, i in CODEC_IDS.items())
+        + "); written by a newer version?"
+    )
