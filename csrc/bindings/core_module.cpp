@@ -266,6 +266,44 @@ PYBIND11_MODULE(_core, m) {
              r.read_batch(qs.data(), qs.size());
            },
            py::arg("requests"))
+      .def("read_many",
+           [](Reader& r, py::array_t<int64_t, py::array::c_style | py::array::forcecast> files,
+              py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets,
+              py::array_t<int64_t, py::array::c_style | py::array::forcecast> nbytes, py::object out,
+              py::array_t<int64_t, py::array::c_style | py::array::forcecast> out_offsets) {
+             // Vectorised scatter read: request k reads nbytes[k] bytes of file files[k]
+             // at offsets[k] into out[out_offsets[k]:]. One submission, no per-request
+             // Python objects.
+             const py::ssize_t n = offsets.size();
+             if (files.size() != n || nbytes.size() != n || out_offsets.size() != n)
+               throw std::invalid_argument("read_many: files, offsets, nbytes and out_offsets need the same length");
+             Py_buffer view;
+             if (PyObject_GetBuffer(out.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+               PyErr_Clear();
+               throw py::type_error("read_many needs a writable C-contiguous output buffer");
+             }
+             std::vector<ReadRequest> qs(static_cast<size_t>(n));
+             const int64_t *f = files.data(), *o = offsets.data(), *nb = nbytes.data(), *oo = out_offsets.data();
+             const uint64_t cap = static_cast<uint64_t>(view.len);
+             try {
+               for (py::ssize_t k = 0; k < n; ++k) {
+                 const uint32_t fi = check_file(r, f[k]);
+                 const uint64_t len = check_nonneg(nb[k], "nbytes"), at = check_nonneg(oo[k], "out offset");
+                 if (at > cap || len > cap - at)
+                   throw std::invalid_argument("read_many: request " + std::to_string(k) + " writes [" +
+                                               std::to_string(at) + ", " + std::to_string(at + len) +
+                                               ") past the output buffer of " + std::to_string(cap) + " bytes");
+                 qs[k] = ReadRequest{fi, check_nonneg(o[k], "offset"), len, static_cast<uint8_t*>(view.buf) + at, 0, 0};
+               }
+               py::gil_scoped_release nogil;
+               r.read_batch(qs.data(), qs.size());
+             } catch (...) {
+               PyBuffer_Release(&view);
+               throw;
+             }
+             PyBuffer_Release(&view);
+           },
+           py::arg("files"), py::arg("offsets"), py::arg("nbytes"), py::arg("out"), py::arg("out_offsets"))
       .def("stats", &reader_stats);
 
   py::class_<PySlot>(m, "RingSlot", py::buffer_protocol())
