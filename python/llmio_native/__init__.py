@@ -16,6 +16,7 @@ from .memory import empty_aligned
 from .reader import Reader, resolve_backend
 from .ring import PinnedRing
 from .dataset import DatasetWriter, TokenDataset, VerifyReport, open_dataset
+from .loader import TokenLoader
 
 __version__: str = _core.__version__
 
@@ -36,6 +37,7 @@ __all__ = [
     "FormatError",
     "ChecksumError",
     "IncompleteDatasetError",
+    "TokenLoader",
 ]
 
 

@@ -1,0 +1,153 @@
+"""Per-source window order: which window sits at each position of a source's stream.
+
+Window ``i`` of a source is tokens ``[i*T, i*T + T + 1)``; a source has
+``n = (num_tokens - 1) // T`` windows and the tail tokens that do not complete one are
+dropped. Position ``p`` of the source's stream is epoch ``p // n``, index ``p % n``.
+
+* Uncompressed sources: index -> window through a seeded bijection of ``[0, n)`` keyed
+  by (seed, epoch, source). No index, O(1) memory.
+* Compressed sources: a chunk-level shuffle with a bounded shuffle buffer. Chunks form
+  spans of ``span_chunks`` stream-consecutive chunks; the spans are permuted per epoch;
+  ``group_spans`` consecutive spans of that order form a group, and the windows that
+  start in a group are permuted within it. A group is decoded once, so host memory is
+  about ``group_spans * (span_chunks + 1)`` decoded chunks per open group, and the bytes
+  read per epoch are the compressed size plus one chunk per span (windows that run into
+  the next span's first chunk).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .order import derive_key, permute
+
+
+@dataclass
+class EpochLayout:
+    """Compressed-source order of one epoch: spans in permuted order and their sizes."""
+
+    span_order: np.ndarray  # [nspans] span ids in this epoch's order
+    cum: np.ndarray  # [nspans + 1] windows before each span of span_order
+    group_spans: int
+
+    def group_bounds(self, g: int) -> tuple[int, int]:
+        a = g * self.group_spans
+        b = min(a + self.group_spans, len(self.span_order))
+        return int(self.cum[a]), int(self.cum[b])
+
+
+class SourcePlan:
+    """Window order of one source (see the module docstring).
+
+    Raises:
+        ValueError: the source has no complete window for ``seq_len``.
+    """
+
+    def __init__(self, ds, index: int, seq_len: int, seed: int, shuffle: bool,
+                 span_chunks: int, group_spans: int) -> None:
+        self.ds = ds
+        self.index = index
+        self.T = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.n = (int(ds.num_tokens) - 1) // seq_len if ds.num_tokens > 0 else 0
+        if self.n < 1:
+            raise ValueError(
+                f"source {index} ({getattr(ds, 'path', ds)}) has {ds.num_tokens} tokens: "
+                f"no complete window of seq_len + 1 = {seq_len + 1} tokens")
+        self.compressed = ds.codec != "none"
+        self.span_chunks = max(1, int(span_chunks))
+        self.group_spans = max(1, int(group_spans))
+        self._layouts: dict[int, EpochLayout] = {}
+        if self.compressed:
+            ch = ds.chunks
+            self.chunk_first = ch["first_token"].astype(np.int64)
+            self.chunk_count = ch["token_count"].astype(np.int64)
+            # Windows whose start token i*T lies in chunk c: [lo_c, hi_c).
+            lo = -(-self.chunk_first // seq_len)
+            hi = -(-(self.chunk_first + self.chunk_count) // seq_len)
+            self.chunk_wlo = np.minimum(lo, self.n)
+            self.chunk_whi = np.minimum(hi, self.n)
+            nc = len(ch)
+            self.nspans = -(-nc // self.span_chunks)
+            first = np.arange(self.nspans) * self.span_chunks
+            last = np.minimum(first + self.span_chunks, nc) - 1
+            self.span_wlo = self.chunk_wlo[first]
+            self.span_whi = self.chunk_whi[last]
+
+    # ------------------------------------------------------------------ order
+    def layout(self, epoch: int) -> EpochLayout:
+        lay = self._layouts.get(epoch)
+        if lay is None:
+            if self.shuffle:
+                order = permute(np.arange(self.nspans), self.nspans, derive_key(self.seed, epoch, self.index, 1))
+                order = order.astype(np.int64)
+            else:
+                order = np.arange(self.nspans, dtype=np.int64)
+            sizes = (self.span_whi - self.span_wlo)[order]
+            cum = np.zeros(self.nspans + 1, dtype=np.int64)
+            np.cumsum(sizes, out=cum[1:])
+            lay = EpochLayout(order, cum, self.group_spans)
+            if len(self._layouts) > 2:
+                self._layouts.pop(min(self._layouts))
+            self._layouts[epoch] = lay
+        return lay
+
+    def window_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Window ids at stream positions ``positions`` (int64, any epochs)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(pos)
+        epochs = pos // self.n
+        idx = pos % self.n
+        for e in np.unique(epochs):
+            m = epochs == e
+            if not self.shuffle and not self.compressed:
+                out[m] = idx[m]
+            elif not self.compressed:
+                out[m] = permute(idx[m], self.n, derive_key(self.seed, int(e), self.index, 0)).astype(np.int64)
+            else:
+                out[m] = self._compressed_ids(int(e), idx[m])
+        return out
+
+    def group_of(self, epoch: int, j: int) -> int:
+        lay = self.layout(epoch)
+        k = int(np.searchsorted(lay.cum, j, side="right")) - 1
+        return k // self.group_spans
+
+    def _compressed_ids(self, epoch: int, j: np.ndarray) -> np.ndarray:
+        lay = self.layout(epoch)
+        span_rank = np.searchsorted(lay.cum, j, side="right") - 1
+        group = span_rank // self.group_spans
+        u = j.copy()
+        if self.shuffle:
+            for g in np.unique(group):
+                m = group == g
+                a, b = lay.group_bounds(int(g))
+                u[m] = a + permute(j[m] - a, b - a, derive_key(self.seed, epoch, self.index, 2, int(g))).astype(np.int64)
+        k = np.searchsorted(lay.cum, u, side="right") - 1
+        return self.span_wlo[lay.span_order[k]] + (u - lay.cum[k])
+
+    # ------------------------------------------------------------------ chunks
+    def chunks_of_window(self, w: int) -> tuple[int, int]:
+        """First and last chunk holding tokens of window ``w`` (compressed sources)."""
+        a = w * self.T
+        c0 = int(np.searchsorted(self.chunk_first, a, side="right")) - 1
+        c1 = int(np.searchsorted(self.chunk_first, a + self.T, side="right")) - 1
+        return c0, c1
+
+    def group_chunks(self, epoch: int, g: int) -> list[int]:
+        """Chunks a group needs: its spans' chunks plus each span's stream-next chunk."""
+        lay = self.layout(epoch)
+        nc = len(self.chunk_first)
+        spans = lay.span_order[g * self.group_spans:(g + 1) * self.group_spans]
+        need: list[int] = []
+        for s in spans.tolist():
+            a = s * self.span_chunks
+            b = min(a + self.span_chunks, nc)
+            need.extend(range(a, min(b + 1, nc)))
+        return sorted(set(need))
+
+    def group_end_position(self, epoch: int, g: int) -> int:
+        """Stream position one past the group's last window."""
+        return epoch * self.n + self.layout(epoch).group_bounds(g)[1]
