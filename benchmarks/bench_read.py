@@ -12,7 +12,7 @@ before it) except the rows marked warm. Rows, each with GB/s, IOPS, CPU utilisat
   readinto      a Python f.readinto loop (buffered), os.pread for random reads
   np.memmap     slicing copies, as nanoGPT's loader does
 
-Targets (issue 2): io_uring sequential >= 0.95 of the limit; io_uring random 4 KiB
+The limit runs twice and the faster run counts. Targets (issue 2): io_uring sequential >= 0.95 of the limit; io_uring random 4 KiB
 >= 2x np.memmap. Usage: python benchmarks/bench_read.py [--size-mib 4096] [--json out.json]
 """
 from __future__ import annotations
@@ -238,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         return total, ops
 
     rows.append(timed(sec, "python readinto 1MiB (buffered)", readinto_loop, path))
+    if exe:
+        # The disk of a VM is noisy: time the limit again after our rows and keep the
+        # faster of the two runs, so "vs limit" is never flattered by one slow run.
+        evict(path)
+        b, o, s, c = run_limit(exe, ["seq", path, "32", str(MiB)])
+        again = Row(sec, "limit: liburing qd32 1MiB O_DIRECT", b, o, s, c, note="second run")
+        first = next(r for r in rows if r.section == sec and r.name.startswith("limit"))
+        if again.gbps > first.gbps:
+            rows[rows.index(first)] = again
+        evict(path)
+        b, o, s, c = run_limit(exe, ["seq", path, "64", str(MiB)])
+        rows.append(Row(sec, "liburing qd64 1MiB O_DIRECT (reference)", b, o, s, c))
 
     def memmap_seq():
         mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -264,9 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- random 4 KiB, cold
     sec_r = "random 4 KiB, cold"
     if exe:
-        evict(path)
-        b, o, s, c = run_limit(exe, ["rand", path, "32", "4096", str(a.random_ops), "1"])
-        rows.append(Row(sec_r, "limit: liburing qd32 4KiB O_DIRECT", b, o, s, c))
+        best_lim = None
+        for _ in range(2):
+            evict(path)
+            b, o, s, c = run_limit(exe, ["rand", path, "32", "4096", str(a.random_ops), "1"])
+            cand = Row(sec_r, "limit: liburing qd32 4KiB O_DIRECT", b, o, s, c)
+            best_lim = cand if best_lim is None or cand.gbps > best_lim.gbps else best_lim
+        rows.append(best_lim)
     if uring:
         r = lio.Reader([path], backend="io_uring", direct=True, queue_depth=64)
         rows.append(timed(sec_r, f"llmio io_uring qd64 batch {a.batch}", rand_reader(r, a.batch), path))
