@@ -16,6 +16,7 @@ import torch
 import llmio_native as lio
 from llmio_native import _core
 from llmio_native.loader import permute, stride_schedule
+from llmio_native.loader.order import permute_ref
 
 
 def tasks() -> int:
@@ -319,6 +320,14 @@ def test_permutation_is_bijective():
         assert np.array_equal(np.sort(p), np.arange(n)), n
     with pytest.raises(ValueError):
         permute(np.array([5]), 5, key=1)
+
+
+def test_permutation_cpp_matches_reference():
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 7, 1000, 1 << 20, (1 << 20) + 1, 10**9 + 7, 1 << 40]:
+        idx = rng.integers(0, n, 3000)
+        for key in (0, 1, 2**63 + 5, 2**64 - 1):
+            np.testing.assert_array_equal(permute(idx, n, key), permute_ref(idx, n, key))
 
 
 def test_stride_schedule_prefix_balance():

@@ -17,6 +17,7 @@
 #include "io/reader.hpp"
 #include "ring/host_buffer.hpp"
 #include "ring/slot_ring.hpp"
+#include "sample/permute.hpp"
 
 namespace py = pybind11;
 using namespace llmio;
@@ -430,6 +431,22 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("ptr", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
       .def_property_readonly("nbytes", &HostBuffer::size)
       .def_property_readonly("huge_pages", &HostBuffer::huge_pages);
+
+  m.def("feistel_permute",
+        [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx, uint64_t n, uint64_t key,
+           int rounds) {
+          py::array_t<int64_t> out(idx.size());
+          const int64_t* in = idx.data();
+          int64_t* o = out.mutable_data();
+          const size_t cnt = static_cast<size_t>(idx.size());
+          {
+            py::gil_scoped_release nogil;
+            feistel_permute(in, o, cnt, n, key, rounds);
+          }
+          return out;
+        },
+        py::arg("idx"), py::arg("n"), py::arg("key"), py::arg("rounds") = 6,
+        "Seeded bijection of [0, n) applied to idx (int64); see csrc/sample/permute.hpp.");
 
   m.def("cut_windows_ref",
         [](py::buffer tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,

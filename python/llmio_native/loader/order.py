@@ -9,6 +9,8 @@ import hashlib
 
 import numpy as np
 
+from .._native import _core
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -20,50 +22,64 @@ def derive_key(*parts: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _round_keys(key: int, rounds: int) -> list[int]:
-    return [derive_key(key, r) for r in range(rounds)]
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(z: int) -> int:
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def _mix(x: np.ndarray, k: int, mask: np.uint64) -> np.ndarray:
-    # A cheap keyed mixer (splitmix64 finaliser); any function works in a Feistel round.
-    z = (x + np.uint64(k & _MASK64)) & np.uint64(_MASK64)
+    z = x + np.uint64(k)  # wraps modulo 2^64
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
     return z & mask
 
 
-def permute(idx: np.ndarray | int, n: int, key: int, rounds: int = 6) -> np.ndarray:
-    """Image of positions ``idx`` under a seeded bijection of ``[0, n)``.
-
-    A balanced Feistel network over the smallest even-bit power of two >= n, with
-    cycle-walking back into range: O(1) memory, no table, vectorised over ``idx``.
-
-    Raises:
-        ValueError: ``n < 1`` or an index outside ``[0, n)``.
-    """
-    x = np.asarray(idx, dtype=np.uint64).copy()
+def permute_ref(idx: np.ndarray | int, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """Reference (numpy) of :func:`permute`; the C++ version must agree bit for bit."""
+    x = np.asarray(idx, dtype=np.uint64).reshape(-1).copy()
     if n < 1:
         raise ValueError(f"permutation domain must be >= 1, got {n}")
     if x.size and int(x.max()) >= n:
         raise ValueError(f"index {int(x.max())} outside [0, {n})")
     if n == 1:
-        return x
+        return x.astype(np.int64)
     bits = max(2, int(n - 1).bit_length())
     bits += bits & 1
     half = bits // 2
     lo_mask = np.uint64((1 << half) - 1)
-    keys = _round_keys(key, rounds)
+    keys = [_splitmix64(key + (r + 1) * _GOLDEN) for r in range(rounds)]
     todo = np.ones(x.shape, dtype=bool)
-    while todo.any():
-        v = x[todo]
-        left, right = v >> np.uint64(half), v & lo_mask
-        for k in keys:
-            left, right = right, left ^ _mix(right, k, lo_mask)
-        v = (left << np.uint64(half)) | right
-        x[todo] = v
-        todo[todo] = v >= np.uint64(n)  # cycle-walk the ones that left the domain
-    return x
+    with np.errstate(over="ignore"):
+        while todo.any():
+            v = x[todo]
+            left, right = v >> np.uint64(half), v & lo_mask
+            for k in keys:
+                left, right = right, left ^ _mix(right, k, lo_mask)
+            v = (left << np.uint64(half)) | right
+            x[todo] = v
+            todo[todo] = v >= np.uint64(n)  # cycle-walk the ones that left the domain
+    return x.astype(np.int64)
+
+
+def permute(idx: np.ndarray | int, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """Image of positions ``idx`` under a seeded bijection of ``[0, n)`` (int64 array).
+
+    A balanced Feistel network over the smallest even-bit power of two >= n, with
+    cycle-walking back into range: O(1) memory, no table. Runs in C++
+    (``_core.feistel_permute``); :func:`permute_ref` is the numpy reference.
+
+    Raises:
+        ValueError: ``n < 1`` or an index outside ``[0, n)``.
+    """
+    if n < 1:
+        raise ValueError(f"permutation domain must be >= 1, got {n}")
+    return _core.feistel_permute(np.asarray(idx, dtype=np.int64).reshape(-1), int(n), int(key) & _MASK64, rounds)
 
 
 def stride_schedule(counts: np.ndarray, weights: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,13 @@ class SourcePlan:
                 f"source {index} ({getattr(ds, 'path', ds)}) has {ds.num_tokens} tokens: "
                 f"no complete window of seq_len + 1 = {seq_len + 1} tokens")
         self.compressed = ds.codec != "none"
+        self.token_bytes = int(np.dtype(ds.dtype).itemsize)
+        if not self.compressed:
+            ch = ds.chunks
+            self.raw_first = ch["first_token"].astype(np.int64)
+            self.raw_count = ch["token_count"].astype(np.int64)
+            self.raw_file = ch["file"].astype(np.int64)
+            self.raw_offset = ch["offset"].astype(np.int64)
         self.span_chunks = max(1, int(span_chunks))
         self.group_spans = max(1, int(group_spans))
         self._layouts: dict[int, EpochLayout] = {}
@@ -127,6 +134,23 @@ class SourcePlan:
                 u[m] = a + permute(j[m] - a, b - a, derive_key(self.seed, epoch, self.index, 2, int(g))).astype(np.int64)
         k = np.searchsorted(lay.cum, u, side="right") - 1
         return self.span_wlo[lay.span_order[k]] + (u - lay.cum[k])
+
+    def raw_requests(self, windows: np.ndarray, file_base: int) -> list[tuple[int, int, int]]:
+        """(file, byte offset, nbytes) reads of the windows of an uncompressed source, in
+        order; a window that crosses a chunk or file boundary becomes several pieces."""
+        T, tb = self.T, self.token_bytes
+        a = np.asarray(windows, dtype=np.int64) * T
+        c0 = np.searchsorted(self.raw_first, a, side="right") - 1
+        c1 = np.searchsorted(self.raw_first, a + T, side="right") - 1
+        out: list[tuple[int, int, int]] = []
+        offs = self.raw_offset[c0] + (a - self.raw_first[c0]) * tb
+        files = self.raw_file[c0] + file_base
+        for k in range(len(a)):
+            if c0[k] == c1[k]:
+                out.append((int(files[k]), int(offs[k]), (T + 1) * tb))
+            else:
+                out.extend((file_base + f, o, n) for f, o, n in self.ds.locate(int(a[k]), T + 1))
+        return out
 
     # ------------------------------------------------------------------ chunks
     def chunks_of_window(self, w: int) -> tuple[int, int]:

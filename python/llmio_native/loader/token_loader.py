@@ -330,15 +330,18 @@ class _Pipeline:
     def _submit(self, b: _Batch) -> None:
         L = self.L
         reqs: list[tuple[int, int, int]] = []
-        for row, (s, w) in enumerate(zip(b.sources.tolist(), b.windows.tolist())):
-            plan = L.plans[s]
-            if not plan.compressed:
-                b.ring_rows.append(row)
-                base = self.file_base[s]
-                reqs.extend((base + f, off, n) for f, off, n in plan.ds.locate(w * L.seq_len, L.seq_len + 1))
-            else:
-                b.cache_rows.append(row)
-                self._open_group_for(s, int(b.local[row]))
+        if len(L.plans) == 1 and not L.plans[0].compressed:
+            b.ring_rows = list(range(len(b.windows)))
+            reqs = L.plans[0].raw_requests(b.windows, self.file_base[0])
+        else:
+            for row, (s, w) in enumerate(zip(b.sources.tolist(), b.windows.tolist())):
+                plan = L.plans[s]
+                if not plan.compressed:
+                    b.ring_rows.append(row)
+                    reqs.extend(plan.raw_requests(np.array([w]), self.file_base[s]))
+                else:
+                    b.cache_rows.append(row)
+                    self._open_group_for(s, int(b.local[row]))
         if reqs:
             self.ring.submit(reqs, tag=b.index, packed=True)
 
