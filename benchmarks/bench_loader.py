@@ -7,7 +7,8 @@ Same data, same batch shape, one run:
   nanoGPT memmap     np.memmap + torch.randint + torch.stack, as nanoGPT's get_batch
   DataLoader         torch DataLoader over a map-style memmap Dataset, num_workers = cores
   TokenLoader zstd   the same windows from a zstd dataset (decode-bound; decode GB/s per core)
-  engine limit       llmio Reader.read_many of the same random windows (no batching work),
+  engine limit       llmio Reader.read_many of the same random windows, 8 batches per call
+                     (the loader's read-ahead) and no batching work,
                      and a sequential O_DIRECT read of the file: the read-engine ceilings
 
 Every run starts cold (POSIX_FADV_DONTNEED on every file first). Columns: tokens/s, GB/s of
@@ -31,22 +32,15 @@ import torch
 
 import llmio_native as lio
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import evict  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
 def cpu_now() -> float:
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def evict(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def files_of(path: str) -> list[str]:
@@ -142,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     r = lio.Reader([paths["raw"]], backend="auto", direct=True, queue_depth=64)
     rng = np.random.default_rng(0)
     nwin = (ntok - 1) // T
-    out = lio.empty_aligned(B * (T + 1) * 2 + 8192)
+    depth = 8  # batches per submission: as much as the loader reads ahead (prefetch 8)
+    out = lio.empty_aligned(depth * B * (T + 1) * 2 + 8192)
 
     def engine_iter():
         while True:
-            w = rng.integers(0, nwin, B)
+            w = rng.integers(0, nwin, depth * B)
             r.read_many(0, w * T * 2, (T + 1) * 2, out)
-            yield None
+            for _ in range(depth):
+                yield None
 
-    lim = run(f"engine limit: read_many random windows ({r.backend})", engine_iter, N, B, T, raw_files)
+    lim = run(f"engine limit: read_many windows x{depth * B} ({r.backend})", engine_iter, N, B, T, raw_files)
     rows.append(lim)
     big = lio.empty_aligned(64 << 20)
     big[:] = 0

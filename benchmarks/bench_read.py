@@ -34,6 +34,9 @@ import numpy as np
 
 import llmio_native as lio
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import evict  # noqa: E402
+
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
 
@@ -64,15 +67,6 @@ class Row:
 def cpu_now(children: bool = False) -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def timed(section: str, name: str, fn, path: str, cold: bool = True, note: str = "") -> Row:

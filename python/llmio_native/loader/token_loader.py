@@ -106,7 +106,7 @@ class TokenLoader(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         *,
         steps: int | None = None,
-        prefetch: int = 4,
+        prefetch: int = 8,
         backend: str = "auto",
         direct: bool = True,
         queue_depth: int = 64,
@@ -298,7 +298,7 @@ class _Pipeline:
         self.ring = None
         if self.raw:
             self.ring = PinnedRing(self.reader, num_slots=loader.prefetch + 2, slot_bytes=slot_bytes,
-                                   num_producers=2, pin=loader.pin)
+                                   num_producers=min(4, loader.prefetch), pin=loader.pin)
         self.pool = cf.ThreadPoolExecutor(loader.num_threads, thread_name_prefix="llmio-decode") \
             if any(p.compressed for p in loader.plans) else None
         self.cache: dict[tuple[int, int], tuple[cf.Future, int]] = {}  # (source, chunk) -> (future, expires)
