@@ -290,6 +290,51 @@ def test_abandoned_iterator_frees_threads_and_memory(data, kind):
     assert _core.host_live_bytes() == live0
 
 
+def test_compressed_epoch_reads_close_to_compressed_size(data):
+    ds = open_src(data, "zstd")
+    T, B = 33, 8
+    ld = lio.TokenLoader(ds, batch_size=B, seq_len=T, seed=0, span_chunks=4, group_spans=4)
+    ld.steps = -(-ld.num_windows[0] // B)  # one epoch
+    for _ in ld:
+        pass
+    read = ld.stats()["compressed_bytes_read"]
+    stored = int(ds.chunks["stored_bytes"].sum())
+    # Each chunk once, plus at most one boundary chunk per span of 4 (and the next group's
+    # first chunks opened by the last batch).
+    assert stored <= read <= 1.45 * stored, (read, stored)
+    assert ld.stats()["bytes_read"] == read and ld.stats()["decode_gbps"] > 0
+
+
+def test_stats_accumulate_across_iterators(data):
+    ld = lio.TokenLoader(open_src(data, "none"), batch_size=4, seq_len=16, steps=3)
+    list(ld)
+    first = ld.stats()["bytes_read"]
+    list(ld)
+    # Each iterator reads its 3 batches plus its read-ahead (prefetch 8), 17 uint16 per window.
+    per_batch = 4 * 17 * 2
+    assert first % per_batch == 0 and 3 * per_batch <= first <= (3 + 8) * per_batch
+    assert ld.stats()["batches"] == 6 and ld.stats()["bytes_read"] == 2 * first
+
+
+def test_keyboard_interrupt_stops_cleanly(data):
+    script = f"""
+import os, signal, threading, time, llmio_native as lio
+from llmio_native import _core
+src = lio.open_dataset({str(data['zstd'])!r})
+base = len(os.listdir('/proc/self/task'))
+ld = lio.TokenLoader(src, batch_size=4, seq_len=16)
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    for _ in ld:
+        time.sleep(0.001)
+except KeyboardInterrupt:
+    time.sleep(0.2)
+    print("STOPPED", len(os.listdir('/proc/self/task')) <= base + 1, _core.host_live_bytes())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "STOPPED True 0" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 def test_inside_torch_dataloader(data):
     src = open_src(data, "none")
     plain = lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=8)

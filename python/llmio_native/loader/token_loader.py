@@ -257,7 +257,8 @@ class _Stats:
     def __init__(self) -> None:
         self.batches = 0
         self.stall_s = 0.0
-        self.bytes_read = 0
+        self.ring_bytes = 0
+        self.ring_read_s = 0.0
         self.read_s = 0.0
         self.compressed_bytes_read = 0
         self.decoded_bytes = 0
@@ -267,8 +268,9 @@ class _Stats:
     def as_dict(self) -> dict:
         return {
             "batches": self.batches,
-            "bytes_read": self.bytes_read,
-            "read_gbps": self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0,
+            "bytes_read": self.ring_bytes + self.compressed_bytes_read,
+            "read_gbps": (self.ring_bytes + self.compressed_bytes_read) / (self.read_s + self.ring_read_s) / 1e9
+            if self.read_s + self.ring_read_s else 0.0,
             "compressed_bytes_read": self.compressed_bytes_read,
             "decoded_bytes": self.decoded_bytes,
             "decode_gbps": self.decoded_bytes / self.decode_s / 1e9 if self.decode_s else 0.0,
@@ -296,6 +298,7 @@ class _Pipeline:
         itemsizes = {np.dtype(ds.dtype).itemsize for ds in loader.datasets}
         slot_bytes = loader.batch_size * (T + 1) * max(itemsizes) + 8192
         self.ring = None
+        self._ring_seen = (0, 0.0)
         if self.raw:
             self.ring = PinnedRing(self.reader, num_slots=loader.prefetch + 2, slot_bytes=slot_bytes,
                                    num_producers=min(4, loader.prefetch), pin=loader.pin)
@@ -370,7 +373,6 @@ class _Pipeline:
         tokens = ds.decode_chunk(c, raw)
         t2 = time.perf_counter()
         st = self.stats
-        st.bytes_read += raw.nbytes
         st.compressed_bytes_read += raw.nbytes
         st.read_s += t1 - t0
         st.decoded_bytes += tokens.nbytes
@@ -427,9 +429,11 @@ class _Pipeline:
             yt = torch.from_numpy(np.ascontiguousarray(stage[:, 1:]))
             if self.cuda:
                 xt, yt = self._to_device(xt, yt)
-        if self.ring is not None:
-            self.stats.bytes_read = self.ring.stats()["bytes"] + self.stats.compressed_bytes_read
-            self.stats.read_s = self.ring.stats()["producer_busy_s"] + 0.0
+        if self.ring is not None:  # ring counters restart per iterator: add their deltas
+            rs = self.ring.stats()
+            self.stats.ring_bytes += rs["bytes"] - self._ring_seen[0]
+            self.stats.ring_read_s += rs["producer_busy_s"] - self._ring_seen[1]
+            self._ring_seen = (rs["bytes"], rs["producer_busy_s"])
         self.stats.batches += 1
         if b.cache_rows:
             self._evict(b.counts_after)
