@@ -417,3 +417,24 @@ def test_read_many_scatter(tmp_path, backend):
                               np.zeros(10, np.uint8), np.zeros(3, np.int64))
     with pytest.raises(lio.ShortReadError):
         r.read_many(1, np.array([69999]), 2, np.zeros(2, np.uint8))
+
+
+def test_thousands_of_files_raise_the_fd_limit(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * 1500 + 64:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        paths = []
+        for k in range(1500):
+            p = tmp_path / f"s{k}.bin"
+            p.write_bytes(bytes([k % 251]) * 10)
+            paths.append(str(p))
+        r = lio.Reader(paths, backend="threads")  # 3000 descriptors: more than the old soft limit
+        assert r.read(1499, 3, 2).tobytes() == bytes([1499 % 251]) * 2
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 3000
+        del r
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

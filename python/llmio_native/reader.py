@@ -37,6 +37,21 @@ def resolve_backend(backend: str = "auto") -> str:
     return choice
 
 
+def _ensure_fd_limit(needed: int) -> None:
+    """Each file takes two descriptors (buffered and O_DIRECT); a dataset of thousands of
+    shards outgrows the usual soft RLIMIT_NOFILE of 1024. Raise the soft limit towards the
+    hard one when needed (as many training stacks do); never lower it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - best effort
+        pass
+
+
 def _is_tensor(obj: Any) -> bool:
     try:
         import torch
@@ -108,6 +123,7 @@ class Reader:
         self.max_io_bytes = int(max_io_bytes)
         self._requested_backend = backend
         self.backend = resolve_backend(backend)
+        _ensure_fd_limit(2 * len(self.paths) + 64)
         self._native: Any = None
         self._native_pid = -1
         self._handle()  # open now so missing files fail here, in the caller

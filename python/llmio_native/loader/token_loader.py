@@ -111,7 +111,7 @@ class TokenLoader(torch.utils.data.IterableDataset):
         direct: bool = True,
         queue_depth: int = 64,
         num_threads: int | None = None,
-        span_chunks: int = 4,
+        span_chunks: int = 8,
         group_spans: int = 8,
         pin: bool | None = None,
     ) -> None:
