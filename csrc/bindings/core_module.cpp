@@ -18,6 +18,7 @@
 #include "ring/host_buffer.hpp"
 #include "ring/slot_ring.hpp"
 #include "sample/permute.hpp"
+#include "quant/int8_block.hpp"
 
 namespace py = pybind11;
 using namespace llmio;
@@ -447,6 +448,78 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("idx"), py::arg("n"), py::arg("key"), py::arg("rounds") = 6,
         "Seeded bijection of [0, n) applied to idx (int64); see csrc/sample/permute.hpp.");
+
+  // ---------------------------------------------------------------- INT8 blocks (CPU oracle)
+  using F32 = py::array_t<float, py::array::c_style>;
+  using I8 = py::array_t<int8_t, py::array::c_style>;
+  m.attr("QUANT_BLOCK") = kQuantBlock;
+  m.def("quantize_blocks_ref",
+        [](F32 x, py::object residual, I8 codes, F32 scales) {
+          const size_t n = static_cast<size_t>(x.size());
+          if (static_cast<size_t>(codes.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("quantize_blocks_ref: codes must hold n values and scales ceil(n/256)");
+          float* res = nullptr;
+          F32 r;
+          if (!residual.is_none()) {
+            if (!F32::check_(residual) || !(py::array(residual).flags() & py::array::c_style) ||
+                !py::array(residual).writeable())
+              throw py::type_error("residual must be a writable C-contiguous float32 array (updated in place)");
+            r = py::reinterpret_borrow<F32>(residual);
+            if (static_cast<size_t>(r.size()) != n) throw std::invalid_argument("residual must hold n values");
+            res = r.mutable_data();
+          }
+          const float* xp = x.data();
+          int8_t* cp = codes.mutable_data();
+          float* sp = scales.mutable_data();
+          py::gil_scoped_release nogil;
+          quantize_blocks_ref(xp, res, n, cp, sp);
+        },
+        py::arg("x"), py::arg("residual"), py::arg("codes").noconvert(), py::arg("scales").noconvert(),
+        "Blockwise INT8 quantization with error feedback, in place into codes/scales (and residual).");
+  m.def("dequantize_blocks_ref",
+        [](I8 codes, F32 scales, F32 out) {
+          const size_t n = static_cast<size_t>(codes.size());
+          if (static_cast<size_t>(out.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("dequantize_blocks_ref: sizes do not match");
+          const int8_t* cp = codes.data();
+          const float* sp = scales.data();
+          float* op = out.mutable_data();
+          py::gil_scoped_release nogil;
+          dequantize_blocks_ref(cp, sp, n, op);
+        },
+        py::arg("codes"), py::arg("scales"), py::arg("out").noconvert());
+  m.def("dequant_sum_requant_ref",
+        [](I8 codes_w, F32 scales_w, py::object residual, I8 codes, F32 scales) {
+          // codes_w: [W, n], scales_w: [W, nblocks]
+          if (codes_w.ndim() != 2 || scales_w.ndim() != 2 || codes_w.shape(0) != scales_w.shape(0))
+            throw std::invalid_argument("codes_w must be [W, n] and scales_w [W, nblocks]");
+          const size_t W = static_cast<size_t>(codes_w.shape(0)), n = static_cast<size_t>(codes_w.shape(1));
+          if (static_cast<size_t>(scales_w.shape(1)) != quant_num_blocks(n) ||
+              static_cast<size_t>(codes.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("dequant_sum_requant_ref: sizes do not match");
+          std::vector<const int8_t*> cw(W);
+          std::vector<const float*> sw(W);
+          for (size_t r = 0; r < W; ++r) {
+            cw[r] = codes_w.data() + r * n;
+            sw[r] = scales_w.data() + r * quant_num_blocks(n);
+          }
+          float* res = nullptr;
+          F32 rr;
+          if (!residual.is_none()) {
+            if (!F32::check_(residual) || !(py::array(residual).flags() & py::array::c_style) ||
+                !py::array(residual).writeable())
+              throw py::type_error("residual must be a writable C-contiguous float32 array (updated in place)");
+            rr = py::reinterpret_borrow<F32>(residual);
+            if (static_cast<size_t>(rr.size()) != n) throw std::invalid_argument("residual must hold n values");
+            res = rr.mutable_data();
+          }
+          int8_t* cp = codes.mutable_data();
+          float* sp = scales.mutable_data();
+          py::gil_scoped_release nogil;
+          dequant_sum_requant_ref(cw.data(), sw.data(), W, n, res, cp, sp);
+        },
+        py::arg("codes_w"), py::arg("scales_w"), py::arg("residual"), py::arg("codes").noconvert(),
+        py::arg("scales").noconvert());
 
   m.def("cut_windows_ref",
         [](py::buffer tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,

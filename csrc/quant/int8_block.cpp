@@ -1,0 +1,74 @@
+#include "quant/int8_block.hpp"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace llmio {
+
+namespace {
+
+// Quantizes one block of v (already residual-added); writes q and returns the scale.
+inline float quantize_one(const float* v, size_t len, int8_t* q, float* residual) {
+  float absmax = 0.0f;
+  bool finite = true;
+  for (size_t i = 0; i < len; ++i) {
+    const float a = std::fabs(v[i]);
+    if (!std::isfinite(v[i])) finite = false;
+    absmax = a > absmax ? a : absmax;
+  }
+  if (!finite) {
+    for (size_t i = 0; i < len; ++i) {
+      q[i] = 0;
+      if (residual) residual[i] = 0.0f;
+    }
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float scale = absmax / 127.0f;
+  if (scale == 0.0f) {
+    for (size_t i = 0; i < len; ++i) {
+      q[i] = 0;
+      if (residual) residual[i] = v[i];
+    }
+    return 0.0f;
+  }
+  for (size_t i = 0; i < len; ++i) {
+    float r = std::nearbyint(v[i] / scale);  // round half to even (default FE_TONEAREST)
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    q[i] = static_cast<int8_t>(r);
+    if (residual) residual[i] = v[i] - static_cast<float>(q[i]) * scale;
+  }
+  return scale;
+}
+
+}  // namespace
+
+void quantize_blocks_ref(const float* x, float* residual, size_t n, int8_t* codes, float* scales) {
+  float v[kQuantBlock];
+  for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
+    const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
+    for (size_t i = 0; i < len; ++i) v[i] = x[i0 + i] + (residual ? residual[i0 + i] : 0.0f);
+    scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
+  }
+}
+
+void dequantize_blocks_ref(const int8_t* codes, const float* scales, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(codes[i]) * scales[i / kQuantBlock];
+}
+
+void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* scales_w, size_t world,
+                             size_t n, float* residual, int8_t* codes, float* scales) {
+  float v[kQuantBlock];
+  const float inv_w = static_cast<float>(world);
+  for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
+    const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
+    for (size_t i = 0; i < len; ++i) {
+      float s = 0.0f;
+      for (size_t r = 0; r < world; ++r) s += static_cast<float>(codes_w[r][i0 + i]) * scales_w[r][b];
+      v[i] = s / inv_w + (residual ? residual[i0 + i] : 0.0f);
+    }
+    scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
+  }
+}
+
+}  // namespace llmio
