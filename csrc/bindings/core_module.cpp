@@ -139,6 +139,20 @@ struct PySlot {
   uint8_t* ptr() const { return ring->slot_ptr(f.slot); }
 };
 
+// An optional residual updated in place: exactly float32, C-contiguous, writable and
+// n long (a converting cast would silently update a temporary copy). The caller keeps
+// the Python object alive for the duration of the call.
+float* inplace_residual(const py::object& residual, size_t n) {
+  if (residual.is_none()) return nullptr;
+  using F32 = py::array_t<float, py::array::c_style>;
+  if (!F32::check_(residual) || !(py::array(residual).flags() & py::array::c_style) ||
+      !py::array(residual).writeable())
+    throw py::type_error("residual must be a writable C-contiguous float32 array (updated in place)");
+  auto r = py::reinterpret_borrow<F32>(residual);
+  if (static_cast<size_t>(r.size()) != n) throw std::invalid_argument("residual must hold n values");
+  return r.mutable_data();
+}
+
 py::dict probe_dict() {
   UringProbe p = probe_io_uring();
   py::dict d;
@@ -458,16 +472,7 @@ PYBIND11_MODULE(_core, m) {
           const size_t n = static_cast<size_t>(x.size());
           if (static_cast<size_t>(codes.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n))
             throw std::invalid_argument("quantize_blocks_ref: codes must hold n values and scales ceil(n/256)");
-          float* res = nullptr;
-          F32 r;
-          if (!residual.is_none()) {
-            if (!F32::check_(residual) || !(py::array(residual).flags() & py::array::c_style) ||
-                !py::array(residual).writeable())
-              throw py::type_error("residual must be a writable C-contiguous float32 array (updated in place)");
-            r = py::reinterpret_borrow<F32>(residual);
-            if (static_cast<size_t>(r.size()) != n) throw std::invalid_argument("residual must hold n values");
-            res = r.mutable_data();
-          }
+          float* res = inplace_residual(residual, n);
           const float* xp = x.data();
           int8_t* cp = codes.mutable_data();
           float* sp = scales.mutable_data();
@@ -503,16 +508,7 @@ PYBIND11_MODULE(_core, m) {
             cw[r] = codes_w.data() + r * n;
             sw[r] = scales_w.data() + r * quant_num_blocks(n);
           }
-          float* res = nullptr;
-          F32 rr;
-          if (!residual.is_none()) {
-            if (!F32::check_(residual) || !(py::array(residual).flags() & py::array::c_style) ||
-                !py::array(residual).writeable())
-              throw py::type_error("residual must be a writable C-contiguous float32 array (updated in place)");
-            rr = py::reinterpret_borrow<F32>(residual);
-            if (static_cast<size_t>(rr.size()) != n) throw std::invalid_argument("residual must hold n values");
-            res = rr.mutable_data();
-          }
+          float* res = inplace_residual(residual, n);
           int8_t* cp = codes.mutable_data();
           float* sp = scales.mutable_data();
           py::gil_scoped_release nogil;
