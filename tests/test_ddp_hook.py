@@ -54,6 +54,7 @@ def worker(rank: int, world: int, port: int, dtype_name: str, out_dir: str) -> N
             pickle.dump({"same": same, "errs": errs, "stats": state.stats(),
                          "sum_err": float((sums_hook - sums_ref).abs().max() / sums_ref.abs().max()),
                          "state_pickles": pickle.loads(pickle.dumps(state)).process_group is None}, f)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 
@@ -102,6 +103,7 @@ def train_worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> 
     if rank == 0:
         with open(os.path.join(out_dir, "conv.pkl"), "wb") as f:
             pickle.dump(losses, f)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 
