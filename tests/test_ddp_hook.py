@@ -20,6 +20,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def teardown() -> None:
+    """DDP objects must die before their process group, and no rank may tear gloo down while
+    another is still in a collective (a late DDP destructor aborted a worker once)."""
+    import gc
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).to(dtype)
@@ -54,8 +64,8 @@ def worker(rank: int, world: int, port: int, dtype_name: str, out_dir: str) -> N
             pickle.dump({"same": same, "errs": errs, "stats": state.stats(),
                          "sum_err": float((sums_hook - sums_ref).abs().max() / sums_ref.abs().max()),
                          "state_pickles": pickle.loads(pickle.dumps(state)).process_group is None}, f)
-    dist.barrier()  # no rank tears gloo down while another is still in a collective
-    dist.destroy_process_group()
+    del model, ref
+    teardown()
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -100,11 +110,11 @@ def train_worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> 
                 tail.append(loss.item())
         losses[mode] = float(np.mean(tail))
         losses[mode + "_compressed"] = state.stats()["buckets_compressed"]
+    del model, opt
     if rank == 0:
         with open(os.path.join(out_dir, "conv.pkl"), "wb") as f:
             pickle.dump(losses, f)
-    dist.barrier()  # no rank tears gloo down while another is still in a collective
-    dist.destroy_process_group()
+    teardown()
 
 
 def test_convergence_matches_allreduce(tmp_path):
