@@ -48,7 +48,7 @@ class Int8CompressState:
     """
 
     __slots__ = ("process_group", "warmup_steps", "min_numel", "iteration", "_residuals", "_signatures",
-                 "_stats")
+                 "_stats", "_bucket_params", "_pending")
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 2, min_numel: int = 1024) -> None:
         if warmup_steps < 0 or min_numel < 0:
@@ -60,6 +60,8 @@ class Int8CompressState:
         self._residuals: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self._signatures: Dict[int, tuple] = {}
         self._stats = {"buckets_compressed": 0, "buckets_bypassed": 0, "bytes_sent": 0, "bytes_fp32_allreduce": 0}
+        self._bucket_params: Dict[int, list] = {}  # bucket index -> [(data_ptr, numel)] in bucket order
+        self._pending: Dict[int, np.ndarray] = {}  # data_ptr -> residual loaded by load_state_dict
 
     def __getstate__(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if k != "process_group"}
@@ -75,6 +77,45 @@ class Int8CompressState:
         s["ratio_vs_fp32"] = s["bytes_sent"] / s["bytes_fp32_allreduce"] if s["bytes_fp32_allreduce"] else 0.0
         return s
 
+    def state_dict(self, model: torch.nn.Module) -> Dict[str, Any]:
+        """Residuals per parameter name of ``model`` (this rank's), so a checkpoint survives a
+        different ``bucket_cap_mb``. The owner's shard residual is folded into its worker
+        residual (the error it stands for is then fed back by this rank next step)."""
+        names = {p.data_ptr(): n for n, p in model.named_parameters()}
+        out: Dict[str, np.ndarray] = {}
+        rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
+        for idx, (worker, shard_res) in self._residuals.items():
+            total = worker.copy()
+            total[rank * shard_res.size:(rank + 1) * shard_res.size] += shard_res
+            off = 0
+            for ptr, numel in self._bucket_params.get(idx, []):
+                if ptr in names:
+                    out[names[ptr]] = total[off:off + numel].copy()
+                off += numel
+        return {"version": 1, "iteration": self.iteration, "residuals": out}
+
+    def load_state_dict(self, sd: Dict[str, Any], model: torch.nn.Module) -> None:
+        """Restore residuals saved by :meth:`state_dict`; they are applied per parameter when
+        each bucket is next compressed, whatever the new bucket layout.
+
+        Raises:
+            ValueError: an unknown version, or a residual whose size does not match its parameter.
+        """
+        if sd.get("version") != 1:
+            raise ValueError(f"Int8CompressState state version {sd.get('version')!r} is not 1")
+        params = dict(model.named_parameters())
+        self._pending = {}
+        for name, res in sd["residuals"].items():
+            if name not in params:
+                raise ValueError(f"residual for unknown parameter {name!r}")
+            p = params[name]
+            if res.size != p.numel():
+                raise ValueError(f"residual of {name!r} has {res.size} values, the parameter {p.numel()}")
+            self._pending[p.data_ptr()] = np.asarray(res, np.float32)
+        self.iteration = int(sd["iteration"])
+        self._residuals.clear()
+        self._signatures.clear()
+
     def _residual(self, bucket: Any, n_pad: int, shard: int) -> Tuple[np.ndarray, np.ndarray]:
         idx = bucket.index()
         sig = (n_pad, tuple(tuple(p.shape) for p in bucket.parameters()))
@@ -83,8 +124,16 @@ class Int8CompressState:
                           "its residual is reset", RuntimeWarning, stacklevel=3)
             del self._residuals[idx]
         if idx not in self._residuals:
-            self._residuals[idx] = (np.zeros(n_pad, np.float32), np.zeros(shard, np.float32))
+            worker = np.zeros(n_pad, np.float32)
+            off = 0
+            for p in bucket.parameters():  # residuals restored by load_state_dict, per parameter
+                res = self._pending.pop(p.data_ptr(), None)
+                if res is not None:
+                    worker[off:off + p.numel()] = res
+                off += p.numel()
+            self._residuals[idx] = (worker, np.zeros(shard, np.float32))
             self._signatures[idx] = sig
+            self._bucket_params[idx] = [(p.data_ptr(), p.numel()) for p in bucket.parameters()]
         return self._residuals[idx]
 
 
