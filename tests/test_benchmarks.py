@@ -25,3 +25,14 @@ def test_bench_read_smoke(tmp_path):
         pytest.skip("liburing limit not buildable here: " + text.split("limit: unavailable", 1)[1].splitlines()[0])
     assert "limit: liburing qd32 1MiB O_DIRECT" in text and "io_uring seq / liburing limit" in text
     assert not (tmp_path / "b.bin").exists()  # removed without --keep
+
+
+def test_bench_ddp_hook_smoke():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_ddp_hook.py"), "--numel", "65536", "--reps", "1",
+         "--measure-numel", "16384"], capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch-composed blockwise quantizer" in out.stdout and "|  64 |" in out.stdout
+    measured = out.stdout.split("measured on gloo")[1]
+    assert "= 0.254" in measured  # bytes counted by the hook match the formula
