@@ -35,12 +35,12 @@ def make_model(dtype: torch.dtype) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).to(dtype)
 
 
-def worker(rank: int, world: int, port: int, dtype_name: str, out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, dtype_name: str, out_dir: str, static: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dtype = getattr(torch, dtype_name)
-    model = torch.nn.parallel.DistributedDataParallel(make_model(dtype), bucket_cap_mb=0.05)
-    ref = torch.nn.parallel.DistributedDataParallel(make_model(dtype), bucket_cap_mb=0.05)
+    model = torch.nn.parallel.DistributedDataParallel(make_model(dtype), bucket_cap_mb=0.05, static_graph=static)
+    ref = torch.nn.parallel.DistributedDataParallel(make_model(dtype), bucket_cap_mb=0.05, static_graph=static)
     state = Int8CompressState(warmup_steps=1, min_numel=256)
     model.register_comm_hook(state, int8_compress_hook)
     g = torch.Generator().manual_seed(100 + rank)
@@ -177,3 +177,10 @@ def test_hook_on_gloo_four_ranks(tmp_path, world):
     with open(tmp_path / "result.pkl", "rb") as f:
         res = pickle.load(f)
     assert res["same"] and max(res["errs"][1:]) < 0.05 and res["stats"]["ratio_vs_fp32"] < 0.3
+
+
+def test_hook_with_static_graph(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), "float32", str(tmp_path), True), nprocs=2, join=True)
+    with open(tmp_path / "result.pkl", "rb") as f:
+        res = pickle.load(f)
+    assert res["same"] and res["stats"]["buckets_compressed"] > 0 and max(res["errs"][1:]) < 0.05
