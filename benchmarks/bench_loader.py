@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=2.0, help="uncompressed corpus size")
     ap.add_argument("--zstd-gib", type=float, default=None, help="zstd corpus size (default: min(size, 0.5))")
-    ap.add_argument("--batches", type=int, default=300)
+    ap.add_argument("--batches", type=int, default=2000, help="batches per run (short runs are dominated by start-up)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--dir", default=str(HERE / "out" / "loader"))
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, src in (("TokenLoader (our format, none)", paths["none"]), ("TokenLoader (raw .bin)", None)):
         ds = lio.open_dataset(src) if src else lio.open_dataset(paths["raw"], dtype="uint16")
-        rows.append(run(label, lambda ds=ds: iter(lio.TokenLoader(ds, batch_size=B, seq_len=T, seed=1)), N, B, T,
-                        none_files if src else raw_files))
+        tl_loader = lio.TokenLoader(ds, batch_size=B, seq_len=T, seed=1)
+        rows.append(run(label, lambda ld=tl_loader: iter(ld), N, B, T, none_files if src else raw_files))
+        rows[-1]["note"] = f"stall {tl_loader.stats()['stall_per_batch_s'] * 1e3:.3f} ms/batch"
 
     def nanogpt_iter():
         while True:
@@ -185,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     zl = lio.TokenLoader(zds, batch_size=B, seq_len=T, seed=1)
     zrow = run("TokenLoader (zstd)", lambda: iter(zl), N, B, T, z_files)
     st = zl.stats()
-    zrow["note"] = (f"decode {st['decode_gbps']:.2f} GB/s per thread, ratio {zds.num_tokens * 2 / zds.stored_bytes:.2f}, "
-                    f"read {st['compressed_bytes_read'] / 1e6:.0f} MB compressed")
+    zrow["note"] = (f"decode {st['decode_gbps_per_thread']:.2f} GB/s per core (thread-time), "
+                    f"{st['decode_gbps']:.2f} GB/s achieved; compression ratio "
+                    f"{zds.num_tokens * 2 / zds.stored_bytes:.2f}; read {st['compressed_bytes_read'] / 1e6:.0f} MB "
+                    f"compressed for {st['compressed_epochs']:.3f} epochs "
+                    f"(read ratio {st['compressed_read_ratio']:.2f} incl. the group decoded ahead); stall {st['stall_per_batch_s'] * 1e3:.2f} ms/batch")
     rows.append(zrow)
 
     print()
@@ -202,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TokenLoader / engine limit = {tl['tokens_s'] / lim['tokens_s']:.2f} (target >= 0.9)")
     print(f"TokenLoader / nanoGPT memmap = {tl['tokens_s'] / base['nanoGPT np.memmap get_batch']:.2f}; "
           f"/ DataLoader = {tl['tokens_s'] / rows[4]['tokens_s']:.2f} (target > 1)")
+    print(f"TokenLoader stall (time next() waited on reads): none {rows[1]['note']}, raw .bin {rows[2]['note']}")
     print(f"zstd: {zrow['note']}")
+    print("note: one run on a shared machine (other work running); figures are noisy, ratios within "
+          "the run are the comparable numbers")
     print(f"time to first batch on {ntok / 1e9:.2f}B tokens: {tl['first_s']:.3f} s")
     if not a.keep:
         shutil.rmtree(d, ignore_errors=True)

@@ -16,7 +16,7 @@ import torch
 import llmio_native as lio
 from llmio_native import _core
 from llmio_native.loader import permute, stride_schedule
-from llmio_native.loader.order import permute_ref
+from llmio_native.loader.order import permute_ref, stride_schedule_ref
 
 
 def tasks() -> int:
@@ -123,12 +123,15 @@ def test_order_independent_of_world_and_batch_size(data, kind):
     assert other_seed != ref
 
 
-def test_shuffle_false_walks_in_order(data):
-    ld = lio.TokenLoader(open_src(data, "none"), batch_size=5, seq_len=10, shuffle=False, steps=3)
+@pytest.mark.parametrize("kind", ["none", "zstd"])
+def test_shuffle_false_walks_in_order(data, kind):
+    src = open_src(data, kind)
+    n = (src.num_tokens - 1) // 10
+    ld = lio.TokenLoader(src, batch_size=50, seq_len=10, shuffle=False, steps=-(-n // 50) + 2)
     seen = []
     for _ in ld:
         seen.extend(w for _, w in ld.last_windows)
-    assert seen == list(range(15))
+    assert seen[: n + 100] == list(range(n)) + list(range(100))
 
 
 @pytest.mark.parametrize("kind", ["none", "zstd"])
@@ -274,6 +277,18 @@ def test_truncated_shard_raises(data, tmp_path):
     assert "t.bin" in str(ei.value)
 
 
+def test_truncated_compressed_shard_raises(tmp_path):
+    d = write(tmp_path / "z", corpus(0, 151), "zstd")
+    ds = lio.open_dataset(str(d))
+    shard = sorted(d.glob("shard-*.lio"))[-1]
+    os.truncate(shard, 4096 + 100)  # after open: chunk reads of the last shard come up short
+    ld = lio.TokenLoader(ds, batch_size=4, seq_len=100)
+    with pytest.raises(OSError) as ei:
+        for _ in ld:
+            pass
+    assert shard.name in str(ei.value)
+
+
 @pytest.mark.parametrize("kind", ["none", "zstd"])
 def test_abandoned_iterator_frees_threads_and_memory(data, kind):
     src = open_src(data, kind)
@@ -344,19 +359,35 @@ def test_inside_torch_dataloader(data):
     assert len(got) == 8 and all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-def test_dataloader_workers_round_robin(data, tmp_path):
-    # Worker w yields global batches w, w+n, ...: the DataLoader's round-robin order equals the plain one.
+def test_dataloader_workers_round_robin(data):
+    # Worker w yields global batches w, w+n, ...: the DataLoader's round-robin order equals the
+    # plain one and `steps` counts the DataLoader's batches; after a resume at a position whose
+    # batch index is not a multiple of the workers (saved with B=4, resumed with B=6) the
+    # DataLoader still continues the stream exactly.
     script = f"""
 import torch, llmio_native as lio
 src = lio.open_dataset({str(data['none'])!r})
-ref = [x.clone() for x, _ in lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=8)]
-ld = lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=4)
-dl = torch.utils.data.DataLoader(ld, batch_size=None, num_workers=2)
-got = [x for x, _ in dl]
-print("SAME", len(got) == 8 and all(torch.equal(a, b) for a, b in zip(got, ref)))
+ld = lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3)
+it = iter(ld)
+plain = [next(it)[0].clone() for _ in range(14)]
+it.close()
+ld = lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=3)
+list(ld)
+sd = ld.state_dict()  # position 12
+after = torch.cat(plain[3:]).reshape(-1)
+for workers in (2, 3):
+    got = [x for x, _ in torch.utils.data.DataLoader(
+        lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=7), batch_size=None, num_workers=workers)]
+    print("PLAIN", workers, len(got) == 7 and all(torch.equal(a, b) for a, b in zip(got, plain)))
+    ld6 = lio.TokenLoader(src, batch_size=6, seq_len=16, seed=3, steps=7)
+    ld6.load_state_dict(sd)  # 12 // 6 = batch index 2
+    got = [x for x, _ in torch.utils.data.DataLoader(ld6, batch_size=None, num_workers=workers)]
+    flat = torch.cat(got).reshape(-1)
+    print("RESUMED", workers, len(got) == 7 and torch.equal(flat, after[: flat.numel()]))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "SAME True" in out.stdout, out.stdout + out.stderr[-2000:]
+    for w in (2, 3):
+        assert f"PLAIN {w} True" in out.stdout and f"RESUMED {w} True" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def test_permutation_is_bijective():
@@ -384,16 +415,219 @@ def test_stride_schedule_prefix_balance():
     assert counts.tolist() == [500, 300, 200]
 
 
+@pytest.mark.parametrize("kind", ["none", "zstd"])
+def test_stream_runs_on_across_epochs(data, kind):
+    # Batches straddle the epoch boundary; positions [e*n, (e+1)*n) are exactly epoch e, and
+    # each epoch has its own order.
+    src = open_src(data, kind)
+    T, B = 41, 7
+    n = (src.num_tokens - 1) // T
+    assert n % B != 0
+    ld = lio.TokenLoader(src, batch_size=B, seq_len=T, seed=8, steps=-(-2 * n // B) + 1)
+    seen = []
+    epochs = []
+    for _ in ld:
+        seen.extend(w for _, w in ld.last_windows)
+        epochs.append(ld.epoch)
+    e0, e1 = seen[:n], seen[n : 2 * n]
+    assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n)) and e0 != e1
+    assert len(ld) == -(-n // B) and epochs[len(ld) - 1] == 1 and epochs[len(ld) - 2] == 0
+    assert ld.position == len(seen) and ld.state_dict()["counts"] == [len(seen)]
+
+
+def test_mixture_sources_keep_their_own_epochs(data):
+    # A small source (uint32, zstd) wraps three epochs while the large one (uint16, none) is
+    # still in its first; each epoch of each source holds its windows exactly once; tokens right.
+    small, big = open_src(data, "u32"), open_src(data, "none")
+    refs = [data["tokens2"], data["tokens"]]
+    T = 100
+    ns, nb = (small.num_tokens - 1) // T, (big.num_tokens - 1) // T
+    ld = lio.TokenLoader([small, big], batch_size=10, seq_len=T, weights=[3, 1], seed=5)
+    it = iter(ld)
+    per = {0: [], 1: []}
+    for _ in range(-(-3 * ns * 4 // 3 // 10)):
+        x, y = next(it)
+        for row, (s, w) in enumerate(ld.last_windows):
+            per[s].append(w)
+            np.testing.assert_array_equal(x[row].numpy(), refs[s][w * T : w * T + T])
+            np.testing.assert_array_equal(y[row].numpy(), refs[s][w * T + 1 : w * T + T + 1])
+    it.close()
+    assert len(per[0]) >= 3 * ns and len(per[1]) < nb
+    for e in range(3):
+        assert sorted(per[0][e * ns : (e + 1) * ns]) == list(range(ns))
+    assert len(set(per[1])) == len(per[1])
+    assert ld.state_dict()["counts"] == [len(per[0]), len(per[1])]
+
+
+def test_load_state_dict_while_iterating(data):
+    src = open_src(data, "none")
+    ld = lio.TokenLoader(src, batch_size=4, seq_len=20, seed=1)
+    it = iter(ld)
+    ref = [next(it)[0].clone() for _ in range(10)]
+    it.close()
+    ld = lio.TokenLoader(src, batch_size=4, seq_len=20, seed=1)
+    it = iter(ld)
+    for _ in range(3):
+        next(it)
+    sd3 = ld.state_dict()
+    for _ in range(4):
+        next(it)  # the pipeline has read ahead past batch 7
+    ld.load_state_dict(sd3)  # rewind in the middle of iteration
+    assert ld.position == 12
+    got = [next(it)[0] for _ in range(7)]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[3:]))
+    it.close()
+
+
+def test_compat_sources_llmc_and_megatron(tmp_path):
+    rng = np.random.default_rng(4)
+    toks = rng.integers(0, 50257, 20_000).astype(np.uint16)
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, len(toks)
+    p = tmp_path / "train_000001.bin"
+    p.write_bytes(header.tobytes() + toks.tobytes())
+    t32 = rng.integers(0, 100_000, 15_000).astype(np.int32)
+    prefix = tmp_path / "mega"
+    (tmp_path / "mega.bin").write_bytes(t32.tobytes())
+    lengths = np.array([5000, 1, 9999], dtype=np.int32)
+    ptrs = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64) * 4
+    import struct
+    with open(str(prefix) + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 4) + struct.pack("<Q", 3)
+                + struct.pack("<Q", 3) + lengths.tobytes() + ptrs.tobytes() + np.array([0, 1, 3], np.int64).tobytes())
+    for ds, ref in ((lio.open_dataset(str(p)), toks), (lio.open_dataset(str(prefix)), t32)):
+        T = 97
+        ld = lio.TokenLoader(ds, batch_size=8, seq_len=T, seed=2, steps=6)
+        for x, y in ld:
+            for row, (_, w) in enumerate(ld.last_windows):
+                np.testing.assert_array_equal(x[row].numpy(), ref[w * T : w * T + T].astype(np.int64))
+                np.testing.assert_array_equal(y[row].numpy(), ref[w * T + 1 : w * T + T + 1].astype(np.int64))
+
+
+def test_compressed_windows_longer_than_a_chunk(data):
+    # seq_len 2500 > chunk_tokens 1000: a window spans three or four chunks; they belong to the
+    # group's decode set, so nothing is decoded twice beyond the spans' reach.
+    src = open_src(data, "zstd")
+    tokens = data["tokens"]
+    T = 2500
+    n = (src.num_tokens - 1) // T
+    ld = lio.TokenLoader(src, batch_size=3, seq_len=T, seed=6, span_chunks=2, group_spans=3)
+    ld.steps = -(-n // 3)
+    seen = []
+    for x, _ in ld:
+        for row, (_, w) in enumerate(ld.last_windows):
+            np.testing.assert_array_equal(x[row].numpy(), tokens[w * T : w * T + T].astype(np.int64))
+            seen.append(w)
+    assert sorted(seen[:n]) == list(range(n))
+    st = ld.stats()
+    assert 1.0 <= st["compressed_read_ratio"] <= 3.0, st
+
+
+def test_shuffle_chunks_sets_the_group_size(data):
+    src = open_src(data, "zstd")
+    ld = lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=20)
+    assert (ld.span_chunks, ld.group_spans) == (8, 3)
+    ld = lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=4)
+    assert (ld.span_chunks, ld.group_spans) == (4, 1)
+    assert lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=24, group_spans=3).group_spans == 3
+    with pytest.raises(ValueError, match="pass one of them"):
+        lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=24, group_spans=5)
+    for bad in ({"shuffle_chunks": 0}, {"span_chunks": 0}, {"group_spans": 0}, {"steps": -1}):
+        with pytest.raises(ValueError):
+            lio.TokenLoader(src, batch_size=4, seq_len=30, **bad)
+    # The group size is part of the order, hence of the state's fingerprint.
+    a = lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=16)
+    with pytest.raises(ValueError, match="other sources or settings"):
+        lio.TokenLoader(src, batch_size=4, seq_len=30, shuffle_chunks=32).load_state_dict(a.state_dict())
+    raw = open_src(data, "none")  # it does not shape an uncompressed source's order: accepted
+    b = lio.TokenLoader(raw, batch_size=4, seq_len=30, shuffle_chunks=16)
+    lio.TokenLoader(raw, batch_size=4, seq_len=30, shuffle_chunks=32).load_state_dict(b.state_dict())
+
+
+def test_stats_values(data):
+    ld = lio.TokenLoader(open_src(data, "none"), batch_size=4, seq_len=16, steps=20, prefetch=2)
+    list(ld)
+    st = ld.stats()
+    assert st["batches"] == 20 and st["active_s"] > 0 and st["stall_s"] >= 0
+    assert st["bytes_read"] >= 20 * 4 * 17 * 2
+    assert st["read_gbps"] == pytest.approx(st["bytes_read"] / st["active_s"] / 1e9)
+    assert st["decoded_bytes"] == 0 and st["compressed_read_ratio"] == 0.0
+    assert st["stall_per_batch_s"] == pytest.approx(st["stall_s"] / 20)
+
+
+def test_corrupt_chunk_raises_quickly_naming_the_chunk(data, tmp_path):
+    import time
+    d = write(tmp_path / "bad", corpus(0, 151), "zstd")
+    shard = corrupt_first_chunk(d)
+    ld = lio.TokenLoader(str(d), batch_size=8, seq_len=30, seed=3)
+    t0 = time.perf_counter()
+    with pytest.raises(lio.ChecksumError, match=r"chunk 0 .*checksum mismatch") as ei:
+        for _ in ld:
+            pass
+    assert ei.value.path == str(shard) and ei.value.chunk == 0
+    assert time.perf_counter() - t0 < 5.0  # the whole epoch's first pass: never a hang
+
+
+def test_stride_schedule_matches_greedy_reference():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        S = int(rng.integers(1, 6))
+        w = rng.random(S) + 0.01 if trial % 3 else np.round(rng.random(S) * 4) + 1.0  # ties too
+        w = w / w.sum()
+        _, c0 = stride_schedule_ref(np.zeros(S, np.int64), w, int(rng.integers(0, 500)))
+        m = int(rng.integers(0, 300))
+        a, b = stride_schedule(c0, w, m), stride_schedule_ref(c0, w, m)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
 @pytest.mark.cuda
-def test_cuda_batches_equal_cpu_batches(data):
+@pytest.mark.parametrize("kind", ["none", "zstd", "bin", "mix"])
+def test_cuda_batches_equal_cpu_batches(data, kind):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    for kind in ("none", "zstd"):
-        src = open_src(data, kind)
-        cpu = [x.clone() for x, _ in lio.TokenLoader(src, batch_size=8, seq_len=64, seed=1, steps=10)]
-        gpu = [(x.cpu(), y.cpu()) for x, y in
-               lio.TokenLoader(src, batch_size=8, seq_len=64, seed=1, steps=10, device="cuda")]
-        assert all(torch.equal(a, g[0]) for a, g in zip(cpu, gpu))
+    # "none"/"bin": pinned slots -> H2D on the side stream -> cut_windows kernel; "zstd"/"mix":
+    # CPU decode/assembly, then H2D. 30 steps > ring slots, so slot releases wait on events.
+    src = [open_src(data, "none"), open_src(data, "u32")] if kind == "mix" else open_src(data, kind)
+    kw = dict(batch_size=8, seq_len=64, seed=1, steps=30, weights=[0.6, 0.4] if kind == "mix" else None)
+    cpu = [(x.clone(), y.clone()) for x, y in lio.TokenLoader(src, **kw)]
+    ld = lio.TokenLoader(src, device="cuda", **kw)
+    stream = torch.cuda.Stream()  # a non-default current stream: the loader must order against it
+    gpu = []
+    with torch.cuda.stream(stream):
+        for x, y in ld:
+            assert x.is_cuda and x.dtype == torch.int64 and x.shape == (8, 64)
+            gpu.append((x * 1, y * 1))  # consumed on the current stream right away
+    torch.cuda.synchronize()
+    assert len(gpu) == 30
+    for (cx, cy), (gx, gy) in zip(cpu, gpu):
+        assert torch.equal(cx, gx.cpu()) and torch.equal(cy, gy.cpu())
+    ref = lio.TokenLoader(src, **kw)
+    list(ref)
+    assert ld.state_dict() == ref.state_dict()
+
+
+@pytest.mark.cuda
+def test_cuda_iterator_frees_pinned_memory(data):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    src = open_src(data, "none")
+    gc.collect()
+    live0 = _core.host_live_bytes()
+    for _ in range(3):
+        it = iter(lio.TokenLoader(src, batch_size=4, seq_len=64, device="cuda"))
+        next(it)
+        del it
+        gc.collect()
+    torch.cuda.synchronize()
+    assert _core.host_live_bytes() == live0
+
+
+def test_cuda_device_without_cuda_raises(data):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(lio.UnsupportedError, match="torch.cuda is not available"):
+        lio.TokenLoader(open_src(data, "none"), device="cuda")
 
 
 def test_bench_loader_smoke(tmp_path):

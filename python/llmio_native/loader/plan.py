@@ -10,9 +10,10 @@ dropped. Position ``p`` of the source's stream is epoch ``p // n``, index ``p % 
   spans of ``span_chunks`` stream-consecutive chunks; the spans are permuted per epoch;
   ``group_spans`` consecutive spans of that order form a group, and the windows that
   start in a group are permuted within it. A group is decoded once, so host memory is
-  about ``group_spans * (span_chunks + 1)`` decoded chunks per open group, and the bytes
+  about ``group_spans * (span_chunks + 1)`` decoded chunks per open group (the loader
+  keeps the current group and decodes the next one ahead: two groups), and the bytes
   read per epoch are the compressed size plus one chunk per span (windows that run into
-  the next span's first chunk).
+  the next span's first chunk; more when ``seq_len`` exceeds a chunk).
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ class SourcePlan:
             last = np.minimum(first + self.span_chunks, nc) - 1
             self.span_wlo = self.chunk_wlo[first]
             self.span_whi = self.chunk_whi[last]
+            # Last chunk a span's windows reach: the one holding the final token of the last
+            # window that starts in the span (the span's own last chunk when it has none).
+            # Usually the stream-next chunk; several chunks when seq_len > chunk_tokens.
+            last_tok = np.minimum(np.maximum(self.span_whi - 1, 0) * seq_len + seq_len, int(ds.num_tokens) - 1)
+            reach = np.searchsorted(self.chunk_first, last_tok, side="right") - 1
+            self.span_reach = np.where(self.span_whi > self.span_wlo, np.maximum(reach, last), last)
 
     # ------------------------------------------------------------------ order
     def layout(self, epoch: int) -> EpochLayout:
@@ -161,16 +168,24 @@ class SourcePlan:
         return c0, c1
 
     def group_chunks(self, epoch: int, g: int) -> list[int]:
-        """Chunks a group needs: its spans' chunks plus each span's stream-next chunk."""
+        """Chunks a group needs: its spans' chunks plus the chunks after each span that
+        its last windows run into (usually one)."""
         lay = self.layout(epoch)
-        nc = len(self.chunk_first)
         spans = lay.span_order[g * self.group_spans:(g + 1) * self.group_spans]
         need: list[int] = []
         for s in spans.tolist():
             a = s * self.span_chunks
-            b = min(a + self.span_chunks, nc)
-            need.extend(range(a, min(b + 1, nc)))
+            need.extend(range(a, int(self.span_reach[s]) + 1))
         return sorted(set(need))
+
+    @property
+    def num_groups(self) -> int:
+        """Groups per epoch (compressed sources)."""
+        return -(-self.nspans // self.group_spans)
+
+    def next_group(self, epoch: int, g: int) -> tuple[int, int]:
+        """The group that follows ``(epoch, g)`` in the stream."""
+        return (epoch, g + 1) if g + 1 < self.num_groups else (epoch + 1, 0)
 
     def group_end_position(self, epoch: int, g: int) -> int:
         """Stream position one past the group's last window."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 import time
 from collections import deque
 from typing import Any, Iterator, Sequence
@@ -11,12 +12,16 @@ import numpy as np
 import torch
 
 from .._native import _core, _cuda
+from ..errors import UnsupportedError
 from ..reader import Reader
 from ..ring import PinnedRing
 from .order import stride_schedule
 from .plan import SourcePlan
 
 STATE_VERSION = 1
+#: Default compressed shuffle granularity: spans of 8 chunks, 8 spans per group.
+DEFAULT_SPAN_CHUNKS = 8
+DEFAULT_GROUP_SPANS = 8
 
 
 def _open_source(src: Any) -> Any:
@@ -32,11 +37,12 @@ class _Batch:
 
     __slots__ = ("index", "sources", "windows", "local", "pos_after", "counts_after", "ring_rows", "cache_rows")
 
-    def __init__(self, index: int, sources: np.ndarray, windows: np.ndarray, pos_after: int,
+    def __init__(self, index: int, sources: np.ndarray, windows: np.ndarray, local: np.ndarray, pos_after: int,
                  counts_after: np.ndarray) -> None:
         self.index = index
         self.sources = sources
         self.windows = windows
+        self.local = local
         self.pos_after = pos_after
         self.counts_after = counts_after
         self.ring_rows: list[int] = []
@@ -46,51 +52,77 @@ class _Batch:
 class TokenLoader(torch.utils.data.IterableDataset):
     """Batches of random token windows ``(x, y)``, ``[batch_size, seq_len]`` int64 on ``device``.
 
-    Window ``i`` of a source is tokens ``[i*seq_len, i*seq_len + seq_len + 1)``; ``y`` is ``x``
-    shifted by one. Each source has ``(num_tokens - 1) // seq_len`` windows; the tail that does
-    not complete a window is dropped.
+    Windows and the drop policy: window ``i`` of a source is tokens
+    ``[i*seq_len, i*seq_len + seq_len + 1)``; ``y`` is ``x`` shifted by one. A source has
+    ``(num_tokens - 1) // seq_len`` windows; the tail tokens that do not complete a window
+    are dropped (the only drop: no window is dropped at an epoch's end, batches run on into
+    the next epoch instead).
 
-    Order: the global sample stream is a function of ``(seed, epoch)`` only. Global step ``t``
-    takes stream positions ``[t*B*W, (t+1)*B*W)`` and rank ``r`` the slice ``[r*B, (r+1)*B)`` of
-    them, so over an epoch every window is produced exactly once across all ranks, and the
-    stream continues into the next epoch without a gap (a batch may straddle the boundary).
-    Uncompressed sources are shuffled globally by a seeded bijection of window ids (no index
-    to build); compressed sources by a chunk-level shuffle with a bounded buffer (see
+    Order: the global sample stream is a function of ``(seed, epoch)`` only, never of the
+    world size or batch size. Global step ``t`` takes stream positions ``[t*B*W, (t+1)*B*W)``
+    and rank ``r`` the slice ``[r*B, (r+1)*B)`` of them, so over an epoch every window is
+    produced exactly once across all ranks, and the stream continues into the next epoch
+    without a gap (a batch may straddle the boundary). Uncompressed sources are shuffled
+    globally by a seeded bijection of window ids per epoch (a Feistel network keyed by
+    BLAKE2b of (seed, epoch, source); no index to build, O(1) memory and startup).
+    Compressed sources use a chunk-level shuffle with a bounded buffer: spans of
+    ``span_chunks`` consecutive chunks are permuted per epoch, ``group_spans`` consecutive
+    spans of that order form a group (``shuffle_chunks`` = ``span_chunks * group_spans``
+    chunks), and the windows that start in a group are permuted within it (see
     :mod:`llmio_native.loader.plan`). Several sources mix by ``weights`` with deterministic
-    stride scheduling. Iteration is endless (training loops stop by step count) unless
-    ``steps`` is given.
+    stride scheduling (every prefix of the stream within one sample of the ideal counts);
+    each source keeps its own position and epoch. Iteration is endless (training loops
+    stop by step count) unless ``steps`` is given.
 
-    State: :meth:`state_dict` is a few hundred bytes (stream position, per-source counts,
-    a fingerprint of the sources); :meth:`load_state_dict` is O(1), and resuming reproduces
-    the uninterrupted stream exactly, also with another world size (same or different global
-    batch: the stream is the same, ranks slice it differently).
+    State: :meth:`state_dict` is a few hundred bytes (stream position, per-source counts, a
+    fingerprint of the sources and settings); :meth:`load_state_dict` is O(1), works before
+    and during iteration, and resuming reproduces the uninterrupted stream exactly. A batch
+    counts as consumed by all ranks, so any rank's state is the global state, and a run may
+    resume with another world size or batch size: ranks slice the same stream differently,
+    nothing is lost or repeated.
 
-    Pipeline: uncompressed windows are read through the io_uring/thread engine into a pinned
-    ring (one job per batch, ``prefetch`` batches ahead) and cut into ``(x, y)`` without
-    per-token Python work; compressed chunks are read and decoded on a thread pool, a group
-    of spans at a time. With ``device="cuda"`` the raw tokens go host-to-device on a side
-    stream and are cut on the GPU; the training stream waits on an event, not on the host.
-    Memory: ``prefetch + 2`` ring slots of one batch of raw tokens each, plus for compressed
-    sources about two open groups of ``group_spans * (span_chunks + 1)`` decoded chunks.
-    Known cost: with W ranks on compressed data, each rank decodes the groups its slices
-    touch, so a node decodes each group up to W times.
+    Pipeline: uncompressed windows are read through the io_uring/thread engine into a ring
+    of page-aligned slots (one job per batch, ``prefetch`` batches ahead, each window's bytes
+    contiguous) and cut into ``(x, y)`` in C++. Compressed chunks are read and decoded on a
+    thread pool, a group at a time, the next group decoded ahead. With ``device="cuda"``
+    the slots are pinned, the raw tokens go host-to-device on a side stream, windows are cut
+    on the GPU, and the current stream waits on an event (never the host).
+
+    Memory: ``prefetch + 2`` ring slots of ``batch_size * (seq_len + 1)`` tokens; for
+    compressed sources about two groups of ``group_spans * (span_chunks + 1)`` decoded
+    chunks (144 chunks by default: 19 MB of uint16 at 65536-token chunks).
+
+    Known costs: with W ranks on compressed data every rank decodes the groups its slices
+    touch, i.e. every group, so a node decodes each group up to W times (likewise each
+    DataLoader worker). A window that spans chunk boundaries of a compressed source costs
+    the decode of the next chunk (counted in ``stats()``).
 
     Args:
-        sources: a dataset path, an opened dataset (``open_dataset``), or a list of them.
+        sources: a dataset path, an opened dataset (:func:`llmio_native.open_dataset`), or a
+            list of them.
         batch_size: rows per batch on this rank (B).
         seq_len: tokens per row (T).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
         weights: sampling proportions of the sources (normalised); default equal.
-        seed: the order's seed. shuffle: ``False`` walks windows in order.
+        seed: the order's seed.
+        shuffle: ``False`` walks the windows in order (every source, every epoch).
         rank, world_size: default from ``torch.distributed`` when initialised, else 0 and 1.
-        steps: stop each iteration after this many batches (None: endless).
-        prefetch: batches read ahead. backend, direct, queue_depth: read engine options.
+        steps: stop an iteration after this many batches (None: endless). Inside a
+            ``DataLoader`` with workers, ``steps`` counts the DataLoader's batches.
+        prefetch: batches read ahead. backend, direct, queue_depth: read engine options
+            (see :class:`llmio_native.Reader`).
         num_threads: decode threads for compressed sources (default: cores).
-        span_chunks, group_spans: compressed shuffle granularity (see above).
+        span_chunks, group_spans: compressed shuffle granularity (defaults 8 and 8).
+        shuffle_chunks: the compressed shuffle buffer in chunks (an alternative to
+            ``group_spans``: ``group_spans = ceil(shuffle_chunks / span_chunks)``, and
+            ``span_chunks`` is capped at ``shuffle_chunks``).
         pin: page-lock ring slots (default: when ``device`` is CUDA).
 
     Raises:
-        ValueError: bad sizes, weights, rank/world size, or a source without a full window.
+        ValueError: bad sizes, weights, rank/world size, shuffle granularity, or a source
+            without a full window.
+        UnsupportedError: ``device`` is CUDA and torch has no usable CUDA device.
+        FileNotFoundError, FormatError: a source path cannot be opened as a dataset.
     """
 
     def __init__(
@@ -111,8 +143,9 @@ class TokenLoader(torch.utils.data.IterableDataset):
         direct: bool = True,
         queue_depth: int = 64,
         num_threads: int | None = None,
-        span_chunks: int = 8,
-        group_spans: int = 8,
+        span_chunks: int = DEFAULT_SPAN_CHUNKS,
+        group_spans: int | None = None,
+        shuffle_chunks: int | None = None,
         pin: bool | None = None,
     ) -> None:
         super().__init__()
@@ -136,26 +169,52 @@ class TokenLoader(torch.utils.data.IterableDataset):
         w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.datasets),) or not np.all(np.isfinite(w)) or (w <= 0).any():
             raise ValueError(f"weights must be {len(self.datasets)} positive numbers, got {weights!r}")
+        if steps is not None and steps < 0:
+            raise ValueError(f"steps must be >= 0 or None, got {steps}")
+        span_chunks = int(span_chunks)
+        if span_chunks < 1:
+            raise ValueError(f"span_chunks must be >= 1, got {span_chunks}")
+        if shuffle_chunks is not None:
+            if shuffle_chunks < 1:
+                raise ValueError(f"shuffle_chunks must be >= 1, got {shuffle_chunks}")
+            span_chunks = min(span_chunks, int(shuffle_chunks))
+            derived = -(-int(shuffle_chunks) // span_chunks)
+            if group_spans is not None and int(group_spans) != derived:
+                raise ValueError(f"shuffle_chunks={shuffle_chunks} means group_spans={derived} with span_chunks="
+                                 f"{span_chunks}, but group_spans={group_spans} was given: pass one of them")
+            group_spans = derived
+        group_spans = DEFAULT_GROUP_SPANS if group_spans is None else int(group_spans)
+        if group_spans < 1:
+            raise ValueError(f"group_spans must be >= 1, got {group_spans}")
         self.weights = w / w.sum()
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedError(f"TokenLoader(device={str(self.device)!r}): torch.cuda is not available here "
+                                   "(no GPU or driver); use device='cpu'")
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.steps = steps
         self.prefetch = max(1, int(prefetch))
         self.backend, self.direct, self.queue_depth = backend, bool(direct), int(queue_depth)
         self.num_threads = num_threads or os.cpu_count() or 2
         self.pin = (self.device.type == "cuda") if pin is None else bool(pin)
+        self.span_chunks, self.group_spans = span_chunks, group_spans
         self.plans = [SourcePlan(ds, i, self.seq_len, self.seed, self.shuffle, span_chunks, group_spans)
                       for i, ds in enumerate(self.datasets)]
         self._pos = 0
         self._counts = np.zeros(len(self.datasets), dtype=np.int64)
-        self._stats = _Stats()
+        self._generation = 0  # bumped by load_state_dict: running iterators restart their pipeline
+        self._stats = _Stats(self.plans)
         self.last_windows: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ facts
     def __len__(self) -> int:
-        """Batches per epoch on this rank (single source)."""
+        """Batches per epoch on this rank: ``ceil(num_windows / (batch_size * world_size))``.
+
+        Raises:
+            TypeError: several sources (a mixture has no common epoch).
+        """
         if len(self.plans) != 1:
             raise TypeError("len() is defined for a single source; a mixture has no common epoch")
         gb = self.batch_size * self.world_size
@@ -163,6 +222,7 @@ class TokenLoader(torch.utils.data.IterableDataset):
 
     @property
     def num_windows(self) -> list[int]:
+        """Windows per epoch of each source."""
         return [p.n for p in self.plans]
 
     @property
@@ -170,19 +230,32 @@ class TokenLoader(torch.utils.data.IterableDataset):
         """Current epoch of the first source (completed passes over its windows)."""
         return int(self._counts[0] // self.plans[0].n)
 
+    @property
+    def position(self) -> int:
+        """Global samples consumed (all ranks): the next step starts at this stream position."""
+        return int(self._pos)
+
     def __getstate__(self) -> dict:
-        return self.__dict__.copy()  # no native handles live on the loader itself
+        # Native handles (reader, ring, threads) live only in an iterator's pipeline, never on
+        # the loader, so a DataLoader worker gets a plain copy and builds its own lazily.
+        return self.__dict__.copy()
 
     # ------------------------------------------------------------------ state
     def _fingerprint(self) -> list:
         return [self.seq_len, self.seed, self.shuffle, [round(float(x), 12) for x in self.weights],
-                [[int(ds.num_tokens), str(np.dtype(ds.dtype)), ds.codec, p.n, p.span_chunks, p.group_spans]
+                [[int(ds.num_tokens), str(np.dtype(ds.dtype)), ds.codec, p.n,
+                  # the shuffle granularity shapes the order of compressed sources only
+                  [p.span_chunks, p.group_spans] if p.compressed else None]
                  for ds, p in zip(self.datasets, self.plans)]]
 
     def state_dict(self) -> dict:
         """The stream position after the last batch handed out, as a small dict.
 
-        Every rank's state is the global state (a batch counts as consumed by all ranks).
+        Keys: ``version``, ``position`` (global samples consumed), ``counts`` (samples drawn
+        per source), ``fingerprint`` (seq_len, seed, shuffle, weights, and per source
+        num_tokens, dtype, codec, windows, shuffle granularity). Every rank's state is the
+        global state (a batch counts as consumed by all ranks). The batch size and world
+        size are not part of it.
         """
         return {"version": STATE_VERSION, "position": int(self._pos), "counts": self._counts.tolist(),
                 "fingerprint": self._fingerprint()}
@@ -190,22 +263,40 @@ class TokenLoader(torch.utils.data.IterableDataset):
     def load_state_dict(self, sd: dict) -> None:
         """Resume from :meth:`state_dict`; the next batch continues the stream exactly.
 
+        Works before iteration and during it: a running iterator drops what it read ahead
+        and continues from the loaded position at its next batch.
+
         Raises:
-            ValueError: another version, or sources/seq_len/seed/weights that differ.
+            ValueError: another version, a state saved for other sources, seq_len, seed,
+                shuffle, weights or shuffle granularity, or an inconsistent state.
         """
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"TokenLoader state version {sd.get('version')!r}; this build reads {STATE_VERSION}")
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+            got = sd.get("version") if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"TokenLoader state version {got!r}; this build reads {STATE_VERSION}")
         if sd.get("fingerprint") != self._fingerprint():
             raise ValueError("TokenLoader state was saved for other sources or settings: saved "
                              f"{sd.get('fingerprint')!r}, here {self._fingerprint()!r}")
         counts = np.asarray(sd["counts"], dtype=np.int64)
-        if counts.shape != self._counts.shape or int(counts.sum()) != int(sd["position"]):
+        if counts.shape != self._counts.shape or (counts < 0).any() or int(counts.sum()) != int(sd["position"]):
             raise ValueError("TokenLoader state is inconsistent (counts do not add up to the position)")
         self._pos = int(sd["position"])
         self._counts = counts.copy()
+        self._generation += 1
 
     def stats(self) -> dict:
-        """Bytes read, read and decode GB/s, batches, and the consumer's stall (total, per batch)."""
+        """Counters of this loader's iterations so far (all iterators together).
+
+        Keys: ``batches``; ``bytes_read`` (bytes from storage: ring reads and compressed
+        chunks); ``active_s`` (wall time iterators were open); ``read_gbps`` (bytes_read /
+        active_s: the rate achieved); ``read_busy_s`` (thread-seconds spent reading) and
+        ``read_gbps_busy`` (bytes per busy thread-second); ``compressed_bytes_read``,
+        ``decoded_bytes``, ``decode_s`` (thread-seconds), ``decode_gbps`` (decoded bytes /
+        active_s), ``decode_gbps_per_thread`` (decoded bytes per decode thread-second: the
+        per-core decode speed); ``compressed_epochs`` (global epochs of compressed sources
+        consumed, weighted by their size) and ``compressed_read_ratio`` (compressed bytes
+        read / the compressed size of what was consumed: about 1 + 1/span_chunks per rank);
+        ``stall_s`` and ``stall_per_batch_s`` (time ``next()`` waited for data).
+        """
         return self._stats.as_dict()
 
     # ------------------------------------------------------------------ planning
@@ -214,10 +305,11 @@ class TokenLoader(torch.utils.data.IterableDataset):
         gb = B * W
         counts = counts.copy()
         t = first_index
+        mine = slice(r * B, (r + 1) * B)
         while True:
             if len(self.plans) == 1:
-                src = np.zeros(gb, dtype=np.int64)
-                local = counts[0] + np.arange(gb, dtype=np.int64)
+                src_r = np.zeros(B, dtype=np.int64)
+                local_r = counts[0] + np.arange(r * B, (r + 1) * B, dtype=np.int64)
                 new_counts = counts + gb
             else:
                 src, new_counts = stride_schedule(counts, self.weights, gb)
@@ -225,36 +317,53 @@ class TokenLoader(torch.utils.data.IterableDataset):
                 for s in range(len(self.plans)):
                     m = src == s
                     local[m] = counts[s] + np.arange(int(m.sum()), dtype=np.int64)
-            mine = slice(r * B, (r + 1) * B)
-            src_r, local_r = src[mine], local[mine]
+                src_r, local_r = src[mine], local[mine]
             wins = np.empty(B, dtype=np.int64)
             for s in np.unique(src_r):
                 m = src_r == s
                 wins[m] = self.plans[int(s)].window_ids(local_r[m])
-            b = _Batch(t, src_r, wins, pos + gb, new_counts)
-            b.local = local_r
-            yield b
+            yield _Batch(t, src_r, wins, local_r, pos + gb, new_counts)
             pos, counts, t = pos + gb, new_counts, t + 1
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` batches; see the class docstring.
+
+        Raises:
+            ChecksumError, FormatError: a chunk is corrupt (names the file and chunk).
+            OSError, ShortReadError: a read failed or a file shrank (names file and offset).
+            RuntimeError: ``device`` is CUDA inside a DataLoader worker.
+        """
         info = torch.utils.data.get_worker_info()
         stride, offset = (info.num_workers, info.id) if info is not None else (1, 0)
-        pipe = _Pipeline(self, stride, offset)
+        if info is not None and self.device.type == "cuda":
+            raise RuntimeError("TokenLoader(device='cuda') cannot run inside DataLoader workers (CUDA in "
+                               "forked processes); iterate it directly, or use device='cpu' there")
+        pipe = None
         try:
-            n = 0
-            while self.steps is None or n < self.steps:
+            n = 0  # batches of the whole (DataLoader) iteration this worker has passed
+            gen = self._generation
+            pipe = _Pipeline(self, stride, offset)
+            while self.steps is None or offset + n * stride < self.steps:
+                if self._generation != gen:  # load_state_dict() while iterating: restart there
+                    pipe.close()
+                    gen = self._generation
+                    pipe = _Pipeline(self, stride, offset)
                 batch, x, y = pipe.next()
                 self._pos, self._counts = batch.pos_after, batch.counts_after
                 self.last_windows = list(zip(batch.sources.tolist(), batch.windows.tolist()))
                 n += 1
                 yield x, y
         finally:
-            pipe.close()
+            if pipe is not None:
+                pipe.close()
 
 
 class _Stats:
-    def __init__(self) -> None:
+    """Counters shared by a loader's pipelines (decode threads update them under a lock)."""
+
+    def __init__(self, plans: list[SourcePlan]) -> None:
+        self.lock = threading.Lock()
         self.batches = 0
         self.stall_s = 0.0
         self.ring_bytes = 0
@@ -263,20 +372,44 @@ class _Stats:
         self.compressed_bytes_read = 0
         self.decoded_bytes = 0
         self.decode_s = 0.0
-        self.t0 = time.perf_counter()
+        self.active_s = 0.0
+        self.open: dict[int, float] = {}  # pipeline id -> start time
+        self.consumed = np.zeros(len(plans), dtype=np.int64)  # global samples per source
+        self.n = np.array([p.n for p in plans], dtype=np.float64)
+        self.stored = np.array([p.ds.stored_bytes if p.compressed else 0 for p in plans], dtype=np.float64)
+
+    def begin(self, key: int) -> None:
+        self.open[key] = time.perf_counter()
+
+    def end(self, key: int) -> None:
+        t0 = self.open.pop(key, None)
+        if t0 is not None:
+            self.active_s += time.perf_counter() - t0
 
     def as_dict(self) -> dict:
+        now = time.perf_counter()
+        active = self.active_s + sum(now - t0 for t0 in self.open.values())
+        bytes_read = self.ring_bytes + self.compressed_bytes_read
+        busy = self.read_s + self.ring_read_s
+        cmask = self.stored > 0
+        epochs = self.consumed[cmask] / self.n[cmask]
+        consumed_stored = float((epochs * self.stored[cmask]).sum())
         return {
             "batches": self.batches,
-            "bytes_read": self.ring_bytes + self.compressed_bytes_read,
-            "read_gbps": (self.ring_bytes + self.compressed_bytes_read) / (self.read_s + self.ring_read_s) / 1e9
-            if self.read_s + self.ring_read_s else 0.0,
+            "bytes_read": bytes_read,
+            "active_s": active,
+            "read_gbps": bytes_read / active / 1e9 if active else 0.0,
+            "read_busy_s": busy,
+            "read_gbps_busy": bytes_read / busy / 1e9 if busy else 0.0,
             "compressed_bytes_read": self.compressed_bytes_read,
             "decoded_bytes": self.decoded_bytes,
-            "decode_gbps": self.decoded_bytes / self.decode_s / 1e9 if self.decode_s else 0.0,
+            "decode_s": self.decode_s,
+            "decode_gbps": self.decoded_bytes / active / 1e9 if active else 0.0,
+            "decode_gbps_per_thread": self.decoded_bytes / self.decode_s / 1e9 if self.decode_s else 0.0,
+            "compressed_epochs": consumed_stored / float(self.stored[cmask].sum()) if cmask.any() else 0.0,
+            "compressed_read_ratio": self.compressed_bytes_read / consumed_stored if consumed_stored else 0.0,
             "stall_s": self.stall_s,
             "stall_per_batch_s": self.stall_s / self.batches if self.batches else 0.0,
-            "wall_s": time.perf_counter() - self.t0,
         }
 
 
@@ -287,41 +420,59 @@ class _Pipeline:
         self.L = loader
         self.stats = loader._stats
         self.closed = False
+        self.ring: PinnedRing | None = None
+        self.pool: cf.ThreadPoolExecutor | None = None
+        self.stats.begin(id(self))
+        try:
+            self._open(loader, stride, offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, loader: TokenLoader, stride: int, offset: int) -> None:
         paths: list[str] = []
         self.file_base: list[int] = []
         for ds in loader.datasets:
             self.file_base.append(len(paths))
             paths.extend(ds.paths)
         self.reader = Reader(paths, backend=loader.backend, direct=loader.direct, queue_depth=loader.queue_depth)
-        T = loader.seq_len
+        T, B = loader.seq_len, loader.batch_size
         self.raw = [p for p in loader.plans if not p.compressed]
         itemsizes = {np.dtype(ds.dtype).itemsize for ds in loader.datasets}
-        slot_bytes = loader.batch_size * (T + 1) * max(itemsizes) + 8192
-        self.ring = None
+        slot_bytes = B * (T + 1) * max(itemsizes) + 8192
         self._ring_seen = (0, 0.0)
         if self.raw:
             self.ring = PinnedRing(self.reader, num_slots=loader.prefetch + 2, slot_bytes=slot_bytes,
                                    num_producers=min(4, loader.prefetch), pin=loader.pin)
-        self.pool = cf.ThreadPoolExecutor(loader.num_threads, thread_name_prefix="llmio-decode") \
-            if any(p.compressed for p in loader.plans) else None
+        if any(p.compressed for p in loader.plans):
+            self.pool = cf.ThreadPoolExecutor(loader.num_threads, thread_name_prefix="llmio-decode")
         self.cache: dict[tuple[int, int], tuple[cf.Future, int]] = {}  # (source, chunk) -> (future, expires)
-        self.opened_groups: set[tuple[int, int, int]] = set()
-        first = loader._pos // (loader.batch_size * loader.world_size)
-        self.batches = loader._plan_batches(loader._pos, loader._counts, first)
+        self.opened_groups: set[tuple[int, int, int]] = set()  # (source, epoch, group)
+        gb = B * loader.world_size
+        self.first = loader._pos // gb
+        self.batches = loader._plan_batches(loader._pos, loader._counts, self.first)
+        self.last_counts = loader._counts.copy()
         self.stride, self.offset = stride, offset
         self.ahead: deque[_Batch] = deque()
-        self.uniform = len({str(np.dtype(ds.dtype)) for ds in loader.datasets}) == 1 and not any(
+        dt = {np.dtype(ds.dtype) for ds in loader.datasets}
+        # One token type of 2 or 4 bytes in the ring and nothing compressed: cut in one call.
+        self.uniform = len(dt) == 1 and next(iter(dt)).itemsize in (2, 4) and not any(
             p.compressed for p in loader.plans)
+        self.token_dtype = next(iter(dt))
+        self.starts_host = np.arange(B, dtype=np.int64) * (T + 1)
         self.cuda = loader.device.type == "cuda"
         if self.cuda:
             self.side = torch.cuda.Stream(device=loader.device)
+            with torch.cuda.stream(self.side):  # copied and used on the side stream only
+                self.starts_dev = torch.from_numpy(self.starts_host).to(loader.device)
+            self.release_events: deque[Any] = deque()
         self._fill()
 
     # ---------------------------------------------------------------- planning ahead
     def _next_plan(self) -> _Batch:
         while True:
             b = next(self.batches)
-            if (b.index - self.offset) % self.stride == 0:
+            if (b.index - self.first - self.offset) % self.stride == 0:
                 return b
 
     def _fill(self) -> None:
@@ -344,25 +495,49 @@ class _Pipeline:
                     reqs.extend(plan.raw_requests(np.array([w]), self.file_base[s]))
                 else:
                     b.cache_rows.append(row)
-                    self._open_group_for(s, int(b.local[row]))
+            # Chunks this batch needs go to the decode queue first, then the rest of their
+            # groups, then the groups after them (decoded while these are consumed).
+            opened = []
+            for row in b.cache_rows:
+                s, w = int(b.sources[row]), int(b.windows[row])
+                key = self._group_key(s, int(b.local[row]))
+                if key in self.opened_groups:
+                    continue
+                expires = L.plans[s].group_end_position(key[1], key[2])
+                c0, c1 = L.plans[s].chunks_of_window(w)
+                for c in range(c0, c1 + 1):
+                    self._want(s, c, expires)
+                opened.append(key)
+            for key in opened:
+                self._open_group(key)
+            for s, e, g in opened:
+                ne, ng = L.plans[s].next_group(e, g)
+                self._open_group((s, ne, ng))
         if reqs:
             self.ring.submit(reqs, tag=b.index, packed=True)
 
-    def _open_group_for(self, s: int, local_pos: int) -> None:
+    def _group_key(self, s: int, local_pos: int) -> tuple[int, int, int]:
         plan = self.L.plans[s]
         epoch, j = divmod(local_pos, plan.n)
-        g = plan.group_of(epoch, j)
-        key = (s, epoch, g)
+        return (s, epoch, plan.group_of(epoch, j))
+
+    def _want(self, s: int, c: int, expires: int) -> None:
+        old = self.cache.get((s, c))
+        if old is not None:
+            if expires > old[1]:
+                self.cache[(s, c)] = (old[0], expires)
+        else:
+            self.cache[(s, c)] = (self.pool.submit(self._decode, s, c), expires)
+
+    def _open_group(self, key: tuple[int, int, int]) -> None:
         if key in self.opened_groups:
             return
         self.opened_groups.add(key)
+        s, epoch, g = key
+        plan = self.L.plans[s]
         expires = plan.group_end_position(epoch, g)
         for c in plan.group_chunks(epoch, g):
-            old = self.cache.get((s, c))
-            if old is not None:
-                self.cache[(s, c)] = (old[0], max(old[1], expires))
-            else:
-                self.cache[(s, c)] = (self.pool.submit(self._decode, s, c), expires)
+            self._want(s, c, expires)
 
     def _decode(self, s: int, c: int) -> np.ndarray:
         ds = self.L.datasets[s]
@@ -373,21 +548,25 @@ class _Pipeline:
         tokens = ds.decode_chunk(c, raw)
         t2 = time.perf_counter()
         st = self.stats
-        st.compressed_bytes_read += raw.nbytes
-        st.read_s += t1 - t0
-        st.decoded_bytes += tokens.nbytes
-        st.decode_s += t2 - t1
+        with st.lock:
+            st.compressed_bytes_read += raw.nbytes
+            st.read_s += t1 - t0
+            st.decoded_bytes += tokens.nbytes
+            st.decode_s += t2 - t1
         return tokens
 
     def _chunk(self, s: int, c: int) -> np.ndarray:
         ent = self.cache.get((s, c))
-        if ent is None:  # a window reached a chunk outside its group's set: decode it now
+        if ent is None:  # outside every open group's set (cannot happen by construction): decode now
             ent = (self.pool.submit(self._decode, s, c), 0)
             self.cache[(s, c)] = ent
-        t0 = time.perf_counter()
-        arr = ent[0].result()
-        self.stats.stall_s += time.perf_counter() - t0
-        return arr
+        fut = ent[0]
+        if not fut.done():
+            t0 = time.perf_counter()
+            arr = fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+            return arr
+        return fut.result()
 
     def _evict(self, consumed: np.ndarray) -> None:
         for key in [k for k, (_, exp) in self.cache.items() if exp <= consumed[k[0]]]:
@@ -407,12 +586,12 @@ class _Pipeline:
             self.stats.stall_s += time.perf_counter() - t0
             if slot.tag != b.index:  # pragma: no cover - the ring delivers in order
                 raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
-        if self.uniform and slot is not None and not self.cuda:
-            tokens = np.frombuffer(slot, dtype=L.datasets[0].dtype, count=B * (T + 1))
-            x, y = _core.cut_windows_ref(tokens, np.arange(B, dtype=np.int64) * (T + 1), T)
+        if self.uniform and not self.cuda:
+            tokens = np.frombuffer(slot, dtype=self.token_dtype, count=B * (T + 1))
+            x, y = _core.cut_windows_ref(tokens, self.starts_host, T)
             slot.release()
             xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        elif self.uniform and slot is not None and self.cuda and _cuda is not None:
+        elif self.uniform and _cuda is not None:
             xt, yt = self._cut_on_gpu(slot)
         else:
             stage = np.empty((B, T + 1), dtype=np.int64)
@@ -429,13 +608,16 @@ class _Pipeline:
             yt = torch.from_numpy(np.ascontiguousarray(stage[:, 1:]))
             if self.cuda:
                 xt, yt = self._to_device(xt, yt)
+        st = self.stats
         if self.ring is not None:  # ring counters restart per iterator: add their deltas
             rs = self.ring.stats()
-            self.stats.ring_bytes += rs["bytes"] - self._ring_seen[0]
-            self.stats.ring_read_s += rs["producer_busy_s"] - self._ring_seen[1]
+            st.ring_bytes += rs["bytes"] - self._ring_seen[0]
+            st.ring_read_s += rs["producer_busy_s"] - self._ring_seen[1]
             self._ring_seen = (rs["bytes"], rs["producer_busy_s"])
-        self.stats.batches += 1
-        if b.cache_rows:
+        st.batches += 1
+        st.consumed += b.counts_after - self.last_counts
+        self.last_counts = b.counts_after
+        if b.cache_rows or self.cache:
             self._evict(b.counts_after)
         self._fill()
         return b, xt, yt
@@ -453,36 +635,41 @@ class _Pipeline:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _cut_on_gpu(self, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """H2D of the slot's raw tokens on the side stream, cut there, current stream waits."""
         L = self.L
         B, T = L.batch_size, L.seq_len
-        isz = np.dtype(L.datasets[0].dtype).itemsize
+        isz = self.token_dtype.itemsize
         nbytes = B * (T + 1) * isz
         host = PinnedRing.tensor(slot)[:nbytes]
         dev = L.device
+        cur = torch.cuda.current_stream(dev)
         with torch.cuda.stream(self.side):
-            raw = host.to(dev, non_blocking=True)
-            starts = torch.arange(B, dtype=torch.int64, device=dev) * (T + 1)
+            raw = host.to(dev, non_blocking=True)  # true async DMA: the arena is cudaHostRegister'ed
             x = torch.empty((B, T), dtype=torch.int64, device=dev)
             y = torch.empty((B, T), dtype=torch.int64, device=dev)
-            _cuda.cut_windows(raw.data_ptr(), isz, B * (T + 1), starts.data_ptr(), B, T,
+            _cuda.cut_windows(raw.data_ptr(), isz, B * (T + 1), self.starts_dev.data_ptr(), B, T,
                               x.data_ptr(), y.data_ptr(), self.side.cuda_stream)
             ev = torch.cuda.Event()
             ev.record(self.side)
         self.ring.release(slot, ev)  # back to the ring only once the copy is done
-        cur = torch.cuda.current_stream(dev)
+        # The ring's get() refuses to wait when the consumer holds every slot; slots whose
+        # release waits on an event count as held, so never let those pile up.
+        self.release_events.append(ev)
+        while len(self.release_events) > max(1, self.ring.num_slots - 2):
+            self.release_events.popleft().synchronize()
         cur.wait_event(ev)
-        for t in (raw, starts, x, y):
-            t.record_stream(cur)
+        x.record_stream(cur)  # allocated on the side stream, used on the current one
+        y.record_stream(cur)
         return x, y
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.L.device
+        cur = torch.cuda.current_stream(dev)
         with torch.cuda.stream(self.side):
             xd = x.pin_memory().to(dev, non_blocking=True)
             yd = y.pin_memory().to(dev, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.side)
-        cur = torch.cuda.current_stream(dev)
         cur.wait_event(ev)
         xd.record_stream(cur)
         yd.record_stream(cur)
@@ -492,10 +679,13 @@ class _Pipeline:
         if self.closed:
             return
         self.closed = True
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.cache.clear()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self.reader = None
+        self.stats.end(id(self))
+        try:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.cache = {}
+            if self.ring is not None:
+                self.ring.close()  # waits for pending copy events, joins the producers
+                self.ring = None
+            self.reader = None
