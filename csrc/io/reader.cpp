@@ -1,5 +1,7 @@
 #include "io/reader.hpp"
 
+#include <unistd.h>
+
 #include <stdexcept>
 
 #include "io/errors.hpp"
@@ -8,7 +10,7 @@ namespace llmio {
 
 Reader::Reader(const std::vector<std::string>& paths, const std::string& backend, bool direct,
                EngineOptions opt)
-    : direct_(direct) {
+    : direct_(direct), owner_pid_(static_cast<int>(::getpid())) {
   if (backend != "io_uring" && backend != "threads")
     throw std::invalid_argument("backend must be 'io_uring' or 'threads', got '" + backend + "'");
   if (opt.max_io_bytes == 0) throw std::invalid_argument("max_io_bytes must be > 0");
@@ -19,6 +21,10 @@ Reader::Reader(const std::vector<std::string>& paths, const std::string& backend
   }
   files_ = std::make_shared<FileSet>(paths, direct);
   engine_ = backend == "io_uring" ? make_uring_engine(files_, opt) : make_thread_engine(files_, opt);
+}
+
+Reader::~Reader() {
+  if (static_cast<int>(::getpid()) != owner_pid_) (void)engine_.release();
 }
 
 }  // namespace llmio

@@ -17,6 +17,13 @@ class Reader {
   // io_uring is asked for and unusable, std::invalid_argument for a bad name.
   Reader(const std::vector<std::string>& paths, const std::string& backend, bool direct,
          EngineOptions opt);
+  // In a forked child (a DataLoader worker inherits the parent's Reader) the
+  // engine's worker threads do not exist: joining them, or destroying the
+  // condition variable they were waiting on, would block forever. There the
+  // engine is left to the process exit instead of being destroyed.
+  ~Reader();
+  Reader(const Reader&) = delete;
+  Reader& operator=(const Reader&) = delete;
 
   // See Engine::read_batch. Blocks; safe from several threads.
   void read_batch(const ReadRequest* reqs, size_t n) { engine_->read_batch(reqs, n); }
@@ -39,6 +46,7 @@ class Reader {
   std::shared_ptr<FileSet> files_;
   std::unique_ptr<Engine> engine_;
   bool direct_;
+  int owner_pid_;  // process that created the engine
 };
 
 }  // namespace llmio

@@ -420,7 +420,16 @@ class UringEngine final : public Engine {
       }
       if (inflight == 0) {
         if (completed < ops.size() && err.set) {
-          // Ops never submitted after a failure count as done.
+          // Ops never submitted after a failure count as done. A partly read
+          // op waiting to be resubmitted still holds its bounce buffer: give
+          // it back, or the ring loses it for good (and once all are lost,
+          // every later bounce read on this ring spins forever).
+          for (size_t j : pending) {
+            if (st[j].bounce >= 0) {
+              R.give_back(st[j].bounce);
+              st[j].bounce = -1;
+            }
+          }
           completed += pending.size();
           pending.clear();
           continue;

@@ -145,6 +145,10 @@ class Reader:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        # Choose the engine again where the handle will live: io_uring may be
+        # usable in the pickling process and not in this one (a worker under
+        # seccomp), and "auto" must then mean threads, not UnsupportedError.
+        self.backend = resolve_backend(self._requested_backend)
 
     def __repr__(self) -> str:
         return f"Reader({len(self.paths)} files, backend={self.backend!r}, direct={self.direct})"

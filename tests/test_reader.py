@@ -1,0 +1,840 @@
+"""Reader: exact bytes from both engines at any offset and length, into any buffer;
+errors that name the file; fallbacks (forced threads, io_uring denied, O_DIRECT
+refused); many threads; pickling and fork; stats.
+
+The oracle is a plain Python read of the same file (``conftest.py_read``).
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import pickle
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import llmio_native as lio
+from llmio_native import _core
+
+from conftest import IO_URING_USABLE, DataFile, py_read
+
+pytestmark = pytest.mark.usefixtures("clean_io_env")
+
+KIB, MIB = 1 << 10, 1 << 20
+BOUNDARY = [0, 1, 31, 32, 33, 4095, 4096, 4097, MIB, MIB + 1]
+# None of these is a multiple of 4096.
+FILE_SIZES = [0, 1, 4095, 4097, 3 * 4096 + 7, MIB + 1, 5 * MIB + 123]
+SENTINEL = 0xA5
+
+needs_uring = pytest.mark.skipif(not IO_URING_USABLE, reason="io_uring unusable here")
+needs_uring_build = pytest.mark.skipif(not _core.HAVE_URING, reason="built without liburing")
+
+
+def ranges_for(size: int, rng: random.Random, n_random: int) -> list[tuple[int, int]]:
+    """(offset, nbytes) pairs inside a file of ``size`` bytes: whole file, empty reads,
+    every boundary length at unaligned, aligned and EOF-touching offsets, and random ones."""
+    out = {(0, size), (0, 0), (size, 0), (size // 2, 0)}
+    for b in BOUNDARY:
+        offs = (0, 1, 31, 4095, 4096, 4097, size // 2, size - b, size - b - 1)
+        if b >= MIB:
+            offs = (0, 1, size - b)  # keep the big ones few
+        for off in offs:
+            if 0 <= off and off + b <= size:
+                out.add((off, b))
+    for _ in range(n_random):
+        off = rng.randrange(size + 1)
+        out.add((off, rng.randrange(size - off + 1)))
+    return sorted(out)
+
+
+def call_with_deadline(fn, seconds: float = 60.0):
+    """Run ``fn`` in a daemon thread; fail (instead of hanging the suite) if it has not
+    returned after ``seconds``. A hang guard, not a timing test."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds}s: hung"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def guarded(kind: str, nbytes: int):
+    """A destination of ``nbytes`` bytes of the given kind inside a larger sentinel-filled
+    allocation. Returns (dst, dst_bytes(), guards_intact())."""
+    pad = 64
+    if kind == "numpy":
+        big = np.full(nbytes + 2 * pad, SENTINEL, np.uint8)
+        dst = big[pad : pad + nbytes]
+    elif kind == "numpy-odd":  # an address no O_DIRECT read can use: bounce copies
+        big = np.full(nbytes + 2 * pad, SENTINEL, np.uint8)
+        dst = big[pad + 1 : pad + 1 + nbytes]
+    elif kind == "aligned":  # 4096-aligned: aligned ranges go straight in
+        big = lio.empty_aligned(nbytes + 2 * 4096)
+        big[:] = SENTINEL
+        dst = big[4096 : 4096 + nbytes]
+        pad = 4096
+    elif kind == "bytearray":
+        ba = bytearray([SENTINEL]) * (nbytes + 2 * pad + 1)
+        big = np.frombuffer(ba, np.uint8)
+        dst = memoryview(ba)[pad + 1 : pad + 1 + nbytes]
+    elif kind == "torch-odd":
+        tbig = torch.full((nbytes + 2 * pad,), SENTINEL, dtype=torch.uint8)
+        big = tbig.numpy()
+        dst = tbig[pad + 1 : pad + 1 + nbytes]
+        pad += 1
+    else:
+        raise AssertionError(kind)
+    lo = pad + (1 if kind in ("numpy-odd", "bytearray") else 0)
+
+    def dst_bytes() -> bytes:
+        return bytes(big[lo : lo + nbytes])
+
+    def guards_intact() -> bool:
+        return bool((big[:lo] == SENTINEL).all() and (big[lo + nbytes :] == SENTINEL).all())
+
+    return dst, dst_bytes, guards_intact
+
+
+# ---------------------------------------------------------------- exact bytes
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("max_io", [4096, 8192, MIB], ids=["io4k", "io8k", "io1m"])
+def test_read_matches_python_read(make_file, backend, direct, max_io):
+    files = [make_file(s) for s in FILE_SIZES]
+    r = lio.Reader([f.path for f in files], backend=backend, direct=direct, max_io_bytes=max_io)
+    assert r.backend == backend and r.stats()["backend"] == backend
+    rng = random.Random(max_io)
+    for i, f in enumerate(files):
+        assert r.file_size(i) == f.size
+        for off, n in ranges_for(f.size, rng, 6):
+            got = r.read(i, off, n)
+            assert got.dtype == np.uint8 and got.shape == (n,)
+            assert got.tobytes() == py_read(f.path, off, n), (f.size, off, n)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("kind", ["numpy", "numpy-odd", "aligned", "bytearray", "torch-odd"])
+def test_read_into_matches_python_read_and_stays_in_bounds(make_file, backend, direct, kind):
+    f = make_file(2 * MIB + 4097 + 5)
+    r = lio.Reader([f.path], backend=backend, direct=direct, max_io_bytes=8192)
+    for b in BOUNDARY:
+        offs = (0, 1, 4095, 4096, 4097, f.size - b) if b < MIB else (1, f.size - b)
+        for off in offs:
+            dst, dst_bytes, guards_intact = guarded(kind, b)
+            assert r.read_into(0, off, dst) == b
+            assert dst_bytes() == f.data[off : off + b], (kind, off, b)
+            assert guards_intact(), f"read_into wrote outside its {kind} destination ({off}, {b})"
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_read_into_typed_tensors_and_arrays(make_file, backend, direct):
+    f = make_file(3 * 4096 + 7)
+    r = lio.Reader([f.path], backend=backend, direct=direct)
+    t32 = torch.empty(250, dtype=torch.int32)  # 1000 bytes
+    assert r.read_into(0, 4097, t32) == 1000
+    assert t32.numpy().tobytes() == f.data[4097:5097]
+    assert torch.equal(t32, torch.from_numpy(np.frombuffer(f.data[4097:5097], dtype=np.int32).copy()))
+    t64 = torch.empty((3, 5), dtype=torch.float64)[1:]  # a contiguous view at an offset
+    assert r.read_into(0, 3, t64) == 80
+    assert t64.numpy().tobytes() == f.data[3:83]
+    a16 = np.empty((7, 3), np.uint16)
+    assert r.read_into(0, f.size - 42, a16) == 42
+    assert a16.tobytes() == f.data[-42:]
+    empty = torch.empty(0, dtype=torch.int32)
+    assert r.read_into(0, f.size, empty) == 0
+    ba = bytearray(1000)
+    assert r.read_into(0, 5, ba) == 1000 and bytes(ba) == f.data[5:1005]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("max_io", [4096, 8192, MIB], ids=["io4k", "io8k", "io1m"])
+def test_read_batch_many_requests_many_files(make_file, backend, direct, max_io):
+    files = [make_file(s, seed=k) for k, s in enumerate((0, 33, 4097, 3 * 4096 + 7, 5 * MIB + 123))]
+    r = lio.Reader([f.path for f in files], backend=backend, direct=direct, max_io_bytes=max_io, queue_depth=8)
+    rng = random.Random(max_io + direct)
+    reqs = [(0, 0, 0), (1, 33, 0), (4, 0, files[4].size), (3, files[3].size - 1, 1)]
+    for _ in range(300):
+        i = rng.randrange(len(files))
+        size = files[i].size
+        off = rng.choice([rng.randrange(size + 1), size - min(size, rng.randrange(5000))])
+        reqs.append((i, off, rng.randrange(min(size - off, 70000) + 1)))
+    reqs += reqs[:20]  # the same ranges twice in one batch
+    expect = [files[i].data[o : o + n] for i, o, n in reqs]
+    assert expect[2] == py_read(files[4].path, 0, files[4].size)
+
+    outs = r.read_batch(reqs)
+    assert [o.tobytes() for o in outs] == expect
+    assert all(o.dtype == np.uint8 and o.shape == (n,) for o, (_, _, n) in zip(outs, reqs))
+
+    kinds = ["numpy", "numpy-odd", "aligned", "bytearray", "torch-odd"]
+    dsts = [guarded(kinds[k % len(kinds)], n) for k, (_, _, n) in enumerate(reqs)]
+    assert r.read_batch_into([(i, o, d[0]) for (i, o, _), d in zip(reqs, dsts)]) is None
+    assert [d[1]() for d in dsts] == expect
+    assert all(d[2]() for d in dsts), "read_batch_into wrote outside a destination"
+    s = r.stats()
+    assert s["requests"] == 2 * len(reqs) and s["batches"] == 2
+    assert s["bytes"] == 2 * sum(n for _, _, n in reqs)
+
+
+@pytest.fixture(scope="module")
+def cached_files(tmp_path_factory):
+    """size -> DataFile, written once per module (Hypothesis reuses them)."""
+    d = tmp_path_factory.mktemp("prop")
+    cache: dict[int, DataFile] = {}
+
+    def get(size: int) -> DataFile:
+        if size not in cache:
+            data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+            path = str(d / f"p{size}.bin")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            cache[size] = DataFile(path, data)
+        return cache[size]
+
+    return get
+
+
+ENGINES = ["threads"] + (["io_uring"] if IO_URING_USABLE else [])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    size=st.one_of(st.sampled_from([0, 1, 4095, 4097, 3 * 4096 + 7, 64 * KIB + 1]), st.integers(0, 40000)),
+    picks=st.lists(
+        st.tuples(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 7)), min_size=1, max_size=10
+    ),
+    engine=st.sampled_from(ENGINES),
+    direct=st.booleans(),
+    max_io=st.sampled_from([4096, 8192, 12288, 5000, MIB]),
+)
+def test_property_any_ranges_any_engine_exact(cached_files, size, picks, engine, direct, max_io):
+    f = cached_files(size)
+    r = lio.Reader([f.path], backend=engine, direct=direct, max_io_bytes=max_io, num_threads=3, queue_depth=4)
+    reqs = []
+    for a, b, shift in picks:
+        off = a % (size + 1)
+        reqs.append((off, b % (size - off + 1), shift))
+    expect = [f.data[o : o + n] for o, n, _ in reqs]
+    assert [a.tobytes() for a in r.read_batch([(0, o, n) for o, n, _ in reqs])] == expect
+    bufs = [np.empty(n + s, np.uint8)[s:] for _, n, s in reqs]  # any address
+    r.read_batch_into([(0, o, buf) for (o, _, _), buf in zip(reqs, bufs)])
+    assert [b.tobytes() for b in bufs] == expect
+    o, n, _ = reqs[0]
+    assert r.read(0, o, n).tobytes() == expect[0]
+
+
+def test_tmpfs_with_direct_reads_exact(make_file, backend):
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        pytest.skip("no writable /dev/shm (tmpfs) here")
+    files = [
+        make_file(s, name=f"llmio-test-{os.getpid()}-{s}.bin", directory=shm) for s in (4097, 3 * 4096 + 7, MIB + 1)
+    ]
+    r = lio.Reader([f.path for f in files], backend=backend, direct=True, max_io_bytes=8192)
+    rng = random.Random(1)
+    for i, f in enumerate(files):
+        for off, n in ranges_for(f.size, rng, 5):
+            assert r.read(i, off, n).tobytes() == py_read(f.path, off, n), (f.size, off, n)
+        odd = np.empty(f.size - 3 + 1, np.uint8)[1:]
+        r.read_into(i, 3, odd)
+        assert odd.tobytes() == f.data[3:]
+    s = r.stats()
+    # Whether tmpfs takes O_DIRECT depends on the kernel; either way the record is coherent.
+    for i, f in enumerate(files):
+        named = [x for x in s["direct_fallbacks"] if f.path in x]
+        assert len(named) == (0 if s["direct_active"][i] else 1), s
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_file_raises_file_not_found_naming_it(make_file, backend, tmp_path):
+    good = make_file(10)
+    missing = str(tmp_path / "no-such-shard.bin")
+    with pytest.raises(FileNotFoundError) as ei:
+        lio.Reader([good.path, missing], backend=backend)
+    assert ei.value.errno == errno.ENOENT
+    assert ei.value.filename == missing and missing in str(ei.value)
+
+
+def test_directory_raises_is_a_directory_naming_it(backend, tmp_path):
+    d = tmp_path / "a-directory"
+    d.mkdir()
+    with pytest.raises(IsADirectoryError) as ei:
+        lio.Reader([str(d)], backend=backend)
+    assert ei.value.errno == errno.EISDIR
+    assert ei.value.filename == str(d) and str(d) in str(ei.value)
+
+
+PERMISSION_CHILD = textwrap.dedent(
+    r"""
+    import json, os, sys, resource  # everything imported before giving up root
+    import llmio_native as lio
+    try:
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    except OSError as exc:
+        print(json.dumps({"setuid": str(exc)})); sys.exit(0)
+    try:
+        lio.Reader([sys.argv[1]], backend="threads")
+        print(json.dumps({"raised": None}))
+    except OSError as exc:
+        print(json.dumps({"raised": type(exc).__name__, "errno": exc.errno,
+                          "filename": exc.filename, "message": str(exc)}))
+    """
+)
+
+
+def test_permission_denied_raises_permission_error_naming_it(make_file):
+    if os.geteuid() != 0:
+        f = make_file(100)
+        os.chmod(f.path, 0)
+        with pytest.raises(PermissionError) as ei:
+            lio.Reader([f.path])
+        assert ei.value.errno == errno.EACCES and ei.value.filename == f.path
+        return
+    # Root reads files whatever their mode: drop to nobody in a child process, with the
+    # file in a directory nobody may enter, so only the file's own mode refuses.
+    d = tempfile.mkdtemp(prefix="llmio-perm-", dir="/tmp")
+    try:
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "locked.bin")
+        with open(path, "wb") as fh:
+            fh.write(b"x" * 100)
+        os.chmod(path, 0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+        out = subprocess.run([sys.executable, "-c", PERMISSION_CHILD, path], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        if "setuid" in res:
+            pytest.skip(f"running as root and cannot drop privileges to test EACCES: {res['setuid']}")
+        assert res["raised"] == "PermissionError" and res["errno"] == errno.EACCES, res
+        assert res["filename"] == path and path in res["message"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_read_past_eof_raises_short_read_naming_file_offset_size(make_file, backend, direct):
+    f = make_file(5000)
+    r = lio.Reader([f.path], backend=backend, direct=direct)
+    for off, n in [(4990, 11), (5000, 1), (0, 5001), (4096, 4096), (10**12, 1)]:
+        with pytest.raises(lio.ShortReadError) as ei:
+            r.read(0, off, n)
+        e = ei.value
+        assert isinstance(e, OSError) and e.errno == errno.ENODATA
+        assert e.filename == f.path and f.path in str(e)
+        assert f"@ {off} " in str(e) and f"+{n}" in str(e) and "5000" in str(e), str(e)
+    with pytest.raises(lio.ShortReadError):
+        r.read_into(0, 0, np.empty(5001, np.uint8))
+    with pytest.raises(lio.ShortReadError):
+        r.read_batch([(0, 0, 10), (0, 4999, 2)])
+    assert r.read(0, 4999, 1).tobytes() == f.data[-1:]  # the last byte itself is fine
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_failed_batch_is_validated_before_any_read(make_file, backend, direct):
+    a, b = make_file(5000, seed=1), make_file(3 * 4096 + 7, seed=2)
+    r = lio.Reader([a.path, b.path], backend=backend, direct=direct)
+    before = r.stats()
+    kinds = ["numpy", "numpy-odd", "aligned", "bytearray", "torch-odd"]
+    bad_requests = [
+        ((0, 4990, np.empty(11, np.uint8)), lio.ShortReadError),  # past EOF
+        ((2, 0, np.empty(4, np.uint8)), IndexError),  # no such file
+        ((1, -1, np.empty(4, np.uint8)), ValueError),  # negative offset
+        ((1, 0, b"read-only"), TypeError),  # read-only destination
+        ((1, 0, np.zeros((4, 4), np.uint8)[:, 1]), ValueError),  # not contiguous
+    ]
+    for bad, exc in bad_requests:
+        for where in (0, 2, 5):  # first, middle, last
+            dsts = [guarded(k, 4097) for k in kinds]
+            reqs = [(k % 2, 1, d[0]) for k, d in enumerate(dsts)]
+            reqs.insert(where, bad)
+            with pytest.raises(exc):
+                r.read_batch_into(reqs)
+            for k, d in zip(kinds, dsts):
+                assert d[1]() == bytes([SENTINEL]) * 4097, f"{k} written before {exc.__name__} was raised"
+                assert d[2]()
+    with pytest.raises(lio.ShortReadError):
+        r.read_batch([(0, 0, 10), (1, 0, b.size + 1)])
+    with pytest.raises(IndexError):
+        r.read_batch([(0, 0, 10), (7, 0, 1)])
+    after = r.stats()
+    for key in ("batches", "requests", "bytes", "ops_direct", "ops_buffered"):
+        assert after[key] == before[key], f"a rejected batch moved stats()[{key!r}]"
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("cut", [4096 + 100, 2 * 4096], ids=["cut-unaligned", "cut-aligned"])
+def test_file_truncated_after_open_raises_short_read(make_file, backend, direct, cut):
+    f = make_file(5 * 4096 + 11)
+    r = lio.Reader([f.path], backend=backend, direct=direct, max_io_bytes=8192)
+    assert r.read(0, 0, f.size).tobytes() == f.data
+    os.truncate(f.path, cut)
+    assert r.file_size(0) == f.size  # the size when it was opened
+    assert r.read(0, 1, 4000).tobytes() == f.data[1:4001]  # what is left still reads
+    lost = [(4096, 3 * 4096), (cut, 1), (cut + 1, 100), (cut - 5, 10), (0, f.size)]
+    for off, n in lost:
+        with pytest.raises(lio.ShortReadError) as ei:
+            r.read(0, off, n)
+        e = ei.value
+        assert e.errno == errno.ENODATA and e.filename == f.path
+        assert "end of file" in str(e) and f.path in str(e), str(e)
+        with pytest.raises(lio.ShortReadError):
+            r.read_into(0, off, np.empty(n + 1, np.uint8)[1:])
+    with pytest.raises(lio.ShortReadError):
+        r.read_batch([(0, 0, 10), (0, 3 * 4096, 5000)])
+    assert r.read(0, 5, 4000).tobytes() == f.data[5:4005]  # the engine still works
+
+
+def test_failed_batch_returns_bounce_buffers_to_ring(make_file, backend):
+    """Regression: on io_uring, an op partly read when another op of its batch failed kept
+    its bounce buffer; with queue_depth=2 two such batches left the ring none, and the next
+    unaligned read spun forever."""
+    f = make_file(5 * 4096)
+    r = lio.Reader([f.path], backend=backend, direct=True, queue_depth=2)
+    os.truncate(f.path, 2 * 4096)  # a direct read of [0, 16 KiB) now stops, aligned, at 8 KiB
+
+    def fail_batches() -> None:
+        for _ in range(8):
+            past_eof = lio.empty_aligned(4096)  # aligned: no bounce buffer, fails at once
+            partial = np.empty(3 * 4096 + 1, np.uint8)[1:]  # bounce, read partly, then retried
+            with pytest.raises(lio.ShortReadError):
+                r.read_batch_into([(0, 3 * 4096, past_eof), (0, 1, partial)])
+
+    call_with_deadline(fail_batches)
+    odd = np.empty(101, np.uint8)[1:]
+    call_with_deadline(lambda: r.read_into(0, 3, odd))
+    assert odd.tobytes() == f.data[3:103]
+    assert call_with_deadline(lambda: r.read(0, 1, 8000)).tobytes() == f.data[1:8001]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_eio_raises_oserror_naming_file(make_file, backend, direct, faults):
+    good = make_file(20000, name="good.bin")
+    bad = make_file(20000, name="bad-sector.bin")
+    r = lio.Reader([good.path, bad.path], backend=backend, direct=direct, max_io_bytes=8192)
+    faults("eio:bad-sector")
+    with pytest.raises(OSError) as ei:
+        r.read(1, 8192, 100)
+    e = ei.value
+    assert e.errno == errno.EIO and not isinstance(e, lio.ShortReadError)
+    assert e.filename == bad.path and "bad-sector.bin" in str(e) and "@ 8192" in str(e), str(e)
+    with pytest.raises(OSError) as ei:
+        r.read_into(1, 3, np.empty(9000, np.uint8))
+    assert ei.value.errno == errno.EIO and ei.value.filename == bad.path
+    with pytest.raises(OSError) as ei:
+        r.read_batch([(0, 0, 100), (1, 0, 20000), (0, 5, 15000)])
+    assert ei.value.errno == errno.EIO and ei.value.filename == bad.path
+    assert r.read(0, 1, 19999).tobytes() == good.data[1:]  # other files unaffected
+    faults("")
+    assert r.read(1, 1, 19999).tobytes() == bad.data[1:]  # and nothing stuck once the disk recovers
+
+
+def test_bad_file_index_raises_index_error(make_file, backend):
+    f = make_file(100)
+    r = lio.Reader([f.path], backend=backend)
+    buf = np.full(4, SENTINEL, np.uint8)
+    for call in (
+        lambda: r.read(1, 0, 1),
+        lambda: r.read(-1, 0, 1),
+        lambda: r.read_into(5, 0, buf),
+        lambda: r.read_batch([(0, 0, 1), (1, 0, 1)]),
+        lambda: r.read_batch_into([(0, 0, buf), (3, 0, np.empty(1, np.uint8))]),
+        lambda: r.file_size(1),
+        lambda: lio.Reader([], backend=backend).read(0, 0, 0),
+    ):
+        with pytest.raises(IndexError):
+            call()
+    assert (buf == SENTINEL).all()
+
+
+def test_negative_offset_or_length_raises_value_error(make_file, backend):
+    f = make_file(100)
+    r = lio.Reader([f.path], backend=backend)
+    for call in (
+        lambda: r.read(0, -1, 1),
+        lambda: r.read(0, 0, -1),
+        lambda: r.read_into(0, -5, np.empty(4, np.uint8)),
+        lambda: r.read_batch([(0, -1, 1)]),
+        lambda: r.read_batch([(0, 0, -1)]),
+        lambda: r.read_batch_into([(0, -1, np.empty(4, np.uint8))]),
+    ):
+        with pytest.raises(ValueError, match=">= 0"):
+            call()
+
+
+def test_read_into_rejects_read_only_and_non_contiguous(make_file, backend):
+    f = make_file(100)
+    r = lio.Reader([f.path], backend=backend)
+    ro = np.full(10, SENTINEL, np.uint8)
+    ro.setflags(write=False)
+    for buf in (b"0123456789", ro, memoryview(b"0123456789")):
+        with pytest.raises(TypeError, match="writable"):
+            r.read_into(0, 0, buf)
+    assert (ro == SENTINEL).all()
+    base = np.full((4, 4), SENTINEL, np.uint8)
+    tbase = torch.full((4, 4), SENTINEL, dtype=torch.uint8)
+    for buf in (base[:, 1], base[::-1], tbase[:, 1], tbase.t(), tbase[::2]):
+        with pytest.raises(ValueError, match="contiguous"):
+            r.read_into(0, 0, buf)
+    assert (base == SENTINEL).all() and bool((tbase == SENTINEL).all())
+
+
+def test_bad_options_raise_value_error(make_file):
+    f = make_file(100)
+    for kwargs in ({"backend": "bogus"}, {"queue_depth": 0}, {"num_threads": 0}, {"max_io_bytes": 100}):
+        with pytest.raises(ValueError):
+            lio.Reader([f.path], **kwargs)
+
+
+# ---------------------------------------------------------------- fallbacks
+
+
+@pytest.mark.parametrize("requested", ["io_uring", "auto", "threads"])
+def test_env_forces_threads(make_file, monkeypatch, requested):
+    f = make_file(3 * 4096 + 7)
+    monkeypatch.setenv("LLMIO_BACKEND", "threads")
+    r = lio.Reader([f.path], backend=requested, num_threads=5)
+    assert r.backend == "threads"
+    s = r.stats()
+    assert s["backend"] == "threads" and s["num_threads"] == 5 and "queue_depth" not in s
+    assert r.read(0, 1, f.size - 1).tobytes() == f.data[1:]
+    assert lio.info()["backend"] == "threads"
+
+
+def _io_uring_sysctl() -> int:
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@needs_uring_build
+@pytest.mark.parametrize(
+    "fault,err,words",
+    [("uring_eperm", errno.EPERM, ("EPERM", "seccomp")), ("uring_enosys", errno.ENOSYS, ("ENOSYS",))],
+)
+def test_io_uring_unusable_auto_picks_threads_forced_raises(make_file, faults, monkeypatch, fault, err, words):
+    f = make_file(3 * 4096 + 7)
+    faults(fault)
+    probe = lio.info()["io_uring"]
+    assert probe["compiled"] is True and probe["usable"] is False and probe["errno"] == err
+    if _io_uring_sysctl() == 0:  # otherwise the sysctl is named as the reason instead
+        assert all(w in probe["reason"] for w in words), probe["reason"]
+    assert lio.info()["backend"] == "threads" and lio.resolve_backend("auto") == "threads"
+    r = lio.Reader([f.path], backend="auto")
+    assert r.backend == "threads" and r.stats()["backend"] == "threads"
+    assert r.read(0, 3, f.size - 3).tobytes() == f.data[3:]
+    with pytest.raises(lio.UnsupportedError) as ei:
+        lio.Reader([f.path], backend="io_uring")
+    assert probe["reason"] in str(ei.value)
+    monkeypatch.setenv("LLMIO_BACKEND", "io_uring")
+    for requested in ("auto", "threads", "io_uring"):  # the environment wins
+        with pytest.raises(lio.UnsupportedError, match="LLMIO_BACKEND") as ei:
+            lio.Reader([f.path], backend=requested)
+        assert probe["reason"] in str(ei.value)
+    monkeypatch.delenv("LLMIO_BACKEND")
+    faults("")  # the cached probe is reset with the faults
+    assert lio.info()["io_uring"]["usable"] is IO_URING_USABLE
+
+
+SECCOMP_CHILD = textwrap.dedent(
+    r"""
+    import ctypes, errno, json, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    AUDIT_ARCH_X86_64, NR_IO_URING_SETUP = 0xC000003E, 425
+    LD_W_ABS, JEQ_K, RET_K = 0x20, 0x15, 0x06
+    RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
+
+    def stmt(code, k):
+        return struct.pack("HBBI", code, 0, 0, k)
+
+    def jump(code, k, jt, jf):
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    prog = b"".join([
+        stmt(LD_W_ABS, 4),                          # seccomp_data.arch
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 3),       # another arch: allow
+        stmt(LD_W_ABS, 0),                          # seccomp_data.nr
+        jump(JEQ_K, NR_IO_URING_SETUP, 0, 1),
+        stmt(RET_K, RET_ERRNO | errno.EPERM),       # io_uring_setup: EPERM, as Docker's profile
+        stmt(RET_K, RET_ALLOW),
+    ])
+    buf = ctypes.create_string_buffer(prog, len(prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog) // 8, ctypes.addressof(buf))
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
+            libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        print(json.dumps({"nofilter": errno.errorcode.get(ctypes.get_errno(), "?")}))
+        sys.exit(0)
+
+    import llmio_native as lio
+    path = sys.argv[1]
+    data = open(path, "rb").read()
+    probe = lio.info()["io_uring"]
+    r = lio.Reader([path], backend="auto")
+    exact = all(r.read(0, o, n).tobytes() == data[o:o + n] for o, n in [(0, len(data)), (7, 4097), (4096, 1)])
+    odd = bytearray(len(data) - 1)
+    r.read_into(0, 1, odd)
+    try:
+        lio.Reader([path], backend="io_uring")
+        forced = None
+    except lio.UnsupportedError as exc:
+        forced = str(exc)
+    print(json.dumps({"probe": probe, "backend": r.backend, "exact": exact and bytes(odd) == data[1:],
+                      "forced": forced}))
+    """
+)
+
+
+@needs_uring_build
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is written for x86_64 syscalls")
+def test_real_seccomp_denial_falls_back_to_threads(make_file):
+    f = make_file(3 * 4096 + 7)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+    out = subprocess.run([sys.executable, "-c", SECCOMP_CHILD, f.path], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if "nofilter" in res:
+        pytest.skip(f"cannot install a seccomp filter here ({res['nofilter']})")
+    assert res["probe"]["usable"] is False and res["probe"]["errno"] == errno.EPERM, res
+    assert "seccomp" in res["probe"]["reason"]
+    assert res["backend"] == "threads" and res["exact"] is True
+    assert res["forced"] is not None and "EPERM" in res["forced"]
+
+
+@pytest.mark.parametrize("fault", ["direct_open_einval", "direct_read_einval"])
+def test_o_direct_refused_falls_back_once_and_reads_exact(make_file, backend, faults, fault):
+    f = make_file(MIB + 3 * 4096 + 7)
+    faults(fault)
+    r = lio.Reader([f.path], backend=backend, direct=True, max_io_bytes=4096, num_threads=8)
+    # The first read is split into hundreds of ops that all meet EINVAL at once.
+    assert r.read(0, 0, f.size).tobytes() == f.data
+    for off, n in [(1, 4097), (4096, 4096), (f.size - 1, 1), (3, MIB)]:
+        assert r.read(0, off, n).tobytes() == py_read(f.path, off, n)
+        odd = np.empty(n + 1, np.uint8)[1:]
+        r.read_into(0, off, odd)
+        assert odd.tobytes() == f.data[off : off + n]
+    outs = r.read_batch([(0, 5, 100), (0, 8192, 8192)])
+    assert outs[0].tobytes() == f.data[5:105] and outs[1].tobytes() == f.data[8192:16384]
+    s = r.stats()
+    assert s["direct_active"] == [False] and s["direct_requested"] is True
+    assert len(s["direct_fallbacks"]) == 1, s["direct_fallbacks"]
+    why = s["direct_fallbacks"][0]
+    assert f.path in why and ("EINVAL" in why or "Invalid argument" in why), why
+    assert s["ops_direct"] == 0 and s["ops_buffered"] > 0 and s["bytes_direct"] == 0
+    # Buffered readers never record a fallback: there was nothing to fall back from.
+    rb = lio.Reader([f.path], backend=backend, direct=False)
+    assert rb.read(0, 1, 10).tobytes() == f.data[1:11]
+    assert rb.stats()["direct_fallbacks"] == [] and rb.stats()["direct_active"] == [False]
+
+
+# ---------------------------------------------------------------- threads, pickling, fork
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_many_python_threads_share_one_reader(make_file, backend, direct):
+    files = [make_file(3 * MIB + 5, seed=1), make_file(4097, seed=2)]
+    r = lio.Reader([f.path for f in files], backend=backend, direct=direct, max_io_bytes=64 * KIB,
+                   queue_depth=8, num_threads=4)
+    mismatches: list[str] = []
+    requests: list[int] = []
+    calls = 60
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(calls):
+            i = rng.randrange(2)
+            data = files[i].data
+            off = rng.randrange(len(data) + 1)
+            n = rng.randrange(min(len(data) - off, 300 * KIB) + 1)
+            kind = rng.randrange(3)
+            requests.append(3 if kind == 2 else 1)
+            if kind == 0:
+                got = r.read(i, off, n).tobytes()
+            elif kind == 1:
+                buf = np.empty(n + 1, np.uint8)[1:]
+                r.read_into(i, off, buf)
+                got = buf.tobytes()
+            else:
+                outs = r.read_batch([(i, off, n), (1, 0, 4097), (0, 0, 0)])
+                got = outs[0].tobytes()
+                if outs[1].tobytes() != files[1].data:
+                    mismatches.append(f"{seed}: batch file 1")
+            if got != data[off : off + n]:
+                mismatches.append(f"{seed}: file {i} @ {off} (+{n}) kind {kind}")
+
+    threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in range(8)]
+
+    def run_all() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    call_with_deadline(run_all, 120)
+    assert mismatches == []
+    s = r.stats()
+    assert s["batches"] == 8 * calls and s["requests"] == sum(requests)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_pickle_roundtrip_recreates_native_handle(make_file, backend, direct):
+    f = make_file(3 * 4096 + 7)
+    r = lio.Reader([f.path], backend=backend, direct=direct, queue_depth=16, num_threads=3, max_io_bytes=8192)
+    assert r.read(0, 1, 100).tobytes() == f.data[1:101]
+    blob = pickle.dumps(r)
+    r2 = pickle.loads(blob)
+    assert r2._native is None  # nothing native travelled
+    assert (r2.paths, r2.backend, r2.direct, r2.queue_depth, r2.num_threads, r2.max_io_bytes) == (
+        [f.path], backend, direct, 16, 3, 8192)
+    assert r2.read(0, 3, f.size - 3).tobytes() == f.data[3:]
+    assert r2._native is not None and r2._native is not r._native
+    assert r2.stats()["requests"] == 1  # fresh counters: a new handle
+    r3 = copy.deepcopy(r)
+    assert r3.read_batch([(0, 4096, 4097)])[0].tobytes() == f.data[4096:8193]
+    assert r.read(0, 0, f.size).tobytes() == f.data  # the original is untouched
+
+
+@needs_uring
+def test_unpickled_auto_reader_picks_threads_where_io_uring_unusable(make_file, faults):
+    """Regression: a Reader(backend="auto") pickled where io_uring works kept "io_uring"
+    and raised UnsupportedError when unpickled where it does not (a seccomp'd worker)."""
+    f = make_file(4097)
+    auto = pickle.dumps(lio.Reader([f.path], backend="auto"))
+    forced = pickle.dumps(lio.Reader([f.path], backend="io_uring"))
+    faults("uring_eperm")
+    r = pickle.loads(auto)
+    assert r.backend == "threads"
+    assert r.read(0, 1, 4096).tobytes() == f.data[1:]
+    with pytest.raises(lio.UnsupportedError):
+        pickle.loads(forced)  # explicitly asked for: raises, never silently changes
+    faults("")
+    assert pickle.loads(auto).backend == "io_uring"
+
+
+def test_reader_used_in_forked_child_does_not_hang(make_file, backend):
+    """Regression: a threads-engine Reader used in the parent and then in a forked child
+    (how DataLoader workers get their dataset) hung in the child: replacing the inherited
+    handle joined worker threads that do not exist there."""
+    f = make_file(3 * 4096 + 7)
+    r = lio.Reader([f.path], backend=backend, max_io_bytes=4096)
+    assert r.read(0, 0, f.size).tobytes() == f.data  # the parent's engine is live
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            ok = r.read(0, 1, f.size - 1).tobytes() == f.data[1:]
+            ok = ok and r.read_batch([(0, 4096, 4097)])[0].tobytes() == f.data[4096:8193]
+            code = 0 if ok else 3
+        finally:
+            os._exit(code)
+
+    def wait_child() -> int:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    try:
+        code = call_with_deadline(wait_child, 60)
+    except AssertionError:
+        os.kill(pid, 9)
+        raise
+    assert code == 0, f"child exited with {code} (3: wrong bytes)"
+    assert r.read(0, 2, 10).tobytes() == f.data[2:12]  # the parent's Reader still works
+
+
+class _ShardWindows(torch.utils.data.Dataset):
+    """A dataset holding a Reader, as users write them."""
+
+    def __init__(self, reader: lio.Reader, n: int, size: int) -> None:
+        self.reader, self.n, self.size = reader, n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        off = (k * 7919) % (self.size - 100)
+        return torch.from_numpy(self.reader.read(0, off, 100))
+
+
+def test_reader_in_dataloader_workers(make_file, backend):
+    f = make_file(64 * KIB + 3)
+    r = lio.Reader([f.path], backend=backend)
+    r.read(0, 0, 10)
+    ds = _ShardWindows(r, 24, f.size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, timeout=60)
+    got = torch.cat([b.reshape(-1) for b in loader]).numpy().tobytes()
+    expect = b"".join(f.data[(k * 7919) % (f.size - 100) :][:100] for k in range(24))
+    assert got == expect
+
+
+# ---------------------------------------------------------------- stats
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_stats_counters_move_as_expected(make_file, backend, direct):
+    f = make_file(3 * 4096 + 7)
+    r = lio.Reader([f.path], backend=backend, direct=direct, max_io_bytes=8192, queue_depth=16, num_threads=3)
+    s0 = r.stats()
+    if direct and not s0["direct_active"][0]:
+        pytest.skip(f"the file system of {f.path} refuses O_DIRECT: {s0['direct_fallbacks']}")
+    for key in ("batches", "requests", "bytes", "ops_direct", "ops_buffered", "bounce_ops", "bounce_bytes",
+                "fixed_buffer_ops", "retries"):
+        assert s0[key] == 0, key
+    assert s0["direct_requested"] is direct and s0["direct_active"] == [direct] and s0["direct_fallbacks"] == []
+    assert s0["max_io_bytes"] == 8192 and s0["backend"] == backend
+
+    reqs = [(0, 1, 10), (0, 4096, 4096), (0, 5, 3 * 4096), (0, 0, 0), (0, f.size - 7, 7)]
+    r.read_batch(reqs)
+    r.read(0, 3, 12000)
+    odd = np.empty(101, np.uint8)[1:]
+    r.read_into(0, 3, odd)  # not congruent with its offset: a bounce read when direct
+    requested = sum(n for _, _, n in reqs) + 12000 + 100
+    s = r.stats()
+    assert s["requests"] == len(reqs) + 2 and s["batches"] == 3 and s["bytes"] == requested
+    assert s["wait_s"] > 0
+    if direct:
+        assert s["ops_direct"] >= 3 and s["ops_buffered"] == 0
+        assert s["bytes_direct"] >= requested  # aligned reads cover at least what was asked
+        # read()/read_batch() allocate padded, aligned arrays: only the odd read bounced.
+        assert s["bounce_ops"] == 1 and s["bounce_bytes"] == 100
+    else:
+        assert s["ops_direct"] == 0 and s["bytes_direct"] == 0 and s["ops_buffered"] >= 3
+        assert s["bytes_buffered"] == requested and s["bounce_ops"] == 0
+    if backend == "io_uring":
+        assert s["queue_depth"] == 16 and s["registered_files"] == 1 and s["submits"] >= 3
+        if direct and s["registered_buffers"]:
+            assert s["fixed_buffer_ops"] >= 1  # the bounce read used a registered buffer
+        if not direct:
+            assert s["fixed_buffer_ops"] == 0
+    else:
+        assert s["num_threads"] == 3 and s["submits"] == 0 and s["fixed_buffer_ops"] == 0
