@@ -23,6 +23,8 @@
 namespace py = pybind11;
 using namespace llmio;
 
+void bind_rans(py::module_& m);  // rans_bindings.cpp
+
 #ifndef LLMIO_VERSION
 #define LLMIO_VERSION "0.0.0"
 #endif
@@ -180,6 +182,7 @@ PYBIND11_MODULE(_core, m) {
   g_unsupported = unsupported.ptr();
   g_short_read = short_read.ptr();
   py::register_exception_translator(&translate);
+  bind_rans(m);
 
   m.def("probe_io_uring", &probe_dict, "io_uring usability on this kernel: compiled, usable, errno, reason");
   m.def("_set_faults", [](const std::string& spec) {

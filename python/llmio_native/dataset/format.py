@@ -22,10 +22,22 @@ Header, bytes [0, 88); bytes [88, 4096) are zero::
 
 Chunk table entry (48 bytes)::
 
-     0        8              16            24           28     30     32         40         48
-     +--------+--------------+-------------+------------+------+------+----------+----------+
-     | offset | stored_bytes | first_token | token_count| codec| flags| checksum | reserved |
-     +--------+--------------+-------------+------------+------+------+----------+----------+
+     0        8              16            24           28     30     32         40             48
+     +--------+--------------+-------------+------------+------+------+----------+--------------+
+     | offset | stored_bytes | first_token | token_count| codec| flags| checksum | model_offset |
+     +--------+--------------+-------------+------------+------+------+----------+--------------+
+
+``model_offset`` is 0 except for ``rans`` chunks, where it is the 4096-aligned offset of
+the model region the chunk was coded with. A model region lies before the first chunk
+that uses it (the writer builds one model per group of chunks)::
+
+     0           8             16            24          32
+     +-----------+-------------+-------------+-----------+--------------------------+
+     | "LIORANSM"| stored_bytes| checksum    | raw_bytes | zstd(model), stored_bytes|
+     +-----------+-------------+-------------+-----------+--------------------------+
+
+The checksum (XXH3-64) covers the zstd frame; the model inside is parsed and checked by
+``RansModel.parse`` (csrc/codec/rans.hpp, docs/format.md).
 """
 from __future__ import annotations
 
@@ -37,7 +49,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError
 
 MAGIC = b"LIOTOKS\0"
 VERSION = 1
@@ -67,7 +79,7 @@ CHUNK_ENTRY = np.dtype(
         ("codec", "<u2"),
         ("flags", "<u2"),
         ("checksum", "<u8"),
-        ("reserved", "<u8"),
+        ("model_offset", "<u8"),
     ]
 )
 assert CHUNK_ENTRY.itemsize == 48
@@ -83,6 +95,7 @@ CHUNKS_DTYPE = np.dtype(
         ("token_count", "<u8"),
         ("codec", "<u2"),
         ("checksum", "<u8"),
+        ("model", "<u8"),  # rans: file offset of the chunk's model region; else 0
     ]
 )
 
@@ -91,8 +104,16 @@ CODEC_ZSTD = 1
 CODEC_RANS = 2
 CODEC_IDS = {"none": CODEC_NONE, "zstd": CODEC_ZSTD, "rans": CODEC_RANS}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
-#: Codecs this build can write and read; ``rans`` is reserved for the GPU token codec.
-IMPLEMENTED_CODECS = (CODEC_NONE, CODEC_ZSTD)
+#: Codecs this build can write and read.
+IMPLEMENTED_CODECS = (CODEC_NONE, CODEC_ZSTD, CODEC_RANS)
+
+MODEL_MAGIC = b"LIORANSM"
+_MODEL_HEADER = struct.Struct("<8sQQQ")  # magic, stored_bytes, checksum, raw_bytes
+MODEL_HEADER_BYTES = _MODEL_HEADER.size  # 32
+MODEL_MAX_BYTES = 1 << 30
+#: rans defaults: bucket frequencies quantised to 2^14, one model per 2^24 tokens.
+RANS_SCALE_BITS = 14
+RANS_MODEL_TOKENS = 1 << 24
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 TOKEN_BYTES_TO_DTYPE = {2: "uint16", 4: "uint32"}
@@ -209,28 +230,93 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode_chunk(tokens: np.ndarray, codec: int, level: int) -> tuple[Any, int, int]:
+def pack_model_region(model: Any, level: int = 19) -> bytes:
+    """The bytes of a model region (header + zstd frame of ``model.serialize()``)."""
+    raw = model.serialize()
+    stored = _cctx(level).compress(raw)
+    return _MODEL_HEADER.pack(MODEL_MAGIC, len(stored), checksum(stored), len(raw)) + stored
+
+
+def model_region_size(head: Any, path: str, offset: int) -> int:
+    """Total bytes of the model region whose first ``MODEL_HEADER_BYTES`` are ``head``.
+
+    Raises:
+        FormatError: wrong magic or an impossible size; the message names ``path`` and ``offset``.
+    """
+    if len(head) < MODEL_HEADER_BYTES:
+        raise FormatError(f"{path}: truncated rans model region @ offset {offset}", path=path, offset=offset)
+    magic, stored, _, raw = _MODEL_HEADER.unpack_from(bytes(head[:MODEL_HEADER_BYTES]))
+    if magic != MODEL_MAGIC:
+        raise FormatError(f"{path}: no rans model region @ offset {offset} (magic {magic!r}, expected "
+                          f"{MODEL_MAGIC!r})", path=path, offset=offset)
+    if not 0 < stored <= MODEL_MAX_BYTES or not 0 < raw <= MODEL_MAX_BYTES:
+        raise FormatError(f"{path}: rans model region @ offset {offset} has impossible sizes "
+                          f"({stored} stored, {raw} raw)", path=path, offset=offset)
+    return MODEL_HEADER_BYTES + stored
+
+
+def parse_model_region(region: Any, path: str, offset: int) -> Any:
+    """Check and parse a whole model region into a ``RansModel``.
+
+    Raises:
+        ChecksumError: the stored frame does not match its checksum.
+        FormatError: bad magic, sizes, zstd frame or model contents; names ``path`` and ``offset``.
+    """
+    from .._native import _core
+    from ..errors import ChecksumError
+
+    n = model_region_size(region, path, offset)
+    if len(region) < n:
+        raise FormatError(f"{path}: truncated rans model region @ offset {offset} ({len(region)} of {n} bytes)",
+                          path=path, offset=offset)
+    _, stored_n, want, raw_n = _MODEL_HEADER.unpack_from(bytes(region[:MODEL_HEADER_BYTES]))
+    stored = bytes(region[MODEL_HEADER_BYTES:n])
+    got = checksum(stored)
+    if got != want:
+        raise ChecksumError(f"{path}: rans model region @ offset {offset}: checksum mismatch (recorded "
+                            f"{want:#018x}, computed {got:#018x}): the model is corrupt", path=path, offset=offset)
+    try:
+        raw = _dctx().decompress(stored, max_output_size=raw_n)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{path}: rans model region @ offset {offset}: bad zstd frame ({exc})",
+                          path=path, offset=offset) from None
+    if len(raw) != raw_n:
+        raise FormatError(f"{path}: rans model region @ offset {offset}: {len(raw)} bytes, expected {raw_n}",
+                          path=path, offset=offset)
+    try:
+        return _core.RansModel.parse(raw)
+    except _core.CodecError as exc:
+        raise FormatError(f"{path}: rans model region @ offset {offset}: {exc}", path=path, offset=offset) from None
+
+
+def encode_chunk(tokens: np.ndarray, codec: int, level: int, model: Any = None) -> tuple[Any, int, int]:
     """Encode one chunk: returns ``(stored bytes-like, codec id used, checksum of stored)``.
 
-    A zstd chunk that would not get smaller is stored raw (codec ``none``): every chunk
-    names its own codec, so readers handle the mix. Runs on writer worker threads
-    (zstd and xxhash release the GIL).
+    A zstd or rans chunk that would not get smaller is stored raw (codec ``none``): every
+    chunk names its own codec, so readers handle the mix. Runs on writer worker threads
+    (zstd, the rans encoder and xxhash release the GIL). ``model`` is the ``RansModel``
+    for ``codec == CODEC_RANS``.
     """
     raw = memoryview(np.ascontiguousarray(tokens)).cast("B")
     if codec == CODEC_ZSTD:
         comp = _cctx(level).compress(raw)
         if len(comp) < raw.nbytes:
             return comp, CODEC_ZSTD, checksum(comp)
+    elif codec == CODEC_RANS:
+        comp = model.encode(np.ascontiguousarray(tokens))
+        if len(comp) < raw.nbytes:
+            return comp, CODEC_RANS, checksum(comp)
     return raw, CODEC_NONE, checksum(raw)
 
 
-def decode_into(stored: Any, codec: int, out: np.ndarray, where: str) -> None:
+def decode_into(stored: Any, codec: int, out: np.ndarray, where: str, model: Any = None) -> None:
     """Decode checked ``stored`` bytes of one chunk into ``out`` (exact size).
+
+    ``model`` is the chunk's ``RansModel`` (rans chunks only).
 
     Raises:
         FormatError: unknown codec id, or the stored bytes do not decode to exactly
             ``out.nbytes`` bytes; the message starts with ``where`` (shard, chunk, offset).
-        UnsupportedError: the reserved ``rans`` codec (not implemented by this build).
     """
     dst = memoryview(out).cast("B")
     if codec == CODEC_NONE:
@@ -260,10 +346,15 @@ def decode_into(stored: Any, codec: int, out: np.ndarray, where: str) -> None:
             raise FormatError(f"{where}: zstd frame decoded to {got} bytes, expected {dst.nbytes}")
         return
     if codec == CODEC_RANS:
-        raise UnsupportedError(
-            f"{where}: codec 'rans' (id {CODEC_RANS}) is reserved for the GPU token codec and "
-            "not implemented by this build"
-        )
+        from .._native import _core
+
+        if model is None:
+            raise FormatError(f"{where}: rans chunk without a model")
+        try:
+            model.decode(stored, out)
+        except _core.CodecError as exc:
+            raise FormatError(f"{where}: {exc}") from None
+        return
     raise FormatError(
         f"{where}: unknown codec id {codec} (this build knows "
         + ", ".join(f"{n}={i}" for n, i in CODEC_IDS.items())

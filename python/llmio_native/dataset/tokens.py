@@ -167,12 +167,14 @@ class TokenDataset:
         self._reader_obj: Reader | None = None
         self._reader_pid = -1
         self._lock = threading.Lock()
+        self._models: dict[tuple[int, int], Any] = {}  # (file, model offset) -> RansModel
 
     # -- pickling / native handles ----------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reader_obj"] = None
         state["_reader_pid"] = -1
+        state["_models"] = {}
         del state["_lock"]
         return state
 
@@ -252,11 +254,44 @@ class TokenDataset:
 
     def _decode(self, ci: int, stored: np.ndarray, out: np.ndarray) -> None:
         c = self.chunks[ci]
+        codec = int(c["codec"])
         try:
-            F.decode_into(stored, int(c["codec"]), out, self._where(ci))
+            model = self.model_of(ci) if codec == F.CODEC_RANS else None
+            F.decode_into(stored, codec, out, self._where(ci), model)
         except FormatError as exc:
-            exc.path, exc.chunk, exc.offset = self.paths[int(c["file"])], int(self._local[ci]), int(c["offset"])
+            if exc.chunk is None or codec != F.CODEC_RANS:
+                exc.path, exc.chunk, exc.offset = self.paths[int(c["file"])], int(self._local[ci]), int(c["offset"])
             raise
+
+    def model_of(self, chunk_index: int) -> Any:
+        """The ``RansModel`` a rans chunk was coded with (read, checked and cached on first use).
+
+        Raises:
+            ValueError: the chunk is not a rans chunk.
+            ChecksumError, FormatError: the model region is damaged (names file and offset;
+                the chunk is named too).
+            OSError: reading it failed.
+        """
+        c = self.chunks[int(chunk_index)]
+        if int(c["codec"]) != F.CODEC_RANS:
+            raise ValueError(f"{self._where(int(chunk_index))} is not a rans chunk")
+        key = (int(c["file"]), int(c["model"]))
+        model = self._models.get(key)
+        if model is not None:
+            return model
+        f, off = key
+        path = self.paths[f]
+        try:
+            head = self.reader.read(f, off, F.MODEL_HEADER_BYTES)
+            n = F.model_region_size(head, path, off)
+            model = F.parse_model_region(self.reader.read(f, off, n), path, off)
+        except FormatError as exc:
+            exc.args = (f"{exc} (model of {self._where(int(chunk_index))})",)
+            exc.chunk = int(self._local[int(chunk_index)])
+            raise
+        with self._lock:
+            self._models[key] = model
+        return model
 
     # -- reads -----------------------------------------------------------------------------
     def read(self, start: int, count: int, *, verify: bool = True) -> np.ndarray:
@@ -272,7 +307,6 @@ class TokenDataset:
             ValueError: ``count < 0``.
             ChecksumError: a chunk's stored bytes do not match their checksum.
             FormatError: a chunk does not decode to its recorded size, or has an unknown codec.
-            UnsupportedError: a chunk uses the reserved ``rans`` codec.
             ShortReadError, OSError: the file shrank since it was opened, or the read failed.
         """
         start, count = self._check_range(start, count)
@@ -465,7 +499,6 @@ class TokenDataset:
             ChecksumError: checksum mismatch (message names file, chunk and offset).
             FormatError: wrong length, unknown codec id, or bytes that do not decode to
                 ``token_count`` tokens.
-            UnsupportedError: the reserved ``rans`` codec.
         """
         ci = int(chunk_index)
         if not 0 <= ci < len(self.chunks):
@@ -820,6 +853,10 @@ class LioDataset(TokenDataset):
             if nch:
                 nxt[:-1] = table["offset"][1:]
                 nxt[-1] = t_off
+                # a model region written between two chunks ends the first one's region
+                mo = table["model_offset"][1:]
+                between = (mo > table["offset"][:-1]) & (table["codec"][1:] == F.CODEC_RANS)
+                nxt[:-1] = np.where(between, mo, nxt[:-1])
             region_parts.append(nxt)
             local_parts.append(np.arange(nch, dtype=np.int64))
             paths.append(path)
@@ -838,6 +875,7 @@ class LioDataset(TokenDataset):
             sl["file"] = fi
             for name in ("offset", "stored_bytes", "codec", "checksum", "token_count"):
                 sl[name] = table[name]
+            sl["model"] = table["model_offset"]
             sl["first_token"] = table["first_token"] + np.uint64(base)
             k += n
         ends = np.concatenate(doc_parts) if doc_parts else np.zeros(0, dtype=np.uint64)
@@ -875,7 +913,11 @@ class LioDataset(TokenDataset):
             bad(table["first_token"].astype(np.int64) != cum, "first_token is not the sum of earlier token counts")
             bad((table["codec"] == F.CODEC_NONE) & (stored != count * tb), "raw chunk size != token_count x token_bytes")
             bad(table["flags"] != 0, "nonzero flags (written by a newer version?)")
-            bad(table["reserved"] != 0, "nonzero reserved field (written by a newer version?)")
+            mo = table["model_offset"].astype(np.int64)
+            rans = table["codec"] == F.CODEC_RANS
+            bad(~rans & (mo != 0), "nonzero model_offset on a chunk that is not rans (written by a newer version?)")
+            bad(rans & ((mo % F.ALIGN != 0) | (mo < F.HEADER_BYTES) | (mo + F.MODEL_HEADER_BYTES > off)),
+                "rans chunk whose model_offset is not a 4096-aligned offset before the chunk")
             total = int(count.sum())
         else:
             total = 0

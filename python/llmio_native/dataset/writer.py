@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from .._native import _core
 from . import format as F
 
 #: Default tokens per chunk: 128 KiB of uint16, a multiple of 4096 bytes so raw chunks
@@ -87,13 +87,18 @@ class DatasetWriter:
     Args:
         out_dir: directory to write (created with its parents if missing).
         dtype: ``"uint16"`` or ``"uint32"``.
-        codec: ``"none"`` or ``"zstd"`` (``"rans"`` is reserved and raises).
+        codec: ``"none"``, ``"zstd"`` or ``"rans"`` (the token entropy codec decoded on the
+            GPU, docs/format.md). A chunk that would not get smaller is stored raw.
         chunk_tokens: tokens per chunk (every chunk of a shard but its last holds exactly
             this many); a multiple of 2048 keeps raw uint16 chunks free of padding.
         shard_tokens: target tokens per shard (default 2^30).
         eot_token: the end-of-text token id, recorded in the manifest only (callers
             append it to documents themselves); ``ds.eot_token`` reads it back.
         zstd_level: zstd compression level (1..22, negative for fast modes).
+        rans_model_tokens: rans: tokens per model group. The writer holds a group's chunks
+            until it has this many (or the shard ends), builds their frequency model, writes
+            it once into the shard and encodes the chunks with it. Memory: one group of
+            tokens (default 2^24: 32 MiB of uint16, 64 MiB of uint32) on top of the above.
         num_threads: compression threads (default ``os.cpu_count()``).
         overwrite: replace an existing dataset or clean an incomplete one in ``out_dir``
             (only our files are removed: shards, manifest, temp files).
@@ -103,7 +108,6 @@ class DatasetWriter:
 
     Raises:
         ValueError: bad dtype, codec name, sizes, eot_token or metadata.
-        UnsupportedError: ``codec="rans"`` (reserved, not implemented yet).
         FileExistsError: ``out_dir`` holds a dataset (manifest.json) or an incomplete one
             (shard files, no manifest) and ``overwrite`` is false; or is a file.
         FileNotFoundError: ``tokenizer`` does not exist.
@@ -118,6 +122,7 @@ class DatasetWriter:
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         eot_token: int | None = None,
         zstd_level: int = 3,
+        rans_model_tokens: int = F.RANS_MODEL_TOKENS,
         num_threads: int | None = None,
         overwrite: bool = False,
         tokenizer: str | os.PathLike[str] | None = None,
@@ -130,12 +135,11 @@ class DatasetWriter:
             name = repr(dtype)
         if name not in F.DTYPES:
             raise ValueError(f"dtype must be 'uint16' or 'uint32', got {dtype!r}")
-        if codec == "rans":
-            raise UnsupportedError(
-                "codec 'rans' is reserved for the GPU token codec and not implemented yet; "
-                "use codec='zstd' or 'none'")
-        if codec not in ("none", "zstd"):
-            raise ValueError(f"codec must be 'none' or 'zstd', got {codec!r}")
+        if codec not in F.CODEC_IDS:
+            raise ValueError(f"codec must be 'none', 'zstd' or 'rans', got {codec!r}")
+        rans_model_tokens = int(rans_model_tokens)
+        if rans_model_tokens < 1:
+            raise ValueError(f"rans_model_tokens must be >= 1, got {rans_model_tokens}")
         chunk_tokens, shard_tokens = int(chunk_tokens), int(shard_tokens)
         tb = F.DTYPES[name].itemsize
         if not 1 <= chunk_tokens or chunk_tokens * tb > (1 << 30):
@@ -171,6 +175,7 @@ class DatasetWriter:
         self.shard_tokens = shard_tokens
         self.eot_token = eot_token
         self.zstd_level = int(zstd_level)
+        self.rans_model_tokens = rans_model_tokens
         self.num_threads = threads
         self.metadata = dict(metadata) if metadata else {}
         self._maxval = maxval
@@ -188,6 +193,9 @@ class DatasetWriter:
         self._max_in_flight = max(2, min(2 * threads, IN_FLIGHT_BYTES // max(1, 2 * cbytes)))
         self._pool: cf.ThreadPoolExecutor | None = None
         self._inflight: collections.deque = collections.deque()
+        self._group: list[np.ndarray] = []  # rans: chunks waiting for their group's model
+        self._group_tokens = 0
+        self._model_offset = 0
         self._buf = np.empty(chunk_tokens, dtype=F.DTYPES[name])
         self._fill = 0
         self._shards: list[dict] = []
@@ -196,6 +204,7 @@ class DatasetWriter:
         self.num_tokens = 0
         self.num_documents = 0
         self.stored_bytes = 0
+        self.model_bytes = 0
         self._closed = False
         self._aborted = False
 
@@ -322,13 +331,40 @@ class DatasetWriter:
 
     def _submit_chunk(self) -> None:
         chunk = self._buf[: self._fill]
-        count = self._fill
         self._buf = np.empty(self.chunk_tokens, dtype=self._buf.dtype)
         self._fill = 0
-        fut = self._executor().submit(F.encode_chunk, chunk, self._codec_id, self.zstd_level)
-        self._inflight.append((fut, count))
+        if self._codec_id == F.CODEC_RANS:
+            self._group.append(chunk)
+            self._group_tokens += len(chunk)
+            if self._group_tokens >= self.rans_model_tokens:
+                self._flush_group()
+            return
+        self._encode(chunk, None)
+
+    def _encode(self, chunk: np.ndarray, model: Any) -> None:
+        fut = self._executor().submit(F.encode_chunk, chunk, self._codec_id, self.zstd_level, model)
+        self._inflight.append((fut, len(chunk)))
         while len(self._inflight) >= self._max_in_flight:
             self._write_oldest()
+
+    def _flush_group(self) -> None:
+        """rans: build the model of the buffered chunks, write its region, then encode them."""
+        if not self._group:
+            return
+        model = _core.RansModel.build(self._group, self.dtype.itemsize, F.RANS_SCALE_BITS)
+        self._drain()  # the region goes after every chunk of the previous group
+        region = F.pack_model_region(model)
+        fh = self._shard_fh
+        assert fh is not None
+        self._model_offset = self._pos
+        fh.write(region)
+        pad = (-len(region)) % F.ALIGN
+        fh.write(_ZEROS[:pad])
+        self._pos += len(region) + pad
+        self.model_bytes += len(region)
+        group, self._group, self._group_tokens = self._group, [], 0
+        for chunk in group:
+            self._encode(chunk, model)
 
     def _write_oldest(self) -> None:
         fut, count = self._inflight.popleft()
@@ -346,7 +382,9 @@ class DatasetWriter:
             grown = np.zeros(2 * len(self._shard_chunks), dtype=F.CHUNK_ENTRY)
             grown[: self._shard_nchunks] = self._shard_chunks
             self._shard_chunks = grown
-        self._shard_chunks[self._shard_nchunks] = (offset, nbytes, self._shard_first, count, codec, 0, csum, 0)
+        model_offset = self._model_offset if codec == F.CODEC_RANS else 0
+        self._shard_chunks[self._shard_nchunks] = (offset, nbytes, self._shard_first, count, codec, 0, csum,
+                                                   model_offset)
         self._shard_nchunks += 1
         self._shard_first += count
         self.stored_bytes += nbytes
@@ -358,6 +396,7 @@ class DatasetWriter:
     def _finish_shard(self) -> None:
         if self._fill:
             self._submit_chunk()
+        self._flush_group()  # groups never span shards
         self._drain()
         fh = self._shard_fh
         assert fh is not None
@@ -441,6 +480,7 @@ class DatasetWriter:
                 "chunk_tokens": self.chunk_tokens,
                 "shard_tokens": self.shard_tokens,
                 "zstd_level": self.zstd_level if self.codec == "zstd" else None,
+                "rans_model_tokens": self.rans_model_tokens if self.codec == "rans" else None,
                 "num_tokens": self.num_tokens,
                 "num_documents": self.num_documents,
                 "shards": self._shards,
@@ -476,6 +516,7 @@ class DatasetWriter:
         for fut, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
+        self._group = []
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
