@@ -13,6 +13,8 @@
 namespace py = pybind11;
 using namespace llmio;
 
+void bind_rans_cuda(py::module_& m);  // rans_cuda_bindings.cpp
+
 namespace {
 PyObject* g_cuda_error = nullptr;
 
@@ -30,6 +32,7 @@ PYBIND11_MODULE(_cuda, m) {
   py::object core = py::module_::import("llmio_native._core");
   static py::object cuda_error = core.attr("CudaError");
   g_cuda_error = cuda_error.ptr();
+  bind_rans_cuda(m);
 
   m.def("runtime_version", [] {
     int v = 0;

@@ -1,0 +1,156 @@
+"""Batched decoding of ``rans`` chunks: descriptors, the GPU decoder and its host emulation.
+
+The codec itself is C++ (``llmio_native._core.RansModel``, csrc/codec/rans.hpp): a
+``RansModel`` encodes and decodes one chunk on the CPU. This module decodes many chunks
+at once the way the GPU does (csrc/cuda/rans_decode.cu): the payloads of the chunks lie
+in one buffer, each at a 4-byte aligned offset; a chunk table (:data:`CHUNK_DESC`) says
+where each payload is, how many tokens it holds, where its tokens go and which model it
+uses; a block table (:data:`BLOCK_DESC`, one row per 32768 tokens) gives every warp its
+block. :func:`emulate` runs the kernel's logic on the host (the tests compare it with the
+C++ decoder); :class:`GpuDecoder` launches the kernel on the current CUDA stream.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._native import _core, _cuda
+from ..errors import FormatError
+
+BLOCK_SYMBOLS: int = _core.RANS_BLOCK_SYMBOLS
+CHUNK_DESC = np.dtype([("src_offset", "<u8"), ("src_bytes", "<u8"), ("out_offset", "<u8"),
+                       ("num_tokens", "<u4"), ("model", "<u4")])
+BLOCK_DESC = np.dtype([("chunk", "<u4"), ("block", "<u4")])
+assert CHUNK_DESC.itemsize == 32 and BLOCK_DESC.itemsize == 8
+
+#: Per-chunk status codes of the kernel and the emulation (rans_device.hpp).
+STATUS = {0: "ok", 1: "payload header, block table or size inconsistent", 2: "invalid initial state",
+          3: "a block needs more words than it has", 4: "a symbol the model does not have",
+          5: "final states or word count differ from the encoder's"}
+
+
+def descriptors(src_offsets: Sequence[int] | np.ndarray, src_bytes: Sequence[int] | np.ndarray,
+                num_tokens: Sequence[int] | np.ndarray, models: Sequence[int] | np.ndarray,
+                out_offsets: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk and block tables for a batched decode (vectorised: no per-token work).
+
+    Args:
+        src_offsets: byte offset of each payload in the source buffer (multiples of 4).
+        src_bytes: payload sizes.
+        num_tokens: tokens each chunk decodes to (from the chunk table).
+        models: index of each chunk's model in the image list.
+        out_offsets: first output token of each chunk (default: packed in order).
+
+    Returns:
+        ``(chunks, blocks)`` structured arrays of :data:`CHUNK_DESC` and :data:`BLOCK_DESC`.
+
+    Raises:
+        ValueError: lengths differ or an offset is not a multiple of 4.
+    """
+    so = np.asarray(src_offsets, dtype=np.uint64)
+    n = len(so)
+    nt = np.asarray(num_tokens, dtype=np.uint64)
+    if not (len(src_bytes) == len(nt) == len(models) == n) or (out_offsets is not None and len(out_offsets) != n):
+        raise ValueError("rans descriptors: every argument needs one value per chunk")
+    if n and (so % np.uint64(4)).any():
+        raise ValueError("rans descriptors: payloads must start at 4-byte aligned offsets")
+    chunks = np.zeros(n, dtype=CHUNK_DESC)
+    chunks["src_offset"] = so
+    chunks["src_bytes"] = np.asarray(src_bytes, dtype=np.uint64)
+    chunks["num_tokens"] = nt
+    chunks["model"] = np.asarray(models, dtype=np.uint32)
+    if out_offsets is None:
+        chunks["out_offset"] = np.concatenate([[0], np.cumsum(nt)[:-1]]).astype(np.uint64) if n else 0
+    else:
+        chunks["out_offset"] = np.asarray(out_offsets, dtype=np.uint64)
+    nb = (nt.astype(np.int64) + BLOCK_SYMBOLS - 1) // BLOCK_SYMBOLS
+    blocks = np.zeros(int(nb.sum()), dtype=BLOCK_DESC)
+    blocks["chunk"] = np.repeat(np.arange(n, dtype=np.uint32), nb)
+    starts = np.concatenate([[0], np.cumsum(nb)[:-1]]) if n else np.zeros(0, np.int64)
+    blocks["block"] = np.arange(len(blocks), dtype=np.int64) - np.repeat(starts, nb)
+    return chunks, blocks
+
+
+def emulate(src: np.ndarray, chunks: np.ndarray, blocks: np.ndarray, models: Sequence[Any],
+            out: np.ndarray) -> np.ndarray:
+    """Run the GPU decoder's logic on the host; returns the per-chunk status codes.
+
+    Raises:
+        ValueError: a descriptor points outside ``src`` or ``out``.
+    """
+    images = [m.device_image() for m in models]
+    return _core.rans_emulate_gpu(np.ascontiguousarray(src, dtype=np.uint8), chunks, blocks, images, out)
+
+
+def check_status(status: np.ndarray, where: Sequence[str]) -> None:
+    """Raise FormatError naming the first chunk whose status is not 0.
+
+    Raises:
+        FormatError: with ``where[i]`` (file, chunk, offset) and the reason.
+    """
+    bad = np.flatnonzero(np.asarray(status) != 0)
+    if len(bad):
+        i = int(bad[0])
+        code = int(status[i])
+        raise FormatError(f"{where[i]}: rans decode failed on the GPU: {STATUS.get(code, code)} "
+                          f"({len(bad)} bad chunk(s) in this batch)")
+
+
+class GpuDecoder:
+    """Launches the rans kernel; keeps each model's device image on the GPU once.
+
+    Args:
+        device: the CUDA device (a ``torch.device`` or string).
+
+    Raises:
+        UnsupportedError: ``llmio_native._cuda`` is not built or no GPU is usable.
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        from ..errors import UnsupportedError
+
+        if _cuda is None or not torch.cuda.is_available():
+            raise UnsupportedError("rans GPU decoder: llmio_native._cuda is not built or no CUDA GPU is usable")
+        self.device = torch.device(device)
+        self._images: dict[int, Any] = {}  # id(model) -> (model, device tensor)
+
+    def image_ptr(self, model: Any) -> int:
+        """Device address of ``model``'s decode image (uploaded on first use)."""
+        import torch
+
+        ent = self._images.get(id(model))
+        if ent is None:
+            img = torch.from_numpy(model.device_image()).to(self.device)
+            ent = self._images[id(model)] = (model, img)
+        return int(ent[1].data_ptr())
+
+    def decode(self, src: Any, chunks: np.ndarray, blocks: np.ndarray, models: Sequence[Any], out: Any,
+               stream: Any = None) -> Any:
+        """Decode on ``stream`` (default: the current stream) into ``out`` (a device tensor
+        of int16/int32 viewed as the token type). Returns the device status tensor; nothing
+        synchronises here: check it with :func:`check_status` after the stream is done.
+
+        Raises:
+            ValueError: ``out`` too small for the chunks.
+        """
+        import torch
+
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device)
+        if len(chunks) and int((chunks["out_offset"] + chunks["num_tokens"]).max()) > out.numel():
+            raise ValueError("rans GpuDecoder: out is too small for the chunks")
+        with torch.cuda.stream(stream):
+            ptrs = torch.tensor([self.image_ptr(m) for m in models] or [0], dtype=torch.int64)
+            ptrs = ptrs.pin_memory().to(self.device, non_blocking=True)
+            cd = torch.from_numpy(chunks.view(np.uint8)).pin_memory().to(self.device, non_blocking=True)
+            bd = torch.from_numpy(blocks.view(np.uint8)).pin_memory().to(self.device, non_blocking=True)
+            status = torch.zeros(max(1, len(chunks)), dtype=torch.int32, device=self.device)
+            _cuda.rans_decode(src.data_ptr(), cd.data_ptr(), len(chunks), bd.data_ptr(), len(blocks),
+                              ptrs.data_ptr(), out.data_ptr(), out.element_size(), status.data_ptr(),
+                              stream.cuda_stream)
+            for t in (ptrs, cd, bd):
+                t.record_stream(stream)
+        return status[: len(chunks)]
