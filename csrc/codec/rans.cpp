@@ -146,9 +146,13 @@ Model Model::build(const std::vector<std::pair<const void*, size_t>>& parts, uin
     }
     std::sort(m.rank_to_sym_.begin() + lo, m.rank_to_sym_.begin() + hi);  // by id inside a bucket
   }
-  for (uint32_t j = 0; j < kEscapeBuckets; ++j) count[m.num_rank_buckets_ + j] = esc[j];
+  // With escapes on, every bit length the token type has stays codable (frequency >= 1),
+  // so the model also codes tokens it never saw.
+  for (uint32_t j = 0; j < kEscapeBuckets; ++j)
+    count[m.num_rank_buckets_ + j] = escape_max_count && j <= 8 * token_bytes ? std::max<uint64_t>(esc[j], 1) : esc[j];
   m.freq_ = normalise(count, scale_bits);
   m.finish();
+  for (uint32_t j = 0; j < kEscapeBuckets; ++j) count[m.num_rank_buckets_ + j] = esc[j];  // real counts
   double bits = 0;
   for (size_t b = 0; b < count.size(); ++b) {
     if (!count[b]) continue;

@@ -49,7 +49,9 @@ class Model {
  public:
   // Build a model of the tokens in `parts` (arrays of token_bytes-wide ids).
   // Tokens seen at most `escape_max_count` times are escaped instead of
-  // ranked. Throws std::invalid_argument for bad settings.
+  // ranked; with escape_max_count > 0 every escape bucket the token type has
+  // keeps a frequency, so the model codes any token (also unseen ones).
+  // Throws std::invalid_argument for bad settings.
   static Model build(const std::vector<std::pair<const void*, size_t>>& parts, uint32_t token_bytes,
                      uint32_t scale_bits, uint32_t escape_max_count);
   // Parse serialize()'s bytes, checking every field; throws CodecError.
