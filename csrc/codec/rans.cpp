@@ -11,6 +11,7 @@ namespace rans {
 namespace {
 
 constexpr uint32_t kNone = 0xffffffffu;
+#define LLMIO_ALWAYS_INLINE __attribute__((always_inline))
 constexpr uint32_t kModelVersion = 1;
 constexpr size_t kDenseLimit = size_t(1) << 22;  // symbol -> rank as an array below this id
 
@@ -452,26 +453,28 @@ void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_toke
     };
     const uint32_t m = span.symbols, steps = (m + kLanes - 1) / kLanes;
     const size_t first = size_t(blk) * kBlockSymbols;
-    for (uint32_t t = 0; t < steps; ++t) {
-      const uint32_t active = std::min(kLanes, m - t * kLanes);
+    // One step of `active` lanes; full steps get a constant trip count (unrolled).
+    auto step = [&](uint32_t t, uint32_t active) LLMIO_ALWAYS_INLINE {
+      uint32_t bits[kLanes];
       bool any_high = false;
       for (uint32_t l = 0; l < active; ++l) {  // phase 1: bucket
         const uint32_t slot = x[l] & mask;
         b[l] = slot_of[slot];
         const Bucket& e = bucket_info[b[l]];
+        bits[l] = e.bits;
         x[l] = e.freq * (x[l] >> S) + slot - e.cum;
         renorm(x[l]);
       }
       for (uint32_t l = 0; l < active; ++l) {  // phase 2: low raw bits (none: x stays >= L)
-        const uint32_t bits = bucket_info[b[l]].bits, lo = bits < 16 ? bits : 16;
+        const uint32_t lo = bits[l] < 16 ? bits[l] : 16;
         v[l] = x[l] & ((1u << lo) - 1);
         x[l] >>= lo;
-        any_high |= bits > 16;
+        any_high |= bits[l] > 16;
         renorm(x[l]);
       }
       if (any_high) {
         for (uint32_t l = 0; l < active; ++l) {  // phase 3: high raw bits
-          const uint32_t bits = bucket_info[b[l]].bits, hi = bits > 16 ? bits - 16 : 0;
+          const uint32_t hi = bits[l] > 16 ? bits[l] - 16 : 0;
           v[l] |= (x[l] & ((1u << hi) - 1)) << 16;
           x[l] >>= hi;
           renorm(x[l]);
@@ -494,7 +497,10 @@ void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_toke
         else
           static_cast<uint32_t*>(out)[o + l] = sym;
       }
-    }
+    };
+    const uint32_t full = m / kLanes;
+    for (uint32_t t = 0; t < full; ++t) step(t, kLanes);
+    if (full < steps) step(full, m - full * kLanes);
     if (overrun) throw CodecError("rans payload: block " + std::to_string(blk) + " runs out of words (corrupt)");
     if (bad) throw CodecError("rans payload: block " + std::to_string(blk) + " decodes a symbol the model does not have (corrupt)");
     for (uint32_t l = 0; l < kLanes; ++l)
