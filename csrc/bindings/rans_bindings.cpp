@@ -100,7 +100,7 @@ void bind_rans(py::module_& m) {
           py::arg("tokens"), "Encode a chunk of tokens into a payload (bytes).")
       .def(
           "decode",
-          [](const Model& m, py::buffer payload, py::buffer out) {
+          [](const Model& m, py::buffer payload, py::buffer out, bool simd) {
             py::buffer_info pi = payload.request();
             py::buffer_info oi = out.request(true);
             Tokens t = tokens_of(oi, "RansModel.decode");
@@ -110,9 +110,9 @@ void bind_rans(py::module_& m) {
             const auto* p = static_cast<const uint8_t*>(pi.ptr);
             const size_t n = static_cast<size_t>(pi.size * pi.itemsize);
             py::gil_scoped_release nogil;
-            m.decode(p, n, const_cast<void*>(t.ptr), t.n);
+            m.decode(p, n, const_cast<void*>(t.ptr), t.n, simd);
           },
-          py::arg("payload"), py::arg("out"),
+          py::arg("payload"), py::arg("out"), py::arg("simd") = true,
           "Decode a payload into `out` (its length is the token count); raises CodecError when corrupt.")
       .def_property_readonly("token_bytes", &Model::token_bytes)
       .def_property_readonly("scale_bits", &Model::scale_bits)

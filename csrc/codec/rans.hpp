@@ -64,7 +64,10 @@ class Model {
   // token is neither ranked nor escapable by this model.
   void encode(const void* tokens, size_t n, std::vector<uint8_t>& out) const;
   // Decode a payload of exactly num_tokens tokens into out; throws CodecError.
-  void decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens) const;
+  // simd: use the AVX2 path where the CPU has it (bit-identical; false forces
+  // the scalar reference, which the tests compare it with). LLMIO_RANS_SIMD=0
+  // turns the AVX2 path off process-wide.
+  void decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool simd = true) const;
 
   uint32_t token_bytes() const { return token_bytes_; }
   uint32_t scale_bits() const { return scale_bits_; }
@@ -88,6 +91,7 @@ class Model {
   };
   std::vector<Bucket> buckets_;             // decoder's per-bucket constants
   std::vector<uint16_t> slot_;              // [2^scale_bits] -> bucket
+  std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // AVX2 decoder tables (rans.cpp)
   std::vector<uint32_t> dense_rank_;        // symbol -> rank when ids are small
   std::vector<std::pair<uint32_t, uint32_t>> sparse_rank_;  // (symbol, rank) sorted, otherwise
   double bits_per_token_ = 0;
