@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from .._native import _core, _cuda
-from ..errors import UnsupportedError
+from ..errors import FormatError, UnsupportedError
 from ..reader import Reader
 from ..ring import PinnedRing
 from .order import stride_schedule
-from .plan import SourcePlan
+from .plan import GroupStaging, SourcePlan, fill_staging, gather_parts, plan_group_staging, window_starts
 
 STATE_VERSION = 1
 #: Default compressed shuffle granularity: spans of 8 chunks, 8 spans per group.
@@ -35,7 +35,8 @@ def _open_source(src: Any) -> Any:
 class _Batch:
     """One planned batch of this rank: (source, window id) per row, and the state after it."""
 
-    __slots__ = ("index", "sources", "windows", "local", "pos_after", "counts_after", "ring_rows", "cache_rows")
+    __slots__ = ("index", "sources", "windows", "local", "pos_after", "counts_after", "ring_rows", "cache_rows",
+                 "gpu_rows")
 
     def __init__(self, index: int, sources: np.ndarray, windows: np.ndarray, local: np.ndarray, pos_after: int,
                  counts_after: np.ndarray) -> None:
@@ -46,7 +47,8 @@ class _Batch:
         self.pos_after = pos_after
         self.counts_after = counts_after
         self.ring_rows: list[int] = []
-        self.cache_rows: list[int] = []
+        self.cache_rows: list[int] = []  # compressed rows assembled from the host cache
+        self.gpu_rows: list[int] = []  # rans rows gathered from the device token cache
 
 
 class TokenLoader(torch.utils.data.IterableDataset):
@@ -86,7 +88,10 @@ class TokenLoader(torch.utils.data.IterableDataset):
     contiguous) and cut into ``(x, y)`` in C++. Compressed chunks are read and decoded on a
     thread pool, a group at a time, the next group decoded ahead. With ``device="cuda"``
     the slots are pinned, the raw tokens go host-to-device on a side stream, windows are cut
-    on the GPU, and the current stream waits on an event (never the host).
+    on the GPU, and the current stream waits on an event (never the host). rans sources on
+    CUDA are decoded by the GPU: a group's compressed chunks are staged in pinned memory
+    (checksums checked on the host), copied on the side stream, decoded into a device token
+    cache and windows gathered there (see ``_GpuDecodePath``); zstd stays a host decode.
 
     Memory: ``prefetch + 2`` ring slots of ``batch_size * (seq_len + 1)`` tokens; for
     compressed sources about two groups of ``group_spans * (span_chunks + 1)`` decoded
@@ -295,7 +300,15 @@ class TokenLoader(torch.utils.data.IterableDataset):
         per-core decode speed); ``compressed_epochs`` (global epochs of compressed sources
         consumed, weighted by their size) and ``compressed_read_ratio`` (compressed bytes
         read / the compressed size of what was consumed: about 1 + 1/span_chunks per rank);
-        ``stall_s`` and ``stall_per_batch_s`` (time ``next()`` waited for data).
+        ``stall_s`` and ``stall_per_batch_s`` (time ``next()`` waited for data: reads,
+        host decodes, and with the GPU decode path the completion of a group's decode).
+        With ``device="cuda"``: ``h2d_bytes`` and ``h2d_s`` (bytes copied host-to-device
+        and the GPU-timed seconds of those copies; ``h2d_gbps`` their ratio), and for rans
+        sources decoded on the GPU ``gpu_decode_bytes`` (decoded token bytes),
+        ``gpu_decode_s`` (GPU-timed seconds of the decode launches) and
+        ``gpu_decode_gbps``; the GPU decode does not count in ``decoded_bytes``/``decode_s``
+        (host decode only). Bytes and seconds are both added once the work's CUDA events
+        have completed, so the rates are exact and the counts trail the work in flight.
         """
         return self._stats.as_dict()
 
@@ -372,6 +385,10 @@ class _Stats:
         self.compressed_bytes_read = 0
         self.decoded_bytes = 0
         self.decode_s = 0.0
+        self.h2d_bytes = 0
+        self.h2d_s = 0.0
+        self.gpu_decode_bytes = 0
+        self.gpu_decode_s = 0.0
         self.active_s = 0.0
         self.open: dict[int, float] = {}  # pipeline id -> start time
         self.consumed = np.zeros(len(plans), dtype=np.int64)  # global samples per source
@@ -408,6 +425,12 @@ class _Stats:
             "decode_gbps_per_thread": self.decoded_bytes / self.decode_s / 1e9 if self.decode_s else 0.0,
             "compressed_epochs": consumed_stored / float(self.stored[cmask].sum()) if cmask.any() else 0.0,
             "compressed_read_ratio": self.compressed_bytes_read / consumed_stored if consumed_stored else 0.0,
+            "h2d_bytes": self.h2d_bytes,
+            "h2d_s": self.h2d_s,
+            "h2d_gbps": self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s else 0.0,
+            "gpu_decode_bytes": self.gpu_decode_bytes,
+            "gpu_decode_s": self.gpu_decode_s,
+            "gpu_decode_gbps": self.gpu_decode_bytes / self.gpu_decode_s / 1e9 if self.gpu_decode_s else 0.0,
             "stall_s": self.stall_s,
             "stall_per_batch_s": self.stall_s / self.batches if self.batches else 0.0,
         }
@@ -422,6 +445,8 @@ class _Pipeline:
         self.closed = False
         self.ring: PinnedRing | None = None
         self.pool: cf.ThreadPoolExecutor | None = None
+        self.gpu: _GpuDecodePath | None = None
+        self.timings: deque[tuple[Any, Any, str, int]] = deque()  # (start, end, kind, bytes) CUDA events
         self.stats.begin(id(self))
         try:
             self._open(loader, stride, offset)
@@ -466,6 +491,13 @@ class _Pipeline:
             with torch.cuda.stream(self.side):  # copied and used on the side stream only
                 self.starts_dev = torch.from_numpy(self.starts_host).to(loader.device)
             self.release_events: deque[Any] = deque()
+        # rans sources: GPU decode (device cache) when the CUDA extension is there; the host
+        # emulation of the same path on a CPU loader is a test hook (_emulate_gpu_decode).
+        rans_src = [ds.codec == "rans" for ds in loader.datasets]
+        self.gpu_src = [False] * len(rans_src)
+        if any(rans_src) and ((self.cuda and _cuda is not None) or getattr(loader, "_emulate_gpu_decode", False)):
+            self.gpu_src = rans_src
+            self.gpu = _GpuDecodePath(self, emulate=not self.cuda)
         self._fill()
 
     # ---------------------------------------------------------------- planning ahead
@@ -493,8 +525,18 @@ class _Pipeline:
                 if not plan.compressed:
                     b.ring_rows.append(row)
                     reqs.extend(plan.raw_requests(np.array([w]), self.file_base[s]))
+                elif self.gpu_src[s]:
+                    b.gpu_rows.append(row)
                 else:
                     b.cache_rows.append(row)
+            # GPU path: the batch's groups, then the groups after them, are staged and decoded
+            # a whole group at a time (read and checked on the pool, decoded on the device).
+            for row in b.gpu_rows:
+                key = self._group_key(int(b.sources[row]), int(b.local[row]))
+                if key not in self.gpu.jobs:
+                    self.gpu.open(key)
+                    s, e, g = key
+                    self.gpu.open((s, *L.plans[s].next_group(e, g)))
             # Chunks this batch needs go to the decode queue first, then the rest of their
             # groups, then the groups after them (decoded while these are consumed).
             opened = []
@@ -586,7 +628,12 @@ class _Pipeline:
             self.stats.stall_s += time.perf_counter() - t0
             if slot.tag != b.index:  # pragma: no cover - the ring delivers in order
                 raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
-        if self.uniform and not self.cuda:
+        if self.gpu is not None:
+            self.gpu.pump()
+        self._poll_timings()
+        if b.gpu_rows:
+            xt, yt = self.gpu.assemble(b, slot)
+        elif self.uniform and not self.cuda:
             tokens = np.frombuffer(slot, dtype=self.token_dtype, count=B * (T + 1))
             x, y = _core.cut_windows_ref(tokens, self.starts_host, T)
             slot.release()
@@ -594,16 +641,7 @@ class _Pipeline:
         elif self.uniform and _cuda is not None:
             xt, yt = self._cut_on_gpu(slot)
         else:
-            stage = np.empty((B, T + 1), dtype=np.int64)
-            if slot is not None:
-                off = 0
-                for row in b.ring_rows:
-                    dt = np.dtype(L.datasets[int(b.sources[row])].dtype)
-                    stage[row] = np.frombuffer(slot, dtype=dt, count=T + 1, offset=off)
-                    off += (T + 1) * dt.itemsize
-                slot.release()
-            for row in b.cache_rows:
-                stage[row] = self._window_from_cache(int(b.sources[row]), int(b.windows[row]))
+            stage = self._host_rows(b, slot, list(range(B)))
             xt = torch.from_numpy(np.ascontiguousarray(stage[:, :-1]))
             yt = torch.from_numpy(np.ascontiguousarray(stage[:, 1:]))
             if self.cuda:
@@ -619,8 +657,44 @@ class _Pipeline:
         self.last_counts = b.counts_after
         if b.cache_rows or self.cache:
             self._evict(b.counts_after)
+        if self.gpu is not None:
+            self.gpu.evict(b.counts_after)
         self._fill()
         return b, xt, yt
+
+    def _host_rows(self, b: _Batch, slot: Any, rows: list[int]) -> np.ndarray:
+        """``[len(rows), T + 1]`` int64 windows of the host rows (ring and host cache) of
+        ``b``, ``rows`` being all of them in batch order; releases ``slot``."""
+        L = self.L
+        T = L.seq_len
+        stage = np.empty((len(rows), T + 1), dtype=np.int64)
+        at = {row: i for i, row in enumerate(rows)}
+        if slot is not None:
+            off = 0
+            for row in b.ring_rows:
+                dt = np.dtype(L.datasets[int(b.sources[row])].dtype)
+                stage[at[row]] = np.frombuffer(slot, dtype=dt, count=T + 1, offset=off)
+                off += (T + 1) * dt.itemsize
+            slot.release()
+        for row in b.cache_rows:
+            stage[at[row]] = self._window_from_cache(int(b.sources[row]), int(b.windows[row]))
+        return stage
+
+    def _time(self, start: Any, end: Any, kind: str, nbytes: int) -> None:
+        """Count ``nbytes`` and the GPU time between two timing events once ``end`` completed."""
+        self.timings.append((start, end, kind, nbytes))
+
+    def _poll_timings(self) -> None:
+        st = self.stats
+        while self.timings and self.timings[0][1].query():
+            a, e, kind, n = self.timings.popleft()
+            sec = a.elapsed_time(e) / 1e3
+            if kind == "h2d":
+                st.h2d_bytes += n
+                st.h2d_s += sec
+            else:
+                st.gpu_decode_bytes += n
+                st.gpu_decode_s += sec
 
     def _window_from_cache(self, s: int, w: int) -> np.ndarray:
         plan = self.L.plans[s]
@@ -644,7 +718,12 @@ class _Pipeline:
         dev = L.device
         cur = torch.cuda.current_stream(dev)
         with torch.cuda.stream(self.side):
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(self.side)
             raw = host.to(dev, non_blocking=True)  # true async DMA: the arena is cudaHostRegister'ed
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record(self.side)
+            self._time(t0, t1, "h2d", nbytes)
             x = torch.empty((B, T), dtype=torch.int64, device=dev)
             y = torch.empty((B, T), dtype=torch.int64, device=dev)
             _cuda.cut_windows(raw.data_ptr(), isz, B * (T + 1), self.starts_dev.data_ptr(), B, T,
@@ -666,8 +745,14 @@ class _Pipeline:
         dev = self.L.device
         cur = torch.cuda.current_stream(dev)
         with torch.cuda.stream(self.side):
-            xd = x.pin_memory().to(dev, non_blocking=True)
-            yd = y.pin_memory().to(dev, non_blocking=True)
+            xp, yp = x.pin_memory(), y.pin_memory()
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(self.side)
+            xd = xp.to(dev, non_blocking=True)
+            yd = yp.to(dev, non_blocking=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record(self.side)
+            self._time(t0, t1, "h2d", x.nbytes + y.nbytes)
             ev = torch.cuda.Event()
             ev.record(self.side)
         cur.wait_event(ev)
@@ -685,7 +770,305 @@ class _Pipeline:
                 self.pool.shutdown(wait=True, cancel_futures=True)
         finally:
             self.cache = {}
+            if self.gpu is not None:
+                self.gpu.close()
+            self.timings.clear()
             if self.ring is not None:
                 self.ring.close()  # waits for pending copy events, joins the producers
                 self.ring = None
             self.reader = None
+
+
+# ---------------------------------------------------------------------------------------
+# GPU decode path of rans sources. Per decode group (the chunks of one shuffle group of a
+# source, ``SourcePlan.group_chunks``): a pool thread reads the compressed chunks into one
+# pinned staging buffer (payloads 4-byte aligned, see plan.plan_group_staging) and checks
+# their checksums; the consumer thread then copies the buffer to the device on the side
+# stream and launches the rans kernel there, writing the group's tokens into one device
+# buffer (the device token cache, one buffer per group, dropped like the host cache once
+# the stream has passed the group). A batch's rans windows are gathered from those buffers
+# on the side stream (one advanced-indexing op per buffer: start + arange(T + 1)), and the
+# current stream waits on an event. The host never touches a token.
+#
+# Decode errors: the kernel writes a status per chunk; it is copied to pinned host memory
+# on the side stream behind an event, and checked when the first batch that gathers from
+# the group is assembled: by then the event has normally completed (the group was launched
+# while the previous one was consumed) and the check costs nothing; otherwise the host
+# waits for that side-stream event (counted in stall_s; the training stream is never
+# synchronised). A bad status raises FormatError naming the shard and chunk before any
+# batch holding tokens of that group is handed out, so wrong tokens never come out.
+
+_SIGNED = {2: torch.int16, 4: torch.int32}
+_UNSIGNED_NP = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_SIGNED_NP = {2: np.dtype("<i2"), 4: np.dtype("<i4")}
+_MASK = {2: 0xFFFF, 4: 0xFFFFFFFF}
+
+
+def place_plain_chunks(staging: GroupStaging, src: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy the staged tokens of the chunks the kernel does not decode (raw chunks, host
+    decoded ones) from ``src`` (the staging bytes, uint8) into ``out`` (token buffer of
+    int16/int32 standing for uint16/uint32). Runs on any device; consecutive chunks are
+    merged into one copy when they are adjacent in both buffers."""
+    tb = staging.token_bytes
+    ks = np.flatnonzero(~staging.gpu).tolist()
+    i = 0
+    while i < len(ks):
+        k = ks[i]
+        so, oo = int(staging.src_offsets[k]), int(staging.out_offsets[k])
+        n = int(staging.token_counts[k])
+        while (i + 1 < len(ks) and ks[i + 1] == ks[i] + 1
+               and int(staging.src_offsets[ks[i + 1]]) == so + n * tb
+               and int(staging.out_offsets[ks[i + 1]]) == oo + n):
+            i += 1
+            n += int(staging.token_counts[ks[i]])
+        out[oo:oo + n].copy_(src[so:so + n * tb].view(out.dtype))
+        i += 1
+
+
+def gather_windows(tokens: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Windows ``tokens[start : start + T + 1]`` for each start, as ``[n, T + 1]`` int64.
+
+    ``tokens`` is a token buffer (int16/int32 standing for uint16/uint32), ``starts`` an
+    int64 tensor of first tokens and ``offsets`` ``arange(T + 1)``, all on one device: one
+    gather, one widening, one mask, whatever the device."""
+    w = tokens[starts[:, None] + offsets[None, :]].to(torch.int64)
+    return w.bitwise_and_(_MASK[tokens.element_size()])
+
+
+class _GroupJob:
+    """One decode group of the GPU path: staged on the pool, decoded on the device."""
+
+    __slots__ = ("key", "expires", "future", "staging", "tokens", "status", "event", "checked")
+
+    def __init__(self, key: tuple[int, int, int], expires: int, future: cf.Future) -> None:
+        self.key = key
+        self.expires = expires
+        self.future: cf.Future | None = future  # -> (GroupStaging, pinned host buffer)
+        self.staging: GroupStaging | None = None
+        self.tokens: Any = None  # device token buffer once launched
+        self.status: Any = None  # per GPU chunk status (pinned host tensor or numpy)
+        self.event: Any = None  # completes when ``status`` is valid (None: already valid)
+        self.checked = False
+
+
+class _GpuDecodePath:
+    """The device token cache of rans sources (see the comment above).
+
+    With ``emulate=True`` (a CPU loader, for tests) the same planning, staging, checks,
+    gathers and error reporting run on the host: the kernel is replaced by its host
+    emulation (``dataset.rans.emulate``) and device tensors by CPU tensors.
+    """
+
+    def __init__(self, pipe: "_Pipeline", emulate: bool) -> None:
+        from ..dataset import rans
+
+        self.pipe, self.L, self.emulate = pipe, pipe.L, emulate
+        self.stats = pipe.stats
+        self.rans = rans
+        self.jobs: dict[tuple[int, int, int], _GroupJob] = {}
+        T = self.L.seq_len
+        if emulate:
+            self.dev = torch.device("cpu")
+            self.offsets = torch.arange(T + 1, dtype=torch.int64)
+        else:
+            self.dev = self.L.device
+            self.side = pipe.side
+            self.decoder = rans.GpuDecoder(self.dev)
+            with torch.cuda.stream(self.side):
+                self.offsets = torch.arange(T + 1, dtype=torch.int64, device=self.dev)
+
+    # ---------------------------------------------------------------- staging (pool)
+    def open(self, key: tuple[int, int, int]) -> None:
+        if key in self.jobs:
+            return
+        s, epoch, g = key
+        plan = self.L.plans[s]
+        chunks = plan.group_chunks(epoch, g)
+        fut = self.pipe.pool.submit(self._stage, s, chunks)
+        self.jobs[key] = _GroupJob(key, plan.group_end_position(epoch, g), fut)
+
+    def _stage(self, s: int, chunks: list[int]) -> tuple[GroupStaging, Any]:
+        ds = self.L.datasets[s]
+        t0 = time.perf_counter()
+        st = plan_group_staging(ds, chunks)
+        if self.emulate:
+            host = np.empty(st.staging_bytes, dtype=np.uint8)
+            view = host
+        else:
+            host = torch.empty(st.staging_bytes, dtype=torch.uint8, pin_memory=True)
+            view = host.numpy()
+        fb = self.pipe.file_base[s]
+        reader = self.pipe.reader
+        fill_staging(ds, st, view, lambda reqs: reader.read_batch_into([(fb + f, o, b) for f, o, b in reqs]))
+        t1 = time.perf_counter()
+        with self.stats.lock:
+            self.stats.compressed_bytes_read += int(st.stored_bytes.sum())
+            self.stats.read_s += t1 - t0
+        return st, host
+
+    # ---------------------------------------------------------------- decode (consumer thread)
+    def pump(self) -> None:
+        """Launch every group whose staging is done (a staging that failed raises later, when
+        a batch needs that group, like the host path)."""
+        for job in list(self.jobs.values()):
+            if (job.tokens is None and job.future is not None and job.future.done()
+                    and job.future.exception() is None):
+                self._launch(job)
+
+    def _launch(self, job: _GroupJob) -> None:
+        fut = job.future
+        if not fut.done():
+            t0 = time.perf_counter()
+            fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+        st, host = fut.result()  # raises the pool's ChecksumError / OSError here
+        job.future = None
+        job.staging = st
+        tb = st.token_bytes
+        ngpu = len(st.chunk_desc)
+        if self.emulate:
+            out = np.zeros(st.num_tokens, dtype=_UNSIGNED_NP[tb])
+            src = torch.from_numpy(host)
+            tokens = torch.from_numpy(out.view(_SIGNED_NP[tb]))
+            place_plain_chunks(st, src, tokens)
+            if ngpu:
+                job.status = self.rans.emulate(host, st.chunk_desc, st.block_desc, st.models, out)
+            else:
+                job.status = np.zeros(0, dtype=np.int32)
+            job.tokens = tokens
+            self.stats.h2d_bytes += st.staging_bytes
+            self.stats.gpu_decode_bytes += st.decoded_bytes
+            return
+        side = self.side
+        with torch.cuda.stream(side):
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record(side)
+            src = host.to(self.dev, non_blocking=True)  # pinned: async DMA on the side stream
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record(side)
+            tokens = torch.empty(st.num_tokens, dtype=_SIGNED[tb], device=self.dev)
+            place_plain_chunks(st, src, tokens)
+            if ngpu:
+                status = self.decoder.decode(src, st.chunk_desc, st.block_desc, st.models, tokens, side)
+                e2 = torch.cuda.Event(enable_timing=True)
+                e2.record(side)
+                sh = torch.empty(ngpu, dtype=torch.int32, pin_memory=True)
+                sh.copy_(status, non_blocking=True)
+            else:
+                e2 = None
+                sh = torch.zeros(0, dtype=torch.int32)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        # host and src are freed here; the caching allocators keep both until the side
+        # stream is past the copy and the kernel (stream-ordered / recorded events).
+        self.pipe._time(e0, e1, "h2d", st.staging_bytes)
+        if e2 is not None:
+            self.pipe._time(e1, e2, "decode", st.decoded_bytes)
+        job.tokens, job.status, job.event = tokens, sh, ev
+
+    def _check(self, job: _GroupJob, wait: bool) -> bool:
+        """True once ``job``'s statuses are known good; raises FormatError on a bad chunk."""
+        if job.checked:
+            return True
+        if job.event is not None and not job.event.query():
+            if not wait:
+                return False
+            t0 = time.perf_counter()
+            job.event.synchronize()  # a side-stream event: the training stream is not touched
+            self.stats.stall_s += time.perf_counter() - t0
+        status = np.asarray(job.status.numpy() if isinstance(job.status, torch.Tensor) else job.status)
+        bad = np.flatnonzero(status != 0)
+        if len(bad):
+            st = job.staging
+            ds = self.L.datasets[job.key[0]]
+            ci = int(st.chunks[np.flatnonzero(st.gpu)[int(bad[0])]])
+            code = int(status[int(bad[0])])
+            c = ds.chunks[ci]
+            raise FormatError(
+                f"{ds._where(ci)}: rans decode failed on the GPU: {self.rans.STATUS.get(code, code)} "
+                f"(status {code}; {len(bad)} bad chunk(s) in this decode group)",
+                path=ds.paths[int(c["file"])], chunk=int(ds._local[ci]), offset=int(c["offset"]))
+        job.checked = True
+        job.status = job.event = None
+        return True
+
+    def _ready(self, key: tuple[int, int, int]) -> _GroupJob:
+        job = self.jobs.get(key)
+        if job is None:  # not opened by _submit (cannot happen by construction): open now
+            self.open(key)
+            job = self.jobs[key]
+        if job.tokens is None:
+            self._launch(job)
+        self._check(job, wait=True)
+        return job
+
+    # ---------------------------------------------------------------- batches
+    def assemble(self, b: _Batch, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of batch ``b``: rans rows gathered on the device, the others (ring
+        rows, host-decoded sources of a mixture) assembled on the host and copied."""
+        pipe, L = self.pipe, self.L
+        B, T = L.batch_size, L.seq_len
+        rows = np.asarray(b.gpu_rows, dtype=np.int64)
+        keys = [pipe._group_key(int(b.sources[r]), int(b.local[r])) for r in b.gpu_rows]
+        starts = np.empty(len(rows), dtype=np.int64)
+        jobs = {}
+        for key in dict.fromkeys(keys):
+            jobs[key] = job = self._ready(key)
+            m = np.array([k == key for k in keys])
+            starts[m] = window_starts(L.plans[key[0]], job.staging, b.windows[rows[m]])
+        parts = [(jobs[k], rows[r], st) for k, r, st in gather_parts(keys, starts)]
+        host_rows = sorted(set(range(B)) - set(b.gpu_rows))
+        hstage = pipe._host_rows(b, slot, host_rows) if host_rows else None
+        whole = len(parts) == 1 and not host_rows and np.array_equal(parts[0][1], np.arange(B))
+        if self.emulate:
+            return self._cut(parts, [torch.from_numpy(p[1]) for p in parts], [torch.from_numpy(p[2]) for p in parts],
+                             host_rows, None if hstage is None else torch.from_numpy(hstage), whole)
+        # One small H2D of every index (rows, starts, host rows) and, in mixtures, the host rows.
+        meta = np.concatenate([p[1] for p in parts] + [p[2] for p in parts]
+                              + [np.asarray(host_rows, dtype=np.int64)]).astype(np.int64)
+        cur = torch.cuda.current_stream(self.dev)
+        with torch.cuda.stream(self.side):
+            md = torch.from_numpy(meta).pin_memory().to(self.dev, non_blocking=True)
+            hd = None
+            if hstage is not None:
+                hp = torch.from_numpy(hstage).pin_memory()
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record(self.side)
+                hd = hp.to(self.dev, non_blocking=True)
+                t1 = torch.cuda.Event(enable_timing=True)
+                t1.record(self.side)
+                pipe._time(t0, t1, "h2d", hstage.nbytes)
+            sizes = [len(p[1]) for p in parts]
+            cuts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+            n = cuts[-1]
+            rows_d = [md[cuts[i]:cuts[i + 1]] for i in range(len(parts))]
+            starts_d = [md[n + cuts[i]:n + cuts[i + 1]] for i in range(len(parts))]
+            x, y = self._cut(parts, rows_d, starts_d, host_rows, hd, whole, host_rows_d=md[2 * n:])
+            ev = torch.cuda.Event()
+            ev.record(self.side)
+        cur.wait_event(ev)  # the training stream waits for this batch only
+        x.record_stream(cur)  # allocated on the side stream, used on the current one
+        y.record_stream(cur)
+        return x, y
+
+    def _cut(self, parts: list, rows: list, starts: list, host_rows: list[int], hstage: Any, whole: bool,
+             host_rows_d: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.L.batch_size, self.L.seq_len
+        if whole:
+            stage = gather_windows(parts[0][0].tokens, starts[0], self.offsets)
+        else:
+            stage = torch.empty((B, T + 1), dtype=torch.int64, device=self.dev)
+            for (job, _, _), r, st in zip(parts, rows, starts):
+                stage.index_copy_(0, r, gather_windows(job.tokens, st, self.offsets))
+            if hstage is not None:
+                hr = torch.tensor(host_rows, dtype=torch.int64) if host_rows_d is None else host_rows_d
+                stage.index_copy_(0, hr, hstage)
+        return stage[:, :-1].contiguous(), stage[:, 1:].contiguous()
+
+    # ---------------------------------------------------------------- lifetime
+    def evict(self, consumed: np.ndarray) -> None:
+        for key in [k for k, j in self.jobs.items() if j.expires <= consumed[k[0]]]:
+            del self.jobs[key]
+
+    def close(self) -> None:
+        self.jobs = {}
