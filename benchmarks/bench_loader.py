@@ -7,6 +7,10 @@ Same data, same batch shape, one run:
   nanoGPT memmap     np.memmap + torch.randint + torch.stack, as nanoGPT's get_batch
   DataLoader         torch DataLoader over a map-style memmap Dataset, num_workers = cores
   TokenLoader zstd   the same windows from a zstd dataset (decode-bound; decode GB/s per core)
+  TokenLoader rans   the same windows from a rans dataset of the same tokens (CPU decode)
+  --device cuda      (where a GPU is) the TokenLoader on CUDA for none, zstd and rans (rans
+                     decoded on the GPU), with the pinned host-to-device copy of the same bytes
+                     per batch as the limit; stall, H2D GB/s and GPU decode GB/s from stats()
   engine limit       llmio Reader.read_many of the same random windows, 8 batches per call
                      (the loader's read-ahead) and no batching work,
                      and a sequential O_DIRECT read of the file: the read-engine ceilings
@@ -57,7 +61,7 @@ def synth_tokens(n: int, seed: int) -> np.ndarray:
 
 def build(dirpath: Path, ntok: int, zstd_tok: int) -> dict[str, str]:
     dirpath.mkdir(parents=True, exist_ok=True)
-    raw, ours, z = dirpath / "tokens.bin", dirpath / "ours_none", dirpath / "ours_zstd"
+    raw, ours, z, rz = dirpath / "tokens.bin", dirpath / "ours_none", dirpath / "ours_zstd", dirpath / "ours_rans"
     block = 1 << 24
     if not raw.exists() or raw.stat().st_size != ntok * 2 or not (ours / "manifest.json").exists():
         with open(raw, "wb") as f, lio.DatasetWriter(str(ours), codec="none", overwrite=True) as w:
@@ -69,7 +73,11 @@ def build(dirpath: Path, ntok: int, zstd_tok: int) -> dict[str, str]:
         with lio.DatasetWriter(str(z), codec="zstd", overwrite=True) as w:
             for k, start in enumerate(range(0, zstd_tok, block)):
                 w.add_document(synth_tokens(min(block, zstd_tok - start), 1000 + k))
-    return {"raw": str(raw), "none": str(ours), "zstd": str(z)}
+    if not (rz / "manifest.json").exists() or lio.open_dataset(str(rz)).num_tokens != zstd_tok:
+        with lio.DatasetWriter(str(rz), codec="rans", overwrite=True) as w:
+            for k, start in enumerate(range(0, zstd_tok, block)):
+                w.add_document(synth_tokens(min(block, zstd_tok - start), 1000 + k))
+    return {"raw": str(raw), "none": str(ours), "zstd": str(z), "rans": str(rz)}
 
 
 class MemmapWindows(torch.utils.data.Dataset):
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--dir", default=str(HERE / "out" / "loader"))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: add the CUDA loader rows (needs a GPU)")
     a = ap.parse_args(argv)
     B, T, N = a.batch_size, a.seq_len, a.batches
     ntok = int(a.size_gib * 2**30 / 2)
@@ -193,6 +202,55 @@ def main(argv: list[str] | None = None) -> int:
                     f"(read ratio {st['compressed_read_ratio']:.2f} incl. the group decoded ahead); stall {st['stall_per_batch_s'] * 1e3:.2f} ms/batch")
     rows.append(zrow)
 
+    rds = lio.open_dataset(paths["rans"])
+    rl = lio.TokenLoader(rds, batch_size=B, seq_len=T, seed=1)
+    rrow = run("TokenLoader (rans, CPU decode)", lambda: iter(rl), N, B, T, files_of(paths["rans"]))
+    st = rl.stats()
+    rrow["note"] = (f"decode {st['decode_gbps_per_thread']:.2f} GB/s per core (thread-time); compression ratio "
+                    f"{rds.num_tokens * 2 / rds.stored_bytes:.2f} (zstd {zds.num_tokens * 2 / zds.stored_bytes:.2f}); "
+                    f"stall {st['stall_per_batch_s'] * 1e3:.2f} ms/batch")
+    rows.append(rrow)
+
+    gpu_rows = []
+    if a.device.startswith("cuda"):
+        if not torch.cuda.is_available() or lio._native._cuda is None:
+            print(f"# --device {a.device}: no usable GPU or llmio_native._cuda here; CUDA rows skipped")
+        else:
+            dev = torch.device(a.device)
+            # limit: a pinned host-to-device copy of each batch's raw window bytes
+            host = torch.empty(B * (T + 1) * 2, dtype=torch.uint8).pin_memory()
+            dst = torch.empty_like(host, device=dev)
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(N):
+                dst.copy_(host, non_blocking=True)
+            torch.cuda.synchronize(dev)
+            h2d = N * host.numel() / (time.perf_counter() - t0)
+            big = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+            bigd = torch.empty_like(big, device=dev)
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                bigd.copy_(big, non_blocking=True)
+            torch.cuda.synchronize(dev)
+            h2d_big = 5 * big.numel() / (time.perf_counter() - t0)
+            print(f"# pinned H2D copy: {h2d_big / 1e9:.1f} GB/s (256 MiB copies), {h2d / 1e9:.2f} GB/s "
+                  f"({host.numel() / 1e3:.0f} kB per batch)")
+            for label, key in (("none", "none"), ("zstd", "zstd"), ("rans, GPU decode", "rans")):
+                ld = lio.TokenLoader(lio.open_dataset(paths[key]), batch_size=B, seq_len=T, seed=1, device=dev)
+
+                def it(ld=ld):
+                    for x, y in ld:
+                        yield x, y
+                row = run(f"TokenLoader cuda ({label})", it, N, B, T, files_of(paths[key]))
+                torch.cuda.synchronize(dev)
+                st = ld.stats()
+                row["note"] = (f"stall {st['stall_per_batch_s'] * 1e3:.3f} ms/batch, H2D {st.get('h2d_gbps', 0):.1f} "
+                               f"GB/s, GPU decode {st.get('gpu_decode_gbps', 0):.1f} GB/s, "
+                               f"vs pinned copy {row['gbps'] / (h2d_big / 1e9):.3f}")
+                gpu_rows.append(row)
+            rows.extend(gpu_rows)
+
     print()
     print(f"| {'loader':<44} | {'Mtok/s':>7} | {'GB/s':>6} | {'CPU s/GB':>8} | {'first s':>7} | {'vs limit':>8} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 9}|{'-' * 10}|")
@@ -208,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
           f"/ DataLoader = {tl['tokens_s'] / rows[4]['tokens_s']:.2f} (target > 1)")
     print(f"TokenLoader stall (time next() waited on reads): none {rows[1]['note']}, raw .bin {rows[2]['note']}")
     print(f"zstd: {zrow['note']}")
+    print(f"rans: {rrow['note']}")
+    for row in gpu_rows:
+        print(f"{row['name']}: {row['note']}")
     print("note: one run on a shared machine (other work running); figures are noisy, ratios within "
           "the run are the comparable numbers")
     print(f"time to first batch on {ntok / 1e9:.2f}B tokens: {tl['first_s']:.3f} s")

@@ -119,7 +119,7 @@ void bind_rans(py::module_& m) {
       .def_property_readonly("num_symbols", &Model::num_symbols)
       .def_property_readonly("num_rank_buckets", &Model::num_rank_buckets)
       .def_property_readonly("bits_per_token", &Model::model_bits_per_token,
-                             "Ideal coded bits per token of the tokens the model was built from.")
+                             "Expected coded bits per token under the model's frequencies.")
       .def_property_readonly("freq", [](const Model& m) {
         py::array_t<uint32_t> a(static_cast<py::ssize_t>(m.freq().size()));
         std::copy(m.freq().begin(), m.freq().end(), a.mutable_data());

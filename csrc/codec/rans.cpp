@@ -158,15 +158,6 @@ Model Model::build(const std::vector<std::pair<const void*, size_t>>& parts, uin
     count[m.num_rank_buckets_ + j] = escape_max_count && j <= 8 * token_bytes ? std::max<uint64_t>(esc[j], 1) : esc[j];
   m.freq_ = normalise(count, scale_bits);
   m.finish();
-  for (uint32_t j = 0; j < kEscapeBuckets; ++j) count[m.num_rank_buckets_ + j] = esc[j];  // real counts
-  double bits = 0;
-  for (size_t b = 0; b < count.size(); ++b) {
-    if (!count[b]) continue;
-    const uint32_t raw = b < m.num_rank_buckets_ ? rank_bucket_bits(static_cast<uint32_t>(b))
-                                                  : escape_bits(static_cast<uint32_t>(b - m.num_rank_buckets_));
-    bits += static_cast<double>(count[b]) * (scale_bits - std::log2(static_cast<double>(m.freq_[b])) + raw);
-  }
-  m.bits_per_token_ = total ? bits / static_cast<double>(total) : 0.0;
   return m;
 }
 
@@ -201,6 +192,12 @@ void Model::finish() {
     }
     for (const Bucket& e : buckets_) simd_base_.push_back(e.base);
   }
+  // Expected coded bits per token under the model's own frequencies.
+  bits_per_token_ = 0;
+  const double M = static_cast<double>(uint64_t(1) << scale_bits_);
+  for (uint32_t b = 0; b < nb; ++b)
+    if (freq_[b])
+      bits_per_token_ += freq_[b] / M * (scale_bits_ - std::log2(static_cast<double>(freq_[b])) + buckets_[b].bits);
   dense_rank_.clear();
   sparse_rank_.clear();
   uint32_t maxv = 0;

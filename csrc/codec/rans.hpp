@@ -74,8 +74,8 @@ class Model {
   uint32_t num_symbols() const { return static_cast<uint32_t>(rank_to_sym_.size()); }
   uint32_t num_rank_buckets() const { return num_rank_buckets_; }
   const std::vector<uint32_t>& freq() const { return freq_; }
-  // Ideal cost in bits of coding `count` occurrences... of the histogram the
-  // model was built from, under the model (bucket bits + raw bits).
+  // Expected coded bits per token under the model's own frequencies (bucket
+  // bits + raw bits): what a chunk of the modelled data costs, headers aside.
   double model_bits_per_token() const { return bits_per_token_; }
 
  private:
