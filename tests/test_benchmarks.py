@@ -1,6 +1,7 @@
 """Every benchmark script runs at a tiny size, so none of them rots."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,21 @@ def test_bench_ddp_hook_smoke():
     assert "torch-composed blockwise quantizer" in out.stdout and "|  64 |" in out.stdout
     measured = out.stdout.split("measured on gloo")[1]
     assert "= 0.254" in measured  # bytes counted by the hook match the formula
+
+
+def test_bench_codec_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_codec.py"), "--quick", "--tokens", "200000",
+         "--json", str(tmp_path / "c.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    for needle in ["## zipf-50257", "## zipf-128256", "rans CPU (1 thread)", "zstd -3 (CPU, 1 thread)",
+                   "Zipf exponent s = ", "## targets", "rans ratio / order-0 bound", "nvCOMP",
+                   "emulation == CPU on", "round trips: every decode above was checked"]:
+        assert needle in text, needle
+    assert "## shakespeare" in text or "shakespeare: skipped (" in text
+    res = json.loads((tmp_path / "c.json").read_text())
+    rans = [r for r in res["rows"] if r["codec"] == "rans CPU (1 thread)"]
+    assert rans and all(r["of_bound"] > 0.8 and r["decode_gbps"] > 0 for r in rans)

@@ -265,6 +265,47 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert "--doc-sep" in capsys.readouterr().out
 
 
+@needs_corpus
+def test_pack_with_the_rans_codec_round_trips_and_inspect_shows_its_models(packed: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    out = tmp_path / "r"
+    assert main(["pack", str(CORPUS), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q",
+                 "--codec", "rans", "--chunk-tokens", "50000", "--rans-model-tokens", "200000"]) == 0
+    ref = lio.open_dataset(str(packed))
+    ds = lio.open_dataset(str(out))
+    assert ds.codec == "rans" and ds.num_tokens == ref.num_tokens
+    np.testing.assert_array_equal(ds.read(0, ds.num_tokens), ref.read(0, ref.num_tokens))  # the exact tokens
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rans_model_tokens"] == 200000
+    rans = ds.chunks["codec"] == lio.dataset.CODEC_IDS["rans"]
+    assert rans.all()
+    models = sorted(set(ds.chunks["model"].tolist()))
+    assert len(models) == -(-len(ds.chunks) // 4)  # 4 chunks of 50000 per group of 200000 tokens
+    tokens = ds.read(0, ds.num_tokens)
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / tokens.size
+    h0 = float(-(p * np.log2(p)).sum())  # order-0 entropy, bits/token
+    assert 8 * ds.stored_bytes / ds.num_tokens < 1.01 * h0  # within 1% of the order-0 bound
+    capsys.readouterr()
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["codec"] == "rans" and info["chunk_codecs"] == {"rans": len(ds.chunks)}
+    r = info["rans"]
+    assert r["models"] == len(models) and r["rans_chunks"] == len(ds.chunks) and r["rans_tokens"] == ds.num_tokens
+    assert 0 < r["model_bytes"] < info["bytes_on_disk"] - info["stored_bytes"]
+    assert r["max_symbols"] == max(int(ds.model_of(i).num_symbols) for i in range(len(ds.chunks))) <= 512
+    assert r["bits_per_token"] == pytest.approx(8 * ds.stored_bytes / ds.num_tokens)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"rans ({len(ds.chunks)} rans chunks)" in text
+    assert f"rans models    {len(models)} ({r['model_bytes']:,} bytes" in text
+    assert main(["verify", str(out), "-q"]) == 0
+    # zstd datasets report no rans models
+    assert main(["inspect", str(packed), "--json", "--sample", "1000"]) == 0
+    assert json.loads(capsys.readouterr().out)["rans"] is None
+
+
 # ----------------------------------------------------------------------------- inspect, verify
 @needs_corpus
 def test_inspect_reports_what_open_dataset_sees(packed: Path, capsys) -> None:
@@ -364,7 +405,8 @@ def test_info_and_bench_help(capsys) -> None:
     assert main(["info"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == lio.__version__
     assert main(["bench", "--help"]) == 0
-    assert "read" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "read" in listed and "codec" in listed  # llmio bench codec runs benchmarks/bench_codec.py
 
 
 @needs_corpus

@@ -726,7 +726,8 @@ def cmd_pack(a: argparse.Namespace) -> int:
         try:
             w = lio.DatasetWriter(out, dtype=dtype.name, codec=a.codec, chunk_tokens=a.chunk_tokens,
                                   shard_tokens=a.shard_tokens, eot_token=eot, zstd_level=a.zstd_level,
-                                  overwrite=a.overwrite, tokenizer=tok_path, metadata=meta)
+                                  rans_model_tokens=a.rans_model_tokens, overwrite=a.overwrite,
+                                  tokenizer=tok_path, metadata=meta)
             exact = cuts_are_exact(tok)
             cuts = [0]
 
@@ -827,11 +828,44 @@ def _disk_bytes(ds: Any) -> int:
     return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
 
+def rans_models(ds: Any) -> dict[str, Any] | None:
+    """The frequency models of a dataset's rans chunks, summed up; None without rans chunks.
+
+    Keys: models (distinct model regions), model_bytes (their bytes in the shards: header +
+    zstd frame, padding not counted), rans_chunks, rans_tokens, max_symbols (the most ids a
+    model ranks), bits_per_token (stored bits of the rans chunks per token they hold, models
+    not counted). Every model is read, checked and parsed.
+
+    Raises:
+        FormatError, ChecksumError: a damaged model region; OSError.
+    """
+    from .dataset import format as F
+
+    ch = ds.chunks
+    if not len(ch) or "model" not in (ch.dtype.names or ()):
+        return None
+    sel = np.flatnonzero(ch["codec"] == F.CODEC_RANS)
+    if not len(sel):
+        return None
+    keys = np.stack([ch["file"][sel].astype(np.int64), ch["model"][sel].astype(np.int64)], axis=1)
+    uniq, first = np.unique(keys, axis=0, return_index=True)
+    nbytes = max_symbols = 0
+    for k, (f, off) in enumerate(uniq.tolist()):
+        model = ds.model_of(int(sel[first[k]]))
+        head = ds.reader.read(int(f), int(off), F.MODEL_HEADER_BYTES)
+        nbytes += F.model_region_size(head, ds.paths[int(f)], int(off))
+        max_symbols = max(max_symbols, int(model.num_symbols))
+    ntok = int(ch["token_count"][sel].sum())
+    return {"models": int(len(uniq)), "model_bytes": int(nbytes), "rans_chunks": int(len(sel)), "rans_tokens": ntok,
+            "max_symbols": max_symbols, "bits_per_token": 8 * int(ch["stored_bytes"][sel].sum()) / max(1, ntok)}
+
+
 def inspect_dataset(path: str, dtype: str | None = None, sample: int | None = None, top: int = 10) -> dict[str, Any]:
     """What ``llmio inspect`` reports about ``path``, as a JSON-serialisable dict.
 
     Keys: path, format, format_name, num_tokens, num_documents (None where the format
-    records no boundaries), dtype, codec, chunk_codecs (chunks per codec id name), files,
+    records no boundaries), dtype, codec, chunk_codecs (chunks per codec id name), rans
+    (None, or the rans models as :func:`rans_models` sums them up), files,
     chunks, bytes_on_disk (data files and manifest or index), stored_bytes (token data as
     stored), decoded_bytes, ratio (decoded / stored), eot_token, tokenizer, tokens_scanned,
     distinct_ids (in the scan), top_tokens (``top`` rows of id, count, share of the scan,
@@ -851,6 +885,7 @@ def inspect_dataset(path: str, dtype: str | None = None, sample: int | None = No
         chunk_codecs = {names.get(int(i), str(int(i))): int(c) for i, c in zip(ids, cs)}
     stored = int(ds.stored_bytes)
     decoded = int(ds.num_tokens) * ds.token_bytes
+    rans = rans_models(ds)
     counts, scanned = token_histogram(ds, sample)
     rows = _top(counts, top)
     decode: Callable[[int], str | None] = lambda i: None
@@ -872,6 +907,7 @@ def inspect_dataset(path: str, dtype: str | None = None, sample: int | None = No
         "dtype": ds.dtype.name,
         "codec": ds.codec,
         "chunk_codecs": chunk_codecs,
+        "rans": rans,
         "files": len(ds.paths),
         "chunks": int(len(ds.chunks)),
         "bytes_on_disk": _disk_bytes(ds),
@@ -909,6 +945,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         ("documents", docs),
         ("dtype", r["dtype"]),
         ("codec", codec),
+        *([("rans models", f"{r['rans']['models']} ({_fmt_int(r['rans']['model_bytes'])} bytes, up to "
+                           f"{_fmt_int(r['rans']['max_symbols'])} ranked ids, "
+                           f"rans chunks {r['rans']['bits_per_token']:.3f} bits/token)")]
+          if r["rans"] else []),
         ("shards" if r["format"] == "llmio" else "files", str(r["files"])),
         ("chunks", _fmt_int(r["chunks"])),
         ("bytes on disk", _fmt_int(r["bytes_on_disk"])),
@@ -1074,10 +1114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents in text files: file (default), blank (blank-line separated), line")
     p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                    help="reader for every input (default: auto, by file suffix)")
-    p.add_argument("--codec", choices=["zstd", "none"], default="zstd",
-                   help="chunk codec (default: zstd, about 2x smaller for BPE ids; none: raw tokens, "
-                        "for the fastest reads and the loader's global shuffle)")
+    p.add_argument("--codec", choices=["zstd", "rans", "none"], default="zstd",
+                   help="chunk codec (default: zstd, about 2x smaller for BPE ids; rans: a token entropy "
+                        "coder, within a few %% of the order-0 entropy and decodable on the GPU; none: raw "
+                        "tokens, for the fastest reads and the loader's global shuffle)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level (default: 3)")
+    p.add_argument("--rans-model-tokens", type=_positive, default=1 << 24, metavar="N",
+                   help="rans: tokens per frequency model (one model per group of chunks; default: 2^24)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token dtype (default: auto, uint16 when the vocabulary fits)")
     p.add_argument("--chunk-tokens", type=_positive, default=65536, help="tokens per chunk (default: 65536)")
