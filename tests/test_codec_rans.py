@@ -390,6 +390,21 @@ def test_corrupt_model_region_is_named(tmp_path):
     assert "model region" in rep.bad_chunks[0].reason
 
 
+def test_verify_checks_the_padding_after_a_model_region(tmp_path):
+    ds, allt, shard = _one_rans_shard(tmp_path)
+    moff = int(ds.chunks["model"][0])
+    raw = bytearray(shard.read_bytes())
+    size = F.model_region_size(bytes(raw[moff:moff + 32]), str(shard), moff)
+    assert (moff + size) % 4096  # there is padding to damage
+    raw[moff + size] = 1
+    shard.write_bytes(bytes(raw))
+    ds = lio.open_dataset(tmp_path / "d")
+    np.testing.assert_array_equal(ds.read(0, len(allt)), allt)  # the tokens are intact
+    rep = ds.verify()
+    assert [(b.chunk, b.offset) for b in rep.bad_chunks] == [(-1, moff + size)]
+    assert "after the rans model region" in rep.bad_chunks[0].reason
+
+
 def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     """A payload that passes its checksum but does not decode (an encoder bug, or a
     deliberate rewrite): FormatError naming shard and chunk, never wrong tokens."""

@@ -639,10 +639,33 @@ class TokenDataset:
             self._verify_group(reader, fmap, group, report, bar)
         if bar is not None:
             bar.close()
+        self._verify_model_padding(reader, fmap, bad)
         bad.sort(key=lambda b: (self.paths.index(b.path) if b.path in self.paths else -1, b.chunk))
         report.ok = not bad
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _verify_model_padding(self, reader: Any, fmap: dict, bad: list) -> None:
+        """rans: the zero padding after each model region (its contents are checked when
+        the chunks that use it decode); a problem is reported with chunk -1."""
+        rans = self.chunks["codec"] == F.CODEC_RANS
+        if not rans.any():
+            return
+        for f, off in sorted(set(zip(self.chunks["file"][rans].tolist(), self.chunks["model"][rans].tolist()))):
+            if f not in fmap:
+                continue
+            path = self.paths[f]
+            try:
+                head = reader.read(fmap[f], off, F.MODEL_HEADER_BYTES)
+                end = off + F.model_region_size(head, path, off)
+                pad = reader.read(fmap[f], end, F.align_up(end) - end)
+            except (OSError, FormatError) as exc:
+                bad.append(BadChunk(path, -1, off, f"rans model region: {exc}"))
+                continue
+            if pad.any():
+                k = int(np.flatnonzero(pad)[0])
+                bad.append(BadChunk(path, -1, end + k, f"nonzero padding byte @ offset {end + k} after the rans "
+                                                       f"model region @ offset {off} (the file is damaged)"))
 
     def _verify_group(self, reader: Any, fmap: dict, group: list[int], report: VerifyReport, bar: Any) -> None:
         reqs = []
