@@ -46,6 +46,8 @@ def main() -> None:
                                                    "tinyshakespeare.txt"))
     ap.add_argument("--data", default="out/tinyshakespeare", help="dataset directory (packed on first run)")
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--codec", default="zstd", choices=["none", "zstd", "rans"],
+                    help="shard codec when packing (rans: decoded on the GPU with --device cuda)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -55,7 +57,8 @@ def main() -> None:
 
     if not os.path.exists(os.path.join(a.data, "manifest.json")):
         print(f"packing {a.text} -> {a.data}")
-        rc = llmio(["pack", a.text, "-o", a.data, "--train-bpe", str(a.vocab), "-q", "--overwrite"])
+        rc = llmio(["pack", a.text, "-o", a.data, "--train-bpe", str(a.vocab), "--codec", a.codec, "-q",
+                    "--overwrite"])
         if rc:
             raise SystemExit(rc)
     ds = lio.open_dataset(a.data)
