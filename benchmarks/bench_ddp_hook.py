@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""INT8 gradient hook benchmark (CPU part; the CUDA kernel rows need a GPU and the fused kernels).
+"""INT8 gradient hook benchmark.
 
 1. Quantize+pack throughput of the C++ oracle against a torch-composed blockwise quantizer
    and a plain memcpy of the same fp32 input (the memory limit), GB/s of fp32 input.
-2. Bytes on the wire per rank per step for an N-element bucket: fp32 ring all-reduce,
+2. CUDA rows (only with a GPU and llmio_native._cuda; a line says why otherwise): the fused
+   kernel (a) (residual add + absmax + quantize + pack + residual write) and kernel (c)
+   against the torch-composed blockwise quantizer on the device and a device-to-device copy
+   (the HBM limit), in GB/s of bytes actually moved (kernel (a): read x 4N + residual 4N,
+   write residual 4N + codes N + scales 4N/256; the copy: read + write 4N).
+3. Bytes on the wire per rank per step for an N-element bucket: fp32 ring all-reduce,
    bf16_compress_hook, PyTorch's quantization_pertensor_hook (an all_gather of int8 values
-   plus scales) and ours, for W = 2..64 (formulas), and ours counted by the hook's stats on
-   gloo for W = 2 (measured).
+   plus scales) and ours, flat, ``deterministic=True`` (+ the all-reduce MAX of the block
+   absmax, codes-only phase 1) and hierarchical (the inter-node INT8 bytes with 8 ranks per
+   node), for W = 2..64 (formulas), and ours counted by the hook's stats on gloo for W = 2
+   (measured).
 """
 from __future__ import annotations
 
@@ -42,18 +49,77 @@ def torch_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def wire_table(n: int) -> None:
+def wire_table(n: int, local: int = 8) -> None:
     print(f"\n## bytes sent per rank per step, bucket of N = {n:,} fp32 gradients")
     print(f"| {'W':>3} | {'fp32 allreduce':>14} | {'bf16 hook':>10} | {'pertensor int8':>14} | {'llmio int8':>11} | "
-          f"{'vs fp32':>7} | {'vs bf16':>7} |")
-    print(f"|{'-' * 5}|{'-' * 16}|{'-' * 12}|{'-' * 16}|{'-' * 13}|{'-' * 9}|{'-' * 9}|")
+          f"{'vs fp32':>7} | {'vs bf16':>7} | {'deterministic':>13} | {f'hier. L={local} inter':>17} |")
+    print(f"|{'-' * 5}|{'-' * 16}|{'-' * 12}|{'-' * 16}|{'-' * 13}|{'-' * 9}|{'-' * 9}|{'-' * 15}|{'-' * 19}|")
     for w in (2, 4, 8, 16, 32, 64):
         fp32 = 2 * (w - 1) / w * 4 * n
         bf16 = 2 * (w - 1) / w * 2 * n
         pertensor = (w - 1) * (n + 4)  # all_gather of every rank's int8 tensor and its scale
         ours = 2 * (w - 1) / w * n * (1 + 4 / BLOCK)
+        # deterministic: codes-only phase 1 + packed phase 2 + ring all-reduce of N/256 fp32 absmax
+        det = (w - 1) / w * n + (w - 1) / w * n * (1 + 4 / BLOCK) + 2 * (w - 1) / w * 4 * n / BLOCK
+        m = w // local
+        hier = f"{2 * (m - 1) / m * (n / local) * (1 + 4 / BLOCK) / 1e6:>15.2f}MB" if m > 1 else f"{'one node':>17}"
         print(f"| {w:>3} | {fp32 / 1e6:>12.2f}MB | {bf16 / 1e6:>8.2f}MB | {pertensor / 1e6:>12.2f}MB | "
-              f"{ours / 1e6:>9.2f}MB | {ours / fp32:>7.3f} | {ours / bf16:>7.3f} |")
+              f"{ours / 1e6:>9.2f}MB | {ours / fp32:>7.3f} | {ours / bf16:>7.3f} | {det / 1e6:>11.2f}MB | {hier} |")
+    print(f"deterministic: + (W-1)/W * 4N/256 over flat; hierarchical: inter-node INT8 bytes 2 (M-1)/M * (N/L) "
+          f"* (1 + 4/256) with M = W/L nodes, plus intra-node (L-1)/L * N * (4 + bucket bytes) over NVLink/PCIe")
+
+
+def cuda_rows(n: int, reps: int) -> None:
+    from llmio_native.ddp import cuda_kernels_usable
+    from llmio_native._native import _cuda
+
+    ok, why = cuda_kernels_usable()
+    if not ok or not torch.cuda.is_available():
+        print(f"\n## CUDA kernels: not measured ({why or 'torch.cuda is not available'})")
+        return
+    dev = torch.device("cuda")
+    x = torch.randn(n, device=dev)
+    res = torch.zeros(n, device=dev)
+    send = torch.empty(n + 4 * (n // BLOCK), dtype=torch.uint8, device=dev)
+    out = torch.empty_like(x)
+    dst = torch.empty_like(x)
+    s = torch.cuda.current_stream().cuda_stream
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(10):
+                fn()
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b) / 10 / 1e3)
+        return best
+
+    def torch_composed() -> None:
+        v = x + res
+        q, scale = torch_quantize(v)
+        res.copy_(v - (q.float() * scale).view(-1))
+
+    t_a = timed(lambda: _cuda.int8_quantize_pack(x.data_ptr(), 0, n, n, 1, res.data_ptr(), send.data_ptr(), s))
+    t_c = timed(lambda: _cuda.int8_unpack_dequantize(send.data_ptr(), 1, n, out.data_ptr(), 0, n, s))
+    t_t = timed(torch_composed)
+    t_copy = timed(lambda: dst.copy_(x))
+    bytes_a = 12 * n + n + 4 * n // BLOCK
+    bytes_c = n + 4 * n // BLOCK + 4 * n
+    print(f"\n## CUDA kernels on {torch.cuda.get_device_name()}, N = {n:,} fp32 (GB/s of bytes actually moved)")
+    print(f"| {'implementation':<52} | {'time us':>8} | {'GB/s':>7} | {'vs D2D copy':>11} |")
+    print(f"|{'-' * 54}|{'-' * 10}|{'-' * 9}|{'-' * 13}|")
+    copy_bw = 8 * n / t_copy
+    for name, t, nbytes in (("device-to-device copy (HBM limit)", t_copy, 8 * n),
+                            ("llmio fused (a) residual+quantize+pack", t_a, bytes_a),
+                            ("torch-composed blockwise quantizer + residual", t_t, bytes_a),
+                            ("llmio (c) unpack + dequantize (fp32 out)", t_c, bytes_c)):
+        print(f"| {name:<52} | {t * 1e6:8.1f} | {nbytes / t / 1e9:7.1f} | {nbytes / t / copy_bw:11.2f} |")
+    print(f"fused (a) / torch-composed = {t_t / t_a:.2f}x (the torch row is credited with the fused kernel's bytes)")
 
 
 def _free_port() -> int:
@@ -98,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     n = a.numel // BLOCK * BLOCK
     print(f"# bench_ddp_hook: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"N = {n:,} fp32, best of {a.reps}; CUDA rows need a GPU (not measured here)")
+          f"N = {n:,} fp32, best of {a.reps}")
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     res = np.zeros(n, np.float32)
     codes = np.empty(n, np.int8)
@@ -116,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("torch-composed blockwise quantizer", t_torch)):
         print(f"| {name:<40} | {gb / t:6.2f} | {t_copy / t:9.2f} |")
     print(f"llmio / torch-composed = {t_torch / t_ours:.2f}x (the issue's GPU target is >= 6x with fused CUDA kernels)")
+    cuda_rows(n, a.reps)
     wire_table(a.wire_numel)
 
     import pickle

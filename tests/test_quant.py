@@ -118,3 +118,122 @@ def test_outputs_must_be_exact_dtype():
         _core.quantize_blocks_ref(x, np.zeros(10, np.float64), np.empty(10, np.int8), np.empty(1, np.float32))
     with pytest.raises(ValueError):
         _core.quantize_blocks_ref(x, None, np.empty(9, np.int8), np.empty(1, np.float32))
+
+
+# ---------------------------------------------------------------- deterministic mode (shared scales)
+
+
+def np_block_absmax(v: np.ndarray) -> np.ndarray:
+    """Per-block max |v|, +inf for a block holding inf/NaN."""
+    nb = -(-v.size // BLOCK)
+    out = np.empty(nb, np.float32)
+    for b in range(nb):
+        blk = v[b * BLOCK:(b + 1) * BLOCK]
+        out[b] = np.abs(blk).max() if np.isfinite(blk).all() else np.inf
+    return out
+
+
+def np_quantize_shared(v: np.ndarray, gmax: np.ndarray):
+    """numpy model of quantize_blocks_shared_ref on v = x + residual: codes, scales, new residual."""
+    codes = np.zeros(v.size, np.int8)
+    scales = np.empty(gmax.size, np.float32)
+    res = np.empty_like(v)
+    for b in range(gmax.size):
+        sl = slice(b * BLOCK, (b + 1) * BLOCK)
+        if not np.isfinite(gmax[b]):
+            scales[b] = np.nan
+            res[sl] = 0
+            continue
+        s = np.float32(gmax[b] / np.float32(127))
+        scales[b] = s
+        if s == 0:
+            res[sl] = v[sl]
+            continue
+        q = np.clip(np.rint(v[sl] / s), -127, 127).astype(np.int8)
+        codes[sl] = q
+        res[sl] = v[sl] - q.astype(np.float32) * s
+    return codes, scales, res
+
+
+def special_inputs(W: int, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    xs = (rng.standard_normal((W, n)) * np.float32(3)).astype(np.float32)
+    xs[:, :BLOCK] = 0  # an all-zero block
+    xs[:, BLOCK:2 * BLOCK] = 0
+    xs[0, BLOCK + 5] = np.float32(1e-44)  # denormal: the shared scale underflows to 0
+    xs[:, 2 * BLOCK + 7] = np.float32(127 * 0.5) * np.arange(1, W + 1)  # exact halves: round half to even
+    return xs
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_block_absmax_ref_matches_numpy_and_leaves_residual(W):
+    xs = special_inputs(W, 1100, 5)
+    res = np.random.default_rng(6).standard_normal(1100).astype(np.float32)
+    res_copy = res.copy()
+    xs[1, 900] = np.nan
+    for r in range(W):
+        am = np.empty(-(-1100 // BLOCK), np.float32)
+        _core.block_absmax_ref(xs[r], res, am)
+        np.testing.assert_array_equal(am, np_block_absmax(xs[r] + res))
+        assert (am[3] == np.inf) == (r == 1)
+    np.testing.assert_array_equal(res, res_copy)  # read only
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_shared_scale_quantize_and_integer_sum_match_numpy(W):
+    n = 1280
+    xs = special_inputs(W, n, W)
+    xs[W - 1, 1000] = np.inf  # block 3 non-finite on one rank -> NaN everywhere
+    ress = [np.random.default_rng(10 + r).standard_normal(n).astype(np.float32) * np.float32(0.01) for r in range(W)]
+    for r in range(W):
+        ress[r][:2 * BLOCK] = 0  # blocks 0 (zeros) and 1 (one denormal) stay that small
+    vs = [xs[r] + ress[r] for r in range(W)]
+    gmax = np.max([np_block_absmax(v) for v in vs], axis=0)  # the all-reduce MAX
+    codes_w = np.empty((W, n), np.int8)
+    for r in range(W):
+        codes = np.empty(n, np.int8)
+        scales = np.empty(gmax.size, np.float32)
+        res = ress[r].copy()
+        _core.quantize_blocks_shared_ref(xs[r], res, gmax, codes, scales)
+        ec, es, er = np_quantize_shared(vs[r], gmax)
+        np.testing.assert_array_equal(codes, ec)
+        np.testing.assert_array_equal(scales, es)
+        np.testing.assert_array_equal(res, er)
+        codes_w[r] = codes
+        if r == 0:
+            assert res[BLOCK + 5] == np.float32(1e-44)  # zero-scale block: the residual keeps v
+    assert scales[0] == 0 and scales[1] == 0 and np.isnan(scales[3]) and np.isfinite(scales[4])
+    assert (codes_w[:, 3 * BLOCK:4 * BLOCK] == 0).all() and np.abs(codes_w).max() == 127
+    # Owner: exact int32 sum, * scale / W + residual, requantized with its own scale.
+    owner_res = np.random.default_rng(3).standard_normal(n).astype(np.float32) * np.float32(0.01)
+    s_int = codes_w.astype(np.int32).sum(0)
+    v2 = (s_int.astype(np.float32) * np.repeat(es, BLOCK)[:n]) / np.float32(W) + owner_res
+    ec2, es2 = numpy_quantize(np.nan_to_num(v2, nan=0.0))
+    es2[3] = np.nan
+    ec2[3 * BLOCK:4 * BLOCK] = 0
+    outs = []
+    for perm in (list(range(W)), list(range(W))[::-1]):  # arrival order does not matter
+        r2 = owner_res.copy()
+        c2 = np.empty(n, np.int8)
+        s2 = np.empty(gmax.size, np.float32)
+        _core.dequant_sum_requant_shared_ref(np.ascontiguousarray(codes_w[perm]), es, r2, c2, s2)
+        outs.append((c2.tobytes(), s2.tobytes(), r2.tobytes()))
+        np.testing.assert_array_equal(c2, ec2)
+        np.testing.assert_array_equal(s2, es2)
+        deq = dequantize(c2, s2)
+        fin = np.isfinite(v2)
+        np.testing.assert_array_equal(r2[fin], (v2 - deq)[fin])  # the owner's error kept
+        assert (r2[~fin] == 0).all()
+    assert outs[0] == outs[1]
+
+
+def test_shared_ref_rejects_bad_sizes():
+    x = np.ones(300, np.float32)
+    with pytest.raises(ValueError):
+        _core.block_absmax_ref(x, None, np.empty(1, np.float32))
+    with pytest.raises(ValueError):
+        _core.quantize_blocks_shared_ref(x, None, np.ones(1, np.float32), np.empty(300, np.int8),
+                                         np.empty(2, np.float32))
+    with pytest.raises(ValueError):
+        _core.dequant_sum_requant_shared_ref(np.zeros((2, 300), np.int8), np.ones(1, np.float32), None,
+                                             np.empty(300, np.int8), np.empty(2, np.float32))

@@ -520,6 +520,65 @@ PYBIND11_MODULE(_core, m) {
         py::arg("codes_w"), py::arg("scales_w"), py::arg("residual"), py::arg("codes").noconvert(),
         py::arg("scales").noconvert());
 
+  // ---------------------------------------------------------------- INT8 blocks, deterministic mode (CPU oracle)
+  m.def("block_absmax_ref",
+        [](F32 x, py::object residual, F32 absmax) {
+          const size_t n = static_cast<size_t>(x.size());
+          if (static_cast<size_t>(absmax.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("block_absmax_ref: absmax must hold ceil(n/256) values");
+          if (!absmax.writeable()) throw std::invalid_argument("block_absmax_ref: absmax must be writable");
+          F32 res_arr;  // holds a (possibly converted) residual alive while the oracle runs
+          if (!residual.is_none()) {
+            res_arr = py::cast<F32>(residual);
+            if (static_cast<size_t>(res_arr.size()) != n) throw std::invalid_argument("residual must hold n values");
+          }
+          const float* res = residual.is_none() ? nullptr : res_arr.data();
+          const float* xp = x.data();
+          float* ap = absmax.mutable_data();
+          py::gil_scoped_release nogil;
+          block_absmax_ref(xp, res, n, ap);
+        },
+        py::arg("x"), py::arg("residual"), py::arg("absmax").noconvert(),
+        "Per-block absmax of x + residual (residual read only; +inf for a block with inf/NaN).");
+  m.def("quantize_blocks_shared_ref",
+        [](F32 x, py::object residual, F32 absmax, I8 codes, F32 scales) {
+          const size_t n = static_cast<size_t>(x.size());
+          if (static_cast<size_t>(codes.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n) ||
+              static_cast<size_t>(absmax.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("quantize_blocks_shared_ref: codes must hold n values, absmax and scales "
+                                        "ceil(n/256)");
+          float* res = inplace_residual(residual, n);
+          const float* xp = x.data();
+          const float* ap = absmax.data();
+          int8_t* cp = codes.mutable_data();
+          float* sp = scales.mutable_data();
+          py::gil_scoped_release nogil;
+          quantize_blocks_shared_ref(xp, res, n, ap, cp, sp);
+        },
+        py::arg("x"), py::arg("residual"), py::arg("absmax"), py::arg("codes").noconvert(),
+        py::arg("scales").noconvert(),
+        "Blockwise INT8 quantization with the shared (all-reduced MAX) block absmax, in place.");
+  m.def("dequant_sum_requant_shared_ref",
+        [](I8 codes_w, F32 shared_scales, py::object residual, I8 codes, F32 scales) {
+          // codes_w: [W, n], shared_scales: [nblocks] (the same on every rank)
+          if (codes_w.ndim() != 2) throw std::invalid_argument("codes_w must be [W, n]");
+          const size_t W = static_cast<size_t>(codes_w.shape(0)), n = static_cast<size_t>(codes_w.shape(1));
+          if (static_cast<size_t>(shared_scales.size()) != quant_num_blocks(n) ||
+              static_cast<size_t>(codes.size()) != n || static_cast<size_t>(scales.size()) != quant_num_blocks(n))
+            throw std::invalid_argument("dequant_sum_requant_shared_ref: sizes do not match");
+          std::vector<const int8_t*> cw(W);
+          for (size_t r = 0; r < W; ++r) cw[r] = codes_w.data() + r * n;
+          float* res = inplace_residual(residual, n);
+          const float* ssp = shared_scales.data();
+          int8_t* cp = codes.mutable_data();
+          float* sp = scales.mutable_data();
+          py::gil_scoped_release nogil;
+          dequant_sum_requant_shared_ref(cw.data(), W, n, ssp, res, cp, sp);
+        },
+        py::arg("codes_w"), py::arg("shared_scales"), py::arg("residual"), py::arg("codes").noconvert(),
+        py::arg("scales").noconvert(),
+        "Owner step with shared scales: int32 sum of the W codes, * scale / W + residual, requantized.");
+
   m.def("cut_windows_ref",
         [](py::buffer tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
            int64_t seq_len) {

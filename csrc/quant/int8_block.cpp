@@ -41,6 +41,16 @@ inline float quantize_one(const float* v, size_t len, int8_t* q, float* residual
   return scale;
 }
 
+// Quantizes v with a given scale (finite, > 0); the rounding step of quantize_one.
+inline void quantize_with_scale(const float* v, size_t len, float scale, int8_t* q, float* residual) {
+  for (size_t i = 0; i < len; ++i) {
+    float r = std::nearbyint(v[i] / scale);  // round half to even (default FE_TONEAREST)
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    q[i] = static_cast<int8_t>(r);
+    if (residual) residual[i] = v[i] - static_cast<float>(q[i]) * scale;
+  }
+}
+
 }  // namespace
 
 void quantize_blocks_ref(const float* x, float* residual, size_t n, int8_t* codes, float* scales) {
@@ -68,6 +78,65 @@ void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* s
       v[i] = s / inv_w + (residual ? residual[i0 + i] : 0.0f);
     }
     scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
+  }
+}
+
+void block_absmax_ref(const float* x, const float* residual, size_t n, float* absmax) {
+  for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
+    const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
+    float m = 0.0f;
+    bool finite = true;
+    for (size_t i = 0; i < len; ++i) {
+      const float v = x[i0 + i] + (residual ? residual[i0 + i] : 0.0f);
+      const float a = std::fabs(v);
+      if (!std::isfinite(v)) finite = false;
+      m = a > m ? a : m;
+    }
+    absmax[b] = finite ? m : std::numeric_limits<float>::infinity();
+  }
+}
+
+void quantize_blocks_shared_ref(const float* x, float* residual, size_t n, const float* absmax, int8_t* codes,
+                                float* scales) {
+  float v[kQuantBlock];
+  for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
+    const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
+    for (size_t i = 0; i < len; ++i) v[i] = x[i0 + i] + (residual ? residual[i0 + i] : 0.0f);
+    float* res = residual ? residual + i0 : nullptr;
+    int8_t* q = codes + i0;
+    if (!std::isfinite(absmax[b])) {
+      for (size_t i = 0; i < len; ++i) {
+        q[i] = 0;
+        if (res) res[i] = 0.0f;
+      }
+      scales[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float scale = absmax[b] / 127.0f;
+    scales[b] = scale;
+    if (scale == 0.0f) {
+      for (size_t i = 0; i < len; ++i) {
+        q[i] = 0;
+        if (res) res[i] = v[i];
+      }
+      continue;
+    }
+    quantize_with_scale(v, len, scale, q, res);
+  }
+}
+
+void dequant_sum_requant_shared_ref(const int8_t* const* codes_w, size_t world, size_t n, const float* scales,
+                                    float* residual, int8_t* codes, float* out_scales) {
+  float v[kQuantBlock];
+  const float wf = static_cast<float>(world);
+  for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
+    const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
+    for (size_t i = 0; i < len; ++i) {
+      int32_t s = 0;
+      for (size_t r = 0; r < world; ++r) s += codes_w[r][i0 + i];
+      v[i] = static_cast<float>(s) * scales[b] / wf + (residual ? residual[i0 + i] : 0.0f);
+    }
+    out_scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
   }
 }
 

@@ -49,4 +49,32 @@ void dequantize_blocks_ref(const int8_t* codes, const float* scales, size_t n, f
 void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* scales_w, size_t world,
                              size_t n, float* residual, int8_t* codes, float* scales);
 
+// ---- deterministic mode (shared per-block scales) ----
+//
+// Phase 1 scales are shared by every rank: each rank computes the per-block
+// absmax of v = x + residual (block_absmax_ref; +inf for a block with any
+// inf/NaN so a MAX all-reduce carries "non-finite" reliably), the ranks
+// all-reduce those with MAX, and every rank quantizes with the same scale
+// (quantize_blocks_shared_ref). The owner then sums the W integer codes
+// exactly (int32) and scales once (dequant_sum_requant_shared_ref), so the
+// result does not depend on the order in which contributions arrive.
+
+// absmax[b] = max |x[i] + residual[i]| over block b, or +inf if any value of
+// v is inf/NaN. residual is read only (may be null).
+void block_absmax_ref(const float* x, const float* residual, size_t n, float* absmax);
+
+// Quantizes v = x + residual with the shared block scale absmax[b] / 127:
+// absmax[b] not finite -> scale NaN, q = 0, residual reset to 0; scale == 0
+// -> q = 0, residual keeps v; otherwise q = clamp(rint(v / scale), -127, 127)
+// and residual = v - q * scale. scales[b] receives the scale used.
+void quantize_blocks_shared_ref(const float* x, float* residual, size_t n, const float* absmax, int8_t* codes,
+                                float* scales);
+
+// The owner's step with shared scales: S[i] = sum_r codes_w[r][i] (int32,
+// exact), v[i] = float(S[i]) * scales[b] / W + residual[i], then requantized
+// with the owner's own per-block scale exactly like dequant_sum_requant_ref.
+// scales: [nblocks] the shared scales of this shard (NaN -> block NaN).
+void dequant_sum_requant_shared_ref(const int8_t* const* codes_w, size_t world, size_t n, const float* scales,
+                                    float* residual, int8_t* codes, float* out_scales);
+
 }  // namespace llmio
