@@ -31,12 +31,15 @@ def test_bench_read_smoke(tmp_path):
 def test_bench_ddp_hook_smoke():
     out = subprocess.run(
         [sys.executable, str(BENCH / "bench_ddp_hook.py"), "--numel", "65536", "--reps", "1",
-         "--measure-numel", "16384"], capture_output=True, text=True, timeout=300,
+         "--measure-numel", "16384", "--gpt-steps", "1"], capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch-composed blockwise quantizer" in out.stdout and "|  64 |" in out.stdout
     measured = out.stdout.split("measured on gloo")[1]
     assert "= 0.254" in measured  # bytes counted by the hook match the formula
+    gpt = out.stdout.split("## step time on gloo")[1]
+    assert "| allreduce (no hook)" in gpt and "| llmio int8_compress_hook" in gpt
+    assert "bytes vs fp32 all-reduce 0.254" in gpt
 
 
 def test_bench_codec_smoke(tmp_path):
