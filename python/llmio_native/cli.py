@@ -1006,7 +1006,15 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _bench_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "benchmarks"
+    """The benchmarks folder of a checkout: ``$LLMIO_BENCH_DIR``, else the source tree this
+    package runs from (an editable install), else ``./benchmarks`` (run from a checkout with
+    the wheel installed)."""
+    cands = [Path(os.environ["LLMIO_BENCH_DIR"])] if os.environ.get("LLMIO_BENCH_DIR") else []
+    cands += [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+    for d in cands:
+        if d.is_dir() and any(d.glob("bench_*.py")):
+            return d
+    return cands[0]
 
 
 def cmd_bench(args: Sequence[str]) -> int:
@@ -1017,8 +1025,8 @@ def cmd_bench(args: Sequence[str]) -> int:
     args = list(args)
     if args[:1] in (["-h"], ["--help"]) or not names:
         where = (f"benchmarks in {d}: {', '.join(names)}" if names else
-                 "the benchmarks are part of the source tree, not the wheel: "
-                 "run python benchmarks/bench_read.py from a checkout")
+                 "the benchmarks are part of the source tree, not the wheel: run llmio bench from "
+                 "a checkout (or set LLMIO_BENCH_DIR to its benchmarks folder)")
         print(f"usage: llmio bench [NAME] [ARGS...]  (NAME defaults to read; ARGS go to the script, "
               f"e.g. llmio bench read --help)\n{where}")
         return 0 if names else 1
