@@ -316,3 +316,50 @@ def test_pinned_arena_is_page_locked(reader):
         ring.release(slot, ev)
         stream.synchronize()
         assert dev.cpu().numpy().tobytes() == data[: 1 << 20]
+
+
+def test_ring_inherited_by_a_forked_child_never_hangs(tmp_path):
+    """A DataLoader worker forked while the parent holds a ring with live producers:
+    in the child, dropping the ring returns at once and using it raises naming both
+    processes; the parent's ring keeps working. (Before the fix the child hung in the
+    destructor, joining threads that do not exist there.)"""
+    script = textwrap.dedent(f"""
+        import gc, multiprocessing as mp, os, sys, numpy as np
+        import llmio_native as lio
+        path = {str(tmp_path / 'f.bin')!r}
+        open(path, 'wb').write(np.arange(1 << 16, dtype=np.uint32).tobytes())
+        r = lio.Reader([path], backend='threads')
+        ring = lio.PinnedRing(r, num_slots=4, slot_bytes=1 << 16, num_producers=2, pin=False)
+        ring.submit([(0, 0, 4096)], tag=1)
+        s = ring.get(timeout=10); s.release()
+        ring.submit([(0, 4096, 4096)], tag=2)   # producers busy or waiting at fork time
+
+        def use():
+            try:
+                ring.get(timeout=1)
+            except RuntimeError as e:
+                ok = 'forked child' in str(e) and str(os.getppid()) in str(e)
+                ring.close()            # a no-op here, never a hang
+                sys.exit(0 if ok else 3)
+            sys.exit(4)
+
+        def drop():
+            global ring
+            del ring
+            gc.collect()
+            sys.exit(0)
+
+        ctx = mp.get_context('fork')
+        for fn in (use, drop):
+            p = ctx.Process(target=fn); p.start(); p.join(20)
+            if p.exitcode is None:
+                p.kill(); print('HANG', fn.__name__); sys.exit(5)
+            assert p.exitcode == 0, (fn.__name__, p.exitcode)
+        s = ring.get(timeout=10)
+        assert s.tag == 2 and np.frombuffer(s, np.uint32)[0] == 1024
+        s.release(); ring.close()
+        print('fork ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+    assert "fork ok" in out.stdout

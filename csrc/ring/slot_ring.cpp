@@ -1,5 +1,7 @@
 #include "ring/slot_ring.hpp"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <stdexcept>
 #include <string>
@@ -12,7 +14,13 @@ using detail::align_up;
 
 SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t slot_bytes,
                    uint32_t num_producers)
-    : reader_(std::move(reader)), num_slots_(num_slots) {
+    : reader_(std::move(reader)),
+      num_slots_(num_slots),
+      owner_pid_(static_cast<int>(::getpid())),
+      sync_(std::make_unique<Sync>()),
+      mu_(sync_->mu),
+      cv_work_(sync_->cv_work),
+      cv_done_(sync_->cv_done) {
   if (!reader_) throw std::invalid_argument("SlotRing needs a reader");
   if (num_slots == 0) throw std::invalid_argument("num_slots must be >= 1");
   if (slot_bytes == 0) throw std::invalid_argument("slot_bytes must be >= 1");
@@ -30,7 +38,25 @@ SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t 
   for (uint32_t t = 0; t < num_producers; ++t) threads_.emplace_back([this] { producer(); });
 }
 
-SlotRing::~SlotRing() { close(); }
+SlotRing::~SlotRing() {
+  if (foreign()) {  // see owner_pid_: leak what a forked child cannot tear down
+    (void)sync_.release();
+    (void)new std::vector<std::thread>(std::move(threads_));
+    regions_.clear();
+    return;
+  }
+  close();
+}
+
+bool SlotRing::foreign() const { return static_cast<int>(::getpid()) != owner_pid_; }
+
+void SlotRing::check_owner(const char* what) const {
+  if (foreign())
+    throw std::runtime_error(std::string("ring ") + what + ": this ring was created in process " +
+                             std::to_string(owner_pid_) + " and this is a forked child (pid " +
+                             std::to_string(::getpid()) + "); its producer threads do not exist here. "
+                             "Create a new ring (or loader iterator) after the fork");
+}
 
 void SlotRing::layout(const std::vector<RingRequest>& reqs, bool packed,
                       std::vector<uint64_t>& offsets, uint64_t& used) const {
@@ -58,6 +84,7 @@ uint64_t SlotRing::required_bytes(const std::vector<RingRequest>& reqs, bool pac
 }
 
 uint64_t SlotRing::submit(int64_t tag, const std::vector<RingRequest>& reqs, bool packed) {
+  check_owner("submit()");
   Job j;
   j.tag = tag;
   j.reqs = reqs;
@@ -132,6 +159,7 @@ void SlotRing::producer() {
 }
 
 std::optional<FilledSlot> SlotRing::get(int64_t timeout_ms) {
+  check_owner("get()");
   std::unique_lock<std::mutex> lk(mu_);
   if (fail_err_.set) fail_err_.rethrow();
   auto ready = [&] { return done_.count(next_deliver_) > 0 || stop_; };
@@ -175,6 +203,7 @@ std::optional<FilledSlot> SlotRing::get(int64_t timeout_ms) {
 }
 
 void SlotRing::release(uint32_t slot) {
+  check_owner("release()");
   {
     std::lock_guard<std::mutex> g(mu_);
     if (slot >= num_slots_ || !held_[slot])
@@ -187,6 +216,7 @@ void SlotRing::release(uint32_t slot) {
 }
 
 void SlotRing::close() {
+  if (foreign()) return;  // nothing of ours runs in a forked child; the destructor leaks the rest
   {
     std::lock_guard<std::mutex> g(mu_);
     if (stop_ && threads_.empty()) return;
@@ -206,16 +236,19 @@ void SlotRing::close() {
 }
 
 bool SlotRing::closed() const {
+  if (foreign()) return true;
   std::lock_guard<std::mutex> g(mu_);
   return stop_;
 }
 
 uint64_t SlotRing::pending() const {
+  check_owner("pending()");
   std::lock_guard<std::mutex> g(mu_);
   return next_seq_ - next_deliver_;
 }
 
 uint32_t SlotRing::held() const {
+  check_owner("held()");
   std::lock_guard<std::mutex> g(mu_);
   uint32_t n = 0;
   for (auto h : held_) n += h;
@@ -223,6 +256,7 @@ uint32_t SlotRing::held() const {
 }
 
 RingStats SlotRing::stats() const {
+  check_owner("stats()");
   std::lock_guard<std::mutex> g(mu_);
   return stats_;
 }

@@ -124,9 +124,22 @@ class SlotRing {
   uint64_t slot_bytes_;
   std::unique_ptr<HostBuffer> arena_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_work_;  // producers: job + free slot, or stop
-  std::condition_variable cv_done_;  // consumer: next job done
+  // The process that created the ring. In a forked child (a DataLoader worker
+  // that inherited it) the producer threads do not exist and the mutex or the
+  // condition variables may be copied mid-use: there every call but close()
+  // raises, and the destructor leaves threads and synchronisation objects to
+  // the process exit instead of joining or destroying them (either would hang).
+  int owner_pid_;
+  bool foreign() const;
+  void check_owner(const char* what) const;
+  struct Sync {
+    std::mutex mu;
+    std::condition_variable cv_work, cv_done;
+  };
+  std::unique_ptr<Sync> sync_;
+  std::mutex& mu_;
+  std::condition_variable& cv_work_;  // producers: job + free slot, or stop
+  std::condition_variable& cv_done_;  // consumer: next job done
   std::deque<Job> queue_;
   std::vector<uint32_t> free_;
   std::vector<uint8_t> held_;        // 1 while the consumer holds the slot

@@ -11,6 +11,8 @@ When CUDA is available the whole arena is page-locked once with ``cudaHostRegist
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any, Iterable, Sequence
 
 from ._native import _core
@@ -57,6 +59,7 @@ class PinnedRing:
         from .errors import CudaError, UnsupportedError
 
         self.reader = reader
+        self._pid = os.getpid()
         self._ring = _core.SlotRing(reader._handle(), num_slots, slot_bytes, num_producers)
         self._pending_release: list[tuple[Any, Any]] = []
         self._cudart = None
@@ -127,7 +130,14 @@ class PinnedRing:
         return torch.frombuffer(slot, dtype=torch.uint8)
 
     def close(self) -> None:
-        """Stop and join the producers, wait for pending copy events, unpin the arena. Idempotent."""
+        """Stop and join the producers, wait for pending copy events, unpin the arena. Idempotent.
+
+        In a forked child that inherited the ring (its producers do not exist there, and
+        CUDA must not be touched) it only drops this process's references."""
+        if os.getpid() != self._pid:
+            self._pending_release = []
+            self._cudart = None
+            return
         for slot, event in self._pending_release:
             event.synchronize()
             slot.release()
