@@ -838,3 +838,40 @@ def test_stats_counters_move_as_expected(make_file, backend, direct):
             assert s["fixed_buffer_ops"] == 0
     else:
         assert s["num_threads"] == 3 and s["submits"] == 0 and s["fixed_buffer_ops"] == 0
+
+
+@needs_uring
+def test_ring_failure_with_reads_in_flight_returns_bounce_buffers(tmp_path):
+    """io_uring_submit_and_wait failing with bounce reads in flight (fault
+    uring_submit_eio): the batch raises EIO, and later unaligned reads on the same ring
+    still complete. Before the fix the failed batch kept the ring's bounce buffers, and
+    the next bounce read waited for a free one forever (run in a subprocess with a timeout)."""
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    data.tofile(path)
+    script = textwrap.dedent(f"""
+        import errno, numpy as np, llmio_native as lio
+        from llmio_native import _core
+        r = lio.Reader([{str(path)!r}], backend='io_uring', direct=True, queue_depth=8)
+        reqs = [(0, 4096 * k + 7, 100) for k in range(32)]
+        buf = lio.empty_aligned(32 * 256)
+        # destinations not congruent with the file offsets: every read goes through a bounce buffer
+        dsts = [buf[256 * k + 1: 256 * k + 101] for k in range(32)]
+        for _ in range(3):
+            _core._set_faults('uring_submit_eio')
+            try:
+                r.read_batch_into([(f, off, d) for (f, off, n), d in zip(reqs, dsts)])
+                raise SystemExit('no error')
+            except OSError as e:
+                assert e.errno == errno.EIO and 'io_uring_submit_and_wait' in str(e), e
+            finally:
+                _core._set_faults('')
+        data = np.fromfile({str(path)!r}, dtype=np.uint8)
+        r.read_batch_into([(f, off, d) for (f, off, n), d in zip(reqs, dsts)])
+        assert all(bytes(d) == data[off:off + n].tobytes() for d, (_, off, n) in zip(dsts, reqs))
+        assert r.stats()['bounce_ops'] >= 32, r.stats()
+        print('ring ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+    assert "ring ok" in out.stdout

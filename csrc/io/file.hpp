@@ -62,12 +62,15 @@ namespace detail {
 //   direct_read_einval   the first O_DIRECT read of each file fails with EINVAL
 //   uring_eperm          io_uring_setup fails with EPERM (as under seccomp)
 //   uring_enosys         io_uring_setup fails with ENOSYS
+//   uring_submit_eio     io_uring_submit_and_wait reports EIO after submitting (a
+//                        ring that fails with reads in flight)
 //   eio:<substring>      reads of files whose path contains <substring> fail with EIO
 struct Faults {
   bool direct_open_einval = false;
   bool direct_read_einval = false;
   bool uring_eperm = false;
   bool uring_enosys = false;
+  bool uring_submit_eio = false;
   std::string eio_substring;
 };
 const Faults& faults();

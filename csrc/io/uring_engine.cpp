@@ -441,6 +441,7 @@ class UringEngine final : public Engine {
       do {
         rc = io_uring_submit_and_wait(&R.ring, 1);
       } while (rc == -EINTR);
+      if (rc >= 0 && detail::faults().uring_submit_eio) rc = -EIO;
       stats_.submits.fetch_add(1, std::memory_order_relaxed);
       if (rc < 0 && rc != -EAGAIN && rc != -EBUSY) {
         // The ring itself failed. Nothing may write into the caller's memory
@@ -456,6 +457,18 @@ class UringEngine final : public Engine {
           if (io_uring_wait_cqe(&R.ring, &c) != 0 || !c) break;
           io_uring_cqe_seen(&R.ring, c);
           --inflight;
+        }
+        // Every op is over (reaped, or never submitted): their bounce buffers go back
+        // to the ring, or later bounce reads on it would wait for them forever. Should
+        // the kernel not give back all completions, the buffers of ops it still owns
+        // stay out (leaked, never reused under a read).
+        if (inflight == 0) {
+          for (OpState& s : st) {
+            if (s.bounce >= 0) {
+              R.give_back(s.bounce);
+              s.bounce = -1;
+            }
+          }
         }
         err.rethrow();
       }
