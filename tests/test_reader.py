@@ -875,3 +875,16 @@ def test_ring_failure_with_reads_in_flight_returns_bounce_buffers(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
     assert "ring ok" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_zero_length_reads_up_to_eof_and_never_past_it(make_file, backend):
+    f = make_file(5000)
+    r = lio.Reader([f.path], backend=backend)
+    assert r.read(0, 5000, 0).size == 0 and r.read(0, 0, 0).size == 0
+    assert [x.size for x in r.read_batch([(0, 5000, 0), (0, 10, 0)])] == [0, 0]
+    for call in (lambda: r.read(0, 5001, 0), lambda: r.read_batch([(0, 0, 1), (0, 5001, 0)]),
+                 lambda: r.read_into(0, 9999, np.empty(0, np.uint8))):
+        with pytest.raises(lio.ShortReadError, match=r"@ (5001|9999) \(\+0\): past end of file \(size 5000 bytes\)") as ei:
+            call()
+        assert ei.value.filename == f.path

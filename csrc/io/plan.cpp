@@ -67,8 +67,10 @@ void plan_requests(FileSet& files, const ReadRequest* reqs, size_t n, uint64_t m
   for (size_t r = 0; r < n; ++r) {
     const ReadRequest& q = reqs[r];
     const FileHandle& f = files.at(q.file);
-    if (q.nbytes == 0) continue;
-    if (q.dst == nullptr) throw std::invalid_argument("read request " + std::to_string(r) + " has a null destination");
+    // A zero-length read is fine anywhere up to the end of the file, never past it.
+    if (q.nbytes == 0 && q.offset <= f.size) continue;
+    if (q.nbytes && q.dst == nullptr)
+      throw std::invalid_argument("read request " + std::to_string(r) + " has a null destination");
     if (q.offset > f.size || q.nbytes > f.size - q.offset) {
       throw ShortReadError(
           ENODATA, f.path,
