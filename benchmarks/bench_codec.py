@@ -48,7 +48,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -63,6 +62,9 @@ import llmio_native as lio
 from llmio_native._native import _core, _cuda
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans as R
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine as common_machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE.parents[1] / "shared" / "data" / "tinyshakespeare.txt"
@@ -94,16 +96,7 @@ class Row:
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "zstandard": zstandard.__version__}
+    return {**common_machine(), "numpy": np.__version__, "zstandard": zstandard.__version__}
 
 
 # ----------------------------------------------------------------------------- data

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ import llmio_native as lio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import evict  # noqa: E402
+from common import machine as common_machine  # noqa: E402
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -79,17 +79,7 @@ def timed(section: str, name: str, fn, path: str, cold: bool = True, note: str =
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    return common_machine()
 
 
 def filesystem_of(path: str) -> str:

@@ -405,6 +405,21 @@ def test_verify_checks_the_padding_after_a_model_region(tmp_path):
     assert "after the rans model region" in rep.bad_chunks[0].reason
 
 
+def _reseal(shard, raw: bytearray) -> None:
+    """Write ``raw`` to ``shard`` with its tables checksum, header and manifest entry
+    recomputed (a deliberate rewrite that passes every checksum)."""
+    hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
+    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
+    fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
+                                 "chunk_tokens", "table_offset", "doc_index_offset")}
+    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum)
+    shard.write_bytes(bytes(raw))
+    mpath = shard.parent / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
+    mpath.write_text(json.dumps(man))
+
+
 def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     """A payload that passes its checksum but does not decode (an encoder bug, or a
     deliberate rewrite): FormatError naming shard and chunk, never wrong tokens."""
@@ -413,18 +428,9 @@ def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     raw = bytearray(shard.read_bytes())
     off, n = int(c["offset"]), int(c["stored_bytes"])
     raw[off + n - 3] ^= 0x10
-    new_sum = F.checksum(bytes(raw[off:off + n]))
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
-    entry = hdr["table_offset"] + 1 * 48
-    struct.pack_into("<Q", raw, entry + 32, new_sum)
-    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
-    hdr_fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
-                                     "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**hdr_fields, tables_checksum=tsum)
-    shard.write_bytes(bytes(raw))
-    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
-    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    struct.pack_into("<Q", raw, hdr["table_offset"] + 1 * 48 + 32, F.checksum(bytes(raw[off:off + n])))
+    _reseal(shard, raw)
     ds = lio.open_dataset(tmp_path / "d")
     np.testing.assert_array_equal(ds.read(0, 4096), allt[:4096])  # chunk 0 fine
     with pytest.raises(lio.FormatError, match=r"shard-00000.lio chunk 1 .*rans payload") as ei:
@@ -437,16 +443,8 @@ def test_model_offset_on_a_raw_chunk_is_rejected_at_open(tmp_path):
     ds, _, shard = _one_rans_shard(tmp_path)
     raw = bytearray(shard.read_bytes())
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
-    entry = hdr["table_offset"] + 2 * 48
-    struct.pack_into("<H", raw, entry + 28, F.CODEC_NONE)
-    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
-    fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
-                                 "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum)
-    shard.write_bytes(bytes(raw))
-    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
-    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    struct.pack_into("<H", raw, hdr["table_offset"] + 2 * 48 + 28, F.CODEC_NONE)
+    _reseal(shard, raw)
     with pytest.raises(lio.FormatError, match=r"chunk 2 @ offset \d+: (raw chunk size|nonzero model_offset)"):
         lio.open_dataset(tmp_path / "d")
 
