@@ -378,7 +378,7 @@ def nvcomp_rows(name: str, chunks: list[np.ndarray], raw: int, bound: float, rep
     try:
         from nvidia import nvcomp  # type: ignore[import-not-found]
     except ImportError:
-        return [], "nvCOMP: skipped (nvidia.nvcomp is not importable; pip install nvidia-nvcomp-cu12 to compare)"
+        return [], "nvCOMP: skipped (nvidia.nvcomp is not importable; pip install nvidia-nvcomp-cu13 to compare)"
     ok, why = gpu_available()
     if not ok:
         return [], f"nvCOMP: skipped ({why})"
