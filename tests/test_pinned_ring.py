@@ -322,7 +322,8 @@ def test_ring_inherited_by_a_forked_child_never_hangs(tmp_path):
     """A DataLoader worker forked while the parent holds a ring with live producers:
     in the child, dropping the ring returns at once and using it raises naming both
     processes; the parent's ring keeps working. (Before the fix the child hung in the
-    destructor, joining threads that do not exist there.)"""
+    destructor, tearing down producer threads and the condition variables they wait
+    on, which do not exist there; `get` returned None after its timeout instead of raising.)"""
     script = textwrap.dedent(f"""
         import gc, multiprocessing as mp, os, sys, numpy as np
         import llmio_native as lio
@@ -332,9 +333,16 @@ def test_ring_inherited_by_a_forked_child_never_hangs(tmp_path):
         ring = lio.PinnedRing(r, num_slots=4, slot_bytes=1 << 16, num_producers=2, pin=False)
         ring.submit([(0, 0, 4096)], tag=1)
         s = ring.get(timeout=10); s.release()
+        del s   # no slot view left: dropping the ring in the child reaches ~SlotRing
         ring.submit([(0, 4096, 4096)], tag=2)   # producers busy or waiting at fork time
 
         def use():
+            try:
+                ring.submit([(0, 0, 4096)], tag=3)
+                sys.exit(7)
+            except RuntimeError as e:
+                if not ('submit()' in str(e) and 'forked child' in str(e)):
+                    sys.exit(8)
             try:
                 ring.get(timeout=1)
             except RuntimeError as e:
@@ -345,9 +353,13 @@ def test_ring_inherited_by_a_forked_child_never_hangs(tmp_path):
 
         def drop():
             global ring
+            mapped = lio._core.host_live_bytes()
+            arena = ring._ring.arena_bytes
             del ring
             gc.collect()
-            sys.exit(0)
+            # the child's copy of the arena is unmapped (nothing in the child can still
+            # read or write it); threads and sync objects are what is left to the exit
+            sys.exit(0 if lio._core.host_live_bytes() <= mapped - arena else 6)
 
         ctx = mp.get_context('fork')
         for fn in (use, drop):

@@ -877,6 +877,51 @@ def test_ring_failure_with_reads_in_flight_returns_bounce_buffers(tmp_path):
     assert "ring ok" in out.stdout
 
 
+@needs_uring
+def test_ring_failing_before_the_kernel_takes_the_reads_is_retired(tmp_path):
+    """io_uring_enter failing before the kernel took the queued reads (fault
+    uring_enter_eio): the batch raises EIO at once, and the Reader's next batches (bounce
+    and direct reads) complete on a fresh ring. Before the fix the failed batch waited in
+    io_uring_wait_cqe for completions of reads that were never submitted (forever), and a
+    ring whose queue still held them would have submitted them into the caller's memory on
+    its next use. Run in a subprocess with a timeout."""
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8)
+    data.tofile(path)
+    script = textwrap.dedent(f"""
+        import errno, numpy as np, llmio_native as lio
+        from llmio_native import _core
+        data = np.fromfile({str(path)!r}, dtype=np.uint8)
+        r = lio.Reader([{str(path)!r}], backend='io_uring', direct=True, queue_depth=8)
+        reqs = [(0, 4096 * k + 7, 100) for k in range(32)] + [(0, 65536 * k, 65536) for k in range(1, 8)]
+        def batch():
+            bufs = [lio.empty_aligned(8192 + n) for _, _, n in reqs]
+            # bounce reads (destination not congruent with the offset) and direct ones
+            dsts = [b[1:1 + n] if n == 100 else b[:n] for b, (_, _, n) in zip(bufs, reqs)]
+            r.read_batch_into([(f, off, d) for (f, off, n), d in zip(reqs, dsts)])
+            assert all(bytes(d) == data[off:off + n].tobytes() for d, (_, off, n) in zip(dsts, reqs))
+        batch()
+        for _ in range(3):
+            _core._set_faults('uring_enter_eio')
+            try:
+                batch()
+                raise SystemExit('no error')
+            except OSError as e:
+                assert e.errno == errno.EIO and 'io_uring_submit_and_wait' in str(e), e
+            finally:
+                _core._set_faults('')
+            batch()
+            batch()
+        print('retired ok')
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a read batch hung after io_uring_enter failed with reads queued")
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+    assert "retired ok" in out.stdout
+
+
 @pytest.mark.parametrize("backend", ENGINES)
 def test_zero_length_reads_up_to_eof_and_never_past_it(make_file, backend):
     f = make_file(5000)

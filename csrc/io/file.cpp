@@ -38,6 +38,7 @@ void parse_faults(const std::string& spec, Faults& out) {
     else if (item == "uring_eperm") f.uring_eperm = true;
     else if (item == "uring_enosys") f.uring_enosys = true;
     else if (item == "uring_submit_eio") f.uring_submit_eio = true;
+    else if (item == "uring_enter_eio") f.uring_enter_eio = true;
     else if (item.rfind("eio:", 0) == 0) f.eio_substring = item.substr(4);
     else throw std::invalid_argument("unknown fault '" + item + "' in LLMIO_FAULTS");
   }

@@ -64,6 +64,8 @@ namespace detail {
 //   uring_enosys         io_uring_setup fails with ENOSYS
 //   uring_submit_eio     io_uring_submit_and_wait reports EIO after submitting (a
 //                        ring that fails with reads in flight)
+//   uring_enter_eio      io_uring_submit_and_wait fails with EIO before the kernel
+//                        takes any read (they stay queued in the ring, never submitted)
 //   eio:<substring>      reads of files whose path contains <substring> fail with EIO
 struct Faults {
   bool direct_open_einval = false;
@@ -71,6 +73,7 @@ struct Faults {
   bool uring_eperm = false;
   bool uring_enosys = false;
   bool uring_submit_eio = false;
+  bool uring_enter_eio = false;
   std::string eio_substring;
 };
 const Faults& faults();

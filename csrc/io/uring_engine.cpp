@@ -141,6 +141,11 @@ struct Ring {
   std::vector<int>& free_for(uint64_t len) { return len <= small_bytes ? free_small : free_large; }
   void give_back(int idx) { (static_cast<size_t>(idx) < nsmall ? free_small : free_large).push_back(idx); }
   size_t nsmall = 0;
+  // Set when a batch failed in a way that makes the ring unfit for reuse:
+  // kDestroy - nothing of ours is in flight, but its queue may still hold reads
+  //            the kernel never took (they would be submitted on the next use);
+  // kLeak    - the kernel may still complete reads into its bounce buffers.
+  enum Fate { kKeep, kDestroy, kLeak } fate = kKeep;
   ~Ring() { io_uring_queue_exit(&ring); }
 };
 
@@ -332,6 +337,19 @@ class UringEngine final : public Engine {
   }
 
   void release(std::unique_ptr<Ring> r) {
+    if (r->fate != Ring::kKeep) {
+      // Never reused. Destroying is safe when the kernel owns nothing of it (reads
+      // still queued in it are dropped with it); otherwise it is leaked, buffers and
+      // all, since the kernel may still write into them. A fresh ring replaces it.
+      if (r->fate == Ring::kLeak) (void)r.release();
+      r.reset();
+      {
+        std::lock_guard<std::mutex> g(pool_mu_);
+        --created_;
+      }
+      pool_cv_.notify_one();
+      return;
+    }
     sync_regions(*r);
     {
       std::lock_guard<std::mutex> g(pool_mu_);
@@ -354,6 +372,15 @@ class UringEngine final : public Engine {
     for (size_t i = 0; i < ops.size(); ++i) pending.push_back(i);
     size_t inflight = 0, completed = 0;
     CapturedError err;
+    // Returns the bounce buffer of every op: only once the kernel owns none of them.
+    auto give_back_all = [&] {
+      for (OpState& s : st) {
+        if (s.bounce >= 0) {
+          R.give_back(s.bounce);
+          s.bounce = -1;
+        }
+      }
+    };
     auto fail = [&](size_t i) {
       if (!err.set) err = CapturedError::from_current("");
       if (st[i].bounce >= 0) {
@@ -419,6 +446,15 @@ class UringEngine final : public Engine {
         ++queued;
       }
       if (inflight == 0) {
+        if (completed < ops.size() && !err.set && !pending.empty()) {
+          // Nothing in flight and nothing could be queued: no bounce buffer is free on
+          // this ring although no op of this batch holds one in flight. Waiting for one
+          // would spin forever; fail the batch and retire the ring instead.
+          give_back_all();
+          R.fate = Ring::kDestroy;
+          throw std::runtime_error("io_uring engine: no free bounce buffer on a ring with nothing in flight "
+                                   "(buffers lost by an earlier failure); the ring is retired");
+        }
         if (completed < ops.size() && err.set) {
           // Ops never submitted after a failure count as done. A partly read
           // op waiting to be resubmitted still holds its bounce buffer: give
@@ -438,9 +474,13 @@ class UringEngine final : public Engine {
         continue;
       }
       int rc;
-      do {
-        rc = io_uring_submit_and_wait(&R.ring, 1);
-      } while (rc == -EINTR);
+      if (detail::faults().uring_enter_eio) {
+        rc = -EIO;  // as if io_uring_enter failed before taking the queued reads
+      } else {
+        do {
+          rc = io_uring_submit_and_wait(&R.ring, 1);
+        } while (rc == -EINTR);
+      }
       if (rc >= 0 && detail::faults().uring_submit_eio) rc = -EIO;
       stats_.submits.fetch_add(1, std::memory_order_relaxed);
       if (rc < 0 && rc != -EAGAIN && rc != -EBUSY) {
@@ -452,23 +492,28 @@ class UringEngine final : public Engine {
           err.err = -rc;
           err.message = std::string("io_uring_submit_and_wait: ") + std::strerror(-rc);
         }
-        while (inflight > 0) {
+        // Reads still queued in the ring (not taken by the kernel) will never
+        // complete: only the rest is waited for. Such a ring must not be used again
+        // (its next submit would start them, into memory we are about to hand back).
+        const unsigned queued_only = std::min<unsigned>(io_uring_sq_ready(&R.ring), inflight);
+        size_t owned = inflight - queued_only;
+        while (owned > 0) {
           struct io_uring_cqe* c = nullptr;
-          if (io_uring_wait_cqe(&R.ring, &c) != 0 || !c) break;
+          const int wrc = io_uring_wait_cqe(&R.ring, &c);
+          if (wrc == -EINTR) continue;
+          if (wrc != 0 || !c) break;
           io_uring_cqe_seen(&R.ring, c);
-          --inflight;
+          --owned;
         }
         // Every op is over (reaped, or never submitted): their bounce buffers go back
         // to the ring, or later bounce reads on it would wait for them forever. Should
-        // the kernel not give back all completions, the buffers of ops it still owns
-        // stay out (leaked, never reused under a read).
-        if (inflight == 0) {
-          for (OpState& s : st) {
-            if (s.bounce >= 0) {
-              R.give_back(s.bounce);
-              s.bounce = -1;
-            }
-          }
+        // the kernel not give back all completions, it may still write into the
+        // buffers: the ring is leaked (never reused, never freed) instead.
+        if (owned == 0) {
+          give_back_all();
+          if (queued_only > 0) R.fate = Ring::kDestroy;
+        } else {
+          R.fate = Ring::kLeak;
         }
         err.rethrow();
       }
