@@ -298,7 +298,8 @@ class UringEngine final : public Engine {
       r->give_back(static_cast<int>(i));
     }
     if (io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0 &&
-        io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) == iov.size()) {
+        io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) ==
+            static_cast<int>(iov.size())) {
       r->sparse = true;
       r->buffers_registered = true;
     } else {
