@@ -109,22 +109,15 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
     n = len(text)
     hi = min(hi, n)
     lo = max(1, lo)
-    i = hi
-    while True:
-        j = text.rfind("\n", lo, i)
-        if j < 1:
-            break
-        if j + 1 < n and not _is_ws(text[j - 1]) and not _is_ws(text[j + 1]):
-            return j + 1
-        i = j
-    i = hi
-    while True:
-        j = text.rfind(" ", lo, i)
-        if j < 1:
-            break
-        if j + 1 < n and not _is_ws(text[j - 1]) and not _is_ws(text[j + 1]):
-            return j
-        i = j
+    for sep, cut_after in (("\n", 1), (" ", 0)):  # after a lone newline, else before a lone space
+        i = hi
+        while True:
+            j = text.rfind(sep, lo, i)
+            if j < 1:
+                break
+            if j + 1 < n and not _is_ws(text[j - 1]) and not _is_ws(text[j + 1]):
+                return j + cut_after
+            i = j
     return hi
 
 
