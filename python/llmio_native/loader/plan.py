@@ -18,6 +18,7 @@ dropped. Position ``p`` of the source's stream is epoch ``p // n``, index ``p % 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -160,11 +161,14 @@ class SourcePlan:
         return out
 
     # ------------------------------------------------------------------ chunks
-    def chunks_of_window(self, w: int) -> tuple[int, int]:
-        """First and last chunk holding tokens of window ``w`` (compressed sources)."""
-        a = w * self.T
-        c0 = int(np.searchsorted(self.chunk_first, a, side="right")) - 1
-        c1 = int(np.searchsorted(self.chunk_first, a + self.T, side="right")) - 1
+    def chunks_of_window(self, w: Any) -> tuple[Any, Any]:
+        """First and last chunk holding tokens of window ``w`` (compressed sources): ints
+        for one window, arrays for an array of windows."""
+        a = np.asarray(w, dtype=np.int64) * self.T
+        c0 = np.searchsorted(self.chunk_first, a, side="right") - 1
+        c1 = np.searchsorted(self.chunk_first, a + self.T, side="right") - 1
+        if c0.ndim == 0:
+            return int(c0), int(c1)
         return c0, c1
 
     def group_chunks(self, epoch: int, g: int) -> list[int]:
@@ -341,11 +345,9 @@ def window_starts(plan: SourcePlan, staging: GroupStaging, windows) -> np.ndarra
         RuntimeError: a window's chunks are not all in the group (a planning bug: a group
             holds every chunk its windows reach).
     """
-    T = plan.T
-    w = np.asarray(windows, dtype=np.int64)
-    a = w * T
-    c0 = np.searchsorted(plan.chunk_first, a, side="right") - 1
-    c1 = np.searchsorted(plan.chunk_first, a + T, side="right") - 1
+    w = np.atleast_1d(np.asarray(windows, dtype=np.int64))
+    a = w * plan.T
+    c0, c1 = plan.chunks_of_window(w)
     k0 = np.searchsorted(staging.chunks, c0)
     k1 = np.searchsorted(staging.chunks, c1)
     n = len(staging.chunks)
