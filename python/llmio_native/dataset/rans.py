@@ -11,7 +11,7 @@ C++ decoder); :class:`GpuDecoder` launches the kernel on the current CUDA stream
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -83,18 +83,24 @@ def emulate(src: np.ndarray, chunks: np.ndarray, blocks: np.ndarray, models: Seq
     return _core.rans_emulate_gpu(np.ascontiguousarray(src, dtype=np.uint8), chunks, blocks, images, out)
 
 
-def check_status(status: np.ndarray, where: Sequence[str]) -> None:
+def check_status(status: np.ndarray, where: Sequence[str] | Callable[[int], str],
+                 attrs: Callable[[int], dict] | None = None) -> None:
     """Raise FormatError naming the first chunk whose status is not 0.
 
+    ``where[i]`` (or ``where(i)``) describes chunk ``i`` of the batch (file, chunk, offset);
+    ``attrs(i)``, when given, sets the error's ``path``/``chunk``/``offset``.
+
     Raises:
-        FormatError: with ``where[i]`` (file, chunk, offset) and the reason.
+        FormatError: with the description, the reason and the status code.
     """
-    bad = np.flatnonzero(np.asarray(status) != 0)
+    status = np.asarray(status)
+    bad = np.flatnonzero(status != 0)
     if len(bad):
         i = int(bad[0])
         code = int(status[i])
-        raise FormatError(f"{where[i]}: rans decode failed on the GPU: {STATUS.get(code, code)} "
-                          f"({len(bad)} bad chunk(s) in this batch)")
+        text = where(i) if callable(where) else where[i]
+        raise FormatError(f"{text}: rans decode failed on the GPU: {STATUS.get(code, code)} "
+                          f"(status {code}; {len(bad)} bad chunk(s) in this batch)", **(attrs(i) if attrs else {}))
 
 
 class GpuDecoder:

@@ -976,18 +976,16 @@ class _GpuDecodePath:
             t0 = time.perf_counter()
             job.event.synchronize()  # a side-stream event: the training stream is not touched
             self.stats.stall_s += time.perf_counter() - t0
-        status = np.asarray(job.status.numpy() if isinstance(job.status, torch.Tensor) else job.status)
-        bad = np.flatnonzero(status != 0)
-        if len(bad):
-            st = job.staging
-            ds = self.L.datasets[job.key[0]]
-            ci = int(st.chunks[np.flatnonzero(st.gpu)[int(bad[0])]])
-            code = int(status[int(bad[0])])
-            c = ds.chunks[ci]
-            raise FormatError(
-                f"{ds._where(ci)}: rans decode failed on the GPU: {self.rans.STATUS.get(code, code)} "
-                f"(status {code}; {len(bad)} bad chunk(s) in this decode group)",
-                path=ds.paths[int(c["file"])], chunk=int(ds._local[ci]), offset=int(c["offset"]))
+        status = job.status.numpy() if isinstance(job.status, torch.Tensor) else job.status
+        ds = self.L.datasets[job.key[0]]
+        gpu_chunks = job.staging.chunks[job.staging.gpu]  # status i belongs to the i-th GPU chunk
+
+        def attrs(i: int) -> dict:
+            c = ds.chunks[int(gpu_chunks[i])]
+            return {"path": ds.paths[int(c["file"])], "chunk": int(ds._local[int(gpu_chunks[i])]),
+                    "offset": int(c["offset"])}
+
+        self.rans.check_status(status, lambda i: ds._where(int(gpu_chunks[i])), attrs)
         job.checked = True
         job.status = job.event = None
         return True
