@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._native import _core, _cuda
-from ..errors import FormatError, UnsupportedError
+from ..errors import UnsupportedError
 from ..reader import Reader
 from ..ring import PinnedRing
 from .order import stride_schedule
