@@ -237,22 +237,27 @@ def pack_model_region(model: Any, level: int = 19) -> bytes:
     return _MODEL_HEADER.pack(MODEL_MAGIC, len(stored), checksum(stored), len(raw)) + stored
 
 
-def model_region_size(head: Any, path: str, offset: int) -> int:
-    """Total bytes of the model region whose first ``MODEL_HEADER_BYTES`` are ``head``.
-
-    Raises:
-        FormatError: wrong magic or an impossible size; the message names ``path`` and ``offset``.
-    """
+def _model_header(head: Any, path: str, offset: int) -> tuple[int, int, int]:
+    """``(stored_bytes, checksum, raw_bytes)`` of a model region header, checked."""
     if len(head) < MODEL_HEADER_BYTES:
         raise FormatError(f"{path}: truncated rans model region @ offset {offset}", path=path, offset=offset)
-    magic, stored, _, raw = _MODEL_HEADER.unpack_from(bytes(head[:MODEL_HEADER_BYTES]))
+    magic, stored, csum, raw = _MODEL_HEADER.unpack_from(bytes(head[:MODEL_HEADER_BYTES]))
     if magic != MODEL_MAGIC:
         raise FormatError(f"{path}: no rans model region @ offset {offset} (magic {magic!r}, expected "
                           f"{MODEL_MAGIC!r})", path=path, offset=offset)
     if not 0 < stored <= MODEL_MAX_BYTES or not 0 < raw <= MODEL_MAX_BYTES:
         raise FormatError(f"{path}: rans model region @ offset {offset} has impossible sizes "
                           f"({stored} stored, {raw} raw)", path=path, offset=offset)
-    return MODEL_HEADER_BYTES + stored
+    return stored, csum, raw
+
+
+def model_region_size(head: Any, path: str, offset: int) -> int:
+    """Total bytes of the model region whose first ``MODEL_HEADER_BYTES`` are ``head``.
+
+    Raises:
+        FormatError: wrong magic or an impossible size; the message names ``path`` and ``offset``.
+    """
+    return MODEL_HEADER_BYTES + _model_header(head, path, offset)[0]
 
 
 def parse_model_region(region: Any, path: str, offset: int) -> Any:
@@ -265,11 +270,11 @@ def parse_model_region(region: Any, path: str, offset: int) -> Any:
     from .._native import _core
     from ..errors import ChecksumError
 
-    n = model_region_size(region, path, offset)
+    stored_n, want, raw_n = _model_header(region, path, offset)
+    n = MODEL_HEADER_BYTES + stored_n
     if len(region) < n:
         raise FormatError(f"{path}: truncated rans model region @ offset {offset} ({len(region)} of {n} bytes)",
                           path=path, offset=offset)
-    _, stored_n, want, raw_n = _MODEL_HEADER.unpack_from(bytes(region[:MODEL_HEADER_BYTES]))
     stored = bytes(region[MODEL_HEADER_BYTES:n])
     got = checksum(stored)
     if got != want:
