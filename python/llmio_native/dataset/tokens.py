@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import xxhash
 
 from ..errors import ChecksumError, FormatError, IncompleteDatasetError
 from ..memory import empty_aligned
@@ -212,6 +213,36 @@ class TokenDataset:
         """Bytes of token data on disk (sum of the chunks' stored sizes)."""
         return int(self.chunks["stored_bytes"].sum()) if len(self.chunks) else 0
 
+    def content_id(self) -> str:
+        """A short digest that identifies the dataset's content, computed cheaply (cached).
+
+        With checksums: XXH3 over the chunk table (every chunk's checksum, size and token
+        count), so two datasets of equal size, dtype and codec but other tokens differ.
+        Without (nanoGPT, llm.c, Megatron files): XXH3 over each data file's size and its
+        first and last 64 KiB.
+
+        Raises:
+            OSError: a data file cannot be read (compat formats).
+        """
+        cid = self.__dict__.get("_content_id")
+        if cid is None:
+            h = xxhash.xxh3_64()
+            h.update(str(np.dtype(self.dtype)).encode())
+            if self.has_checksums:
+                for f in ("checksum", "stored_bytes", "token_count"):
+                    h.update(np.ascontiguousarray(self.chunks[f]).astype("<u8").tobytes())
+            else:
+                for path, size in zip(self.paths, self._file_sizes):
+                    h.update(np.uint64(size).tobytes())
+                    edge = 1 << 16
+                    with open(path, "rb") as fh:
+                        h.update(fh.read(edge))
+                        if size > edge:
+                            fh.seek(max(edge, size - edge))
+                            h.update(fh.read(edge))
+            cid = self.__dict__["_content_id"] = h.hexdigest()
+        return cid
+
     # -- helpers -------------------------------------------------------------------------
     def _where(self, ci: int) -> str:
         c = self.chunks[ci]
@@ -235,6 +266,17 @@ class TokenDataset:
         i0 = int(np.searchsorted(self._first, start, side="right")) - 1
         i1 = int(np.searchsorted(self._first, end, side="left"))
         return i0, i1
+
+    def check_chunk(self, chunk_index: int, stored: np.ndarray) -> None:
+        """Check the stored bytes of one chunk (as on disk) against its size and checksum.
+
+        A no-op for the checksum where the format records none (``has_checksums``).
+
+        Raises:
+            FormatError: ``stored`` has another size than the chunk table says.
+            ChecksumError: the checksum does not match (names the file, chunk and offset).
+        """
+        self._check_stored(int(chunk_index), stored)
 
     def _check_stored(self, ci: int, stored: np.ndarray) -> None:
         c = self.chunks[ci]

@@ -160,6 +160,15 @@ class SourcePlan:
                 out.extend((file_base + f, o, n) for f, o, n in self.ds.locate(int(a[k]), T + 1))
         return out
 
+    def raw_chunks(self, windows: np.ndarray) -> np.ndarray:
+        """Chunks holding tokens of the windows of an uncompressed source, sorted, unique."""
+        a = np.asarray(windows, dtype=np.int64) * self.T
+        c0 = np.searchsorted(self.raw_first, a, side="right") - 1
+        c1 = np.searchsorted(self.raw_first, a + self.T, side="right") - 1
+        if np.array_equal(c0, c1):
+            return np.unique(c0)
+        return np.unique(np.concatenate([np.arange(x, y + 1) for x, y in zip(c0.tolist(), c1.tolist())]))
+
     # ------------------------------------------------------------------ chunks
     def chunks_of_window(self, w: Any) -> tuple[Any, Any]:
         """First and last chunk holding tokens of window ``w`` (compressed sources): ints

@@ -16,9 +16,10 @@ from ..errors import UnsupportedError
 from ..reader import Reader
 from ..ring import PinnedRing
 from .order import stride_schedule
+from .progress import MAX_WORKERS, Progress, run_token
 from .plan import GroupStaging, SourcePlan, fill_staging, gather_parts, plan_group_staging, window_starts
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: fingerprint is a dict with a content digest per source
 #: Default compressed shuffle granularity: spans of 8 chunks, 8 spans per group.
 DEFAULT_SPAN_CHUNKS = 8
 DEFAULT_GROUP_SPANS = 8
@@ -32,11 +33,50 @@ def _open_source(src: Any) -> Any:
     return open_dataset(os.fspath(src))
 
 
+_MAX_POSITION = 1 << 62
+
+
+def _state_int(v: Any, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"TokenLoader state key {key!r} must be an int, got {v!r} ({type(v).__name__})")
+    if not 0 <= int(v) < _MAX_POSITION:
+        raise ValueError(f"TokenLoader state key {key!r} = {int(v)} is outside [0, 2**62)")
+    return int(v)
+
+
+def _first_difference(saved: Any, here: Any, path: str) -> str | None:
+    """Where two fingerprints differ, in words, or None."""
+    if isinstance(here, dict):
+        if not isinstance(saved, dict):
+            return f"{path}: saved {saved!r}, here {here!r}"
+        for k in here:
+            if k not in saved:
+                return f"{path}.{k}: missing from the saved state (here {here[k]!r})"
+            d = _first_difference(saved[k], here[k], f"{path}.{k}")
+            if d is not None:
+                return d
+        return None
+    if isinstance(here, list):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(here):
+            return f"{path}: saved {saved!r}, here {here!r}"
+        for i, (a, b) in enumerate(zip(saved, here)):
+            d = _first_difference(a, b, f"{path}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if saved == here else f"{path}: saved {saved!r}, here {here!r}"
+
+
+def _content_id(ds: Any) -> str | None:
+    f = getattr(ds, "content_id", None)
+    return f() if callable(f) else None
+
+
 class _Batch:
     """One planned batch of this rank: (source, window id) per row, and the state after it."""
 
     __slots__ = ("index", "sources", "windows", "local", "pos_after", "counts_after", "ring_rows", "cache_rows",
-                 "gpu_rows")
+                 "gpu_rows", "verify")
 
     def __init__(self, index: int, sources: np.ndarray, windows: np.ndarray, local: np.ndarray, pos_after: int,
                  counts_after: np.ndarray) -> None:
@@ -49,6 +89,7 @@ class _Batch:
         self.ring_rows: list[int] = []
         self.cache_rows: list[int] = []  # compressed rows assembled from the host cache
         self.gpu_rows: list[int] = []  # rans rows gathered from the device token cache
+        self.verify: list[tuple[tuple[int, int], cf.Future]] = []  # chunk checks the ring rows wait for
 
 
 class TokenLoader(torch.utils.data.IterableDataset):
@@ -212,6 +253,16 @@ class TokenLoader(torch.utils.data.IterableDataset):
         self._generation = 0  # bumped by load_state_dict: running iterators restart their pipeline
         self._stats = _Stats(self.plans)
         self.last_windows: list[tuple[int, int]] = []
+        self._verified: dict[int, np.ndarray] = {}  # source -> chunks of uncompressed sources checked
+        self._progress = Progress(len(self.datasets))  # positions reached in DataLoader workers
+        self._iterations = 0  # iter() calls on this copy (a persistent worker counts its epochs)
+
+    def _verified_chunks(self, s: int) -> np.ndarray:
+        """Bitmap of the chunks of source ``s`` whose checksum passed in this process."""
+        v = self._verified.get(s)
+        if v is None:
+            v = self._verified[s] = np.zeros(len(self.datasets[s].chunks), dtype=bool)
+        return v
 
     # ------------------------------------------------------------------ facts
     def __len__(self) -> int:
@@ -233,35 +284,58 @@ class TokenLoader(torch.utils.data.IterableDataset):
     @property
     def epoch(self) -> int:
         """Current epoch of the first source (completed passes over its windows)."""
+        self._catch_up()
         return int(self._counts[0] // self.plans[0].n)
 
     @property
     def position(self) -> int:
         """Global samples consumed (all ranks): the next step starts at this stream position."""
+        self._catch_up()
         return int(self._pos)
 
     def __getstate__(self) -> dict:
         # Native handles (reader, ring, threads) live only in an iterator's pipeline, never on
-        # the loader, so a DataLoader worker gets a plain copy and builds its own lazily.
-        return self.__dict__.copy()
+        # the loader, so a copy (DataLoader worker, pickle, deepcopy) builds its own lazily.
+        # The counters hold a lock and restart in the copy; the progress table is shared with
+        # workers (torch's multiprocessing pickler) and copied by a plain pickle.
+        state = self.__dict__.copy()
+        del state["_stats"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._stats = _Stats(self.plans)
+
+    def _catch_up(self) -> None:
+        """Take the position DataLoader workers reached if it is ahead of this copy's."""
+        far = self._progress.furthest()
+        if far is not None and far[0] > self._pos:
+            self._pos, self._counts = far
 
     # ------------------------------------------------------------------ state
-    def _fingerprint(self) -> list:
-        return [self.seq_len, self.seed, self.shuffle, [round(float(x), 12) for x in self.weights],
-                [[int(ds.num_tokens), str(np.dtype(ds.dtype)), ds.codec, p.n,
-                  # the shuffle granularity shapes the order of compressed sources only
-                  [p.span_chunks, p.group_spans] if p.compressed else None]
-                 for ds, p in zip(self.datasets, self.plans)]]
+    def _fingerprint(self) -> dict:
+        return {
+            "seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,
+            "weights": [round(float(x), 12) for x in self.weights],
+            "sources": [{"num_tokens": int(ds.num_tokens), "dtype": str(np.dtype(ds.dtype)), "codec": ds.codec,
+                         "windows": p.n, "content": _content_id(ds),
+                         # the shuffle granularity shapes the order of compressed sources only
+                         "granularity": [p.span_chunks, p.group_spans] if p.compressed else None}
+                        for ds, p in zip(self.datasets, self.plans)],
+        }
 
     def state_dict(self) -> dict:
         """The stream position after the last batch handed out, as a small dict.
 
         Keys: ``version``, ``position`` (global samples consumed), ``counts`` (samples drawn
         per source), ``fingerprint`` (seq_len, seed, shuffle, weights, and per source
-        num_tokens, dtype, codec, windows, shuffle granularity). Every rank's state is the
-        global state (a batch counts as consumed by all ranks). The batch size and world
-        size are not part of it.
+        num_tokens, dtype, codec, windows, shuffle granularity and a digest of the content:
+        see ``TokenDataset.content_id``). Every rank's state is the global state (a batch
+        counts as consumed by all ranks). The batch size and world size are not part of it.
+        With DataLoader workers it is the position after the batches the workers handed out
+        (see :mod:`llmio_native.loader.progress`).
         """
+        self._catch_up()
         return {"version": STATE_VERSION, "position": int(self._pos), "counts": self._counts.tolist(),
                 "fingerprint": self._fingerprint()}
 
@@ -272,20 +346,35 @@ class TokenLoader(torch.utils.data.IterableDataset):
         and continues from the loaded position at its next batch.
 
         Raises:
-            ValueError: another version, a state saved for other sources, seq_len, seed,
-                shuffle, weights or shuffle granularity, or an inconsistent state.
+            TypeError: ``sd`` is not a dict, or a value has the wrong type (names the key).
+            ValueError: another version, a missing key, a state saved for other sources,
+                seq_len, seed, shuffle, weights or shuffle granularity (names what differs),
+                or an inconsistent or out-of-range position.
         """
-        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
-            got = sd.get("version") if isinstance(sd, dict) else type(sd).__name__
-            raise ValueError(f"TokenLoader state version {got!r}; this build reads {STATE_VERSION}")
-        if sd.get("fingerprint") != self._fingerprint():
-            raise ValueError("TokenLoader state was saved for other sources or settings: saved "
-                             f"{sd.get('fingerprint')!r}, here {self._fingerprint()!r}")
-        counts = np.asarray(sd["counts"], dtype=np.int64)
-        if counts.shape != self._counts.shape or (counts < 0).any() or int(counts.sum()) != int(sd["position"]):
-            raise ValueError("TokenLoader state is inconsistent (counts do not add up to the position)")
-        self._pos = int(sd["position"])
-        self._counts = counts.copy()
+        if not isinstance(sd, dict):
+            raise TypeError(f"TokenLoader.load_state_dict expects the dict of state_dict(), got {type(sd).__name__}")
+        missing = [k for k in ("version", "position", "counts", "fingerprint") if k not in sd]
+        if missing:
+            raise ValueError(f"TokenLoader state lacks the key(s) {missing}; keys present: {sorted(map(str, sd))}")
+        if sd["version"] != STATE_VERSION:
+            raise ValueError(f"TokenLoader state version {sd['version']!r}; this build reads {STATE_VERSION}")
+        here = self._fingerprint()
+        diff = _first_difference(sd["fingerprint"], here, "fingerprint")
+        if diff is not None:
+            raise ValueError(f"TokenLoader state was saved for other sources or settings: {diff}")
+        pos = _state_int(sd["position"], "position")
+        if not isinstance(sd["counts"], (list, tuple, np.ndarray)):
+            raise TypeError(f"TokenLoader state key 'counts' must be a list of ints, got {type(sd['counts']).__name__}")
+        counts = np.array([_state_int(c, f"counts[{i}]") for i, c in enumerate(sd["counts"])], dtype=np.int64)
+        if counts.shape != self._counts.shape:
+            raise ValueError(f"TokenLoader state key 'counts' has {len(counts)} entries, the loader has "
+                             f"{len(self._counts)} sources")
+        if int(counts.sum()) != pos:
+            raise ValueError(f"TokenLoader state is inconsistent: counts {counts.tolist()} add up to "
+                             f"{int(counts.sum())}, position is {pos}")
+        self._pos = pos
+        self._counts = counts
+        self._progress.clear()
         self._generation += 1
 
     def stats(self) -> dict:
@@ -300,7 +389,9 @@ class TokenLoader(torch.utils.data.IterableDataset):
         per-core decode speed); ``compressed_epochs`` (global epochs of compressed sources
         consumed, weighted by their size) and ``compressed_read_ratio`` (compressed bytes
         read / the compressed size of what was consumed: about 1 + 1/span_chunks per rank);
-        ``stall_s`` and ``stall_per_batch_s`` (time ``next()`` waited for data: reads,
+        ``verify_bytes`` and ``verify_s`` (uncompressed sources: whole chunks read and
+        checksummed once per process, the first time a window touches them; included in
+        ``bytes_read``/``read_busy_s``); ``stall_s`` and ``stall_per_batch_s`` (time ``next()`` waited for data: reads,
         host decodes, and with the GPU decode path the completion of a group's decode).
         With ``device="cuda"``: ``h2d_bytes`` and ``h2d_s`` (bytes copied host-to-device
         and the GPU-timed seconds of those copies; ``h2d_gbps`` their ratio), and for rans
@@ -352,6 +443,19 @@ class TokenLoader(torch.utils.data.IterableDataset):
         if info is not None and self.device.type == "cuda":
             raise RuntimeError("TokenLoader(device='cuda') cannot run inside DataLoader workers (CUDA in "
                                "forked processes); iterate it directly, or use device='cpu' there")
+        self._iterations += 1
+        token = 0
+        if info is None:
+            self._catch_up()  # batches made by DataLoader workers count: the stream continues
+        else:
+            if info.id >= MAX_WORKERS:
+                raise ValueError(f"TokenLoader supports DataLoader num_workers <= {MAX_WORKERS}, "
+                                 f"got {info.num_workers}")
+            # The stream continues across iter() calls here too: every worker of this
+            # DataLoader iteration starts at the same position (see loader/progress.py).
+            token = run_token(info.seed - info.id, self._iterations)
+            self._pos, self._counts = self._progress.start(token, self._pos, self._counts)
+        start_pos, start_counts = self._pos, self._counts.copy()
         pipe = None
         try:
             n = 0  # batches of the whole (DataLoader) iteration this worker has passed
@@ -365,6 +469,9 @@ class TokenLoader(torch.utils.data.IterableDataset):
                 batch, x, y = pipe.next()
                 self._pos, self._counts = batch.pos_after, batch.counts_after
                 self.last_windows = list(zip(batch.sources.tolist(), batch.windows.tolist()))
+                if info is not None:
+                    self._progress.record(info.id, token, start_pos, start_counts, batch.index,
+                                          batch.pos_after, batch.counts_after)
                 n += 1
                 yield x, y
         finally:
@@ -389,6 +496,8 @@ class _Stats:
         self.h2d_s = 0.0
         self.gpu_decode_bytes = 0
         self.gpu_decode_s = 0.0
+        self.verify_bytes = 0
+        self.verify_s = 0.0
         self.active_s = 0.0
         self.open: dict[int, float] = {}  # pipeline id -> start time
         self.consumed = np.zeros(len(plans), dtype=np.int64)  # global samples per source
@@ -406,8 +515,8 @@ class _Stats:
     def as_dict(self) -> dict:
         now = time.perf_counter()
         active = self.active_s + sum(now - t0 for t0 in self.open.values())
-        bytes_read = self.ring_bytes + self.compressed_bytes_read
-        busy = self.read_s + self.ring_read_s
+        bytes_read = self.ring_bytes + self.compressed_bytes_read + self.verify_bytes
+        busy = self.read_s + self.ring_read_s + self.verify_s
         cmask = self.stored > 0
         epochs = self.consumed[cmask] / self.n[cmask]
         consumed_stored = float((epochs * self.stored[cmask]).sum())
@@ -431,6 +540,8 @@ class _Stats:
             "gpu_decode_bytes": self.gpu_decode_bytes,
             "gpu_decode_s": self.gpu_decode_s,
             "gpu_decode_gbps": self.gpu_decode_bytes / self.gpu_decode_s / 1e9 if self.gpu_decode_s else 0.0,
+            "verify_bytes": self.verify_bytes,
+            "verify_s": self.verify_s,
             "stall_s": self.stall_s,
             "stall_per_batch_s": self.stall_s / self.batches if self.batches else 0.0,
         }
@@ -445,6 +556,8 @@ class _Pipeline:
         self.closed = False
         self.ring: PinnedRing | None = None
         self.pool: cf.ThreadPoolExecutor | None = None
+        self.vpool: cf.ThreadPoolExecutor | None = None
+        self.vfut: dict[tuple[int, int], cf.Future] = {}
         self.gpu: _GpuDecodePath | None = None
         self.timings: deque[tuple[Any, Any, str, int]] = deque()  # (start, end, kind, bytes) CUDA events
         self.stats.begin(id(self))
@@ -471,6 +584,11 @@ class _Pipeline:
                                    num_producers=min(4, loader.prefetch), pin=loader.pin)
         if any(p.compressed for p in loader.plans):
             self.pool = cf.ThreadPoolExecutor(loader.num_threads, thread_name_prefix="llmio-decode")
+        # Uncompressed sources: the ring reads only each window's bytes, so every chunk a
+        # window touches is read whole and checked once (per loader and process) on this
+        # pool, ahead, before the first batch holding its tokens is handed out.
+        if any(not p.compressed and p.ds.has_checksums for p in loader.plans):
+            self.vpool = cf.ThreadPoolExecutor(min(4, loader.num_threads), thread_name_prefix="llmio-verify")
         self.cache: dict[tuple[int, int], tuple[cf.Future, int]] = {}  # (source, chunk) -> (future, expires)
         self.opened_groups: set[tuple[int, int, int]] = set()  # (source, epoch, group)
         gb = B * loader.world_size
@@ -556,7 +674,47 @@ class _Pipeline:
                 ne, ng = L.plans[s].next_group(e, g)
                 self._open_group((s, ne, ng))
         if reqs:
+            if self.vpool is not None:
+                self._verify_ahead(b)
             self.ring.submit(reqs, tag=b.index, packed=True)
+
+    def _verify_ahead(self, b: _Batch) -> None:
+        """Queue the checks of the not yet verified chunks the ring rows of ``b`` read."""
+        L = self.L
+        rows = np.asarray(b.ring_rows, dtype=np.int64)
+        srcs, wins = b.sources[rows], b.windows[rows]
+        for s in np.unique(srcs).tolist():
+            plan = L.plans[s]
+            if not plan.ds.has_checksums:
+                continue
+            done = L._verified_chunks(s)
+            cs = plan.raw_chunks(wins[srcs == s])
+            for c in cs[~done[cs]].tolist():
+                f = self.vfut.get((s, c))
+                if f is None:
+                    f = self.vfut[(s, c)] = self.vpool.submit(self._verify_chunk, s, c)
+                b.verify.append(((s, c), f))
+
+    def _verify_chunk(self, s: int, c: int) -> None:
+        ds = self.L.datasets[s]
+        row = ds.chunks[c]
+        t0 = time.perf_counter()
+        raw = self.reader.read(self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        ds.check_chunk(c, raw)
+        with self.stats.lock:
+            self.stats.verify_bytes += raw.nbytes
+            self.stats.verify_s += time.perf_counter() - t0
+
+    def _wait_verified(self, b: _Batch) -> None:
+        """Every chunk the ring rows of ``b`` read has passed its checksum (or this raises)."""
+        for key, f in b.verify:
+            if not f.done():
+                t0 = time.perf_counter()
+                cf.wait([f])
+                self.stats.stall_s += time.perf_counter() - t0
+            f.result()  # ChecksumError / FormatError / OSError naming the chunk
+            self.L._verified_chunks(key[0])[key[1]] = True
+            self.vfut.pop(key, None)
 
     def _group_key(self, s: int, local_pos: int) -> tuple[int, int, int]:
         plan = self.L.plans[s]
@@ -628,6 +786,8 @@ class _Pipeline:
             self.stats.stall_s += time.perf_counter() - t0
             if slot.tag != b.index:  # pragma: no cover - the ring delivers in order
                 raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
+            if b.verify:
+                self._wait_verified(b)
         if self.gpu is not None:
             self.gpu.pump()
         self._poll_timings()
@@ -766,9 +926,11 @@ class _Pipeline:
         self.closed = True
         self.stats.end(id(self))
         try:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+            for pool in (self.pool, self.vpool):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
         finally:
+            self.vfut = {}
             self.cache = {}
             if self.gpu is not None:
                 self.gpu.close()

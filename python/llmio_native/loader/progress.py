@@ -1,0 +1,120 @@
+"""Where the stream stands when batches are made in DataLoader worker processes.
+
+The rule (every mode): an ``iter()`` continues the stream where the previous one stopped.
+In the main process that is the loader's own position. With ``DataLoader(num_workers=n)``
+the batches are made in worker processes that hold copies of the loader, so the copies
+record their progress in a small shared-memory table (a torch tensor in shared memory:
+inherited by fork, passed as a handle to spawn/forkserver workers, copied by value by a
+plain ``pickle``/``deepcopy``, which gives an independent loader).
+
+One row per worker id: ``[token, pid, start_pos, next_index, pos_after, start_counts...,
+counts_after...]``. ``token`` identifies one DataLoader iteration (the DataLoader's base
+seed, the same for all its workers, and the worker's count of ``iter()`` calls, the same
+for all workers of a persistent pool); ``pid`` tells a live sibling of this iteration from
+a finished worker of an earlier one. A worker starting an iteration takes the start of a
+live sibling of the same iteration if one already wrote, else the furthest position any
+earlier iteration reached (the rows are final then: non-persistent workers have exited,
+persistent ones have acknowledged the DataLoader's reset). A row is written token-last
+behind a busy marker, so a reader never uses a half-written row.
+
+What this records is the batches the workers *handed to the DataLoader*. When an
+iteration runs to its end (``steps``), that is exactly what the loop consumed; a loop that
+breaks early loses the batches the workers had made ahead (at most ``prefetch_factor *
+num_workers``), which the next iteration does not repeat.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+#: Worker ids a table can hold (DataLoader's num_workers above this raises).
+MAX_WORKERS = 1024
+_BUSY = -1
+_TOKEN, _PID, _START, _NEXT, _POS = range(5)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_token(base_seed: int, iteration: int) -> int:
+    """A positive int64 naming one DataLoader iteration (see the module docstring)."""
+    h = (int(base_seed) * 0x9E3779B97F4A7C15 + int(iteration) * 0xC2B2AE3D27D4EB4F) & ((1 << 63) - 1)
+    return h or 1
+
+
+class Progress:
+    """The shared table of one loader and its copies (see the module docstring)."""
+
+    def __init__(self, num_sources: int) -> None:
+        self.n = int(num_sources)
+        self.table = torch.zeros((MAX_WORKERS, 5 + 2 * self.n), dtype=torch.int64)
+        self.table.share_memory_()
+
+    def __getstate__(self) -> dict:
+        return {"n": self.n, "table": self.table}
+
+    def __setstate__(self, state: dict) -> None:
+        self.n = state["n"]
+        self.table = state["table"]
+        if not self.table.is_shared():  # a plain pickle copied it: this copy shares with its own workers
+            self.table.share_memory_()
+
+    def _rows(self) -> np.ndarray:
+        t = self.table.numpy()
+        for _ in range(2000):  # a sibling is writing its row: a few microseconds
+            if not (t[:, _TOKEN] == _BUSY).any():
+                break
+            time.sleep(0.0005)
+        return t.copy()
+
+    def clear(self) -> None:
+        """Forget every recorded position (``load_state_dict`` sets a new one)."""
+        self.table.zero_()
+
+    def furthest(self) -> tuple[int, np.ndarray] | None:
+        """``(position, counts)`` after the furthest batch any worker handed out, or None."""
+        t = self._rows()
+        used = t[t[:, _PID] != 0]
+        if not len(used):
+            return None
+        r = used[int(np.argmax(used[:, _POS]))]
+        return int(r[_POS]), r[5 + self.n:].astype(np.int64)
+
+    def start(self, token: int, pos: int, counts: np.ndarray) -> tuple[int, np.ndarray]:
+        """Where the iteration ``token`` starts, for a worker whose copy stands at ``pos``."""
+        t = self._rows()
+        same = t[(t[:, _TOKEN] == token) & (t[:, _PID] != 0)]
+        for r in same:
+            if _alive(int(r[_PID])):
+                return int(r[_START]), r[5:5 + self.n].astype(np.int64)
+        old = t[(t[:, _PID] != 0)]
+        if len(old):
+            r = old[int(np.argmax(old[:, _POS]))]
+            if int(r[_POS]) > pos:
+                return int(r[_POS]), r[5 + self.n:].astype(np.int64)
+        return int(pos), np.asarray(counts, dtype=np.int64).copy()
+
+    def record(self, worker: int, token: int, start_pos: int, start_counts: np.ndarray, index: int,
+               pos_after: int, counts_after: np.ndarray) -> None:
+        """Worker ``worker`` handed out batch ``index`` of iteration ``token``."""
+        row = self.table.numpy()[worker]
+        row[_TOKEN] = _BUSY
+        row[_PID] = os.getpid()
+        row[_START] = start_pos
+        row[_NEXT] = index + 1
+        row[_POS] = pos_after
+        row[5:5 + self.n] = start_counts
+        row[5 + self.n:] = counts_after
+        row[_TOKEN] = token
