@@ -264,3 +264,25 @@ def test_single_shard_path_is_refused(tmp_path):
     assert lio.open_dataset(tmp_path / "d" / "manifest.json").num_tokens == 3
     with pytest.raises(ValueError, match="format must be one of"):
         lio.open_dataset(tmp_path / "d", format="parquet")
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32"])
+def test_megatron_negative_token_ids_refused_everywhere(tmp_path, dtype):
+    # One rule on every path: a negative stored value is corrupt data, never read as -1 by
+    # read() and as 65535 by the loader. The error names the file and the byte offset.
+    docs = [[np.arange(1, 400, dtype=dtype)], [np.arange(1, 300, dtype=dtype)]]
+    bad_at = 450
+    docs[1][0][bad_at - 399] = -1
+    write_megatron(tmp_path / "neg", docs, dtype)
+    ds = lio.open_dataset(tmp_path / "neg")
+    isz = np.dtype(dtype).itemsize
+    np.testing.assert_array_equal(ds.read(0, 400), np.concatenate([docs[0][0], docs[1][0][:1]]))  # clean part
+    with pytest.raises(lio.FormatError, match=rf"neg.bin @ offset {bad_at * isz}: token {bad_at} is -1") as ei:
+        ds.read(300, 200)
+    assert ei.value.path.endswith("neg.bin") and ei.value.offset == bad_at * isz
+    with pytest.raises(lio.FormatError, match="negative token id"):
+        ds.document(1)
+    ld = lio.TokenLoader(ds, batch_size=4, seq_len=16, seed=0)
+    with pytest.raises(lio.FormatError, match=rf"neg.bin @ offset {bad_at * isz}: token {bad_at} is -1"):
+        for x, _ in ld:
+            assert int(x.max()) < 1000  # no batch before the error holds a wrapped id

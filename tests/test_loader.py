@@ -642,3 +642,182 @@ def test_bench_loader_smoke(tmp_path):
                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TokenLoader" in out.stdout and "np.memmap" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions from hostile testing (issue 9): wrong data, worker modes, pickling, state.
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_corrupt_uncompressed_chunk_never_reaches_a_batch(tmp_path, mix):
+    # codec=none: the ring reads only each window's bytes; every chunk a window touches must
+    # have passed its checksum before a batch holding its tokens is handed out.
+    docs = corpus(0, 151)
+    clean = write(tmp_path / "clean", docs, "none")
+    bad = write(tmp_path / "bad", docs, "none")
+    shard = sorted(bad.glob("shard-*.lio"))[1]
+    ds_bad = lio.open_dataset(str(bad))
+    ci = int(np.flatnonzero(ds_bad.chunks["file"] == 1)[3])  # 4th chunk of the 2nd shard
+    flip_byte(shard, int(ds_bad.chunks["offset"][ci]) + 7)
+    extra = [lio.open_dataset(str(data_zstd))] if mix and (data_zstd := write(tmp_path / "z", docs, "zstd")) else []
+    kw = dict(batch_size=8, seq_len=30, seed=5, weights=[2, 1] if mix else None)
+    ref = lio.TokenLoader([lio.open_dataset(str(clean))] + extra, **kw)
+    ld = lio.TokenLoader([ds_bad] + extra, **kw)
+    handed = 0
+    with pytest.raises(lio.ChecksumError, match=r"checksum mismatch") as ei:
+        for (x, y), (rx, ry) in zip(ld, ref):
+            assert torch.equal(x, rx) and torch.equal(y, ry)  # every batch handed out is clean
+            handed += 1
+    assert ei.value.path == str(shard) and ei.value.chunk == 3
+    assert handed < 10_000
+    # a clean source is checked once per chunk, not per window
+    ok = lio.TokenLoader(str(clean), batch_size=8, seq_len=30, seed=5, steps=400)
+    list(ok)
+    assert ok.stats()["verify_bytes"] == lio.open_dataset(str(clean)).stored_bytes
+
+
+DATALOADER_SCRIPT = r"""
+import sys, torch, llmio_native as lio
+def main():
+    path, ctx, persistent = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    src = lio.open_dataset(path)
+    it = iter(lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3))
+    plain = [next(it)[0].clone() for _ in range(12)]
+    extra = next(it)[0].clone()
+    it.close()
+    ld = lio.TokenLoader(src, batch_size=4, seq_len=16, seed=3, steps=4)
+    dl = torch.utils.data.DataLoader(ld, batch_size=None, num_workers=2, multiprocessing_context=ctx,
+                                     persistent_workers=persistent)
+    got = []
+    for epoch in range(3):  # each iter() continues the stream: global batches 0..11 once each
+        got.extend(x for x, _ in dl)
+    idx = [next((i for i, p in enumerate(plain) if torch.equal(p, g)), -1) for g in got]
+    print("ORDER", idx)
+    print("STATE", ld.state_dict()["position"])
+    print("NEXT", torch.equal(next(iter(ld))[0], extra))  # plain iteration continues the stream too
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("ctx,persistent", [("fork", False), ("fork", True), ("spawn", True), ("forkserver", False)])
+def test_dataloader_stream_continues_across_iter(data, tmp_path, ctx, persistent):
+    script = tmp_path / "dl.py"
+    script.write_text(DATALOADER_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(data["none"]), ctx, "1" if persistent else "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert f"ORDER {list(range(12))}" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "STATE 48" in out.stdout  # 12 batches of 4 consumed, seen by the main process's loader
+    assert "NEXT True" in out.stdout
+
+
+def test_loader_pickles_and_deepcopies(data):
+    import copy
+    for kind in ("none", "zstd"):
+        ld = lio.TokenLoader(open_src(data, kind), batch_size=4, seq_len=16, seed=3)
+        it = iter(ld)
+        first = [next(it)[0].clone() for _ in range(3)]
+        # a live iterator (threads, ring) does not stop the loader from pickling
+        for clone in (pickle.loads(pickle.dumps(ld)), copy.deepcopy(ld)):
+            assert clone.position == ld.position == 12
+            it2 = iter(clone)
+            nxt = [next(it2)[0].clone() for _ in range(2)]
+            it2.close()
+            assert clone.position == 20 and ld.position == 12  # the copy is independent
+            ref = [next(it)[0].clone() for _ in range(2)]
+            assert all(torch.equal(a, b) for a, b in zip(nxt, ref))
+            ld.load_state_dict(clone.state_dict() | {"position": 12, "counts": [12]})
+            it.close()
+            it = iter(ld)
+        it.close()
+        assert first[0].shape == (4, 16)
+
+
+def test_state_of_another_dataset_is_refused(tmp_path):
+    a = write(tmp_path / "a", corpus(0, 60), "none")
+    docs_b = corpus(0, 60)
+    docs_b[5] = (docs_b[5] + 1) % 600  # same sizes, dtype and codec; other tokens
+    b = write(tmp_path / "b", docs_b, "none")
+    la, lb = lio.TokenLoader(str(a), batch_size=4, seq_len=16), lio.TokenLoader(str(b), batch_size=4, seq_len=16)
+    assert lio.open_dataset(str(a)).num_tokens == lio.open_dataset(str(b)).num_tokens
+    with pytest.raises(ValueError, match=r"fingerprint.sources\[0\].content"):
+        lb.load_state_dict(la.state_dict())
+    lb.load_state_dict(lio.TokenLoader(str(b), batch_size=4, seq_len=16).state_dict())  # its own is fine
+    # nanoGPT .bin files of the same length: identified by their bytes, not their size
+    ta = np.concatenate(corpus(0, 60))
+    ta.tofile(tmp_path / "a.bin")
+    tb = ta.copy()
+    tb[-1] ^= 1
+    tb.tofile(tmp_path / "b.bin")
+    na = lio.TokenLoader(lio.open_dataset(str(tmp_path / "a.bin"), dtype="uint16"), batch_size=4, seq_len=16)
+    nb = lio.TokenLoader(lio.open_dataset(str(tmp_path / "b.bin"), dtype="uint16"), batch_size=4, seq_len=16)
+    with pytest.raises(ValueError, match="content"):
+        nb.load_state_dict(na.state_dict())
+
+
+def test_load_state_dict_names_bad_keys_and_values(data):
+    ld = lio.TokenLoader(open_src(data, "none"), batch_size=4, seq_len=16)
+    good = ld.state_dict()
+    cases = [
+        ([1, 2], TypeError, "expects the dict"),
+        ({k: v for k, v in good.items() if k != "counts"}, ValueError, r"lacks the key\(s\) \['counts'\]"),
+        (good | {"version": 1}, ValueError, "version 1"),
+        (good | {"position": 4.0, "counts": [4]}, TypeError, r"'position' must be an int, got 4.0"),
+        (good | {"position": 1 << 70, "counts": [1 << 70]}, ValueError, r"'position' = \d+ is outside"),
+        (good | {"position": 4, "counts": [True]}, TypeError, r"'counts\[0\]' must be an int"),
+        (good | {"position": 4, "counts": 4}, TypeError, "'counts' must be a list"),
+        (good | {"position": 4, "counts": [3]}, ValueError, "add up to 3, position is 4"),
+        (good | {"position": 8, "counts": [4, 4]}, ValueError, "2 entries, the loader has 1"),
+        (good | {"fingerprint": good["fingerprint"] | {"seed": 9}}, ValueError, r"fingerprint.seed: saved 9, here 0"),
+    ]
+    for sd, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ld.load_state_dict(sd)
+    assert ld.position == 0  # nothing half-applied
+    ld.load_state_dict(good | {"position": 8, "counts": [8]})
+    assert ld.position == 8
+
+
+def test_bad_argument_types_and_values(data):
+    src = open_src(data, "none")
+    cases = [
+        (dict(batch_size="4"), TypeError, r"batch_size=...\) must be an int, got '4'"),
+        (dict(batch_size=2.5), TypeError, r"batch_size=...\) must be an int, got 2.5"),
+        (dict(seq_len=True), TypeError, "seq_len"),
+        (dict(device="meta"), ValueError, r"device='meta'.*'cpu' or 'cuda\[:i\]'"),
+        (dict(device="bogus"), ValueError, "not a device"),
+        (dict(backend="xyz"), ValueError, r"backend='xyz'.*auto, io_uring, threads"),
+        (dict(num_threads=-1), ValueError, r"num_threads=-1\): must be in \[1, 1024\]"),
+        (dict(prefetch=0), ValueError, "prefetch"),
+        (dict(queue_depth=0), ValueError, "queue_depth"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(shuffle="yes"), TypeError, "shuffle"),
+        (dict(rank=0.0, world_size=2), TypeError, "rank"),
+        (dict(weights=["a"]), TypeError, "weights"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            lio.TokenLoader(src, **kw)
+    with pytest.raises(TypeError, match="sources"):
+        lio.TokenLoader(42)
+
+
+def test_cuda_gate_asks_our_module():
+    # torch seeing a GPU is not enough: the GPU paths are gated on our _cuda module seeing it
+    # (a CUDA 13 runtime on an older driver sees none); the reason names what it found.
+    from llmio_native import _native
+    ok, why = _native.cuda_usable()
+    if _native._cuda is None:
+        assert not ok and "not built" in why
+    elif _native._cuda.device_count() == 0:
+        assert not ok and "sees no device" in why and "built for CUDA runtime" in why
+    else:
+        assert ok and why == ""

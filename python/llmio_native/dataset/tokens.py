@@ -355,6 +355,7 @@ class TokenDataset:
         out = self._alloc_out(start, count, verify)
         if count:
             self._read_into(start, out, verify)
+            self.check_token_ids(out, start)
         return out
 
     def read_into(self, start: int, out: np.ndarray, *, verify: bool = True) -> np.ndarray:
@@ -371,7 +372,30 @@ class TokenDataset:
         start, count = self._check_range(start, len(out))
         if count:
             self._read_into(start, out, verify)
+            self.check_token_ids(out, start)
         return out
+
+    def check_token_ids(self, tokens: np.ndarray, start: int) -> None:
+        """Refuse negative token ids (signed Megatron files: int8/int16/int32/int64).
+
+        The one rule on every path (``read`` and every ``TokenLoader`` path): a token id
+        is never negative, so a negative stored value is corrupt data, not a large id.
+        ``tokens`` holds the dataset's tokens from global index ``start``.
+
+        Raises:
+            FormatError: a negative value; names the file, byte offset and token index.
+        """
+        if self.dtype.kind != "i" or not len(tokens):
+            return
+        t = np.asarray(tokens).view(self.dtype) if tokens.dtype.kind == "u" else np.asarray(tokens)
+        neg = np.flatnonzero(t < 0)
+        if len(neg):
+            i = int(start) + int(neg[0])
+            f, off, _ = self.locate(i, 1)[0] if self.codec == "none" else (0, -1, 0)
+            raise FormatError(
+                f"{self.paths[f]} @ offset {off}: token {i} is {int(t[neg[0]])}, a negative token id "
+                f"({len(neg)} negative value(s) in tokens [{start}, {start + len(t)})): the {self.dtype.name} "
+                "file is corrupt or was not written with token ids", path=self.paths[f], offset=off)
 
     def _alloc_out(self, start: int, count: int, verify: bool) -> np.ndarray:
         """Output array for ``read``: large ones are page-aligned, shifted so that raw

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .._native import _core, _cuda
+from .._native import _core, _cuda, cuda_usable, warn_cuda_fallback
 from ..errors import UnsupportedError
 from ..reader import Reader
 from ..ring import PinnedRing
@@ -34,6 +34,38 @@ def _open_source(src: Any) -> Any:
 
 
 _MAX_POSITION = 1 << 62
+_BACKENDS = ("auto", "io_uring", "threads")
+
+
+def _int_arg(name: str, v: Any, lo: int | None, hi: int | None = None) -> int:
+    """``v`` as an int, refusing bools, floats and strings (no silent truncation)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"TokenLoader({name}=...) must be an int, got {v!r} ({type(v).__name__})")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"TokenLoader({name}={v}): must be {rng}")
+    return v
+
+
+def _check_device(device: Any) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"TokenLoader(device={device!r}): not a device ({exc}); use 'cpu' or 'cuda[:i]'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"TokenLoader(device={device!r}): batches can go to 'cpu' or 'cuda[:i]', "
+                         f"not {dev.type!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedError(f"TokenLoader(device={str(dev)!r}): torch.cuda is not available here "
+                                   "(no GPU or driver); use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < n:
+            raise ValueError(f"TokenLoader(device={str(dev)!r}): this machine has {n} CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def _state_int(v: Any, key: str) -> int:
@@ -162,11 +194,14 @@ class TokenLoader(torch.utils.data.IterableDataset):
         shuffle_chunks: the compressed shuffle buffer in chunks (an alternative to
             ``group_spans``: ``group_spans = ceil(shuffle_chunks / span_chunks)``, and
             ``span_chunks`` is capped at ``shuffle_chunks``).
-        pin: page-lock ring slots (default: when ``device`` is CUDA).
+        pin: page-lock ring slots (default: when ``device`` is CUDA). With ``pin=False`` on
+            CUDA the host-to-device copies are synchronous for the host (pageable memory).
 
     Raises:
-        ValueError: bad sizes, weights, rank/world size, shuffle granularity, or a source
-            without a full window.
+        TypeError: an argument of the wrong type (``batch_size="4"``, ``2.5``: never
+            truncated), named with its value.
+        ValueError: bad sizes, weights, rank/world size, shuffle granularity, backend, a
+            device that is not ``cpu``/``cuda[:i]``, or a source without a full window.
         UnsupportedError: ``device`` is CUDA and torch has no usable CUDA device.
         FileNotFoundError, FormatError: a source path cannot be opened as a dataset.
     """
@@ -195,13 +230,36 @@ class TokenLoader(torch.utils.data.IterableDataset):
         pin: bool | None = None,
     ) -> None:
         super().__init__()
+        batch_size = _int_arg("batch_size", batch_size, 1)
+        seq_len = _int_arg("seq_len", seq_len, 1)
+        seed = _int_arg("seed", seed, None)
+        prefetch = _int_arg("prefetch", prefetch, 1, 4096)
+        queue_depth = _int_arg("queue_depth", queue_depth, 1, 4096)
+        span_chunks = _int_arg("span_chunks", span_chunks, 1)
+        if steps is not None:
+            steps = _int_arg("steps", steps, 0)
+        if num_threads is not None:
+            num_threads = _int_arg("num_threads", num_threads, 1, 1024)
+        if group_spans is not None:
+            group_spans = _int_arg("group_spans", group_spans, 1)
+        if shuffle_chunks is not None:
+            shuffle_chunks = _int_arg("shuffle_chunks", shuffle_chunks, 1)
+        for name, v in (("shuffle", shuffle), ("direct", direct)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"TokenLoader({name}=...) must be a bool, got {v!r}")
+        if pin is not None and not isinstance(pin, (bool, np.bool_)):
+            raise TypeError(f"TokenLoader(pin=...) must be a bool or None, got {pin!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"TokenLoader(backend={backend!r}): expected one of {', '.join(_BACKENDS)}")
+        self.device = _check_device(device)
         if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "num_tokens"):
             sources = [sources]
+        if not isinstance(sources, (list, tuple)):
+            raise TypeError(f"TokenLoader(sources=...) must be a path, a dataset or a list of them, "
+                            f"got {type(sources).__name__}")
         self.datasets = [_open_source(s) for s in sources]
         if not self.datasets:
             raise ValueError("TokenLoader needs at least one source")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if rank is None or world_size is None:
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized():
@@ -210,39 +268,31 @@ class TokenLoader(torch.utils.data.IterableDataset):
             else:
                 rank = 0 if rank is None else rank
                 world_size = 1 if world_size is None else world_size
-        if world_size < 1 or not 0 <= rank < world_size:
+        rank = _int_arg("rank", rank, 0)
+        world_size = _int_arg("world_size", world_size, 1)
+        if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, dtype=np.float64)
+        try:
+            w = np.ones(len(self.datasets)) if weights is None else np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"weights must be {len(self.datasets)} positive numbers, got {weights!r}") from None
         if w.shape != (len(self.datasets),) or not np.all(np.isfinite(w)) or (w <= 0).any():
             raise ValueError(f"weights must be {len(self.datasets)} positive numbers, got {weights!r}")
-        if steps is not None and steps < 0:
-            raise ValueError(f"steps must be >= 0 or None, got {steps}")
-        span_chunks = int(span_chunks)
-        if span_chunks < 1:
-            raise ValueError(f"span_chunks must be >= 1, got {span_chunks}")
         if shuffle_chunks is not None:
-            if shuffle_chunks < 1:
-                raise ValueError(f"shuffle_chunks must be >= 1, got {shuffle_chunks}")
-            span_chunks = min(span_chunks, int(shuffle_chunks))
-            derived = -(-int(shuffle_chunks) // span_chunks)
-            if group_spans is not None and int(group_spans) != derived:
+            span_chunks = min(span_chunks, shuffle_chunks)
+            derived = -(-shuffle_chunks // span_chunks)
+            if group_spans is not None and group_spans != derived:
                 raise ValueError(f"shuffle_chunks={shuffle_chunks} means group_spans={derived} with span_chunks="
                                  f"{span_chunks}, but group_spans={group_spans} was given: pass one of them")
             group_spans = derived
-        group_spans = DEFAULT_GROUP_SPANS if group_spans is None else int(group_spans)
-        if group_spans < 1:
-            raise ValueError(f"group_spans must be >= 1, got {group_spans}")
+        group_spans = DEFAULT_GROUP_SPANS if group_spans is None else group_spans
         self.weights = w / w.sum()
-        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UnsupportedError(f"TokenLoader(device={str(self.device)!r}): torch.cuda is not available here "
-                                   "(no GPU or driver); use device='cpu'")
-        self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, bool(shuffle)
         self.steps = steps
-        self.prefetch = max(1, int(prefetch))
-        self.backend, self.direct, self.queue_depth = backend, bool(direct), int(queue_depth)
+        self.prefetch = prefetch
+        self.backend, self.direct, self.queue_depth = backend, bool(direct), queue_depth
         self.num_threads = num_threads or os.cpu_count() or 2
         self.pin = (self.device.type == "cuda") if pin is None else bool(pin)
         self.span_chunks, self.group_spans = span_chunks, group_spans
@@ -602,18 +652,27 @@ class _Pipeline:
         self.uniform = len(dt) == 1 and next(iter(dt)).itemsize in (2, 4) and not any(
             p.compressed for p in loader.plans)
         self.token_dtype = next(iter(dt))
+        # Signed token files (Megatron int16/int32): a negative value is refused, never read
+        # as a large unsigned id (the same rule as TokenDataset.read).
+        self.signed = any(d.kind == "i" for d in dt)
         self.starts_host = np.arange(B, dtype=np.int64) * (T + 1)
         self.cuda = loader.device.type == "cuda"
+        # Our kernels need our CUDA module to see the device (torch seeing it is not enough:
+        # _cuda may be built for a newer driver). Without them: host cut/decode + H2D.
+        self.kernels = self.cuda and cuda_usable()[0]
+        if self.cuda and not self.kernels:
+            warn_cuda_fallback("TokenLoader(device='cuda')", "host window cutting and decoding with "
+                               "host-to-device copies")
         if self.cuda:
             self.side = torch.cuda.Stream(device=loader.device)
             with torch.cuda.stream(self.side):  # copied and used on the side stream only
                 self.starts_dev = torch.from_numpy(self.starts_host).to(loader.device)
             self.release_events: deque[Any] = deque()
-        # rans sources: GPU decode (device cache) when the CUDA extension is there; the host
+        # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
         # emulation of the same path on a CPU loader is a test hook (_emulate_gpu_decode).
         rans_src = [ds.codec == "rans" for ds in loader.datasets]
         self.gpu_src = [False] * len(rans_src)
-        if any(rans_src) and ((self.cuda and _cuda is not None) or getattr(loader, "_emulate_gpu_decode", False)):
+        if any(rans_src) and (self.kernels or getattr(loader, "_emulate_gpu_decode", False)):
             self.gpu_src = rans_src
             self.gpu = _GpuDecodePath(self, emulate=not self.cuda)
         self._fill()
@@ -788,6 +847,8 @@ class _Pipeline:
                 raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
             if b.verify:
                 self._wait_verified(b)
+            if self.signed:
+                self._check_token_ids(b, slot)
         if self.gpu is not None:
             self.gpu.pump()
         self._poll_timings()
@@ -798,7 +859,7 @@ class _Pipeline:
             x, y = _core.cut_windows_ref(tokens, self.starts_host, T)
             slot.release()
             xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        elif self.uniform and _cuda is not None:
+        elif self.uniform and self.kernels:
             xt, yt = self._cut_on_gpu(slot)
         else:
             stage = self._host_rows(b, slot, list(range(B)))
@@ -821,6 +882,19 @@ class _Pipeline:
             self.gpu.evict(b.counts_after)
         self._fill()
         return b, xt, yt
+
+    def _check_token_ids(self, b: _Batch, slot: Any) -> None:
+        """Raise FormatError (naming file and offset) if a ring row of ``b`` holds a negative id."""
+        L = self.L
+        n = L.seq_len + 1
+        off = 0
+        for row in b.ring_rows:
+            s = int(b.sources[row])
+            ds = L.datasets[s]
+            dt = np.dtype(ds.dtype)
+            if dt.kind == "i":
+                ds.check_token_ids(np.frombuffer(slot, dtype=dt, count=n, offset=off), int(b.windows[row]) * L.seq_len)
+            off += n * dt.itemsize
 
     def _host_rows(self, b: _Batch, slot: Any, rows: list[int]) -> np.ndarray:
         """``[len(rows), T + 1]`` int64 windows of the host rows (ring and host cache) of
@@ -880,7 +954,9 @@ class _Pipeline:
         with torch.cuda.stream(self.side):
             t0 = torch.cuda.Event(enable_timing=True)
             t0.record(self.side)
-            raw = host.to(dev, non_blocking=True)  # true async DMA: the arena is cudaHostRegister'ed
+            # Async DMA when the arena is page-locked (pin=True, the CUDA default); with
+            # pin=False CUDA stages pageable memory and this copy holds the host until done.
+            raw = host.to(dev, non_blocking=True)
             t1 = torch.cuda.Event(enable_timing=True)
             t1.record(self.side)
             self._time(t0, t1, "h2d", nbytes)
