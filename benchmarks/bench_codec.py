@@ -8,7 +8,7 @@ Datasets (one table each):
                so that the order-0 entropy of the distribution is 9.33 bits/token
   zipf-128256  Zipf ids over a 128,256 vocabulary (uint32), entropy 9.85 bits/token
                (the issue's ideal ratio 3.25 for 4-byte tokens: 32 / 3.25)
-  shakespeare  ../shared/data/tinyshakespeare.txt tokenized by a byte-level BPE trained on
+  shakespeare  examples/data/tinyshakespeare.txt tokenized by a byte-level BPE trained on
                it with the tokenizers library (the BPE of ``llmio pack --train-bpe``);
                skipped, with the reason printed, when the file or tokenizers is missing
 
@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine as common_machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE.parents[1] / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = HERE.parent.parent / "examples" / "data" / "tinyshakespeare.txt"  # ships with the repo
 CHUNK_BYTES = 64 << 10
 TARGET_OF_BOUND = 0.97
 TARGET_CPU_GBPS = 0.5

@@ -2,7 +2,10 @@
 """End to end: pack a text corpus into token shards, then train a small GPT on it with
 TokenLoader, checkpointing the loader's state so a restart continues the exact stream.
 
-    python examples/train_gpt.py --text ../shared/data/tinyshakespeare.txt --steps 200
+    python examples/train_gpt.py --steps 200      # packs examples/data/tinyshakespeare.txt
+
+The corpus ships with the repository (tinyshakespeare, public domain, 1.1 MB), so the
+example needs nothing beside the checkout; --text takes any other text file.
 
 Runs on CPU (a tiny model) or on a GPU (--device cuda). Prints loss, tokens/s and the
 loader's stall time (how long the training loop waited for data).
@@ -42,8 +45,9 @@ class GPT(nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                   "tinyshakespeare.txt"))
+    ap.add_argument("--text", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                   "tinyshakespeare.txt"),
+                    help="text corpus to pack (default: the tinyshakespeare copy in examples/data)")
     ap.add_argument("--data", default="out/tinyshakespeare", help="dataset directory (packed on first run)")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--codec", default="zstd", choices=["none", "zstd", "rans"],
