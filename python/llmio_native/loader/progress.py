@@ -7,20 +7,26 @@ record their progress in a small shared-memory table (a torch tensor in shared m
 inherited by fork, passed as a handle to spawn/forkserver workers, copied by value by a
 plain ``pickle``/``deepcopy``, which gives an independent loader).
 
-One row per worker id: ``[token, pid, start_pos, next_index, pos_after, start_counts...,
+One row per worker id: ``[seq, token, pid, start_pos, next_index, pos_after, start_counts...,
 counts_after...]``. ``token`` identifies one DataLoader iteration (the DataLoader's base
-seed, the same for all its workers, and the worker's count of ``iter()`` calls, the same
-for all workers of a persistent pool); ``pid`` tells a live sibling of this iteration from
-a finished worker of an earlier one. A worker starting an iteration takes the start of a
-live sibling of the same iteration if one already wrote, else the furthest position any
+seed, drawn from torch's RNG (or the DataLoader's ``generator``) for every DataLoader
+iterator and the same for all its workers, and the worker's count of ``iter()`` calls, the
+same for all workers of a persistent pool). A worker starting an iteration takes the start
+of a sibling of the same iteration if one already wrote (the sibling may have finished and
+exited: DataLoader stops a worker as soon as its share is done), else the furthest position any
 earlier iteration reached (the rows are final then: non-persistent workers have exited,
-persistent ones have acknowledged the DataLoader's reset). A row is written token-last
-behind a busy marker, so a reader never uses a half-written row.
+persistent ones have acknowledged the DataLoader's reset). Rows are written under a
+sequence counter (odd while a write is in progress, a seqlock): a reader copies the table
+and retries until no row changed or was being written during the copy, so it never uses a
+half-written row.
 
 What this records is the batches the workers *handed to the DataLoader*. When an
 iteration runs to its end (``steps``), that is exactly what the loop consumed; a loop that
 breaks early loses the batches the workers had made ahead (at most ``prefetch_factor *
-num_workers``), which the next iteration does not repeat.
+num_workers``), which the next iteration does not repeat. One case this cannot tell apart: resetting
+torch's global RNG to the same state before every iteration of a non-persistent DataLoader
+(``torch.manual_seed(0)`` each epoch) draws the same base seed, so the iterations look like
+one and the stream restarts; pass the DataLoader a ``generator`` or seed once.
 """
 from __future__ import annotations
 
@@ -32,20 +38,8 @@ import torch
 
 #: Worker ids a table can hold (DataLoader's num_workers above this raises).
 MAX_WORKERS = 1024
-_BUSY = -1
-_TOKEN, _PID, _START, _NEXT, _POS = range(5)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_SEQ, _TOKEN, _PID, _START, _NEXT, _POS = range(6)
+_F = 6  # first count column
 
 
 def run_token(base_seed: int, iteration: int) -> int:
@@ -59,7 +53,7 @@ class Progress:
 
     def __init__(self, num_sources: int) -> None:
         self.n = int(num_sources)
-        self.table = torch.zeros((MAX_WORKERS, 5 + 2 * self.n), dtype=torch.int64)
+        self.table = torch.zeros((MAX_WORKERS, _F + 2 * self.n), dtype=torch.int64)
         self.table.share_memory_()
 
     def __getstate__(self) -> dict:
@@ -73,11 +67,14 @@ class Progress:
 
     def _rows(self) -> np.ndarray:
         t = self.table.numpy()
-        for _ in range(2000):  # a sibling is writing its row: a few microseconds
-            if not (t[:, _TOKEN] == _BUSY).any():
-                break
-            time.sleep(0.0005)
-        return t.copy()
+        for _ in range(20000):  # a sibling is writing its row: a few microseconds
+            s1 = t[:, _SEQ].copy()
+            rows = t.copy()
+            s2 = t[:, _SEQ].copy()
+            if np.array_equal(s1, s2) and not (s1 & 1).any():
+                return rows
+            time.sleep(0.0001)
+        raise RuntimeError("TokenLoader: the DataLoader workers' progress table stayed busy for 2 s")
 
     def clear(self) -> None:
         """Forget every recorded position (``load_state_dict`` sets a new one)."""
@@ -90,31 +87,32 @@ class Progress:
         if not len(used):
             return None
         r = used[int(np.argmax(used[:, _POS]))]
-        return int(r[_POS]), r[5 + self.n:].astype(np.int64)
+        return int(r[_POS]), r[_F + self.n:].astype(np.int64)
 
     def start(self, token: int, pos: int, counts: np.ndarray) -> tuple[int, np.ndarray]:
         """Where the iteration ``token`` starts, for a worker whose copy stands at ``pos``."""
         t = self._rows()
         same = t[(t[:, _TOKEN] == token) & (t[:, _PID] != 0)]
-        for r in same:
-            if _alive(int(r[_PID])):
-                return int(r[_START]), r[5:5 + self.n].astype(np.int64)
+        if len(same):  # a sibling of this iteration wrote first (it may have finished already)
+            r = same[0]
+            return int(r[_START]), r[_F:_F + self.n].astype(np.int64)
         old = t[(t[:, _PID] != 0)]
         if len(old):
             r = old[int(np.argmax(old[:, _POS]))]
             if int(r[_POS]) > pos:
-                return int(r[_POS]), r[5 + self.n:].astype(np.int64)
+                return int(r[_POS]), r[_F + self.n:].astype(np.int64)
         return int(pos), np.asarray(counts, dtype=np.int64).copy()
 
     def record(self, worker: int, token: int, start_pos: int, start_counts: np.ndarray, index: int,
                pos_after: int, counts_after: np.ndarray) -> None:
         """Worker ``worker`` handed out batch ``index`` of iteration ``token``."""
         row = self.table.numpy()[worker]
-        row[_TOKEN] = _BUSY
+        row[_SEQ] += 1  # odd: being written
+        row[_TOKEN] = token
         row[_PID] = os.getpid()
         row[_START] = start_pos
         row[_NEXT] = index + 1
         row[_POS] = pos_after
-        row[5:5 + self.n] = start_counts
-        row[5 + self.n:] = counts_after
-        row[_TOKEN] = token
+        row[_F:_F + self.n] = start_counts
+        row[_F + self.n:] = counts_after
+        row[_SEQ] += 1  # even: complete
