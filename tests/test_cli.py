@@ -184,11 +184,59 @@ def test_safe_cut_pieces_join_back_and_respect_the_limit() -> None:
     text = "".join(rng.choice(alphabet) for _ in range(20000))
     for limit in (7, 64, 1000):
         parts = cli.split_text(text, limit)
-        assert "".join(parts) == text and all(len(p) <= limit for p in parts)
+        assert "".join(parts) == text
+        start = 0
+        for p in parts:  # longer than limit only where no safe cut point is inside the piece
+            end = start + len(p)
+            assert len(p) <= limit or cli.next_cut(text, start + 1) in (end, None), (limit, start)
+            start = end
+        assert limit < 1000 or all(len(p) <= limit for p in parts)  # safe points are common in text
     assert cli.split_text("short", 10) == ["short"]
     assert cli.safe_cut("ab cd\nef gh", 1, 11) == 6  # after the lone newline, not before a space
     assert cli.safe_cut("ab cd  ef", 1, 9) == 2  # before the lone space
-    assert cli.safe_cut("abcdefgh", 1, 5) == 5  # nothing safe: a hard cut
+    assert cli.safe_cut("abcdefgh", 1, 5) is None  # nothing safe: no cut at all
+    # a run without a safe cut point is kept whole: the piece ends at the next safe cut
+    assert cli.split_text("ab " + "x" * 20 + " cd ef", 8) == ["ab", " " + "x" * 20, " cd ef"]
+    assert cli.split_text("y" * 30, 8) == ["y" * 30]
+
+
+def _long_run_document(paragraphs: list[str]) -> str:
+    """Shakespeare with runs of > 4096 characters without whitespace: random letters, a
+    URL-ish run with punctuation and digits, base64-ish, and a run at the very end."""
+    rng = random.Random(7)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(9000))
+    url = "https://example.com/" + "/".join("".join(rng.choice("abcxyz0123456789-_.?=&%")
+                                                     for _ in range(rng.randint(1, 12))) for _ in range(900))
+    b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(6000))
+    head = "\n\n".join(paragraphs[:40])
+    mid = "\n\n".join(paragraphs[40:80])
+    return f"{head}\n{letters} {url}\n{mid} {b64}é東\n{head[:5000]} {letters[:4500]}{b64[:4000]}"
+
+
+@needs_corpus
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_runs_longer_than_a_piece_pack_to_the_ids_of_one_call(packed: Path, paragraphs: list[str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Issue 9.1: a run of > PIECE_CHARS characters without whitespace was cut inside,
+    where the BPE gives other ids than one call on the whole document."""
+    doc = _long_run_document(paragraphs)
+    assert max(len(r) for r in doc.split()) > 2 * cli.PIECE_CHARS
+    tok = _tok(packed)
+    whole = tok.encode(doc, add_special_tokens=False).ids
+    src = tmp_path / f"doc{suffix}"
+    if suffix == ".jsonl":
+        src.write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
+    else:
+        src.write_text(doc, encoding="utf-8")
+        monkeypatch.setattr(cli, "READ_BYTES", 3000)  # runs straddle many reads
+    pieces = [p.text for p in cli.iter_pieces([str(src)]) if p.text]
+    assert "".join(pieces) == doc and len(pieces) > 5
+    assert any(len(p) > cli.PIECE_CHARS for p in pieces)  # the long runs stay whole
+    out = tmp_path / "o"
+    assert main(["pack", str(src), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q"]) == 0
+    ds = lio.open_dataset(str(out))
+    assert ds.num_documents == 1
+    assert ds.document(0).tolist() == whole + [tok.token_to_id("<|endoftext|>")]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ import numpy as np
 #: The special token a trained BPE gets and whose id ``pack`` appends to every document.
 EOT = "<|endoftext|>"
 #: Characters of text handed to the tokenizer in one piece; longer documents are cut into
-#: pieces at whitespace (see :func:`split_text`). tokenizers' time per character grows with
+#: pieces at whitespace (see :func:`split_text`; a run without a safe cut point is one
+#: longer piece). tokenizers' time per character grows with
 #: the length of the text (measured: 4 Ki-character pieces encode 2.3x faster than 64 Ki
 #: ones and 3.4x faster than 1 Mi), and short pieces keep every core busy on one document.
 PIECE_CHARS = 1 << 12
@@ -96,15 +98,18 @@ def _is_ws(ch: str) -> bool:
     return ch.isspace()
 
 
-def safe_cut(text: str, lo: int, hi: int) -> int:
-    """A cut point in ``text[lo:hi]`` that leaves byte-level BPE pre-tokenization unchanged.
+def safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last cut point in ``text[lo:hi]`` that leaves byte-level BPE pre-tokenization
+    unchanged, or None when there is none.
 
     Preference: just after a lone ``\\n`` between two non-blank characters; then just
-    before a lone space between two non-blank characters; else ``hi``. At those points the
-    GPT-2 and GPT-4/Llama-3 pre-tokenizer regexes split anyway (a lone newline is a
-    pre-token of its own or ends a punctuation run; a space only ever prefixes the word
-    after it), so tokenizing the pieces separately gives the ids of one call on the whole
-    text. Any cut round-trips: decoding the pieces' ids gives back the text.
+    before a lone space between two non-blank characters. At those points the GPT-2 and
+    GPT-4/Llama-3 pre-tokenizer regexes split anyway (a lone newline is a pre-token of its
+    own or ends a punctuation run; a space only ever prefixes the word after it), and a
+    byte-level BPE never merges across pre-tokens, so tokenizing the pieces separately
+    gives the ids of one call on the whole text. Anywhere else (inside a run without
+    whitespace, e.g. a long URL or base64 blob) a cut can change the ids, so there is
+    no fallback cut: see :func:`next_cut`.
     """
     n = len(text)
     hi = min(hi, n)
@@ -118,19 +123,54 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
             if j + 1 < n and not _is_ws(text[j - 1]) and not _is_ws(text[j + 1]):
                 return j + cut_after
             i = j
-    return hi
+    return None
+
+
+_CUT_RE = re.compile("[\n ]")
+
+
+def next_cut(text: str, start: int) -> int | None:
+    """The first :func:`safe_cut` point at or after ``start`` (a cut just after a lone
+    newline at ``start - 1`` included), or None when ``text`` has none there (the
+    character after a candidate must be in ``text`` to tell whether it is one)."""
+    n = len(text)
+    for m in _CUT_RE.finditer(text, max(1, start - 1)):
+        j = m.start()
+        if j < 1 or j + 1 >= n or _is_ws(text[j - 1]) or _is_ws(text[j + 1]):
+            continue
+        cut = j + 1 if text[j] == "\n" else j
+        if cut >= start:
+            return cut
+    return None
+
+
+def choose_cut(text: str, pos: int, limit: int) -> int | None:
+    """Where the piece starting at ``pos`` ends (``len(text) - pos > limit``): the last
+    safe cut in the second half of the ``limit`` window, else in its first half, else the
+    first safe cut after the window (a run without one is kept whole); None when ``text``
+    has no safe cut after ``pos``."""
+    cut = safe_cut(text, pos + max(1, limit // 2), pos + limit)
+    if cut is None or cut <= pos:
+        cut = safe_cut(text, pos + 1, pos + limit)
+    if cut is None or cut <= pos:
+        cut = next_cut(text, pos + limit)
+    return cut
 
 
 def split_text(text: str, limit: int | None = None) -> list[str]:
     """Cut ``text`` into pieces of at most ``limit`` characters (default ``PIECE_CHARS``)
-    at :func:`safe_cut` points; ``"".join`` of the result is ``text``."""
+    at :func:`safe_cut` points; ``"".join`` of the result is ``text``. A piece is longer
+    than ``limit`` only where ``text`` has no safe cut point within ``limit`` characters
+    (it then ends at the next one, or at the end of ``text``)."""
     limit = PIECE_CHARS if limit is None else limit
     if len(text) <= limit:
         return [text]
     out = []
     pos = 0
     while len(text) - pos > limit:
-        cut = safe_cut(text, pos + max(1, limit // 2), pos + limit)
+        cut = choose_cut(text, pos, limit)
+        if cut is None:
+            break
         out.append(text[pos:cut])
         pos = cut
     out.append(text[pos:])
@@ -156,6 +196,7 @@ def _txt_file_pieces(path: str, limit: int) -> Iterator[Piece]:
     buf = ""
     consumed = 0  # bytes read from the file so far
     reported = 0
+    scan = 0  # buf has no safe cut before this index (past the piece limit)
     with open(path, "rb") as f:
         while True:
             block = f.read(READ_BYTES)
@@ -168,12 +209,20 @@ def _txt_file_pieces(path: str, limit: int) -> Iterator[Piece]:
             pos = 0
             while len(buf) - pos > limit:
                 cut = safe_cut(buf, pos + max(1, limit // 2), pos + limit)
+                if cut is None:
+                    cut = safe_cut(buf, pos + 1, pos + limit)
+                if cut is None:  # a run without whitespace: it ends at the next safe cut
+                    cut = next_cut(buf, max(pos + limit, scan))
+                    if cut is None:  # not in this text yet: read on (at the end, one piece)
+                        scan = len(buf) - 1
+                        break
                 piece = buf[pos:cut]
                 pos = cut
                 nb = len(piece.encode("utf-8"))
                 reported += nb
                 yield Piece(piece, False, nb)
             buf = buf[pos:]
+            scan = max(0, scan - pos)
             if not block:
                 break
     yield Piece(buf, True, consumed - reported)
@@ -1074,9 +1123,10 @@ tokenizer: --tokenizer FILE loads a Hugging Face tokenizers tokenizer.json; --tr
   {EOT}) on the inputs first. Either way the tokenizer is saved as OUT/tokenizer.json.
   Special tokens of the tokenizer's post-processor (BOS etc.) are not added. Text is
   tokenized in pieces of {PIECE_CHARS >> 10} Ki characters (tokenizers is fastest on short texts), cut
-  after a lone newline (else before a lone space) between non-blank characters: for
-  byte-level BPE tokenizers (GPT-2, GPT-4 style, Llama 3, --train-bpe; checked at start)
-  the ids equal those of one call on the whole document. Other tokenizers (SentencePiece
+  after a lone newline (else before a lone space) between non-blank characters, never
+  inside a run without whitespace (a longer run is one piece): for byte-level BPE
+  tokenizers (GPT-2, GPT-4 style, Llama 3, --train-bpe; checked at start) the ids equal
+  those of one call on the whole document. Other tokenizers (SentencePiece
   style, Metaspace) get whole documents, cut only beyond {LONG_PIECE_CHARS >> 20} Mi characters (with a note).
 
 output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id;
