@@ -5,11 +5,15 @@ tokenizer saved beside the shards gives back the input text exactly.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
+import signal
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +298,87 @@ def test_existing_output_refused_then_overwritten(packed: Path, tmp_path: Path, 
     assert "incomplete dataset" in err and "--overwrite" in err
     assert main(["pack", str(small), "-o", str(out), "--tokenizer", tok_path, "-q", "--overwrite"]) == 0
     assert lio.open_dataset(str(out)).num_documents == 1
+
+
+def _pack_cmd(src: Path, out: Path, tok_path: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llmio_native.cli", "pack", str(src), "-o", str(out), "--tokenizer", tok_path,
+            "-q", *extra]
+
+
+def _subprocess_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ, TMPDIR=str(tmp))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+@needs_corpus
+def test_a_pack_into_a_locked_output_fails_and_writes_nothing(packed: Path, tmp_path: Path, capsys) -> None:
+    """Issue 9.2: a second pack into the same directory reported success too."""
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n", encoding="utf-8")
+    tok_path = str(packed / "tokenizer.json")
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running pack holds it
+        assert main(["pack", str(small), "-o", str(out), "--tokenizer", tok_path, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert f"{out}: another llmio pack is writing to this directory" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert list(out.iterdir()) == []  # nothing written
+    finally:
+        os.close(fd)
+    assert main(["pack", str(small), "-o", str(out), "--tokenizer", tok_path, "-q"]) == 0
+    assert lio.open_dataset(str(out)).document(0).tolist()[:-1] == _tok(packed).encode("to be or not to be\n").ids
+
+
+@needs_corpus
+def test_two_concurrent_packs_into_one_output(packed: Path, tmp_path: Path) -> None:
+    """Issue 9.2: of two packs started at once into one directory exactly one succeeds and
+    its dataset is intact."""
+    src = tmp_path / "big.txt"
+    text = CORPUS.read_text(encoding="utf-8") * 4
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "o"
+    tok_path = str(packed / "tokenizer.json")
+    env = _subprocess_env(tmp_path)
+    procs = [subprocess.Popen(_pack_cmd(src, out, tok_path, "--chunk-tokens", "4096", "--num-workers", "1"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1)
+    assert str(out) in err and ("another llmio pack is writing" in err or "already holds a dataset" in err), err
+    assert "Traceback" not in err
+    assert main(["verify", str(out), "-q"]) == 0
+    ds = lio.open_dataset(str(out))
+    assert ds.num_documents == 1
+    assert ds.document(0).tolist()[:-1] == _tok(packed).encode(text, add_special_tokens=False).ids
+
+
+@needs_corpus
+def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, tmp_path: Path) -> None:
+    """Issue 9.4: SIGTERM left partial shards and the temp directory behind (SIGINT did not)."""
+    src = tmp_path / "big.txt"
+    src.write_text(CORPUS.read_text(encoding="utf-8") * 24, encoding="utf-8")  # 26 MB: worker processes
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "o"
+    proc = subprocess.Popen(_pack_cmd(src, out, str(packed / "tokenizer.json"), "--chunk-tokens", "4096",
+                                      "--shard-tokens", "100000", "--doc-sep", "blank"),
+                            env=_subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and len(list(out.glob("shard-*"))) >= 2):  # mid-way: shards being written
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(tmp.iterdir())  # the pack's temp directory exists now
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not out.exists()  # no shards, no empty directory
+    assert list(tmp.iterdir()) == []  # no llmio_pack_ temp directory
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:

@@ -10,7 +10,7 @@ commands:
 
 `llmio COMMAND --help` lists a command's options.
 exit status: 0 success; 1 failure (bad input, corrupt data: one line on stderr, or the list
-of bad chunks for verify); 2 usage error; 130 interrupted.
+of bad chunks for verify); 2 usage error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -695,18 +697,115 @@ def _check_output(out: str, overwrite: bool) -> None:
                        "an earlier pack did not finish); resuming is not supported: pass --overwrite to start over")
 
 
-def _remove_partial(out: str, created: bool) -> None:
-    """Remove what an aborted pack left in ``out`` (its own files only)."""
+def _remove_partial(out: str, created: bool, own_tokenizer: bool) -> None:
+    """Remove what an aborted pack left in ``out`` (its own files only): shards and temp
+    files when there is no manifest, ``tokenizer.json`` when ``own_tokenizer`` (the pack
+    put it there), the directory itself when ``created`` and empty."""
     try:
         has_manifest, partial = _dataset_state(out)
         if has_manifest:
             return
         for n in partial:
             os.unlink(os.path.join(out, n))
-        if created and not os.listdir(out):
-            os.rmdir(out)
+        tok = os.path.join(out, "tokenizer.json")
+        if own_tokenizer and os.path.exists(tok):
+            os.unlink(tok)
     except OSError:
         pass
+    _remove_if_empty(out, created)
+
+
+def _remove_if_empty(out: str, created: bool) -> None:
+    if created:
+        try:
+            if not os.listdir(out):
+                os.rmdir(out)
+        except OSError:
+            pass
+
+
+def _lock_output(out: str) -> tuple[int | None, bool]:
+    """Create directory ``out`` if needed and take an exclusive ``flock`` on it, so that
+    two packs cannot write into one directory at once.
+
+    Returns:
+        ``(fd, created)``: the descriptor holding the lock (close it to release; None where
+        the file system has no locks, after a note on stderr) and whether this call created
+        the directory.
+
+    Raises:
+        CliError: ``out`` is a file, or another pack holds the lock.
+        OSError: ``out`` cannot be created or opened (names the path).
+    """
+    import errno
+    import fcntl
+
+    for _ in range(10):
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise CliError(f"{out}: exists and is not a directory (--output must be a directory)")
+        created = False
+        try:
+            os.makedirs(out)
+            created = True
+        except FileExistsError:
+            pass
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CliError(f"{out}: another llmio pack is writing to this directory (it is locked); wait for it "
+                           "to finish or choose another --output") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                os.close(fd)
+                raise
+            os.close(fd)
+            print(f"llmio: note: {out}: cannot lock this directory ({exc.strerror}); make sure no other pack "
+                  "writes to it", file=sys.stderr)
+            return None, created
+        try:
+            st, fst = os.stat(out), os.fstat(fd)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+            return fd, created
+        os.close(fd)  # removed (a failed pack cleaning up) between makedirs and flock: again
+    raise CliError(f"{out}: the directory keeps disappearing while llmio pack tries to lock it")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during ``llmio pack``: unwinds like ``KeyboardInterrupt`` so that the
+    pack removes its partial output and temp files; ``main`` returns 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While active (main thread only), the first SIGTERM raises :class:`Terminated`; more
+    are ignored so that the cleanup it starts is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _write_error(exc: BaseException, out: str) -> CliError | None:
+    """A CliError naming ``out`` for a writing error that names no file (ENOSPC, EIO, ...
+    raised by the writer, or its RuntimeError wrapping one); None for other errors."""
+    err = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, RuntimeError) else None
+    if not isinstance(err, OSError) or err.filename or not err.errno:
+        return None
+    return CliError(f"{out}: writing the dataset failed: {err.strerror or os.strerror(err.errno)} "
+                    f"[errno {err.errno}]")
 
 
 def _auto_workers(total_bytes: int) -> int:
@@ -720,25 +819,51 @@ def _auto_workers(total_bytes: int) -> int:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``."""
-    import llmio_native as lio
+    """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``.
 
+    The output directory is locked (``flock``) before anything is written; SIGTERM, like
+    Ctrl-C, stops the pack and removes what it wrote.
+
+    Raises:
+        CliError: a missing or unreadable input, an output that is a file or locked by
+            another pack or holds a dataset (without ``--overwrite``), a bad input line,
+            an id that does not fit the dtype, a write error (naming the output).
+        UsageError: ``--train-bpe`` asks for more ids than the inputs can give.
+        Terminated: SIGTERM.
+    """
     out = os.path.abspath(a.output)
-    _check_output(out, a.overwrite)
     for p in a.inputs:
         if not os.path.isfile(p):
             raise CliError(f"{p}: no such file" if not os.path.exists(p) else f"{p}: not a file")
+        if os.path.abspath(p) == out:
+            raise CliError(f"{p}: an input cannot be the --output")
     for p in a.inputs:
         if input_format(p, a.input_format) == "parquet":
             try:
                 import pyarrow  # noqa: F401
             except ImportError:
                 raise CliError("reading .parquet needs pyarrow: pip install 'llmio-native[pack]'") from None
-    show = not a.quiet and sys.stderr.isatty()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"{out}: exists and is not a directory (--output must be a directory)")
     total = sum(os.path.getsize(p) for p in a.inputs)
+    with _sigterm_unwinds():
+        fd, created = _lock_output(out)
+        own_tokenizer = not os.path.exists(os.path.join(out, "tokenizer.json"))
+        try:
+            _check_output(out, a.overwrite)
+            return _pack_locked(a, out, total, created, own_tokenizer)
+        finally:
+            _remove_if_empty(out, created)
+            if fd is not None:
+                os.close(fd)
+
+
+def _pack_locked(a: argparse.Namespace, out: str, total: int, created: bool, own_tokenizer: bool) -> int:
+    import llmio_native as lio
+
+    show = not a.quiet and sys.stderr.isatty()
     workers = a.num_workers or _auto_workers(total)
     t0 = time.perf_counter()
-    created = not os.path.exists(out)
     with tempfile.TemporaryDirectory(prefix="llmio_pack_") as tmp:
         if a.train_bpe is not None:
             tok_path = os.path.join(tmp, "tokenizer.json")
@@ -755,7 +880,8 @@ def cmd_pack(a: argparse.Namespace) -> int:
             if eot is None:
                 raise CliError(f"the tokenizer has no {EOT!r} token: pass --eot-id ID (or --no-eot)")
             if eot > np.iinfo(dtype).max:
-                raise CliError(f"end-of-text id {eot} does not fit {dtype.name}: use --dtype uint32")
+                raise CliError(f"end-of-text id {eot} does not fit {dtype.name} (0..{np.iinfo(dtype).max})"
+                               + (": use --dtype uint32" if dtype != np.uint32 else ""))
         eot_arr = np.array([eot] if eot is not None else [], dtype=dtype)
         from tqdm import tqdm
 
@@ -784,10 +910,13 @@ def cmd_pack(a: argparse.Namespace) -> int:
             with contextlib.closing(encode_batches(tok, _batches(pieces, bsize), dtype, workers)) as stream:
                 write_documents(w, stream, eot_arr, bar.update)
             w.close()
-        except BaseException:
+        except BaseException as exc:
             if w is not None:
                 w.abort()
-                _remove_partial(out, created)
+                _remove_partial(out, created, own_tokenizer)
+            named = _write_error(exc, out) if w is not None else None
+            if named is not None:
+                raise named from None
             raise
         finally:
             bar.close()
@@ -1247,6 +1376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmio: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("llmio: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
+        return 143
     except Exception as exc:
         from .errors import UnsupportedError
 
