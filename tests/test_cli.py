@@ -13,6 +13,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -396,6 +397,117 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == f"llmio_native {lio.__version__}"
     assert main(["pack", "--help"]) == 0
     assert "--doc-sep" in capsys.readouterr().out
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run ``main(argv)``, expect a usage error: exit 2, one line on stderr, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_argument_bounds_are_usage_errors(tmp_path: Path, capsys) -> None:
+    """Issue 9.3 and 9.5: --train-bpe 10^9 aborted in the tokenizer's allocator, 10^20 gave
+    a traceback; --eot-id 5e9 with --dtype uint32 said "use --dtype uint32"; siblings."""
+    src = tmp_path / "a.txt"
+    src.write_text("to be or not to be\n", encoding="utf-8")
+    base = ["pack", str(src), "-o", str(tmp_path / "o")]
+    bpe = base + ["--train-bpe", "300"]
+    err = _usage_error(capsys, base + ["--train-bpe", "1000000000"])
+    assert "--train-bpe" in err and "1000000000" in err and "2^24 = 16777216" in err
+    err = _usage_error(capsys, base + ["--train-bpe", "99999999999999999999"])
+    assert "--train-bpe" in err and "99999999999999999999" in err and "16777216" in err
+    err = _usage_error(capsys, base + ["--train-bpe", "256"])
+    assert "needs at least 257" in err and "got 256" in err
+    err = _usage_error(capsys, bpe + ["--eot-id", "5000000000", "--dtype", "uint32"])
+    assert "--eot-id" in err and "5000000000" in err and "uint32 range" in err and "use --dtype" not in err
+    err = _usage_error(capsys, bpe + ["--eot-id", "-1"])
+    assert "--eot-id" in err and "must be >= 0, got -1" in err
+    err = _usage_error(capsys, bpe + ["--chunk-tokens", "300000000"])  # was a SystemExit out of main()
+    assert "--chunk-tokens" in err and "must be <= 2^28, got 300000000" in err
+    for opt in ("--chunk-tokens", "--shard-tokens", "--rans-model-tokens"):
+        for bad in ("0", "-5"):
+            err = _usage_error(capsys, bpe + [opt, bad])
+            assert opt in err and f"must be >= 1, got {bad}" in err
+    err = _usage_error(capsys, bpe + ["--zstd-level", "99"])  # was exit 1 after training the BPE
+    assert "--zstd-level" in err and "must be <= 22, got 99" in err
+    err = _usage_error(capsys, bpe + ["--num-workers", "100000"])  # would start 100000 processes
+    assert "--num-workers" in err and "must be <= 256, got 100000" in err
+    err = _usage_error(capsys, bpe + ["--shard-tokens", "many"])
+    assert "--shard-tokens" in err and "expected an integer, got 'many'" in err
+    assert not (tmp_path / "o").exists()
+    assert main(bpe + ["-q", "--zstd-level", "-5", "--eot-id", "299"]) == 0  # the bounds themselves are fine
+    assert lio.open_dataset(str(tmp_path / "o")).eot_token == 299
+
+
+def test_output_and_input_path_errors_name_the_path(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "a.txt"
+    src.write_text("to be\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["pack", str(src), "-o", str(src), "--train-bpe", "300"]) == 1  # the output is a file
+    assert f"{src}: an input cannot be the --output" in capsys.readouterr().err
+    other = tmp_path / "b.txt"
+    other.write_text("x", encoding="utf-8")
+    assert main(["pack", str(src), "-o", str(other), "--train-bpe", "300"]) == 1
+    assert f"{other}: exists and is not a directory" in capsys.readouterr().err
+    assert other.read_text() == "x"
+    assert main(["pack", str(src), "-o", str(other / "sub"), "--train-bpe", "300"]) == 1  # under a file
+    err = capsys.readouterr().err
+    assert str(other) in err and "Not a directory" in err and "Traceback" not in err
+    assert main(["pack", str(src), str(tmp_path), "-o", str(tmp_path / "o"), "--train-bpe", "300"]) == 1
+    assert f"{tmp_path}: not a file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_deeply_nested_json_fails_naming_file_and_line(tmp_path: Path, capsys) -> None:
+    """Issue 9.5: a RecursionError traceback on deeply nested JSON in a JSONL input."""
+    jl = tmp_path / "deep.jsonl"
+    jl.write_text('{"text": "ok"}\n{"text": ' + "[" * 100000 + "]" * 100000 + "}\n", encoding="utf-8")
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(["pack", str(jl), "-o", str(out), "--train-bpe", "300", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{jl}:2: JSON nested too deeply" in err and "100000" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (root only): writes to it fail with a real ENOSPC."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up ({r.stderr.strip()})")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+@needs_corpus
+def test_a_full_disk_names_the_output_and_leaves_nothing(packed: Path, full_disk: Path, tmp_path: Path,
+                                                         capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9.5: "No space left on device" did not say where."""
+    out = full_disk / "ds"
+    capsys.readouterr()
+    assert main(["pack", str(CORPUS), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q",
+                 "--codec", "none"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: writing the dataset failed: No space left on device" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(full_disk.iterdir()) == []  # shards and directory removed
+    # the temp directory (the trained tokenizer goes there first) on the full disk
+    monkeypatch.setattr(tempfile, "tempdir", str(full_disk))
+    out2 = tmp_path / "ds2"
+    assert main(["pack", str(CORPUS), "-o", str(out2), "--train-bpe", "3000", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{full_disk}/llmio_pack_" in err and "tokenizer.json: cannot save the trained tokenizer" in err, err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not out2.exists() and list(full_disk.iterdir()) == []
 
 
 @needs_corpus

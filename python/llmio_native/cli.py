@@ -286,6 +286,11 @@ def _jsonl_pieces(path: str, field: str, limit: int) -> Iterator[Piece]:
                 raise _not_utf8(where, exc) from None
             except json.JSONDecodeError as exc:
                 raise CliError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                depth = max(raw.count(b"["), raw.count(b"{"))
+                raise CliError(f"{where}: JSON nested too deeply (up to {depth} brackets; Python's json reads "
+                               f"about {sys.getrecursionlimit()} levels): llmio pack needs one object per line "
+                               "with a string field") from None
             if not isinstance(obj, dict):
                 raise CliError(f"{where}: a JSON {type(obj).__name__}, not an object")
             if field not in obj:
@@ -411,6 +416,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str, show_progres
 
     Returns:
         The trained ``tokenizers.Tokenizer``.
+
+    Raises:
+        CliError: tokenizers is not installed; ``out_path`` cannot be written (names it).
+        CliError: (from ``texts``) a bad input, as :func:`iter_pieces` raises.
     """
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -422,7 +431,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str, show_progres
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(out_path)
+    try:
+        tok.save(out_path)
+    except Exception as exc:  # tokenizers raises a bare Exception for I/O errors
+        raise CliError(f"{out_path}: cannot save the trained tokenizer ({str(exc).splitlines()[0]}); "
+                       "a temp directory is on a full or read-only disk? set TMPDIR") from None
     return tok
 
 
@@ -1210,8 +1223,9 @@ def cmd_bench(args: Sequence[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- arguments
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``lo``."""
+def _int_in(lo: int, hi: int | None = None, hi_text: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (``hi`` None: no upper bound);
+    ``hi_text`` spells ``hi`` in the message (e.g. "2^24")."""
 
     def parse(text: str) -> int:
         try:
@@ -1220,19 +1234,37 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi_text or hi}, got {v}")
         return v
 
     return parse
 
 
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo``."""
+    return _int_in(lo)
+
+
 _positive = _int_at_least(1)
 _nonnegative = _int_at_least(0)
+#: Most ids ``--train-bpe`` may ask for. Real vocabularies stay below 2^18; the tokenizers
+#: trainer allocates per requested id up front (2^24 ids: 0.3 GB peak on a small corpus;
+#: 10^9 aborted it in its allocator).
+MAX_TRAIN_VOCAB = 1 << 24
+#: Most ``--chunk-tokens`` (the writer's limit for 4-byte tokens: a chunk is at most 1 GiB).
+MAX_CHUNK_TOKENS = 1 << 28
+#: Most ``--num-workers`` (each is a process with its own copy of the tokenizer).
+MAX_WORKERS = 256
+_ZSTD_LEVELS = (-(1 << 17), 22)
 
 
 def _vocab(text: str) -> int:
-    v = _positive(text)
+    v = _int_in(1)(text)
     if v < 257:
         raise argparse.ArgumentTypeError(f"needs at least 257 (256 byte symbols + {EOT}), got {v}")
+    if v > MAX_TRAIN_VOCAB:
+        raise argparse.ArgumentTypeError(f"must be <= 2^24 = {MAX_TRAIN_VOCAB} ids, got {v}")
     return v
 
 
@@ -1249,7 +1281,9 @@ inputs (read in the order given; documents are written in that order):
 
 tokenizer: --tokenizer FILE loads a Hugging Face tokenizers tokenizer.json; --train-bpe N
   trains a byte-level BPE of N ids (ByteLevel pre-tokenizer and decoder, special token
-  {EOT}) on the inputs first. Either way the tokenizer is saved as OUT/tokenizer.json.
+  {EOT}) on the inputs first; N is 257 (256 bytes + {EOT}) .. 2^24 (the trainer allocates
+  per requested id; real vocabularies stay below 2^18), and a corpus with fewer pairs to
+  merge yields fewer ids. Either way the tokenizer is saved as OUT/tokenizer.json.
   Special tokens of the tokenizer's post-processor (BOS etc.) are not added. Text is
   tokenized in pieces of {PIECE_CHARS >> 10} Ki characters (tokenizers is fastest on short texts), cut
   after a lone newline (else before a lone space) between non-blank characters, never
@@ -1269,11 +1303,19 @@ output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (with a pointer to
+    ``--help``) instead of the usage block; exit status 2 as usual."""
+
+    def error(self, message: str) -> Any:  # noqa: D102 (argparse's hook)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llmio`` (subcommands pack, inspect, verify, info, bench)."""
     import llmio_native as lio
 
-    ap = argparse.ArgumentParser(prog="llmio", description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    ap = _Parser(prog="llmio", description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"llmio_native {lio.__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -1287,7 +1329,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", metavar="FILE", help="a Hugging Face tokenizers tokenizer.json")
     g.add_argument("--train-bpe", type=_vocab, metavar="VOCAB_SIZE",
-                   help="train a byte-level BPE with this many ids on the inputs first")
+                   help="train a byte-level BPE with this many ids (257 .. 2^24) on the inputs first; "
+                        "a corpus with fewer distinct pairs to merge gives fewer")
     p.add_argument("--field", default="text", help="JSONL field / Parquet column with the text (default: text)")
     p.add_argument("--doc-sep", choices=DOC_SEPS, default="file",
                    help="documents in text files: file (default), blank (blank-line separated), line")
@@ -1297,21 +1340,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk codec (default: zstd, about 2x smaller for BPE ids; rans: a token entropy "
                         "coder, within a few %% of the order-0 entropy and decodable on the GPU; none: raw "
                         "tokens, for the fastest reads and the loader's global shuffle)")
-    p.add_argument("--zstd-level", type=int, default=3, help="zstd level (default: 3)")
+    p.add_argument("--zstd-level", type=_int_in(*_ZSTD_LEVELS), default=3,
+                   help="zstd level, -131072 .. 22, negative for the fast modes (default: 3)")
     p.add_argument("--rans-model-tokens", type=_positive, default=1 << 24, metavar="N",
                    help="rans: tokens per frequency model (one model per group of chunks; default: 2^24)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token dtype (default: auto, uint16 when the vocabulary fits)")
-    p.add_argument("--chunk-tokens", type=_positive, default=65536, help="tokens per chunk (default: 65536)")
+    p.add_argument("--chunk-tokens", type=_int_in(1, MAX_CHUNK_TOKENS, "2^28"), default=65536,
+                   help="tokens per chunk, 1 .. 2^28 (default: 65536)")
     p.add_argument("--shard-tokens", type=_positive, default=1 << 30,
                    help="tokens per shard, at most; shards end at document boundaries (default: 2^30)")
     e = p.add_mutually_exclusive_group()
-    e.add_argument("--eot-id", type=_nonnegative, metavar="ID",
-                   help=f"end-of-text id appended to each document (default: the tokenizer's {EOT})")
+    e.add_argument("--eot-id", type=_int_in(0, (1 << 32) - 1, "2^32 - 1 (the uint32 range)"), metavar="ID",
+                   help=f"end-of-text id appended to each document, 0 .. 2^32 - 1 (default: the tokenizer's {EOT})")
     e.add_argument("--no-eot", action="store_true", help="append no end-of-text token")
-    p.add_argument("--num-workers", type=_nonnegative, default=0, metavar="N",
+    p.add_argument("--num-workers", type=_int_in(0, MAX_WORKERS), default=0, metavar="N",
                    help="tokenizer processes: 1 = encode_batch in this process (on all cores), "
-                        "N > 1 = N worker processes, 0 = auto (1 below 16 MiB of input, else cores - 1)")
+                        "N > 1 = N worker processes (at most 256), 0 = auto (1 below 16 MiB of input, else cores - 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset or an unfinished one in OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
 
@@ -1358,8 +1403,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             a = ap.parse_args(argv)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-        if a.cmd == "pack" and a.chunk_tokens > (1 << 28):
-            ap.error("--chunk-tokens must be at most 2^28")
         return {"pack": cmd_pack, "inspect": cmd_inspect, "verify": cmd_verify, "info": cmd_info}[a.cmd](a)
     except UsageError as exc:
         print(f"llmio: error: {exc}", file=sys.stderr)
