@@ -358,8 +358,13 @@ def test_two_concurrent_packs_into_one_output(packed: Path, tmp_path: Path) -> N
 
 
 @needs_corpus
-def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, tmp_path: Path) -> None:
-    """Issue 9.4: SIGTERM left partial shards and the temp directory behind (SIGINT did not)."""
+@pytest.mark.parametrize("signame,group", [("SIGTERM", False), ("SIGTERM", True), ("SIGHUP", True)])
+def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, tmp_path: Path, signame: str,
+                                                                 group: bool) -> None:
+    """Issue 9.4: SIGTERM left partial shards and the temp directory behind (SIGINT did not).
+    Also sent to the whole process group (as ``timeout`` or a job scheduler may), where the
+    tokenizer worker processes get it too, and SIGHUP (the terminal went away)."""
+    sig = getattr(signal, signame)
     src = tmp_path / "big.txt"
     src.write_text(CORPUS.read_text(encoding="utf-8") * 24, encoding="utf-8")  # 26 MB: worker processes
     tmp = tmp_path / "tmp"
@@ -367,17 +372,21 @@ def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, t
     out = tmp_path / "o"
     proc = subprocess.Popen(_pack_cmd(src, out, str(packed / "tokenizer.json"), "--chunk-tokens", "4096",
                                       "--shard-tokens", "100000", "--doc-sep", "blank"),
-                            env=_subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not (out.is_dir() and len(list(out.glob("shard-*"))) >= 2):  # mid-way: shards being written
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert list(tmp.iterdir())  # the pack's temp directory exists now
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "terminated" in err and "Traceback" not in err
+    assert proc.returncode == 128 + sig, err  # 143 for SIGTERM, 129 for SIGHUP
+    assert f"terminated ({signame})" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # no shards, no empty directory
     assert list(tmp.iterdir()) == []  # no llmio_pack_ temp directory
 

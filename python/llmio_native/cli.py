@@ -10,7 +10,8 @@ commands:
 
 `llmio COMMAND --help` lists a command's options.
 exit status: 0 success; 1 failure (bad input, corrupt data: one line on stderr, or the list
-of bad chunks for verify); 2 usage error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+of bad chunks for verify); 2 usage error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM),
+129 (SIGHUP).
 """
 from __future__ import annotations
 
@@ -504,7 +505,8 @@ _WORKER_SOURCE = r"""
 import signal, sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]  # no module of the working directory shadows numpy or tokenizers
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, kill of the process group: the
+    signal.signal(sig, signal.SIG_IGN)  # parent's to handle (it kills us; EOF on stdin ends us too)
 import numpy as np
 from tokenizers import Tokenizer
 inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -788,27 +790,58 @@ def _lock_output(out: str) -> tuple[int | None, bool]:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived during ``llmio pack``: unwinds like ``KeyboardInterrupt`` so that the
-    pack removes its partial output and temp files; ``main`` returns 143."""
+    """SIGTERM (or SIGHUP) arrived during ``llmio pack``: unwinds like ``KeyboardInterrupt``
+    so that the pack removes its partial output and temp files; ``main`` returns
+    128 + ``signum`` (143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+#: While > 0, a stop signal is only recorded (in ``_STOP_PENDING``), not raised: see :func:`_signals_held`.
+_STOP_HELD = [0]
+_STOP_PENDING: list[int] = []
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While active (main thread only), the first SIGTERM raises :class:`Terminated`; more
-    are ignored so that the cleanup it starts is not cut short."""
+def _stop_signals_unwind() -> Iterator[None]:
+    """While active (main thread only), the first SIGTERM or SIGHUP raises
+    :class:`Terminated`; later ones are ignored so that the cleanup it starts is not cut
+    short. The previous handlers are restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if _STOP_HELD[0]:
+            _STOP_PENDING.append(signum)
+            return
+        raise Terminated(signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    _STOP_PENDING.clear()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Cleanup that a stop signal must not cut short: one arriving inside is raised as
+    :class:`Terminated` when the block ends (unless the block raises)."""
+    _STOP_HELD[0] += 1
+    try:
+        yield
+    finally:
+        _STOP_HELD[0] -= 1
+    if not _STOP_HELD[0] and _STOP_PENDING:
+        raise Terminated(_STOP_PENDING.pop())
 
 
 def _write_error(exc: BaseException, out: str) -> CliError | None:
@@ -834,15 +867,15 @@ def _auto_workers(total_bytes: int) -> int:
 def cmd_pack(a: argparse.Namespace) -> int:
     """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``.
 
-    The output directory is locked (``flock``) before anything is written; SIGTERM, like
-    Ctrl-C, stops the pack and removes what it wrote.
+    The output directory is locked (``flock``) before anything is written; SIGTERM and
+    SIGHUP, like Ctrl-C, stop the pack and remove what it wrote.
 
     Raises:
         CliError: a missing or unreadable input, an output that is a file or locked by
             another pack or holds a dataset (without ``--overwrite``), a bad input line,
             an id that does not fit the dtype, a write error (naming the output).
         UsageError: ``--train-bpe`` asks for more ids than the inputs can give.
-        Terminated: SIGTERM.
+        Terminated: SIGTERM or SIGHUP.
     """
     out = os.path.abspath(a.output)
     for p in a.inputs:
@@ -859,16 +892,17 @@ def cmd_pack(a: argparse.Namespace) -> int:
     if os.path.exists(out) and not os.path.isdir(out):
         raise CliError(f"{out}: exists and is not a directory (--output must be a directory)")
     total = sum(os.path.getsize(p) for p in a.inputs)
-    with _sigterm_unwinds():
+    with _stop_signals_unwind():
         fd, created = _lock_output(out)
         own_tokenizer = not os.path.exists(os.path.join(out, "tokenizer.json"))
         try:
             _check_output(out, a.overwrite)
             return _pack_locked(a, out, total, created, own_tokenizer)
         finally:
-            _remove_if_empty(out, created)
-            if fd is not None:
-                os.close(fd)
+            with _signals_held():
+                _remove_if_empty(out, created)
+                if fd is not None:
+                    os.close(fd)
 
 
 def _pack_locked(a: argparse.Namespace, out: str, total: int, created: bool, own_tokenizer: bool) -> int:
@@ -925,8 +959,9 @@ def _pack_locked(a: argparse.Namespace, out: str, total: int, created: bool, own
             w.close()
         except BaseException as exc:
             if w is not None:
-                w.abort()
-                _remove_partial(out, created, own_tokenizer)
+                with _signals_held():
+                    w.abort()
+                    _remove_partial(out, created, own_tokenizer)
             named = _write_error(exc, out) if w is not None else None
             if named is not None:
                 raise named from None
@@ -1391,7 +1426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 ok, 1 failure (one line on stderr), 2 usage error, 130 interrupted.
+        The exit status: 0 ok, 1 failure (one line on stderr), 2 usage error, 130 interrupted,
+        143 / 129 terminated by SIGTERM / SIGHUP (pack cleans up first).
         Usage errors, ``--help`` and ``--version`` return too (no ``SystemExit``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1419,9 +1455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmio: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("llmio: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
-        return 143
+    except Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"llmio: terminated ({name}); the partial output was removed", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
         from .errors import UnsupportedError
 
