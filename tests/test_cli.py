@@ -467,6 +467,12 @@ def test_output_and_input_path_errors_name_the_path(tmp_path: Path, capsys) -> N
     assert str(other) in err and "Not a directory" in err and "Traceback" not in err
     assert main(["pack", str(src), str(tmp_path), "-o", str(tmp_path / "o"), "--train-bpe", "300"]) == 1
     assert f"{tmp_path}: not a file" in capsys.readouterr().err
+    assert main(["pack", str(src), "-o", str(tmp_path / "o"), "--tokenizer", str(tmp_path)]) == 1  # was "no such"
+    assert f"{tmp_path}: not a file (--tokenizer wants a tokenizer.json file)" in capsys.readouterr().err
+    for cmd in ("inspect", "verify"):  # a raw token file: the hint names the option, not the Python argument
+        assert main([cmd, str(src)]) == 1
+        err = capsys.readouterr().err
+        assert f"{src}: " in err and "needs --dtype uint16 or --dtype uint32" in err and "dtype='" not in err
     assert not (tmp_path / "o").exists()
 
 

@@ -398,7 +398,8 @@ def _load_tokenizer(path: str) -> Any:
     except ImportError:
         raise CliError("llmio pack needs the tokenizers package: pip install 'llmio-native[pack]'") from None
     if not os.path.isfile(path):
-        raise CliError(f"{path}: no such tokenizer file")
+        raise CliError(f"{path}: no such tokenizer file" if not os.path.exists(path) else
+                       f"{path}: not a file (--tokenizer wants a tokenizer.json file)")
     try:
         return Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises a bare Exception for bad files
@@ -1147,9 +1148,22 @@ def _fmt_int(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
 
 
+@contextlib.contextmanager
+def _cli_dtype_hint() -> Iterator[None]:
+    """Errors of ``open_dataset`` that name its ``dtype=`` argument name ``--dtype`` instead."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        if "dtype='uint16' or 'uint32'" not in msg:
+            raise
+        raise CliError(msg.replace("dtype='uint16' or 'uint32'", "--dtype uint16 or --dtype uint32")) from None
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     """``llmio inspect``: print what :func:`inspect_dataset` finds."""
-    r = inspect_dataset(a.path, a.dtype, a.sample)
+    with _cli_dtype_hint():
+        r = inspect_dataset(a.path, a.dtype, a.sample)
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
@@ -1195,7 +1209,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     """``llmio verify``: 0 when every chunk checks out, 1 with the bad chunks listed."""
     import llmio_native as lio
 
-    ds = lio.open_dataset(a.path, dtype=a.dtype)
+    with _cli_dtype_hint():
+        ds = lio.open_dataset(a.path, dtype=a.dtype)
     rep = ds.verify(progress=not a.quiet and not a.json and sys.stderr.isatty())
     if a.json:
         print(json.dumps({"path": os.path.abspath(a.path), "ok": rep.ok, "chunks_checked": rep.chunks_checked,
