@@ -205,6 +205,23 @@ def test_safe_cut_pieces_join_back_and_respect_the_limit() -> None:
     assert cli.split_text("y" * 30, 8) == ["y" * 30]
 
 
+@pytest.mark.parametrize("read_bytes", [1, 7, 100, 5000])
+def test_streamed_text_files_are_cut_like_split_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     read_bytes: int) -> None:
+    """The txt reader streams the file and cuts it while reading; a run without a safe cut
+    that straddles reads must end where :func:`split_text` ends it."""
+    rng = random.Random(read_bytes)
+    alphabet = ["a", "bc", "é", "\n", " ", "  ", ".", "東", "x" * 40, "yz" * 90]
+    text = "".join(rng.choice(alphabet) for _ in range(3000)) + "q" * 700
+    src = tmp_path / "t.txt"
+    src.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(cli, "READ_BYTES", read_bytes)
+    for limit in (16, 128, 600):
+        pieces = list(cli.iter_pieces([str(src)], piece_chars=limit))
+        assert [p.text for p in pieces] == cli.split_text(text, limit), limit
+        assert sum(p.nbytes for p in pieces) == src.stat().st_size and pieces[-1].ends
+
+
 def _long_run_document(paragraphs: list[str]) -> str:
     """Shakespeare with runs of > 4096 characters without whitespace: random letters, a
     URL-ish run with punctuation and digits, base64-ish, and a run at the very end."""
