@@ -875,7 +875,6 @@ def cmd_pack(a: argparse.Namespace) -> int:
         CliError: a missing or unreadable input, an output that is a file or locked by
             another pack or holds a dataset (without ``--overwrite``), a bad input line,
             an id that does not fit the dtype, a write error (naming the output).
-        UsageError: ``--train-bpe`` asks for more ids than the inputs can give.
         Terminated: SIGTERM or SIGHUP.
     """
     out = os.path.abspath(a.output)
@@ -1297,7 +1296,6 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 
 _positive = _int_at_least(1)
-_nonnegative = _int_at_least(0)
 #: Most ids ``--train-bpe`` may ask for. Real vocabularies stay below 2^18; the tokenizers
 #: trainer allocates per requested id up front (2^24 ids: 0.3 GB peak on a small corpus;
 #: 10^9 aborted it in its allocator).
@@ -1331,9 +1329,9 @@ inputs (read in the order given; documents are written in that order):
 
 tokenizer: --tokenizer FILE loads a Hugging Face tokenizers tokenizer.json; --train-bpe N
   trains a byte-level BPE of N ids (ByteLevel pre-tokenizer and decoder, special token
-  {EOT}) on the inputs first; N is 257 (256 bytes + {EOT}) .. 2^24 (the trainer allocates
-  per requested id; real vocabularies stay below 2^18), and a corpus with fewer pairs to
-  merge yields fewer ids. Either way the tokenizer is saved as OUT/tokenizer.json.
+  {EOT}) on the inputs first; N is 257 (256 bytes + the special token) .. 2^24 (the
+  trainer allocates per requested id; real vocabularies stay below 2^18), and a corpus
+  with fewer pairs to merge yields fewer ids. Either way the tokenizer is saved as OUT/tokenizer.json.
   Special tokens of the tokenizer's post-processor (BOS etc.) are not added. Text is
   tokenized in pieces of {PIECE_CHARS >> 10} Ki characters (tokenizers is fastest on short texts), cut
   after a lone newline (else before a lone space) between non-blank characters, never
@@ -1349,7 +1347,9 @@ output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id
   on all cores: encode_batch in this process, or --num-workers processes; the output is
   the same byte for byte either way.
   OUT holding a dataset, or an unfinished one (no manifest.json), is refused unless
-  --overwrite (no resume); a failed or interrupted pack removes the shards it wrote.
+  --overwrite (no resume); a failed or interrupted pack (Ctrl-C, SIGTERM, SIGHUP) removes
+  the shards and temp files it wrote. OUT is locked (flock) while a pack writes it: a
+  second pack into the same OUT fails at once.
 """
 
 
@@ -1366,7 +1366,7 @@ def build_parser() -> argparse.ArgumentParser:
     import llmio_native as lio
 
     ap = _Parser(prog="llmio", description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"llmio_native {lio.__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
@@ -1472,7 +1472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Terminated as exc:
         name = signal.Signals(exc.signum).name
-        print(f"llmio: terminated ({name}); the partial output was removed", file=sys.stderr)
+        print(f"llmio: terminated ({name})", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
         from .errors import UnsupportedError
