@@ -463,6 +463,8 @@ def test_argument_bounds_are_usage_errors(tmp_path: Path, capsys) -> None:
     assert "--num-workers" in err and "must be <= 256, got 100000" in err
     err = _usage_error(capsys, bpe + ["--shard-tokens", "many"])
     assert "--shard-tokens" in err and "expected an integer, got 'many'" in err
+    err = _usage_error(capsys, ["pack", str(src), "-o", "", "--train-bpe", "300"])  # was: pack into the cwd
+    assert "-o/--output is ''" in err
     assert not (tmp_path / "o").exists()
     assert main(bpe + ["-q", "--zstd-level", "-5", "--eot-id", "299"]) == 0  # the bounds themselves are fine
     assert lio.open_dataset(str(tmp_path / "o")).eot_token == 299

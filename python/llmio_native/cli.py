@@ -875,8 +875,11 @@ def cmd_pack(a: argparse.Namespace) -> int:
         CliError: a missing or unreadable input, an output that is a file or locked by
             another pack or holds a dataset (without ``--overwrite``), a bad input line,
             an id that does not fit the dtype, a write error (naming the output).
+        UsageError: an empty ``--output``.
         Terminated: SIGTERM or SIGHUP.
     """
+    if not a.output.strip():
+        raise UsageError(f"-o/--output is {a.output!r}: name the dataset directory to write")
     out = os.path.abspath(a.output)
     for p in a.inputs:
         if not os.path.isfile(p):
