@@ -5,11 +5,16 @@ tokenizer saved beside the shards gives back the input text exactly.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
+import signal
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +189,76 @@ def test_safe_cut_pieces_join_back_and_respect_the_limit() -> None:
     text = "".join(rng.choice(alphabet) for _ in range(20000))
     for limit in (7, 64, 1000):
         parts = cli.split_text(text, limit)
-        assert "".join(parts) == text and all(len(p) <= limit for p in parts)
+        assert "".join(parts) == text
+        start = 0
+        for p in parts:  # longer than limit only where no safe cut point is inside the piece
+            end = start + len(p)
+            assert len(p) <= limit or cli.next_cut(text, start + 1) in (end, None), (limit, start)
+            start = end
+        assert limit < 1000 or all(len(p) <= limit for p in parts)  # safe points are common in text
     assert cli.split_text("short", 10) == ["short"]
     assert cli.safe_cut("ab cd\nef gh", 1, 11) == 6  # after the lone newline, not before a space
     assert cli.safe_cut("ab cd  ef", 1, 9) == 2  # before the lone space
-    assert cli.safe_cut("abcdefgh", 1, 5) == 5  # nothing safe: a hard cut
+    assert cli.safe_cut("abcdefgh", 1, 5) is None  # nothing safe: no cut at all
+    # a run without a safe cut point is kept whole: the piece ends at the next safe cut
+    assert cli.split_text("ab " + "x" * 20 + " cd ef", 8) == ["ab", " " + "x" * 20, " cd ef"]
+    assert cli.split_text("y" * 30, 8) == ["y" * 30]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 7, 100, 5000])
+def test_streamed_text_files_are_cut_like_split_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     read_bytes: int) -> None:
+    """The txt reader streams the file and cuts it while reading; a run without a safe cut
+    that straddles reads must end where :func:`split_text` ends it."""
+    rng = random.Random(read_bytes)
+    alphabet = ["a", "bc", "é", "\n", " ", "  ", ".", "東", "x" * 40, "yz" * 90]
+    text = "".join(rng.choice(alphabet) for _ in range(3000)) + "q" * 700
+    src = tmp_path / "t.txt"
+    src.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(cli, "READ_BYTES", read_bytes)
+    for limit in (16, 128, 600):
+        pieces = list(cli.iter_pieces([str(src)], piece_chars=limit))
+        assert [p.text for p in pieces] == cli.split_text(text, limit), limit
+        assert sum(p.nbytes for p in pieces) == src.stat().st_size and pieces[-1].ends
+
+
+def _long_run_document(paragraphs: list[str]) -> str:
+    """Shakespeare with runs of > 4096 characters without whitespace: random letters, a
+    URL-ish run with punctuation and digits, base64-ish, and a run at the very end."""
+    rng = random.Random(7)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(9000))
+    url = "https://example.com/" + "/".join("".join(rng.choice("abcxyz0123456789-_.?=&%")
+                                                     for _ in range(rng.randint(1, 12))) for _ in range(900))
+    b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(6000))
+    head = "\n\n".join(paragraphs[:40])
+    mid = "\n\n".join(paragraphs[40:80])
+    return f"{head}\n{letters} {url}\n{mid} {b64}é東\n{head[:5000]} {letters[:4500]}{b64[:4000]}"
+
+
+@needs_corpus
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_runs_longer_than_a_piece_pack_to_the_ids_of_one_call(packed: Path, paragraphs: list[str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Issue 9.1: a run of > PIECE_CHARS characters without whitespace was cut inside,
+    where the BPE gives other ids than one call on the whole document."""
+    doc = _long_run_document(paragraphs)
+    assert max(len(r) for r in doc.split()) > 2 * cli.PIECE_CHARS
+    tok = _tok(packed)
+    whole = tok.encode(doc, add_special_tokens=False).ids
+    src = tmp_path / f"doc{suffix}"
+    if suffix == ".jsonl":
+        src.write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
+    else:
+        src.write_text(doc, encoding="utf-8")
+        monkeypatch.setattr(cli, "READ_BYTES", 3000)  # runs straddle many reads
+    pieces = [p.text for p in cli.iter_pieces([str(src)]) if p.text]
+    assert "".join(pieces) == doc and len(pieces) > 5
+    assert any(len(p) > cli.PIECE_CHARS for p in pieces)  # the long runs stay whole
+    out = tmp_path / "o"
+    assert main(["pack", str(src), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q"]) == 0
+    ds = lio.open_dataset(str(out))
+    assert ds.num_documents == 1
+    assert ds.document(0).tolist() == whole + [tok.token_to_id("<|endoftext|>")]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -248,6 +318,96 @@ def test_existing_output_refused_then_overwritten(packed: Path, tmp_path: Path, 
     assert lio.open_dataset(str(out)).num_documents == 1
 
 
+def _pack_cmd(src: Path, out: Path, tok_path: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llmio_native.cli", "pack", str(src), "-o", str(out), "--tokenizer", tok_path,
+            "-q", *extra]
+
+
+def _subprocess_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ, TMPDIR=str(tmp))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+@needs_corpus
+def test_a_pack_into_a_locked_output_fails_and_writes_nothing(packed: Path, tmp_path: Path, capsys) -> None:
+    """Issue 9.2: a second pack into the same directory reported success too."""
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n", encoding="utf-8")
+    tok_path = str(packed / "tokenizer.json")
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running pack holds it
+        assert main(["pack", str(small), "-o", str(out), "--tokenizer", tok_path, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert f"{out}: another llmio pack is writing to this directory" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert list(out.iterdir()) == []  # nothing written
+    finally:
+        os.close(fd)
+    assert main(["pack", str(small), "-o", str(out), "--tokenizer", tok_path, "-q"]) == 0
+    assert lio.open_dataset(str(out)).document(0).tolist()[:-1] == _tok(packed).encode("to be or not to be\n").ids
+
+
+@needs_corpus
+def test_two_concurrent_packs_into_one_output(packed: Path, tmp_path: Path) -> None:
+    """Issue 9.2: of two packs started at once into one directory exactly one succeeds and
+    its dataset is intact."""
+    src = tmp_path / "big.txt"
+    text = CORPUS.read_text(encoding="utf-8") * 4
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "o"
+    tok_path = str(packed / "tokenizer.json")
+    env = _subprocess_env(tmp_path)
+    procs = [subprocess.Popen(_pack_cmd(src, out, tok_path, "--chunk-tokens", "4096", "--num-workers", "1"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1)
+    assert str(out) in err and ("another llmio pack is writing" in err or "already holds a dataset" in err), err
+    assert "Traceback" not in err
+    assert main(["verify", str(out), "-q"]) == 0
+    ds = lio.open_dataset(str(out))
+    assert ds.num_documents == 1
+    assert ds.document(0).tolist()[:-1] == _tok(packed).encode(text, add_special_tokens=False).ids
+
+
+@needs_corpus
+@pytest.mark.parametrize("signame,group", [("SIGTERM", False), ("SIGTERM", True), ("SIGHUP", True)])
+def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, tmp_path: Path, signame: str,
+                                                                 group: bool) -> None:
+    """Issue 9.4: SIGTERM left partial shards and the temp directory behind (SIGINT did not).
+    Also sent to the whole process group (as ``timeout`` or a job scheduler may), where the
+    tokenizer worker processes get it too, and SIGHUP (the terminal went away)."""
+    sig = getattr(signal, signame)
+    src = tmp_path / "big.txt"
+    src.write_text(CORPUS.read_text(encoding="utf-8") * 24, encoding="utf-8")  # 26 MB: worker processes
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "o"
+    proc = subprocess.Popen(_pack_cmd(src, out, str(packed / "tokenizer.json"), "--chunk-tokens", "4096",
+                                      "--shard-tokens", "100000", "--doc-sep", "blank"),
+                            env=_subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and len(list(out.glob("shard-*"))) >= 2):  # mid-way: shards being written
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(tmp.iterdir())  # the pack's temp directory exists now
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err  # 143 for SIGTERM, 129 for SIGHUP
+    assert f"terminated ({signame})" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # no shards, no empty directory
+    assert list(tmp.iterdir()) == []  # no llmio_pack_ temp directory
+
+
 def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["pack"]) == 2
     assert main(["pack", "x.txt", "-o", str(tmp_path / "o")]) == 2  # no tokenizer
@@ -263,6 +423,125 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == f"llmio_native {lio.__version__}"
     assert main(["pack", "--help"]) == 0
     assert "--doc-sep" in capsys.readouterr().out
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run ``main(argv)``, expect a usage error: exit 2, one line on stderr, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_argument_bounds_are_usage_errors(tmp_path: Path, capsys) -> None:
+    """Issue 9.3 and 9.5: --train-bpe 10^9 aborted in the tokenizer's allocator, 10^20 gave
+    a traceback; --eot-id 5e9 with --dtype uint32 said "use --dtype uint32"; siblings."""
+    src = tmp_path / "a.txt"
+    src.write_text("to be or not to be\n", encoding="utf-8")
+    base = ["pack", str(src), "-o", str(tmp_path / "o")]
+    bpe = base + ["--train-bpe", "300"]
+    err = _usage_error(capsys, base + ["--train-bpe", "1000000000"])
+    assert "--train-bpe" in err and "1000000000" in err and "2^24 = 16777216" in err
+    err = _usage_error(capsys, base + ["--train-bpe", "99999999999999999999"])
+    assert "--train-bpe" in err and "99999999999999999999" in err and "16777216" in err
+    err = _usage_error(capsys, base + ["--train-bpe", "256"])
+    assert "needs at least 257" in err and "got 256" in err
+    err = _usage_error(capsys, bpe + ["--eot-id", "5000000000", "--dtype", "uint32"])
+    assert "--eot-id" in err and "5000000000" in err and "uint32 range" in err and "use --dtype" not in err
+    err = _usage_error(capsys, bpe + ["--eot-id", "-1"])
+    assert "--eot-id" in err and "must be >= 0, got -1" in err
+    err = _usage_error(capsys, bpe + ["--chunk-tokens", "300000000"])  # was a SystemExit out of main()
+    assert "--chunk-tokens" in err and "must be <= 2^28, got 300000000" in err
+    for opt in ("--chunk-tokens", "--shard-tokens", "--rans-model-tokens"):
+        for bad in ("0", "-5"):
+            err = _usage_error(capsys, bpe + [opt, bad])
+            assert opt in err and f"must be >= 1, got {bad}" in err
+    err = _usage_error(capsys, bpe + ["--zstd-level", "99"])  # was exit 1 after training the BPE
+    assert "--zstd-level" in err and "must be <= 22, got 99" in err
+    err = _usage_error(capsys, bpe + ["--num-workers", "100000"])  # would start 100000 processes
+    assert "--num-workers" in err and "must be <= 256, got 100000" in err
+    err = _usage_error(capsys, bpe + ["--shard-tokens", "many"])
+    assert "--shard-tokens" in err and "expected an integer, got 'many'" in err
+    err = _usage_error(capsys, ["pack", str(src), "-o", "", "--train-bpe", "300"])  # was: pack into the cwd
+    assert "-o/--output is ''" in err
+    assert not (tmp_path / "o").exists()
+    assert main(bpe + ["-q", "--zstd-level", "-5", "--eot-id", "299"]) == 0  # the bounds themselves are fine
+    assert lio.open_dataset(str(tmp_path / "o")).eot_token == 299
+
+
+def test_output_and_input_path_errors_name_the_path(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "a.txt"
+    src.write_text("to be\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["pack", str(src), "-o", str(src), "--train-bpe", "300"]) == 1  # the output is a file
+    assert f"{src}: an input cannot be the --output" in capsys.readouterr().err
+    other = tmp_path / "b.txt"
+    other.write_text("x", encoding="utf-8")
+    assert main(["pack", str(src), "-o", str(other), "--train-bpe", "300"]) == 1
+    assert f"{other}: exists and is not a directory" in capsys.readouterr().err
+    assert other.read_text() == "x"
+    assert main(["pack", str(src), "-o", str(other / "sub"), "--train-bpe", "300"]) == 1  # under a file
+    err = capsys.readouterr().err
+    assert str(other) in err and "Not a directory" in err and "Traceback" not in err
+    assert main(["pack", str(src), str(tmp_path), "-o", str(tmp_path / "o"), "--train-bpe", "300"]) == 1
+    assert f"{tmp_path}: not a file" in capsys.readouterr().err
+    assert main(["pack", str(src), "-o", str(tmp_path / "o"), "--tokenizer", str(tmp_path)]) == 1  # was "no such"
+    assert f"{tmp_path}: not a file (--tokenizer wants a tokenizer.json file)" in capsys.readouterr().err
+    for cmd in ("inspect", "verify"):  # a raw token file: the hint names the option, not the Python argument
+        assert main([cmd, str(src)]) == 1
+        err = capsys.readouterr().err
+        assert f"{src}: " in err and "needs --dtype uint16 or --dtype uint32" in err and "dtype='" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_deeply_nested_json_fails_naming_file_and_line(tmp_path: Path, capsys) -> None:
+    """Issue 9.5: a RecursionError traceback on deeply nested JSON in a JSONL input."""
+    jl = tmp_path / "deep.jsonl"
+    jl.write_text('{"text": "ok"}\n{"text": ' + "[" * 100000 + "]" * 100000 + "}\n", encoding="utf-8")
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(["pack", str(jl), "-o", str(out), "--train-bpe", "300", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{jl}:2: JSON nested too deeply" in err and "100000" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (root only): writes to it fail with a real ENOSPC."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up ({r.stderr.strip()})")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+@needs_corpus
+def test_a_full_disk_names_the_output_and_leaves_nothing(packed: Path, full_disk: Path, tmp_path: Path,
+                                                         capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9.5: "No space left on device" did not say where."""
+    out = full_disk / "ds"
+    capsys.readouterr()
+    assert main(["pack", str(CORPUS), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q",
+                 "--codec", "none"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: writing the dataset failed: No space left on device" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(full_disk.iterdir()) == []  # shards and directory removed
+    # the temp directory (the trained tokenizer goes there first) on the full disk
+    monkeypatch.setattr(tempfile, "tempdir", str(full_disk))
+    out2 = tmp_path / "ds2"
+    assert main(["pack", str(CORPUS), "-o", str(out2), "--train-bpe", "3000", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{full_disk}/llmio_pack_" in err and "tokenizer.json: cannot save the trained tokenizer" in err, err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not out2.exists() and list(full_disk.iterdir()) == []
 
 
 @needs_corpus

@@ -10,7 +10,8 @@ commands:
 
 `llmio COMMAND --help` lists a command's options.
 exit status: 0 success; 1 failure (bad input, corrupt data: one line on stderr, or the list
-of bad chunks for verify); 2 usage error; 130 interrupted.
+of bad chunks for verify); 2 usage error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM),
+129 (SIGHUP).
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ import contextlib
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -34,7 +38,8 @@ import numpy as np
 #: The special token a trained BPE gets and whose id ``pack`` appends to every document.
 EOT = "<|endoftext|>"
 #: Characters of text handed to the tokenizer in one piece; longer documents are cut into
-#: pieces at whitespace (see :func:`split_text`). tokenizers' time per character grows with
+#: pieces at whitespace (see :func:`split_text`; a run without a safe cut point is one
+#: longer piece). tokenizers' time per character grows with
 #: the length of the text (measured: 4 Ki-character pieces encode 2.3x faster than 64 Ki
 #: ones and 3.4x faster than 1 Mi), and short pieces keep every core busy on one document.
 PIECE_CHARS = 1 << 12
@@ -96,15 +101,18 @@ def _is_ws(ch: str) -> bool:
     return ch.isspace()
 
 
-def safe_cut(text: str, lo: int, hi: int) -> int:
-    """A cut point in ``text[lo:hi]`` that leaves byte-level BPE pre-tokenization unchanged.
+def safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last cut point in ``text[lo:hi]`` that leaves byte-level BPE pre-tokenization
+    unchanged, or None when there is none.
 
     Preference: just after a lone ``\\n`` between two non-blank characters; then just
-    before a lone space between two non-blank characters; else ``hi``. At those points the
-    GPT-2 and GPT-4/Llama-3 pre-tokenizer regexes split anyway (a lone newline is a
-    pre-token of its own or ends a punctuation run; a space only ever prefixes the word
-    after it), so tokenizing the pieces separately gives the ids of one call on the whole
-    text. Any cut round-trips: decoding the pieces' ids gives back the text.
+    before a lone space between two non-blank characters. At those points the GPT-2 and
+    GPT-4/Llama-3 pre-tokenizer regexes split anyway (a lone newline is a pre-token of its
+    own or ends a punctuation run; a space only ever prefixes the word after it), and a
+    byte-level BPE never merges across pre-tokens, so tokenizing the pieces separately
+    gives the ids of one call on the whole text. Anywhere else (inside a run without
+    whitespace, e.g. a long URL or base64 blob) a cut can change the ids, so there is
+    no fallback cut: see :func:`next_cut`.
     """
     n = len(text)
     hi = min(hi, n)
@@ -118,19 +126,54 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
             if j + 1 < n and not _is_ws(text[j - 1]) and not _is_ws(text[j + 1]):
                 return j + cut_after
             i = j
-    return hi
+    return None
+
+
+_CUT_RE = re.compile("[\n ]")
+
+
+def next_cut(text: str, start: int) -> int | None:
+    """The first :func:`safe_cut` point at or after ``start`` (a cut just after a lone
+    newline at ``start - 1`` included), or None when ``text`` has none there (the
+    character after a candidate must be in ``text`` to tell whether it is one)."""
+    n = len(text)
+    for m in _CUT_RE.finditer(text, max(1, start - 1)):
+        j = m.start()
+        if j < 1 or j + 1 >= n or _is_ws(text[j - 1]) or _is_ws(text[j + 1]):
+            continue
+        cut = j + 1 if text[j] == "\n" else j
+        if cut >= start:
+            return cut
+    return None
+
+
+def choose_cut(text: str, pos: int, limit: int) -> int | None:
+    """Where the piece starting at ``pos`` ends (``len(text) - pos > limit``): the last
+    safe cut in the second half of the ``limit`` window, else in its first half, else the
+    first safe cut after the window (a run without one is kept whole); None when ``text``
+    has no safe cut after ``pos``."""
+    cut = safe_cut(text, pos + max(1, limit // 2), pos + limit)
+    if cut is None or cut <= pos:
+        cut = safe_cut(text, pos + 1, pos + limit)
+    if cut is None or cut <= pos:
+        cut = next_cut(text, pos + limit)
+    return cut
 
 
 def split_text(text: str, limit: int | None = None) -> list[str]:
     """Cut ``text`` into pieces of at most ``limit`` characters (default ``PIECE_CHARS``)
-    at :func:`safe_cut` points; ``"".join`` of the result is ``text``."""
+    at :func:`safe_cut` points; ``"".join`` of the result is ``text``. A piece is longer
+    than ``limit`` only where ``text`` has no safe cut point within ``limit`` characters
+    (it then ends at the next one, or at the end of ``text``)."""
     limit = PIECE_CHARS if limit is None else limit
     if len(text) <= limit:
         return [text]
     out = []
     pos = 0
     while len(text) - pos > limit:
-        cut = safe_cut(text, pos + max(1, limit // 2), pos + limit)
+        cut = choose_cut(text, pos, limit)
+        if cut is None:
+            break
         out.append(text[pos:cut])
         pos = cut
     out.append(text[pos:])
@@ -156,6 +199,7 @@ def _txt_file_pieces(path: str, limit: int) -> Iterator[Piece]:
     buf = ""
     consumed = 0  # bytes read from the file so far
     reported = 0
+    scan = 0  # buf has no safe cut before this index (past the piece limit)
     with open(path, "rb") as f:
         while True:
             block = f.read(READ_BYTES)
@@ -168,12 +212,20 @@ def _txt_file_pieces(path: str, limit: int) -> Iterator[Piece]:
             pos = 0
             while len(buf) - pos > limit:
                 cut = safe_cut(buf, pos + max(1, limit // 2), pos + limit)
+                if cut is None:
+                    cut = safe_cut(buf, pos + 1, pos + limit)
+                if cut is None:  # a run without whitespace: it ends at the next safe cut
+                    cut = next_cut(buf, max(pos + limit, scan))
+                    if cut is None:  # not in this text yet: read on (at the end, one piece)
+                        scan = len(buf) - 1
+                        break
                 piece = buf[pos:cut]
                 pos = cut
                 nb = len(piece.encode("utf-8"))
                 reported += nb
                 yield Piece(piece, False, nb)
             buf = buf[pos:]
+            scan = max(0, scan - pos)
             if not block:
                 break
     yield Piece(buf, True, consumed - reported)
@@ -235,6 +287,11 @@ def _jsonl_pieces(path: str, field: str, limit: int) -> Iterator[Piece]:
                 raise _not_utf8(where, exc) from None
             except json.JSONDecodeError as exc:
                 raise CliError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                depth = max(raw.count(b"["), raw.count(b"{"))
+                raise CliError(f"{where}: JSON nested too deeply (up to {depth} brackets; Python's json reads "
+                               f"about {sys.getrecursionlimit()} levels): llmio pack needs one object per line "
+                               "with a string field") from None
             if not isinstance(obj, dict):
                 raise CliError(f"{where}: a JSON {type(obj).__name__}, not an object")
             if field not in obj:
@@ -341,7 +398,8 @@ def _load_tokenizer(path: str) -> Any:
     except ImportError:
         raise CliError("llmio pack needs the tokenizers package: pip install 'llmio-native[pack]'") from None
     if not os.path.isfile(path):
-        raise CliError(f"{path}: no such tokenizer file")
+        raise CliError(f"{path}: no such tokenizer file" if not os.path.exists(path) else
+                       f"{path}: not a file (--tokenizer wants a tokenizer.json file)")
     try:
         return Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises a bare Exception for bad files
@@ -360,6 +418,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str, show_progres
 
     Returns:
         The trained ``tokenizers.Tokenizer``.
+
+    Raises:
+        CliError: tokenizers is not installed; ``out_path`` cannot be written (names it).
+        CliError: (from ``texts``) a bad input, as :func:`iter_pieces` raises.
     """
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -371,7 +433,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str, show_progres
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(out_path)
+    try:
+        tok.save(out_path)
+    except Exception as exc:  # tokenizers raises a bare Exception for I/O errors
+        raise CliError(f"{out_path}: cannot save the trained tokenizer ({str(exc).splitlines()[0]}); "
+                       "a temp directory is on a full or read-only disk? set TMPDIR") from None
     return tok
 
 
@@ -440,7 +506,8 @@ _WORKER_SOURCE = r"""
 import signal, sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]  # no module of the working directory shadows numpy or tokenizers
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, kill of the process group: the
+    signal.signal(sig, signal.SIG_IGN)  # parent's to handle (it kills us; EOF on stdin ends us too)
 import numpy as np
 from tokenizers import Tokenizer
 inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -646,18 +713,146 @@ def _check_output(out: str, overwrite: bool) -> None:
                        "an earlier pack did not finish); resuming is not supported: pass --overwrite to start over")
 
 
-def _remove_partial(out: str, created: bool) -> None:
-    """Remove what an aborted pack left in ``out`` (its own files only)."""
+def _remove_partial(out: str, created: bool, own_tokenizer: bool) -> None:
+    """Remove what an aborted pack left in ``out`` (its own files only): shards and temp
+    files when there is no manifest, ``tokenizer.json`` when ``own_tokenizer`` (the pack
+    put it there), the directory itself when ``created`` and empty."""
     try:
         has_manifest, partial = _dataset_state(out)
         if has_manifest:
             return
         for n in partial:
             os.unlink(os.path.join(out, n))
-        if created and not os.listdir(out):
-            os.rmdir(out)
+        tok = os.path.join(out, "tokenizer.json")
+        if own_tokenizer and os.path.exists(tok):
+            os.unlink(tok)
     except OSError:
         pass
+    _remove_if_empty(out, created)
+
+
+def _remove_if_empty(out: str, created: bool) -> None:
+    if created:
+        try:
+            if not os.listdir(out):
+                os.rmdir(out)
+        except OSError:
+            pass
+
+
+def _lock_output(out: str) -> tuple[int | None, bool]:
+    """Create directory ``out`` if needed and take an exclusive ``flock`` on it, so that
+    two packs cannot write into one directory at once.
+
+    Returns:
+        ``(fd, created)``: the descriptor holding the lock (close it to release; None where
+        the file system has no locks, after a note on stderr) and whether this call created
+        the directory.
+
+    Raises:
+        CliError: ``out`` is a file, or another pack holds the lock.
+        OSError: ``out`` cannot be created or opened (names the path).
+    """
+    import errno
+    import fcntl
+
+    for _ in range(10):
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise CliError(f"{out}: exists and is not a directory (--output must be a directory)")
+        created = False
+        try:
+            os.makedirs(out)
+            created = True
+        except FileExistsError:
+            pass
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CliError(f"{out}: another llmio pack is writing to this directory (it is locked); wait for it "
+                           "to finish or choose another --output") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                os.close(fd)
+                raise
+            os.close(fd)
+            print(f"llmio: note: {out}: cannot lock this directory ({exc.strerror}); make sure no other pack "
+                  "writes to it", file=sys.stderr)
+            return None, created
+        try:
+            st, fst = os.stat(out), os.fstat(fd)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+            return fd, created
+        os.close(fd)  # removed (a failed pack cleaning up) between makedirs and flock: again
+    raise CliError(f"{out}: the directory keeps disappearing while llmio pack tries to lock it")
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived during ``llmio pack``: unwinds like ``KeyboardInterrupt``
+    so that the pack removes its partial output and temp files; ``main`` returns
+    128 + ``signum`` (143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+#: While > 0, a stop signal is only recorded (in ``_STOP_PENDING``), not raised: see :func:`_signals_held`.
+_STOP_HELD = [0]
+_STOP_PENDING: list[int] = []
+
+
+@contextlib.contextmanager
+def _stop_signals_unwind() -> Iterator[None]:
+    """While active (main thread only), the first SIGTERM or SIGHUP raises
+    :class:`Terminated`; later ones are ignored so that the cleanup it starts is not cut
+    short. The previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if _STOP_HELD[0]:
+            _STOP_PENDING.append(signum)
+            return
+        raise Terminated(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    _STOP_PENDING.clear()
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Cleanup that a stop signal must not cut short: one arriving inside is raised as
+    :class:`Terminated` when the block ends (unless the block raises)."""
+    _STOP_HELD[0] += 1
+    try:
+        yield
+    finally:
+        _STOP_HELD[0] -= 1
+    if not _STOP_HELD[0] and _STOP_PENDING:
+        raise Terminated(_STOP_PENDING.pop())
+
+
+def _write_error(exc: BaseException, out: str) -> CliError | None:
+    """A CliError naming ``out`` for a writing error that names no file (ENOSPC, EIO, ...
+    raised by the writer, or its RuntimeError wrapping one); None for other errors."""
+    err = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, RuntimeError) else None
+    if not isinstance(err, OSError) or err.filename or not err.errno:
+        return None
+    return CliError(f"{out}: writing the dataset failed: {err.strerror or os.strerror(err.errno)} "
+                    f"[errno {err.errno}]")
 
 
 def _auto_workers(total_bytes: int) -> int:
@@ -671,25 +866,54 @@ def _auto_workers(total_bytes: int) -> int:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``."""
-    import llmio_native as lio
+    """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``.
 
+    The output directory is locked (``flock``) before anything is written; SIGTERM and
+    SIGHUP, like Ctrl-C, stop the pack and remove what it wrote.
+
+    Raises:
+        CliError: a missing or unreadable input, an output that is a file or locked by
+            another pack or holds a dataset (without ``--overwrite``), a bad input line,
+            an id that does not fit the dtype, a write error (naming the output).
+        UsageError: an empty ``--output``.
+        Terminated: SIGTERM or SIGHUP.
+    """
+    if not a.output.strip():
+        raise UsageError(f"-o/--output is {a.output!r}: name the dataset directory to write")
     out = os.path.abspath(a.output)
-    _check_output(out, a.overwrite)
     for p in a.inputs:
         if not os.path.isfile(p):
             raise CliError(f"{p}: no such file" if not os.path.exists(p) else f"{p}: not a file")
+        if os.path.abspath(p) == out:
+            raise CliError(f"{p}: an input cannot be the --output")
     for p in a.inputs:
         if input_format(p, a.input_format) == "parquet":
             try:
                 import pyarrow  # noqa: F401
             except ImportError:
                 raise CliError("reading .parquet needs pyarrow: pip install 'llmio-native[pack]'") from None
-    show = not a.quiet and sys.stderr.isatty()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"{out}: exists and is not a directory (--output must be a directory)")
     total = sum(os.path.getsize(p) for p in a.inputs)
+    with _stop_signals_unwind():
+        fd, created = _lock_output(out)
+        own_tokenizer = not os.path.exists(os.path.join(out, "tokenizer.json"))
+        try:
+            _check_output(out, a.overwrite)
+            return _pack_locked(a, out, total, created, own_tokenizer)
+        finally:
+            with _signals_held():
+                _remove_if_empty(out, created)
+                if fd is not None:
+                    os.close(fd)
+
+
+def _pack_locked(a: argparse.Namespace, out: str, total: int, created: bool, own_tokenizer: bool) -> int:
+    import llmio_native as lio
+
+    show = not a.quiet and sys.stderr.isatty()
     workers = a.num_workers or _auto_workers(total)
     t0 = time.perf_counter()
-    created = not os.path.exists(out)
     with tempfile.TemporaryDirectory(prefix="llmio_pack_") as tmp:
         if a.train_bpe is not None:
             tok_path = os.path.join(tmp, "tokenizer.json")
@@ -706,7 +930,8 @@ def cmd_pack(a: argparse.Namespace) -> int:
             if eot is None:
                 raise CliError(f"the tokenizer has no {EOT!r} token: pass --eot-id ID (or --no-eot)")
             if eot > np.iinfo(dtype).max:
-                raise CliError(f"end-of-text id {eot} does not fit {dtype.name}: use --dtype uint32")
+                raise CliError(f"end-of-text id {eot} does not fit {dtype.name} (0..{np.iinfo(dtype).max})"
+                               + (": use --dtype uint32" if dtype != np.uint32 else ""))
         eot_arr = np.array([eot] if eot is not None else [], dtype=dtype)
         from tqdm import tqdm
 
@@ -735,10 +960,14 @@ def cmd_pack(a: argparse.Namespace) -> int:
             with contextlib.closing(encode_batches(tok, _batches(pieces, bsize), dtype, workers)) as stream:
                 write_documents(w, stream, eot_arr, bar.update)
             w.close()
-        except BaseException:
+        except BaseException as exc:
             if w is not None:
-                w.abort()
-                _remove_partial(out, created)
+                with _signals_held():
+                    w.abort()
+                    _remove_partial(out, created, own_tokenizer)
+            named = _write_error(exc, out) if w is not None else None
+            if named is not None:
+                raise named from None
             raise
         finally:
             bar.close()
@@ -921,9 +1150,22 @@ def _fmt_int(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
 
 
+@contextlib.contextmanager
+def _cli_dtype_hint() -> Iterator[None]:
+    """Errors of ``open_dataset`` that name its ``dtype=`` argument name ``--dtype`` instead."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        if "dtype='uint16' or 'uint32'" not in msg:
+            raise
+        raise CliError(msg.replace("dtype='uint16' or 'uint32'", "--dtype uint16 or --dtype uint32")) from None
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     """``llmio inspect``: print what :func:`inspect_dataset` finds."""
-    r = inspect_dataset(a.path, a.dtype, a.sample)
+    with _cli_dtype_hint():
+        r = inspect_dataset(a.path, a.dtype, a.sample)
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
@@ -969,7 +1211,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     """``llmio verify``: 0 when every chunk checks out, 1 with the bad chunks listed."""
     import llmio_native as lio
 
-    ds = lio.open_dataset(a.path, dtype=a.dtype)
+    with _cli_dtype_hint():
+        ds = lio.open_dataset(a.path, dtype=a.dtype)
     rep = ds.verify(progress=not a.quiet and not a.json and sys.stderr.isatty())
     if a.json:
         print(json.dumps({"path": os.path.abspath(a.path), "ok": rep.ok, "chunks_checked": rep.chunks_checked,
@@ -1032,8 +1275,9 @@ def cmd_bench(args: Sequence[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- arguments
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``lo``."""
+def _int_in(lo: int, hi: int | None = None, hi_text: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (``hi`` None: no upper bound);
+    ``hi_text`` spells ``hi`` in the message (e.g. "2^24")."""
 
     def parse(text: str) -> int:
         try:
@@ -1042,19 +1286,36 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi_text or hi}, got {v}")
         return v
 
     return parse
 
 
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo``."""
+    return _int_in(lo)
+
+
 _positive = _int_at_least(1)
-_nonnegative = _int_at_least(0)
+#: Most ids ``--train-bpe`` may ask for. Real vocabularies stay below 2^18; the tokenizers
+#: trainer allocates per requested id up front (2^24 ids: 0.3 GB peak on a small corpus;
+#: 10^9 aborted it in its allocator).
+MAX_TRAIN_VOCAB = 1 << 24
+#: Most ``--chunk-tokens`` (the writer's limit for 4-byte tokens: a chunk is at most 1 GiB).
+MAX_CHUNK_TOKENS = 1 << 28
+#: Most ``--num-workers`` (each is a process with its own copy of the tokenizer).
+MAX_WORKERS = 256
+_ZSTD_LEVELS = (-(1 << 17), 22)
 
 
 def _vocab(text: str) -> int:
-    v = _positive(text)
+    v = _int_in(1)(text)
     if v < 257:
         raise argparse.ArgumentTypeError(f"needs at least 257 (256 byte symbols + {EOT}), got {v}")
+    if v > MAX_TRAIN_VOCAB:
+        raise argparse.ArgumentTypeError(f"must be <= 2^24 = {MAX_TRAIN_VOCAB} ids, got {v}")
     return v
 
 
@@ -1071,12 +1332,15 @@ inputs (read in the order given; documents are written in that order):
 
 tokenizer: --tokenizer FILE loads a Hugging Face tokenizers tokenizer.json; --train-bpe N
   trains a byte-level BPE of N ids (ByteLevel pre-tokenizer and decoder, special token
-  {EOT}) on the inputs first. Either way the tokenizer is saved as OUT/tokenizer.json.
+  {EOT}) on the inputs first; N is 257 (256 bytes + the special token) .. 2^24 (the
+  trainer allocates per requested id; real vocabularies stay below 2^18), and a corpus
+  with fewer pairs to merge yields fewer ids. Either way the tokenizer is saved as OUT/tokenizer.json.
   Special tokens of the tokenizer's post-processor (BOS etc.) are not added. Text is
   tokenized in pieces of {PIECE_CHARS >> 10} Ki characters (tokenizers is fastest on short texts), cut
-  after a lone newline (else before a lone space) between non-blank characters: for
-  byte-level BPE tokenizers (GPT-2, GPT-4 style, Llama 3, --train-bpe; checked at start)
-  the ids equal those of one call on the whole document. Other tokenizers (SentencePiece
+  after a lone newline (else before a lone space) between non-blank characters, never
+  inside a run without whitespace (a longer run is one piece): for byte-level BPE
+  tokenizers (GPT-2, GPT-4 style, Llama 3, --train-bpe; checked at start) the ids equal
+  those of one call on the whole document. Other tokenizers (SentencePiece
   style, Metaspace) get whole documents, cut only beyond {LONG_PIECE_CHARS >> 20} Mi characters (with a note).
 
 output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id;
@@ -1086,16 +1350,26 @@ output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id
   on all cores: encode_batch in this process, or --num-workers processes; the output is
   the same byte for byte either way.
   OUT holding a dataset, or an unfinished one (no manifest.json), is refused unless
-  --overwrite (no resume); a failed or interrupted pack removes the shards it wrote.
+  --overwrite (no resume); a failed or interrupted pack (Ctrl-C, SIGTERM, SIGHUP) removes
+  the shards and temp files it wrote. OUT is locked (flock) while a pack writes it: a
+  second pack into the same OUT fails at once.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (with a pointer to
+    ``--help``) instead of the usage block; exit status 2 as usual."""
+
+    def error(self, message: str) -> Any:  # noqa: D102 (argparse's hook)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llmio`` (subcommands pack, inspect, verify, info, bench)."""
     import llmio_native as lio
 
-    ap = argparse.ArgumentParser(prog="llmio", description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="llmio", description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"llmio_native {lio.__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
@@ -1108,7 +1382,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", metavar="FILE", help="a Hugging Face tokenizers tokenizer.json")
     g.add_argument("--train-bpe", type=_vocab, metavar="VOCAB_SIZE",
-                   help="train a byte-level BPE with this many ids on the inputs first")
+                   help="train a byte-level BPE with this many ids (257 .. 2^24) on the inputs first; "
+                        "a corpus with fewer distinct pairs to merge gives fewer")
     p.add_argument("--field", default="text", help="JSONL field / Parquet column with the text (default: text)")
     p.add_argument("--doc-sep", choices=DOC_SEPS, default="file",
                    help="documents in text files: file (default), blank (blank-line separated), line")
@@ -1118,21 +1393,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk codec (default: zstd, about 2x smaller for BPE ids; rans: a token entropy "
                         "coder, within a few %% of the order-0 entropy and decodable on the GPU; none: raw "
                         "tokens, for the fastest reads and the loader's global shuffle)")
-    p.add_argument("--zstd-level", type=int, default=3, help="zstd level (default: 3)")
+    p.add_argument("--zstd-level", type=_int_in(*_ZSTD_LEVELS), default=3,
+                   help="zstd level, -131072 .. 22, negative for the fast modes (default: 3)")
     p.add_argument("--rans-model-tokens", type=_positive, default=1 << 24, metavar="N",
                    help="rans: tokens per frequency model (one model per group of chunks; default: 2^24)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="token dtype (default: auto, uint16 when the vocabulary fits)")
-    p.add_argument("--chunk-tokens", type=_positive, default=65536, help="tokens per chunk (default: 65536)")
+    p.add_argument("--chunk-tokens", type=_int_in(1, MAX_CHUNK_TOKENS, "2^28"), default=65536,
+                   help="tokens per chunk, 1 .. 2^28 (default: 65536)")
     p.add_argument("--shard-tokens", type=_positive, default=1 << 30,
                    help="tokens per shard, at most; shards end at document boundaries (default: 2^30)")
     e = p.add_mutually_exclusive_group()
-    e.add_argument("--eot-id", type=_nonnegative, metavar="ID",
-                   help=f"end-of-text id appended to each document (default: the tokenizer's {EOT})")
+    e.add_argument("--eot-id", type=_int_in(0, (1 << 32) - 1, "2^32 - 1 (the uint32 range)"), metavar="ID",
+                   help=f"end-of-text id appended to each document, 0 .. 2^32 - 1 (default: the tokenizer's {EOT})")
     e.add_argument("--no-eot", action="store_true", help="append no end-of-text token")
-    p.add_argument("--num-workers", type=_nonnegative, default=0, metavar="N",
+    p.add_argument("--num-workers", type=_int_in(0, MAX_WORKERS), default=0, metavar="N",
                    help="tokenizer processes: 1 = encode_batch in this process (on all cores), "
-                        "N > 1 = N worker processes, 0 = auto (1 below 16 MiB of input, else cores - 1)")
+                        "N > 1 = N worker processes (at most 256), 0 = auto (1 below 16 MiB of input, else cores - 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset or an unfinished one in OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
 
@@ -1167,7 +1444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 ok, 1 failure (one line on stderr), 2 usage error, 130 interrupted.
+        The exit status: 0 ok, 1 failure (one line on stderr), 2 usage error, 130 interrupted,
+        143 / 129 terminated by SIGTERM / SIGHUP (pack cleans up first).
         Usage errors, ``--help`` and ``--version`` return too (no ``SystemExit``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1179,8 +1457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             a = ap.parse_args(argv)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-        if a.cmd == "pack" and a.chunk_tokens > (1 << 28):
-            ap.error("--chunk-tokens must be at most 2^28")
         return {"pack": cmd_pack, "inspect": cmd_inspect, "verify": cmd_verify, "info": cmd_info}[a.cmd](a)
     except UsageError as exc:
         print(f"llmio: error: {exc}", file=sys.stderr)
@@ -1197,6 +1473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmio: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"llmio: terminated ({name})", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
         from .errors import UnsupportedError
 
