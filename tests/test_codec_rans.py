@@ -326,14 +326,66 @@ def test_kernel_emulation_flags_only_the_corrupt_chunk():
         R.check_status(np.array([0, 3, 0]), ["a", "shard-x chunk 1", "c"])
 
 
+def _two_chunk_batch():
+    """Two aligned payloads of one model in one source buffer, and their tables."""
+    m = _core.RansModel.build([np.arange(100, dtype=np.uint16)], 2)
+    t0, t1 = np.arange(10, dtype=np.uint16), np.arange(40, 100, dtype=np.uint16)
+    p0, p1 = m.encode(t0), m.encode(t1)
+    off1 = -(-len(p0) // 4) * 4
+    src = np.zeros(off1 + len(p1), np.uint8)
+    src[:len(p0)] = np.frombuffer(p0, np.uint8)
+    src[off1:] = np.frombuffer(p1, np.uint8)
+    chunks, blocks = R.descriptors([0, off1], [len(p0), len(p1)], [10, 60], [0, 0])
+    return m, src, chunks, blocks, np.concatenate([t0, t1])
+
+
 def test_kernel_emulation_rejects_descriptors_outside_buffers():
-    m = _core.RansModel.build([np.arange(10, dtype=np.uint16)], 2)
-    enc = np.frombuffer(m.encode(np.arange(10, dtype=np.uint16)), np.uint8)
-    chunks, blocks = R.descriptors([0], [len(enc) + 4], [10], [0])
-    with pytest.raises(ValueError, match="outside src or out"):
-        R.emulate(enc, chunks, blocks, [m], np.zeros(10, np.uint16))
+    """The descriptor check (rans::check_descriptors, shared with the CUDA binding) names
+    the chunk and the value, before anything is decoded."""
+    m, src, chunks, blocks, ref = _two_chunk_batch()
+    out = np.zeros(len(ref), np.uint16)
+    assert R.emulate(src, chunks, blocks, [m], out).tolist() == [0, 0]
+    np.testing.assert_array_equal(out, ref)
+    n = len(src)
+    cases = [
+        ("src_bytes", 1, int(chunks["src_bytes"][1]) + 4,
+         rf"chunk 1: source range \[{int(chunks['src_offset'][1])}, \+{int(chunks['src_bytes'][1]) + 4}\) "
+         rf"lies outside src \({n} bytes\)"),
+        ("src_offset", 0, 1 << 63, rf"chunk 0: source range \[{1 << 63}, .*outside src"),  # no wrap-around
+        ("src_bytes", 0, (1 << 64) - 1, r"chunk 0: source range \[0, \+18446744073709551615\) lies outside src"),
+        ("model", 1, 3, r"chunk 1: model index 3 out of range \(1 model image\(s\)\)"),
+        ("out_offset", 1, 11, rf"chunk 1: output range \[11, \+60\) lies outside out \({len(ref)} tokens\)"),
+        ("num_tokens", 0, 71, rf"chunk 0: output range \[0, \+71\) lies outside out \({len(ref)} tokens\)"),
+    ]
+    for field, chunk, value, msg in cases:
+        bad = chunks.copy()
+        bad[field][chunk] = value
+        with pytest.raises(ValueError, match=msg):
+            R.emulate(src, bad, blocks, [m], out)
+    bad_blocks = blocks.copy()
+    bad_blocks["chunk"][0] = 2
+    with pytest.raises(ValueError, match=r"block 0: chunk index 2 out of range \(2 chunk\(s\)\)"):
+        R.emulate(src, chunks, bad_blocks, [m], out)
+    bad_blocks = blocks.copy()
+    bad_blocks["block"][1] = 1
+    with pytest.raises(ValueError, match=r"block 1: block 1 of chunk 1, which has 1 block\(s\)"):
+        R.emulate(src, chunks, bad_blocks, [m], out)
     with pytest.raises(ValueError, match="4-byte aligned"):
-        R.descriptors([2], [len(enc)], [10], [0])
+        R.descriptors([2], [len(src)], [10], [0])
+
+
+def test_kernel_emulation_reports_a_misaligned_source_with_its_address():
+    """A payload whose address is not 4-byte aligned was reported as status 1 ("header
+    inconsistent") by the kernel; the descriptor check names it, with the address."""
+    m, src, chunks, blocks, ref = _two_chunk_batch()
+    buf = np.zeros(len(src) + 8, np.uint8)
+    shifted = buf[1:1 + len(src)]  # same bytes, one byte past an aligned address
+    shifted[:] = src
+    addr = shifted.__array_interface__["data"][0]
+    assert addr % 4 == 1
+    with pytest.raises(ValueError, match=rf"chunk 0: misaligned source: payload at address {addr:#x} "
+                                         rf"\(src {addr:#x} \+ offset 0\) is not 4-byte aligned"):
+        R.emulate(shifted, chunks, blocks, [m], np.zeros(len(ref), np.uint16))
 
 
 # ------------------------------------------------------------------------------- datasets
