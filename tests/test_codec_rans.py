@@ -514,8 +514,8 @@ def test_rans_dataset_pickles_without_models(tmp_path):
 
 # ------------------------------------------------------------------------------- GPU
 cuda_ok = pytest.mark.skipif(
-    not (lio._native._cuda is not None and __import__("torch").cuda.is_available()),
-    reason="needs a CUDA GPU and llmio_native._cuda")
+    not (lio._native.cuda_usable()[0] and __import__("torch").cuda.is_available()),
+    reason="needs a CUDA GPU that llmio_native._cuda can use: " + lio._native.cuda_usable()[1])
 
 
 @pytest.mark.cuda
@@ -548,3 +548,54 @@ def test_gpu_decode_bit_exact_on_a_side_stream(dtype):
     side.synchronize()
     st = status.cpu().numpy()
     assert st[2] != 0 and (np.delete(st, 2) == 0).all()
+
+
+@pytest.mark.cuda
+@cuda_ok
+def test_gpu_decode_on_the_default_stream():
+    """torch's default stream is handle 0: the binding used to refuse it."""
+    import torch
+
+    rng = np.random.default_rng(9)
+    src, chunks, blocks, models, toks = _batch(rng, [(lambda r: [zipf(r, n, 50257) for n in (B + 5, 77)], 0)])
+    ref = np.concatenate(toks)
+    dec = R.GpuDecoder("cuda")
+    default = torch.cuda.default_stream()
+    assert default.cuda_stream == 0
+    with torch.cuda.stream(default):
+        out = torch.zeros(len(ref), dtype=torch.int16, device="cuda")
+        status = dec.decode(torch.from_numpy(src).cuda(), chunks, blocks, models, out)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [0, 0]
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)
+
+
+@pytest.mark.cuda
+@cuda_ok
+def test_gpu_decode_refuses_bad_descriptors_and_the_context_survives():
+    import torch
+
+    rng = np.random.default_rng(10)
+    src, chunks, blocks, models, toks = _batch(rng, [(lambda r: [zipf(r, n, 2000) for n in (900, 5000)], 0)])
+    ref = np.concatenate(toks)
+    dec = R.GpuDecoder("cuda")
+    dsrc = torch.from_numpy(src).cuda()
+    out = torch.zeros(len(ref), dtype=torch.int16, device="cuda")
+    for field, value, msg in [("src_bytes", len(src) + 1, r"chunk 1: source range .* lies outside src"),
+                              ("model", 5, r"chunk 1: model index 5 out of range"),
+                              ("out_offset", len(ref), r"chunk 1: output range .* lies outside out")]:
+        bad = chunks.copy()
+        bad[field][1] = value
+        with pytest.raises(ValueError, match=msg):
+            dec.decode(dsrc, bad, blocks, models, out)
+    with pytest.raises(ValueError, match=r"misaligned source: payload at address"):
+        dec.decode(torch.from_numpy(np.concatenate([[0], src]).astype(np.uint8)).cuda()[1:], chunks, blocks,
+                   models, out)
+    with pytest.raises(ValueError, match=r"src must be a tensor on cuda"):
+        dec.decode(torch.from_numpy(src), chunks, blocks, models, out)
+    with pytest.raises(ValueError, match=r"model 0 is for 2-byte tokens, out has 4-byte elements"):
+        dec.decode(dsrc, chunks, blocks, models, out.view(torch.int32)[: len(ref) // 2])
+    status = dec.decode(dsrc, chunks, blocks, models, out)  # the context is fine
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [0, 0]
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)
