@@ -150,3 +150,11 @@ def test_info_cuda_driver_required_and_found(monkeypatch, runtime, need, found, 
     assert c["usable"] is False and c["reason"] == "sees no device (test)"
     if found == "535.104.05" and runtime == 13000:  # the H100-cluster case of issue 16
         assert c["driver_ok"] is False
+
+
+@pytest.mark.skipif(_cuda is not None, reason="llmio_native._cuda is built here")
+def test_info_cuda_reason_when_not_built():
+    c = lio.info()["cuda"]
+    assert c["built"] is False and c["usable"] is False and c["device_count"] == 0
+    assert c["reason"] == "llmio_native._cuda was not built (no CUDA compiler at build time, or LLMIO_CUDA=OFF)"
+    assert c["runtime"] is None and c["driver_required"] is None

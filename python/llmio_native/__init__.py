@@ -94,7 +94,13 @@ def info() -> dict[str, Any]:
     usable, why = _native.cuda_usable()
     cuda["usable"] = usable
     if _cuda is None:
-        cuda["reason"] = CUDA_IMPORT_ERROR or "built without a CUDA compiler"
+        import glob
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not glob.glob(os.path.join(here, "_cuda*.so")):  # not built: the import error says nothing useful
+            cuda["reason"] = "llmio_native._cuda was not built (no CUDA compiler at build time, or LLMIO_CUDA=OFF)"
+        else:
+            cuda["reason"] = f"llmio_native._cuda failed to import: {CUDA_IMPORT_ERROR}"
         cuda["device_count"] = 0
         cuda["runtime"] = cuda["driver_required"] = None
     else:
