@@ -78,7 +78,9 @@ def emulate(src: np.ndarray, chunks: np.ndarray, blocks: np.ndarray, models: Seq
     """Run the GPU decoder's logic on the host; returns the per-chunk status codes.
 
     Raises:
-        ValueError: a descriptor points outside ``src`` or ``out``.
+        ValueError: a descriptor points outside ``src`` or ``out``, names a missing model or
+            chunk, or a payload's address is not 4-byte aligned (``rans::check_descriptors``,
+            the check the CUDA binding makes; the message names the chunk and the value).
     """
     images = [m.device_image() for m in models]
     return _core.rans_emulate_gpu(np.ascontiguousarray(src, dtype=np.uint8), chunks, blocks, images, out)
