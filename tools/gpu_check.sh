@@ -115,7 +115,8 @@ if [ -n "$GPU_WHY" ]; then
   for s in "${GPU_STEPS[@]}"; do record "$s" "skipped ($GPU_WHY)" 0; done
 else
   GPU_RAN=1
-  SAN=(compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20)
+  # No caching allocator under memcheck: an overrun into a cached neighbour would go unseen.
+  SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20)
   command -v compute-sanitizer >/dev/null 2>&1 || SAN=()
   run_step pytest_cuda 150 pytest_ran "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
   if [ ${#SAN[@]} -eq 0 ]; then
