@@ -326,14 +326,66 @@ def test_kernel_emulation_flags_only_the_corrupt_chunk():
         R.check_status(np.array([0, 3, 0]), ["a", "shard-x chunk 1", "c"])
 
 
+def _two_chunk_batch():
+    """Two aligned payloads of one model in one source buffer, and their tables."""
+    m = _core.RansModel.build([np.arange(100, dtype=np.uint16)], 2)
+    t0, t1 = np.arange(10, dtype=np.uint16), np.arange(40, 100, dtype=np.uint16)
+    p0, p1 = m.encode(t0), m.encode(t1)
+    off1 = -(-len(p0) // 4) * 4
+    src = np.zeros(off1 + len(p1), np.uint8)
+    src[:len(p0)] = np.frombuffer(p0, np.uint8)
+    src[off1:] = np.frombuffer(p1, np.uint8)
+    chunks, blocks = R.descriptors([0, off1], [len(p0), len(p1)], [10, 60], [0, 0])
+    return m, src, chunks, blocks, np.concatenate([t0, t1])
+
+
 def test_kernel_emulation_rejects_descriptors_outside_buffers():
-    m = _core.RansModel.build([np.arange(10, dtype=np.uint16)], 2)
-    enc = np.frombuffer(m.encode(np.arange(10, dtype=np.uint16)), np.uint8)
-    chunks, blocks = R.descriptors([0], [len(enc) + 4], [10], [0])
-    with pytest.raises(ValueError, match="outside src or out"):
-        R.emulate(enc, chunks, blocks, [m], np.zeros(10, np.uint16))
+    """The descriptor check (rans::check_descriptors, shared with the CUDA binding) names
+    the chunk and the value, before anything is decoded."""
+    m, src, chunks, blocks, ref = _two_chunk_batch()
+    out = np.zeros(len(ref), np.uint16)
+    assert R.emulate(src, chunks, blocks, [m], out).tolist() == [0, 0]
+    np.testing.assert_array_equal(out, ref)
+    n = len(src)
+    cases = [
+        ("src_bytes", 1, int(chunks["src_bytes"][1]) + 4,
+         rf"chunk 1: source range \[{int(chunks['src_offset'][1])}, \+{int(chunks['src_bytes'][1]) + 4}\) "
+         rf"lies outside src \({n} bytes\)"),
+        ("src_offset", 0, 1 << 63, rf"chunk 0: source range \[{1 << 63}, .*outside src"),  # no wrap-around
+        ("src_bytes", 0, (1 << 64) - 1, r"chunk 0: source range \[0, \+18446744073709551615\) lies outside src"),
+        ("model", 1, 3, r"chunk 1: model index 3 out of range \(1 model image\(s\)\)"),
+        ("out_offset", 1, 11, rf"chunk 1: output range \[11, \+60\) lies outside out \({len(ref)} tokens\)"),
+        ("num_tokens", 0, 71, rf"chunk 0: output range \[0, \+71\) lies outside out \({len(ref)} tokens\)"),
+    ]
+    for field, chunk, value, msg in cases:
+        bad = chunks.copy()
+        bad[field][chunk] = value
+        with pytest.raises(ValueError, match=msg):
+            R.emulate(src, bad, blocks, [m], out)
+    bad_blocks = blocks.copy()
+    bad_blocks["chunk"][0] = 2
+    with pytest.raises(ValueError, match=r"block 0: chunk index 2 out of range \(2 chunk\(s\)\)"):
+        R.emulate(src, chunks, bad_blocks, [m], out)
+    bad_blocks = blocks.copy()
+    bad_blocks["block"][1] = 1
+    with pytest.raises(ValueError, match=r"block 1: block 1 of chunk 1, which has 1 block\(s\)"):
+        R.emulate(src, chunks, bad_blocks, [m], out)
     with pytest.raises(ValueError, match="4-byte aligned"):
-        R.descriptors([2], [len(enc)], [10], [0])
+        R.descriptors([2], [len(src)], [10], [0])
+
+
+def test_kernel_emulation_reports_a_misaligned_source_with_its_address():
+    """A payload whose address is not 4-byte aligned was reported as status 1 ("header
+    inconsistent") by the kernel; the descriptor check names it, with the address."""
+    m, src, chunks, blocks, ref = _two_chunk_batch()
+    buf = np.zeros(len(src) + 8, np.uint8)
+    shifted = buf[1:1 + len(src)]  # same bytes, one byte past an aligned address
+    shifted[:] = src
+    addr = shifted.__array_interface__["data"][0]
+    assert addr % 4 == 1
+    with pytest.raises(ValueError, match=rf"chunk 0: misaligned source: payload at address {addr:#x} "
+                                         rf"\(src {addr:#x} \+ offset 0\) is not 4-byte aligned"):
+        R.emulate(shifted, chunks, blocks, [m], np.zeros(len(ref), np.uint16))
 
 
 # ------------------------------------------------------------------------------- datasets
@@ -462,8 +514,8 @@ def test_rans_dataset_pickles_without_models(tmp_path):
 
 # ------------------------------------------------------------------------------- GPU
 cuda_ok = pytest.mark.skipif(
-    not (lio._native._cuda is not None and __import__("torch").cuda.is_available()),
-    reason="needs a CUDA GPU and llmio_native._cuda")
+    not (lio._native.cuda_usable()[0] and __import__("torch").cuda.is_available()),
+    reason="needs a CUDA GPU that llmio_native._cuda can use: " + lio._native.cuda_usable()[1])
 
 
 @pytest.mark.cuda
@@ -496,3 +548,54 @@ def test_gpu_decode_bit_exact_on_a_side_stream(dtype):
     side.synchronize()
     st = status.cpu().numpy()
     assert st[2] != 0 and (np.delete(st, 2) == 0).all()
+
+
+@pytest.mark.cuda
+@cuda_ok
+def test_gpu_decode_on_the_default_stream():
+    """torch's default stream is handle 0: the binding used to refuse it."""
+    import torch
+
+    rng = np.random.default_rng(9)
+    src, chunks, blocks, models, toks = _batch(rng, [(lambda r: [zipf(r, n, 50257) for n in (B + 5, 77)], 0)])
+    ref = np.concatenate(toks)
+    dec = R.GpuDecoder("cuda")
+    default = torch.cuda.default_stream()
+    assert default.cuda_stream == 0
+    with torch.cuda.stream(default):
+        out = torch.zeros(len(ref), dtype=torch.int16, device="cuda")
+        status = dec.decode(torch.from_numpy(src).cuda(), chunks, blocks, models, out)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [0, 0]
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)
+
+
+@pytest.mark.cuda
+@cuda_ok
+def test_gpu_decode_refuses_bad_descriptors_and_the_context_survives():
+    import torch
+
+    rng = np.random.default_rng(10)
+    src, chunks, blocks, models, toks = _batch(rng, [(lambda r: [zipf(r, n, 2000) for n in (900, 5000)], 0)])
+    ref = np.concatenate(toks)
+    dec = R.GpuDecoder("cuda")
+    dsrc = torch.from_numpy(src).cuda()
+    out = torch.zeros(len(ref), dtype=torch.int16, device="cuda")
+    for field, value, msg in [("src_bytes", len(src) + 1, r"chunk 1: source range .* lies outside src"),
+                              ("model", 5, r"chunk 1: model index 5 out of range"),
+                              ("out_offset", len(ref), r"chunk 1: output range .* lies outside out")]:
+        bad = chunks.copy()
+        bad[field][1] = value
+        with pytest.raises(ValueError, match=msg):
+            dec.decode(dsrc, bad, blocks, models, out)
+    with pytest.raises(ValueError, match=r"misaligned source: payload at address"):
+        dec.decode(torch.from_numpy(np.concatenate([[0], src]).astype(np.uint8)).cuda()[1:], chunks, blocks,
+                   models, out)
+    with pytest.raises(ValueError, match=r"src must be a tensor on cuda"):
+        dec.decode(torch.from_numpy(src), chunks, blocks, models, out)
+    with pytest.raises(ValueError, match=r"model 0 is for 2-byte tokens, out has 4-byte elements"):
+        dec.decode(dsrc, chunks, blocks, models, out.view(torch.int32)[: len(ref) // 2])
+    status = dec.decode(dsrc, chunks, blocks, models, out)  # the context is fine
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [0, 0]
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "codec/rans.hpp"
+#include "codec/rans_check.hpp"
 
 namespace py = pybind11;
 using llmio::rans::Model;
@@ -143,13 +144,9 @@ void bind_rans(py::module_& m) {
         Tokens t = tokens_of(oi, "rans_emulate_gpu");
         std::vector<const uint32_t*> imgs;
         for (auto& a : images) imgs.push_back(a.data());
-        // The kernel trusts the host for these (it computed them); check them here too.
-        for (size_t i = 0; i < nc; ++i) {
-          if (cd[i].model >= imgs.size()) throw std::invalid_argument("rans_emulate_gpu: model index out of range");
-          if (cd[i].src_offset + cd[i].src_bytes > static_cast<uint64_t>(src.size()) ||
-              cd[i].out_offset + cd[i].num_tokens > t.n)
-            throw std::invalid_argument("rans_emulate_gpu: chunk " + std::to_string(i) + " outside src or out");
-        }
+        // The kernel trusts the host for these; the CUDA binding makes the same check.
+        llmio::rans::check_descriptors(reinterpret_cast<uintptr_t>(src.data()), static_cast<uint64_t>(src.size()), cd,
+                                       nc, bd, nb, imgs.size(), static_cast<uint64_t>(t.n));
         py::array_t<int32_t> status(static_cast<py::ssize_t>(nc));
         std::fill(status.mutable_data(), status.mutable_data() + nc, 0);
         int32_t* sp = status.mutable_data();

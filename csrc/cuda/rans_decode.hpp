@@ -24,8 +24,10 @@ struct RansDecodeParams {
   int32_t* status;                    // device: [num_chunks], zeroed by the caller; rans::Status codes
 };
 
-// Launches on `stream` (a cudaStream_t as an integer; 0 is refused by the
-// bindings). Returns a cudaError_t value (0 on success).
+// Launches on `stream` (a cudaStream_t as an integer; 0 is the legacy default
+// stream, which torch uses by default). The descriptors must have passed
+// rans::check_descriptors (codec/rans_check.hpp): no host-side checks here.
+// Returns a cudaError_t value (0 on success).
 int launch_rans_decode(const RansDecodeParams& p, uintptr_t stream);
 
 }  // namespace llmio

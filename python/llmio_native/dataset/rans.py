@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import _native
 from .._native import _core, _cuda
 from ..errors import FormatError
 
@@ -77,7 +78,9 @@ def emulate(src: np.ndarray, chunks: np.ndarray, blocks: np.ndarray, models: Seq
     """Run the GPU decoder's logic on the host; returns the per-chunk status codes.
 
     Raises:
-        ValueError: a descriptor points outside ``src`` or ``out``.
+        ValueError: a descriptor points outside ``src`` or ``out``, names a missing model or
+            chunk, or a payload's address is not 4-byte aligned (``rans::check_descriptors``,
+            the check the CUDA binding makes; the message names the chunk and the value).
     """
     images = [m.device_image() for m in models]
     return _core.rans_emulate_gpu(np.ascontiguousarray(src, dtype=np.uint8), chunks, blocks, images, out)
@@ -110,7 +113,9 @@ class GpuDecoder:
         device: the CUDA device (a ``torch.device`` or string).
 
     Raises:
-        UnsupportedError: ``llmio_native._cuda`` is not built or no GPU is usable.
+        UnsupportedError: ``llmio_native._cuda`` is not built, or it sees no usable device
+            (e.g. the NVIDIA driver is older than the CUDA runtime it was built with needs,
+            even where torch itself sees a GPU); the message says why.
     """
 
     def __init__(self, device: Any) -> None:
@@ -118,9 +123,16 @@ class GpuDecoder:
 
         from ..errors import UnsupportedError
 
-        if _cuda is None or not torch.cuda.is_available():
-            raise UnsupportedError("rans GPU decoder: llmio_native._cuda is not built or no CUDA GPU is usable")
+        usable, why = _native.cuda_usable()
+        if not usable:
+            raise UnsupportedError(f"rans GPU decoder: {why}")
+        if not torch.cuda.is_available():
+            raise UnsupportedError("rans GPU decoder: torch sees no CUDA GPU (torch.cuda.is_available() is False)")
         self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise UnsupportedError(f"rans GPU decoder: device must be a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._images: dict[int, Any] = {}  # id(model) -> (model, device tensor)
 
     def image_ptr(self, model: Any) -> int:
@@ -135,19 +147,46 @@ class GpuDecoder:
 
     def decode(self, src: Any, chunks: np.ndarray, blocks: np.ndarray, models: Sequence[Any], out: Any,
                stream: Any = None) -> Any:
-        """Decode on ``stream`` (default: the current stream) into ``out`` (a device tensor
-        of int16/int32 viewed as the token type). Returns the device status tensor; nothing
-        synchronises here: check it with :func:`check_status` after the stream is done.
+        """Decode on ``stream`` (default: the current stream; torch's default stream is fine)
+        into ``out`` (a device tensor of int16/int32 viewed as the token type). Returns the
+        device status tensor; nothing synchronises here: check it with :func:`check_status`
+        after the stream is done.
+
+        Args:
+            src: contiguous uint8 device tensor holding the payloads (``chunks["src_offset"]``
+                is relative to its first byte; each payload 4-byte aligned in memory).
+            chunks: :data:`CHUNK_DESC` table (host).
+            blocks: :data:`BLOCK_DESC` table (host).
+            models: the models the chunks' ``model`` field indexes.
+            out: contiguous 2- or 4-byte device tensor receiving the tokens.
+            stream: a ``torch.cuda.Stream`` on the decoder's device, or None.
 
         Raises:
-            ValueError: ``out`` too small for the chunks.
+            ValueError: a tensor is not on the decoder's device or not contiguous, ``out``'s
+                element size differs from the models' token size, or a descriptor lies outside
+                ``src``/``out``, names a missing model or a misaligned payload (the message names
+                the chunk and the value; checked before anything is launched).
+            CudaError: the launch failed.
         """
         import torch
 
+        for name, t in (("src", src), ("out", out)):
+            if not isinstance(t, torch.Tensor) or t.device != self.device:
+                where = t.device if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"rans GpuDecoder: {name} must be a tensor on {self.device}, got {where}")
+            if not t.is_contiguous():
+                raise ValueError(f"rans GpuDecoder: {name} must be contiguous")
         if stream is None:
             stream = torch.cuda.current_stream(self.device)
-        if len(chunks) and int((chunks["out_offset"] + chunks["num_tokens"]).max()) > out.numel():
-            raise ValueError("rans GpuDecoder: out is too small for the chunks")
+        elif stream.device != self.device:
+            raise ValueError(f"rans GpuDecoder: stream is on {stream.device}, the decoder on {self.device}")
+        tb = out.element_size()
+        for i, m in enumerate(models):
+            if int(m.token_bytes) != tb:
+                raise ValueError(f"rans GpuDecoder: model {i} is for {m.token_bytes}-byte tokens, "
+                                 f"out has {tb}-byte elements")
+        chunks = np.ascontiguousarray(chunks, dtype=CHUNK_DESC)
+        blocks = np.ascontiguousarray(blocks, dtype=BLOCK_DESC)
         with torch.cuda.stream(stream):
             ptrs = torch.tensor([self.image_ptr(m) for m in models] or [0], dtype=torch.int64)
             ptrs = ptrs.pin_memory().to(self.device, non_blocking=True)
@@ -155,8 +194,9 @@ class GpuDecoder:
             bd = torch.from_numpy(blocks.view(np.uint8)).pin_memory().to(self.device, non_blocking=True)
             status = torch.zeros(max(1, len(chunks)), dtype=torch.int32, device=self.device)
             _cuda.rans_decode(src.data_ptr(), cd.data_ptr(), len(chunks), bd.data_ptr(), len(blocks),
-                              ptrs.data_ptr(), out.data_ptr(), out.element_size(), status.data_ptr(),
-                              stream.cuda_stream)
+                              ptrs.data_ptr(), out.data_ptr(), tb, status.data_ptr(), stream.cuda_stream,
+                              src_nbytes=src.numel() * src.element_size(), chunks_host=chunks,
+                              blocks_host=blocks, num_images=len(models), out_tokens=out.numel())
             for t in (ptrs, cd, bd):
                 t.record_stream(stream)
         return status[: len(chunks)]

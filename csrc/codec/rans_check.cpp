@@ -1,0 +1,54 @@
+#include "codec/rans_check.hpp"
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+namespace llmio {
+namespace rans {
+namespace {
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("rans decode: " + what); }
+
+}  // namespace
+
+void check_descriptors(uintptr_t src_addr, uint64_t src_nbytes, const ChunkDesc* chunks, size_t num_chunks,
+                       const BlockDesc* blocks, size_t num_blocks, size_t num_images, uint64_t out_tokens) {
+  for (size_t i = 0; i < num_chunks; ++i) {
+    const ChunkDesc& c = chunks[i];
+    const std::string chunk = "chunk " + std::to_string(i) + ": ";
+    // Written so that no sum can wrap around (offsets come from files).
+    if (c.src_offset > src_nbytes || c.src_bytes > src_nbytes - c.src_offset)
+      bad(chunk + "source range [" + std::to_string(c.src_offset) + ", +" + std::to_string(c.src_bytes) +
+          ") lies outside src (" + std::to_string(src_nbytes) + " bytes)");
+    const uint64_t addr = static_cast<uint64_t>(src_addr) + c.src_offset;
+    if (addr & 3)
+      bad(chunk + "misaligned source: payload at address " + hex(addr) + " (src " + hex(src_addr) + " + offset " +
+          std::to_string(c.src_offset) + ") is not 4-byte aligned");
+    if (c.model >= num_images)
+      bad(chunk + "model index " + std::to_string(c.model) + " out of range (" + std::to_string(num_images) +
+          " model image(s))");
+    if (c.out_offset > out_tokens || c.num_tokens > out_tokens - c.out_offset)
+      bad(chunk + "output range [" + std::to_string(c.out_offset) + ", +" + std::to_string(c.num_tokens) +
+          ") lies outside out (" + std::to_string(out_tokens) + " tokens)");
+  }
+  for (size_t j = 0; j < num_blocks; ++j) {
+    const BlockDesc& b = blocks[j];
+    if (b.chunk >= num_chunks)
+      bad("block " + std::to_string(j) + ": chunk index " + std::to_string(b.chunk) + " out of range (" +
+          std::to_string(num_chunks) + " chunk(s))");
+    const uint32_t nb = num_blocks_for(chunks[b.chunk].num_tokens);
+    if (b.block >= nb)
+      bad("block " + std::to_string(j) + ": block " + std::to_string(b.block) + " of chunk " +
+          std::to_string(b.chunk) + ", which has " + std::to_string(nb) + " block(s)");
+  }
+}
+
+}  // namespace rans
+}  // namespace llmio
