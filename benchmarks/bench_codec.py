@@ -353,7 +353,9 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
 
     def kernel() -> None:
         _cuda.rans_decode(dsrc.data_ptr(), dcd.data_ptr(), len(cd), dbd.data_ptr(), len(bd), ptrs.data_ptr(),
-                          out.data_ptr(), out.element_size(), st.data_ptr(), stream.cuda_stream)
+                          out.data_ptr(), out.element_size(), st.data_ptr(), stream.cuda_stream,
+                          src_nbytes=dsrc.numel(), chunks_host=cd, blocks_host=bd, num_images=len(enc.models),
+                          out_tokens=out.numel())
 
     s_kernel = cuda_time(kernel, repeats)
     torch.cuda.synchronize()

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 from . import _core  # noqa: F401  (a broken build should fail loudly at import)
 
-try:  # built only where nvcc was found; imports without a GPU (static cudart)
-    from . import _cuda  # type: ignore[attr-defined]
-    CUDA_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build machine
+import importlib.util
+
+CUDA_IMPORT_ERROR: str | None = None
+if importlib.util.find_spec(f"{__package__}._cuda") is None:  # built only where nvcc was found
     _cuda = None
-    CUDA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    CUDA_IMPORT_ERROR = "this build has no CUDA module (no nvcc at build time, or LLMIO_CUDA=OFF)"
+else:
+    try:  # imports without a GPU (static cudart)
+        from . import _cuda  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - depends on the build machine
+        _cuda = None
+        CUDA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _CUDA_GATE: tuple[bool, str] | None = None
 _CUDA_WARNED: set[str] = set()
