@@ -182,7 +182,7 @@ class PinnedRing:
         if pin is not False and not cpu_device:
             rt = _cuda_runtime()
             if rt is None and pin:
-                self._ring.close()
+                self._drop_ring()
                 raise UnsupportedError("PinnedRing(pin=True) needs CUDA, and torch.cuda is not available")
             if rt is not None:
                 try:
@@ -196,9 +196,15 @@ class PinnedRing:
                                     "cudaHostRegister", self._ring.arena_ptr, self._ring.arena_bytes,
                                     CUDA_HOST_REGISTER_PORTABLE)
                 except BaseException:
-                    self._ring.close()
+                    self._drop_ring()
                     raise
                 self._cudart = rt
+
+    def _drop_ring(self) -> None:
+        """Close the native ring and drop it, so that the arena is unmapped now rather
+        than when the constructor's exception (whose traceback holds ``self``) dies."""
+        self._ring.close()
+        del self._ring
 
     # -- producer side -------------------------------------------------------------
     def required_bytes(self, requests: Sequence[tuple[int, int, int]], packed: bool = False) -> int:
@@ -262,6 +268,8 @@ class PinnedRing:
         if os.getpid() != self._pid:
             self._pending_release = []
             self._cudart = None
+            return
+        if getattr(self, "_ring", None) is None:  # the constructor failed
             return
         for slot, event in self._pending_release:
             event.synchronize()
