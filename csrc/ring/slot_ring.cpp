@@ -137,29 +137,31 @@ void SlotRing::producer() {
     lk.unlock();
 
     auto t0 = std::chrono::steady_clock::now();
-    uint8_t* base = slot_ptr(slot);
-    rr.clear();
-    for (size_t k = 0; k < job.reqs.size(); ++k) {
-      ReadRequest q;
-      q.file = job.reqs[k].file;
-      q.offset = job.reqs[k].offset;
-      q.nbytes = job.reqs[k].nbytes;
-      q.dst = base + job.offsets[k];
-      // Slack up to the neighbouring alignment boundaries (aligned layout).
-      const uint64_t A = reader_->alignment(q.file);
-      const uint64_t lo = job.offsets[k] - job.offsets[k] % A;
-      const uint64_t hi = std::min<uint64_t>(align_up(job.offsets[k] + q.nbytes, A), slot_bytes_);
-      const uint64_t prev_end = k ? job.offsets[k - 1] + job.reqs[k - 1].nbytes : 0;
-      const uint64_t next_start = k + 1 < job.reqs.size() ? job.offsets[k + 1] : slot_bytes_;
-      // Never scribble over a neighbour's bytes (packed layout shares blocks).
-      const uint64_t lo_ok = std::max(lo, prev_end);
-      const uint64_t hi_ok = std::min(hi, next_start);
-      q.slack_before = static_cast<uint32_t>(job.offsets[k] - std::min(lo_ok, job.offsets[k]));
-      q.slack_after = static_cast<uint32_t>(hi_ok > job.offsets[k] + q.nbytes ? hi_ok - job.offsets[k] - q.nbytes : 0);
-      rr.push_back(q);
-    }
     CapturedError err;
+    // Everything between taking the job and handing it back runs inside the try:
+    // an exception escaping a thread function would call std::terminate.
     try {
+      uint8_t* base = slot_ptr(slot);
+      rr.clear();
+      for (size_t k = 0; k < job.reqs.size(); ++k) {
+        ReadRequest q;
+        q.file = job.reqs[k].file;
+        q.offset = job.reqs[k].offset;
+        q.nbytes = job.reqs[k].nbytes;
+        q.dst = base + job.offsets[k];
+        // Slack up to the neighbouring alignment boundaries (aligned layout).
+        const uint64_t A = reader_->alignment(q.file);
+        const uint64_t lo = job.offsets[k] - job.offsets[k] % A;
+        const uint64_t hi = std::min<uint64_t>(align_up(job.offsets[k] + q.nbytes, A), slot_bytes_);
+        const uint64_t prev_end = k ? job.offsets[k - 1] + job.reqs[k - 1].nbytes : 0;
+        const uint64_t next_start = k + 1 < job.reqs.size() ? job.offsets[k + 1] : slot_bytes_;
+        // Never scribble over a neighbour's bytes (packed layout shares blocks).
+        const uint64_t lo_ok = std::max(lo, prev_end);
+        const uint64_t hi_ok = std::min(hi, next_start);
+        q.slack_before = static_cast<uint32_t>(job.offsets[k] - std::min(lo_ok, job.offsets[k]));
+        q.slack_after = static_cast<uint32_t>(hi_ok > job.offsets[k] + q.nbytes ? hi_ok - job.offsets[k] - q.nbytes : 0);
+        rr.push_back(q);
+      }
       reader_->read_batch(rr.data(), rr.size());
     } catch (...) {
       err = CapturedError::from_current("ring producer, job " + std::to_string(job.seq) + " (tag " +
