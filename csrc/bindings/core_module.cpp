@@ -47,8 +47,19 @@ uint32_t check_count(int64_t v, int64_t max, const char* what) {
   return static_cast<uint32_t>(v);
 }
 
+// A native string that may hold a file name as Python shows file names: the
+// file system encoding with surrogateescape (os.fsdecode), so a path that is
+// not valid UTF-8 round-trips instead of failing to convert. Paths come in as
+// bytes (reader.py passes os.fsencode(path)).
+py::str fs_str(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeFSDefaultAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
 void set_os_error(PyObject* type, int err, const std::string& msg, const std::string& path) {
-  py::tuple args = path.empty() ? py::tuple(py::make_tuple(err, msg)) : py::tuple(py::make_tuple(err, msg, path));
+  py::tuple args = path.empty() ? py::tuple(py::make_tuple(err, fs_str(msg)))
+                                : py::tuple(py::make_tuple(err, fs_str(msg), fs_str(path)));
   PyErr_SetObject(type, args.ptr());
 }
 
@@ -63,7 +74,9 @@ void translate(std::exception_ptr p) {
     // OSError(errno, ...) picks FileNotFoundError, PermissionError, ... itself.
     set_os_error(PyExc_OSError, e.err(), e.what(), e.path());
   } catch (const UnsupportedError& e) {
-    PyErr_SetString(g_unsupported, e.what());
+    PyErr_SetObject(g_unsupported, fs_str(e.what()).ptr());
+  } catch (const std::invalid_argument& e) {  // may name a path (a NUL in it)
+    PyErr_SetObject(PyExc_ValueError, fs_str(e.what()).ptr());
   } catch (const std::system_error& e) {
     set_os_error(PyExc_OSError, e.code().value(), e.what(), "");
   }
@@ -125,7 +138,9 @@ py::dict reader_stats(Reader& r) {
   d["submits"] = s.submits.load();
   d["wait_s"] = s.wait_ns.load() / 1e9;
   d["direct_requested"] = r.direct_requested();
-  d["direct_fallbacks"] = r.fallbacks();
+  py::list fallbacks;
+  for (const auto& f : r.fallbacks()) fallbacks.append(fs_str(f));
+  d["direct_fallbacks"] = fallbacks;
   py::list direct_files;
   for (size_t i = 0; i < r.num_files(); ++i) direct_files.append(r.direct_active(i));
   d["direct_active"] = direct_files;
@@ -234,7 +249,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("num_threads") = 16, py::arg("max_io_bytes") = 1 << 20)
       .def_property_readonly("backend", &Reader::backend)
       .def_property_readonly("num_files", &Reader::num_files)
-      .def("path", [](const Reader& r, int64_t i) { return r.path(check_file(r, i)); })
+      .def("path", [](const Reader& r, int64_t i) { return fs_str(r.path(check_file(r, i))); })
       .def("file_size", [](const Reader& r, int64_t i) { return r.file_size(check_file(r, i)); })
       .def("alignment", [](const Reader& r, int64_t i) { return r.alignment(check_file(r, i)); })
       .def("direct_active", [](const Reader& r, int64_t i) { return r.direct_active(check_file(r, i)); })

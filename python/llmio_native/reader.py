@@ -143,8 +143,10 @@ class Reader:
     # -- lifecycle -----------------------------------------------------------------
     def _handle(self) -> Any:
         if self._native is None or self._native_pid != os.getpid():
+            # As bytes (os.fsencode): a file name that is not valid UTF-8 reaches open(2)
+            # unchanged (a str would fail to convert).
             self._native = _core.Reader(
-                self.paths, self.backend, self.direct, self.queue_depth, self.num_threads, self.max_io_bytes
+                [os.fsencode(p) for p in self.paths], self.backend, self.direct, self.queue_depth, self.num_threads, self.max_io_bytes
             )
             self._native_pid = os.getpid()
         return self._native
