@@ -361,6 +361,75 @@ def test_path_with_embedded_nul_raises_value_error_naming_it(make_file, backend)
     assert lio.Reader([os.fsencode(f.path)], backend=backend).paths == [f.path]
 
 
+def test_path_that_is_not_utf8_opens_and_is_named_in_errors(tmp_path, backend):
+    """A file name that is not valid UTF-8 (legal on Linux; os.fsdecode gives a str with
+    surrogates) failed to cross into C++ ("incompatible constructor arguments"). Paths
+    now cross as bytes and come back through os.fsdecode: reads, path(), stats() and
+    error filenames all round-trip."""
+    raw = os.fsencode(str(tmp_path)) + b"/shard-\xff\xfe.bin"
+    data = bytes(range(256)) * 20
+    with open(raw, "wb") as fh:
+        fh.write(data)
+    name = os.fsdecode(raw)
+    for p in (raw, name):
+        r = lio.Reader([p], backend=backend)
+        assert r.paths == [name] and r.read(0, 5, 1000).tobytes() == data[5:1005]
+        assert r._handle().path(0) == name and r.stats()["bytes"] == 1000
+    missing = os.fsdecode(os.fsencode(str(tmp_path)) + b"/gone-\xff.bin")
+    with pytest.raises(FileNotFoundError) as ei:
+        lio.Reader([missing], backend=backend)
+    assert ei.value.filename == missing and missing in str(ei.value)
+    with pytest.raises(ValueError, match="NUL"):
+        _core.Reader([raw + b"\0x"], "threads")
+
+
+URING_FD_LIMIT_CHILD = textwrap.dedent(
+    r"""
+    import json, os, resource, sys
+    import llmio_native as lio
+    path = sys.argv[1]
+    lio.resolve_backend("io_uring")  # the probe is cached before the limit drops
+    lio.reader._ensure_fd_limit = lambda needed: None  # it would raise the soft limit again
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    base = len(os.listdir("/proc/self/fd"))
+    seen = []
+    for n in range(base - 3, base + 5):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+        try:
+            r = lio.Reader([path], backend="io_uring")
+            ok = r.read(0, 0, 4096).tobytes() == open(path, "rb").read(4096) if n > base + 2 else True
+            seen.append(["ok", ok])
+            del r
+        except Exception as exc:
+            seen.append([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(json.dumps(seen))
+    """
+)
+
+
+@needs_uring
+def test_io_uring_ring_refused_for_descriptors_is_a_resource_error(make_file):
+    """A ring the kernel refuses for lack of a resource (EMFILE under RLIMIT_NOFILE,
+    ENOMEM under RLIMIT_MEMLOCK on older kernels) raised UnsupportedError ("not
+    available here"), which callers do not treat as an OSError. It is now
+    ResourceError (an OSError) with the errno and the call."""
+    f = make_file(3 * 4096)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+    out = subprocess.run([sys.executable, "-c", URING_FD_LIMIT_CHILD, f.path], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    kinds = [s[0] for s in seen]
+    assert "UnsupportedError" not in kinds, seen
+    assert "ResourceError" in kinds and kinds[-1] == "ok" and seen[-1][1] is True, seen
+    for s in seen:
+        if s[0] == "ResourceError":
+            assert s[1] == errno.EMFILE and "io_uring_queue_init" in s[2], s
+        elif s[0] != "ok":  # an open of the file itself: names it
+            assert s[1] == errno.EMFILE and f.path in s[2], s
+
+
 THREAD_LIMIT_CHILD = textwrap.dedent(
     r"""
     import json, os, resource, sys
