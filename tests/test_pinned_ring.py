@@ -375,3 +375,355 @@ def test_ring_inherited_by_a_forked_child_never_hangs(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
     assert "fork ok" in out.stdout
+
+
+# ---------------------------------------------------------------- thread limits (issue 9)
+
+RING_THREAD_LIMIT_CHILD = textwrap.dedent(
+    r"""
+    import gc, json, os, resource, sys
+    import llmio_native as lio
+    from llmio_native import _core
+    path, size = sys.argv[1], int(sys.argv[2])
+    def tasks(): return len(os.listdir("/proc/self/task"))
+    r = lio.Reader([path], backend="threads", num_threads=1)
+    base, live = tasks(), _core.host_live_count()
+    out = {"base": base}
+    resource.setrlimit(resource.RLIMIT_NPROC, (base + 2, base + 64))
+    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    try:
+        lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, num_producers=6, pin=False)
+        out["raised"] = None
+    except Exception as exc:
+        out.update(raised=type(exc).__name__, errno=getattr(exc, "errno", None), message=str(exc),
+                   is_oserror=isinstance(exc, OSError))
+    gc.collect()
+    out["tasks_after"], out["arenas_left"] = tasks(), _core.host_live_count() - live
+    resource.setrlimit(resource.RLIMIT_NPROC, (base + 64, base + 64))
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, num_producers=6, pin=False) as ring:
+        out["tasks_ok"] = tasks()
+        ring.submit([(0, 3, size - 3)])
+        s = ring.get(timeout=30)
+        out["exact"] = s.array(0).tobytes() == open(path, "rb").read()[3:]
+        s.release()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_producer_thread_refused_raises_resource_error_not_abort():
+    """Regression (issue 9): a ring producer the OS refused (RLIMIT_NPROC, a pids limit)
+    aborted the process (std::terminate from a joinable std::thread in a throwing
+    constructor). Now PinnedRing raises ResourceError (OSError, EAGAIN) naming the
+    producers, with the started ones joined and the arena unmapped."""
+    import json
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="llmio-nproc-", dir="/tmp")
+    try:
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "f.bin")
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(20000))
+        os.chmod(path, 0o644)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", RING_THREAD_LIMIT_CHILD, path, "20000"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["raised"] == "ResourceError" and res["is_oserror"] and res["errno"] == errno.EAGAIN, res
+        assert "ring producers" in res["message"] and "thread 3 of 6" in res["message"], res
+        assert res["tasks_after"] == res["base"] and res["arenas_left"] == 0, res
+        assert res["tasks_ok"] == res["base"] + 6 and res["exact"], res
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1025, 2**32 + 2])
+def test_num_producers_out_of_range_raises_value_error(reader, bad):
+    r, _ = reader
+    with pytest.raises(ValueError, match=f"num_producers must be between 1 and 1024, got {bad}"):
+        lio.PinnedRing(r, num_slots=2, slot_bytes=4096, num_producers=bad, pin=False)
+    with pytest.raises(ValueError, match="num_slots must be between"):
+        lio.PinnedRing(r, num_slots=2**32 + 1, slot_bytes=4096, pin=False)
+    with pytest.raises(ValueError, match="larger than the address space"):
+        lio.PinnedRing(r, num_slots=1 << 20, slot_bytes=1 << 40, pin=False)
+
+
+# ---------------------------------------------------------------- MADV_DONTFORK (issue 16.6)
+
+DONTFORK_CHILD = textwrap.dedent(
+    r"""
+    import ctypes, gc, json, mmap, os, sys
+    import numpy as np
+    import llmio_native as lio
+    path = sys.argv[1]
+    r = lio.Reader([path], backend="threads")
+    ring = lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, num_producers=2, pin=False)
+    lo, n = ring._ring.arena_ptr, ring._ring.arena_bytes
+    ring.submit([(0, 0, 4096)])
+    s = ring.get(timeout=10)
+
+    def mapped(lo, hi):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                a, b = (int(x, 16) for x in line.split()[0].split("-"))
+                if a < hi and lo < b:
+                    return True
+        return False
+
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        res = {"mapped_in_child": mapped(lo, lo + n)}
+        try:
+            bytes(memoryview(s)); res["view"] = "read"
+        except BufferError as e:
+            res["view"] = "refused: " + str(e.__cause__ or e)
+        try:
+            s.array(0); res["array"] = "read"
+        except RuntimeError as e:
+            res["array"] = "refused: " + str(e)
+        # Something of the child's own at the arena's address: dropping the ring must
+        # not unmap it.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        MAP_FIXED_NOREPLACE = 0x100000
+        p = libc.mmap(lo, 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        res["own_map"] = p == lo
+        if p == lo:
+            ctypes.memset(lo, 0x5A, 4096)
+        del s, ring
+        gc.collect()
+        res["own_map_intact"] = p == lo and mapped(lo, lo + 4096) and ctypes.string_at(lo, 1) == b"\x5a"
+        os.write(wr, json.dumps(res).encode())
+        os._exit(0)
+    os.close(wr)
+    status = os.waitpid(pid, 0)[1]
+    child = json.loads(os.read(rd, 65536).decode() or "{}")
+    out = {"status": status, "child": child, "mapped_in_parent": mapped(lo, lo + n),
+           "parent_reads": s.array(0).tobytes() == open(path, "rb").read(4096)}
+    s.release(); ring.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_arena_is_not_inherited_by_a_forked_child(tmp_path):
+    """Regression (issue 16.6): the ring arena (page-locked for DMA) was inherited by a
+    fork copy-on-write. Now it is MADV_DONTFORK: not mapped in the child, slot views
+    refuse there (instead of faulting), and dropping the ring in the child leaves the
+    child's own mappings at that address alone. The parent's ring is untouched."""
+    import json
+
+    path, _ = make_file(tmp_path, 1 << 16)
+    out = subprocess.run([sys.executable, "-c", DONTFORK_CHILD, path], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 0, res  # the child did not crash
+    child = res["child"]
+    assert child["mapped_in_child"] is False, res
+    assert child["view"].startswith("refused") and child["array"].startswith("refused"), res
+    assert "forked child" in child["array"] and "MADV_DONTFORK" in child["array"], res
+    assert child["own_map"] is True and child["own_map_intact"] is True, res
+    assert res["mapped_in_parent"] is True and res["parent_reads"] is True, res
+
+
+def test_empty_aligned_memory_is_still_inherited_by_fork():
+    """MADV_DONTFORK is for ring arenas only: user buffers from empty_aligned stay
+    readable in a forked child (DataLoader workers)."""
+    a = lio.empty_aligned(1 << 16)
+    a[:] = 7
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if int(a.sum()) == 7 * (1 << 16) else 3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+# ---------------------------------------------------------------- CUDA registration (issue 16.3)
+
+
+class _FakeErr:
+    """A cudaError as torch's cudart returns it: int() gives the code, str() is useless."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __int__(self) -> int:
+        return self.code
+
+    def __str__(self) -> str:
+        return "cudaError.???"
+
+
+class _FakeCudart:
+    def __init__(self, register_err: int = 0, unregister_err: int = 0) -> None:
+        self.register_err, self.unregister_err = register_err, unregister_err
+        self.calls: list[tuple] = []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size, flags))
+        return _FakeErr(self.register_err)
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return _FakeErr(self.unregister_err)
+
+    def cudaGetErrorString(self, err):
+        return {2: "out of memory", 712: "part or all of the requested memory range is already mapped"}[int(err)]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """PinnedRing's CUDA path with a recording runtime: which device each call ran on,
+    and whether the runtime's last error was cleared."""
+    from llmio_native import ring as ring_mod
+
+    seen: dict = {"devices": [], "cleared": 0}
+
+    class OnDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            seen["devices"].append(self.index)
+
+        def __exit__(self, *exc):
+            pass
+
+    def clear():
+        seen["cleared"] += 1
+        return True
+
+    monkeypatch.setattr(ring_mod, "_on_device", OnDevice)
+    monkeypatch.setattr(ring_mod, "_clear_cuda_error", clear)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def install(rt):
+        monkeypatch.setattr(ring_mod, "_cuda_runtime", lambda: rt)
+        return seen
+
+    return install
+
+
+def test_register_runs_on_the_ring_device_portable(reader, fake_cuda):
+    r, _ = reader
+    rt = _FakeCudart()
+    seen = fake_cuda(rt)
+    ring = lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, device="cuda:1")
+    assert ring.pinned and ring.device == 1
+    assert rt.calls == [("register", ring._ring.arena_ptr, ring._ring.arena_bytes, 1)]  # portable
+    ring.close()
+    assert rt.calls[-1] == ("unregister", ring._ring.arena_ptr)
+    assert seen["devices"] == [1, 1] and seen["cleared"] == 0 and not ring.pinned
+    for dev, index in ((torch.device("cuda", 1), 1), (1, 1), (None, None), ("cuda", None)):
+        with lio.PinnedRing(r, num_slots=1, slot_bytes=4096, device=dev) as ring2:
+            assert ring2.device == index
+    assert seen["devices"][-2:] == [None, None]
+    # a CPU device: no pinning (and pin=True there is a ValueError naming it)
+    n = len(rt.calls)
+    with lio.PinnedRing(r, num_slots=1, slot_bytes=4096, device="cpu") as ring3:
+        assert not ring3.pinned and len(rt.calls) == n
+    with pytest.raises(ValueError, match="device='cpu'"):
+        lio.PinnedRing(r, num_slots=1, slot_bytes=4096, pin=True, device="cpu")
+    with pytest.raises(ValueError, match="device='cuda:5'.*2 CUDA devices"):
+        lio.PinnedRing(r, num_slots=1, slot_bytes=4096, device="cuda:5")
+
+
+def test_failed_register_clears_the_error_names_it_and_frees_the_arena(reader, fake_cuda):
+    """Regression (issue 16.3): a failed cudaHostRegister printed `cudaError.???` and left
+    the error set in the runtime (the next torch kernel raised it)."""
+    r, _ = reader
+    gc.collect()
+    live = _core.host_live_count()
+    seen = fake_cuda(_FakeCudart(register_err=2))
+    with pytest.raises(lio.CudaError) as ei:
+        lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, device="cuda:1")
+    msg = str(ei.value)
+    assert "???" not in msg and "CUDA error 2: out of memory" in msg, msg
+    assert "cudaHostRegister" in msg and "cuda:1" in msg and str(2 * (1 << 16)) in msg, msg
+    assert seen["cleared"] == 1 and seen["devices"] == [1]
+    gc.collect()
+    assert _core.host_live_count() == live  # the ring was closed and its arena unmapped
+
+
+def test_failed_unregister_clears_the_error_and_raises_on_close(reader, fake_cuda):
+    r, _ = reader
+    rt = _FakeCudart(unregister_err=712)
+    seen = fake_cuda(rt)
+    ring = lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, device=1)
+    with pytest.raises(lio.CudaError, match="cudaHostUnregister.*cuda:1.*CUDA error 712: part or all"):
+        ring.close()
+    assert seen["cleared"] == 1 and not ring.pinned
+    ring.close()  # idempotent: nothing left to unregister
+    assert [c[0] for c in rt.calls] == ["register", "unregister"]
+
+
+def test_clear_cuda_error_calls_the_loaded_runtime(tmp_path):
+    """_clear_cuda_error calls cudaGetLastError in the libcudart already loaded in the
+    process (found in /proc/self/maps, opened RTLD_NOLOAD): exercised with a stand-in
+    library that counts the calls."""
+    import ctypes
+    import shutil
+
+    from llmio_native import ring as ring_mod
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "fake.c"
+    src.write_text("int calls = 0; int cudaGetLastError(void) { ++calls; return 0; }\n")
+    lib = tmp_path / "libcudart_llmio_test.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    handle = ctypes.CDLL(str(lib))
+    before = ctypes.c_int.in_dll(handle, "calls").value
+    assert ring_mod._clear_cuda_error() is True
+    assert ctypes.c_int.in_dll(handle, "calls").value == before + 1
+
+
+@pytest.mark.cuda
+def test_register_failure_on_a_real_device_does_not_poison_torch(reader):
+    """A real failure (registering the arena twice: already registered): CudaError with the
+    runtime's text, and the next unrelated torch kernel runs clean."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from llmio_native import ring as ring_mod
+
+    r, _ = reader
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, pin=True, device="cuda:0") as ring:
+        assert ring.pinned and ring.device == 0
+        with pytest.raises(lio.CudaError) as ei:
+            ring_mod._cuda_host_call(torch.cuda.cudart(), 0, "second register", "cudaHostRegister",
+                                     ring._ring.arena_ptr, ring._ring.arena_bytes, 1)
+        assert "???" not in str(ei.value) and "already" in str(ei.value).lower()
+        assert torch.ones(8, device="cuda:0").sum().item() == 8  # no stale error raised here
+
+
+@pytest.mark.cuda
+def test_ring_on_cuda1_creates_no_context_on_gpu0(tmp_path):
+    """device="cuda:1": the registration (and unregistration) run on GPU 1; GPU 0's
+    primary context is never created."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    path, _ = make_file(tmp_path, 1 << 16)
+    script = textwrap.dedent(f"""
+        import ctypes, llmio_native as lio, torch
+        r = lio.Reader([{path!r}], backend="threads")
+        ring = lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, pin=True, device="cuda:1")
+        ring.close()
+        cu = ctypes.CDLL("libcuda.so.1")
+        def active(d):
+            flags, state = ctypes.c_uint(), ctypes.c_int()
+            assert cu.cuDevicePrimaryCtxGetState(d, ctypes.byref(flags), ctypes.byref(state)) == 0
+            return state.value
+        print("STATE", active(0), active(1))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "STATE 0 1" in out.stdout, out.stdout

@@ -289,6 +289,215 @@ def test_directory_raises_is_a_directory_naming_it(backend, tmp_path):
     assert ei.value.filename == str(d) and str(d) in str(ei.value)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "fifo-buffered", "dev-null", "dev-zero", "directory", "socket"])
+def test_non_regular_file_refused_at_open_never_blocks(backend, tmp_path, kind):
+    """Regression (issue 9): a FIFO given to Reader blocked forever in the constructor
+    (open(2) of a FIFO waits for a writer); devices, sockets and directories were opened
+    as if they were files. Now open never blocks and anything but a regular file raises
+    an OSError naming the path and its type."""
+    import socket
+
+    sock = None
+    if kind.startswith("fifo"):
+        path = str(tmp_path / "a-fifo")
+        os.mkfifo(path)
+        what = "FIFO"
+    elif kind == "dev-null":
+        path, what = "/dev/null", "character device"
+    elif kind == "dev-zero":
+        path, what = "/dev/zero", "character device"
+    elif kind == "directory":
+        path, what = str(tmp_path / "a-dir"), "directory"
+        os.mkdir(path)
+    else:
+        path, what = str(tmp_path / "a-socket"), "socket"
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"0123456789")
+    direct = kind != "fifo-buffered"
+
+    def open_it():
+        try:
+            lio.Reader([str(good), path], backend=backend, direct=direct)
+        except OSError as exc:
+            return exc
+        return None
+
+    try:
+        exc = call_with_deadline(open_it, 30)  # before the fix: hung here (fifo)
+    finally:
+        if sock is not None:
+            sock.close()
+    assert exc is not None, f"{kind}: opened as if it were a regular file"
+    assert exc.filename == path and path in str(exc) and what in str(exc), str(exc)
+    assert "regular file" in str(exc)
+    if kind == "socket":  # open(2) of a socket fails by itself
+        assert exc.errno in (errno.ENXIO, errno.EINVAL)
+    else:
+        assert exc.errno == (errno.EISDIR if kind == "directory" else errno.EINVAL)
+    if kind == "directory":
+        assert isinstance(exc, IsADirectoryError)
+    # the good file alone still opens and reads
+    assert lio.Reader([str(good)], backend=backend).read(0, 2, 3).tobytes() == b"234"
+
+
+def test_path_with_embedded_nul_raises_value_error_naming_it(make_file, backend):
+    """Regression (issue 9): "data.bin\\0junk" silently opened "data.bin" (the C string
+    ends at the NUL). A str or bytes path with a NUL is a ValueError naming it."""
+    f = make_file(100)
+    for bad in (f.path + "\0junk", f.path + "\0", "\0" + f.path):
+        with pytest.raises(ValueError, match="NUL") as ei:
+            lio.Reader([bad], backend=backend)
+        assert f.path in str(ei.value)
+        with pytest.raises(ValueError, match="NUL"):  # the native layer checks too
+            _core.Reader([bad], "threads")
+        with pytest.raises(ValueError, match="NUL"):  # and a bad path after a good one
+            lio.Reader([f.path, bad], backend=backend)
+    with pytest.raises(ValueError, match="NUL"):
+        lio.Reader([os.fsencode(f.path) + b"\0x"], backend=backend)
+    # bytes paths work (as one path or in a list) and read the right file
+    assert lio.Reader(os.fsencode(f.path), backend=backend).read(0, 0, 100).tobytes() == f.data
+    assert lio.Reader([os.fsencode(f.path)], backend=backend).paths == [f.path]
+
+
+def test_path_that_is_not_utf8_opens_and_is_named_in_errors(tmp_path, backend):
+    """A file name that is not valid UTF-8 (legal on Linux; os.fsdecode gives a str with
+    surrogates) failed to cross into C++ ("incompatible constructor arguments"). Paths
+    now cross as bytes and come back through os.fsdecode: reads, path(), stats() and
+    error filenames all round-trip."""
+    raw = os.fsencode(str(tmp_path)) + b"/shard-\xff\xfe.bin"
+    data = bytes(range(256)) * 20
+    with open(raw, "wb") as fh:
+        fh.write(data)
+    name = os.fsdecode(raw)
+    for p in (raw, name):
+        r = lio.Reader([p], backend=backend)
+        assert r.paths == [name] and r.read(0, 5, 1000).tobytes() == data[5:1005]
+        assert r._handle().path(0) == name and r.stats()["bytes"] == 1000
+    missing = os.fsdecode(os.fsencode(str(tmp_path)) + b"/gone-\xff.bin")
+    with pytest.raises(FileNotFoundError) as ei:
+        lio.Reader([missing], backend=backend)
+    assert ei.value.filename == missing and missing in str(ei.value)
+    with pytest.raises(ValueError, match="NUL"):
+        _core.Reader([raw + b"\0x"], "threads")
+
+
+URING_FD_LIMIT_CHILD = textwrap.dedent(
+    r"""
+    import json, os, resource, sys
+    import llmio_native as lio
+    path = sys.argv[1]
+    lio.resolve_backend("io_uring")  # the probe is cached before the limit drops
+    lio.reader._ensure_fd_limit = lambda needed: None  # it would raise the soft limit again
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    base = len(os.listdir("/proc/self/fd"))
+    seen = []
+    for n in range(base - 3, base + 5):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+        try:
+            r = lio.Reader([path], backend="io_uring")
+            ok = r.read(0, 0, 4096).tobytes() == open(path, "rb").read(4096) if n > base + 2 else True
+            seen.append(["ok", ok])
+            del r
+        except Exception as exc:
+            seen.append([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(json.dumps(seen))
+    """
+)
+
+
+@needs_uring
+def test_io_uring_ring_refused_for_descriptors_is_a_resource_error(make_file):
+    """A ring the kernel refuses for lack of a resource (EMFILE under RLIMIT_NOFILE,
+    ENOMEM under RLIMIT_MEMLOCK on older kernels) raised UnsupportedError ("not
+    available here"), which callers do not treat as an OSError. It is now
+    ResourceError (an OSError) with the errno and the call."""
+    f = make_file(3 * 4096)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+    out = subprocess.run([sys.executable, "-c", URING_FD_LIMIT_CHILD, f.path], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    kinds = [s[0] for s in seen]
+    assert "UnsupportedError" not in kinds, seen
+    assert "ResourceError" in kinds and kinds[-1] == "ok" and seen[-1][1] is True, seen
+    for s in seen:
+        if s[0] == "ResourceError":
+            assert s[1] == errno.EMFILE and "io_uring_queue_init" in s[2], s
+        elif s[0] != "ok":  # an open of the file itself: names it
+            assert s[1] == errno.EMFILE and f.path in s[2], s
+
+
+THREAD_LIMIT_CHILD = textwrap.dedent(
+    r"""
+    import json, os, resource, sys
+    import numpy as np
+    import llmio_native as lio
+    path, size = sys.argv[1], int(sys.argv[2])
+    def tasks(): return len(os.listdir("/proc/self/task"))
+    base = tasks()
+    out = {"base": base}
+    # Two more threads than this process has now: the third worker is refused.
+    resource.setrlimit(resource.RLIMIT_NPROC, (base + 2, base + 64))
+    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    try:
+        lio.Reader([path], backend="threads", num_threads=8)
+        out["raised"] = None
+    except Exception as exc:
+        out.update(raised=type(exc).__name__, errno=getattr(exc, "errno", None), message=str(exc),
+                   is_oserror=isinstance(exc, OSError), is_resource=isinstance(exc, lio.errors.ResourceError))
+    out["tasks_after"] = tasks()
+    resource.setrlimit(resource.RLIMIT_NPROC, (base + 64, base + 64))
+    r = lio.Reader([path], backend="threads", num_threads=8)
+    out["tasks_ok"] = tasks()
+    out["exact"] = r.read(0, 1, size - 1).tobytes() == open(path, "rb").read()[1:]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_thread_refused_by_os_raises_resource_error_not_abort():
+    """Regression (issue 9): when the OS refused a worker thread (RLIMIT_NPROC, a pids
+    limit) the process died with 'terminate called without an active exception' (exit
+    134). Now Reader raises ResourceError (an OSError, EAGAIN) naming what was started
+    and how many, with the workers already started joined, and the process goes on."""
+    d = tempfile.mkdtemp(prefix="llmio-nproc-", dir="/tmp")
+    try:
+        os.chmod(d, 0o755)  # readable after the child drops root
+        path = os.path.join(d, "f.bin")
+        data = os.urandom(3 * 4096 + 5)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, 0o644)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMIO_")}
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", THREAD_LIMIT_CHILD, path, str(len(data))],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["raised"] == "ResourceError" and res["is_oserror"] and res["is_resource"], res
+        assert res["errno"] == errno.EAGAIN, res
+        assert "thread engine workers" in res["message"] and "thread 3 of 8" in res["message"], res
+        assert res["tasks_after"] == res["base"], res  # the two started workers were joined
+        assert res["tasks_ok"] == res["base"] + 8 and res["exact"], res
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -(2**31), 1025, 2**32 + 1, 10**9])
+def test_num_threads_out_of_range_raises_value_error_naming_it(make_file, bad):
+    """num_threads is checked (an int64 above 2**32 used to wrap to a small count, and a
+    huge one went to the OS as a thread storm)."""
+    f = make_file(100)
+    with pytest.raises(ValueError, match=r"num_threads must be between 1 and 1024, got " + str(bad)):
+        lio.Reader([f.path], backend="threads", num_threads=bad)
+    with pytest.raises(ValueError, match=r"queue_depth must be between 1 and 65536"):
+        lio.Reader([f.path], backend="threads", queue_depth=2**32 + bad if bad > 0 else bad)
+
+
 PERMISSION_CHILD = textwrap.dedent(
     r"""
     import json, os, sys, resource  # everything imported before giving up root

@@ -33,9 +33,33 @@ namespace {
 
 PyObject* g_unsupported = nullptr;
 PyObject* g_short_read = nullptr;
+PyObject* g_resource = nullptr;
+
+// Most native threads one object may start (Reader workers, ring producers):
+// far above any useful pool, low enough that a typo fails here and not as a
+// process thread limit.
+constexpr int64_t kMaxThreads = 1024;
+
+uint32_t check_count(int64_t v, int64_t max, const char* what) {
+  if (v < 1 || v > max)
+    throw std::invalid_argument(std::string(what) + " must be between 1 and " + std::to_string(max) +
+                                ", got " + std::to_string(v));
+  return static_cast<uint32_t>(v);
+}
+
+// A native string that may hold a file name as Python shows file names: the
+// file system encoding with surrogateescape (os.fsdecode), so a path that is
+// not valid UTF-8 round-trips instead of failing to convert. Paths come in as
+// bytes (reader.py passes os.fsencode(path)).
+py::str fs_str(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeFSDefaultAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
 
 void set_os_error(PyObject* type, int err, const std::string& msg, const std::string& path) {
-  py::tuple args = path.empty() ? py::tuple(py::make_tuple(err, msg)) : py::tuple(py::make_tuple(err, msg, path));
+  py::tuple args = path.empty() ? py::tuple(py::make_tuple(err, fs_str(msg)))
+                                : py::tuple(py::make_tuple(err, fs_str(msg), fs_str(path)));
   PyErr_SetObject(type, args.ptr());
 }
 
@@ -44,11 +68,15 @@ void translate(std::exception_ptr p) {
     if (p) std::rethrow_exception(p);
   } catch (const ShortReadError& e) {
     set_os_error(g_short_read, e.err(), e.what(), e.path());
+  } catch (const ResourceError& e) {
+    set_os_error(g_resource, e.err(), e.what(), e.path());
   } catch (const IoError& e) {
     // OSError(errno, ...) picks FileNotFoundError, PermissionError, ... itself.
     set_os_error(PyExc_OSError, e.err(), e.what(), e.path());
   } catch (const UnsupportedError& e) {
-    PyErr_SetString(g_unsupported, e.what());
+    PyErr_SetObject(g_unsupported, fs_str(e.what()).ptr());
+  } catch (const std::invalid_argument& e) {  // may name a path (a NUL in it)
+    PyErr_SetObject(PyExc_ValueError, fs_str(e.what()).ptr());
   } catch (const std::system_error& e) {
     set_os_error(PyExc_OSError, e.code().value(), e.what(), "");
   }
@@ -110,7 +138,9 @@ py::dict reader_stats(Reader& r) {
   d["submits"] = s.submits.load();
   d["wait_s"] = s.wait_ns.load() / 1e9;
   d["direct_requested"] = r.direct_requested();
-  d["direct_fallbacks"] = r.fallbacks();
+  py::list fallbacks;
+  for (const auto& f : r.fallbacks()) fallbacks.append(fs_str(f));
+  d["direct_fallbacks"] = fallbacks;
   py::list direct_files;
   for (size_t i = 0; i < r.num_files(); ++i) direct_files.append(r.direct_active(i));
   d["direct_active"] = direct_files;
@@ -138,7 +168,15 @@ struct PySlot {
     released = true;
     ring->release(f.slot);
   }
-  uint8_t* ptr() const { return ring->slot_ptr(f.slot); }
+  // The arena is MADV_DONTFORK: in a forked child it is not mapped, and a
+  // view of it would fault. Refuse with an error instead.
+  uint8_t* ptr() const {
+    if (ring->foreign())
+      throw std::runtime_error("ring slot " + std::to_string(f.slot) +
+                               ": the ring's arena is not mapped in a forked child (MADV_DONTFORK); "
+                               "create a new ring (or loader iterator) after the fork");
+    return ring->slot_ptr(f.slot);
+  }
 };
 
 // An optional residual updated in place: exactly float32, C-contiguous, writable and
@@ -181,6 +219,8 @@ PYBIND11_MODULE(_core, m) {
   static py::exception<std::runtime_error> cuda_error(m, "CudaError", PyExc_RuntimeError);
   g_unsupported = unsupported.ptr();
   g_short_read = short_read.ptr();
+  static py::exception<ResourceError> resource(m, "ResourceError", PyExc_OSError);
+  g_resource = resource.ptr();
   py::register_exception_translator(&translate);
   bind_rans(m);
 
@@ -196,12 +236,11 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Reader, std::shared_ptr<Reader>>(m, "Reader")
       .def(py::init([](const std::vector<std::string>& paths, const std::string& backend, bool direct,
                        int64_t queue_depth, int64_t num_threads, int64_t max_io_bytes) {
-             if (queue_depth < 1) throw std::invalid_argument("queue_depth must be >= 1");
-             if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
-             if (max_io_bytes < 4096) throw std::invalid_argument("max_io_bytes must be >= 4096");
              EngineOptions o;
-             o.queue_depth = static_cast<uint32_t>(queue_depth);
-             o.num_threads = static_cast<uint32_t>(num_threads);
+             o.queue_depth = check_count(queue_depth, 65536, "queue_depth");
+             o.num_threads = check_count(num_threads, kMaxThreads, "num_threads");
+             if (max_io_bytes < 4096)
+               throw std::invalid_argument("max_io_bytes must be >= 4096, got " + std::to_string(max_io_bytes));
              o.max_io_bytes = static_cast<uint64_t>(max_io_bytes);
              py::gil_scoped_release nogil;
              return std::make_shared<Reader>(paths, backend, direct, o);
@@ -210,7 +249,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("num_threads") = 16, py::arg("max_io_bytes") = 1 << 20)
       .def_property_readonly("backend", &Reader::backend)
       .def_property_readonly("num_files", &Reader::num_files)
-      .def("path", [](const Reader& r, int64_t i) { return r.path(check_file(r, i)); })
+      .def("path", [](const Reader& r, int64_t i) { return fs_str(r.path(check_file(r, i))); })
       .def("file_size", [](const Reader& r, int64_t i) { return r.file_size(check_file(r, i)); })
       .def("alignment", [](const Reader& r, int64_t i) { return r.alignment(check_file(r, i)); })
       .def("direct_active", [](const Reader& r, int64_t i) { return r.direct_active(check_file(r, i)); })
@@ -354,11 +393,12 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
       .def(py::init([](std::shared_ptr<Reader> reader, int64_t num_slots, int64_t slot_bytes, int64_t producers) {
-             if (num_slots < 1) throw std::invalid_argument("num_slots must be >= 1");
-             if (slot_bytes < 1) throw std::invalid_argument("slot_bytes must be >= 1");
-             if (producers < 1) throw std::invalid_argument("num_producers must be >= 1");
-             return std::make_shared<SlotRing>(std::move(reader), static_cast<uint32_t>(num_slots),
-                                               static_cast<uint64_t>(slot_bytes), static_cast<uint32_t>(producers));
+             if (!reader) throw std::invalid_argument("SlotRing needs a reader, got None");
+             const uint32_t ns = check_count(num_slots, int64_t(1) << 20, "num_slots");
+             if (slot_bytes < 1) throw std::invalid_argument("slot_bytes must be >= 1, got " + std::to_string(slot_bytes));
+             const uint32_t np = check_count(producers, kMaxThreads, "num_producers");
+             py::gil_scoped_release nogil;  // joins producers if one cannot start
+             return std::make_shared<SlotRing>(std::move(reader), ns, static_cast<uint64_t>(slot_bytes), np);
            }),
            py::arg("reader"), py::arg("num_slots"), py::arg("slot_bytes"), py::arg("num_producers") = 1)
       .def("required_bytes",

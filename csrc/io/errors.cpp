@@ -33,6 +33,11 @@ CapturedError CapturedError::from_current(const std::string& where) {
     c.err = e.err();
     c.path = e.path();
     c.message = prefix + e.what();
+  } catch (const ResourceError& e) {
+    c.kind = ErrorKind::kResource;
+    c.err = e.err();
+    c.path = e.path();
+    c.message = prefix + e.what();
   } catch (const IoError& e) {
     c.kind = ErrorKind::kIo;
     c.err = e.err();
@@ -58,6 +63,8 @@ void CapturedError::rethrow() const {
   switch (kind) {
     case ErrorKind::kShortRead:
       throw ShortReadError(err, path, message);
+    case ErrorKind::kResource:
+      throw ResourceError(err, path, message);
     case ErrorKind::kIo:
       throw IoError(err, path, message);
     case ErrorKind::kInvalid:

@@ -4,6 +4,8 @@
 //   IoError          -> OSError subclass chosen by errno (FileNotFoundError,
 //                       PermissionError, ...), filename set
 //   ShortReadError   -> llmio_native.ShortReadError (an OSError, errno ENODATA)
+//   ResourceError    -> llmio_native.ResourceError (an OSError; errno EAGAIN when
+//                       the OS refused a thread, ENOMEM for memory)
 //   UnsupportedError -> llmio_native.UnsupportedError
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError
 #pragma once
@@ -35,6 +37,14 @@ class ShortReadError : public IoError {
   using IoError::IoError;
 };
 
+// The OS refused a resource the core needed (a thread: EAGAIN under
+// RLIMIT_NPROC or a pids limit). path is empty; what() names what was being
+// started and how many.
+class ResourceError : public IoError {
+ public:
+  using IoError::IoError;
+};
+
 // A feature that was explicitly requested is not available here.
 class UnsupportedError : public std::runtime_error {
  public:
@@ -43,7 +53,7 @@ class UnsupportedError : public std::runtime_error {
 
 // An error raised in a background thread, re-raised in the consumer with
 // where it happened. `kind` keeps the original type for the mapping.
-enum class ErrorKind { kIo, kShortRead, kInvalid, kUnsupported, kOther };
+enum class ErrorKind { kIo, kShortRead, kResource, kInvalid, kUnsupported, kOther };
 
 struct CapturedError {
   ErrorKind kind = ErrorKind::kOther;

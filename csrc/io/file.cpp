@@ -106,32 +106,92 @@ uint32_t direct_alignment(int fd) {
 
 }  // namespace
 
+namespace {
+
+const char* file_type_name(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO (named pipe)";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISLNK(m)) return "a symbolic link";
+  return "not a regular file";
+}
+
+// The path as an error message shows it: an embedded NUL as \0.
+std::string printable_path(const std::string& p) {
+  std::string out;
+  for (char c : p) {
+    if (c == '\0') out += "\\0";
+    else out += c;
+  }
+  return out;
+}
+
+// Opens p read-only without ever blocking: O_NONBLOCK keeps open(2) of a FIFO
+// from waiting for a writer (and a device from waiting for carrier), and
+// fstat on the descriptor (not the path: no race with a rename) refuses
+// anything but a regular file. O_NONBLOCK is then cleared again. A directory
+// raises EISDIR (IsADirectoryError); other non-regular files EINVAL, naming
+// the path and the file type.
+int open_regular(const std::string& p, int extra_flags, struct stat& st) {
+  int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | extra_flags);
+  if (fd < 0) return -1;
+  if (::fstat(fd, &st) != 0) {
+    int e = errno;
+    ::close(fd);
+    throw IoError(e, p, "stat " + p + ": " + std::strerror(e));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    const int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+    throw IoError(e, p, "open " + p + ": " + std::strerror(e) + " (" + file_type_name(st.st_mode) +
+                            "; a Reader serves regular files only)");
+  }
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) (void)::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  return fd;
+}
+
+}  // namespace
+
 FileSet::FileSet(const std::vector<std::string>& paths, bool direct) {
   files_.reserve(paths.size());
   const auto& flt = detail::faults();
   for (const auto& p : paths) {
+    // open(2) would silently use the part before an embedded NUL.
+    if (p.find('\0') != std::string::npos)
+      throw std::invalid_argument("path '" + printable_path(p) + "' contains a NUL byte");
+    if (p.empty()) throw std::invalid_argument("path '' is empty");
+  }
+  for (const auto& p : paths) {
     auto f = std::make_unique<FileHandle>();
     f->path = p;
-    f->fd_buffered = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    f->fd_buffered = open_regular(p, 0, st);
     if (f->fd_buffered < 0) {
       int e = errno;
-      throw IoError(e, p, "open " + p + ": " + std::strerror(e));
-    }
-    struct stat st;
-    if (::fstat(f->fd_buffered, &st) != 0) {
-      int e = errno;
-      throw IoError(e, p, "stat " + p + ": " + std::strerror(e));
-    }
-    if (S_ISDIR(st.st_mode)) {
-      throw IoError(EISDIR, p, "open " + p + ": " + std::strerror(EISDIR));
+      std::string hint;
+      struct stat ps;
+      // A socket refuses open(2) itself (ENXIO): say what the path is.
+      if (::stat(p.c_str(), &ps) == 0 && !S_ISREG(ps.st_mode) && !S_ISDIR(ps.st_mode))
+        hint = std::string(" (") + file_type_name(ps.st_mode) + "; a Reader serves regular files only)";
+      throw IoError(e, p, "open " + p + ": " + std::strerror(e) + hint);
     }
     f->size = static_cast<uint64_t>(st.st_size);
     if (direct) {
       int fd = -1;
       int e = EINVAL;
       if (!flt.direct_open_einval) {
-        fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+        struct stat st2;
+        fd = open_regular(p, O_DIRECT, st2);
         e = errno;
+        if (fd >= 0 && (st2.st_dev != st.st_dev || st2.st_ino != st.st_ino)) {
+          // Replaced between the two opens: never read another file's bytes.
+          ::close(fd);
+          throw IoError(ESTALE, p, "open " + p + ": " + std::strerror(ESTALE) +
+                                       " (the file was replaced while it was being opened)");
+        }
       }
       if (fd >= 0) {
         f->fd_direct = fd;

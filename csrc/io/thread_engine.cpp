@@ -12,6 +12,7 @@
 #include "io/engine.hpp"
 #include "io/errors.hpp"
 #include "io/op_exec.hpp"
+#include "io/threads.hpp"
 
 namespace llmio {
 namespace {
@@ -33,9 +34,18 @@ class ThreadEngine final : public Engine {
     if (opt_.num_threads == 0) opt_.num_threads = 1;
     bounce_bytes_ = detail::bounce_bytes(*files_, opt_.max_io_bytes);
     align_ = detail::max_alignment(*files_);
-    for (uint32_t t = 0; t < opt_.num_threads; ++t) {
-      workers_.emplace_back([this] { worker(); });
-    }
+    // Each worker's bounce buffer is allocated here, not in the thread: an
+    // allocation failure then raises in the caller instead of escaping a
+    // thread function (std::terminate).
+    worker_bounce_.reserve(opt_.num_threads);
+    for (uint32_t t = 0; t < opt_.num_threads; ++t) worker_bounce_.emplace_back(bounce_bytes_, align_);
+    detail::start_threads(
+        workers_, opt_.num_threads, "thread engine workers", [this](uint32_t k) { worker(k); },
+        [this] {
+          std::lock_guard<std::mutex> g(mu_);
+          stop_ = true;
+          cv_.notify_all();
+        });
   }
 
   ~ThreadEngine() override {
@@ -119,8 +129,8 @@ class ThreadEngine final : public Engine {
     }
   }
 
-  void worker() {
-    detail::AlignedBuffer bounce(bounce_bytes_, align_);
+  void worker(uint32_t k) {
+    detail::AlignedBuffer& bounce = worker_bounce_[k];
     std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
       cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
@@ -160,6 +170,7 @@ class ThreadEngine final : public Engine {
   bool stop_ = false;
   std::deque<std::shared_ptr<Batch>> queue_;
   std::vector<std::thread> workers_;
+  std::vector<detail::AlignedBuffer> worker_bounce_;  // one per worker, fixed size
   std::mutex bounce_mu_;
   std::vector<detail::AlignedBuffer> bounce_pool_;
 };

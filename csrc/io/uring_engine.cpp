@@ -269,8 +269,13 @@ class UringEngine final : public Engine {
     if (rc < 0) {
       // Ring already destroyed by the failed init; avoid a double exit.
       r.release();
-      throw UnsupportedError(std::string("io_uring_queue_init(") + std::to_string(opt_.queue_depth) +
-                             ") failed: " + std::strerror(-rc));
+      const std::string what = std::string("io_uring_queue_init(") + std::to_string(opt_.queue_depth) +
+                               ") failed: " + std::strerror(-rc);
+      // Out of a resource (locked memory on kernels < 5.12, descriptors): an
+      // OSError the caller can act on, not "unsupported".
+      if (rc == -ENOMEM || rc == -EMFILE || rc == -ENFILE || rc == -EAGAIN)
+        throw ResourceError(-rc, "", what + " (RLIMIT_MEMLOCK, RLIMIT_NOFILE; or a smaller queue_depth)");
+      throw UnsupportedError(what);
     }
     // Registered files: slot 2i is the buffered fd of file i, 2i+1 the direct fd
     // (-1, a sparse slot, when there is none).
@@ -322,11 +327,19 @@ class UringEngine final : public Engine {
         sync_regions(*r);
         return r;
       }
-      if (created_ < kMaxRings) {
+      if (created_ < ring_limit_) {
         ++created_;
         lk.unlock();
         try {
           return make_ring();
+        } catch (const ResourceError&) {
+          lk.lock();
+          --created_;
+          if (created_ == 0) throw;
+          // The OS refuses another ring (descriptors, locked memory): share the
+          // rings that exist instead of failing this read.
+          ring_limit_ = created_;
+          continue;
         } catch (...) {
           lk.lock();
           --created_;
@@ -605,6 +618,7 @@ class UringEngine final : public Engine {
   std::condition_variable pool_cv_;
   std::vector<std::unique_ptr<Ring>> free_;
   size_t created_ = 0;
+  size_t ring_limit_ = kMaxRings;  // lowered when the OS refuses a ring (guarded by pool_mu_)
   std::atomic<int64_t> registered_files_{0}, registered_buffers_{0}, registered_regions_{0};
   std::mutex regions_mu_;
   Region regions_[kMaxRegions];

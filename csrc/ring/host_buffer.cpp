@@ -1,6 +1,7 @@
 #include "ring/host_buffer.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -17,7 +18,8 @@ constexpr uint64_t kHuge = 2ull << 20;
 constexpr uint64_t kPage = 4096;
 }  // namespace
 
-HostBuffer::HostBuffer(uint64_t nbytes) : nbytes_(nbytes) {
+HostBuffer::HostBuffer(uint64_t nbytes, bool dont_fork)
+    : nbytes_(nbytes), owner_pid_(static_cast<int>(::getpid())) {
   if (nbytes == 0) throw std::invalid_argument("HostBuffer needs nbytes > 0");
   const bool want_huge = nbytes >= kHuge;
   const uint64_t rounded = want_huge ? (nbytes + kHuge - 1) / kHuge * kHuge
@@ -39,13 +41,31 @@ HostBuffer::HostBuffer(uint64_t nbytes) : nbytes_(nbytes) {
     huge_ = ::madvise(data_, rounded, MADV_HUGEPAGE) == 0;
 #endif
   }
+  if (dont_fork) {
+    // The whole mapping, so no page of it is inherited by a child.
+    if (::madvise(map_, map_bytes_, MADV_DONTFORK) != 0) {
+      int e = errno;
+      ::munmap(map_, map_bytes_);
+      map_ = nullptr;
+      throw std::system_error(e, std::generic_category(),
+                              "madvise(MADV_DONTFORK) of " + std::to_string(map_bytes_) +
+                                  " bytes of host buffer");
+    }
+    dont_fork_ = true;
+  }
   g_live_bytes.fetch_add(map_bytes_);
   g_live_count.fetch_add(1);
 }
 
+bool HostBuffer::unmapped_here() const {
+  return dont_fork_ && static_cast<int>(::getpid()) != owner_pid_;
+}
+
 HostBuffer::~HostBuffer() {
   if (map_) {
-    ::munmap(map_, map_bytes_);
+    // In a forked child a MADV_DONTFORK mapping does not exist; the range may
+    // hold another mapping of the child by now, which must not be unmapped.
+    if (!unmapped_here()) ::munmap(map_, map_bytes_);
     g_live_bytes.fetch_sub(map_bytes_);
     g_live_count.fetch_sub(1);
   }

@@ -15,8 +15,17 @@ namespace llmio {
 
 class HostBuffer {
  public:
-  // nbytes > 0. Throws std::bad_alloc (as std::system_error ENOMEM) on failure.
-  explicit HostBuffer(uint64_t nbytes);
+  // nbytes > 0. Throws std::system_error (ENOMEM) when the mapping fails.
+  //
+  // dont_fork: madvise(MADV_DONTFORK), for memory that is page-locked for DMA
+  // (a ring arena under cudaHostRegister or io_uring fixed buffers). A fork
+  // would otherwise share those pages copy-on-write, and on older kernels the
+  // parent's next write can move it to a fresh page while the device keeps
+  // reading the old one. A forked child has no mapping at that address then;
+  // the destructor does not munmap it there (the child may have mapped
+  // something else at that address since), and users of the buffer must not
+  // touch it in a child (SlotRing refuses every call there).
+  explicit HostBuffer(uint64_t nbytes, bool dont_fork = false);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
@@ -24,6 +33,10 @@ class HostBuffer {
   uint8_t* data() const { return data_; }
   uint64_t size() const { return nbytes_; }     // usable bytes
   bool huge_pages() const { return huge_; }     // MADV_HUGEPAGE accepted
+  bool dont_fork() const { return dont_fork_; } // MADV_DONTFORK applied
+  // True in a process forked after this buffer was made with dont_fork: the
+  // memory is not mapped here.
+  bool unmapped_here() const;
 
   // Bytes currently mapped by all live HostBuffers of the process.
   static uint64_t live_bytes();
@@ -35,6 +48,8 @@ class HostBuffer {
   uint8_t* data_ = nullptr;
   uint64_t nbytes_ = 0;
   bool huge_ = false;
+  bool dont_fork_ = false;
+  int owner_pid_ = 0;
 };
 
 }  // namespace llmio

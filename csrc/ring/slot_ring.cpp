@@ -7,6 +7,7 @@
 #include <string>
 
 #include "io/file.hpp"
+#include "io/threads.hpp"
 
 namespace llmio {
 
@@ -25,8 +26,13 @@ SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t 
   if (num_slots == 0) throw std::invalid_argument("num_slots must be >= 1");
   if (slot_bytes == 0) throw std::invalid_argument("slot_bytes must be >= 1");
   if (num_producers == 0) throw std::invalid_argument("num_producers must be >= 1");
+  if (slot_bytes > (1ull << 48) || uint64_t(num_slots) * align_up(slot_bytes, 4096) > (1ull << 48))
+    throw std::invalid_argument("ring of num_slots=" + std::to_string(num_slots) + " x slot_bytes=" +
+                                std::to_string(slot_bytes) + " is larger than the address space");
   slot_bytes_ = align_up(slot_bytes, 4096);  // every slot starts page-aligned
-  arena_ = std::make_unique<HostBuffer>(uint64_t(num_slots_) * slot_bytes_);
+  // MADV_DONTFORK: the arena is page-locked for DMA (cudaHostRegister, io_uring
+  // fixed buffers); a forked child must not share its pages copy-on-write.
+  arena_ = std::make_unique<HostBuffer>(uint64_t(num_slots_) * slot_bytes_, /*dont_fork=*/true);
   held_.assign(num_slots_, 0);
   for (uint32_t s = num_slots_; s-- > 0;) free_.push_back(s);
   // Register the arena as fixed buffers (1 GiB pieces) where the engine can.
@@ -35,7 +41,20 @@ SlotRing::SlotRing(std::shared_ptr<Reader> reader, uint32_t num_slots, uint64_t 
     int id = reader_->register_region(arena_->data() + off, std::min<uint64_t>(1ull << 30, total - off));
     if (id >= 0) regions_.push_back(id);
   }
-  for (uint32_t t = 0; t < num_producers; ++t) threads_.emplace_back([this] { producer(); });
+  try {
+    detail::start_threads(
+        threads_, num_producers, "ring producers", [this](uint32_t) { producer(); },
+        [this] {
+          std::lock_guard<std::mutex> g(mu_);
+          stop_ = true;
+          cv_work_.notify_all();
+        });
+  } catch (...) {
+    // start_threads joined the producers it started: no read targets the arena.
+    for (int id : regions_) reader_->unregister_region(id);
+    regions_.clear();
+    throw;
+  }
 }
 
 SlotRing::~SlotRing() {
@@ -118,29 +137,31 @@ void SlotRing::producer() {
     lk.unlock();
 
     auto t0 = std::chrono::steady_clock::now();
-    uint8_t* base = slot_ptr(slot);
-    rr.clear();
-    for (size_t k = 0; k < job.reqs.size(); ++k) {
-      ReadRequest q;
-      q.file = job.reqs[k].file;
-      q.offset = job.reqs[k].offset;
-      q.nbytes = job.reqs[k].nbytes;
-      q.dst = base + job.offsets[k];
-      // Slack up to the neighbouring alignment boundaries (aligned layout).
-      const uint64_t A = reader_->alignment(q.file);
-      const uint64_t lo = job.offsets[k] - job.offsets[k] % A;
-      const uint64_t hi = std::min<uint64_t>(align_up(job.offsets[k] + q.nbytes, A), slot_bytes_);
-      const uint64_t prev_end = k ? job.offsets[k - 1] + job.reqs[k - 1].nbytes : 0;
-      const uint64_t next_start = k + 1 < job.reqs.size() ? job.offsets[k + 1] : slot_bytes_;
-      // Never scribble over a neighbour's bytes (packed layout shares blocks).
-      const uint64_t lo_ok = std::max(lo, prev_end);
-      const uint64_t hi_ok = std::min(hi, next_start);
-      q.slack_before = static_cast<uint32_t>(job.offsets[k] - std::min(lo_ok, job.offsets[k]));
-      q.slack_after = static_cast<uint32_t>(hi_ok > job.offsets[k] + q.nbytes ? hi_ok - job.offsets[k] - q.nbytes : 0);
-      rr.push_back(q);
-    }
     CapturedError err;
+    // Everything between taking the job and handing it back runs inside the try:
+    // an exception escaping a thread function would call std::terminate.
     try {
+      uint8_t* base = slot_ptr(slot);
+      rr.clear();
+      for (size_t k = 0; k < job.reqs.size(); ++k) {
+        ReadRequest q;
+        q.file = job.reqs[k].file;
+        q.offset = job.reqs[k].offset;
+        q.nbytes = job.reqs[k].nbytes;
+        q.dst = base + job.offsets[k];
+        // Slack up to the neighbouring alignment boundaries (aligned layout).
+        const uint64_t A = reader_->alignment(q.file);
+        const uint64_t lo = job.offsets[k] - job.offsets[k] % A;
+        const uint64_t hi = std::min<uint64_t>(align_up(job.offsets[k] + q.nbytes, A), slot_bytes_);
+        const uint64_t prev_end = k ? job.offsets[k - 1] + job.reqs[k - 1].nbytes : 0;
+        const uint64_t next_start = k + 1 < job.reqs.size() ? job.offsets[k + 1] : slot_bytes_;
+        // Never scribble over a neighbour's bytes (packed layout shares blocks).
+        const uint64_t lo_ok = std::max(lo, prev_end);
+        const uint64_t hi_ok = std::min(hi, next_start);
+        q.slack_before = static_cast<uint32_t>(job.offsets[k] - std::min(lo_ok, job.offsets[k]));
+        q.slack_after = static_cast<uint32_t>(hi_ok > job.offsets[k] + q.nbytes ? hi_ok - job.offsets[k] - q.nbytes : 0);
+        rr.push_back(q);
+      }
       reader_->read_batch(rr.data(), rr.size());
     } catch (...) {
       err = CapturedError::from_current("ring producer, job " + std::to_string(job.seq) + " (tag " +

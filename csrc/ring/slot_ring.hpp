@@ -129,14 +129,19 @@ class SlotRing {
   // condition variables may be copied mid-use: there every call but close()
   // raises, and the destructor leaves threads and synchronisation objects to
   // the process exit instead of joining or destroying them (either would hang).
-  // The arena is still unmapped there: the child's pages are its own
-  // copy-on-write copy, no thread of the child reads into them, and a slot view
-  // holds the ring alive, so nothing in the child can reach them once the ring
-  // dies; leaking it would cost every worker the whole arena. The engine's
-  // registrations of the arena belong to the parent and are not undone.
+  // The arena is MADV_DONTFORK (see HostBuffer): the child has no pages there
+  // at all, so it costs a worker nothing, and the child must not touch it (the
+  // bindings refuse slot views there; HostBuffer's destructor skips munmap).
+  // The engine's registrations of the arena belong to the parent and are not
+  // undone.
   int owner_pid_;
-  bool foreign() const;
   void check_owner(const char* what) const;
+
+ public:
+  // True in a process forked after the ring was made.
+  bool foreign() const;
+
+ private:
   struct Sync {
     std::mutex mu;
     std::condition_variable cv_work, cv_done;

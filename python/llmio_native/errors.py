@@ -7,6 +7,9 @@ The C++ core raises these through the bindings:
   that names the file, offset and length: ``read shard.bin @ 4096 (+1048576): ...``.
 * :class:`ShortReadError` (an ``OSError``, errno ENODATA): the file ended before the
   requested range did (a truncated file, or a request past EOF).
+* :class:`ResourceError` (an ``OSError``, errno ``EAGAIN``): the OS refused a native
+  thread (``ulimit -u`` / RLIMIT_NPROC, a container pids limit); the message names what
+  was being started and how many threads. Nothing is left half-built.
 * :class:`UnsupportedError`: a capability that was explicitly asked for (a forced
   backend, ``LLMIO_BACKEND=io_uring``) is not available here.
 * :class:`CudaError`: a CUDA call failed.
@@ -27,6 +30,7 @@ from ._native import _core
 
 UnsupportedError = _core.UnsupportedError
 ShortReadError = _core.ShortReadError
+ResourceError = _core.ResourceError
 CudaError = _core.CudaError
 
 
@@ -53,5 +57,5 @@ class IncompleteDatasetError(FormatError):
     """A dataset directory has no ``manifest.json``: its writer did not finish."""
 
 
-__all__ = ["UnsupportedError", "ShortReadError", "CudaError", "FormatError", "ChecksumError",
+__all__ = ["UnsupportedError", "ShortReadError", "ResourceError", "CudaError", "FormatError", "ChecksumError",
            "IncompleteDatasetError"]

@@ -37,6 +37,15 @@ def resolve_backend(backend: str = "auto") -> str:
     return choice
 
 
+def _check_path(p: Any) -> str:
+    """``p`` (str, bytes or path-like) as a str. ValueError naming it for an embedded NUL:
+    the C string would end there and open a different file (the prefix)."""
+    path = os.fsdecode(os.fspath(p))
+    if "\0" in path:
+        raise ValueError(f"path {path!r} contains a NUL byte")
+    return path
+
+
 def _ensure_fd_limit(needed: int) -> None:
     """Each file takes two descriptors (buffered and O_DIRECT); a dataset of thousands of
     shards outgrows the usual soft RLIMIT_NOFILE of 1024. Raise the soft limit towards the
@@ -101,8 +110,11 @@ class Reader:
 
     Raises:
         FileNotFoundError, PermissionError, IsADirectoryError: a path cannot be opened.
+        OSError (EINVAL): a path is not a regular file (FIFO, device, socket); the open
+            never blocks.
+        ResourceError (an OSError, EAGAIN): the OS refused a worker thread.
         UnsupportedError: io_uring forced but unusable.
-        ValueError: bad option values.
+        ValueError: bad option values, or a path with an embedded NUL.
     """
 
     def __init__(
@@ -114,9 +126,9 @@ class Reader:
         num_threads: int = 16,
         max_io_bytes: int = 1 << 20,
     ) -> None:
-        if isinstance(paths, (str, os.PathLike)):
+        if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
-        self.paths = [os.fspath(p) for p in paths]
+        self.paths = [_check_path(p) for p in paths]
         self.direct = bool(direct)
         self.queue_depth = int(queue_depth)
         self.num_threads = int(num_threads)
@@ -131,8 +143,10 @@ class Reader:
     # -- lifecycle -----------------------------------------------------------------
     def _handle(self) -> Any:
         if self._native is None or self._native_pid != os.getpid():
+            # As bytes (os.fsencode): a file name that is not valid UTF-8 reaches open(2)
+            # unchanged (a str would fail to convert).
             self._native = _core.Reader(
-                self.paths, self.backend, self.direct, self.queue_depth, self.num_threads, self.max_io_bytes
+                [os.fsencode(p) for p in self.paths], self.backend, self.direct, self.queue_depth, self.num_threads, self.max_io_bytes
             )
             self._native_pid = os.getpid()
         return self._native

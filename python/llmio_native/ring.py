@@ -30,6 +30,107 @@ def _cuda_runtime() -> Any:
     return None
 
 
+# cudaHostRegisterPortable: the pages count as pinned for every CUDA context, not
+# only the one current at registration.
+CUDA_HOST_REGISTER_PORTABLE = 1
+
+
+def _clear_cuda_error() -> bool:
+    """Reset the CUDA runtime's per-thread "last error" after a failed call.
+
+    torch's ``cudart()`` returns the error of ``cudaHostRegister`` but leaves it set
+    as the runtime's last error; the next torch kernel launch check
+    (``cudaGetLastError``) would then raise it, attributed to an unrelated op. torch
+    does not expose ``cudaGetLastError``, so this calls it in the libcudart that is
+    already loaded in the process (the one torch uses; never loads another).
+    Returns True when it was cleared."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "libcudart" in line and "/" in line}
+    except OSError:  # pragma: no cover - no procfs
+        return False
+    cleared = False
+    for lib in sorted(libs):
+        try:
+            rt = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            rt.cudaGetLastError()
+            cleared = True
+        except (OSError, AttributeError):
+            continue
+    return cleared
+
+
+def _cuda_error_text(rt: Any, err: Any) -> str:
+    """``cudaErrorName (code): runtime's own description`` for a cudaError returned by
+    torch's cudart (whose enum only names ``success``, so ``str(err)`` is ``cudaError.???``)."""
+    code = int(err)
+    try:
+        text = rt.cudaGetErrorString(err)
+    except Exception:  # pragma: no cover - a runtime without the call
+        text = ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return f"CUDA error {code}: {text}" if text else f"CUDA error {code}"
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int):
+        return True
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def _device_index(device: Any) -> int | None:
+    """The CUDA device index of ``device`` (None, int, "cuda", "cuda:1", torch.device);
+    None for a non-CUDA device. None means the current device."""
+    if device is None:
+        return None
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if dev.type != "cuda":
+        return None
+    return dev.index
+
+
+class _on_device:
+    """Make CUDA device ``index`` current for the block (the host registration then creates
+    or uses that device's context, never device 0's). ``None``: leave the current device."""
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+        self._guard: Any = None
+
+    def __enter__(self) -> None:
+        if self.index is not None:
+            import torch
+
+            self._guard = torch.cuda.device(self.index)
+            self._guard.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+            self._guard = None
+
+
+def _cuda_host_call(rt: Any, device: int | None, what: str, fn: str, *args: Any) -> None:
+    """Run ``rt.<fn>(*args)`` with ``device`` current. On failure clear the runtime's
+    last error (so it is not re-raised by an unrelated torch call) and raise CudaError
+    with the runtime's own error string."""
+    from .errors import CudaError
+
+    with _on_device(device):
+        err = getattr(rt, fn)(*args)
+    if int(err) != 0:
+        _clear_cuda_error()
+        where = "current device" if device is None else f"cuda:{device}"
+        raise CudaError(f"{what} on {where} failed: {_cuda_error_text(rt, err)}")
+
+
 class PinnedRing:
     """A ring of ``num_slots`` host slots of ``slot_bytes`` each, fed from ``reader``.
 
@@ -42,10 +143,16 @@ class PinnedRing:
         slot_bytes: capacity of one slot.
         num_producers: C++ threads filling slots (each runs one job at a time).
         pin: page-lock for CUDA: ``None`` = when CUDA is available, ``True`` = require it.
+        device: the CUDA device the slots are copied to (``"cuda:1"``, an index, a
+            ``torch.device``); the arena is registered there (portable, so copies to
+            any device are async), so no context is created on another GPU.
+            ``None``: the current device. A CPU device means no page-locking
+            (``pin=True`` with a CPU device is a ValueError).
 
     Raises:
-        ValueError: bad sizes. UnsupportedError: ``pin=True`` without CUDA.
-        CudaError: cudaHostRegister failed.
+        ValueError: bad sizes or thread counts. UnsupportedError: ``pin=True`` without CUDA.
+        ResourceError (an OSError, errno EAGAIN): the OS refused a producer thread.
+        CudaError: cudaHostRegister failed (the message carries the runtime's error).
     """
 
     def __init__(
@@ -55,25 +162,49 @@ class PinnedRing:
         slot_bytes: int,
         num_producers: int = 1,
         pin: bool | None = None,
+        *,
+        device: Any = None,
     ) -> None:
-        from .errors import CudaError, UnsupportedError
+        from .errors import UnsupportedError
 
         self.reader = reader
         self._pid = os.getpid()
-        self._ring = _core.SlotRing(reader._handle(), num_slots, slot_bytes, num_producers)
-        self._pending_release: list[tuple[Any, Any]] = []
         self._cudart = None
-        if pin is not False:
+        self._pending_release: list[tuple[Any, Any]] = []
+        self._device: int | None = None
+        cpu_device = False
+        if device is not None and pin is not False:
+            self._device = _device_index(device)
+            cpu_device = self._device is None and not _is_cuda_device(device)
+            if cpu_device and pin:
+                raise ValueError(f"PinnedRing(pin=True) pins for a CUDA device, got device={device!r}")
+        self._ring = _core.SlotRing(reader._handle(), num_slots, slot_bytes, num_producers)
+        if pin is not False and not cpu_device:
             rt = _cuda_runtime()
             if rt is None and pin:
-                self._ring.close()
+                self._drop_ring()
                 raise UnsupportedError("PinnedRing(pin=True) needs CUDA, and torch.cuda is not available")
             if rt is not None:
-                err = rt.cudaHostRegister(self._ring.arena_ptr, self._ring.arena_bytes, 0)
-                if int(err) != 0:
-                    self._ring.close()
-                    raise CudaError(f"cudaHostRegister of {self._ring.arena_bytes} bytes failed: {err}")
+                try:
+                    if self._device is not None:
+                        import torch
+
+                        if not 0 <= self._device < torch.cuda.device_count():
+                            raise ValueError(f"device={device!r}: this process sees "
+                                             f"{torch.cuda.device_count()} CUDA devices")
+                    _cuda_host_call(rt, self._device, f"cudaHostRegister of {self._ring.arena_bytes} bytes",
+                                    "cudaHostRegister", self._ring.arena_ptr, self._ring.arena_bytes,
+                                    CUDA_HOST_REGISTER_PORTABLE)
+                except BaseException:
+                    self._drop_ring()
+                    raise
                 self._cudart = rt
+
+    def _drop_ring(self) -> None:
+        """Close the native ring and drop it, so that the arena is unmapped now rather
+        than when the constructor's exception (whose traceback holds ``self``) dies."""
+        self._ring.close()
+        del self._ring
 
     # -- producer side -------------------------------------------------------------
     def required_bytes(self, requests: Sequence[tuple[int, int, int]], packed: bool = False) -> int:
@@ -138,14 +269,17 @@ class PinnedRing:
             self._pending_release = []
             self._cudart = None
             return
+        if getattr(self, "_ring", None) is None:  # the constructor failed
+            return
         for slot, event in self._pending_release:
             event.synchronize()
             slot.release()
         self._pending_release = []
         self._ring.close()
         if self._cudart is not None:
-            self._cudart.cudaHostUnregister(self._ring.arena_ptr)
-            self._cudart = None
+            rt, self._cudart = self._cudart, None
+            _cuda_host_call(rt, self._device, "cudaHostUnregister of the ring arena",
+                            "cudaHostUnregister", self._ring.arena_ptr)
 
     def __enter__(self) -> "PinnedRing":
         return self
@@ -163,6 +297,12 @@ class PinnedRing:
     @property
     def pinned(self) -> bool:
         return self._cudart is not None
+
+    @property
+    def device(self) -> int | None:
+        """CUDA device index the arena is registered on (None: the device current at
+        construction, or not pinned)."""
+        return self._device
 
     @property
     def num_slots(self) -> int:
