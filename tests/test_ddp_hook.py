@@ -275,7 +275,7 @@ def np_det_model(world: int, n: int, steps: int, dtype: torch.dtype) -> list:
         for o in range(world):
             sl = slice(o * shard, (o + 1) * shard)
             s_int = np.sum([c[sl].astype(np.int32) for c in codes], axis=0)
-            v2 = (s_int.astype(np.float32) * scale_e[sl]) / np.float32(world) + res_s[o]
+            v2 = (s_int.astype(np.float32) / np.float32(world)) * scale_e[sl] + res_s[o]  # mean code * scale
             c2, s2, res_s[o] = np_quantize_one(v2.astype(np.float32))
             out[sl] = c2.astype(np.float32) * np.repeat(s2, 256)
         outs.append(torch.from_numpy(out[:n]).to(dtype).float().numpy())
