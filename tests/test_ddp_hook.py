@@ -377,16 +377,16 @@ def test_hierarchical_two_fake_nodes(tmp_path, deterministic):
 def test_hierarchical_configuration_errors(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="world size 4 is not divisible by local_world_size 3"):
-        Int8CompressState(local_world_size=3)._topology(None, 4, 0)
+        Int8CompressState(local_world_size=3)._topology_local(4, 0)
     with pytest.raises(ValueError, match="one node: world size 4, local_world_size 4"):
-        Int8CompressState(hierarchical=True, local_world_size=4)._topology(None, 4, 0)
+        Int8CompressState(hierarchical=True, local_world_size=4)._topology_local(4, 0)
     with pytest.raises(ValueError, match="local_world_size"):
-        Int8CompressState(hierarchical=True)._topology(None, 4, 0)
+        Int8CompressState(hierarchical=True)._topology_local(4, 0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 8 is not divisible by local_world_size 3"):
-        Int8CompressState()._topology(None, 8, 0)
-    assert Int8CompressState(hierarchical=False)._topology(None, 8, 5) == (False, 8, 1, 5, 0)
-    assert Int8CompressState(local_world_size=4)._topology(None, 4, 1) == (False, 4, 1, 1, 0)  # one node: flat
+        Int8CompressState()._topology_local(8, 0)
+    assert Int8CompressState(hierarchical=False)._topology_local(8, 5) == (False, 8, 1, 5, 0)
+    assert Int8CompressState(local_world_size=4)._topology_local(4, 1) == (False, 4, 1, 1, 0)  # one node: flat
     with pytest.raises(ValueError, match="local_world_size must be >= 1"):
         Int8CompressState(local_world_size=0)
     with pytest.raises(ValueError, match="hierarchical"):
