@@ -40,7 +40,8 @@ Where it runs:
 ``deterministic=True``: the phase-1 scales are shared by all ranks (one all-reduce MAX of the
 per-block absmax of x + residual, N/256 fp32 values), phase 1 sends codes only, and the owner
 sums the integer codes exactly (int32) — the result does not depend on the order in which
-contributions arrive; it scales the mean code (sum / W, at most 127) so it cannot overflow. Phase 2 is quantized by the owner alone, so its scales are unique by
+contributions arrive; it scales the mean code (sum / W, at most 127) so it cannot overflow.
+Phase 2 is quantized by the owner alone, so its scales are unique by
 construction. Extra bytes: 2 (W-1)/W * 4N/256 for the all-reduce, less (W-1)/W * 4N/256 of
 scales not sent in phase 1: (W-1)/W * 4N/256 in all (``stats()["bytes_scale_allreduce"]``).
 
@@ -48,7 +49,10 @@ scales not sent in phase 1: (W-1)/W * 4N/256 in all (``stats()["bytes_scale_allr
 ``local_world_size`` or ``LOCAL_WORLD_SIZE``): an fp32 reduce-scatter inside each node
 (``L`` ranks), the INT8 two-phase exchange of each rank's chunk across the ``M`` nodes among
 the ranks with the same local rank, and an all-gather inside the node. Ranks must be laid out
-node by node (rank = node * L + local rank, as torchrun does). Inter-node bytes per rank:
+node by node (rank = node * L + local rank, as torchrun does); every rank checks its own
+view and one all-reduce before any ``new_group`` shares the verdicts, so a bad layout raises
+on every rank. Each rank's values are divided by L before the intra-node sum (no overflow).
+Inter-node bytes per rank:
 2 (M-1)/M * (N/L) * (1 + 4/256).
 """
 import os
@@ -72,6 +76,9 @@ def cuda_kernels_usable() -> Tuple[bool, str]:
 
     :func:`llmio_native._native.cuda_usable` (does *our* ``_cuda`` module see a device),
     plus a check that the build has the INT8 kernels.
+
+    Raises:
+        Nothing: an unusable module is reported in the returned reason.
     """
     ok, why = _native.cuda_usable()
     if ok and not hasattr(_native._cuda, "int8_quantize_pack"):
@@ -82,7 +89,11 @@ def cuda_kernels_usable() -> Tuple[bool, str]:
 def group_takes_cpu_tensors(backend: str) -> bool:
     """Whether a process group with this backend (``str(dist.get_backend(group))``) accepts
     CPU tensors: ``gloo`` / ``mpi`` / ``ucc``, or a per-device backend string with a ``cpu``
-    entry (``"cpu:gloo,cuda:nccl"``)."""
+    entry (``"cpu:gloo,cuda:nccl"``).
+
+    Raises:
+        Nothing: an unknown backend name counts as not taking CPU tensors.
+    """
     b = str(backend).lower().replace(" ", "")
     if ":" in b:
         return any(part.split(":", 1)[0] == "cpu" for part in b.split(","))
@@ -93,7 +104,11 @@ def choose_path(device_type: str, kernels_usable: bool, backend: str) -> str:
     """Where a bucket on ``device_type`` is compressed: ``"device"`` (the fused kernels),
     ``"host"`` (the CPU oracle; through host copies for a CUDA bucket) or ``"allreduce"``
     (a plain all-reduce of the bucket: a CUDA bucket whose kernels are unusable, on a group
-    that takes no CPU tensors, e.g. NCCL alone)."""
+    that takes no CPU tensors, e.g. NCCL alone).
+
+    Raises:
+        Nothing: every combination has a path.
+    """
     if device_type != "cuda":
         return "host"
     if kernels_usable:
@@ -101,7 +116,9 @@ def choose_path(device_type: str, kernels_usable: bool, backend: str) -> str:
     return "host" if group_takes_cpu_tensors(backend) else "allreduce"
 
 
-_ParamKey = Any  # a parameter name (str), ("ptr", data_ptr) in this process, or ("bucket", index, position, shape)
+# a parameter name (str), ("ptr", data_ptr) in this process, or ("bucket", index, position, all the bucket's
+# parameter shapes): a slice of a bucket, restored only into a bucket with the same index and shapes
+_ParamKey = Any
 
 
 class Int8CompressState:
@@ -128,7 +145,7 @@ class Int8CompressState:
     does) keeps them per parameter name where the state knows the names (``model=``,
     :meth:`bind`, or an earlier :meth:`state_dict` / :meth:`load_state_dict`), else per
     parameter slice of each bucket (restored into a bucket with the same index and parameter
-    shapes), never by memory address.
+    shapes: pass ``model=`` where layers repeat), never by memory address.
 
     Raises:
         ValueError: a negative ``warmup_steps`` / ``min_numel``, a ``local_world_size`` < 1,
@@ -255,8 +272,8 @@ class Int8CompressState:
         off = 0
         for pos, (ptr, numel, shape) in enumerate(params):
             key = self._names.get(ptr)
-            if key is None:
-                key = ("bucket", idx, pos, tuple(shape)) if portable else ("ptr", ptr)
+            if key is None:  # a bucket slice: the bucket's index, the position in it and all its shapes
+                key = ("bucket", idx, pos, tuple(q[2] for q in params)) if portable else ("ptr", ptr)
             out.append((key, tw[off:off + numel].copy(), ts[off:off + numel].copy()))
             off += numel
         return out
@@ -376,7 +393,8 @@ class Int8CompressState:
 
     # ------------------------------------------------------------------ internals
 
-    def _topology_local(self, world: int, rank: int, full_world: Optional[int] = None) -> Tuple[bool, int, int, int, int]:
+    def _topology_local(self, world: int, rank: int,
+                        full_world: Optional[int] = None) -> Tuple[bool, int, int, int, int]:
         """This rank's view: (hierarchical, L ranks per node, M nodes, local rank, node).
         No collective; :meth:`_topology` agrees on the verdict across ranks.
 
@@ -501,15 +519,15 @@ class Int8CompressState:
             full_s = np.zeros(n_pad, np.float32)
             off = 0
             for pos, (ptr, numel, shape) in enumerate(info):  # residuals restored per parameter
-                ent = None
                 name = self._names.get(ptr)
-                for key in ((name,) if name is not None else ()) + (("ptr", ptr), ("bucket", idx, pos, shape)):
+                # every entry for this parameter, summed: e.g. an unpickled bucket-slice residual that
+                # waited through a restart's first DDP layout, and what that step left
+                slice_key = ("bucket", idx, pos, sig[1])
+                for key in ((name,) if name is not None else ()) + (("ptr", ptr), slice_key):
                     ent = self._pending.pop(key, None)
                     if ent is not None:
-                        break
-                if ent is not None:
-                    full_w[off:off + numel] = ent[0]
-                    full_s[off:off + numel] = ent[1]
+                        full_w[off:off + numel] += ent[0]
+                        full_s[off:off + numel] += ent[1]
                 off += numel
             lo, hi = chunk_off + shard_off, chunk_off + shard_off + shard
             shard_res = full_s[lo:hi].copy()  # the part this rank owns now: exact
