@@ -725,3 +725,49 @@ def test_bad_hierarchical_layout_raises_on_every_rank_without_hanging(tmp_path):
         (kind, msg), took = pickle.load(open(tmp_path / f"layout{rank}.pkl", "rb"))
         assert kind == "RuntimeError", (rank, kind, msg)
         assert "not laid out node by node" in msg and took < 15, (rank, msg, took)
+
+
+def ddp_restart_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(3 + rank)
+
+    def step(m: torch.nn.Module) -> None:
+        m.zero_grad()
+        m(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+
+    model = torch.nn.parallel.DistributedDataParallel(make_model(torch.float32), bucket_cap_mb=0.02)
+    state = Int8CompressState(warmup_steps=1, min_numel=256)  # no model=: pickled by bucket slices
+    model.register_comm_hook(state, int8_compress_hook)
+    for _ in range(4):
+        step(model)
+    blob = pickle.dumps(state)
+    del model, state
+    # A restarted job: new tensors; DDP's first step uses its initial layout, then rebuilds.
+    base = make_model(torch.float32)
+    model2 = torch.nn.parallel.DistributedDataParallel(base, bucket_cap_mb=0.02)
+    state2 = pickle.loads(blob)
+    model2.register_comm_hook(state2, int8_compress_hook)
+    for _ in range(2):
+        step(model2)
+    sd = state2.state_dict(base)
+    allg = [torch.empty(sum(p.numel() for p in base.parameters())) for _ in range(world)]
+    dist.all_gather(allg, torch.cat([p.grad.flatten() for p in base.parameters()]))
+    with open(os.path.join(out_dir, f"ddprestart{rank}.pkl"), "wb") as f:
+        pickle.dump({"pending_left": len(state2._pending), "names": sorted(sd["residuals"]),
+                     "nonzero": all(np.abs(v).sum() > 0 for v in sd["residuals"].values()),
+                     "same": all(torch.equal(allg[0], t) for t in allg[1:])}, f)
+    del model2
+    teardown()
+
+
+def test_unpickled_state_in_a_restarted_ddp_job_places_every_residual(tmp_path):
+    """Issue 9 with real DDP: a state pickled without names, unpickled into a new job (new
+    tensors, DDP's initial layout on the first step, its rebuilt one after) places every
+    saved residual and state_dict(new model) names every parameter (it returned {})."""
+    mp.spawn(ddp_restart_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"ddprestart{rank}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert res["pending_left"] == 0 and res["same"], res
+        assert res["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"] and res["nonzero"], res
