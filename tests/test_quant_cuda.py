@@ -158,6 +158,55 @@ def test_dequant_sum_requant_bit_identical(world, on_stream):
     assert np.isnan(s[2]) == (world >= 1 and shard >= 3 * BLOCK)
 
 
+
+@gpu
+@pytest.mark.parametrize("world", [2, 3])
+def test_owner_kernels_near_fp32_max_bit_identical_and_finite(world, on_stream):
+    """Issue 9: every rank holds ~3e38 in block 1: the owner's sums (fp32 per-copy / W, and the
+    deterministic mean code * scale) stay finite, bit-identical to the CPU oracle."""
+    shard = 256 * 3
+    sb = shard // BLOCK
+    xs = [(np.random.default_rng(r).standard_normal(shard)).astype(np.float32) for r in range(world)]
+    for x in xs:
+        x[BLOCK:2 * BLOCK] = np.float32(3e38)
+        x[BLOCK + 9] = np.float32(-3e38)
+    recv = np.concatenate([oracle_pack(torch.from_numpy(x), np.zeros(shard, np.float32), shard, 1) for x in xs])
+    rv = recv.reshape(world, -1)
+    codes_w = np.ascontiguousarray(rv[:, :shard]).view(np.int8)
+    scales_w = np.ascontiguousarray(rv[:, shard:]).view(np.float32)
+    er = np.zeros(shard, np.float32)
+    c = np.empty(shard, np.int8)
+    sc = np.empty(sb, np.float32)
+    _core.dequant_sum_requant_ref(codes_w, scales_w, er, c, sc)
+    assert np.isfinite(sc).all()
+    d_recv, d_res = torch.from_numpy(recv).cuda(), torch.zeros(shard, device="cuda")
+    own = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
+    _cuda.int8_dequant_sum_requant(d_recv.data_ptr(), world, shard, d_res.data_ptr(), own.data_ptr(), stream())
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(bits(own), np.concatenate([c.view(np.uint8), sc.view(np.uint8)]))
+    np.testing.assert_array_equal(bits(d_res), bits(er))
+    # deterministic: shared scales, integer sum
+    g = np.max([np.abs(x).reshape(-1, BLOCK).max(1) for x in xs], axis=0).astype(np.float32)
+    shared_codes, shared_sc = [], np.empty(sb, np.float32)
+    for x in xs:
+        cc = np.empty(shard, np.int8)
+        _core.quantize_blocks_shared_ref(x, None, g, cc, shared_sc)
+        shared_codes.append(cc)
+    cw = np.stack(shared_codes)
+    er2 = np.zeros(shard, np.float32)
+    c2 = np.empty(shard, np.int8)
+    s2 = np.empty(sb, np.float32)
+    _core.dequant_sum_requant_shared_ref(cw, shared_sc, er2, c2, s2)
+    assert np.isfinite(s2).all()
+    d_codes = torch.from_numpy(cw.reshape(-1).view(np.uint8)).cuda()
+    d_sc, d_res2 = torch.from_numpy(shared_sc).cuda(), torch.zeros(shard, device="cuda")
+    own2 = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
+    _cuda.int8_dequant_sum_requant_shared(d_codes.data_ptr(), world, shard, d_sc.data_ptr(), d_res2.data_ptr(),
+                                          own2.data_ptr(), stream())
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(bits(own2), np.concatenate([c2.view(np.uint8), s2.view(np.uint8)]))
+    np.testing.assert_array_equal(bits(d_res2), bits(er2))
+
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("world,n", [(1, 700), (2, 2048), (3, 256 * 3 * 4 - 5)])
