@@ -275,7 +275,7 @@ def np_det_model(world: int, n: int, steps: int, dtype: torch.dtype) -> list:
         for o in range(world):
             sl = slice(o * shard, (o + 1) * shard)
             s_int = np.sum([c[sl].astype(np.int32) for c in codes], axis=0)
-            v2 = (s_int.astype(np.float32) * scale_e[sl]) / np.float32(world) + res_s[o]
+            v2 = (s_int.astype(np.float32) / np.float32(world)) * scale_e[sl] + res_s[o]  # mean code * scale
             c2, s2, res_s[o] = np_quantize_one(v2.astype(np.float32))
             out[sl] = c2.astype(np.float32) * np.repeat(s2, 256)
         outs.append(torch.from_numpy(out[:n]).to(dtype).float().numpy())
@@ -377,16 +377,16 @@ def test_hierarchical_two_fake_nodes(tmp_path, deterministic):
 def test_hierarchical_configuration_errors(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="world size 4 is not divisible by local_world_size 3"):
-        Int8CompressState(local_world_size=3)._topology(None, 4, 0)
+        Int8CompressState(local_world_size=3)._topology_local(4, 0)
     with pytest.raises(ValueError, match="one node: world size 4, local_world_size 4"):
-        Int8CompressState(hierarchical=True, local_world_size=4)._topology(None, 4, 0)
+        Int8CompressState(hierarchical=True, local_world_size=4)._topology_local(4, 0)
     with pytest.raises(ValueError, match="local_world_size"):
-        Int8CompressState(hierarchical=True)._topology(None, 4, 0)
+        Int8CompressState(hierarchical=True)._topology_local(4, 0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 8 is not divisible by local_world_size 3"):
-        Int8CompressState()._topology(None, 8, 0)
-    assert Int8CompressState(hierarchical=False)._topology(None, 8, 5) == (False, 8, 1, 5, 0)
-    assert Int8CompressState(local_world_size=4)._topology(None, 4, 1) == (False, 4, 1, 1, 0)  # one node: flat
+        Int8CompressState()._topology_local(8, 0)
+    assert Int8CompressState(hierarchical=False)._topology_local(8, 5) == (False, 8, 1, 5, 0)
+    assert Int8CompressState(local_world_size=4)._topology_local(4, 1) == (False, 4, 1, 1, 0)  # one node: flat
     with pytest.raises(ValueError, match="local_world_size must be >= 1"):
         Int8CompressState(local_world_size=0)
     with pytest.raises(ValueError, match="hierarchical"):
@@ -413,3 +413,361 @@ def test_ddp_four_ranks_hierarchical_and_deterministic(tmp_path, state_kw):
     assert max(res["errs"][1:]) < 0.05, res["errs"]
     assert res["sum_err"] < max(res["errs"][1:]) + 1e-6
     assert res["state_pickles"]
+
+
+# ---------------------------------------------------------------- issue 9 / 16 regressions
+
+
+class ParamBucket:
+    """A GradBucket over given (real) parameters with a given buffer: the layout stays fixed
+    across a restart, so a restored state must continue bit for bit."""
+
+    def __init__(self, buf: torch.Tensor, index: int, params: list, last: bool) -> None:
+        self._buf, self._index, self._params, self._last = buf, index, params, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+    def parameters(self) -> list:
+        return self._params
+
+
+def _buckets_of(model: torch.nn.Module) -> list:
+    p = dict(model.named_parameters())
+    return [[p["2.bias"], p["2.weight"]], [p["0.bias"], p["0.weight"]]]
+
+
+def _steps(state: Int8CompressState, model: torch.nn.Module, rank: int, first: int, last: int) -> list:
+    outs = []
+    for step in range(first, last):
+        for i, params in enumerate(_buckets_of(model)):
+            n = sum(q.numel() for q in params)
+            buf = torch.from_numpy((np.random.default_rng([rank, step, i]).standard_normal(n) * 3).astype(np.float32))
+            outs.append(int8_compress_hook(state, ParamBucket(buf, i, params, i == 1)).wait().clone())
+    return outs
+
+
+def restart_worker(rank: int, world: int, port: int, out_dir: str, deterministic: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    kw = dict(warmup_steps=1, min_numel=0, deterministic=deterministic)
+    # Uninterrupted run: 6 steps.
+    ref_model = make_model(torch.float32)
+    uninterrupted = _steps(Int8CompressState(**kw), ref_model, rank, 0, 6)
+    # Interrupted after 3 steps: pickle (a) a state that knows the names, (b) one that does not, and
+    # (c) state_dict(model); everything is then rebuilt (new tensors, new addresses) from bytes.
+    old_model = make_model(torch.float32)
+    named, anon = Int8CompressState(model=old_model, **kw), Int8CompressState(**kw)
+    first_named, first_anon = _steps(named, old_model, rank, 0, 3), _steps(anon, old_model, rank, 0, 3)
+    sd_old = named.state_dict(old_model)
+    blobs = pickle.dumps((named, anon, sd_old))
+    del named, anon, old_model
+    res = {"first_same": all(torch.equal(a, b) for a, b in zip(first_named, uninterrupted[:6])) and
+                         all(torch.equal(a, b) for a, b in zip(first_anon, uninterrupted[:6]))}
+    got = {}
+    for mode in ("pickled_named", "pickled_anon", "load_state_dict"):
+        named, anon, sd = pickle.loads(blobs)
+        new_model = make_model(torch.float32)  # a freshly built model: other tensors
+        if mode == "pickled_named":
+            state = named
+            sd_new = state.state_dict(new_model)  # before any step: by name, not by stale address
+            res["sd_names"] = sorted(sd_new["residuals"])
+            res["sd_equal"] = (sorted(sd_new["residuals"]) == sorted(sd["residuals"]) and all(
+                np.array_equal(sd_new["residuals"][k], sd["residuals"][k]) for k in sd["residuals"]) and all(
+                np.array_equal(sd_new["shard_residuals"][k], sd["shard_residuals"][k]) for k in sd["shard_residuals"]))
+        elif mode == "pickled_anon":
+            state = anon
+        else:
+            state = Int8CompressState(**kw)
+            state.load_state_dict(sd, new_model)
+        got[mode] = _steps(state, new_model, rank, 3, 6)
+        sd_after = state.state_dict(new_model)
+        res[mode + "_sd_after"] = sorted(sd_after["residuals"])
+        res[mode + "_sd_nonzero"] = sum(float(np.abs(v).sum()) for v in sd_after["residuals"].values()) > 0
+    for mode, outs in got.items():
+        res[mode] = all(torch.equal(a, b) for a, b in zip(outs, uninterrupted[6:])) and len(outs) == 6
+    fresh = _steps(_fresh_at(kw, 3), make_model(torch.float32), rank, 3, 6)  # same steps, no residuals
+    res["differs_without_residuals"] = not all(torch.equal(a, b) for a, b in zip(fresh, uninterrupted[6:]))
+    with open(os.path.join(out_dir, f"restart{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    teardown()
+
+
+def _fresh_at(kw: dict, iteration: int) -> Int8CompressState:
+    s = Int8CompressState(**kw)
+    s.iteration = iteration
+    return s
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_restart_from_pickle_or_state_dict_continues_bit_for_bit(tmp_path, deterministic):
+    """Issue 9: save after 3 steps -> fresh model + unpickled state (or a fresh state and
+    load_state_dict) -> the next 3 steps equal an uninterrupted run's, bit for bit; the
+    unpickled state's state_dict(new model) names every parameter (it was empty: residuals
+    were keyed by the old process's data_ptrs)."""
+    mp.spawn(restart_worker, args=(2, free_port(), str(tmp_path), deterministic), nprocs=2, join=True)
+    names = ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for rank in range(2):
+        with open(tmp_path / f"restart{rank}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert res["first_same"]
+        assert res["sd_names"] == names and res["sd_equal"]
+        assert res["pickled_named"] and res["pickled_anon"] and res["load_state_dict"], res
+        for mode in ("pickled_named", "pickled_anon", "load_state_dict"):
+            assert res[mode + "_sd_after"] == names and res[mode + "_sd_nonzero"], (mode, res)
+        assert res["differs_without_residuals"]  # the residuals matter: the check can fail
+
+
+def test_load_state_dict_validates_and_names_the_problem():
+    """Issue 9: wrong types, missing keys and wrong shapes raise TypeError / ValueError naming
+    the key, what was expected and what came (no process group needed)."""
+    model = make_model(torch.float32)
+    state = Int8CompressState()
+    good = {"version": 2, "iteration": 5, "residuals": {"2.bias": np.zeros(64, np.float32)}, "shard_residuals": {}}
+    cases = [
+        ([1, 2], TypeError, r"sd must be a mapping .* got list"),
+        ({"version": 2, "residuals": {}}, ValueError, r"missing key 'iteration'"),
+        ({"version": 2, "iteration": 1}, ValueError, r"missing key 'residuals'"),
+        ({**good, "version": 3}, ValueError, r"sd\['version'\] must be 1 or 2, got 3"),
+        ({**good, "iteration": "5"}, TypeError, r"sd\['iteration'\] must be an int, got str"),
+        ({**good, "iteration": -1}, ValueError, r"sd\['iteration'\] must be >= 0, got -1"),
+        ({**good, "residuals": [np.zeros(64)]}, TypeError, r"sd\['residuals'\] must be a mapping .* got list"),
+        ({**good, "residuals": {"2.bias": [0.0] * 64}}, TypeError,
+         r"sd\['residuals'\]\['2.bias'\] must be a numpy array or tensor, got list"),
+        ({**good, "residuals": {"2.bias": np.zeros(63, np.float32)}}, ValueError,
+         r"sd\['residuals'\]\['2.bias'\] has shape \(63,\), expected \(64,\) or \(64,\)"),
+        ({**good, "residuals": {"2.weight": np.zeros((256, 64), np.float32)}}, ValueError,
+         r"sd\['residuals'\]\['2.weight'\] has shape \(256, 64\), expected \(16384,\) or \(64, 256\)"),
+        ({**good, "residuals": {"2.bias": np.zeros(64, np.int32)}}, ValueError, r"must hold floats .* int32"),
+        ({**good, "residuals": {"9.weight": np.zeros(4, np.float32)}}, ValueError,
+         r"residual for '9.weight', which the model does not have"),
+        ({**good, "shard_residuals": {"0.bias": np.zeros(3, np.float32)}}, ValueError,
+         r"sd\['shard_residuals'\]\['0.bias'\] has shape \(3,\), expected \(256,\)"),
+    ]
+    for sd, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            state.load_state_dict(sd, model)
+        assert state.iteration == 0 and not state._pending  # nothing applied from a refused dict
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        state.load_state_dict(good, {})
+    state.load_state_dict(good, model)
+    assert state.iteration == 5 and set(state._pending) == {"2.bias"}
+    state.load_state_dict({"version": 1, "iteration": 2, "residuals": {"0.bias": torch.ones(256)}}, model)
+    assert state.iteration == 2 and np.array_equal(state._pending["0.bias"][0], np.ones(256, np.float32))
+
+
+def test_choose_path_gates_host_ops_on_groups_that_take_cpu_tensors():
+    """Issue 16.1: a CUDA bucket without usable kernels goes through the host oracle only when
+    the group takes CPU tensors; on NCCL alone it is all-reduced plainly (it handed CPU tensors
+    to NCCL before)."""
+    from llmio_native.ddp import choose_path, group_takes_cpu_tensors
+
+    assert choose_path("cpu", False, "gloo") == "host"
+    assert choose_path("cuda", True, "nccl") == "device"
+    assert choose_path("cuda", False, "nccl") == "allreduce"
+    assert choose_path("cuda", False, "gloo") == "host"
+    assert choose_path("cuda", False, "cpu:gloo,cuda:nccl") == "host"
+    assert choose_path("cuda", False, "cuda:nccl") == "allreduce"
+    assert group_takes_cpu_tensors("gloo") and group_takes_cpu_tensors("cpu:gloo, cuda:nccl")
+    assert not group_takes_cpu_tensors("nccl") and not group_takes_cpu_tensors("cuda:nccl")
+
+
+def test_kernel_gate_uses_our_cuda_module(monkeypatch):
+    """The hook asks _native.cuda_usable() (does *our* _cuda see a device), not torch."""
+    from llmio_native import _native, ddp
+
+    monkeypatch.setattr(_native, "cuda_usable", lambda: (False, "stub: driver too old"))
+    assert ddp.cuda_kernels_usable() == (False, "stub: driver too old")
+
+
+def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A 'CUDA' bucket (a CPU tensor reporting device cuda) with the kernels unusable, on a group
+    whose backend says nccl: the hook must fall back to the plain all-reduce, with the warning."""
+    import warnings
+
+    from llmio_native import ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ddp.cuda_kernels_usable = lambda: (False, "stub")
+    dist.get_backend = lambda group=None: "nccl"
+    calls = []
+    real_host = ddp._HostOps
+
+    class Spy(real_host):
+        def quantize_pack(self, *a):  # noqa: D401
+            calls.append("host")
+            return super().quantize_pack(*a)
+
+    ddp._HostOps = Spy
+
+    class CudaLike:
+        def __init__(self, t):
+            self.t = t
+
+        def buffer(self):
+            return self.t
+
+        def index(self):
+            return 0
+
+        def is_last(self):
+            return True
+
+        def parameters(self):
+            return [self.t]
+
+    x = torch.full((4096,), float(rank + 1))  # on the CPU; choose_path below is told "cuda"
+    ddp_choose = ddp.choose_path
+    seen = []
+    ddp.choose_path = lambda dev, ok, backend: seen.append((ok, backend)) or ddp_choose("cuda", ok, backend)
+    state = Int8CompressState(warmup_steps=0, min_numel=0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = int8_compress_hook(state, CudaLike(x)).wait()
+    with open(os.path.join(out_dir, f"gate{rank}.pkl"), "wb") as f:
+        pickle.dump({"out": out.numpy().copy(), "host_calls": calls, "seen": seen,
+                     "bypassed": state.stats()["buckets_bypassed"], "warned": [str(m.message) for m in w]}, f)
+    teardown()
+
+
+def test_hook_falls_back_to_plain_allreduce_on_nccl_without_kernels(tmp_path):
+    mp.spawn(gate_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"gate{rank}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert res["seen"] == [(False, "nccl")] and res["host_calls"] == [] and res["bypassed"] == 1
+        assert np.array_equal(res["out"], np.full(4096, 1.5, np.float32))  # the exact average
+        assert any("plain all-reduce" in m for m in res["warned"]), res["warned"]
+
+
+def _missing_collective(*a, **k):
+    raise AssertionError("called a torch.distributed function that torch 2.3+ does not have")
+
+
+def overflow_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Issue 16: these names do not exist in torch 2.3+; the hook must not reach for them.
+    dist.all_gather_single = dist.reduce_scatter_single = _missing_collective
+    n = 4096
+    x = (np.random.default_rng(rank).standard_normal(n)).astype(np.float32)
+    x[256:512] = np.float32(3e38)  # one block near the fp32 maximum on every rank
+    x[300] = np.float32(-3e38)
+    out = {}
+    configs = {"flat": dict(hierarchical=False), "deterministic": dict(hierarchical=False, deterministic=True),
+               "hierarchical": dict(hierarchical=True, local_world_size=2),
+               "hierarchical_det": dict(hierarchical=True, local_world_size=2, deterministic=True),
+               "allreduce": dict(hierarchical=False, min_numel=10 ** 9)}
+    for name, kw in configs.items():
+        kw = {"warmup_steps": 0, "min_numel": 0, **kw}
+        state = Int8CompressState(**kw)
+        out[name] = int8_compress_hook(state, FakeBucket(torch.from_numpy(x.copy()))).wait().numpy().copy()
+    if rank == 0:
+        with open(os.path.join(out_dir, "overflow.pkl"), "wb") as f:
+            pickle.dump(out, f)
+    teardown()
+
+
+def test_values_near_fp32_max_on_every_rank_stay_finite(tmp_path):
+    """Issue 9: a block holding ~3e38 on every rank came out NaN (the fp32 sum overflowed before
+    the division by W) — flat, deterministic (integer sum * scale), hierarchical (the intra-node
+    reduce-scatter) and the plain all-reduce path alike. Also: no torch 2.3+-missing collective
+    is called (all_gather_single / reduce_scatter_single raise in the workers)."""
+    mp.spawn(overflow_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    with open(tmp_path / "overflow.pkl", "rb") as f:
+        out = pickle.load(f)
+    for name, o in out.items():
+        assert np.isfinite(o).all(), (name, np.flatnonzero(~np.isfinite(o))[:5])
+        np.testing.assert_allclose(o[256:512].astype(np.float64), 3e38 * np.where(np.arange(256) == 44, -1, 1),
+                                   rtol=0.02, err_msg=name)
+
+
+def layout_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1",
+                      LOCAL_RANK="1" if rank == 1 else "0")  # rank 1 claims local rank 1 on 1-rank nodes: bad
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    state = Int8CompressState(warmup_steps=0, min_numel=0, hierarchical=True)
+    t0 = time.monotonic()
+    try:
+        int8_compress_hook(state, FakeBucket(torch.ones(2048))).wait()
+        res = ("no error", "")
+    except Exception as exc:  # noqa: BLE001
+        res = (type(exc).__name__, str(exc))
+    with open(os.path.join(out_dir, f"layout{rank}.pkl"), "wb") as f:
+        pickle.dump((res, time.monotonic() - t0), f)
+    dist.destroy_process_group()
+
+
+def test_bad_hierarchical_layout_raises_on_every_rank_without_hanging(tmp_path):
+    """Issue 9: the layout check raised on one rank while the other waited in new_group."""
+    import time
+
+    ctx = mp.spawn(layout_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("a rank hung in the hierarchical set-up")
+    for rank in range(2):
+        (kind, msg), took = pickle.load(open(tmp_path / f"layout{rank}.pkl", "rb"))
+        assert kind == "RuntimeError", (rank, kind, msg)
+        assert "not laid out node by node" in msg and took < 15, (rank, msg, took)
+
+
+def ddp_restart_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(3 + rank)
+
+    def step(m: torch.nn.Module) -> None:
+        m.zero_grad()
+        m(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+
+    model = torch.nn.parallel.DistributedDataParallel(make_model(torch.float32), bucket_cap_mb=0.02)
+    state = Int8CompressState(warmup_steps=1, min_numel=256)  # no model=: pickled by bucket slices
+    model.register_comm_hook(state, int8_compress_hook)
+    for _ in range(4):
+        step(model)
+    blob = pickle.dumps(state)
+    del model, state
+    # A restarted job: new tensors; DDP's first step uses its initial layout, then rebuilds.
+    base = make_model(torch.float32)
+    model2 = torch.nn.parallel.DistributedDataParallel(base, bucket_cap_mb=0.02)
+    state2 = pickle.loads(blob)
+    model2.register_comm_hook(state2, int8_compress_hook)
+    for _ in range(2):
+        step(model2)
+    sd = state2.state_dict(base)
+    allg = [torch.empty(sum(p.numel() for p in base.parameters())) for _ in range(world)]
+    dist.all_gather(allg, torch.cat([p.grad.flatten() for p in base.parameters()]))
+    with open(os.path.join(out_dir, f"ddprestart{rank}.pkl"), "wb") as f:
+        pickle.dump({"pending_left": len(state2._pending), "names": sorted(sd["residuals"]),
+                     "nonzero": all(np.abs(v).sum() > 0 for v in sd["residuals"].values()),
+                     "same": all(torch.equal(allg[0], t) for t in allg[1:])}, f)
+    del model2
+    teardown()
+
+
+def test_unpickled_state_in_a_restarted_ddp_job_places_every_residual(tmp_path):
+    """Issue 9 with real DDP: a state pickled without names, unpickled into a new job (new
+    tensors, DDP's initial layout on the first step, its rebuilt one after) places every
+    saved residual and state_dict(new model) names every parameter (it returned {})."""
+    mp.spawn(ddp_restart_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"ddprestart{rank}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert res["pending_left"] == 0 and res["same"], res
+        assert res["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"] and res["nonzero"], res

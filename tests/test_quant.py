@@ -204,10 +204,10 @@ def test_shared_scale_quantize_and_integer_sum_match_numpy(W):
             assert res[BLOCK + 5] == np.float32(1e-44)  # zero-scale block: the residual keeps v
     assert scales[0] == 0 and scales[1] == 0 and np.isnan(scales[3]) and np.isfinite(scales[4])
     assert (codes_w[:, 3 * BLOCK:4 * BLOCK] == 0).all() and np.abs(codes_w).max() == 127
-    # Owner: exact int32 sum, * scale / W + residual, requantized with its own scale.
+    # Owner: exact int32 sum, / W (the mean code), * scale + residual, requantized with its own scale.
     owner_res = np.random.default_rng(3).standard_normal(n).astype(np.float32) * np.float32(0.01)
     s_int = codes_w.astype(np.int32).sum(0)
-    v2 = (s_int.astype(np.float32) * np.repeat(es, BLOCK)[:n]) / np.float32(W) + owner_res
+    v2 = (s_int.astype(np.float32) / np.float32(W)) * np.repeat(es, BLOCK)[:n] + owner_res
     ec2, es2 = numpy_quantize(np.nan_to_num(v2, nan=0.0))
     es2[3] = np.nan
     ec2[3 * BLOCK:4 * BLOCK] = 0
@@ -237,3 +237,61 @@ def test_shared_ref_rejects_bad_sizes():
     with pytest.raises(ValueError):
         _core.dequant_sum_requant_shared_ref(np.zeros((2, 300), np.int8), np.ones(1, np.float32), None,
                                              np.empty(300, np.int8), np.empty(2, np.float32))
+
+
+# ---------------------------------------------------------------- values near the fp32 maximum (issue 9)
+
+BIG = np.float32(3e38)  # two of these overflow fp32 (max 3.4e38) when summed
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_dequant_sum_requant_near_fp32_max_does_not_overflow(W):
+    """W ranks holding ~3e38 in the same block: the average is ~3e38, not inf/NaN. The sum of
+    the dequantized copies overflowed before the division by W."""
+    n = 2 * BLOCK
+    xs = np.zeros((W, n), np.float32)
+    xs[:, :BLOCK] = BIG  # block 0: every rank near the maximum
+    xs[:, 7] = -BIG
+    xs[:, BLOCK:] = np.float32(1.5)  # block 1: ordinary values
+    cw = np.empty((W, n), np.int8)
+    sw = np.empty((W, 2), np.float32)
+    for r in range(W):
+        cw[r], sw[r] = quantize(xs[r], None)
+    res = np.zeros(n, np.float32)
+    codes = np.empty(n, np.int8)
+    scales = np.empty(2, np.float32)
+    _core.dequant_sum_requant_ref(cw, sw, res, codes, scales)
+    assert np.isfinite(scales).all() and np.isfinite(res).all(), scales
+    out = dequantize(codes, scales)
+    np.testing.assert_allclose(out[:BLOCK].astype(np.float64), xs[0, :BLOCK].astype(np.float64), rtol=1e-2)
+    np.testing.assert_allclose(out[BLOCK:], 1.5, rtol=1e-2)
+    # The exact formula: each copy divided by W, summed in rank order.
+    v = np.zeros(n, np.float32)
+    for r in range(W):
+        v += (cw[r].astype(np.float32) * np.repeat(sw[r], BLOCK)) / np.float32(W)
+    np.testing.assert_array_equal(out + res, v)
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_shared_integer_sum_near_fp32_max_does_not_overflow(W):
+    """Deterministic mode: the int32 code sum times the shared scale overflowed for W copies
+    near the maximum; the mean code (sum / W, at most 127) times the scale does not."""
+    n = BLOCK
+    xs = np.full((W, n), BIG, np.float32)
+    xs[:, 3] = -BIG
+    am = np.empty(1, np.float32)
+    gmax = np.zeros(1, np.float32)
+    for r in range(W):
+        _core.block_absmax_ref(xs[r], None, am)
+        gmax = np.maximum(gmax, am)
+    codes_w = np.empty((W, n), np.int8)
+    for r in range(W):
+        sc = np.empty(1, np.float32)
+        _core.quantize_blocks_shared_ref(xs[r], None, gmax, codes_w[r], sc)
+    res = np.zeros(n, np.float32)
+    c2 = np.empty(n, np.int8)
+    s2 = np.empty(1, np.float32)
+    _core.dequant_sum_requant_shared_ref(codes_w, sc, res, c2, s2)
+    assert np.isfinite(s2).all() and np.isfinite(res).all(), s2
+    out = dequantize(c2, s2)
+    np.testing.assert_allclose(out.astype(np.float64), xs[0].astype(np.float64), rtol=1e-2)

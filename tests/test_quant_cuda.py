@@ -33,6 +33,16 @@ def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+@pytest.fixture(params=["default_stream", "side_stream"])
+def on_stream(request):
+    """Runs the test with torch's default stream (cuda_stream == 0) or a side stream current."""
+    s = torch.cuda.default_stream() if request.param == "default_stream" else torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        assert (stream() == 0) == (request.param == "default_stream")
+        yield s
+    torch.cuda.synchronize()
+
+
 def special(n: int, seed: int, nonfinite: bool = True) -> np.ndarray:
     """Random values with a zero block, denormals, exact .5 quotients, inf and NaN."""
     rng = np.random.default_rng(seed)
@@ -76,7 +86,7 @@ def bits(t) -> np.ndarray:
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n,world", [(2048, 1), (2000, 2), (5 * 256 * 3 + 17, 3), (7, 4), (100_003, 8)])
-def test_quantize_pack_bit_identical(dtype, n, world):
+def test_quantize_pack_bit_identical(dtype, n, world, on_stream):
     td = DTYPES[dtype]
     unit = BLOCK * world
     n_pad = -(-n // unit) * unit
@@ -87,7 +97,8 @@ def test_quantize_pack_bit_identical(dtype, n, world):
     expected = oracle_pack(xt, exp_res, n_pad, world)
     d_res = torch.from_numpy(res).cuda()
     send = torch.full((expected.size,), 0xAB, dtype=torch.uint8, device="cuda")
-    _cuda.int8_quantize_pack(xt.cuda().data_ptr(), CODE[td], n, n_pad, world, d_res.data_ptr(), send.data_ptr(),
+    d_x = xt.cuda()  # kept alive (named) until the kernel has run: a temporary's memory is reused at once
+    _cuda.int8_quantize_pack(d_x.data_ptr(), CODE[td], n, n_pad, world, d_res.data_ptr(), send.data_ptr(),
                              stream())
     torch.cuda.synchronize()
     np.testing.assert_array_equal(bits(send), expected)
@@ -95,7 +106,7 @@ def test_quantize_pack_bit_identical(dtype, n, world):
 
 
 @gpu
-def test_quantize_pack_unaligned_bucket_uses_scalar_loads():
+def test_quantize_pack_unaligned_bucket_uses_scalar_loads(on_stream):
     n, world = 3000, 2
     n_pad = 3072
     base = torch.from_numpy(special(n + 1, 3)).cuda()
@@ -125,7 +136,7 @@ def quantized_copies(world: int, shard: int, seed: int, nan_block: bool = True):
 
 @gpu
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_dequant_sum_requant_bit_identical(world):
+def test_dequant_sum_requant_bit_identical(world, on_stream):
     shard = 256 * 11
     sb = shard // BLOCK
     recv = quantized_copies(world, shard, world)
@@ -139,18 +150,67 @@ def test_dequant_sum_requant_bit_identical(world):
     _core.dequant_sum_requant_ref(codes_w, scales_w, exp_res, c, s)
     d_res = torch.from_numpy(res).cuda()
     own = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
-    _cuda.int8_dequant_sum_requant(torch.from_numpy(recv).cuda().data_ptr(), world, shard, d_res.data_ptr(),
-                                   own.data_ptr(), stream())
+    d_recv = torch.from_numpy(recv).cuda()
+    _cuda.int8_dequant_sum_requant(d_recv.data_ptr(), world, shard, d_res.data_ptr(), own.data_ptr(), stream())
     torch.cuda.synchronize()
     np.testing.assert_array_equal(bits(own), np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
     np.testing.assert_array_equal(bits(d_res), bits(exp_res))
     assert np.isnan(s[2]) == (world >= 1 and shard >= 3 * BLOCK)
 
 
+
+@gpu
+@pytest.mark.parametrize("world", [2, 3])
+def test_owner_kernels_near_fp32_max_bit_identical_and_finite(world, on_stream):
+    """Issue 9: every rank holds ~3e38 in block 1: the owner's sums (fp32 per-copy / W, and the
+    deterministic mean code * scale) stay finite, bit-identical to the CPU oracle."""
+    shard = 256 * 3
+    sb = shard // BLOCK
+    xs = [(np.random.default_rng(r).standard_normal(shard)).astype(np.float32) for r in range(world)]
+    for x in xs:
+        x[BLOCK:2 * BLOCK] = np.float32(3e38)
+        x[BLOCK + 9] = np.float32(-3e38)
+    recv = np.concatenate([oracle_pack(torch.from_numpy(x), np.zeros(shard, np.float32), shard, 1) for x in xs])
+    rv = recv.reshape(world, -1)
+    codes_w = np.ascontiguousarray(rv[:, :shard]).view(np.int8)
+    scales_w = np.ascontiguousarray(rv[:, shard:]).view(np.float32)
+    er = np.zeros(shard, np.float32)
+    c = np.empty(shard, np.int8)
+    sc = np.empty(sb, np.float32)
+    _core.dequant_sum_requant_ref(codes_w, scales_w, er, c, sc)
+    assert np.isfinite(sc).all()
+    d_recv, d_res = torch.from_numpy(recv).cuda(), torch.zeros(shard, device="cuda")
+    own = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
+    _cuda.int8_dequant_sum_requant(d_recv.data_ptr(), world, shard, d_res.data_ptr(), own.data_ptr(), stream())
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(bits(own), np.concatenate([c.view(np.uint8), sc.view(np.uint8)]))
+    np.testing.assert_array_equal(bits(d_res), bits(er))
+    # deterministic: shared scales, integer sum
+    g = np.max([np.abs(x).reshape(-1, BLOCK).max(1) for x in xs], axis=0).astype(np.float32)
+    shared_codes, shared_sc = [], np.empty(sb, np.float32)
+    for x in xs:
+        cc = np.empty(shard, np.int8)
+        _core.quantize_blocks_shared_ref(x, None, g, cc, shared_sc)
+        shared_codes.append(cc)
+    cw = np.stack(shared_codes)
+    er2 = np.zeros(shard, np.float32)
+    c2 = np.empty(shard, np.int8)
+    s2 = np.empty(sb, np.float32)
+    _core.dequant_sum_requant_shared_ref(cw, shared_sc, er2, c2, s2)
+    assert np.isfinite(s2).all()
+    d_codes = torch.from_numpy(cw.reshape(-1).view(np.uint8)).cuda()
+    d_sc, d_res2 = torch.from_numpy(shared_sc).cuda(), torch.zeros(shard, device="cuda")
+    own2 = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
+    _cuda.int8_dequant_sum_requant_shared(d_codes.data_ptr(), world, shard, d_sc.data_ptr(), d_res2.data_ptr(),
+                                          own2.data_ptr(), stream())
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(bits(own2), np.concatenate([c2.view(np.uint8), s2.view(np.uint8)]))
+    np.testing.assert_array_equal(bits(d_res2), bits(er2))
+
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("world,n", [(1, 700), (2, 2048), (3, 256 * 3 * 4 - 5)])
-def test_unpack_dequantize_bit_identical(dtype, world, n):
+def test_unpack_dequantize_bit_identical(dtype, world, n, on_stream):
     td = DTYPES[dtype]
     unit = BLOCK * world
     shard = -(-n // unit) * unit // world
@@ -163,8 +223,8 @@ def test_unpack_dequantize_bit_identical(dtype, world, n):
                                     full[r * shard:(r + 1) * shard])
     expected = torch.from_numpy(full[:n]).to(td)
     out = torch.full((n + 1,), 7.0, dtype=td, device="cuda")  # one guard element past n
-    _cuda.int8_unpack_dequantize(torch.from_numpy(gathered).cuda().data_ptr(), world, shard, out.data_ptr(),
-                                 CODE[td], n, stream())
+    d_gathered = torch.from_numpy(gathered).cuda()
+    _cuda.int8_unpack_dequantize(d_gathered.data_ptr(), world, shard, out.data_ptr(), CODE[td], n, stream())
     got = out.cpu()
     fin = torch.isfinite(expected)
     assert torch.equal(got[:n][fin], expected[fin])  # bitwise for finite values (equal incl. -0 signs below)
@@ -177,7 +237,7 @@ def test_unpack_dequantize_bit_identical(dtype, world, n):
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("world", [2, 3])
-def test_deterministic_kernels_bit_identical(dtype, world):
+def test_deterministic_kernels_bit_identical(dtype, world, on_stream):
     td = DTYPES[dtype]
     n = 256 * 7 * world - 33
     unit = BLOCK * world
@@ -200,8 +260,8 @@ def test_deterministic_kernels_bit_identical(dtype, world):
         am = np.empty(nb, np.float32)
         _core.block_absmax_ref(xfs[r], ress[r], am)
         d_am = torch.empty(nb, device="cuda")
-        _cuda.int8_block_absmax(xs[r].cuda().data_ptr(), CODE[td], n, n_pad,
-                                torch.from_numpy(ress[r]).cuda().data_ptr(), d_am.data_ptr(), stream())
+        d_x, d_r = xs[r].cuda(), torch.from_numpy(ress[r]).cuda()  # both alive until the kernel ran
+        _cuda.int8_block_absmax(d_x.data_ptr(), CODE[td], n, n_pad, d_r.data_ptr(), d_am.data_ptr(), stream())
         torch.cuda.synchronize()
         np.testing.assert_array_equal(bits(d_am), bits(am))
         ams.append(am)
@@ -217,9 +277,9 @@ def test_deterministic_kernels_bit_identical(dtype, world):
         d_res = torch.from_numpy(ress[r]).cuda()
         send = torch.empty(n_pad, dtype=torch.uint8, device="cuda")
         d_sc = torch.empty(nb, device="cuda")
-        _cuda.int8_quantize_pack_shared(xs[r].cuda().data_ptr(), CODE[td], n, n_pad, world, d_res.data_ptr(),
-                                        torch.from_numpy(g).cuda().data_ptr(), send.data_ptr(), d_sc.data_ptr(),
-                                        stream())
+        d_x, d_g = xs[r].cuda(), torch.from_numpy(g).cuda()
+        _cuda.int8_quantize_pack_shared(d_x.data_ptr(), CODE[td], n, n_pad, world, d_res.data_ptr(),
+                                        d_g.data_ptr(), send.data_ptr(), d_sc.data_ptr(), stream())
         torch.cuda.synchronize()
         np.testing.assert_array_equal(bits(send), codes.view(np.uint8))
         np.testing.assert_array_equal(bits(d_sc), bits(scales))
@@ -235,8 +295,9 @@ def test_deterministic_kernels_bit_identical(dtype, world):
     _core.dequant_sum_requant_shared_ref(codes_w, scales[:sb], er, c2, s2)
     d_res = torch.from_numpy(res_o).cuda()
     own = torch.empty(shard + 4 * sb, dtype=torch.uint8, device="cuda")
-    _cuda.int8_dequant_sum_requant_shared(torch.from_numpy(codes_w.reshape(-1).view(np.uint8)).cuda().data_ptr(),
-                                          world, shard, torch.from_numpy(scales[:sb].copy()).cuda().data_ptr(),
+    d_codes = torch.from_numpy(codes_w.reshape(-1).view(np.uint8)).cuda()
+    d_scales = torch.from_numpy(scales[:sb].copy()).cuda()
+    _cuda.int8_dequant_sum_requant_shared(d_codes.data_ptr(), world, shard, d_scales.data_ptr(),
                                           d_res.data_ptr(), own.data_ptr(), stream())
     torch.cuda.synchronize()
     np.testing.assert_array_equal(bits(own), np.concatenate([c2.view(np.uint8), s2.view(np.uint8)]))
@@ -246,7 +307,7 @@ def test_deterministic_kernels_bit_identical(dtype, world):
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_three_kernels_end_to_end_equal_host_ops(dtype, deterministic):
+def test_three_kernels_end_to_end_equal_host_ops(dtype, deterministic, on_stream):
     """W simulated ranks in one process: the device kernels and the host oracle (ddp._HostOps)
     through the same exchange (the collectives done by hand) give identical bits."""
     from llmio_native.ddp import _DeviceOps, _HostOps
@@ -313,7 +374,7 @@ def _free_port() -> int:
 
 @gpu
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_device_chain_one_process_nccl(deterministic):
+def test_device_chain_one_process_nccl(deterministic, on_stream):
     """The hook's device path (_two_phase + _drive on the current stream) through a real
     1-rank NCCL group, against the host oracle on the same input."""
     import torch.distributed as dist
@@ -343,7 +404,7 @@ def test_device_chain_one_process_nccl(deterministic):
         dist.destroy_process_group()
 
 
-def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
+def _nccl_worker(rank: int, world: int, port: int, out: str, on: str = "default_stream") -> None:
     import torch.distributed as dist
 
     from llmio_native.ddp import Int8CompressState, int8_compress_hook
@@ -372,9 +433,11 @@ def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
     s_gpu = Int8CompressState(warmup_steps=0, min_numel=0)
     s_cpu = Int8CompressState(process_group=gloo, warmup_steps=0, min_numel=0)
     same = True
+    side = torch.cuda.Stream() if on == "side_stream" else torch.cuda.default_stream()
     for step in range(4):
         x = torch.from_numpy(special(70_001, 1000 * step + rank, nonfinite=(step == 1)))
-        a = int8_compress_hook(s_gpu, Bucket(x.cuda())).wait().cpu()
+        with torch.cuda.stream(side):  # the hook on the default stream (cuda_stream 0) or a side stream
+            a = int8_compress_hook(s_gpu, Bucket(x.cuda())).wait().cpu()
         b = int8_compress_hook(s_cpu, Bucket(x.clone())).wait()
         same &= torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
     allg = [torch.empty(70_001, device="cuda") for _ in range(world)]
@@ -389,11 +452,12 @@ def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.skipif(not HAVE_GPU or torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL) and _cuda")
-def test_hook_on_nccl_equals_gloo_cpu_path(tmp_path):
+@pytest.mark.parametrize("on", ["default_stream", "side_stream"])
+def test_hook_on_nccl_equals_gloo_cpu_path(tmp_path, on):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "nccl.pkl")
-    mp.spawn(_nccl_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_nccl_worker, args=(2, _free_port(), out, on), nprocs=2, join=True)
     with open(out, "rb") as f:
         res = pickle.load(f)
     assert res["same_as_cpu"] and res["replicas"] and res["stats"]["buckets_compressed"] == 4
@@ -407,8 +471,6 @@ needs_build = pytest.mark.skipif(_cuda is None or not hasattr(_cuda, "int8_quant
 
 @needs_build
 def test_bindings_refuse_bad_arguments_before_launching():
-    with pytest.raises(ValueError, match="stream"):
-        _cuda.int8_quantize_pack(0, 0, 10, 512, 2, 0, 0, 0)
     with pytest.raises(ValueError, match="n_pad=500"):
         _cuda.int8_quantize_pack(0, 0, 10, 500, 2, 0, 0, 1)
     with pytest.raises(ValueError, match="dtype"):
@@ -420,3 +482,26 @@ def test_bindings_refuse_bad_arguments_before_launching():
     with pytest.raises(ValueError, match="world"):
         _cuda.int8_quantize_pack_shared(0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
     assert _cuda.INT8_DTYPES == {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+@needs_build
+@pytest.mark.skipif(_cuda is not None and _cuda.device_count() > 0,
+                    reason="checks that a launch on stream 0 fails only for want of a device")
+def test_bindings_accept_stream_zero():
+    """torch's default stream is cuda_stream 0: every INT8 binding lets it through argument
+    validation, and the call fails only on the missing device (CudaError, not ValueError)."""
+    from llmio_native._core import CudaError
+
+    calls = {
+        "int8_quantize_pack": lambda: _cuda.int8_quantize_pack(0, 0, 10, 512, 2, 0, 0, 0),
+        "int8_dequant_sum_requant": lambda: _cuda.int8_dequant_sum_requant(0, 2, 256, 0, 0, 0),
+        "int8_unpack_dequantize": lambda: _cuda.int8_unpack_dequantize(0, 2, 256, 0, 0, 500, 0),
+        "int8_block_absmax": lambda: _cuda.int8_block_absmax(0, 1, 10, 256, 0, 0, 0),
+        "int8_quantize_pack_shared": lambda: _cuda.int8_quantize_pack_shared(0, 2, 10, 512, 2, 0, 0, 0, 0, 0),
+        "int8_dequant_sum_requant_shared": lambda: _cuda.int8_dequant_sum_requant_shared(0, 2, 256, 0, 0, 0, 0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(CudaError) as ei:
+            call()
+        assert not isinstance(ei.value, ValueError), name
+        assert name in str(ei.value) and "stream" not in str(ei.value), (name, str(ei.value))

@@ -67,9 +67,6 @@ PYBIND11_MODULE(_cuda, m) {
          uint32_t seq_len, uintptr_t x_dev, uintptr_t y_dev, uintptr_t stream) {
         if (token_bytes != 2 && token_bytes != 4)
           throw std::invalid_argument("token_bytes must be 2 or 4, got " + std::to_string(token_bytes));
-        if (stream == 0)
-          throw std::invalid_argument("cut_windows: pass the stream explicitly "
-                                      "(torch.cuda.current_stream().cuda_stream), not 0");
         CutWindowsParams p{reinterpret_cast<const void*>(tokens_dev), static_cast<uint32_t>(token_bytes),
                            num_tokens, reinterpret_cast<const int64_t*>(starts_dev), batch, seq_len,
                            reinterpret_cast<int64_t*>(x_dev), reinterpret_cast<int64_t*>(y_dev)};
@@ -78,16 +75,14 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("tokens_dev"), py::arg("token_bytes"), py::arg("num_tokens"), py::arg("starts_dev"),
       py::arg("batch"), py::arg("seq_len"), py::arg("x_dev"), py::arg("y_dev"), py::arg("stream"),
-      "Launch cut_windows_kernel on `stream` (an integer cudaStream_t). Device pointers as integers.");
+      "Launch cut_windows_kernel on `stream` (an integer cudaStream_t; 0 = the default stream). Device pointers as integers.");
 
   // ---------------------------------------------------------------- INT8 gradient hook kernels
   // csrc/cuda/int8_quant.hpp. Device pointers and the stream as integers; the
   // GIL is released around each launch; a failed launch raises CudaError.
   {
-    auto check = [](const char* fn, uintptr_t stream, int dtype, uint32_t world) {
-      if (stream == 0)
-        throw std::invalid_argument(std::string(fn) + ": pass the stream explicitly "
-                                    "(torch.cuda.current_stream().cuda_stream), not 0");
+    // stream: any cudaStream_t as an integer, 0 (torch's default stream) included.
+    auto check = [](const char* fn, uintptr_t /*stream*/, int dtype, uint32_t world) {
       if (dtype < 0 || dtype > 2)
         throw std::invalid_argument(std::string(fn) + ": dtype must be 0 (fp32), 1 (bf16) or 2 (fp16), got " +
                                     std::to_string(dtype));

@@ -29,8 +29,8 @@ void cut_windows_ref(const CutWindowsParams& p);
 
 // Checks what it can on the host (sizes, token_bytes); windows are trusted to
 // fit (the caller checked them on the host where it computed them). stream is
-// a cudaStream_t passed as an integer; 0 is the legacy default stream and is
-// refused: callers pass torch.cuda.current_stream().cuda_stream explicitly.
+// a cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream;
+// 0, torch's default stream, is accepted).
 // Returns a cudaError_t value (0 on success).
 int launch_cut_windows(const CutWindowsParams& p, uintptr_t stream);
 

@@ -249,12 +249,12 @@ __global__ void __launch_bounds__(kThreads)
       float c[8];
       load_codes(src + lb * kBlock, lane, c);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) s[k] = __fadd_rn(s[k], __fmul_rn(c[k], sc));
+      for (int k = 0; k < 8; ++k) s[k] = __fadd_rn(s[k], __fdiv_rn(__fmul_rn(c[k], sc), wf));  // / W first: no overflow
     }
     float res[8], v[8];
     load_res(residual + lb * kBlock, lane, res);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = __fadd_rn(__fdiv_rn(s[k], wf), res[k]);
+    for (int k = 0; k < 8; ++k) v[k] = __fadd_rn(s[k], res[k]);
     bool finite;
     const float m = warp_absmax(v, &finite);
     const float scale = quantize_block(v, finite, m, lane, own + lb * kBlock, residual + lb * kBlock);
@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
     load_res(residual + lb * kBlock, lane, res);
 #pragma unroll
     for (int k = 0; k < 8; ++k)
-      v[k] = __fadd_rn(__fdiv_rn(__fmul_rn(static_cast<float>(s[k]), sc), wf), res[k]);
+      v[k] = __fadd_rn(__fmul_rn(__fdiv_rn(static_cast<float>(s[k]), wf), sc), res[k]);  // mean code * scale
     bool finite;
     const float m = warp_absmax(v, &finite);
     const float scale = quantize_block(v, finite, m, lane, own + lb * kBlock, residual + lb * kBlock);
@@ -321,8 +321,8 @@ unsigned grid_for(uint64_t nblocks) {
 
 bool vec_ok(const void* x, int dtype) { return aligned(x, dtype == kBucketF32 ? 16 : 8); }
 
-int check_common(uint64_t n_pad, uint32_t world, uintptr_t stream) {
-  if (stream == 0 || world == 0) return static_cast<int>(cudaErrorInvalidValue);
+int check_common(uint64_t n_pad, uint32_t world, uintptr_t /*stream: 0 is the default stream, accepted*/) {
+  if (world == 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n_pad % (uint64_t(kBlock) * world) != 0) return static_cast<int>(cudaErrorInvalidValue);
   return 0;
 }

@@ -18,8 +18,8 @@
 // cudaErrorMisalignedAddress otherwise): fp32 arrays (residuals, scales,
 // absmax) 16-byte aligned, packed byte buffers 4-byte aligned. The bucket
 // may be unaligned (scalar loads then). Launchers return a cudaError_t value
-// (0 = success); stream 0 (the legacy default stream) is refused with
-// cudaErrorInvalidValue: callers pass torch.cuda.current_stream().
+// (0 = success); stream is any cudaStream_t, 0 (torch's default stream,
+// torch.cuda.current_stream().cuda_stream outside a stream context) included.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +35,7 @@ int launch_int8_quantize_pack(const void* x, int dtype, uint64_t n, uint64_t n_p
                               float* residual, uint8_t* send, uintptr_t stream);
 
 // (b) the owner's step: recv = world packed slots [world][shard + 4*sblocks]
-// (rank order), summed in fp32 in rank order, / world, + residual,
+// (rank order), each copy / world then summed in fp32 in rank order, + residual,
 // requantized into own (one packed slot).
 int launch_int8_dequant_sum_requant(const uint8_t* recv, uint32_t world, uint64_t shard, float* residual,
                                     uint8_t* own, uintptr_t stream);
@@ -59,7 +59,7 @@ int launch_int8_quantize_pack_shared(const void* x, int dtype, uint64_t n, uint6
                                      uintptr_t stream);
 
 // (b) with shared scales: recv_codes [world][shard] int8 summed exactly in
-// int32, * shared_scales[b] / world + residual, requantized into own (packed).
+// int32, (sum / world) * shared_scales[b] + residual, requantized into own (packed).
 int launch_int8_dequant_sum_requant_shared(const uint8_t* recv_codes, uint32_t world, uint64_t shard,
                                            const float* shared_scales, float* residual, uint8_t* own,
                                            uintptr_t stream);

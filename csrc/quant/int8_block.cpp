@@ -69,13 +69,15 @@ void dequantize_blocks_ref(const int8_t* codes, const float* scales, size_t n, f
 void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* scales_w, size_t world,
                              size_t n, float* residual, int8_t* codes, float* scales) {
   float v[kQuantBlock];
-  const float inv_w = static_cast<float>(world);
+  const float wf = static_cast<float>(world);
   for (size_t b = 0, i0 = 0; i0 < n; ++b, i0 += kQuantBlock) {
     const size_t len = n - i0 < kQuantBlock ? n - i0 : kQuantBlock;
     for (size_t i = 0; i < len; ++i) {
+      // Each copy is divided by W before it is added: the sum of W values near the fp32
+      // maximum would overflow to inf before the division.
       float s = 0.0f;
-      for (size_t r = 0; r < world; ++r) s += static_cast<float>(codes_w[r][i0 + i]) * scales_w[r][b];
-      v[i] = s / inv_w + (residual ? residual[i0 + i] : 0.0f);
+      for (size_t r = 0; r < world; ++r) s += (static_cast<float>(codes_w[r][i0 + i]) * scales_w[r][b]) / wf;
+      v[i] = s + (residual ? residual[i0 + i] : 0.0f);
     }
     scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
   }
@@ -134,7 +136,8 @@ void dequant_sum_requant_shared_ref(const int8_t* const* codes_w, size_t world, 
     for (size_t i = 0; i < len; ++i) {
       int32_t s = 0;
       for (size_t r = 0; r < world; ++r) s += codes_w[r][i0 + i];
-      v[i] = static_cast<float>(s) * scales[b] / wf + (residual ? residual[i0 + i] : 0.0f);
+      // |S / W| <= 127: scaling the mean code (not the sum) cannot overflow.
+      v[i] = (static_cast<float>(s) / wf) * scales[b] + (residual ? residual[i0 + i] : 0.0f);
     }
     out_scales[b] = quantize_one(v, len, codes + i0, residual ? residual + i0 : nullptr);
   }

@@ -43,8 +43,9 @@ void quantize_blocks_ref(const float* x, float* residual, size_t n, int8_t* code
 void dequantize_blocks_ref(const int8_t* codes, const float* scales, size_t n, float* out);
 
 // The owner's step of the two-phase all-reduce: W quantized copies of one
-// shard (codes_w[r], scales_w[r] for r = 0..W-1, summed in that fixed order in
-// fp32), divided by W, plus the owner's residual, requantized (residual
+// shard (codes_w[r], scales_w[r] for r = 0..W-1; each dequantized copy divided
+// by W, then summed in that fixed order in fp32, so values near the fp32 maximum
+// on several ranks do not overflow), plus the owner's residual, requantized (residual
 // updated as above). A NaN scale in any source makes the block NaN.
 void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* scales_w, size_t world,
                              size_t n, float* residual, int8_t* codes, float* scales);
@@ -56,7 +57,7 @@ void dequant_sum_requant_ref(const int8_t* const* codes_w, const float* const* s
 // inf/NaN so a MAX all-reduce carries "non-finite" reliably), the ranks
 // all-reduce those with MAX, and every rank quantizes with the same scale
 // (quantize_blocks_shared_ref). The owner then sums the W integer codes
-// exactly (int32) and scales once (dequant_sum_requant_shared_ref), so the
+// exactly (int32) and scales the mean code once (dequant_sum_requant_shared_ref), so the
 // result does not depend on the order in which contributions arrive.
 
 // absmax[b] = max |x[i] + residual[i]| over block b, or +inf if any value of
@@ -71,7 +72,8 @@ void quantize_blocks_shared_ref(const float* x, float* residual, size_t n, const
                                 float* scales);
 
 // The owner's step with shared scales: S[i] = sum_r codes_w[r][i] (int32,
-// exact), v[i] = float(S[i]) * scales[b] / W + residual[i], then requantized
+// exact), v[i] = (float(S[i]) / W) * scales[b] + residual[i] (|S/W| <= 127: no
+// overflow), then requantized
 // with the owner's own per-block scale exactly like dequant_sum_requant_ref.
 // scales: [nblocks] the shared scales of this shard (NaN -> block NaN).
 void dequant_sum_requant_shared_ref(const int8_t* const* codes_w, size_t world, size_t n, const float* scales,
