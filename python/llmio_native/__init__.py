@@ -10,7 +10,7 @@ import platform
 from typing import Any
 
 from ._native import CUDA_IMPORT_ERROR, _core, _cuda
-from .errors import CudaError, ShortReadError, UnsupportedError
+from .errors import CudaError, ResourceError, ShortReadError, UnsupportedError
 from .errors import ChecksumError, FormatError, IncompleteDatasetError
 from .memory import empty_aligned
 from .reader import Reader, resolve_backend
@@ -28,6 +28,7 @@ __all__ = [
     "UnsupportedError",
     "ShortReadError",
     "CudaError",
+    "ResourceError",
     "resolve_backend",
     "empty_aligned",
     "DatasetWriter",

@@ -631,7 +631,8 @@ class _Pipeline:
         self._ring_seen = (0, 0.0)
         if self.raw:
             self.ring = PinnedRing(self.reader, num_slots=loader.prefetch + 2, slot_bytes=slot_bytes,
-                                   num_producers=min(4, loader.prefetch), pin=loader.pin)
+                                   num_producers=min(4, loader.prefetch), pin=loader.pin,
+                                   device=loader.device if loader.device.type == "cuda" else None)
         if any(p.compressed for p in loader.plans):
             self.pool = cf.ThreadPoolExecutor(loader.num_threads, thread_name_prefix="llmio-decode")
         # Uncompressed sources: the ring reads only each window's bytes, so every chunk a
