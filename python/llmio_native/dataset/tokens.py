@@ -243,6 +243,17 @@ class TokenDataset:
             cid = self.__dict__["_content_id"] = h.hexdigest()
         return cid
 
+    def describe_chunk(self, chunk_index: int) -> str:
+        """``"<file> chunk <k> (dataset chunk <i>) @ offset <o>"``: how errors name a chunk."""
+        return self._where(int(chunk_index))
+
+    def chunk_origin(self, chunk_index: int) -> dict:
+        """``{"path", "chunk", "offset"}`` of a chunk: its file, index in that file, byte offset
+        (the attributes errors about the chunk carry)."""
+        c = self.chunks[int(chunk_index)]
+        return {"path": self.paths[int(c["file"])], "chunk": int(self._local[int(chunk_index)]),
+                "offset": int(c["offset"])}
+
     # -- helpers -------------------------------------------------------------------------
     def _where(self, ci: int) -> str:
         c = self.chunks[ci]

@@ -342,7 +342,7 @@ def fill_staging(ds, staging: GroupStaging, buf: np.ndarray, read_batch_into) ->
         ci = int(staging.chunks[k])
         so, nb = int(staging.src_offsets[k]), int(staging.src_bytes[k])
         if direct[k]:
-            ds._check_stored(ci, buf[so:so + nb])
+            ds.check_chunk(ci, buf[so:so + nb])
         else:  # zstd (or another host codec) inside a rans dataset: decoded here
             ds.decode_chunk(ci, tmps[k], out=buf[so:so + nb].view(dt))
 

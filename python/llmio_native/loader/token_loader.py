@@ -1219,12 +1219,8 @@ class _GpuDecodePath:
         ds = self.L.datasets[job.key[0]]
         gpu_chunks = job.staging.chunks[job.staging.gpu]  # status i belongs to the i-th GPU chunk
 
-        def attrs(i: int) -> dict:
-            c = ds.chunks[int(gpu_chunks[i])]
-            return {"path": ds.paths[int(c["file"])], "chunk": int(ds._local[int(gpu_chunks[i])]),
-                    "offset": int(c["offset"])}
-
-        self.rans.check_status(status, lambda i: ds._where(int(gpu_chunks[i])), attrs)
+        self.rans.check_status(status, lambda i: ds.describe_chunk(int(gpu_chunks[i])),
+                               lambda i: ds.chunk_origin(int(gpu_chunks[i])))
         job.checked = True
         job.status = job.event = None
         return True
