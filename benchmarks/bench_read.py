@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "file_bytes": size, "rows": [
+            json.dump({"machine": machine(), "file_bytes": size, "direct_used": direct_used,
+                       "limit_unavailable": lim is None, "rows": [
                 {**asdict(r), "gbps": r.gbps, "iops": r.iops, "cpu": r.cpu} for r in rows]}, f, indent=1)
     shutil.rmtree(tmp, ignore_errors=True)
     if not a.keep:

@@ -18,14 +18,20 @@ def test_bench_read_smoke(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout
-    for needle in ["## sequential 1 MiB, cold", "## random 4 KiB, cold", "llmio threads x16 1MiB",
-                   "python readinto 1MiB", "np.memmap 4KiB slices", "O_DIRECT really used"]:
-        assert needle in text, needle
-    if "limit: unavailable" in text:
-        pytest.skip("liburing limit not buildable here: " + text.split("limit: unavailable", 1)[1].splitlines()[0])
-    assert "limit: liburing qd32 1MiB O_DIRECT" in text and "io_uring seq / liburing limit" in text
+    res = json.loads((tmp_path / "r.json").read_text())
+    rows = {(r["section"], r["name"]): r for r in res["rows"]}
+    want = [("sequential 1 MiB, cold", "llmio threads x16 1MiB"), ("sequential 1 MiB, cold", "python readinto 1MiB (buffered)"),
+            ("random 4 KiB, cold", "np.memmap 4KiB slices"), ("random 4 KiB, cold", "llmio threads x16 batch 256")]
+    for key in want:
+        r = rows.get(key)
+        assert r is not None, (key, sorted(rows))
+        assert r["nbytes"] > 0 and r["seconds"] > 0 and r["gbps"] > 0, r
+    assert res["file_bytes"] == 8 << 20 and res["machine"]["cores"] >= 1
+    assert res["direct_used"] and all(isinstance(v, bool) for v in res["direct_used"].values())
     assert not (tmp_path / "b.bin").exists()  # removed without --keep
+    if res["limit_unavailable"]:
+        pytest.skip("liburing limit not buildable here")
+    assert ("sequential 1 MiB, cold", "limit: liburing qd32 1MiB O_DIRECT") in rows
 
 
 def test_bench_ddp_hook_smoke():

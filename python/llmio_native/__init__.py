@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._native import CUDA_IMPORT_ERROR, _core, _cuda
 from .errors import CudaError, ResourceError, ShortReadError, UnsupportedError
@@ -16,7 +16,30 @@ from .memory import empty_aligned
 from .reader import Reader, resolve_backend
 from .ring import PinnedRing
 from .dataset import DatasetWriter, TokenDataset, VerifyReport, open_dataset
-from .loader import TokenLoader
+
+if TYPE_CHECKING:  # for type checkers only; at run time these load lazily (below)
+    from . import ddp
+    from .loader import TokenLoader
+
+# Names whose modules import torch load on first use, so `import llmio_native` stays
+# torch-free: the CLI starts fast and worker processes stay cheap.
+_LAZY = {"TokenLoader": ("llmio_native.loader", "TokenLoader"), "ddp": ("llmio_native.ddp", None)}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'llmio_native' has no attribute {name!r}")
+    import importlib
+
+    mod = importlib.import_module(target[0])
+    value = mod if target[1] is None else getattr(mod, target[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__: str = _core.__version__
 

@@ -1,0 +1,232 @@
+"""
+llmio_native native core: read engines, pinned ring, CPU oracles
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+import typing_extensions
+__all__: list[str] = ['CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'QUANT_BLOCK', 'RANS_BLOCK_SYMBOLS', 'RANS_LANES', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'block_absmax_ref', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'host_live_bytes', 'host_live_count', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
+class UnsupportedError(RuntimeError):
+    pass
+class ShortReadError(OSError):
+    pass
+class CudaError(RuntimeError):
+    pass
+class ResourceError(OSError):
+    pass
+class CodecError(ValueError):
+    pass
+class RansModel:
+    """
+    Frequency model of the rans token codec (csrc/codec/rans.hpp).
+    """
+    @staticmethod
+    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 14, escape_max_count: typing.SupportsInt | typing.SupportsIndex = 0) -> RansModel:
+        """
+        Model of the tokens in `parts` (1-D uint16/uint32 arrays).
+        """
+    @staticmethod
+    def parse(data: typing_extensions.Buffer) -> RansModel:
+        """
+        Parse serialize()'s bytes; raises CodecError when they are malformed.
+        """
+    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, simd: bool = True) -> None:
+        """
+        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt.
+        """
+    def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
+        ...
+    def encode(self, tokens: typing_extensions.Buffer) -> bytes:
+        """
+        Encode a chunk of tokens into a payload (bytes).
+        """
+    def serialize(self) -> bytes:
+        ...
+    @property
+    def bits_per_token(self) -> float:
+        """
+        Expected coded bits per token under the model's frequencies.
+        """
+    @property
+    def freq(self) -> numpy.typing.NDArray[numpy.uint32]:
+        ...
+    @property
+    def num_rank_buckets(self) -> int:
+        ...
+    @property
+    def num_symbols(self) -> int:
+        ...
+    @property
+    def scale_bits(self) -> int:
+        ...
+    @property
+    def token_bytes(self) -> int:
+        ...
+class Reader:
+    def __init__(self, paths: collections.abc.Sequence[str], backend: str, direct: bool = True, queue_depth: typing.SupportsInt | typing.SupportsIndex = 64, num_threads: typing.SupportsInt | typing.SupportsIndex = 16, max_io_bytes: typing.SupportsInt | typing.SupportsIndex = 1048576) -> None:
+        ...
+    def alignment(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def direct_active(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def file_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def path(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> str:
+        ...
+    def read(self, i: typing.SupportsInt | typing.SupportsIndex, offset: typing.SupportsInt | typing.SupportsIndex, nbytes: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+        ...
+    def read_batch(self, requests: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]]) -> list:
+        ...
+    def read_batch_ptr(self, requests: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]]) -> None:
+        ...
+    def read_into(self, i: typing.SupportsInt | typing.SupportsIndex, offset: typing.SupportsInt | typing.SupportsIndex, buf: typing.Any) -> int:
+        ...
+    def read_many(self, files: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], nbytes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], out: typing.Any, out_offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None:
+        ...
+    def stats(self) -> dict:
+        ...
+    @property
+    def backend(self) -> str:
+        ...
+    @property
+    def num_files(self) -> int:
+        ...
+class RingSlot:
+    def array(self, k: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+        """
+        numpy uint8 view of request k's bytes (no copy)
+        """
+    def release(self) -> None:
+        """
+        Give the slot back to the ring (idempotent).
+        """
+    @property
+    def index(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> list[int]:
+        ...
+    @property
+    def offsets(self) -> list[int]:
+        ...
+    @property
+    def ptr(self) -> int:
+        ...
+    @property
+    def released(self) -> bool:
+        ...
+    @property
+    def seq(self) -> int:
+        ...
+    @property
+    def tag(self) -> int:
+        ...
+    @property
+    def used(self) -> int:
+        ...
+class SlotRing:
+    def __init__(self, reader: Reader, num_slots: typing.SupportsInt | typing.SupportsIndex, slot_bytes: typing.SupportsInt | typing.SupportsIndex, num_producers: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
+        ...
+    def close(self) -> None:
+        ...
+    def get(self, timeout: typing.Any = None) -> typing.Any:
+        """
+        Next filled slot in submission order; None if timeout (seconds) passes first.
+        """
+    def required_bytes(self, requests: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], packed: bool = False) -> int:
+        ...
+    def stats(self) -> dict:
+        ...
+    def submit(self, tag: typing.SupportsInt | typing.SupportsIndex, requests: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], packed: bool = False) -> int:
+        ...
+    @property
+    def arena_bytes(self) -> int:
+        ...
+    @property
+    def arena_ptr(self) -> int:
+        ...
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def held(self) -> int:
+        ...
+    @property
+    def huge_pages(self) -> bool:
+        ...
+    @property
+    def num_slots(self) -> int:
+        ...
+    @property
+    def pending(self) -> int:
+        ...
+    @property
+    def slot_bytes(self) -> int:
+        ...
+class HostBuffer:
+    def __init__(self, nbytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def huge_pages(self) -> bool:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def ptr(self) -> int:
+        ...
+def _faults() -> str:
+    ...
+def _set_faults(arg0: str) -> None:
+    """
+    Test-only fault injection (see csrc/io/file.hpp).
+    """
+def block_absmax_ref(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, absmax: numpy.typing.NDArray[numpy.float32]) -> None:
+    """
+    Per-block absmax of x + residual (residual read only; +inf for a block with inf/NaN).
+    """
+def cut_windows_ref(tokens: typing_extensions.Buffer, starts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], seq_len: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    """
+    CPU oracle of cut_windows_kernel: x[b,t]=tokens[starts[b]+t], y=x shifted by one, int64.
+    """
+def dequant_sum_requant_ref(codes_w: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], scales_w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, codes: numpy.typing.NDArray[numpy.int8], scales: numpy.typing.NDArray[numpy.float32]) -> None:
+    ...
+def dequant_sum_requant_shared_ref(codes_w: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], shared_scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, codes: numpy.typing.NDArray[numpy.int8], scales: numpy.typing.NDArray[numpy.float32]) -> None:
+    """
+    Owner step with shared scales: int32 sum of the W codes, * scale / W + residual, requantized.
+    """
+def dequantize_blocks_ref(codes: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], out: numpy.typing.NDArray[numpy.float32]) -> None:
+    ...
+def feistel_permute(idx: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], n: typing.SupportsInt | typing.SupportsIndex, key: typing.SupportsInt | typing.SupportsIndex, rounds: typing.SupportsInt | typing.SupportsIndex = 6) -> numpy.typing.NDArray[numpy.int64]:
+    """
+    Seeded bijection of [0, n) applied to idx (int64); see csrc/sample/permute.hpp.
+    """
+def host_live_bytes() -> int:
+    """
+    Bytes mapped by live host buffers and ring arenas
+    """
+def host_live_count() -> int:
+    ...
+def probe_io_uring() -> dict:
+    """
+    io_uring usability on this kernel: compiled, usable, errno, reason
+    """
+def quantize_blocks_ref(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, codes: numpy.typing.NDArray[numpy.int8], scales: numpy.typing.NDArray[numpy.float32]) -> None:
+    """
+    Blockwise INT8 quantization with error feedback, in place into codes/scales (and residual).
+    """
+def quantize_blocks_shared_ref(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, absmax: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], codes: numpy.typing.NDArray[numpy.int8], scales: numpy.typing.NDArray[numpy.float32]) -> None:
+    """
+    Blockwise INT8 quantization with the shared (all-reduced MAX) block absmax, in place.
+    """
+def rans_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], chunks: numpy.ndarray, blocks: numpy.ndarray, images: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.uint32]], out: typing_extensions.Buffer) -> numpy.typing.NDArray[numpy.int32]:
+    """
+    Host emulation of the CUDA rans decoder (same descriptors); returns per-chunk status codes.
+    """
+HAVE_URING: bool = True
+QUANT_BLOCK: int = 256
+RANS_BLOCK_SYMBOLS: int = 32768
+RANS_LANES: int = 32
+__version__: str = '0.1.0'
