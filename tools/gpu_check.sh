@@ -18,7 +18,8 @@
 # seconds) and exit status 0 only when every step passed; 2 when no GPU step ran.
 #
 # Environment: GPU_CHECK_BUDGET (seconds, default 570), GPU_CHECK_SKIP_BUILD=1
-# (use the tree's python/ on PYTHONPATH instead of installing; for CPU tests of
+# (do not install: use the tree's python/ when its modules are built there, else the
+# installed package; for CPU tests of
 # this script), GPU_CHECK_LOG_DIR (per-step logs; default a temp dir).
 set -u -o pipefail
 
@@ -29,7 +30,8 @@ LOG_DIR=${GPU_CHECK_LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$LOG_DIR"
 START=$SECONDS
 PY=${PYTHON:-python3}
-if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ] && compgen -G "$ROOT/python/llmio_native/_core*.so" >/dev/null; then
+  # a development tree with its modules built in place; otherwise the installed package
   export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
