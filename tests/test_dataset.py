@@ -19,7 +19,7 @@ import torch
 
 import llmio_native as lio
 from llmio_native.dataset import format as F
-from llmio_native.dataset import tokens as tokens_mod
+from llmio_native.dataset import base as base_mod
 from llmio_native.dataset import writer as writer_mod
 
 CHUNK = 1000  # tokens: 2000 B for uint16 -> every chunk is followed by zero padding
@@ -99,7 +99,7 @@ def test_shards_roll_at_document_boundaries(written):
 
 @pytest.mark.parametrize("aligned_from", [256 << 10, 0])
 def test_random_ranges_match_concatenation(written, monkeypatch, aligned_from):
-    monkeypatch.setattr(tokens_mod, "DIRECT_OUT_BYTES", aligned_from)  # 0: every result page-aligned
+    monkeypatch.setattr(base_mod, "DIRECT_OUT_BYTES", aligned_from)  # 0: every result page-aligned
     path, docs, _, _ = written
     ds = lio.open_dataset(path)
     allt = np.concatenate(docs)
