@@ -144,20 +144,21 @@ ReadStep = Union[DirectRaw, StagedRaw, StagedChunk]
 class TokenDataset:
     """A token stream stored in one or more files, read through :class:`Reader`.
 
-    Built by :func:`open_dataset`; not constructed directly. Attributes:
+    Built by :func:`open_dataset` (``llmio.py``, ``compat.py``); not constructed directly. Attributes:
 
     * ``path`` (str): what was opened; ``format``: ``"llmio"``, ``"nanogpt"``, ``"llmc"``
       or ``"megatron"``.
     * ``paths`` (list[str]): the data files; ``chunks["file"]`` indexes into it.
     * ``num_tokens``, ``num_documents`` (int); ``dtype`` (numpy dtype of the tokens);
-      ``codec`` (``"none"`` | ``"zstd"``: the dataset's codec; a zstd dataset may hold
-      chunks stored raw where compression did not help, see ``chunks["codec"]``).
+      ``codec`` (``"none"`` | ``"zstd"`` | ``"rans"``: the dataset's codec; a compressed
+      dataset may hold chunks stored raw where compression did not help, see ``chunks["codec"]``).
     * ``document_ends`` (numpy uint64, global index one past each document's last token,
       or ``None`` where the format records no boundaries).
     * ``eot_token`` (int | None), ``tokenizer_path`` (str | None), ``metadata`` (dict).
     * ``chunks``: numpy structured array, one row per chunk in stream order, fields
       ``file`` (int32), ``offset``, ``stored_bytes``, ``first_token`` (global),
-      ``token_count`` (uint64), ``codec`` (uint16), ``checksum`` (uint64). Compat formats
+      ``token_count`` (uint64), ``codec`` (uint16), ``checksum`` (uint64), ``model`` (uint64:
+      a rans chunk's model region offset, else 0). Compat formats
       expose pseudo-chunks of at most ``compat.BLOCK_TOKENS`` tokens, codec none.
     * ``has_checksums`` (bool): whether ``chunks["checksum"]`` is meaningful.
 
