@@ -19,7 +19,8 @@ import torch
 
 import llmio_native as lio
 from llmio_native.dataset import format as F
-from llmio_native.dataset import tokens as tokens_mod
+from llmio_native.dataset import base as base_mod
+from llmio_native.dataset import manifest as manifest_mod
 from llmio_native.dataset import writer as writer_mod
 
 CHUNK = 1000  # tokens: 2000 B for uint16 -> every chunk is followed by zero padding
@@ -99,7 +100,7 @@ def test_shards_roll_at_document_boundaries(written):
 
 @pytest.mark.parametrize("aligned_from", [256 << 10, 0])
 def test_random_ranges_match_concatenation(written, monkeypatch, aligned_from):
-    monkeypatch.setattr(tokens_mod, "DIRECT_OUT_BYTES", aligned_from)  # 0: every result page-aligned
+    monkeypatch.setattr(base_mod, "DIRECT_OUT_BYTES", aligned_from)  # 0: every result page-aligned
     path, docs, _, _ = written
     ds = lio.open_dataset(path)
     allt = np.concatenate(docs)
@@ -298,6 +299,62 @@ def test_refuses_existing_dataset_unless_overwrite(tmp_path):
     ds = lio.open_dataset(d)
     assert ds.read(0, 2).tolist() == [1, 2] and len(ds.paths) == 1
     assert sorted(os.listdir(d)) == ["manifest.json", "notes.txt", "shard-00000.lio"]  # stale shards gone
+
+
+def test_dataset_files_is_the_one_rule(tmp_path):
+    """manifest.dataset_files: our files only, manifest.json first (the deletion order)."""
+    d = tmp_path / "d"
+    assert manifest_mod.dataset_files(d) == [] and manifest_mod.dataset_files(tmp_path / "nofile") == []
+    write(d, [np.arange(SHARD, dtype=np.uint16)] * 2, tokenizer=None)
+    for n in ("notes.txt", "tokenizer.json", "shard-x.bin", "shard-00009.lio.docs.tmp", ".manifest.json.tmp"):
+        (d / n).write_text("")
+    assert manifest_mod.dataset_files(d) == ["manifest.json", ".manifest.json.tmp", "shard-00000.lio",
+                                             "shard-00001.lio", "shard-00009.lio.docs.tmp"]
+    assert manifest_mod.dataset_files(d / "notes.txt") == []
+    assert [manifest_mod.is_shard_name(n) for n in ("shard-00000.lio", "shard-0.lio.docs.tmp", "x.lio")] == [
+        True, False, False]
+
+
+def test_manifest_schema_round_trip(tmp_path):
+    """What the writer writes, read_manifest parses back field for field (ds.manifest is the raw JSON)."""
+    d = tmp_path / "d"
+    write(d, [np.arange(SHARD, dtype=np.uint16), [1, 2]], codec="zstd", eot_token=3, metadata={"k": [1]})
+    raw = json.loads((d / "manifest.json").read_text())
+    m = manifest_mod.read_manifest(str(d))
+    assert m.to_json() == raw and m.raw == raw and lio.open_dataset(d).manifest == raw
+    assert list(raw) == ["format", "version", "dtype", "codec", "chunk_tokens", "shard_tokens", "zstd_level",
+                         "rans_model_tokens", "num_tokens", "num_documents", "shards", "tokenizer", "eot_token",
+                         "metadata", "created_by"]
+    assert [s.name for s in m.shards] == ["shard-00000.lio", "shard-00001.lio"]
+    assert m.shards[1] == manifest_mod.ShardEntry(**raw["shards"][1])
+    with pytest.raises(lio.FormatError, match="dtype='uint32' was requested"):
+        manifest_mod.read_manifest(str(d), np.dtype("uint32"))
+    raw["shards"][1]["name"] = "shard-00000.lio"
+    (d / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(lio.FormatError, match=r"shards\[1\]: bad or repeated shard name"):
+        manifest_mod.read_manifest(str(d))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_read_plan_steps_are_typed(tmp_path, verify):
+    """The read planner: whole raw chunks go straight to a congruent output, partial or
+    incongruent ones through staging, compressed chunks are staged and decoded."""
+    d = tmp_path / "d"
+    write(d, [np.arange(4 * 2048, dtype=np.uint16)], chunk_tokens=2048)  # 4096-byte raw chunks
+    ds = lio.open_dataset(d)
+    out = base_mod.empty_aligned(4 * 4096, np.uint16)  # 4 chunks, page-aligned
+    steps = list(ds._plan_read(0, out, verify))
+    assert [type(s) for s in steps] == [base_mod.DirectRaw] * 4 and all(s.check == verify for s in steps)
+    steps = list(ds._plan_read(1, out[: 2 * 2048], verify))  # starts and ends mid-chunk: incongruent
+    part = base_mod.StagedChunk if verify else base_mod.StagedRaw  # partial chunks are checked whole
+    assert [type(s) for s in steps] == [part, base_mod.StagedRaw, part] and steps[1].check == verify
+    np.testing.assert_array_equal(ds.read(1, 2 * 2048, verify=verify), np.arange(1, 1 + 2 * 2048))
+    z = tmp_path / "z"
+    write(z, [np.zeros(3 * 2048, dtype=np.uint16)], chunk_tokens=2048, codec="zstd")
+    zs = lio.open_dataset(z)
+    steps = list(zs._plan_read(100, np.empty(5000, np.uint16), verify))
+    assert [type(s) for s in steps] == [base_mod.StagedChunk] * 3
+    assert (steps[0].lo, steps[0].hi, steps[2].lo, steps[2].hi) == (100, 2048, 0, 5100 - 4096)
 
 
 def test_closed_writer_and_exception_in_with_block(tmp_path):

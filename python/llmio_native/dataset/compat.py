@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import format as F
-from .tokens import TokenDataset
+from .base import TokenDataset
 
 #: Tokens per pseudo-chunk of a compat file.
 BLOCK_TOKENS = 1 << 20
@@ -81,6 +81,7 @@ def _head(path: str, n: int) -> bytes:
 
 
 def _megatron_prefix(p: str) -> str | None:
+    """The Megatron prefix ``p`` names (``X`` of ``X.idx`` + ``X.bin``), or None."""
     if p.endswith(".idx"):
         return p[:-4]
     if p.endswith(".bin") and os.path.exists(p[:-4] + ".idx"):
@@ -88,41 +89,6 @@ def _megatron_prefix(p: str) -> str | None:
     if not os.path.exists(p) and (os.path.exists(p + ".idx") or os.path.exists(p + ".bin")):
         return p
     return None
-
-
-def detect_format(p: str, dtype: np.dtype | None) -> str:
-    """Which reader :func:`open_dataset` uses for ``p`` (see its docstring).
-
-    Raises:
-        FileNotFoundError: nothing at ``p`` (nor ``p.idx`` / ``p.bin``).
-        FormatError: a file whose format cannot be told (no known magic and no ``dtype``
-            for a raw file), or a single shard of our format.
-    """
-    if os.path.isdir(p):
-        return "llmio"
-    if os.path.basename(p) == F.MANIFEST_NAME and os.path.isfile(p):
-        return "llmio"
-    if _megatron_prefix(p) is not None:
-        return "megatron"
-    if not os.path.exists(p):
-        raise FileNotFoundError(2, "no such file, dataset directory or Megatron prefix", p)
-    head = _head(p, 16)
-    if head.startswith(F.MAGIC):
-        raise FormatError(f"{p}: this is one shard of an llmio dataset; open its directory", path=p)
-    if head.startswith(MEGATRON_MAGIC):
-        raise FormatError(f"{p}: a Megatron index; open it by its .idx name or its prefix", path=p)
-    magic = int(np.frombuffer(head[:4], "<i4")[0]) if len(head) >= 4 else None
-    if magic in LLMC_MAGICS:
-        return "llmc"
-    if dtype is None:
-        hint = ""
-        if magic is not None and 20240000 <= magic < 20300000:
-            hint = (f" (its first int32 is {magic}, which looks like an llm.c header with an unknown "
-                    f"magic; known: {sorted(LLMC_MAGICS)})")
-        raise FormatError(
-            f"{p}: cannot tell the format{hint}: not a dataset directory, no llm.c magic, no Megatron "
-            ".idx beside it; a raw nanoGPT token file needs dtype='uint16' or 'uint32'", path=p)
-    return "nanogpt"
 
 
 def open_nanogpt(p: str, dtype: np.dtype | None, opts: dict) -> TokenDataset:
@@ -275,4 +241,4 @@ def open_megatron(p: str, dtype: np.dtype | None, opts: dict) -> TokenDataset:
     )
 
 
-__all__: list[Any] = ["detect_format", "open_nanogpt", "open_llmc", "open_megatron", "BLOCK_TOKENS"]
+__all__: list[Any] = ["open_nanogpt", "open_llmc", "open_megatron", "BLOCK_TOKENS"]

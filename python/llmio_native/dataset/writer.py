@@ -15,6 +15,8 @@ import numpy as np
 
 from .._native import _core
 from . import format as F
+from .manifest import (TOKENIZER_NAME, Manifest, ShardEntry, dataset_files, fsync_dir, is_shard_name,
+                       write_manifest)
 
 #: Default tokens per chunk: 128 KiB of uint16, a multiple of 4096 bytes so raw chunks
 #: lie back to back with no padding.
@@ -26,27 +28,6 @@ IN_FLIGHT_BYTES = 16 << 20
 #: Document ends kept in memory per shard before they spill to a side file.
 DOC_SPILL_ENTRIES = 1 << 20
 _ZEROS = bytes(F.ALIGN)
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _dataset_files(d: str) -> tuple[list[str], list[str]]:
-    """(names this writer would create or leave behind, shard names among them)."""
-    mine, shards = [], []
-    for n in os.listdir(d):
-        if n.startswith(F.SHARD_PREFIX) and (n.endswith(F.SHARD_SUFFIX) or n.endswith(F.DOCS_SPILL_SUFFIX)):
-            mine.append(n)
-            if n.endswith(F.SHARD_SUFFIX):
-                shards.append(n)
-        elif n in (F.MANIFEST_NAME, F.MANIFEST_TMP_NAME):
-            mine.append(n)
-    return mine, shards
 
 
 def _to_numpy(tokens: Any, doc: int) -> np.ndarray:
@@ -183,8 +164,8 @@ class DatasetWriter:
 
         self._prepare_dir(bool(overwrite))
         if tok_src is not None:
-            if os.path.dirname(os.path.abspath(tok_src)) == self.path and os.path.basename(tok_src) == "tokenizer.json":
-                tok_src = os.path.join(self.path, "tokenizer.json")
+            if os.path.dirname(os.path.abspath(tok_src)) == self.path and os.path.basename(tok_src) == TOKENIZER_NAME:
+                tok_src = os.path.join(self.path, TOKENIZER_NAME)
             if not os.path.isfile(tok_src):
                 raise FileNotFoundError(2, "tokenizer file not found", tok_src)
         self._tokenizer_src = tok_src
@@ -198,7 +179,7 @@ class DatasetWriter:
         self._model_offset = 0
         self._buf = np.empty(chunk_tokens, dtype=F.DTYPES[name])
         self._fill = 0
-        self._shards: list[dict] = []
+        self._shards: list[ShardEntry] = []
         self._shard_fh: BinaryIO | None = None
         self._error: BaseException | None = None
         self.num_tokens = 0
@@ -214,7 +195,7 @@ class DatasetWriter:
         if os.path.exists(d) and not os.path.isdir(d):
             raise FileExistsError(17, "output path exists and is not a directory", d)
         os.makedirs(d, exist_ok=True)
-        mine, shards = _dataset_files(d)
+        mine = dataset_files(d)  # manifest.json first: see the deletion below
         if not mine:
             return
         manifest = os.path.join(d, F.MANIFEST_NAME)
@@ -224,12 +205,12 @@ class DatasetWriter:
                     17, "a dataset already exists here (manifest.json); pass overwrite=True to replace it",
                     manifest)
             raise FileExistsError(
-                17, f"an incomplete dataset is here ({len(shards)} shard file(s), no manifest.json: "
+                17, f"an incomplete dataset is here ({sum(map(is_shard_name, mine))} shard file(s), no manifest.json: "
                 "an interrupted writer); pass overwrite=True to clean it and start over", d)
         # the manifest goes first, so that a crash part-way leaves an incomplete dataset
-        for n in sorted(mine, key=lambda n: n != F.MANIFEST_NAME):
+        for n in mine:
             os.unlink(os.path.join(d, n))
-        _fsync_dir(d)
+        fsync_dir(d)
 
     # -- documents ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -436,11 +417,10 @@ class DatasetWriter:
         self._shard_fh = None
         if self._spill_count:
             os.unlink(self._spill_path)
-        self._shards.append({
-            "name": self._shard_name, "bytes": size, "num_tokens": self._shard_ntok,
-            "num_chunks": len(table), "num_documents": ndoc,
-            "header_checksum": int.from_bytes(header[80:88], "little"),
-        })
+        self._shards.append(ShardEntry(
+            name=self._shard_name, bytes=size, num_tokens=self._shard_ntok, num_chunks=len(table),
+            num_documents=ndoc, header_checksum=int.from_bytes(header[80:88], "little"),
+        ))
 
     # -- commit ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -464,7 +444,7 @@ class DatasetWriter:
                 self._finish_shard()
             tok_name = None
             if self._tokenizer_src is not None:
-                tok_name = "tokenizer.json"
+                tok_name = TOKENIZER_NAME
                 dst = os.path.join(self.path, tok_name)
                 if os.path.abspath(self._tokenizer_src) != dst:
                     shutil.copyfile(self._tokenizer_src, dst)
@@ -472,31 +452,22 @@ class DatasetWriter:
                     os.fsync(fh.fileno())
             from .. import __version__
 
-            manifest = {
-                "format": F.FORMAT_NAME,
-                "version": F.VERSION,
-                "dtype": self.dtype.name,
-                "codec": self.codec,
-                "chunk_tokens": self.chunk_tokens,
-                "shard_tokens": self.shard_tokens,
-                "zstd_level": self.zstd_level if self.codec == "zstd" else None,
-                "rans_model_tokens": self.rans_model_tokens if self.codec == "rans" else None,
-                "num_tokens": self.num_tokens,
-                "num_documents": self.num_documents,
-                "shards": self._shards,
-                "tokenizer": tok_name,
-                "eot_token": self.eot_token,
-                "metadata": self.metadata,
-                "created_by": f"llmio_native {__version__}",
-            }
-            tmp = os.path.join(self.path, F.MANIFEST_TMP_NAME)
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(manifest, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, os.path.join(self.path, F.MANIFEST_NAME))
-            _fsync_dir(self.path)
+            manifest = Manifest(
+                dtype=self.dtype.name,
+                codec=self.codec,
+                chunk_tokens=self.chunk_tokens,
+                shard_tokens=self.shard_tokens,
+                zstd_level=self.zstd_level if self.codec == "zstd" else None,
+                rans_model_tokens=self.rans_model_tokens if self.codec == "rans" else None,
+                num_tokens=self.num_tokens,
+                num_documents=self.num_documents,
+                shards=list(self._shards),
+                tokenizer=tok_name,
+                eot_token=self.eot_token,
+                metadata=self.metadata,
+                created_by=f"llmio_native {__version__}",
+            )
+            write_manifest(self.path, manifest)
         except BaseException:
             self.abort()
             raise

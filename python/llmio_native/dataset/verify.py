@@ -1,0 +1,210 @@
+"""``verify``: read back every chunk of a :class:`TokenDataset`, re-check every checksum and
+size, and report the bad chunks (:class:`VerifyReport`, :class:`BadChunk`).
+
+``TokenDataset.verify`` calls :func:`verify`. This module works on the dataset's chunk
+table and its private helpers (``_check_stored``, ``_decode``, the region ends and file
+sizes recorded at open): it is part of the generic dataset, split out for size.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ..errors import FormatError
+from ..reader import Reader
+from . import format as F
+from .base import GROUP_BYTES, decode_pool
+
+if TYPE_CHECKING:
+    from .base import TokenDataset
+
+
+class BadChunk(NamedTuple):
+    """One problem found by :meth:`TokenDataset.verify`.
+
+    ``chunk`` is the chunk's index within ``path`` (``-1`` for a problem with the whole
+    file); ``offset`` is the byte offset in ``path``.
+    """
+
+    path: str
+    chunk: int
+    offset: int
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`TokenDataset.verify` found.
+
+    Attributes:
+        ok: no problem found.
+        bad_chunks: one :class:`BadChunk` per problem, in stream order.
+        chunks_checked: chunks whose bytes were read back.
+        bytes_checked: bytes read.
+        checksums: whether the format records checksums (compat formats do not: there,
+            verify can only prove every byte is readable and every size consistent).
+        seconds: wall time.
+    """
+
+    ok: bool
+    bad_chunks: list[BadChunk] = field(default_factory=list)
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    checksums: bool = True
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        head = (
+            f"{'OK' if self.ok else 'FAILED'}: {self.chunks_checked} chunks, "
+            f"{self.bytes_checked} bytes checked in {self.seconds:.2f} s"
+            + ("" if self.checksums else " (format has no checksums: readability and sizes only)")
+        )
+        lines = [head] + [f"  {b.path} chunk {b.chunk} @ {b.offset}: {b.reason}" for b in self.bad_chunks]
+        return "\n".join(lines)
+
+
+def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
+    """Read back every chunk of ``ds``, re-check every checksum and every size, report problems.
+
+    For each chunk: the stored bytes are read (with the zero padding after them in
+    our format), the checksum compared, the chunk decoded to its recorded size and
+    the padding checked for zeros. A file whose size changed since open, a read error
+    or a short read is reported too; so is damage around a rans model region (chunk
+    ``-1``). Bad chunks never raise.
+
+    Args:
+        ds: the dataset.
+        progress: show a tqdm progress bar over the bytes.
+
+    Returns:
+        A :class:`VerifyReport`; ``ok`` is false when anything was found.
+
+    Raises:
+        OSError: only if no data file can be read at all (e.g. the directory is gone).
+    """
+    t0 = time.perf_counter()
+    report = VerifyReport(ok=True, checksums=ds.has_checksums)
+    bad = report.bad_chunks
+    readable = []
+    for f, p in enumerate(ds.paths):
+        try:
+            size = os.stat(p).st_size
+        except OSError as exc:
+            bad.append(BadChunk(p, -1, 0, f"cannot stat: {exc}"))
+            continue
+        if size != ds._file_sizes[f]:
+            bad.append(BadChunk(p, -1, min(size, ds._file_sizes[f]),
+                                f"file size is {size} bytes, expected {ds._file_sizes[f]}"))
+        readable.append(f)
+    if ds.paths and not readable:
+        raise FileNotFoundError(f"{ds.path}: none of its {len(ds.paths)} data files can be read")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=int((ds._region_ends - ds.chunks["offset"]).sum()), unit="B",
+                   unit_scale=True, desc=f"verify {os.path.basename(ds.path)}")
+    try:
+        reader: Any = ds.reader
+        fmap = {f: f for f in range(len(ds.paths))}
+    except OSError:
+        reader = Reader([ds.paths[f] for f in readable], **ds._reader_options)
+        fmap = {f: k for k, f in enumerate(readable)}
+    group: list[int] = []
+    gbytes = 0
+    skip = {f for f in range(len(ds.paths)) if f not in fmap}
+    for ci in range(len(ds.chunks)):
+        if int(ds.chunks[ci]["file"]) in skip:
+            continue
+        group.append(ci)
+        gbytes += int(ds._region_ends[ci] - ds.chunks[ci]["offset"])
+        if gbytes >= GROUP_BYTES:
+            _verify_group(ds, reader, fmap, group, report, bar)
+            group, gbytes = [], 0
+    if group:
+        _verify_group(ds, reader, fmap, group, report, bar)
+    if bar is not None:
+        bar.close()
+    _verify_model_padding(ds, reader, fmap, bad)
+    bad.sort(key=lambda b: (ds.paths.index(b.path) if b.path in ds.paths else -1, b.chunk))
+    report.ok = not bad
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list) -> None:
+    """rans: the zero padding after each model region (its contents are checked when
+    the chunks that use it decode); a problem is reported with chunk -1."""
+    rans = ds.chunks["codec"] == F.CODEC_RANS
+    if not rans.any():
+        return
+    for f, off in sorted(set(zip(ds.chunks["file"][rans].tolist(), ds.chunks["model"][rans].tolist()))):
+        if f not in fmap:
+            continue
+        path = ds.paths[f]
+        try:
+            head = reader.read(fmap[f], off, F.MODEL_HEADER_BYTES)
+            end = off + F.model_region_size(head, path, off)
+            pad = reader.read(fmap[f], end, F.align_up(end) - end)
+        except (OSError, FormatError) as exc:
+            bad.append(BadChunk(path, -1, off, f"rans model region: {exc}"))
+            continue
+        if pad.any():
+            k = int(np.flatnonzero(pad)[0])
+            bad.append(BadChunk(path, -1, end + k, f"nonzero padding byte @ offset {end + k} after the rans "
+                                                   f"model region @ offset {off} (the file is damaged)"))
+
+
+def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int], report: VerifyReport,
+                  bar: Any) -> None:
+    reqs = []
+    for ci in group:
+        c = ds.chunks[ci]
+        reqs.append((fmap[int(c["file"])], int(c["offset"]), int(ds._region_ends[ci] - c["offset"])))
+    try:
+        bufs: list[Any] = reader.read_batch(reqs)
+    except OSError:
+        bufs = []
+        for (f, off, n), ci in zip(reqs, group):
+            try:
+                bufs.append(reader.read(f, off, n))
+            except OSError as exc:
+                bufs.append(exc)
+    results = list(decode_pool().map(lambda ci, buf: _verify_one(ds, ci, buf), group, bufs))
+    for ci, buf, reason in zip(group, bufs, results):
+        report.chunks_checked += 1
+        if not isinstance(buf, BaseException):
+            report.bytes_checked += int(buf.nbytes)
+        if reason is not None:
+            c = ds.chunks[ci]
+            report.bad_chunks.append(
+                BadChunk(ds.paths[int(c["file"])], int(ds._local[ci]), int(c["offset"]), reason))
+    if bar is not None:
+        bar.update(sum(r[2] for r in reqs))
+
+
+def _verify_one(ds: "TokenDataset", ci: int, buf: Any) -> str | None:
+    """Why chunk ``ci`` (its region as read, or the read's exception) is bad, or None."""
+    if isinstance(buf, BaseException):
+        return f"read failed: {buf}"
+    c = ds.chunks[ci]
+    n = int(c["stored_bytes"])
+    stored = buf[:n]
+    try:
+        ds._check_stored(ci, stored)
+        out = np.empty(int(c["token_count"]), dtype=ds.dtype)
+        ds._decode(ci, stored, out)
+    except (FormatError, NotImplementedError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    pad = buf[n:]
+    if pad.any():
+        k = int(np.flatnonzero(pad)[0])
+        return (f"nonzero padding byte @ offset {int(c['offset']) + n + k} after the chunk "
+                "(the tokens are intact; the file is damaged)")
+    return None
+
+
+__all__ = ["verify", "VerifyReport", "BadChunk"]
