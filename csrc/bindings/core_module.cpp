@@ -13,7 +13,7 @@
 #include <system_error>
 
 #include "cuda/cut_windows.hpp"
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 #include "io/reader.hpp"
 #include "ring/host_buffer.hpp"
 #include "ring/slot_ring.hpp"

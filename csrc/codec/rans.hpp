@@ -91,7 +91,7 @@ class Model {
   };
   std::vector<Bucket> buckets_;             // decoder's per-bucket constants
   std::vector<uint16_t> slot_;              // [2^scale_bits] -> bucket
-  std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // AVX2 decoder tables (rans.cpp)
+  std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // AVX2 decoder tables (rans_decode_avx2.cpp)
   std::vector<uint32_t> dense_rank_;        // symbol -> rank when ids are small
   std::vector<std::pair<uint32_t, uint32_t>> sparse_rank_;  // (symbol, rank) sorted, otherwise
   double bits_per_token_ = 0;

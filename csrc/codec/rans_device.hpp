@@ -1,6 +1,6 @@
 // Pieces of the rANS token decoder shared by the CUDA kernel
 // (csrc/cuda/rans_decode.cu) and its host emulation (rans_emulate_warps in
-// csrc/codec/rans.cpp, tested on every machine): the layout of the model's
+// csrc/codec/rans_decode_ref.cpp, tested on every machine): the layout of the model's
 // device image and of the per-launch descriptors, and the per-lane arithmetic.
 // Only the warp-collective parts (ballot, prefix popcount) differ between the
 // two, so a test of the emulation checks the kernel's logic bit for bit.

@@ -8,6 +8,7 @@
 // status and never reads or writes outside its chunk.
 #include <cuda_runtime.h>
 
+#include "common/cuda_check.hpp"
 #include "cuda/rans_decode.hpp"
 
 namespace llmio {
@@ -95,18 +96,16 @@ rans_decode_kernel(const uint8_t* __restrict__ src, const ChunkDesc* __restrict_
 
 }  // namespace
 
-int launch_rans_decode(const RansDecodeParams& p, uintptr_t stream) {
-  if (p.num_blocks == 0) return 0;
-  if (p.token_bytes != 2 && p.token_bytes != 4) return static_cast<int>(cudaErrorInvalidValue);
+void launch_rans_decode(const RansDecodeParams& p, cudaStream_t s) {
+  if (p.num_blocks == 0) return;
   const unsigned grid = (p.num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.token_bytes == 2)
     rans_decode_kernel<uint16_t><<<grid, kWarpsPerCta * 32, 0, s>>>(
         p.src, p.chunks, p.num_chunks, p.blocks, p.num_blocks, p.images, static_cast<uint16_t*>(p.out), p.status);
   else
     rans_decode_kernel<uint32_t><<<grid, kWarpsPerCta * 32, 0, s>>>(
         p.src, p.chunks, p.num_chunks, p.blocks, p.num_blocks, p.images, static_cast<uint32_t*>(p.out), p.status);
-  return static_cast<int>(cudaGetLastError());
+  LLMIO_CUDA_CHECK_WHAT(cudaGetLastError(), "rans_decode_kernel launch");
 }
 
 }  // namespace llmio
