@@ -601,3 +601,16 @@ def test_gpu_decode_refuses_bad_descriptors_and_the_context_survives():
     torch.cuda.synchronize()
     assert status.cpu().tolist() == [0, 0]
     np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)
+
+
+def test_exported_constants_match_python_layout():
+    """The descriptor layouts and status codes are defined once in C++ (rans_device.hpp,
+    rans_check.cpp) and exported; the dataset layer's copies must agree with them."""
+    from llmio_native.dataset import rans as drans
+
+    assert np.dtype(_core.RANS_CHUNK_DESC) == drans.CHUNK_DESC
+    assert np.dtype(_core.RANS_BLOCK_DESC) == drans.BLOCK_DESC
+    assert _core.RANS_STATUS == drans.STATUS
+    assert _core.RANS_STATUS_OK == 0 and _core.RANS_STATUS_BAD_FINAL == max(_core.RANS_STATUS)
+    assert _core.RANS_PAYLOAD_ALIGN == 4
+    assert _core.RANS_MIN_SCALE_BITS <= _core.RANS_SCALE_BITS_DEFAULT <= _core.RANS_MAX_SCALE_BITS

@@ -82,7 +82,7 @@ class Model {
   void finish();  // cum_, slot table, encoder lookup from freq_ and rank_to_sym_
   uint32_t rank_of(uint32_t sym) const;  // UINT32_MAX when not ranked
 
-  uint32_t token_bytes_ = 2, scale_bits_ = 14, num_rank_buckets_ = 0;
+  uint32_t token_bytes_ = 2, scale_bits_ = kDefaultScaleBits, num_rank_buckets_ = 0;
   std::vector<uint32_t> freq_, cum_;        // [num_rank_buckets + 33]
   std::vector<uint32_t> rank_to_sym_;       // symbols in rank order
   struct Bucket {

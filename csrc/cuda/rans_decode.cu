@@ -37,7 +37,7 @@ rans_decode_kernel(const uint8_t* __restrict__ src, const ChunkDesc* __restrict_
   const ImageView m = image_view(images[cd.model]);
   BlockSpan span;
   int32_t st = locate_block(payload, cd.src_bytes, cd.num_tokens, bd.block, &span);
-  if (st == kOk && (m.token_bytes != sizeof(T) || (reinterpret_cast<uintptr_t>(payload) & 3))) st = kBadHeader;
+  if (st == kOk && (m.token_bytes != sizeof(T) || (reinterpret_cast<uintptr_t>(payload) & (kPayloadAlign - 1)))) st = kBadHeader;
   if (st != kOk) {
     if (lane == 0) set_status(status, bd.chunk, st);
     return;
