@@ -305,15 +305,17 @@ class UringEngine final : public Engine {
       iov.push_back({r->bounce.back().data(), static_cast<size_t>(sz)});
       r->give_back(static_cast<int>(i));
     }
-    if (io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0 &&
-        io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) ==
-            static_cast<int>(iov.size())) {
+    const bool sparse_table = io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0;
+    if (sparse_table && io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) ==
+                            static_cast<int>(iov.size())) {
       r->sparse = true;
       r->buffers_registered = true;
     } else {
-      // (Result ignored on purpose: a table that cannot be unregistered makes the
-      // plain registration below fail, and the ring then runs unregistered.)
-      if (r->sparse) (void)io_uring_unregister_buffers(&r->ring);
+      // A sparse table whose update failed is dropped before the plain
+      // registration (which would otherwise fail with EBUSY). Result ignored on
+      // purpose: should it fail, so does the registration below, and the ring
+      // then runs with plain reads.
+      if (sparse_table) (void)io_uring_unregister_buffers(&r->ring);
       r->sparse = false;
       r->buffers_registered = io_uring_register_buffers(&r->ring, iov.data(), iov.size()) == 0;
     }
