@@ -250,9 +250,11 @@ def test_native_fuzz_under_asan(tmp_path):
         pytest.skip("no C++ compiler")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     exe = tmp_path / "rans_fuzz"
+    with open(os.path.join(root, "tests", "native", "rans_fuzz.sources")) as f:
+        sources = [os.path.join(root, line.strip()) for line in f if line.strip() and not line.startswith("#")]
     cmd = [cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
            "-I", os.path.join(root, "csrc"), os.path.join(root, "tests", "native", "rans_fuzz.cpp"),
-           os.path.join(root, "csrc", "codec", "rans.cpp"), "-o", str(exe)]
+           *sources, "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 and "asan" in r.stderr.lower() and "cannot find" in r.stderr.lower():
         pytest.skip("AddressSanitizer runtime not installed: " + r.stderr[-300:])
@@ -599,3 +601,16 @@ def test_gpu_decode_refuses_bad_descriptors_and_the_context_survives():
     torch.cuda.synchronize()
     assert status.cpu().tolist() == [0, 0]
     np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), ref)
+
+
+def test_exported_constants_match_python_layout():
+    """The descriptor layouts and status codes are defined once in C++ (rans_device.hpp,
+    rans_check.cpp) and exported; the dataset layer's copies must agree with them."""
+    from llmio_native.dataset import rans as drans
+
+    assert np.dtype(_core.RANS_CHUNK_DESC) == drans.CHUNK_DESC
+    assert np.dtype(_core.RANS_BLOCK_DESC) == drans.BLOCK_DESC
+    assert _core.RANS_STATUS == drans.STATUS
+    assert _core.RANS_STATUS_OK == 0 and _core.RANS_STATUS_BAD_FINAL == max(_core.RANS_STATUS)
+    assert _core.RANS_PAYLOAD_ALIGN == 4
+    assert _core.RANS_MIN_SCALE_BITS <= _core.RANS_SCALE_BITS_DEFAULT <= _core.RANS_MAX_SCALE_BITS

@@ -1142,3 +1142,73 @@ def test_zero_length_reads_up_to_eof_and_never_past_it(make_file, backend):
         with pytest.raises(lio.ShortReadError, match=r"@ (5001|9999) \(\+0\): past end of file \(size 5000 bytes\)") as ei:
             call()
         assert ei.value.filename == f.path
+
+
+# ---------------------------------------------------------------- vectorised reads, many files, defaults
+# (merged from the former tests/test_engine.py; its other cases are covered above)
+
+
+def test_read_many_scatter(make_file, backend):
+    files = [make_file(s, seed=k) for k, s in enumerate((3 * 4096 + 7, 70000))]
+    r = lio.Reader([f.path for f in files], backend=backend)
+    rng = np.random.default_rng(0)
+    n = 500
+    fidx = rng.integers(0, 2, n)
+    sizes = np.array([files[i].size for i in fidx])
+    nbytes = rng.integers(0, 5000, n).clip(max=sizes)
+    offs = (rng.random(n) * (sizes - nbytes + 1)).astype(np.int64)
+    out = np.zeros(int(nbytes.sum()) + 11, np.uint8)
+    r.read_many(fidx, offs, nbytes, out)
+    pos = 0
+    for i, o, k in zip(fidx, offs, nbytes):
+        assert out[pos : pos + k].tobytes() == files[i].data[o : o + k]
+        pos += k
+    assert (out[pos:] == 0).all()  # nothing written past the requests
+    # Explicit placement into an aligned buffer: 4 KiB reads at 4 KiB offsets go direct.
+    dst = lio.empty_aligned(4 * 4096)
+    r.read_many(0, np.array([8192, 0, 4096, 4096]), 4096, dst, np.array([0, 4096, 8192, 12288]))
+    d0 = files[0].data
+    assert dst.tobytes() == d0[8192:12288] + d0[0:4096] + d0[4096:8192] + d0[4096:8192]
+    with pytest.raises(ValueError, match="past the output buffer"):
+        r.read_many(0, np.array([0]), 100, np.zeros(99, np.uint8))
+    with pytest.raises(ValueError, match="same length"):
+        r._handle().read_many(np.zeros(2, np.int64), np.zeros(3, np.int64), np.zeros(3, np.int64),
+                              np.zeros(10, np.uint8), np.zeros(3, np.int64))
+    with pytest.raises(lio.ShortReadError):
+        r.read_many(1, np.array([69999]), 2, np.zeros(2, np.uint8))
+
+
+def test_thousands_of_files_raise_the_fd_limit(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * 1500 + 64:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        paths = []
+        for k in range(1500):
+            p = tmp_path / f"s{k}.bin"
+            p.write_bytes(bytes([k % 251]) * 10)
+            paths.append(str(p))
+        r = lio.Reader(paths, backend="threads")  # 3000 descriptors: more than the old soft limit
+        assert r.read(1499, 3, 2).tobytes() == bytes([1499 % 251]) * 2
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 3000
+        del r
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@needs_uring
+def test_io_uring_default_queue_depth_registered_files_and_fixed_buffers(make_file):
+    f = make_file(3 * 4096 + 7)
+    r = lio.Reader([f.path], backend="io_uring", direct=True)
+    r.read_batch([(0, 1, 10), (0, 4096, 4096), (0, 5, 3 * 4096)])
+    odd = np.empty(101, np.uint8)[1:]
+    r.read_into(0, 3, odd)
+    s = r.stats()
+    assert s["bytes"] == 10 + 4096 + 3 * 4096 + 100
+    assert s["requests"] == 4 and s["batches"] == 2
+    assert s["registered_files"] == 1
+    assert s["fixed_buffer_ops"] >= 1  # the odd-address read bounced through a fixed buffer
+    assert s["submits"] >= 2 and s["queue_depth"] == 64

@@ -6,7 +6,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
+#include <initializer_list>
 #include <memory>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -37,12 +40,63 @@ py::bytes to_bytes(const std::vector<uint8_t>& v) {
   return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
 }
 
+// The constants Python needs, defined once in rans_device.hpp / rans_check.cpp:
+//   RANS_STATUS           {code: text} of the per-chunk status codes
+//   RANS_STATUS_OK, ...   each code by name
+//   RANS_CHUNK_DESC, RANS_BLOCK_DESC   descriptor layouts as numpy dtype specs
+//                         ({"names", "formats", "offsets", "itemsize"}: np.dtype(spec))
+//   RANS_PAYLOAD_ALIGN    alignment of a payload's address (bytes)
+//   RANS_SCALE_BITS_DEFAULT, RANS_MIN_SCALE_BITS, RANS_MAX_SCALE_BITS
+void export_rans_constants(py::module_& m) {
+  namespace r = llmio::rans;
+  py::dict status;
+  for (int32_t c = 0; c < r::kNumStatus; ++c) status[py::int_(c)] = r::status_text(c);
+  m.attr("RANS_STATUS") = status;
+  m.attr("RANS_STATUS_OK") = static_cast<int32_t>(r::kOk);
+  m.attr("RANS_STATUS_BAD_HEADER") = static_cast<int32_t>(r::kBadHeader);
+  m.attr("RANS_STATUS_BAD_STATE") = static_cast<int32_t>(r::kBadState);
+  m.attr("RANS_STATUS_OVERRUN") = static_cast<int32_t>(r::kOverrun);
+  m.attr("RANS_STATUS_BAD_SYMBOL") = static_cast<int32_t>(r::kBadSymbol);
+  m.attr("RANS_STATUS_BAD_FINAL") = static_cast<int32_t>(r::kBadFinal);
+  auto spec = [](std::initializer_list<std::tuple<const char*, const char*, size_t>> fields, size_t itemsize) {
+    py::list names, formats, offsets;
+    for (const auto& f : fields) {
+      names.append(std::get<0>(f));
+      formats.append(std::get<1>(f));
+      offsets.append(std::get<2>(f));
+    }
+    py::dict d;
+    d["names"] = names;
+    d["formats"] = formats;
+    d["offsets"] = offsets;
+    d["itemsize"] = itemsize;
+    return d;
+  };
+  static_assert(sizeof(r::ChunkDesc::src_offset) == 8 && sizeof(r::ChunkDesc::num_tokens) == 4 &&
+                    sizeof(r::BlockDesc::chunk) == 4 && sizeof(r::BlockDesc) == 8,
+                "descriptor field widths as exported below");
+  m.attr("RANS_CHUNK_DESC") = spec({{"src_offset", "<u8", offsetof(r::ChunkDesc, src_offset)},
+                                    {"src_bytes", "<u8", offsetof(r::ChunkDesc, src_bytes)},
+                                    {"out_offset", "<u8", offsetof(r::ChunkDesc, out_offset)},
+                                    {"num_tokens", "<u4", offsetof(r::ChunkDesc, num_tokens)},
+                                    {"model", "<u4", offsetof(r::ChunkDesc, model)}},
+                                   sizeof(r::ChunkDesc));
+  m.attr("RANS_BLOCK_DESC") = spec({{"chunk", "<u4", offsetof(r::BlockDesc, chunk)},
+                                    {"block", "<u4", offsetof(r::BlockDesc, block)}},
+                                   sizeof(r::BlockDesc));
+  m.attr("RANS_PAYLOAD_ALIGN") = r::kPayloadAlign;
+  m.attr("RANS_SCALE_BITS_DEFAULT") = r::kDefaultScaleBits;
+  m.attr("RANS_MIN_SCALE_BITS") = r::kMinScaleBits;
+  m.attr("RANS_MAX_SCALE_BITS") = r::kMaxScaleBits;
+}
+
 }  // namespace
 
 void bind_rans(py::module_& m) {
   py::register_exception<llmio::rans::CodecError>(m, "CodecError", PyExc_ValueError);
   m.attr("RANS_BLOCK_SYMBOLS") = llmio::rans::kBlockSymbols;
   m.attr("RANS_LANES") = llmio::rans::kLanes;
+  export_rans_constants(m);
 
   py::class_<Model, std::shared_ptr<Model>>(m, "RansModel",
                                             "Frequency model of the rans token codec (csrc/codec/rans.hpp).")
@@ -63,7 +117,7 @@ void bind_rans(py::module_& m) {
             py::gil_scoped_release nogil;
             return std::make_shared<Model>(Model::build(spans, token_bytes, scale_bits, escape_max_count));
           },
-          py::arg("parts"), py::arg("token_bytes"), py::arg("scale_bits") = 14, py::arg("escape_max_count") = 0,
+          py::arg("parts"), py::arg("token_bytes"), py::arg("scale_bits") = llmio::rans::kDefaultScaleBits, py::arg("escape_max_count") = 0,
           "Model of the tokens in `parts` (1-D uint16/uint32 arrays).")
       .def_static(
           "parse",
@@ -135,7 +189,12 @@ void bind_rans(py::module_& m) {
         using llmio::rans::ChunkDesc;
         if (chunks.nbytes() % sizeof(ChunkDesc) || blocks.nbytes() % sizeof(BlockDesc) ||
             !(chunks.flags() & py::array::c_style) || !(blocks.flags() & py::array::c_style))
-          throw std::invalid_argument("rans_emulate_gpu: chunks must be contiguous 32-byte and blocks 8-byte records");
+          throw std::invalid_argument(
+              "rans_emulate_gpu: chunks must be contiguous " + std::to_string(sizeof(ChunkDesc)) + "-byte and blocks " +
+              std::to_string(sizeof(BlockDesc)) + "-byte records, got chunks of " + std::to_string(chunks.nbytes()) +
+              " bytes" + ((chunks.flags() & py::array::c_style) ? "" : " (not C-contiguous)") + " and blocks of " +
+              std::to_string(blocks.nbytes()) + " bytes" +
+              ((blocks.flags() & py::array::c_style) ? "" : " (not C-contiguous)"));
         const size_t nc = static_cast<size_t>(chunks.nbytes()) / sizeof(ChunkDesc);
         const size_t nb = static_cast<size_t>(blocks.nbytes()) / sizeof(BlockDesc);
         const auto* cd = static_cast<const ChunkDesc*>(chunks.data());

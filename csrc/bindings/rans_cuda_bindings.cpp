@@ -2,8 +2,10 @@
 // from cuda_module.cpp. Device pointers are integers (tensor.data_ptr()); the
 // stream is a cudaStream_t as an integer, torch's default stream (0) included.
 // The descriptors are also passed as host arrays: the kernel trusts them, so
-// they are checked here (rans::check_descriptors, the same check the host
-// emulation makes) before anything is launched.
+// they are checked here, once (token_bytes, null pointers, record sizes and
+// rans::check_descriptors, the same check the host emulation makes), before
+// anything is launched. A CUDA failure (llmio::CudaError, LLMIO_CUDA_CHECK)
+// becomes llmio_native._core.CudaError.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -11,6 +13,7 @@
 #include <string>
 
 #include "codec/rans_check.hpp"
+#include "common/cuda_check.hpp"
 #include "cuda/rans_decode.hpp"
 
 namespace py = pybind11;
@@ -33,9 +36,21 @@ const void* host_records(const py::buffer_info& bi, size_t size, uint32_t count,
   return bi.ptr;
 }
 
+// llmio::CudaError -> llmio_native._core.CudaError, for every binding of this
+// module (registered once, module-local).
+void translate_cuda_error(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const llmio::CudaError& e) {
+    static py::object cuda_error = py::module_::import("llmio_native._core").attr("CudaError");
+    PyErr_SetString(cuda_error.ptr(), e.what());
+  }
+}
+
 }  // namespace
 
 void bind_rans_cuda(py::module_& m) {
+  py::register_local_exception_translator(&translate_cuda_error);
   m.def(
       "rans_decode",
       [](uintptr_t src, uintptr_t chunks, uint32_t num_chunks, uintptr_t blocks, uint32_t num_blocks,
@@ -45,8 +60,14 @@ void bind_rans_cuda(py::module_& m) {
         using llmio::rans::ChunkDesc;
         if (token_bytes != 2 && token_bytes != 4)
           throw std::invalid_argument("rans_decode: token_bytes must be 2 or 4, got " + std::to_string(token_bytes));
-        if (num_blocks && (!src || !chunks || !blocks || !images || !out || !status))
-          throw std::invalid_argument("rans_decode: a null device pointer");
+        if (num_blocks && (!src || !chunks || !blocks || !images || !out || !status)) {
+          std::string which;
+          for (auto [name, v] : {std::pair<const char*, uintptr_t>{"src", src}, {"chunks", chunks},
+                                 {"blocks", blocks}, {"images", images}, {"out", out}, {"status", status}})
+            if (!v) which += std::string(which.empty() ? "" : ", ") + name;
+          throw std::invalid_argument("rans_decode: expected non-null device pointers for " +
+                                      std::to_string(num_blocks) + " block(s), got null " + which);
+        }
         const py::buffer_info ci = chunks_host.request(), bi = blocks_host.request();
         const auto* cd = static_cast<const ChunkDesc*>(host_records(ci, sizeof(ChunkDesc), num_chunks, "chunks_host"));
         const auto* bd = static_cast<const BlockDesc*>(host_records(bi, sizeof(BlockDesc), num_blocks, "blocks_host"));
@@ -60,14 +81,7 @@ void bind_rans_cuda(py::module_& m) {
                                   reinterpret_cast<void*>(out),
                                   static_cast<uint32_t>(token_bytes),
                                   reinterpret_cast<int32_t*>(status)};
-        const int e = llmio::launch_rans_decode(p, stream);
-        if (e != 0) {
-          static py::object cuda_error = py::module_::import("llmio_native._core").attr("CudaError");
-          const auto err = static_cast<cudaError_t>(e);
-          PyErr_SetString(cuda_error.ptr(), (std::string("rans_decode_kernel launch: ") + cudaGetErrorName(err) +
-                                             " (" + cudaGetErrorString(err) + ")").c_str());
-          throw py::error_already_set();
-        }
+        llmio::launch_rans_decode(p, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("src"), py::arg("chunks"), py::arg("num_chunks"), py::arg("blocks"), py::arg("num_blocks"),
       py::arg("images"), py::arg("out"), py::arg("token_bytes"), py::arg("status"), py::arg("stream"), py::kw_only(),

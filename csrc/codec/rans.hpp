@@ -82,7 +82,7 @@ class Model {
   void finish();  // cum_, slot table, encoder lookup from freq_ and rank_to_sym_
   uint32_t rank_of(uint32_t sym) const;  // UINT32_MAX when not ranked
 
-  uint32_t token_bytes_ = 2, scale_bits_ = 14, num_rank_buckets_ = 0;
+  uint32_t token_bytes_ = 2, scale_bits_ = kDefaultScaleBits, num_rank_buckets_ = 0;
   std::vector<uint32_t> freq_, cum_;        // [num_rank_buckets + 33]
   std::vector<uint32_t> rank_to_sym_;       // symbols in rank order
   struct Bucket {
@@ -91,7 +91,7 @@ class Model {
   };
   std::vector<Bucket> buckets_;             // decoder's per-bucket constants
   std::vector<uint16_t> slot_;              // [2^scale_bits] -> bucket
-  std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // AVX2 decoder tables (rans.cpp)
+  std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // AVX2 decoder tables (rans_decode_avx2.cpp)
   std::vector<uint32_t> dense_rank_;        // symbol -> rank when ids are small
   std::vector<std::pair<uint32_t, uint32_t>> sparse_rank_;  // (symbol, rank) sorted, otherwise
   double bits_per_token_ = 0;

@@ -18,6 +18,18 @@ std::string hex(uint64_t v) {
 
 }  // namespace
 
+const char* status_text(int32_t code) {
+  switch (code) {
+    case kOk: return "ok";
+    case kBadHeader: return "payload header, block table or size inconsistent";
+    case kBadState: return "invalid initial state";
+    case kOverrun: return "a block needs more words than it has";
+    case kBadSymbol: return "a symbol the model does not have";
+    case kBadFinal: return "final states or word count differ from the encoder's";
+    default: return "unknown status";
+  }
+}
+
 void check_descriptors(uintptr_t src_addr, uint64_t src_nbytes, const ChunkDesc* chunks, size_t num_chunks,
                        const BlockDesc* blocks, size_t num_blocks, size_t num_images, uint64_t out_tokens) {
   for (size_t i = 0; i < num_chunks; ++i) {
@@ -28,9 +40,9 @@ void check_descriptors(uintptr_t src_addr, uint64_t src_nbytes, const ChunkDesc*
       bad(chunk + "source range [" + std::to_string(c.src_offset) + ", +" + std::to_string(c.src_bytes) +
           ") lies outside src (" + std::to_string(src_nbytes) + " bytes)");
     const uint64_t addr = static_cast<uint64_t>(src_addr) + c.src_offset;
-    if (addr & 3)
+    if (addr % kPayloadAlign)
       bad(chunk + "misaligned source: payload at address " + hex(addr) + " (src " + hex(src_addr) + " + offset " +
-          std::to_string(c.src_offset) + ") is not 4-byte aligned");
+          std::to_string(c.src_offset) + ") is not " + std::to_string(kPayloadAlign) + "-byte aligned");
     if (c.model >= num_images)
       bad(chunk + "model index " + std::to_string(c.model) + " out of range (" + std::to_string(num_images) +
           " model image(s))");

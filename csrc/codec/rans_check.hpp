@@ -15,6 +15,11 @@
 namespace llmio {
 namespace rans {
 
+// What a Status code (rans_device.hpp) means, as error messages show it;
+// "unknown status" for a code outside [0, kNumStatus). Exported to Python as
+// _core.RANS_STATUS.
+const char* status_text(int32_t code);
+
 // Throws std::invalid_argument naming the first bad descriptor and its value:
 //   - chunk i's payload [src_offset, src_offset + src_bytes) not inside the
 //     src_nbytes bytes at src_addr, or its start address not 4-byte aligned;

@@ -1,6 +1,6 @@
 // Pieces of the rANS token decoder shared by the CUDA kernel
 // (csrc/cuda/rans_decode.cu) and its host emulation (rans_emulate_warps in
-// csrc/codec/rans.cpp, tested on every machine): the layout of the model's
+// csrc/codec/rans_decode_ref.cpp, tested on every machine): the layout of the model's
 // device image and of the per-launch descriptors, and the per-lane arithmetic.
 // Only the warp-collective parts (ballot, prefix popcount) differ between the
 // two, so a test of the emulation checks the kernel's logic bit for bit.
@@ -37,6 +37,8 @@ constexpr uint32_t kPayloadHeaderBytes = 16;
 constexpr uint32_t kImageMagic = 0x474d4952u;            // "RIMG"
 constexpr uint32_t kImageHeaderWords = 8;
 constexpr uint32_t kBucketWords = 4;                     // freq, cum, base, bits | escape << 8
+constexpr uint32_t kPayloadAlign = 4;                    // a payload's address must be a multiple of this
+constexpr uint32_t kDefaultScaleBits = 14;               // what the writer uses unless told otherwise
 
 // Status codes the kernel and the emulation write per chunk (0 = decoded).
 enum Status : int32_t {
@@ -47,6 +49,7 @@ enum Status : int32_t {
   kBadSymbol = 4,        // a rank past the model's symbols, or a value too wide
   kBadFinal = 5,         // final states or word count do not match the encoder's
 };
+constexpr int32_t kNumStatus = 6;  // codes are 0 .. kNumStatus-1 (text: status_text in rans_check.hpp)
 
 // Rank buckets: rank r < 128 is bucket r; above, r's exponent e = floor(log2 r)
 // and its next 3 bits pick one of 8 buckets of 2^(e-3) ranks each.

@@ -8,6 +8,7 @@
 // status and never reads or writes outside its chunk.
 #include <cuda_runtime.h>
 
+#include "common/cuda_check.hpp"
 #include "cuda/rans_decode.hpp"
 
 namespace llmio {
@@ -36,7 +37,7 @@ rans_decode_kernel(const uint8_t* __restrict__ src, const ChunkDesc* __restrict_
   const ImageView m = image_view(images[cd.model]);
   BlockSpan span;
   int32_t st = locate_block(payload, cd.src_bytes, cd.num_tokens, bd.block, &span);
-  if (st == kOk && (m.token_bytes != sizeof(T) || (reinterpret_cast<uintptr_t>(payload) & 3))) st = kBadHeader;
+  if (st == kOk && (m.token_bytes != sizeof(T) || (reinterpret_cast<uintptr_t>(payload) & (kPayloadAlign - 1)))) st = kBadHeader;
   if (st != kOk) {
     if (lane == 0) set_status(status, bd.chunk, st);
     return;
@@ -95,18 +96,16 @@ rans_decode_kernel(const uint8_t* __restrict__ src, const ChunkDesc* __restrict_
 
 }  // namespace
 
-int launch_rans_decode(const RansDecodeParams& p, uintptr_t stream) {
-  if (p.num_blocks == 0) return 0;
-  if (p.token_bytes != 2 && p.token_bytes != 4) return static_cast<int>(cudaErrorInvalidValue);
+void launch_rans_decode(const RansDecodeParams& p, cudaStream_t s) {
+  if (p.num_blocks == 0) return;
   const unsigned grid = (p.num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.token_bytes == 2)
     rans_decode_kernel<uint16_t><<<grid, kWarpsPerCta * 32, 0, s>>>(
         p.src, p.chunks, p.num_chunks, p.blocks, p.num_blocks, p.images, static_cast<uint16_t*>(p.out), p.status);
   else
     rans_decode_kernel<uint32_t><<<grid, kWarpsPerCta * 32, 0, s>>>(
         p.src, p.chunks, p.num_chunks, p.blocks, p.num_blocks, p.images, static_cast<uint32_t*>(p.out), p.status);
-  return static_cast<int>(cudaGetLastError());
+  LLMIO_CUDA_CHECK_WHAT(cudaGetLastError(), "rans_decode_kernel launch");
 }
 
 }  // namespace llmio

@@ -5,6 +5,8 @@
 // C++ decoder.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
 
@@ -24,10 +26,10 @@ struct RansDecodeParams {
   int32_t* status;                    // device: [num_chunks], zeroed by the caller; rans::Status codes
 };
 
-// Launches on `stream` (a cudaStream_t as an integer; 0 is the legacy default
-// stream, which torch uses by default). The descriptors must have passed
-// rans::check_descriptors (codec/rans_check.hpp): no host-side checks here.
-// Returns a cudaError_t value (0 on success).
-int launch_rans_decode(const RansDecodeParams& p, uintptr_t stream);
+// Launches on `stream` (0 is the legacy default stream, which torch uses by
+// default). The binding has checked everything (token_bytes, null pointers,
+// rans::check_descriptors in codec/rans_check.hpp): no argument checks here.
+// A launch failure throws llmio::CudaError (LLMIO_CUDA_CHECK).
+void launch_rans_decode(const RansDecodeParams& p, cudaStream_t stream);
 
 }  // namespace llmio

@@ -12,7 +12,8 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "io/errors.hpp"
+#include "common/check.hpp"
+#include "common/errors.hpp"
 
 #ifndef STATX_DIOALIGN
 #define STATX_DIOALIGN 0x00002000U
@@ -81,8 +82,10 @@ std::string faults_spec() {
 }  // namespace detail
 
 FileHandle::~FileHandle() {
-  if (fd_direct >= 0) ::close(fd_direct);
-  if (fd_buffered >= 0) ::close(fd_buffered);
+  // close(2) results ignored on purpose: read-only descriptors have no data to
+  // lose, a destructor cannot report, and retrying close is wrong on Linux.
+  if (fd_direct >= 0) (void)::close(fd_direct);
+  if (fd_buffered >= 0) (void)::close(fd_buffered);
 }
 
 namespace {
@@ -95,6 +98,7 @@ uint32_t direct_alignment(int fd) {
 #ifdef SYS_statx
   struct statx sx;
   std::memset(&sx, 0, sizeof(sx));
+  // A failing statx (old kernel, seccomp) is not an error: the default stays.
   if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
       (sx.stx_mask & STATX_DIOALIGN)) {
     if (sx.stx_dio_offset_align > a) a = sx.stx_dio_offset_align;
@@ -138,16 +142,18 @@ int open_regular(const std::string& p, int extra_flags, struct stat& st) {
   int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | extra_flags);
   if (fd < 0) return -1;
   if (::fstat(fd, &st) != 0) {
-    int e = errno;
-    ::close(fd);
-    throw IoError(e, p, "stat " + p + ": " + std::strerror(e));
+    const int e = errno;
+    (void)::close(fd);  // cleanup on the error path; the fstat error is what is reported
+    LLMIO_THROW_ERRNO(e, p, "stat " + p);
   }
   if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
+    (void)::close(fd);  // cleanup on the error path
     const int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
     throw IoError(e, p, "open " + p + ": " + std::strerror(e) + " (" + file_type_name(st.st_mode) +
                             "; a Reader serves regular files only)");
   }
+  // Ignored on purpose: O_NONBLOCK has no effect on reads of a regular file,
+  // clearing it is hygiene only and must not fail an open that worked.
   int fl = ::fcntl(fd, F_GETFL);
   if (fl >= 0) (void)::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   return fd;
@@ -188,7 +194,7 @@ FileSet::FileSet(const std::vector<std::string>& paths, bool direct) {
         e = errno;
         if (fd >= 0 && (st2.st_dev != st.st_dev || st2.st_ino != st.st_ino)) {
           // Replaced between the two opens: never read another file's bytes.
-          ::close(fd);
+          (void)::close(fd);  // cleanup on the error path
           throw IoError(ESTALE, p, "open " + p + ": " + std::strerror(ESTALE) +
                                        " (the file was replaced while it was being opened)");
         }

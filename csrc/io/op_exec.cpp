@@ -7,7 +7,7 @@
 #include <cstring>
 #include <new>
 
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 
 namespace llmio {
 namespace detail {

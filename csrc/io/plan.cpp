@@ -2,7 +2,7 @@
 #include <stdexcept>
 
 #include "io/engine.hpp"
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 
 namespace llmio {
 namespace detail {

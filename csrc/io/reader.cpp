@@ -4,7 +4,7 @@
 
 #include <stdexcept>
 
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 
 namespace llmio {
 

@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "io/engine.hpp"
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 #include "io/op_exec.hpp"
 #include "io/threads.hpp"
 

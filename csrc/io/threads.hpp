@@ -17,7 +17,7 @@
 #include <thread>
 #include <vector>
 
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 
 namespace llmio {
 namespace detail {

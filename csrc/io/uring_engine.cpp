@@ -17,7 +17,7 @@
 #include <mutex>
 
 #include "io/engine.hpp"
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 #include "io/op_exec.hpp"
 
 #ifdef LLMIO_HAVE_URING
@@ -146,7 +146,7 @@ struct Ring {
   //            the kernel never took (they would be submitted on the next use);
   // kLeak    - the kernel may still complete reads into its bounce buffers.
   enum Fate { kKeep, kDestroy, kLeak } fate = kKeep;
-  ~Ring() { io_uring_queue_exit(&ring); }
+  ~Ring() { io_uring_queue_exit(&ring); }  // returns void
 };
 
 class UringEngine final : public Engine {
@@ -246,9 +246,11 @@ class UringEngine final : public Engine {
       if (rc == 1) {
         r.regions[k] = want[k];
       } else {
-        // Could not pin (or unpin by replacing): leave the slot unused.
+        // Could not pin (or unpin by replacing): leave the slot unused. Best
+        // effort, result ignored on purpose: a slot the kernel kept is never
+        // used again (r.regions[k] is cleared), reads fall back to plain ones.
         struct iovec none = {nullptr, 0};
-        io_uring_register_buffers_update_tag(&r.ring, r.bounce.size() + k, &none, nullptr, 1);
+        (void)io_uring_register_buffers_update_tag(&r.ring, r.bounce.size() + k, &none, nullptr, 1);
         r.regions[k] = Region{};
       }
     }
@@ -285,6 +287,7 @@ class UringEngine final : public Engine {
       fds.push_back(files_->at(i).fd_buffered);
       fds.push_back(files_->at(i).fd_direct);
     }
+    // Registration is an optimisation: failure (old kernel, limits) is not an error.
     if (!fds.empty() && io_uring_register_files(&r->ring, fds.data(), fds.size()) == 0) {
       r->files_registered = true;
       registered_files_.store(1);
@@ -302,13 +305,17 @@ class UringEngine final : public Engine {
       iov.push_back({r->bounce.back().data(), static_cast<size_t>(sz)});
       r->give_back(static_cast<int>(i));
     }
-    if (io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0 &&
-        io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) ==
-            static_cast<int>(iov.size())) {
+    const bool sparse_table = io_uring_register_buffers_sparse(&r->ring, iov.size() + kMaxRegions) == 0;
+    if (sparse_table && io_uring_register_buffers_update_tag(&r->ring, 0, iov.data(), nullptr, iov.size()) ==
+                            static_cast<int>(iov.size())) {
       r->sparse = true;
       r->buffers_registered = true;
     } else {
-      if (r->sparse) io_uring_unregister_buffers(&r->ring);
+      // A sparse table whose update failed is dropped before the plain
+      // registration (which would otherwise fail with EBUSY). Result ignored on
+      // purpose: should it fail, so does the registration below, and the ring
+      // then runs with plain reads.
+      if (sparse_table) (void)io_uring_unregister_buffers(&r->ring);
       r->sparse = false;
       r->buffers_registered = io_uring_register_buffers(&r->ring, iov.data(), iov.size()) == 0;
     }

@@ -9,6 +9,8 @@
 #include <string>
 #include <system_error>
 
+#include "common/check.hpp"
+
 namespace llmio {
 
 namespace {
@@ -27,29 +29,24 @@ HostBuffer::HostBuffer(uint64_t nbytes, bool dont_fork)
   // Over-map by one huge page so the usable region can start 2 MiB-aligned.
   map_bytes_ = rounded + (want_huge ? kHuge : 0);
   void* p = ::mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) {
-    int e = errno;
-    throw std::system_error(e, std::generic_category(),
-                            "mmap of " + std::to_string(map_bytes_) + " bytes of host buffer");
-  }
+  if (p == MAP_FAILED) LLMIO_THROW_ERRNO(errno, "", "mmap of " + std::to_string(map_bytes_) + " bytes of host buffer");
   map_ = static_cast<uint8_t*>(p);
   data_ = map_;
   if (want_huge) {
     uintptr_t a = (reinterpret_cast<uintptr_t>(map_) + kHuge - 1) / kHuge * kHuge;
     data_ = reinterpret_cast<uint8_t*>(a);
 #ifdef MADV_HUGEPAGE
+    // Advisory: without transparent huge pages the buffer works on 4 KiB pages.
     huge_ = ::madvise(data_, rounded, MADV_HUGEPAGE) == 0;
 #endif
   }
   if (dont_fork) {
     // The whole mapping, so no page of it is inherited by a child.
     if (::madvise(map_, map_bytes_, MADV_DONTFORK) != 0) {
-      int e = errno;
-      ::munmap(map_, map_bytes_);
+      const int e = errno;
+      (void)::munmap(map_, map_bytes_);  // cleanup on the error path; the madvise error is reported
       map_ = nullptr;
-      throw std::system_error(e, std::generic_category(),
-                              "madvise(MADV_DONTFORK) of " + std::to_string(map_bytes_) +
-                                  " bytes of host buffer");
+      LLMIO_THROW_ERRNO(e, "", "madvise(MADV_DONTFORK) of " + std::to_string(map_bytes_) + " bytes of host buffer");
     }
     dont_fork_ = true;
   }
@@ -65,7 +62,9 @@ HostBuffer::~HostBuffer() {
   if (map_) {
     // In a forked child a MADV_DONTFORK mapping does not exist; the range may
     // hold another mapping of the child by now, which must not be unmapped.
-    if (!unmapped_here()) ::munmap(map_, map_bytes_);
+    // munmap of a mapping we made can only fail on bad arguments; a destructor
+    // cannot report, so the result is ignored.
+    if (!unmapped_here()) (void)::munmap(map_, map_bytes_);
     g_live_bytes.fetch_sub(map_bytes_);
     g_live_count.fetch_sub(1);
   }

@@ -15,7 +15,7 @@ namespace llmio {
 
 class HostBuffer {
  public:
-  // nbytes > 0. Throws std::system_error (ENOMEM) when the mapping fails.
+  // nbytes > 0. Throws IoError (ENOMEM) when the mapping fails.
   //
   // dont_fork: madvise(MADV_DONTFORK), for memory that is page-locked for DMA
   // (a ring arena under cudaHostRegister or io_uring fixed buffers). A fork

@@ -36,7 +36,7 @@
 #include <thread>
 #include <vector>
 
-#include "io/errors.hpp"
+#include "common/errors.hpp"
 #include "io/reader.hpp"
 #include "ring/host_buffer.hpp"
 

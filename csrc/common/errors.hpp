@@ -1,5 +1,6 @@
 // Typed errors of the native core. The bindings map each one to a Python
-// exception once (csrc/bindings/core_module.cpp); nothing here knows Python.
+// exception once (csrc/bindings/errors_bindings.cpp); nothing here knows Python.
+// Check macros that throw them: common/check.hpp (errno), common/cuda_check.hpp.
 //
 //   IoError          -> OSError subclass chosen by errno (FileNotFoundError,
 //                       PermissionError, ...), filename set
@@ -7,6 +8,8 @@
 //   ResourceError    -> llmio_native.ResourceError (an OSError; errno EAGAIN when
 //                       the OS refused a thread, ENOMEM for memory)
 //   UnsupportedError -> llmio_native.UnsupportedError
+//   CudaError        -> llmio_native._core.CudaError (a RuntimeError); thrown by
+//                       LLMIO_CUDA_CHECK (common/cuda_check.hpp)
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError
 #pragma once
 
@@ -49,6 +52,17 @@ class ResourceError : public IoError {
 class UnsupportedError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A failed CUDA runtime call or kernel launch. code() is the cudaError_t value.
+// Header-only, so the CUDA module needs no other file of common/.
+class CudaError : public std::runtime_error {
+ public:
+  CudaError(int code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
 };
 
 // An error raised in a background thread, re-raised in the consumer with

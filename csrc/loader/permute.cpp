@@ -1,4 +1,4 @@
-#include "sample/permute.hpp"
+#include "loader/permute.hpp"
 
 #include <stdexcept>
 #include <string>

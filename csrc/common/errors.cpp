@@ -1,4 +1,5 @@
-#include "io/errors.hpp"
+#include "common/errors.hpp"
+#include "common/check.hpp"
 
 #include <cerrno>
 #include <cstring>
@@ -18,6 +19,17 @@ std::string io_message(const char* op, const std::string& path, uint64_t offset,
 void throw_io(const char* op, const std::string& path, uint64_t offset, uint64_t nbytes,
               int err, const std::string& hint) {
   throw IoError(err, path, io_message(op, path, offset, nbytes, err, hint));
+}
+
+std::string errno_message(int err, const std::string& what, const char* file, int line) {
+  std::string f(file);
+  const size_t k = f.rfind("csrc/");
+  if (k != std::string::npos) f = f.substr(k);
+  return what + ": " + std::strerror(err) + " [" + f + ":" + std::to_string(line) + "]";
+}
+
+void throw_errno(int err, const std::string& path, const std::string& what, const char* file, int line) {
+  throw IoError(err, path, errno_message(err, what, file, line));
 }
 
 }  // namespace detail
