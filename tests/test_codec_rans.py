@@ -608,9 +608,11 @@ def test_exported_constants_match_python_layout():
     rans_check.cpp) and exported; the dataset layer's copies must agree with them."""
     from llmio_native.dataset import rans as drans
 
-    assert np.dtype(_core.RANS_CHUNK_DESC) == drans.CHUNK_DESC
-    assert np.dtype(_core.RANS_BLOCK_DESC) == drans.BLOCK_DESC
+    # the layouts the planner fills (loader staging) and the kernel reads: names, sizes, order
+    assert drans.CHUNK_DESC.names == ("src_offset", "src_bytes", "out_offset", "num_tokens", "model")
+    assert drans.CHUNK_DESC.itemsize == 32 and drans.BLOCK_DESC.itemsize == 8
+    assert drans.BLOCK_DESC.names == ("chunk", "block")
     assert _core.RANS_STATUS == drans.STATUS
     assert _core.RANS_STATUS_OK == 0 and _core.RANS_STATUS_BAD_FINAL == max(_core.RANS_STATUS)
-    assert _core.RANS_PAYLOAD_ALIGN == 4
+    assert _core.RANS_PAYLOAD_ALIGN == 4 == drans.PAYLOAD_ALIGN and F.RANS_SCALE_BITS == 14
     assert _core.RANS_MIN_SCALE_BITS <= _core.RANS_SCALE_BITS_DEFAULT <= _core.RANS_MAX_SCALE_BITS

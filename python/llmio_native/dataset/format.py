@@ -49,6 +49,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from .._native import _core
 from ..errors import FormatError
 
 MAGIC = b"LIOTOKS\0"
@@ -112,7 +113,7 @@ _MODEL_HEADER = struct.Struct("<8sQQQ")  # magic, stored_bytes, checksum, raw_by
 MODEL_HEADER_BYTES = _MODEL_HEADER.size  # 32
 MODEL_MAX_BYTES = 1 << 30
 #: rans defaults: bucket frequencies quantised to 2^14, one model per 2^24 tokens.
-RANS_SCALE_BITS = 14
+RANS_SCALE_BITS: int = _core.RANS_SCALE_BITS_DEFAULT
 RANS_MODEL_TOKENS = 1 << 24
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -267,7 +268,6 @@ def parse_model_region(region: Any, path: str, offset: int) -> Any:
         ChecksumError: the stored frame does not match its checksum.
         FormatError: bad magic, sizes, zstd frame or model contents; names ``path`` and ``offset``.
     """
-    from .._native import _core
     from ..errors import ChecksumError
 
     stored_n, want, raw_n = _model_header(region, path, offset)
@@ -351,7 +351,6 @@ def decode_into(stored: Any, codec: int, out: np.ndarray, where: str, model: Any
             raise FormatError(f"{where}: zstd frame decoded to {got} bytes, expected {dst.nbytes}")
         return
     if codec == CODEC_RANS:
-        from .._native import _core
 
         if model is None:
             raise FormatError(f"{where}: rans chunk without a model")

@@ -20,15 +20,13 @@ from .._native import _core, _cuda
 from ..errors import FormatError
 
 BLOCK_SYMBOLS: int = _core.RANS_BLOCK_SYMBOLS
-CHUNK_DESC = np.dtype([("src_offset", "<u8"), ("src_bytes", "<u8"), ("out_offset", "<u8"),
-                       ("num_tokens", "<u4"), ("model", "<u4")])
-BLOCK_DESC = np.dtype([("chunk", "<u4"), ("block", "<u4")])
-assert CHUNK_DESC.itemsize == 32 and BLOCK_DESC.itemsize == 8
+# Descriptor layouts and status codes are defined once in C++ (csrc/codec) and exported.
+CHUNK_DESC = np.dtype(_core.RANS_CHUNK_DESC)
+BLOCK_DESC = np.dtype(_core.RANS_BLOCK_DESC)
+PAYLOAD_ALIGN: int = _core.RANS_PAYLOAD_ALIGN
 
 #: Per-chunk status codes of the kernel and the emulation (rans_device.hpp).
-STATUS = {0: "ok", 1: "payload header, block table or size inconsistent", 2: "invalid initial state",
-          3: "a block needs more words than it has", 4: "a symbol the model does not have",
-          5: "final states or word count differ from the encoder's"}
+STATUS: dict[int, str] = dict(_core.RANS_STATUS)
 
 
 def descriptors(src_offsets: Sequence[int] | np.ndarray, src_bytes: Sequence[int] | np.ndarray,
@@ -54,7 +52,7 @@ def descriptors(src_offsets: Sequence[int] | np.ndarray, src_bytes: Sequence[int
     nt = np.asarray(num_tokens, dtype=np.uint64)
     if not (len(src_bytes) == len(nt) == len(models) == n) or (out_offsets is not None and len(out_offsets) != n):
         raise ValueError("rans descriptors: every argument needs one value per chunk")
-    if n and (so % np.uint64(4)).any():
+    if n and (so % np.uint64(PAYLOAD_ALIGN)).any():
         raise ValueError("rans descriptors: payloads must start at 4-byte aligned offsets")
     chunks = np.zeros(n, dtype=CHUNK_DESC)
     chunks["src_offset"] = so
