@@ -165,6 +165,7 @@ class Pipeline:
         # as a large unsigned id (the same rule as TokenDataset.read).
         self.signed = any(d.kind == "i" for d in dt)
         self.starts_host = np.arange(B, dtype=np.int64) * (T + 1)
+        self.window_offsets = np.arange(T + 1, dtype=np.int64)
         if cuda:
             self.cuda = CudaPath(cfg.device, B, T)
         # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
@@ -451,11 +452,10 @@ class Pipeline:
             inside = c0 == c1
             mi = m[inside]
             ci, ai = c0[inside], a[inside]
+            rel = ai - plan.chunk_first[ci]  # first token of each window in its chunk
             for c in np.unique(ci).tolist():
                 k = ci == c
-                tok = self._chunk(s, c)
-                view = np.lib.stride_tricks.sliding_window_view(tok, T + 1)
-                stage[at[mi[k]]] = view[ai[k] - int(plan.chunk_first[c])]
+                stage[at[mi[k]]] = self._chunk(s, c)[rel[k][:, None] + self.window_offsets]
             for j in np.flatnonzero(~inside).tolist():
                 parts = []
                 for c in range(int(c0[j]), int(c1[j]) + 1):

@@ -180,7 +180,8 @@ class SourcePlan:
         c1 = np.searchsorted(self.raw_first, a + self.T, side="right") - 1
         if np.array_equal(c0, c1):
             return np.unique(c0)
-        return np.unique(np.concatenate([np.arange(x, y + 1) for x, y in zip(c0.tolist(), c1.tolist())]))
+        grid = c0[:, None] + np.arange(int((c1 - c0).max()) + 1)[None, :]
+        return np.unique(grid[grid <= c1[:, None]])
 
     # ------------------------------------------------------------------ chunks
     def chunks_of_window(self, w: Any) -> tuple[Any, Any]:
