@@ -822,3 +822,45 @@ def test_cuda_gate_asks_our_module():
         assert not ok and "sees no device" in why and "built for CUDA runtime" in why
     else:
         assert ok and why == ""
+
+
+def write_megatron_prefix(prefix: Path, tokens: np.ndarray) -> None:
+    """A one-document Megatron indexed dataset (``prefix.bin`` + ``prefix.idx``)."""
+    import struct
+
+    Path(str(prefix) + ".bin").write_bytes(tokens.tobytes())
+    code = {np.dtype("int16"): 3, np.dtype("int32"): 4}[tokens.dtype]  # Megatron dtype codes
+    with open(str(prefix) + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code) + struct.pack("<Q", 1)
+                + struct.pack("<Q", 2) + np.array([len(tokens)], np.int32).tobytes()
+                + np.array([0], np.int64).tobytes() + np.array([0, 1], np.int64).tobytes())
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32"])
+def test_mixture_of_signed_raw_and_compressed_sources(data, tmp_path, dtype):
+    # Rows of a signed Megatron source, an uncompressed and a compressed source in one batch:
+    # each row holds its window's tokens; a negative id in the signed source is refused
+    # (naming the file and offset) before a batch holding it is handed out.
+    rng = np.random.default_rng(3)
+    signed = rng.integers(0, 30_000, 12_000).astype(dtype)
+    write_megatron_prefix(tmp_path / "sg", signed)
+    refs = [signed, data["tokens"], data["tokens"]]
+    T = 50
+    kw = dict(batch_size=12, seq_len=T, weights=[1, 1, 1], seed=2)
+    srcs = [lio.open_dataset(str(tmp_path / "sg")), open_src(data, "none"), open_src(data, "zstd")]
+    ld = lio.TokenLoader(srcs, steps=40, **kw)
+    kinds = set()
+    for x, y in ld:
+        for row, (s, w) in enumerate(last_windows(ld)):
+            kinds.add(s)
+            np.testing.assert_array_equal(x[row].numpy(), refs[s][w * T: w * T + T].astype(np.int64))
+            np.testing.assert_array_equal(y[row].numpy(), refs[s][w * T + 1: w * T + T + 1].astype(np.int64))
+    assert kinds == {0, 1, 2}
+    bad_at = 7777
+    signed[bad_at] = -1
+    write_megatron_prefix(tmp_path / "neg", signed)
+    srcs[0] = lio.open_dataset(str(tmp_path / "neg"))
+    isz = np.dtype(dtype).itemsize
+    with pytest.raises(lio.FormatError, match=rf"neg.bin @ offset {bad_at * isz}: token {bad_at} is -1"):
+        for x, _ in lio.TokenLoader(srcs, **kw):
+            assert int(x.min()) >= 0 and int(x.max()) < 65536
