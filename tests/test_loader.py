@@ -864,3 +864,21 @@ def test_mixture_of_signed_raw_and_compressed_sources(data, tmp_path, dtype):
     with pytest.raises(lio.FormatError, match=rf"neg.bin @ offset {bad_at * isz}: token {bad_at} is -1"):
         for x, _ in lio.TokenLoader(srcs, **kw):
             assert int(x.min()) >= 0 and int(x.max()) < 65536
+
+
+def test_test_helpers_and_pickling_after_batches(data):
+    # last_windows is a module function (not an attribute of the loader); the loader still
+    # pickles after handing out batches (the last batch, with its pipeline's futures, is not
+    # part of its state) and the copy continues the stream.
+    ld = lio.TokenLoader([open_src(data, "none"), open_src(data, "zstd")], batch_size=4, seq_len=30, seed=3)
+    assert last_windows(ld) == [] and not hasattr(ld, "last_windows")
+    it = iter(ld)
+    next(it)
+    assert len(last_windows(ld)) == 4
+    copy = pickle.loads(pickle.dumps(ld))
+    assert last_windows(copy) == [] and copy.state_dict() == ld.state_dict()
+    x, _ = next(iter(copy))
+    assert torch.equal(x, next(it)[0])
+    it.close()
+    with pytest.raises(TypeError, match="expects a TokenLoader"):
+        last_windows(object())

@@ -1,4 +1,5 @@
-"""Per-source window order: which window sits at each position of a source's stream.
+"""Window order: which window sits at each position of a source's stream, and which
+(source, window) each row of a rank's batches holds (:class:`BatchPlanner`).
 
 Window ``i`` of a source is tokens ``[i*T, i*T + T + 1)``; a source has
 ``n = (num_tokens - 1) // T`` windows and the tail tokens that do not complete one are
