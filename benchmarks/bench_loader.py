@@ -8,6 +8,7 @@ Same data, same batch shape, one run:
   DataLoader         torch DataLoader over a map-style memmap Dataset, num_workers = cores
   TokenLoader zstd   the same windows from a zstd dataset (decode-bound; decode GB/s per core)
   TokenLoader rans   the same windows from a rans dataset of the same tokens (CPU decode)
+  TokenLoader mix    none + zstd + none mixed by weight, with the consumer thread's CPU per batch
   --device cuda      (where a GPU is) the TokenLoader on CUDA for none, zstd and rans (rans
                      decoded on the GPU), with the pinned host-to-device copy of the same bytes
                      per batch as the limit; stall, H2D GB/s and GPU decode GB/s from stats()
@@ -220,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"stall {st['stall_per_batch_s'] * 1e3:.2f} ms/batch")
     rows.append(rrow)
 
+    # Three sources mixed by weight (none + zstd + none): the per-batch planning and assembly
+    # of a mixture (source of each row, ring blocks, host-cache gathers) on the consumer thread.
+    ml = lio.TokenLoader([paths["none"], paths["zstd"], paths["none"]], batch_size=B, seq_len=T, seed=1)
+    mit = iter(ml)
+    c0 = time.thread_time()
+    mrow = run("TokenLoader mixture (none+zstd+none)", lambda: mit, N, B, T, none_files + z_files)
+    st = ml.stats()
+    mrow["note"] = (f"consumer-thread CPU {(time.thread_time() - c0) / N * 1e6:.0f} us/batch; "
+                    f"stall {st['stall_per_batch_s'] * 1e3:.2f} ms/batch")
+    rows.append(mrow)
+
     gpu_rows = []
     if a.device.startswith("cuda"):
         if not torch.cuda.is_available() or lio._native._cuda is None:
@@ -280,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
           f"raw .bin {raw['note']}")
     print(f"zstd: {zrow['note']}")
     print(f"rans: {rrow['note']}")
+    print(f"mixture: {mrow['note']}")
     for row in gpu_rows:
         print(f"{row['name']}: {row['note']}")
     print("note: one run on a shared machine (other work running); figures are noisy, ratios within "

@@ -17,6 +17,7 @@ import llmio_native as lio
 from llmio_native import _core
 from llmio_native.loader import permute, stride_schedule
 from llmio_native.loader.order import permute_ref, stride_schedule_ref
+from llmio_native.loader.token_loader import last_windows
 
 
 def tasks() -> int:
@@ -68,7 +69,7 @@ def global_stream(src, W: int, B: int, steps: int, seed: int = 0, T: int = 33, *
     for _ in range(steps):
         for r in range(W):
             next(its[r])
-            out.extend(loaders[r].last_windows)
+            out.extend(last_windows(loaders[r]))
     for it in its:
         it.close()
     return out
@@ -82,7 +83,7 @@ def test_windows_are_the_right_tokens(data, kind):
     n = 0
     for x, y in ld:
         assert x.dtype == torch.int64 and x.shape == (B, T) and y.shape == (B, T)
-        for row, (_, w) in enumerate(ld.last_windows):
+        for row, (_, w) in enumerate(last_windows(ld)):
             ref = tokens[w * T : w * T + T + 1].astype(np.int64)
             np.testing.assert_array_equal(x[row].numpy(), ref[:-1])
             np.testing.assert_array_equal(y[row].numpy(), ref[1:])
@@ -95,7 +96,7 @@ def test_uint32_compressed(data):
     T = 40
     ld = lio.TokenLoader(str(data["u32"]), batch_size=3, seq_len=T, steps=5)
     for x, _ in ld:
-        for row, (_, w) in enumerate(ld.last_windows):
+        for row, (_, w) in enumerate(last_windows(ld)):
             np.testing.assert_array_equal(x[row].numpy(), tokens[w * T : w * T + T].astype(np.int64))
     assert int(tokens.max()) > 65535
 
@@ -130,7 +131,7 @@ def test_shuffle_false_walks_in_order(data, kind):
     ld = lio.TokenLoader(src, batch_size=50, seq_len=10, shuffle=False, steps=-(-n // 50) + 2)
     seen = []
     for _ in ld:
-        seen.extend(w for _, w in ld.last_windows)
+        seen.extend(w for _, w in last_windows(ld))
     assert seen[: n + 100] == list(range(n)) + list(range(100))
 
 
@@ -182,7 +183,7 @@ def test_resume_with_another_world_size(data, kind):
     for _ in range(rest_steps):
         for r in range(W2):
             next(its[r])
-            rest.extend(loaders[r].last_windows)
+            rest.extend(last_windows(loaders[r]))
     for it in its:
         it.close()
     epoch = [w for _, w in (first + rest)[:n]]
@@ -197,7 +198,7 @@ def test_mixture_proportions_and_resume(data):
     picks = []
     for _ in range(100):
         next(it)
-        picks.extend(s for s, _ in ld.last_windows)
+        picks.extend(s for s, _ in last_windows(ld))
     it.close()
     counts = np.bincount(picks, minlength=2)
     assert abs(counts[0] - 700) <= 1 and abs(counts[1] - 300) <= 1
@@ -431,7 +432,7 @@ def test_stream_runs_on_across_epochs(data, kind):
     seen = []
     epochs = []
     for _ in ld:
-        seen.extend(w for _, w in ld.last_windows)
+        seen.extend(w for _, w in last_windows(ld))
         epochs.append(ld.epoch)
     e0, e1 = seen[:n], seen[n : 2 * n]
     assert sorted(e0) == list(range(n)) and sorted(e1) == list(range(n)) and e0 != e1
@@ -451,7 +452,7 @@ def test_mixture_sources_keep_their_own_epochs(data):
     per = {0: [], 1: []}
     for _ in range(-(-3 * ns * 4 // 3 // 10)):
         x, y = next(it)
-        for row, (s, w) in enumerate(ld.last_windows):
+        for row, (s, w) in enumerate(last_windows(ld)):
             per[s].append(w)
             np.testing.assert_array_equal(x[row].numpy(), refs[s][w * T : w * T + T])
             np.testing.assert_array_equal(y[row].numpy(), refs[s][w * T + 1 : w * T + T + 1])
@@ -503,7 +504,7 @@ def test_compat_sources_llmc_and_megatron(tmp_path):
         T = 97
         ld = lio.TokenLoader(ds, batch_size=8, seq_len=T, seed=2, steps=6)
         for x, y in ld:
-            for row, (_, w) in enumerate(ld.last_windows):
+            for row, (_, w) in enumerate(last_windows(ld)):
                 np.testing.assert_array_equal(x[row].numpy(), ref[w * T : w * T + T].astype(np.int64))
                 np.testing.assert_array_equal(y[row].numpy(), ref[w * T + 1 : w * T + T + 1].astype(np.int64))
 
@@ -519,7 +520,7 @@ def test_compressed_windows_longer_than_a_chunk(data):
     ld.steps = -(-n // 3)
     seen = []
     for x, _ in ld:
-        for row, (_, w) in enumerate(ld.last_windows):
+        for row, (_, w) in enumerate(last_windows(ld)):
             np.testing.assert_array_equal(x[row].numpy(), tokens[w * T : w * T + T].astype(np.int64))
             seen.append(w)
     assert sorted(seen[:n]) == list(range(n))
@@ -821,3 +822,63 @@ def test_cuda_gate_asks_our_module():
         assert not ok and "sees no device" in why and "built for CUDA runtime" in why
     else:
         assert ok and why == ""
+
+
+def write_megatron_prefix(prefix: Path, tokens: np.ndarray) -> None:
+    """A one-document Megatron indexed dataset (``prefix.bin`` + ``prefix.idx``)."""
+    import struct
+
+    Path(str(prefix) + ".bin").write_bytes(tokens.tobytes())
+    code = {np.dtype("int16"): 3, np.dtype("int32"): 4}[tokens.dtype]  # Megatron dtype codes
+    with open(str(prefix) + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code) + struct.pack("<Q", 1)
+                + struct.pack("<Q", 2) + np.array([len(tokens)], np.int32).tobytes()
+                + np.array([0], np.int64).tobytes() + np.array([0, 1], np.int64).tobytes())
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32"])
+def test_mixture_of_signed_raw_and_compressed_sources(data, tmp_path, dtype):
+    # Rows of a signed Megatron source, an uncompressed and a compressed source in one batch:
+    # each row holds its window's tokens; a negative id in the signed source is refused
+    # (naming the file and offset) before a batch holding it is handed out.
+    rng = np.random.default_rng(3)
+    signed = rng.integers(0, 30_000, 12_000).astype(dtype)
+    write_megatron_prefix(tmp_path / "sg", signed)
+    refs = [signed, data["tokens"], data["tokens"]]
+    T = 50
+    kw = dict(batch_size=12, seq_len=T, weights=[1, 1, 1], seed=2)
+    srcs = [lio.open_dataset(str(tmp_path / "sg")), open_src(data, "none"), open_src(data, "zstd")]
+    ld = lio.TokenLoader(srcs, steps=40, **kw)
+    kinds = set()
+    for x, y in ld:
+        for row, (s, w) in enumerate(last_windows(ld)):
+            kinds.add(s)
+            np.testing.assert_array_equal(x[row].numpy(), refs[s][w * T: w * T + T].astype(np.int64))
+            np.testing.assert_array_equal(y[row].numpy(), refs[s][w * T + 1: w * T + T + 1].astype(np.int64))
+    assert kinds == {0, 1, 2}
+    bad_at = 7777
+    signed[bad_at] = -1
+    write_megatron_prefix(tmp_path / "neg", signed)
+    srcs[0] = lio.open_dataset(str(tmp_path / "neg"))
+    isz = np.dtype(dtype).itemsize
+    with pytest.raises(lio.FormatError, match=rf"neg.bin @ offset {bad_at * isz}: token {bad_at} is -1"):
+        for x, _ in lio.TokenLoader(srcs, **kw):
+            assert int(x.min()) >= 0 and int(x.max()) < 65536
+
+
+def test_test_helpers_and_pickling_after_batches(data):
+    # last_windows is a module function (not an attribute of the loader); the loader still
+    # pickles after handing out batches (the last batch, with its pipeline's futures, is not
+    # part of its state) and the copy continues the stream.
+    ld = lio.TokenLoader([open_src(data, "none"), open_src(data, "zstd")], batch_size=4, seq_len=30, seed=3)
+    assert last_windows(ld) == [] and not hasattr(ld, "last_windows")
+    it = iter(ld)
+    next(it)
+    assert len(last_windows(ld)) == 4
+    copy = pickle.loads(pickle.dumps(ld))
+    assert last_windows(copy) == [] and copy.state_dict() == ld.state_dict()
+    x, _ = next(iter(copy))
+    assert torch.equal(x, next(it)[0])
+    it.close()
+    with pytest.raises(TypeError, match="expects a TokenLoader"):
+        last_windows(object())

@@ -5,7 +5,7 @@ descriptors, where each window starts in the device token cache) is plain numpy 
 tested here on any machine: the staged bytes are decoded by the kernel's host emulation
 (``dataset.rans.emulate``) and windows gathered with the same indices, and must equal the
 CPU loader's batches exactly. The loader's own GPU path also runs end to end on the host
-through a test hook (``_emulate_gpu_decode``: emulation instead of the kernel, CPU tensors
+through a test hook (``token_loader.emulate_gpu_decode``: emulation instead of the kernel, CPU tensors
 instead of device ones). The ``cuda`` tests run the real path and skip without a GPU.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 import llmio_native as lio
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans
-from llmio_native.loader.plan import (STAGING_ALIGN, fill_staging, gather_parts, plan_group_staging,
-                                      window_starts)
-from llmio_native.loader.token_loader import gather_windows, place_plain_chunks
+from llmio_native.loader.gpu_decode import gather_windows, place_plain_chunks
+from llmio_native.loader.staging import (STAGING_ALIGN, fill_staging, gather_parts, plan_group_staging,
+                                         window_starts)
+from llmio_native.loader.token_loader import emulate_gpu_decode, planned_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loader import corpus  # noqa: E402
@@ -145,7 +146,7 @@ def test_planned_gathers_equal_cpu_batches(data, kind, resume):
         it = iter(ld)
     plan = ld.plans[0]
     pos, counts = ld.position, ld.state_dict()["counts"]
-    batches = ld._plan_batches(pos, np.asarray(counts, dtype=np.int64), pos // B)
+    batches = planned_batches(ld, pos, counts)
     groups: dict = {}
     for _ in range(40):
         x, y = next(it)
@@ -186,9 +187,7 @@ def test_gather_windows_unsigned():
 
 
 def emulated(src, **kw) -> lio.TokenLoader:
-    ld = lio.TokenLoader(src, **kw)
-    ld._emulate_gpu_decode = True
-    return ld
+    return emulate_gpu_decode(lio.TokenLoader(src, **kw))
 
 
 def batches(ld, n=None):
@@ -273,7 +272,7 @@ def corrupt_rans_chunk(path: str, ci: int | None = None) -> tuple:
 def test_emulated_corrupt_chunk_raises_format_error(data, tmp_path):
     path = write(tmp_path / "bad", mixed_docs(0), "rans")
     ds, ci, shard = corrupt_rans_chunk(path)
-    local = int(ds._local[ci])
+    local = ds.chunk_origin(ci)["chunk"]
     with pytest.raises(lio.FormatError, match=rf"chunk {local} .*rans decode failed on the GPU: invalid initial state") \
             as ei:
         for _ in emulated(ds, batch_size=8, seq_len=30, seed=3, span_chunks=4, group_spans=2):
@@ -290,7 +289,7 @@ def test_emulated_checksum_error_still_raised(data, tmp_path):
     ds = lio.open_dataset(path)
     ci = int(np.flatnonzero(ds.chunks["codec"] == F.CODEC_RANS)[2])
     ds.chunks["checksum"][ci] ^= 1
-    with pytest.raises(lio.ChecksumError, match=rf"chunk {int(ds._local[ci])} .*checksum mismatch"):
+    with pytest.raises(lio.ChecksumError, match=rf"chunk {ds.chunk_origin(ci)['chunk']} .*checksum mismatch"):
         for _ in emulated(ds, batch_size=8, seq_len=30, seed=1):
             pass
 
@@ -360,7 +359,7 @@ def test_cuda_corrupt_rans_chunk_raises_format_error(data, tmp_path):
     need_gpu()
     path = write(tmp_path / "bad", mixed_docs(0), "rans")
     ds, ci, shard = corrupt_rans_chunk(path)
-    local = int(ds._local[ci])
+    local = ds.chunk_origin(ci)["chunk"]
     ld = lio.TokenLoader(ds, batch_size=8, seq_len=30, seed=3, device="cuda", span_chunks=4, group_spans=2)
     with pytest.raises(lio.FormatError, match=rf"chunk {local} .*rans decode failed on the GPU") as ei:
         cuda_batches(ld)

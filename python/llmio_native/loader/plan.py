@@ -1,4 +1,5 @@
-"""Per-source window order: which window sits at each position of a source's stream.
+"""Window order: which window sits at each position of a source's stream, and which
+(source, window) each row of a rank's batches holds (:class:`BatchPlanner`).
 
 Window ``i`` of a source is tokens ``[i*T, i*T + T + 1)``; a source has
 ``n = (num_tokens - 1) // T`` windows and the tail tokens that do not complete one are
@@ -18,11 +19,11 @@ dropped. Position ``p`` of the source's stream is epoch ``p // n``, index ``p % 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from .order import derive_key, permute
+from .order import derive_key, permute, stride_schedule
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SourcePlan:
         ValueError: the source has no complete window for ``seq_len``.
     """
 
-    def __init__(self, ds, index: int, seq_len: int, seed: int, shuffle: bool,
+    def __init__(self, ds: Any, index: int, seq_len: int, seed: int, shuffle: bool,
                  span_chunks: int, group_spans: int) -> None:
         self.ds = ds
         self.index = index
@@ -130,6 +131,17 @@ class SourcePlan:
         k = int(np.searchsorted(lay.cum, j, side="right")) - 1
         return k // self.group_spans
 
+    def group_keys(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch and group (compressed sources) of each stream position, as two int64 arrays."""
+        pos = np.asarray(positions, dtype=np.int64)
+        epochs = pos // self.n
+        j = pos % self.n
+        groups = np.empty_like(pos)
+        for e in np.unique(epochs).tolist():
+            m = epochs == e
+            groups[m] = (np.searchsorted(self.layout(e).cum, j[m], side="right") - 1) // self.group_spans
+        return epochs, groups
+
     def _compressed_ids(self, epoch: int, j: np.ndarray) -> np.ndarray:
         lay = self.layout(epoch)
         span_rank = np.searchsorted(lay.cum, j, side="right") - 1
@@ -150,9 +162,11 @@ class SourcePlan:
         a = np.asarray(windows, dtype=np.int64) * T
         c0 = np.searchsorted(self.raw_first, a, side="right") - 1
         c1 = np.searchsorted(self.raw_first, a + T, side="right") - 1
-        out: list[tuple[int, int, int]] = []
         offs = self.raw_offset[c0] + (a - self.raw_first[c0]) * tb
         files = self.raw_file[c0] + file_base
+        if np.array_equal(c0, c1):  # no window crosses a chunk: one read each, no Python loop
+            return list(zip(files.tolist(), offs.tolist(), [(T + 1) * tb] * len(a)))
+        out: list[tuple[int, int, int]] = []
         for k in range(len(a)):
             if c0[k] == c1[k]:
                 out.append((int(files[k]), int(offs[k]), (T + 1) * tb))
@@ -167,7 +181,8 @@ class SourcePlan:
         c1 = np.searchsorted(self.raw_first, a + self.T, side="right") - 1
         if np.array_equal(c0, c1):
             return np.unique(c0)
-        return np.unique(np.concatenate([np.arange(x, y + 1) for x, y in zip(c0.tolist(), c1.tolist())]))
+        grid = c0[:, None] + np.arange(int((c1 - c0).max()) + 1)[None, :]
+        return np.unique(grid[grid <= c1[:, None]])
 
     # ------------------------------------------------------------------ chunks
     def chunks_of_window(self, w: Any) -> tuple[Any, Any]:
@@ -206,178 +221,84 @@ class SourcePlan:
 
 
 # ---------------------------------------------------------------------------------------
-# GPU decode of rans sources: host-side planning (no CUDA here, so it is tested on any
-# machine). A decode group's chunks are read into one pinned staging buffer, copied to
-# the device, decoded there into one device token buffer per group, and windows are
-# gathered from those buffers. These functions say where every byte and token goes.
-
-#: Staging payloads start at multiples of this (the rans kernel reads 32-bit words).
-STAGING_ALIGN = 4
+# Batches: the global stream cut into steps of B*W samples, rank r taking its slice.
 
 
-@dataclass
-class GroupStaging:
-    """Layout of one decode group in the staging buffer (host) and the token buffer (device).
+class Batch:
+    """One planned batch of this rank: (source, window id) per row, and the state after it.
 
-    Chunks are in ascending dataset order and their tokens packed in that order in the
-    token buffer, so consecutive chunks are adjacent there and a window whose chunks are
-    all in the group is one contiguous run of tokens.
-
-    Attributes:
-        chunks: dataset chunk ids (ascending).
-        codecs: stored codec id of each chunk.
-        gpu: True where the chunk is rans and decoded by the GPU kernel; the others are
-            staged as plain tokens (a raw chunk's stored bytes, or a chunk of another codec
-            decoded on the host) and copied into place on the device.
-        src_offsets, src_bytes: where each chunk's staged bytes lie in the staging buffer
-            (offsets are multiples of :data:`STAGING_ALIGN`).
-        stored_bytes: bytes read from storage for each chunk.
-        out_offsets, token_counts: each chunk's tokens in the token buffer.
-        staging_bytes, num_tokens: sizes of the two buffers; token_bytes: 2 or 4.
-        models: the distinct ``RansModel`` objects of the GPU chunks; ``model_index`` the
-            index of each chunk's model in it (-1 where not GPU-decoded).
-        chunk_desc, block_desc: the kernel's descriptor tables for the GPU chunks
-            (:func:`llmio_native.dataset.rans.descriptors`).
+    The pipeline fills in how each row is produced: ``ring_rows`` (uncompressed rows read
+    into a ring slot, ordered by source then row: the slot holds ``ring_blocks``, one
+    contiguous ``(source, rows, byte offset)`` block per source), ``cache_rows``
+    (compressed rows assembled from the host cache) and ``gpu_rows`` (rans rows gathered
+    from the device token cache), and ``verify`` (chunk checks the ring rows wait for).
     """
 
-    chunks: np.ndarray
-    codecs: np.ndarray
-    gpu: np.ndarray
-    src_offsets: np.ndarray
-    src_bytes: np.ndarray
-    stored_bytes: np.ndarray
-    out_offsets: np.ndarray
-    token_counts: np.ndarray
-    staging_bytes: int
-    num_tokens: int
-    models: list
-    model_index: np.ndarray
-    chunk_desc: np.ndarray
-    block_desc: np.ndarray
-    token_bytes: int
+    __slots__ = ("index", "sources", "windows", "local", "pos_after", "counts_after", "ring_rows", "ring_blocks",
+                 "cache_rows", "gpu_rows", "verify")
 
-    @property
-    def decoded_bytes(self) -> int:
-        """Token bytes the GPU kernel writes (GPU-decoded chunks only)."""
-        return int(self.token_counts[self.gpu].sum()) * self.token_bytes
+    def __init__(self, index: int, sources: np.ndarray, windows: np.ndarray, local: np.ndarray, pos_after: int,
+                 counts_after: np.ndarray) -> None:
+        self.index = index
+        self.sources = sources
+        self.windows = windows
+        self.local = local
+        self.pos_after = pos_after
+        self.counts_after = counts_after
+        empty = np.empty(0, dtype=np.int64)
+        self.ring_rows: np.ndarray = empty
+        self.ring_blocks: list[tuple[int, np.ndarray, int]] = []
+        self.cache_rows: np.ndarray = empty
+        self.gpu_rows: np.ndarray = empty
+        self.verify: list[tuple[tuple[int, int], Any]] = []
 
 
-def plan_group_staging(ds, chunks, model_of=None) -> GroupStaging:
-    """Plan the staging of ``chunks`` (dataset chunk ids) of ``ds`` for a GPU decode.
+def ranks_within(src: np.ndarray, num_sources: int) -> np.ndarray:
+    """For each entry of ``src`` (source ids), how many earlier entries have the same source."""
+    order = np.argsort(src, kind="stable")
+    ss = src[order]
+    first = np.searchsorted(ss, np.arange(num_sources))
+    out = np.empty(len(src), dtype=np.int64)
+    out[order] = np.arange(len(src), dtype=np.int64) - first[ss]
+    return out
 
-    ``model_of(ci)`` gives a rans chunk's model (default ``ds.model_of``: reads and caches
-    the model region, so call this where I/O is fine). No per-token work.
 
-    Raises:
-        ChecksumError, FormatError, OSError: a model region cannot be read.
+class BatchPlanner:
+    """Which (source, window) each row of this rank's batches holds (see ``TokenLoader``).
+
+    Global step ``t`` takes stream positions ``[t*B*W, (t+1)*B*W)``; rank ``r`` the slice
+    ``[r*B, (r+1)*B)``. Several sources are mixed by stride scheduling; each source keeps
+    its own position (``counts``), whose windows come from its :class:`SourcePlan`.
     """
-    from ..dataset import format as F
-    from ..dataset import rans
 
-    ch = np.unique(np.asarray(chunks, dtype=np.int64))
-    rows = ds.chunks[ch]
-    tb = int(np.dtype(ds.dtype).itemsize)
-    codecs = rows["codec"].astype(np.int64)
-    counts = rows["token_count"].astype(np.int64)
-    stored = rows["stored_bytes"].astype(np.int64)
-    gpu = codecs == F.CODEC_RANS
-    staged = np.where(gpu | (codecs == F.CODEC_NONE), stored, counts * tb)
-    padded = -(-staged // STAGING_ALIGN) * STAGING_ALIGN
-    src_off = np.zeros(len(ch), dtype=np.int64)
-    if len(ch):
-        np.cumsum(padded[:-1], out=src_off[1:])
-    out_off = np.zeros(len(ch), dtype=np.int64)
-    if len(ch):
-        np.cumsum(counts[:-1], out=out_off[1:])
-    model_of = ds.model_of if model_of is None else model_of
-    models: list = []
-    ids: dict[int, int] = {}
-    midx = np.full(len(ch), -1, dtype=np.int64)
-    for k in np.flatnonzero(gpu).tolist():
-        m = model_of(int(ch[k]))
-        j = ids.get(id(m))
-        if j is None:
-            j = ids[id(m)] = len(models)
-            models.append(m)
-        midx[k] = j
-    cd, bd = rans.descriptors(src_off[gpu], staged[gpu], counts[gpu], midx[gpu], out_off[gpu])
-    st = GroupStaging(chunks=ch, codecs=codecs, gpu=gpu, src_offsets=src_off, src_bytes=staged,
-                      stored_bytes=stored, out_offsets=out_off, token_counts=counts,
-                      staging_bytes=int(padded.sum()), num_tokens=int(counts.sum()), models=models,
-                      model_index=midx, chunk_desc=cd, block_desc=bd, token_bytes=tb)
-    return st
+    def __init__(self, plans: list[SourcePlan], weights: np.ndarray, batch_size: int, world_size: int,
+                 rank: int) -> None:
+        self.plans = plans
+        self.weights = weights
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
 
-
-def fill_staging(ds, staging: GroupStaging, buf: np.ndarray, read_batch_into) -> None:
-    """Read the group's chunks into ``buf`` (uint8, ``staging.staging_bytes``) and check them.
-
-    ``read_batch_into(requests)`` reads ``(file index of ds, offset, writable view)``
-    requests (one batched submission). Every chunk's length and checksum are checked over
-    its stored bytes (xxhash: the only per-byte host work); rans and raw chunks are read
-    straight into their place, other codecs are decoded into it on the host.
-
-    Raises:
-        ChecksumError, FormatError: a chunk is corrupt (names the file and chunk).
-        OSError, ShortReadError: a read failed.
-    """
-    from ..dataset import format as F
-
-    rows = ds.chunks[staging.chunks]
-    direct = staging.gpu | (staging.codecs == F.CODEC_NONE)
-    reqs, other = [], []
-    for k in range(len(staging.chunks)):
-        f, off, n = int(rows["file"][k]), int(rows["offset"][k]), int(staging.stored_bytes[k])
-        if direct[k]:
-            so = int(staging.src_offsets[k])
-            reqs.append((f, off, buf[so:so + n]))
-        else:
-            tmp = np.empty(n, dtype=np.uint8)
-            reqs.append((f, off, tmp))
-            other.append((k, tmp))
-    if reqs:
-        read_batch_into(reqs)
-    tmps = dict(other)
-    dt = np.dtype(ds.dtype)
-    for k in range(len(staging.chunks)):
-        ci = int(staging.chunks[k])
-        so, nb = int(staging.src_offsets[k]), int(staging.src_bytes[k])
-        if direct[k]:
-            ds.check_chunk(ci, buf[so:so + nb])
-        else:  # zstd (or another host codec) inside a rans dataset: decoded here
-            ds.decode_chunk(ci, tmps[k], out=buf[so:so + nb].view(dt))
-
-
-def window_starts(plan: SourcePlan, staging: GroupStaging, windows) -> np.ndarray:
-    """First token of each window (ids of ``plan``'s source) in the group's token buffer.
-
-    Raises:
-        RuntimeError: a window's chunks are not all in the group (a planning bug: a group
-            holds every chunk its windows reach).
-    """
-    w = np.atleast_1d(np.asarray(windows, dtype=np.int64))
-    a = w * plan.T
-    c0, c1 = plan.chunks_of_window(w)
-    k0 = np.searchsorted(staging.chunks, c0)
-    k1 = np.searchsorted(staging.chunks, c1)
-    n = len(staging.chunks)
-    ok = (k1 < n) & (k0 < n)
-    ok &= staging.chunks[np.minimum(k0, n - 1)] == c0
-    ok &= staging.chunks[np.minimum(k1, n - 1)] == c1
-    ok &= (k1 - k0) == (c1 - c0)
-    if not ok.all():
-        bad = int(w[np.flatnonzero(~ok)[0]])
-        raise RuntimeError(f"window {bad} of source {plan.index} reaches chunks outside its decode group")
-    return staging.out_offsets[k0] + (a - plan.chunk_first[c0])
-
-
-def gather_parts(buffer_keys, starts) -> list[tuple[object, np.ndarray, np.ndarray]]:
-    """Group a batch's rows by token buffer: ``[(key, rows, starts)]`` in first-use order.
-
-    ``buffer_keys[i]`` names the buffer row ``i`` reads from (any hashable) and
-    ``starts[i]`` its first token there; each part becomes one gather on the device.
-    """
-    order: dict = {}
-    for i, k in enumerate(buffer_keys):
-        order.setdefault(k, []).append(i)
-    st = np.asarray(starts, dtype=np.int64)
-    return [(k, np.asarray(r, dtype=np.int64), st[np.asarray(r, dtype=np.int64)]) for k, r in order.items()]
+    def batches(self, pos: int, counts: np.ndarray, first_index: int) -> Iterator[Batch]:
+        """Endless batches of this rank from stream position ``pos`` (per-source ``counts``),
+        the first numbered ``first_index``."""
+        B, W, r = self.batch_size, self.world_size, self.rank
+        gb = B * W
+        S = len(self.plans)
+        counts = np.asarray(counts, dtype=np.int64).copy()
+        t = first_index
+        mine = slice(r * B, (r + 1) * B)
+        while True:
+            if S == 1:
+                src_r = np.zeros(B, dtype=np.int64)
+                local_r = counts[0] + np.arange(r * B, (r + 1) * B, dtype=np.int64)
+                new_counts = counts + gb
+                wins = self.plans[0].window_ids(local_r)
+            else:
+                src, new_counts = stride_schedule(counts, self.weights, gb)
+                local = counts[src] + ranks_within(src, S)
+                src_r, local_r = src[mine], local[mine]
+                wins = np.empty(B, dtype=np.int64)
+                for s in np.unique(src_r).tolist():  # one vectorised call per source
+                    m = src_r == s
+                    wins[m] = self.plans[s].window_ids(local_r[m])
+            yield Batch(t, src_r, wins, local_r, pos + gb, new_counts)
+            pos, counts, t = pos + gb, new_counts, t + 1

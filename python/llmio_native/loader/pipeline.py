@@ -1,0 +1,487 @@
+"""The host pipeline of one TokenLoader iteration: reader, ring, decode pool, checks, cache.
+
+Uncompressed windows are read through the io engine into a ring of page-aligned slots (one
+job per batch, ``prefetch`` batches ahead, each window's bytes contiguous; in a mixture the
+slot holds the rows of each source as one block) and cut into ``(x, y)`` in C++. Every
+chunk an uncompressed window touches is read whole and checked once per loader and process
+(:class:`ChunkChecks`) on a small pool, before the first batch holding its tokens is handed
+out. Compressed chunks are read and decoded on a thread pool a group at a time (the host
+cache), the next group decoded ahead. With a CUDA device the batch goes through
+:class:`~.cuda_path.CudaPath`; rans sources decoded on the GPU through
+:class:`~.gpu_decode.GpuDecodePath`.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .._native import _core
+from ..reader import Reader
+from ..ring import PinnedRing
+from .cuda_path import CudaPath
+from .gpu_decode import GpuDecodePath
+from .plan import Batch, BatchPlanner, SourcePlan
+from .stats import LoaderStats
+
+_RING, _GPU, _CACHE = 0, 1, 2  # how a source's rows are produced
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What a pipeline needs to know of its loader (settings, not state).
+
+    ``emulate_gpu_decode``: run the GPU decode path of rans sources on the host (a CPU
+    loader; a test hook, see :func:`llmio_native.loader.token_loader.emulate_gpu_decode`).
+    """
+
+    datasets: tuple
+    plans: tuple
+    batch_size: int
+    seq_len: int
+    world_size: int
+    device: torch.device
+    prefetch: int
+    backend: str
+    direct: bool
+    queue_depth: int
+    num_threads: int
+    pin: bool
+    emulate_gpu_decode: bool = False
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a pipeline starts: global stream position and samples drawn per source."""
+
+    pos: int
+    counts: np.ndarray
+
+
+class ChunkChecks:
+    """Which chunks of the uncompressed sources passed their checksum in this process.
+
+    One bitmap per source, allocated on first use; plain numpy, so it pickles with the
+    loader (a DataLoader worker starts from what its parent had checked).
+    """
+
+    def __init__(self, num_chunks: list[int]) -> None:
+        self._num_chunks = list(num_chunks)
+        self._done: dict[int, np.ndarray] = {}
+
+    def _bitmap(self, s: int) -> np.ndarray:
+        v = self._done.get(s)
+        if v is None:
+            v = self._done[s] = np.zeros(self._num_chunks[s], dtype=bool)
+        return v
+
+    def pending(self, s: int, chunks: np.ndarray) -> np.ndarray:
+        """The chunks of source ``s`` among ``chunks`` not checked yet."""
+        return chunks[~self._bitmap(s)[chunks]]
+
+    def mark(self, s: int, c: int) -> None:
+        """Chunk ``c`` of source ``s`` passed its checksum."""
+        self._bitmap(s)[c] = True
+
+
+class Pipeline:
+    """The native side of one iteration: a reader, a ring, a decode pool; closed when done.
+
+    Args:
+        config: the loader's settings. planner: its batch planner. start: the stream
+            position the iteration starts at. stats: the loader's counters (shared by its
+            pipelines). checks: the loader's chunk-check registry.
+        stride, offset: take batches ``offset, offset + stride, ...`` of the stream
+            (DataLoader workers), counted from the one at ``start``.
+
+    Raises:
+        OSError, ValueError, ResourceError: the reader or the ring cannot be set up.
+    """
+
+    def __init__(self, config: PipelineConfig, planner: BatchPlanner, start: StreamPosition, stats: LoaderStats,
+                 checks: ChunkChecks, stride: int = 1, offset: int = 0) -> None:
+        self.cfg = config
+        self.stats = stats
+        self.checks = checks
+        self.closed = False
+        self.ring: PinnedRing | None = None
+        self.pool: cf.ThreadPoolExecutor | None = None
+        self.vpool: cf.ThreadPoolExecutor | None = None
+        self.vfut: dict[tuple[int, int], cf.Future] = {}
+        self.gpu: GpuDecodePath | None = None
+        self.cuda: CudaPath | None = None
+        self.stats.begin(id(self))
+        try:
+            self._open(planner, start, stride, offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, planner: BatchPlanner, start: StreamPosition, stride: int, offset: int) -> None:
+        cfg = self.cfg
+        paths: list[str] = []
+        self.file_base: list[int] = []
+        for ds in cfg.datasets:
+            self.file_base.append(len(paths))
+            paths.extend(ds.paths)
+        self.reader = Reader(paths, backend=cfg.backend, direct=cfg.direct, queue_depth=cfg.queue_depth)
+        T, B = cfg.seq_len, cfg.batch_size
+        plans: tuple[SourcePlan, ...] = cfg.plans
+        raw = [p for p in plans if not p.compressed]
+        itemsizes = {np.dtype(ds.dtype).itemsize for ds in cfg.datasets}
+        slot_bytes = B * (T + 1) * max(itemsizes) + 8192
+        self._ring_seen = (0, 0.0)
+        cuda = cfg.device.type == "cuda"
+        if raw:
+            self.ring = PinnedRing(self.reader, num_slots=cfg.prefetch + 2, slot_bytes=slot_bytes,
+                                   num_producers=min(4, cfg.prefetch), pin=cfg.pin,
+                                   device=cfg.device if cuda else None)
+        if any(p.compressed for p in plans):
+            self.pool = cf.ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="llmio-decode")
+        # Uncompressed sources: the ring reads only each window's bytes, so every chunk a
+        # window touches is read whole and checked once (per loader and process) on this
+        # pool, ahead, before the first batch holding its tokens is handed out.
+        if any(not p.compressed and p.ds.has_checksums for p in plans):
+            self.vpool = cf.ThreadPoolExecutor(min(4, cfg.num_threads), thread_name_prefix="llmio-verify")
+        self.cache: dict[tuple[int, int], tuple[cf.Future, int]] = {}  # (source, chunk) -> (future, expires)
+        self.opened_groups: set[tuple[int, int, int]] = set()  # (source, epoch, group)
+        gb = B * cfg.world_size
+        self.first = start.pos // gb
+        self.batches: Iterator[Batch] = planner.batches(start.pos, start.counts, self.first)
+        self.last_counts = np.asarray(start.counts, dtype=np.int64).copy()
+        self.stride, self.offset = stride, offset
+        self.ahead: deque[Batch] = deque()
+        dt = {np.dtype(ds.dtype) for ds in cfg.datasets}
+        # One token type of 2 or 4 bytes in the ring and nothing compressed: cut in one call.
+        self.uniform = len(dt) == 1 and next(iter(dt)).itemsize in (2, 4) and not any(p.compressed for p in plans)
+        self.token_dtype = next(iter(dt))
+        self.dtypes = [np.dtype(ds.dtype) for ds in cfg.datasets]
+        # Signed token files (Megatron int16/int32): a negative value is refused, never read
+        # as a large unsigned id (the same rule as TokenDataset.read).
+        self.signed = any(d.kind == "i" for d in dt)
+        self.starts_host = np.arange(B, dtype=np.int64) * (T + 1)
+        self.window_offsets = np.arange(T + 1, dtype=np.int64)
+        if cuda:
+            self.cuda = CudaPath(cfg.device, B, T)
+        # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
+        # emulation of the same path on a CPU loader is a test hook (emulate_gpu_decode).
+        rans_src = np.array([ds.codec == "rans" for ds in cfg.datasets])
+        kernels = self.cuda is not None and self.cuda.kernels
+        gpu_src = rans_src if rans_src.any() and (kernels or cfg.emulate_gpu_decode) else np.zeros_like(rans_src)
+        self.kind = np.where([not p.compressed for p in plans], _RING, np.where(gpu_src, _GPU, _CACHE))
+        if gpu_src.any():
+            self.gpu = GpuDecodePath(list(cfg.datasets), list(plans), B, T, self.pool, self.reader, self.file_base,
+                                     self.stats, self.cuda)
+        self._fill()
+
+    # ---------------------------------------------------------------- planning ahead
+    def _next_plan(self) -> Batch:
+        while True:
+            b = next(self.batches)
+            if (b.index - self.first - self.offset) % self.stride == 0:
+                return b
+
+    def _fill(self) -> None:
+        while len(self.ahead) < self.cfg.prefetch:
+            b = self._next_plan()
+            self._submit(b)
+            self.ahead.append(b)
+
+    def _submit(self, b: Batch) -> None:
+        plans = self.cfg.plans
+        reqs: list[tuple[int, int, int]] = []
+        if len(plans) == 1 and not plans[0].compressed:
+            b.ring_rows = np.arange(len(b.windows), dtype=np.int64)
+            b.ring_blocks = [(0, b.ring_rows, 0)]
+            reqs = plans[0].raw_requests(b.windows, self.file_base[0])
+        else:
+            kind = self.kind[b.sources]
+            ring = np.flatnonzero(kind == _RING)
+            # The slot holds one block per source (stable: rows in batch order within it).
+            ring = ring[np.argsort(b.sources[ring], kind="stable")]
+            b.ring_rows = ring
+            off = 0
+            rsrc = b.sources[ring]
+            for s in np.unique(rsrc).tolist():
+                rows = ring[rsrc == s]
+                b.ring_blocks.append((s, rows, off))
+                off += len(rows) * (self.cfg.seq_len + 1) * self.dtypes[s].itemsize
+                reqs.extend(plans[s].raw_requests(b.windows[rows], self.file_base[s]))
+            b.gpu_rows = np.flatnonzero(kind == _GPU)
+            b.cache_rows = np.flatnonzero(kind == _CACHE)
+            # GPU path: the batch's groups, then the groups after them, are staged and decoded
+            # a whole group at a time (read and checked on the pool, decoded on the device).
+            if self.gpu is not None:
+                self.gpu.open_rows(b)
+            if len(b.cache_rows):
+                self._want_cache_rows(b)
+        if reqs:
+            if self.vpool is not None:
+                self._verify_ahead(b)
+            self.ring.submit(reqs, tag=b.index, packed=True)
+
+    def _want_cache_rows(self, b: Batch) -> None:
+        """Chunks the host-cache rows of ``b`` need go to the decode queue first, then the
+        rest of their groups, then the groups after them (decoded while these are consumed)."""
+        plans = self.cfg.plans
+        rows = b.cache_rows
+        srcs = b.sources[rows]
+        opened: list[tuple[int, int, int]] = []
+        for s in np.unique(srcs).tolist():
+            m = srcs == s
+            plan = plans[s]
+            epochs, groups = plan.group_keys(b.local[rows[m]])
+            c0, c1 = plan.chunks_of_window(b.windows[rows[m]])
+            keys = np.stack([epochs, groups], axis=1)
+            uniq, first = np.unique(keys, axis=0, return_index=True)
+            for k in np.argsort(first, kind="stable").tolist():  # groups in first-use order
+                e, g = int(uniq[k, 0]), int(uniq[k, 1])
+                if (s, e, g) in self.opened_groups:
+                    continue
+                mk = (epochs == e) & (groups == g)
+                expires = plan.group_end_position(e, g)
+                lo, hi = c0[mk], c1[mk]
+                span = int((hi - lo).max()) + 1
+                need = (lo[:, None] + np.arange(span)[None, :])
+                need = np.unique(need[need <= hi[:, None]])
+                for c in need.tolist():
+                    self._want(s, c, expires)
+                opened.append((s, e, g))
+        for key in opened:
+            self._open_group(key)
+        for s, e, g in opened:
+            ne, ng = plans[s].next_group(e, g)
+            self._open_group((s, ne, ng))
+
+    def _verify_ahead(self, b: Batch) -> None:
+        """Queue the checks of the not yet verified chunks the ring rows of ``b`` read."""
+        plans = self.cfg.plans
+        for s, rows, _ in b.ring_blocks:
+            plan = plans[s]
+            if not plan.ds.has_checksums:
+                continue
+            for c in self.checks.pending(s, plan.raw_chunks(b.windows[rows])).tolist():
+                f = self.vfut.get((s, c))
+                if f is None:
+                    f = self.vfut[(s, c)] = self.vpool.submit(self._verify_chunk, s, c)
+                b.verify.append(((s, c), f))
+
+    def _verify_chunk(self, s: int, c: int) -> None:
+        ds = self.cfg.datasets[s]
+        row = ds.chunks[c]
+        t0 = time.perf_counter()
+        raw = self.reader.read(self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        ds.check_chunk(c, raw)
+        with self.stats.lock:
+            self.stats.verify_bytes += raw.nbytes
+            self.stats.verify_s += time.perf_counter() - t0
+
+    def _wait_verified(self, b: Batch) -> None:
+        """Every chunk the ring rows of ``b`` read has passed its checksum (or this raises)."""
+        for key, f in b.verify:
+            if not f.done():
+                t0 = time.perf_counter()
+                cf.wait([f])
+                self.stats.stall_s += time.perf_counter() - t0
+            f.result()  # ChecksumError / FormatError / OSError naming the chunk
+            self.checks.mark(*key)
+            self.vfut.pop(key, None)
+
+    def _want(self, s: int, c: int, expires: int) -> None:
+        old = self.cache.get((s, c))
+        if old is not None:
+            if expires > old[1]:
+                self.cache[(s, c)] = (old[0], expires)
+        else:
+            self.cache[(s, c)] = (self.pool.submit(self._decode, s, c), expires)
+
+    def _open_group(self, key: tuple[int, int, int]) -> None:
+        if key in self.opened_groups:
+            return
+        self.opened_groups.add(key)
+        s, epoch, g = key
+        plan = self.cfg.plans[s]
+        expires = plan.group_end_position(epoch, g)
+        for c in plan.group_chunks(epoch, g):
+            self._want(s, c, expires)
+
+    def _decode(self, s: int, c: int) -> np.ndarray:
+        ds = self.cfg.datasets[s]
+        row = ds.chunks[c]
+        t0 = time.perf_counter()
+        raw = self.reader.read(self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        t1 = time.perf_counter()
+        tokens = ds.decode_chunk(c, raw)
+        t2 = time.perf_counter()
+        st = self.stats
+        with st.lock:
+            st.compressed_bytes_read += raw.nbytes
+            st.read_s += t1 - t0
+            st.decoded_bytes += tokens.nbytes
+            st.decode_s += t2 - t1
+        return tokens
+
+    def _chunk(self, s: int, c: int) -> np.ndarray:
+        ent = self.cache.get((s, c))
+        if ent is None:  # outside every open group's set (cannot happen by construction): decode now
+            ent = (self.pool.submit(self._decode, s, c), 0)
+            self.cache[(s, c)] = ent
+        fut = ent[0]
+        if not fut.done():
+            t0 = time.perf_counter()
+            arr = fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+            return arr
+        return fut.result()
+
+    def _evict(self, consumed: np.ndarray) -> None:
+        for key in [k for k, (_, exp) in self.cache.items() if exp <= consumed[k[0]]]:
+            del self.cache[key]
+        plans = self.cfg.plans
+        self.opened_groups = {k for k in self.opened_groups
+                              if plans[k[0]].group_end_position(k[1], k[2]) > consumed[k[0]]}
+
+    # ---------------------------------------------------------------- assembly
+    def next(self) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """The next batch of this pipeline and its ``(x, y)``.
+
+        Raises:
+            ChecksumError, FormatError: a chunk is corrupt (names the file and chunk).
+            OSError, ShortReadError: a read failed or a file shrank (names file and offset).
+        """
+        cfg = self.cfg
+        b = self.ahead.popleft()
+        B, T = cfg.batch_size, cfg.seq_len
+        slot = None
+        if len(b.ring_rows):
+            t0 = time.perf_counter()
+            slot = self.ring.get()
+            self.stats.stall_s += time.perf_counter() - t0
+            if slot.tag != b.index:  # pragma: no cover - the ring delivers in order
+                raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
+            if b.verify:
+                self._wait_verified(b)
+            if self.signed:
+                self._check_token_ids(b, slot)
+        if self.gpu is not None:
+            self.gpu.pump()
+        if self.cuda is not None:
+            self.cuda.poll_timings(self.stats)
+        if len(b.gpu_rows):
+            xt, yt = self.gpu.assemble(b, slot, self._host_rows)
+        elif self.uniform and self.cuda is None:
+            tokens = np.frombuffer(slot, dtype=self.token_dtype, count=B * (T + 1))
+            x, y = _core.cut_windows_ref(tokens, self.starts_host, T)
+            slot.release()
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        elif self.uniform and self.cuda.kernels:
+            xt, yt = self.cuda.cut(slot, self.ring, self.token_dtype)
+        else:
+            stage = self._host_rows(b, slot, np.arange(B, dtype=np.int64))
+            xt = torch.from_numpy(np.ascontiguousarray(stage[:, :-1]))
+            yt = torch.from_numpy(np.ascontiguousarray(stage[:, 1:]))
+            if self.cuda is not None:
+                xt, yt = self.cuda.to_device(xt, yt)
+        st = self.stats
+        if self.ring is not None:  # ring counters restart per iterator: add their deltas
+            rs = self.ring.stats()
+            st.ring_bytes += rs["bytes"] - self._ring_seen[0]
+            st.ring_read_s += rs["producer_busy_s"] - self._ring_seen[1]
+            self._ring_seen = (rs["bytes"], rs["producer_busy_s"])
+        st.batches += 1
+        st.consumed += b.counts_after - self.last_counts
+        self.last_counts = b.counts_after
+        if len(b.cache_rows) or self.cache:
+            self._evict(b.counts_after)
+        if self.gpu is not None:
+            self.gpu.evict(b.counts_after)
+        self._fill()
+        return b, xt, yt
+
+    def _ring_block(self, slot: Any, s: int, rows: np.ndarray, off: int) -> np.ndarray:
+        """``[len(rows), T + 1]`` raw tokens of source ``s``'s block in ``slot``."""
+        n = self.cfg.seq_len + 1
+        return np.frombuffer(slot, dtype=self.dtypes[s], count=len(rows) * n, offset=off).reshape(len(rows), n)
+
+    def _check_token_ids(self, b: Batch, slot: Any) -> None:
+        """Raise FormatError (naming file and offset) if a ring row of ``b`` holds a negative id
+        (the first such row of the batch)."""
+        bad: tuple[int, int, np.ndarray] | None = None
+        for s, rows, off in b.ring_blocks:
+            if self.dtypes[s].kind != "i":
+                continue
+            blk = self._ring_block(slot, s, rows, off)
+            neg = np.flatnonzero((blk < 0).any(axis=1))
+            if len(neg) and (bad is None or rows[neg[0]] < bad[0]):
+                bad = (int(rows[neg[0]]), s, blk[neg[0]])
+        if bad is not None:
+            row, s, tokens = bad
+            self.cfg.datasets[s].check_token_ids(tokens, int(b.windows[row]) * self.cfg.seq_len)
+
+    def _host_rows(self, b: Batch, slot: Any, rows: np.ndarray) -> np.ndarray:
+        """``[len(rows), T + 1]`` int64 windows of the host rows (ring and host cache) of
+        ``b``, ``rows`` being all of them in batch order (ascending); releases ``slot``."""
+        T = self.cfg.seq_len
+        stage = np.empty((len(rows), T + 1), dtype=np.int64)
+        if slot is not None:
+            for s, brows, off in b.ring_blocks:
+                stage[np.searchsorted(rows, brows)] = self._ring_block(slot, s, brows, off)
+            slot.release()
+        if len(b.cache_rows):
+            self._cache_windows(b, stage, np.searchsorted(rows, b.cache_rows))
+        return stage
+
+    def _cache_windows(self, b: Batch, stage: np.ndarray, at: np.ndarray) -> None:
+        """Write the windows of ``b``'s host-cache rows into ``stage[at]``: one gather per
+        chunk for the windows inside one chunk, a concatenation for those that cross."""
+        plans = self.cfg.plans
+        T = self.cfg.seq_len
+        rows = b.cache_rows
+        srcs = b.sources[rows]
+        for s in np.unique(srcs).tolist():
+            m = np.flatnonzero(srcs == s)
+            plan = plans[s]
+            wins = b.windows[rows[m]]
+            c0, c1 = plan.chunks_of_window(wins)
+            a = wins * T
+            inside = c0 == c1
+            mi = m[inside]
+            ci, ai = c0[inside], a[inside]
+            rel = ai - plan.chunk_first[ci]  # first token of each window in its chunk
+            for c in np.unique(ci).tolist():
+                k = ci == c
+                stage[at[mi[k]]] = self._chunk(s, c)[rel[k][:, None] + self.window_offsets]
+            for j in np.flatnonzero(~inside).tolist():
+                parts = []
+                for c in range(int(c0[j]), int(c1[j]) + 1):
+                    tok = self._chunk(s, c)
+                    f = int(plan.chunk_first[c])
+                    parts.append(tok[max(int(a[j]), f) - f: min(int(a[j]) + T + 1, f + len(tok)) - f])
+                stage[at[m[j]]] = np.concatenate(parts)
+
+    def close(self) -> None:
+        """Stop the pools, drop the caches, close the ring (waits for its copies)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stats.end(id(self))
+        try:
+            for pool in (self.pool, self.vpool):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.vfut = {}
+            self.cache = {}
+            if self.gpu is not None:
+                self.gpu.close()
+            if self.cuda is not None:
+                self.cuda.close()
+            if self.ring is not None:
+                self.ring.close()  # waits for pending copy events, joins the producers
+                self.ring = None
+            self.reader = None
