@@ -107,7 +107,8 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--no-eot", action="store_true", help="append no end-of-text token")
     p.add_argument("--num-workers", type=int_in(0, MAX_WORKERS), default=0, metavar="N",
                    help="tokenizer processes: 1 = encode_batch in this process (on all cores), "
-                        "N > 1 = N worker processes (at most 256), 0 = auto (1 below 16 MiB of input, else cores - 1)")
+                        "N > 1 = N worker processes (at most 256), 0 = auto (1 below 16 MiB of input or 24 cores, "
+                        "else cores - 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset or an unfinished one in OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
 

@@ -26,6 +26,13 @@ WORKER_BATCH_CHARS = 1 << 20
 #: Below this much input, ``num_workers=0`` (auto) tokenizes in this process: starting
 #: worker processes and shipping the text to them costs more than it saves.
 AUTO_WORKERS_MIN_BYTES = 16 << 20
+#: Below this many CPUs, ``num_workers=0`` (auto) tokenizes in this process. There,
+#: tokenizing (about 300 ms of CPU per MB with a 4 Ki-id BPE, spread over all cores by
+#: tokenizers) is the bound either way; what this process does per MB while holding the GIL
+#: (reading, cutting, turning ids into arrays, writing: about 13 ms) caps the in-process
+#: path near 75 MB/s, which more than about 24 cores reach. Workers take the id conversion
+#: with them (this process then does about 8 ms per MB).
+AUTO_WORKERS_MIN_CPUS = 24
 #: Most worker processes ``num_workers=0`` (auto) starts.
 AUTO_WORKERS_MAX = 32
 #: Batches tokenized at once by ``encode_batch`` in this process (on background threads:
@@ -46,14 +53,14 @@ def cpus() -> int:
 
 def auto_workers(total_bytes: int) -> int:
     """What ``num_workers=0`` means for ``total_bytes`` of input: 1 (``encode_batch`` in
-    this process) below ``AUTO_WORKERS_MIN_BYTES`` or on one CPU, else one worker process
-    per CPU but one (this process keeps a core), at most ``AUTO_WORKERS_MAX``.
+    this process) below ``AUTO_WORKERS_MIN_BYTES`` or ``AUTO_WORKERS_MIN_CPUS``, else one
+    worker process per CPU but one (this process keeps a core), at most ``AUTO_WORKERS_MAX``.
 
     Raises:
         Nothing.
     """
     n = cpus()
-    if total_bytes < AUTO_WORKERS_MIN_BYTES or n < 2:
+    if total_bytes < AUTO_WORKERS_MIN_BYTES or n < AUTO_WORKERS_MIN_CPUS:
         return 1
     return max(2, min(n - 1, AUTO_WORKERS_MAX))
 
