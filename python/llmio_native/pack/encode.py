@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
@@ -82,7 +83,7 @@ _TOKENIZER: Any = None
 
 def _worker_init(spec: str, threads: int) -> None:
     """Worker process start: ignore stop signals (the parent handles them and kills its
-    workers), size tokenizers' thread pool, load the tokenizer from its JSON."""
+    workers; they are blocked until here), size tokenizers' thread pool, load the tokenizer."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when tokenizers first runs in parallel
@@ -103,6 +104,25 @@ def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- parent side
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _children_deaf() -> Iterator[None]:
+    """Processes started inside (workers, multiprocessing's resource tracker) begin with
+    SIGINT, SIGTERM and SIGHUP blocked: a Ctrl-C or a signal to the process group neither
+    kills them half-started nor prints their tracebacks; this process handles it (and kills
+    its workers). Here the signals are only held back until the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _texts(batch: list[Piece]) -> list[str]:
     return [p.text for p in batch if p.text is not None]
 
@@ -178,8 +198,13 @@ def encode_batches(tok: Any, batches: Iterable[list[Piece]], dtype: np.dtype,
     import multiprocessing as mp
 
     threads = max(1, cpus() // num_workers)
-    pool = cf.ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(tok.to_str(), threads))
+    with _children_deaf():  # the pool starts the resource tracker
+        pool = cf.ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(tok.to_str(), threads))
+
+    def submit(texts: list[str]) -> cf.Future:
+        with _children_deaf():  # submit starts a worker while fewer than num_workers run
+            return pool.submit(_worker_encode, texts)
 
     def done(fut: cf.Future) -> list[np.ndarray]:
         try:
@@ -193,7 +218,7 @@ def encode_batches(tok: Any, batches: Iterable[list[Piece]], dtype: np.dtype,
 
     finished = False
     try:
-        yield from _in_order(pool, batches, lambda texts: pool.submit(_worker_encode, texts), 2 * num_workers, done)
+        yield from _in_order(pool, batches, submit, 2 * num_workers, done)
         finished = True
     finally:
         if not finished:  # an error or Ctrl-C: the answers are not wanted
