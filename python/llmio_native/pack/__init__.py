@@ -16,7 +16,7 @@ import contextlib
 import os
 import tempfile
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -79,7 +79,9 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
         dtype: "auto" (uint16 when every id fits), "uint16" or "uint32".
         eot_id, append_eot: the end-of-text id appended to every document.
         num_workers: 1 = ``encode_batch`` in this process; N > 1 = N worker processes;
-            0 = auto (:func:`~llmio_native.pack.encode.auto_workers`).
+            0 = auto (:func:`~llmio_native.pack.encode.auto_workers`). Workers are started
+            with ``spawn``, which imports the caller's ``__main__`` module again: a script
+            calling ``pack`` must do so under ``if __name__ == "__main__":``.
         overwrite: replace a dataset (or an unfinished one) in ``out_dir``.
         progress: a progress bar on stderr (and the BPE trainer's).
 
