@@ -1,14 +1,15 @@
-"""The llmio command: pack (trained BPE on the real corpus, JSONL, Parquet), inspect, verify.
+"""The llmio command: pack (trained BPE on the real corpus, JSONL, Parquet), inspect, verify,
+info, bench; exit statuses, one-line errors, signals, the output lock.
 
 The key check: byte-level BPE round-trips, so decoding every packed document with the
-tokenizer saved beside the shards gives back the input text exactly.
+tokenizer saved beside the shards gives back the input text exactly. The pack library
+itself (inputs, BPE-safe splitting, tokenizer, encoding workers) is tests/test_pack.py.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import random
 import signal
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 import llmio_native as lio
-from llmio_native import cli
+from llmio_native import pack as pack_lib
 from llmio_native.cli import main
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -48,10 +49,6 @@ def paragraphs() -> list[str]:
 
 def _tok(packed: Path):
     return tokenizers.Tokenizer.from_file(str(packed / "tokenizer.json"))
-
-
-def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
 # ----------------------------------------------------------------------------- pack
@@ -119,45 +116,13 @@ def test_txt_doc_sep_modes(packed: Path, tmp_path: Path) -> None:
         assert [tok.decode(ds.document(i).tolist()[:-1]) for i in range(ds.num_documents)] == docs, mode
 
 
-@needs_corpus
-def test_output_is_the_same_for_any_number_of_workers(packed: Path, paragraphs: list[str], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    tok_path = str(packed / "tokenizer.json")
-    jl = tmp_path / "in.jsonl"
-    jl.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
-    # small batches and pieces, so that both runs cut many batches and tasks
-    monkeypatch.setattr(cli, "WORKER_BATCH_CHARS", 8192)
-    monkeypatch.setattr(cli, "BATCH_CHARS", 30000)
-    outs = []
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        assert main(["pack", str(jl), str(CORPUS), "-o", str(out), "--tokenizer", tok_path, "-q",
-                     "--chunk-tokens", "4096", "--num-workers", str(workers)]) == 0
-        outs.append(_files(out))
-    assert outs[0] == outs[1]  # shards, manifest and tokenizer byte for byte
-    ds = lio.open_dataset(str(tmp_path / "w2"))
-    assert ds.num_documents == len(paragraphs) + 1 and len(ds.chunks) > 10
-
-
-@needs_corpus
-def test_a_dying_worker_fails_the_pack_cleanly(packed: Path, tmp_path: Path, capsys,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_WORKER_SOURCE", "import sys; sys.stdin.buffer.read(8); sys.exit(3)")
-    out = tmp_path / "o"
-    assert main(["pack", str(CORPUS), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q",
-                 "--num-workers", "2"]) == 1
-    err = capsys.readouterr().err
-    assert "tokenizer worker process exited with status 3" in err and "Traceback" not in err
-    assert not out.exists()
-
-
 def test_uint32_when_the_vocabulary_needs_it_and_whole_documents_for_other_tokenizers(tmp_path: Path, capsys) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 1, "to": 2, "be": 3, "<|endoftext|>": 70000}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<|endoftext|>"])  # keeps its id 70000
-    assert not cli.cuts_are_exact(tok)  # no byte-level pre-tokenizer: documents are not cut
+    assert not pack_lib.cuts_are_exact(tok)  # no byte-level pre-tokenizer: documents are not cut
     tok_path = tmp_path / "wl.json"
     tok.save(str(tok_path))
     src = tmp_path / "a.txt"
@@ -181,84 +146,6 @@ def test_uint32_when_the_vocabulary_needs_it_and_whole_documents_for_other_token
     assert main(["pack", str(src), "-o", str(tmp_path / "o16"), "--tokenizer", str(tok_path), "-q",
                  "--dtype", "uint16", "--no-eot"]) == 0
     assert lio.open_dataset(str(tmp_path / "o16")).document(0).tolist() == [2, 3, 1, 1, 2, 3]
-
-
-def test_safe_cut_pieces_join_back_and_respect_the_limit() -> None:
-    rng = random.Random(0)
-    alphabet = ["a", "bc", "é", "\n", "\n\n", " ", "  ", "\t", ".", "'s", "\r\n", "12", "東"]
-    text = "".join(rng.choice(alphabet) for _ in range(20000))
-    for limit in (7, 64, 1000):
-        parts = cli.split_text(text, limit)
-        assert "".join(parts) == text
-        start = 0
-        for p in parts:  # longer than limit only where no safe cut point is inside the piece
-            end = start + len(p)
-            assert len(p) <= limit or cli.next_cut(text, start + 1) in (end, None), (limit, start)
-            start = end
-        assert limit < 1000 or all(len(p) <= limit for p in parts)  # safe points are common in text
-    assert cli.split_text("short", 10) == ["short"]
-    assert cli.safe_cut("ab cd\nef gh", 1, 11) == 6  # after the lone newline, not before a space
-    assert cli.safe_cut("ab cd  ef", 1, 9) == 2  # before the lone space
-    assert cli.safe_cut("abcdefgh", 1, 5) is None  # nothing safe: no cut at all
-    # a run without a safe cut point is kept whole: the piece ends at the next safe cut
-    assert cli.split_text("ab " + "x" * 20 + " cd ef", 8) == ["ab", " " + "x" * 20, " cd ef"]
-    assert cli.split_text("y" * 30, 8) == ["y" * 30]
-
-
-@pytest.mark.parametrize("read_bytes", [1, 7, 100, 5000])
-def test_streamed_text_files_are_cut_like_split_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     read_bytes: int) -> None:
-    """The txt reader streams the file and cuts it while reading; a run without a safe cut
-    that straddles reads must end where :func:`split_text` ends it."""
-    rng = random.Random(read_bytes)
-    alphabet = ["a", "bc", "é", "\n", " ", "  ", ".", "東", "x" * 40, "yz" * 90]
-    text = "".join(rng.choice(alphabet) for _ in range(3000)) + "q" * 700
-    src = tmp_path / "t.txt"
-    src.write_bytes(text.encode("utf-8"))
-    monkeypatch.setattr(cli, "READ_BYTES", read_bytes)
-    for limit in (16, 128, 600):
-        pieces = list(cli.iter_pieces([str(src)], piece_chars=limit))
-        assert [p.text for p in pieces] == cli.split_text(text, limit), limit
-        assert sum(p.nbytes for p in pieces) == src.stat().st_size and pieces[-1].ends
-
-
-def _long_run_document(paragraphs: list[str]) -> str:
-    """Shakespeare with runs of > 4096 characters without whitespace: random letters, a
-    URL-ish run with punctuation and digits, base64-ish, and a run at the very end."""
-    rng = random.Random(7)
-    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(9000))
-    url = "https://example.com/" + "/".join("".join(rng.choice("abcxyz0123456789-_.?=&%")
-                                                     for _ in range(rng.randint(1, 12))) for _ in range(900))
-    b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(6000))
-    head = "\n\n".join(paragraphs[:40])
-    mid = "\n\n".join(paragraphs[40:80])
-    return f"{head}\n{letters} {url}\n{mid} {b64}é東\n{head[:5000]} {letters[:4500]}{b64[:4000]}"
-
-
-@needs_corpus
-@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
-def test_runs_longer_than_a_piece_pack_to_the_ids_of_one_call(packed: Path, paragraphs: list[str], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
-    """Issue 9.1: a run of > PIECE_CHARS characters without whitespace was cut inside,
-    where the BPE gives other ids than one call on the whole document."""
-    doc = _long_run_document(paragraphs)
-    assert max(len(r) for r in doc.split()) > 2 * cli.PIECE_CHARS
-    tok = _tok(packed)
-    whole = tok.encode(doc, add_special_tokens=False).ids
-    src = tmp_path / f"doc{suffix}"
-    if suffix == ".jsonl":
-        src.write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
-    else:
-        src.write_text(doc, encoding="utf-8")
-        monkeypatch.setattr(cli, "READ_BYTES", 3000)  # runs straddle many reads
-    pieces = [p.text for p in cli.iter_pieces([str(src)]) if p.text]
-    assert "".join(pieces) == doc and len(pieces) > 5
-    assert any(len(p) > cli.PIECE_CHARS for p in pieces)  # the long runs stay whole
-    out = tmp_path / "o"
-    assert main(["pack", str(src), "-o", str(out), "--tokenizer", str(packed / "tokenizer.json"), "-q"]) == 0
-    ds = lio.open_dataset(str(out))
-    assert ds.num_documents == 1
-    assert ds.document(0).tolist() == whole + [tok.token_to_id("<|endoftext|>")]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -325,7 +212,7 @@ def _pack_cmd(src: Path, out: Path, tok_path: str, *extra: str) -> list[str]:
 
 def _subprocess_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ, TMPDIR=str(tmp))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(lio.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -375,20 +262,22 @@ def test_two_concurrent_packs_into_one_output(packed: Path, tmp_path: Path) -> N
 
 
 @needs_corpus
-@pytest.mark.parametrize("signame,group", [("SIGTERM", False), ("SIGTERM", True), ("SIGHUP", True)])
+@pytest.mark.parametrize("signame,group,workers", [("SIGTERM", False, 1), ("SIGTERM", True, 2), ("SIGHUP", True, 2)])
 def test_sigterm_during_a_pack_removes_its_output_and_temp_files(packed: Path, tmp_path: Path, signame: str,
-                                                                 group: bool) -> None:
+                                                                 group: bool, workers: int) -> None:
     """Issue 9.4: SIGTERM left partial shards and the temp directory behind (SIGINT did not).
     Also sent to the whole process group (as ``timeout`` or a job scheduler may), where the
-    tokenizer worker processes get it too, and SIGHUP (the terminal went away)."""
+    tokenizer worker processes get it too, and SIGHUP (the terminal went away); with
+    tokenizing in this process (1) and in worker processes (2)."""
     sig = getattr(signal, signame)
     src = tmp_path / "big.txt"
-    src.write_text(CORPUS.read_text(encoding="utf-8") * 24, encoding="utf-8")  # 26 MB: worker processes
+    src.write_text(CORPUS.read_text(encoding="utf-8") * 24, encoding="utf-8")  # 26 MB
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "o"
     proc = subprocess.Popen(_pack_cmd(src, out, str(packed / "tokenizer.json"), "--chunk-tokens", "4096",
-                                      "--shard-tokens", "100000", "--doc-sep", "blank"),
+                                      "--shard-tokens", "100000", "--doc-sep", "blank",
+                                      "--num-workers", str(workers)),
                             env=_subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
