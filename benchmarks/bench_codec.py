@@ -147,7 +147,7 @@ def shakespeare_tokens(vocab: int, tmp: str) -> tuple[np.ndarray | None, str]:
         import tokenizers  # noqa: F401
     except ImportError:
         return None, "the tokenizers package is not installed"
-    from llmio_native.cli import train_bpe
+    from llmio_native.pack import train_bpe
 
     text = CORPUS.read_text(encoding="utf-8")
     t0 = time.perf_counter()

@@ -112,13 +112,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llmio: error: {_error_line(exc)}", file=sys.stderr)
             return 1
         raise
-
-
-def __getattr__(name: str) -> Any:
-    # benchmarks/bench_codec.py imports train_bpe from here (it lived in the old cli.py); it
-    # belongs to llmio_native.pack now
-    if name == "train_bpe":
-        from ..pack import train_bpe
-
-        return train_bpe
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,10 +9,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..dataset.manifest import TOKENIZER_NAME  # re-exported: the name the pack writes
 from .errors import PackError
 from .split import Piece
 
-TOKENIZER_NAME = "tokenizer.json"
 
 
 def write_documents(writer: Any, encoded: Iterable[tuple[list[Piece], list[np.ndarray]]],
@@ -45,14 +45,12 @@ def dataset_state(out: str) -> tuple[bool, list[str]]:
         OSError: ``out`` cannot be listed.
     """
     from ..dataset import format as F
+    from ..dataset.manifest import dataset_files
 
     if not os.path.isdir(out):
         return False, []
-    names = os.listdir(out)
-    partial = [n for n in names if (n.startswith(F.SHARD_PREFIX) and
-                                    (n.endswith(F.SHARD_SUFFIX) or n.endswith(F.DOCS_SPILL_SUFFIX)))
-               or n == F.MANIFEST_TMP_NAME]
-    return F.MANIFEST_NAME in names, partial
+    files = dataset_files(out)  # the one rule of which files belong to a dataset
+    return F.MANIFEST_NAME in files, [n for n in files if n != F.MANIFEST_NAME]
 
 
 def check_output(out: str, overwrite: bool) -> None:
