@@ -15,7 +15,7 @@ import torch
 
 import llmio_native as lio
 from llmio_native import _core
-from llmio_native.ring import read_all
+from llmio_native.io.ring import read_all
 
 
 @pytest.fixture(autouse=True)
@@ -583,7 +583,7 @@ class _FakeCudart:
 def fake_cuda(monkeypatch):
     """PinnedRing's CUDA path with a recording runtime: which device each call ran on,
     and whether the runtime's last error was cleared."""
-    from llmio_native import ring as ring_mod
+    from llmio_native.io import ring as ring_mod
 
     seen: dict = {"devices": [], "cleared": 0}
 
@@ -672,7 +672,7 @@ def test_clear_cuda_error_calls_the_loaded_runtime(tmp_path):
     import ctypes
     import shutil
 
-    from llmio_native import ring as ring_mod
+    from llmio_native.io import ring as ring_mod
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -693,7 +693,7 @@ def test_register_failure_on_a_real_device_does_not_poison_torch(reader):
     runtime's text, and the next unrelated torch kernel runs clean."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from llmio_native import ring as ring_mod
+    from llmio_native.io import ring as ring_mod
 
     r, _ = reader
     with lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, pin=True, device="cuda:0") as ring:

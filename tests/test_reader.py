@@ -389,7 +389,7 @@ URING_FD_LIMIT_CHILD = textwrap.dedent(
     import llmio_native as lio
     path = sys.argv[1]
     lio.resolve_backend("io_uring")  # the probe is cached before the limit drops
-    lio.reader._ensure_fd_limit = lambda needed: None  # it would raise the soft limit again
+    lio.io.reader._ensure_fd_limit = lambda needed: None  # it would raise the soft limit again
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     base = len(os.listdir("/proc/self/fd"))
     seen = []

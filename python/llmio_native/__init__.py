@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._native import CUDA_IMPORT_ERROR, _core, _cuda
 from .errors import CudaError, ResourceError, ShortReadError, UnsupportedError
 from .errors import ChecksumError, FormatError, IncompleteDatasetError
-from .memory import empty_aligned
-from .reader import Reader, resolve_backend
-from .ring import PinnedRing
+from .io import PinnedRing, Reader, empty_aligned, resolve_backend
 from .dataset import DatasetWriter, TokenDataset, VerifyReport, open_dataset
 
 if TYPE_CHECKING:  # for type checkers only; at run time these load lazily (below)

@@ -24,8 +24,8 @@ import numpy as np
 import xxhash
 
 from ..errors import ChecksumError, FormatError
-from ..memory import empty_aligned
-from ..reader import Reader
+from ..io import empty_aligned
+from ..io import Reader
 from . import format as F
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ..errors import FormatError
-from ..reader import Reader
+from ..io import Reader
 from . import format as F
 from .base import GROUP_BYTES, decode_pool
 

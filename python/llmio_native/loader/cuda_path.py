@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._native import _cuda, cuda_usable, warn_cuda_fallback
-from ..ring import PinnedRing
+from ..io import PinnedRing
 from .stats import LoaderStats
 
 

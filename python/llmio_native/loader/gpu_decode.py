@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..reader import Reader
+from ..io import Reader
 from .cuda_path import CudaPath
 from .plan import Batch, SourcePlan
 from .stats import LoaderStats

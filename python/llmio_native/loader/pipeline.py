@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .._native import _core
-from ..reader import Reader
-from ..ring import PinnedRing
+from ..io import Reader
+from ..io import PinnedRing
 from .cuda_path import CudaPath
 from .gpu_decode import GpuDecodePath
 from .plan import Batch, BatchPlanner, SourcePlan

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._native import _core
+from .._native import _core
 
 
 def empty_aligned(nbytes: int, dtype: np.dtype | type | str = np.uint8) -> np.ndarray:

@@ -6,8 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._native import _core
-from .errors import UnsupportedError
+from .._native import _core
+from ..errors import UnsupportedError
 
 BACKENDS = ("auto", "io_uring", "threads")
 

@@ -15,7 +15,7 @@ import os
 
 from typing import Any, Iterable, Sequence
 
-from ._native import _core
+from .._native import _core
 from .reader import Reader
 
 
@@ -121,7 +121,7 @@ def _cuda_host_call(rt: Any, device: int | None, what: str, fn: str, *args: Any)
     """Run ``rt.<fn>(*args)`` with ``device`` current. On failure clear the runtime's
     last error (so it is not re-raised by an unrelated torch call) and raise CudaError
     with the runtime's own error string."""
-    from .errors import CudaError
+    from ..errors import CudaError
 
     with _on_device(device):
         err = getattr(rt, fn)(*args)
@@ -165,7 +165,7 @@ class PinnedRing:
         *,
         device: Any = None,
     ) -> None:
-        from .errors import UnsupportedError
+        from ..errors import UnsupportedError
 
         self.reader = reader
         self._pid = os.getpid()
