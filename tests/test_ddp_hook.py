@@ -595,17 +595,17 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ddp.cuda_kernels_usable = lambda: (False, "stub")
+    ddp.ops.cuda_kernels_usable = lambda: (False, "stub")  # the hook looks them up in ddp.ops
     dist.get_backend = lambda group=None: "nccl"
     calls = []
-    real_host = ddp._HostOps
+    real_host = ddp.ops._HostOps
 
     class Spy(real_host):
         def quantize_pack(self, *a):  # noqa: D401
             calls.append("host")
             return super().quantize_pack(*a)
 
-    ddp._HostOps = Spy
+    ddp.ops._HostOps = Spy
 
     class CudaLike:
         def __init__(self, t):
@@ -624,9 +624,9 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             return [self.t]
 
     x = torch.full((4096,), float(rank + 1))  # on the CPU; choose_path below is told "cuda"
-    ddp_choose = ddp.choose_path
+    ddp_choose = ddp.ops.choose_path
     seen = []
-    ddp.choose_path = lambda dev, ok, backend: seen.append((ok, backend)) or ddp_choose("cuda", ok, backend)
+    ddp.ops.choose_path = lambda dev, ok, backend: seen.append((ok, backend)) or ddp_choose("cuda", ok, backend)
     state = Int8CompressState(warmup_steps=0, min_numel=0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
