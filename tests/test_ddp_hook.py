@@ -771,3 +771,15 @@ def test_unpickled_state_in_a_restarted_ddp_job_places_every_residual(tmp_path):
             res = pickle.load(f)
         assert res["pending_left"] == 0 and res["same"], res
         assert res["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"] and res["nonzero"], res
+
+
+def test_state_pickles_under_the_public_module_path():
+    """ddp.py became the ddp/ package: pickles still name llmio_native.ddp.Int8CompressState,
+    so pickles made by the single-module version load, and new ones load there."""
+    s = Int8CompressState(warmup_steps=3, min_numel=7)
+    old_style = pickle.dumps(s, protocol=2)  # GLOBAL opcode: 'c' module '\n' name '\n'
+    assert b"cllmio_native.ddp\nInt8CompressState\n" in old_style
+    assert b"llmio_native.ddp.state" not in pickle.dumps(s)
+    for blob in (old_style, pickle.dumps(s)):
+        t = pickle.loads(blob)
+        assert type(t) is Int8CompressState and (t.warmup_steps, t.min_numel) == (3, 7)

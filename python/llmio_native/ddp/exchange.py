@@ -15,8 +15,13 @@ Stage = Callable[[], Optional[Any]]  # runs local work; returns the Work of the 
 def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
                temps: List[torch.Tensor]) -> List[Stage]:
-    """The INT8 exchange of ``x[:n]`` (zero-padded to ``n_pad``) among ``group``; the
-    dequantized average lands in ``out[:out_n]``."""
+    """The INT8 exchange of ``x[:n]`` (zero-padded to ``n_pad``) among ``group`` as stages for
+    :func:`_drive` (their temporaries appended to ``temps``); the dequantized average lands in
+    ``out[:out_n]``.
+
+    Raises:
+        Nothing here: the stages raise (bad sizes, a failed launch or collective) when run.
+    """
     dev = ops.device
     shard = n_pad // world
     sblocks = shard // BLOCK
@@ -144,6 +149,11 @@ def _drive(stages: List[Stage], device: torch.device, temps: List[torch.Tensor],
 
 
 def _allreduce(state: Int8CompressState, group: Any, buf: torch.Tensor, world: int) -> torch.futures.Future:
+    """The bucket averaged by a plain all-reduce (divided by W first: no overflow).
+
+    Raises:
+        RuntimeError: a failed collective, through the returned future.
+    """
     state._stats["buckets_bypassed"] += 1
     buf.div_(world)  # before the sum: W values near the dtype's maximum do not overflow
     fut = dist.all_reduce(buf, group=group, async_op=True).get_future()

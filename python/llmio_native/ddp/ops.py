@@ -4,10 +4,11 @@ CPU oracle on host tensors (``_HostOps``), and the choice between them (:func:`c
 The quantization block and the bucket dtype codes come from the C++ core
 (``_core.QUANT_BLOCK``, ``_core.INT8_DTYPES``), defined once in csrc/quant/int8_device.hpp.
 """
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .. import _native
 from .._native import _core
@@ -80,24 +81,30 @@ def _pack(send: torch.Tensor, world: int, codes: np.ndarray, scales: Optional[np
 
 
 class _HostOps:
-    """The kernels through the C++ oracle on host tensors (numpy views)."""
+    """The kernels through the C++ oracle on host tensors (numpy views). Same methods and
+    arguments as :class:`_DeviceOps`; tensors are CPU tensors (residuals and outputs are
+    updated in place).
+
+    Raises:
+        ValueError / TypeError: from the oracle, on sizes or dtypes that do not match.
+    """
 
     device = torch.device("cpu")
 
-    def quantize_pack(self, x, n, n_pad, world, res, send) -> None:
+    def quantize_pack(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, send: Tensor) -> None:
         codes = np.empty(n_pad, np.int8)
         scales = np.empty(n_pad // BLOCK, np.float32)
         _core.quantize_blocks_ref(_f32_padded(x, n, n_pad), res.numpy(), codes, scales)
         _pack(send, world, codes, scales)
 
-    def dequant_sum_requant(self, recv, world, shard, res, own) -> None:
+    def dequant_sum_requant(self, recv: Tensor, world: int, shard: int, res: Tensor, own: Tensor) -> None:
         rv = recv.numpy().reshape(world, -1)
         codes_w = np.ascontiguousarray(rv[:, :shard]).view(np.int8)
         scales_w = np.ascontiguousarray(rv[:, shard:]).view(np.float32)
         self._requant_out(own, shard, lambda c, s: _core.dequant_sum_requant_ref(codes_w, scales_w, res.numpy(), c, s))
 
     @staticmethod
-    def _requant_out(own, shard, fn) -> None:
+    def _requant_out(own: torch.Tensor, shard: int, fn: Callable[[np.ndarray, np.ndarray], None]) -> None:
         c = np.empty(shard, np.int8)
         s = np.empty(shard // BLOCK, np.float32)
         fn(c, s)
@@ -105,7 +112,7 @@ class _HostOps:
         ov[:shard] = c.view(np.uint8)
         ov[shard:] = s.view(np.uint8)
 
-    def unpack_dequantize(self, gathered, world, shard, out, n) -> None:
+    def unpack_dequantize(self, gathered: torch.Tensor, world: int, shard: int, out: torch.Tensor, n: int) -> None:
         gv = gathered.numpy().reshape(world, -1)
         full = np.empty(world * shard, np.float32)
         for r in range(world):  # rank order: identical arithmetic on every rank
@@ -114,22 +121,30 @@ class _HostOps:
             _core.dequantize_blocks_ref(c, s, full[r * shard:(r + 1) * shard])
         out.reshape(-1)[:n].copy_(torch.from_numpy(full[:n]))
 
-    def block_absmax(self, x, n, n_pad, res, absmax) -> None:
+    def block_absmax(self, x: torch.Tensor, n: int, n_pad: int, res: torch.Tensor, absmax: torch.Tensor) -> None:
         _core.block_absmax_ref(_f32_padded(x, n, n_pad), res.numpy(), absmax.numpy())
 
-    def quantize_pack_shared(self, x, n, n_pad, world, res, absmax, send, scales) -> None:
+    def quantize_pack_shared(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, absmax: Tensor,
+                             send: Tensor, scales: Tensor) -> None:
         codes = np.empty(n_pad, np.int8)
         _core.quantize_blocks_shared_ref(_f32_padded(x, n, n_pad), res.numpy(), absmax.numpy(), codes, scales.numpy())
         _pack(send, world, codes, None)
 
-    def dequant_sum_requant_shared(self, recv, world, shard, shared_scales, res, own) -> None:
+    def dequant_sum_requant_shared(self, recv: Tensor, world: int, shard: int, shared_scales: Tensor, res: Tensor,
+                                   own: Tensor) -> None:
         codes_w = recv.numpy().reshape(world, shard).view(np.int8)
         self._requant_out(own, shard, lambda c, s: _core.dequant_sum_requant_shared_ref(
             codes_w, shared_scales.numpy(), res.numpy(), c, s))
 
 
 class _DeviceOps:
-    """The fused kernels of ``llmio_native._cuda`` on the current CUDA stream."""
+    """The fused kernels of ``llmio_native._cuda`` on the current CUDA stream, one method per
+    kernel (device tensors passed by ``data_ptr()``, sizes in elements).
+
+    Raises:
+        ValueError: bad sizes, dtype code or alignment (checked by the binding, before launch).
+        llmio_native._core.CudaError: a failed launch.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -138,33 +153,39 @@ class _DeviceOps:
     def _s(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
-    def quantize_pack(self, x, n, n_pad, world, res, send) -> None:
+    def quantize_pack(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, send: Tensor) -> None:
         self.k.int8_quantize_pack(x.data_ptr(), DTYPE_CODES[x.dtype], n, n_pad, world, res.data_ptr(),
                                   send.data_ptr(), self._s())
 
-    def dequant_sum_requant(self, recv, world, shard, res, own) -> None:
+    def dequant_sum_requant(self, recv: Tensor, world: int, shard: int, res: Tensor, own: Tensor) -> None:
         self.k.int8_dequant_sum_requant(recv.data_ptr(), world, shard, res.data_ptr(), own.data_ptr(), self._s())
 
-    def unpack_dequantize(self, gathered, world, shard, out, n) -> None:
+    def unpack_dequantize(self, gathered: torch.Tensor, world: int, shard: int, out: torch.Tensor, n: int) -> None:
         self.k.int8_unpack_dequantize(gathered.data_ptr(), world, shard, out.data_ptr(), DTYPE_CODES[out.dtype], n,
                                       self._s())
 
-    def block_absmax(self, x, n, n_pad, res, absmax) -> None:
+    def block_absmax(self, x: torch.Tensor, n: int, n_pad: int, res: torch.Tensor, absmax: torch.Tensor) -> None:
         self.k.int8_block_absmax(x.data_ptr(), DTYPE_CODES[x.dtype], n, n_pad, res.data_ptr(), absmax.data_ptr(),
                                  self._s())
 
-    def quantize_pack_shared(self, x, n, n_pad, world, res, absmax, send, scales) -> None:
+    def quantize_pack_shared(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, absmax: Tensor,
+                             send: Tensor, scales: Tensor) -> None:
         self.k.int8_quantize_pack_shared(x.data_ptr(), DTYPE_CODES[x.dtype], n, n_pad, world, res.data_ptr(),
                                          absmax.data_ptr(), send.data_ptr(), scales.data_ptr(), self._s())
 
-    def dequant_sum_requant_shared(self, recv, world, shard, shared_scales, res, own) -> None:
+    def dequant_sum_requant_shared(self, recv: Tensor, world: int, shard: int, shared_scales: Tensor, res: Tensor,
+                                   own: Tensor) -> None:
         self.k.int8_dequant_sum_requant_shared(recv.data_ptr(), world, shard, shared_scales.data_ptr(),
                                                res.data_ptr(), own.data_ptr(), self._s())
 
 
 def ops_for(path: str, buf: torch.Tensor) -> Any:
     """The kernels for a path of :func:`choose_path` (``"device"`` or ``"host"``); warns once
-    when a CUDA bucket goes through host copies."""
+    when a CUDA bucket goes through host copies.
+
+    Raises:
+        Nothing: the path was chosen by :func:`choose_path`.
+    """
     if path == "device":
         return _DeviceOps(buf.device)
     if buf.device.type == "cuda":
