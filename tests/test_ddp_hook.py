@@ -595,17 +595,17 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ddp.cuda_kernels_usable = lambda: (False, "stub")
+    ddp.ops.cuda_kernels_usable = lambda: (False, "stub")  # the hook looks them up in ddp.ops
     dist.get_backend = lambda group=None: "nccl"
     calls = []
-    real_host = ddp._HostOps
+    real_host = ddp.ops._HostOps
 
     class Spy(real_host):
         def quantize_pack(self, *a):  # noqa: D401
             calls.append("host")
             return super().quantize_pack(*a)
 
-    ddp._HostOps = Spy
+    ddp.ops._HostOps = Spy
 
     class CudaLike:
         def __init__(self, t):
@@ -624,9 +624,9 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             return [self.t]
 
     x = torch.full((4096,), float(rank + 1))  # on the CPU; choose_path below is told "cuda"
-    ddp_choose = ddp.choose_path
+    ddp_choose = ddp.ops.choose_path
     seen = []
-    ddp.choose_path = lambda dev, ok, backend: seen.append((ok, backend)) or ddp_choose("cuda", ok, backend)
+    ddp.ops.choose_path = lambda dev, ok, backend: seen.append((ok, backend)) or ddp_choose("cuda", ok, backend)
     state = Int8CompressState(warmup_steps=0, min_numel=0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -771,3 +771,15 @@ def test_unpickled_state_in_a_restarted_ddp_job_places_every_residual(tmp_path):
             res = pickle.load(f)
         assert res["pending_left"] == 0 and res["same"], res
         assert res["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"] and res["nonzero"], res
+
+
+def test_state_pickles_under_the_public_module_path():
+    """ddp.py became the ddp/ package: pickles still name llmio_native.ddp.Int8CompressState,
+    so pickles made by the single-module version load, and new ones load there."""
+    s = Int8CompressState(warmup_steps=3, min_numel=7)
+    old_style = pickle.dumps(s, protocol=2)  # GLOBAL opcode: 'c' module '\n' name '\n'
+    assert b"cllmio_native.ddp\nInt8CompressState\n" in old_style
+    assert b"llmio_native.ddp.state" not in pickle.dumps(s)
+    for blob in (old_style, pickle.dumps(s)):
+        t = pickle.loads(blob)
+        assert type(t) is Int8CompressState and (t.warmup_steps, t.min_numel) == (3, 7)

@@ -78,3 +78,30 @@ def test_cuda_cut_windows_bit_exact(dtype, tdtype, on):
     stream.synchronize()
     np.testing.assert_array_equal(x.cpu().numpy(), ex)
     np.testing.assert_array_equal(y.cpu().numpy(), ey)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("T,B", [(1, 1), (2, 7), (255, 3), (256, 5), (257, 2), (1025, 2), (256 * 1024 + 5, 1)])
+def test_cut_windows_emulation_matches_the_oracle(dtype, T, B):
+    """_core.cut_windows_emulate runs the kernel's per-thread code over its launch grid
+    (csrc/cuda/cut_windows_device.hpp): equal to cut_windows_ref, including a window longer
+    than one grid stride (1024 CTAs x 256 threads)."""
+    rng = np.random.default_rng(T + B)
+    n = T + 600
+    tokens = rng.integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    starts = rng.integers(0, n - T, B).astype(np.int64)
+    starts[-1] = n - T - 1
+    ex, ey = _core.cut_windows_ref(tokens, starts, T)
+    x, y = _core.cut_windows_emulate(tokens, starts, T)
+    np.testing.assert_array_equal(x, ex)
+    np.testing.assert_array_equal(y, ey)
+
+
+def test_cut_windows_emulation_checks_arguments():
+    tokens = np.arange(100, dtype=np.uint16)
+    with pytest.raises(ValueError, match="window 0 "):
+        _core.cut_windows_emulate(tokens, np.array([95], np.int64), 10)
+    with pytest.raises(ValueError, match="65535"):
+        _core.cut_windows_emulate(tokens, np.zeros(_core.CUT_MAX_BATCH + 1, np.int64), 1)
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        _core.cut_windows_emulate(np.arange(100, dtype=np.uint8), np.array([0], np.int64), 10)

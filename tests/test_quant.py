@@ -295,3 +295,230 @@ def test_shared_integer_sum_near_fp32_max_does_not_overflow(W):
     assert np.isfinite(s2).all() and np.isfinite(res).all(), s2
     out = dequantize(c2, s2)
     np.testing.assert_allclose(out.astype(np.float64), xs[0].astype(np.float64), rtol=1e-2)
+
+
+# ---------------------------------------------------------------------- host emulation of the CUDA kernels
+#
+# _core.int8_*_emulate run the kernels' per-lane code (csrc/quant/int8_device.hpp) in loops
+# over (block, lane) with the warp collectives emulated: each must equal the CPU oracle bit
+# for bit, on every machine (the kernels themselves are checked on a GPU, test_quant_cuda.py).
+
+import torch  # noqa: E402  (only the emulation tests convert through torch)
+
+DTYPE_CODES = _core.INT8_DTYPES
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+F32_MAX = np.finfo(np.float32).max
+
+
+def edge_values(n: int, seed: int, nonfinite: bool = True, big: bool = False) -> np.ndarray:
+    """Random values with zero blocks, denormals, exact halves, values near FLT_MAX and
+    inf / NaN blocks, placed where the size allows (a partial last block when n % 256)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * rng.uniform(0.01, 100)).astype(np.float32)
+    blocks = -(-n // BLOCK)
+    if blocks > 1:
+        x[:BLOCK] = 0  # a zero block
+    if blocks > 2:
+        x[BLOCK:2 * BLOCK] = np.float32(1e-39) * rng.standard_normal(BLOCK).astype(np.float32)  # denormals
+        x[BLOCK + 3] = np.float32(1e-44)
+    if blocks > 3:
+        blk = np.float32(127) * np.float32(0.25) * np.arange(-3, 5, dtype=np.float32)  # halves
+        x[2 * BLOCK:2 * BLOCK + blk.size] = blk
+    if blocks > 4 and big:
+        x[3 * BLOCK:4 * BLOCK] = F32_MAX * rng.uniform(-1, 1, BLOCK).astype(np.float32)
+        x[3 * BLOCK + 1] = F32_MAX
+    if blocks > 5 and nonfinite:
+        x[4 * BLOCK + 9] = np.inf
+    if blocks > 6 and nonfinite:
+        x[5 * BLOCK + 17] = np.nan
+        x[5 * BLOCK + 18] = -np.inf
+    if nonfinite and n % BLOCK and blocks > 1:
+        x[-1] = np.nan  # a non-finite partial last block
+    return x
+
+
+def as_bucket(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the bucket as the kernels read it: float32 or the 16-bit bits, its values as float32)."""
+    t = torch.from_numpy(x).to(TORCH_DTYPES[dtype])
+    f32 = t.float().numpy()
+    raw = f32 if dtype == "float32" else t.view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(raw), f32
+
+
+def oracle_packed(xf: np.ndarray, res: np.ndarray, n_pad: int, world: int) -> np.ndarray:
+    """quantize_blocks_ref of xf (zero-padded to n_pad), packed per destination rank; res updated."""
+    xp = np.zeros(n_pad, np.float32)
+    xp[:xf.size] = xf
+    codes = np.empty(n_pad, np.int8)
+    scales = np.empty(n_pad // BLOCK, np.float32)
+    _core.quantize_blocks_ref(xp, res, codes, scales)
+    shard = n_pad // world
+    sb = shard // BLOCK
+    return np.concatenate([np.concatenate([codes[r * shard:(r + 1) * shard].view(np.uint8),
+                                           scales[r * sb:(r + 1) * sb].view(np.uint8)]) for r in range(world)])
+
+
+def f32_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+SHAPES = [(1, 1), (7, 2), (255, 3), (256, 1), (257, 4), (1000, 5), (2048, 2), (7 * 256 + 17, 3), (4096 + 3, 5),
+          (3 * 256 * 5, 5)]
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("n,world", SHAPES)
+@pytest.mark.parametrize("big", [False, True])
+def test_quantize_pack_emulation_bit_identical(dtype, n, world, big):
+    unit = BLOCK * world
+    n_pad = -(-n // unit) * unit
+    raw, xf = as_bucket(edge_values(n, n + world, big=big), dtype)
+    res0 = (np.random.default_rng(n).standard_normal(n_pad) * np.float32(0.01)).astype(np.float32)
+    res0[:BLOCK] = 0
+    exp_res = res0.copy()
+    expected = oracle_packed(xf, exp_res, n_pad, world)
+    res = res0.copy()
+    send = np.full(expected.size, 0xAB, np.uint8)
+    _core.int8_quantize_pack_emulate(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
+    np.testing.assert_array_equal(send, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def packed_copies(world: int, shard: int, seed: int, big: bool) -> np.ndarray:
+    """world packed slots of one shard, as ranks send them (the oracle's quantization)."""
+    slots = []
+    for r in range(world):
+        x = edge_values(shard, seed + r, nonfinite=(r == world - 1), big=big)
+        slots.append(oracle_packed(x, np.zeros(shard, np.float32), shard, 1))
+    return np.concatenate(slots)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("sblocks", [1, 3, 8])
+@pytest.mark.parametrize("big", [False, True])
+def test_dequant_sum_requant_emulation_bit_identical(world, sblocks, big):
+    shard = sblocks * BLOCK
+    recv = packed_copies(world, shard, 40 + world, big)
+    rv = recv.reshape(world, -1)
+    codes_w = np.ascontiguousarray(rv[:, :shard]).view(np.int8)
+    scales_w = np.ascontiguousarray(rv[:, shard:]).view(np.float32)
+    res0 = (np.random.default_rng(world).standard_normal(shard) * np.float32(0.01)).astype(np.float32)
+    exp_res = res0.copy()
+    c = np.empty(shard, np.int8)
+    s = np.empty(sblocks, np.float32)
+    _core.dequant_sum_requant_ref(codes_w, scales_w, exp_res, c, s)
+    expected = np.concatenate([c.view(np.uint8), s.view(np.uint8)])
+    res = res0.copy()
+    own = np.full(expected.size, 0xAB, np.uint8)
+    _core.int8_dequant_sum_requant_emulate(recv, world, shard, res, own)
+    np.testing.assert_array_equal(own, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("n_less", [0, 1, 255, 300])
+def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less):
+    shard = 3 * BLOCK
+    n = max(1, world * shard - n_less)
+    gathered = packed_copies(world, shard, 70 + world, big=True)
+    gv = gathered.reshape(world, -1)
+    full = np.empty(world * shard, np.float32)
+    for r in range(world):
+        _core.dequantize_blocks_ref(np.ascontiguousarray(gv[r, :shard]).view(np.int8),
+                                    np.ascontiguousarray(gv[r, shard:]).view(np.float32),
+                                    full[r * shard:(r + 1) * shard])
+    expected, _ = as_bucket(full[:n], dtype)
+    isz = 4 if dtype == "float32" else 2
+    out = np.full(n + 3, 0x5A5A5A5A if isz == 4 else 0x5A5A, np.uint32 if isz == 4 else np.uint16)
+    _core.int8_unpack_dequantize_emulate(gathered, world, shard, out[:n], DTYPE_CODES[dtype], n)
+    got = out[:n].view(np.float32) if isz == 4 else torch.from_numpy(out[:n].view(np.int16)).view(
+        TORCH_DTYPES[dtype]).float().numpy()
+    want = expected.view(np.float32) if isz == 4 else torch.from_numpy(expected.view(np.int16)).view(
+        TORCH_DTYPES[dtype]).float().numpy()
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    exp_bits = expected.view(np.uint32 if isz == 4 else np.uint16)
+    np.testing.assert_array_equal(out[:n][~nan], exp_bits[~nan])  # bits, NaN payloads aside
+    assert (out[n:] == out[-1]).all()  # nothing past n
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [5, 1000, 7 * 256 + 17])
+def test_deterministic_emulations_bit_identical(dtype, world, n):
+    unit = BLOCK * world
+    n_pad = -(-n // unit) * unit
+    nb = n_pad // BLOCK
+    shard = n_pad // world
+    sb = shard // BLOCK
+    xs, xfs, ress = [], [], []
+    for r in range(world):
+        raw, xf = as_bucket(edge_values(n, 90 + r, nonfinite=(r == world - 1), big=(r == 0)), dtype)
+        xs.append(raw)
+        xp = np.zeros(n_pad, np.float32)
+        xp[:n] = xf
+        xfs.append(xp)
+        ress.append((np.random.default_rng(r).standard_normal(n_pad) * np.float32(0.01)).astype(np.float32))
+    # block absmax, then the all-reduce MAX
+    ams = []
+    for r in range(world):
+        exp_am = np.empty(nb, np.float32)
+        _core.block_absmax_ref(xfs[r], ress[r], exp_am)
+        am = np.empty(nb, np.float32)
+        res_before = ress[r].copy()
+        _core.int8_block_absmax_emulate(xs[r], DTYPE_CODES[dtype], n, n_pad, ress[r], am)
+        np.testing.assert_array_equal(f32_bits(am), f32_bits(exp_am))
+        np.testing.assert_array_equal(ress[r], res_before)
+        ams.append(am)
+    gmax = np.max(ams, axis=0).astype(np.float32)
+    # shared-scale quantize + pack (codes only)
+    sends = []
+    for r in range(world):
+        exp_res = ress[r].copy()
+        codes = np.empty(n_pad, np.int8)
+        exp_scales = np.empty(nb, np.float32)
+        _core.quantize_blocks_shared_ref(xfs[r], exp_res, gmax, codes, exp_scales)
+        res = ress[r].copy()
+        send = np.full(n_pad, 0xAB, np.uint8)
+        scales = np.empty(nb, np.float32)
+        _core.int8_quantize_pack_shared_emulate(xs[r], DTYPE_CODES[dtype], n, n_pad, world, res, gmax, send, scales)
+        np.testing.assert_array_equal(send, codes.view(np.uint8))  # [world][shard]: the same order
+        np.testing.assert_array_equal(f32_bits(scales), f32_bits(exp_scales))
+        np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+        sends.append(send.reshape(world, shard))
+    # the owner of each shard: exact integer sum, requantized
+    for owner in range(world):
+        recv = np.ascontiguousarray(np.stack([sends[r][owner] for r in range(world)]))
+        sh_scales = np.ascontiguousarray(scales[owner * sb:(owner + 1) * sb])
+        res0 = (np.random.default_rng(owner + 7).standard_normal(shard) * np.float32(0.01)).astype(np.float32)
+        exp_res = res0.copy()
+        c = np.empty(shard, np.int8)
+        s = np.empty(sb, np.float32)
+        _core.dequant_sum_requant_shared_ref(recv.view(np.int8), sh_scales, exp_res, c, s)
+        res = res0.copy()
+        own = np.empty(shard + 4 * sb, np.uint8)
+        _core.int8_dequant_sum_requant_shared_emulate(recv.reshape(-1), world, shard, sh_scales, res, own)
+        np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
+        np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def test_emulations_check_arguments_like_the_kernels():
+    f32 = np.zeros(512, np.float32)
+    u8 = np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match="n_pad=500"):
+        _core.int8_quantize_pack_emulate(f32, 0, 10, 500, 2, f32[:500], u8)
+    with pytest.raises(ValueError, match="dtype"):
+        _core.int8_quantize_pack_emulate(f32, 5, 10, 512, 2, f32, u8)
+    with pytest.raises(ValueError, match="world"):
+        _core.int8_quantize_pack_emulate(f32, 0, 10, 512, 0, f32, u8)
+    with pytest.raises(ValueError, match="shard"):
+        _core.int8_dequant_sum_requant_emulate(u8, 2, 100, f32[:100], u8[:104])
+    with pytest.raises(ValueError, match="exceeds"):
+        _core.int8_unpack_dequantize_emulate(u8[:2 * 260], 2, 256, f32, 0, 513)
+    with pytest.raises(ValueError, match=r"send must be .* 520 items .* got 4096"):
+        _core.int8_quantize_pack_emulate(f32, 0, 10, 512, 2, f32, u8)
+    with pytest.raises(ValueError, match="residual must be 16-byte aligned"):
+        r = np.zeros(513, np.float32)[1:]
+        _core.int8_quantize_pack_emulate(f32, 0, 10, 512, 2, r, u8[:520])
+    assert DTYPE_CODES == {"float32": 0, "bfloat16": 1, "float16": 2}

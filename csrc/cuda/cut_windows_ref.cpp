@@ -23,7 +23,23 @@ void cut(const CutWindowsParams& p) {
     }
   }
 }
+
+template <class T>
+void emulate(const CutWindowsParams& p) {
+  const uint32_t gx = cut_grid_x(p.seq_len);
+  for (uint32_t b = 0; b < p.batch; ++b)
+    for (uint32_t bx = 0; bx < gx; ++bx)
+      for (uint32_t tid = 0; tid < kCutThreads; ++tid)
+        cut_windows_thread(static_cast<const T*>(p.tokens), p.starts, p.seq_len, p.x, p.y, b, bx, tid, gx,
+                           kCutThreads);
+}
 }  // namespace
+
+void cut_windows_emulate(const CutWindowsParams& p) {
+  if (p.batch == 0 || p.seq_len == 0) return;
+  if (p.token_bytes == kCutTokenBytes16) emulate<uint16_t>(p);
+  else emulate<uint32_t>(p);
+}
 
 void cut_windows_ref(const CutWindowsParams& p) {
   if (p.token_bytes == 2) cut<uint16_t>(p);

@@ -27,9 +27,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "quant/int8_device.hpp"
+
 namespace llmio {
 
-constexpr size_t kQuantBlock = 256;
+constexpr size_t kQuantBlock = int8::kBlock;  // defined once, in int8_device.hpp
 
 inline size_t quant_num_blocks(size_t n) { return (n + kQuantBlock - 1) / kQuantBlock; }
 inline size_t quant_codes_bytes(size_t n) { return (n + 3) / 4 * 4; }
