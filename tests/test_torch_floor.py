@@ -17,8 +17,8 @@ PKG = ROOT / "python" / "llmio_native"
 # (pattern, first torch version, what needs it)
 FEATURES: list[tuple[str, tuple[int, int], str]] = [
     (r"torch\.frombuffer\(", (1, 10), "ring slots as tensors (io/ring.py)"),
-    (r"\.get_future\(\)", (1, 8), "DDP comm hook futures (ddp.py)"),
-    (r"all_gather_into_tensor|reduce_scatter_tensor", (2, 0), "INT8 hook collectives (ddp.py)"),
+    (r"\.get_future\(\)", (1, 8), "DDP comm hook futures (ddp/)"),
+    (r"all_gather_into_tensor|reduce_scatter_tensor", (2, 0), "INT8 hook collectives (ddp/)"),
     (r"torch\.uint(16|32|64)\b", (2, 3), "unsigned tensor dtypes"),
     # the rans model image is a uint32 array (RansModel.device_image) uploaded as is
     (r"torch\.from_numpy\(model\.device_image\(\)\)", (2, 3), "from_numpy on uint32 (dataset/rans.py)"),

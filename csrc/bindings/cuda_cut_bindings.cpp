@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
-#include "bindings/cuda_errors.hpp"
+#include "common/cuda_check.hpp"
 #include "bindings/int8_checks.hpp"
 #include "cuda/cut_windows_launch.hpp"
 
@@ -23,7 +23,7 @@ void bind_cut_cuda(py::module_& m) {
                                  reinterpret_cast<int64_t*>(x_dev), reinterpret_cast<int64_t*>(y_dev)};
         checks::check("cut_windows", p);
         const cudaError_t e = launch_cut_windows(p, reinterpret_cast<cudaStream_t>(stream));
-        if (e != cudaSuccess) raise_cuda(static_cast<int>(e), "cut_windows_kernel launch");
+        LLMIO_CUDA_CHECK_WHAT(e, "cut_windows_kernel launch");
       },
       py::arg("tokens_dev"), py::arg("token_bytes"), py::arg("num_tokens"), py::arg("starts_dev"),
       py::arg("batch"), py::arg("seq_len"), py::arg("x_dev"), py::arg("y_dev"), py::arg("stream"),

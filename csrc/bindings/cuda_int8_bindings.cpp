@@ -8,7 +8,7 @@
 
 #include <string>
 
-#include "bindings/cuda_errors.hpp"
+#include "common/cuda_check.hpp"
 #include "bindings/int8_checks.hpp"
 #include "cuda/int8_quant.hpp"
 
@@ -25,7 +25,7 @@ void checked_launch(const char* fn, const P& p, uintptr_t stream, cudaError_t (*
     py::gil_scoped_release nogil;
     e = launch(p, reinterpret_cast<cudaStream_t>(stream));
   }
-  if (e != cudaSuccess) raise_cuda(static_cast<int>(e), std::string(fn) + "_kernel launch");
+  LLMIO_CUDA_CHECK_WHAT(e, (std::string(fn) + "_kernel launch").c_str());
 }
 
 template <class T>

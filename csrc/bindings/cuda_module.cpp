@@ -5,10 +5,11 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include "common/cuda_check.hpp"
+
 #include <stdexcept>
 #include <string>
 
-#include "bindings/cuda_errors.hpp"
 
 namespace py = pybind11;
 using namespace llmio;
@@ -19,23 +20,18 @@ void bind_rans_cuda(py::module_& m);
 void bind_int8_cuda(py::module_& m);
 void bind_cut_cuda(py::module_& m);
 
-namespace {
-PyObject* g_cuda_error = nullptr;
-}  // namespace
-
-[[noreturn]] void llmio::raise_cuda(int err, const std::string& what) {
-  const char* name = cudaGetErrorName(static_cast<cudaError_t>(err));
-  const char* desc = cudaGetErrorString(static_cast<cudaError_t>(err));
-  PyErr_SetString(g_cuda_error, (what + ": " + name + " (" + desc + ")").c_str());
-  throw py::error_already_set();
-}
-
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "llmio_native CUDA kernels (decode, window cutting, quantization)";
-  // One exception class for both modules: llmio_native._core.CudaError.
-  py::object core = py::module_::import("llmio_native._core");
-  static py::object cuda_error = core.attr("CudaError");
-  g_cuda_error = cuda_error.ptr();
+  // One exception class for both modules: every llmio::CudaError a binding of this module
+  // throws (LLMIO_CUDA_CHECK, common/cuda_check.hpp) becomes llmio_native._core.CudaError.
+  static py::object cuda_error = py::module_::import("llmio_native._core").attr("CudaError");
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const llmio::CudaError& e) {
+      PyErr_SetString(cuda_error.ptr(), e.what());
+    }
+  });
   bind_rans_cuda(m);
   bind_int8_cuda(m);
   bind_cut_cuda(m);

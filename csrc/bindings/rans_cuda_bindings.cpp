@@ -36,21 +36,9 @@ const void* host_records(const py::buffer_info& bi, size_t size, uint32_t count,
   return bi.ptr;
 }
 
-// llmio::CudaError -> llmio_native._core.CudaError, for every binding of this
-// module (registered once, module-local).
-void translate_cuda_error(std::exception_ptr p) {
-  try {
-    if (p) std::rethrow_exception(p);
-  } catch (const llmio::CudaError& e) {
-    static py::object cuda_error = py::module_::import("llmio_native._core").attr("CudaError");
-    PyErr_SetString(cuda_error.ptr(), e.what());
-  }
-}
-
 }  // namespace
 
 void bind_rans_cuda(py::module_& m) {
-  py::register_local_exception_translator(&translate_cuda_error);
   m.def(
       "rans_decode",
       [](uintptr_t src, uintptr_t chunks, uint32_t num_chunks, uintptr_t blocks, uint32_t num_blocks,

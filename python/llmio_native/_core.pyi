@@ -1,5 +1,5 @@
 """
-llmio_native native core: read engines, pinned ring, CPU oracles
+llmio_native native core: read engines, pinned ring, codecs, CPU oracles and kernel emulations
 """
 from __future__ import annotations
 import collections.abc
@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'QUANT_BLOCK', 'RANS_BLOCK_SYMBOLS', 'RANS_LANES', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'block_absmax_ref', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'host_live_bytes', 'host_live_count', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
+__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
 class UnsupportedError(RuntimeError):
     pass
 class ShortReadError(OSError):
@@ -16,54 +16,6 @@ class CudaError(RuntimeError):
     pass
 class ResourceError(OSError):
     pass
-class CodecError(ValueError):
-    pass
-class RansModel:
-    """
-    Frequency model of the rans token codec (csrc/codec/rans.hpp).
-    """
-    @staticmethod
-    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 14, escape_max_count: typing.SupportsInt | typing.SupportsIndex = 0) -> RansModel:
-        """
-        Model of the tokens in `parts` (1-D uint16/uint32 arrays).
-        """
-    @staticmethod
-    def parse(data: typing_extensions.Buffer) -> RansModel:
-        """
-        Parse serialize()'s bytes; raises CodecError when they are malformed.
-        """
-    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, simd: bool = True) -> None:
-        """
-        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt.
-        """
-    def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
-        ...
-    def encode(self, tokens: typing_extensions.Buffer) -> bytes:
-        """
-        Encode a chunk of tokens into a payload (bytes).
-        """
-    def serialize(self) -> bytes:
-        ...
-    @property
-    def bits_per_token(self) -> float:
-        """
-        Expected coded bits per token under the model's frequencies.
-        """
-    @property
-    def freq(self) -> numpy.typing.NDArray[numpy.uint32]:
-        ...
-    @property
-    def num_rank_buckets(self) -> int:
-        ...
-    @property
-    def num_symbols(self) -> int:
-        ...
-    @property
-    def scale_bits(self) -> int:
-        ...
-    @property
-    def token_bytes(self) -> int:
-        ...
 class Reader:
     def __init__(self, paths: collections.abc.Sequence[str], backend: str, direct: bool = True, queue_depth: typing.SupportsInt | typing.SupportsIndex = 64, num_threads: typing.SupportsInt | typing.SupportsIndex = 16, max_io_bytes: typing.SupportsInt | typing.SupportsIndex = 1048576) -> None:
         ...
@@ -177,6 +129,54 @@ class HostBuffer:
     @property
     def ptr(self) -> int:
         ...
+class CodecError(ValueError):
+    pass
+class RansModel:
+    """
+    Frequency model of the rans token codec (csrc/codec/rans.hpp).
+    """
+    @staticmethod
+    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 14, escape_max_count: typing.SupportsInt | typing.SupportsIndex = 0) -> RansModel:
+        """
+        Model of the tokens in `parts` (1-D uint16/uint32 arrays).
+        """
+    @staticmethod
+    def parse(data: typing_extensions.Buffer) -> RansModel:
+        """
+        Parse serialize()'s bytes; raises CodecError when they are malformed.
+        """
+    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, simd: bool = True) -> None:
+        """
+        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt.
+        """
+    def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
+        ...
+    def encode(self, tokens: typing_extensions.Buffer) -> bytes:
+        """
+        Encode a chunk of tokens into a payload (bytes).
+        """
+    def serialize(self) -> bytes:
+        ...
+    @property
+    def bits_per_token(self) -> float:
+        """
+        Expected coded bits per token under the model's frequencies.
+        """
+    @property
+    def freq(self) -> numpy.typing.NDArray[numpy.uint32]:
+        ...
+    @property
+    def num_rank_buckets(self) -> int:
+        ...
+    @property
+    def num_symbols(self) -> int:
+        ...
+    @property
+    def scale_bits(self) -> int:
+        ...
+    @property
+    def token_bytes(self) -> int:
+        ...
 def _faults() -> str:
     ...
 def _set_faults(arg0: str) -> None:
@@ -187,9 +187,19 @@ def block_absmax_ref(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32],
     """
     Per-block absmax of x + residual (residual read only; +inf for a block with inf/NaN).
     """
+def cut_windows_emulate(tokens: typing_extensions.Buffer, starts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], seq_len: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    """
+    Host emulation of cut_windows_kernel (its per-thread code over the launch grid), same arguments and result as cut_windows_ref.
+    
+    Raises:
+        ValueError: as cut_windows_ref, or more than CUT_MAX_BATCH windows.
+    """
 def cut_windows_ref(tokens: typing_extensions.Buffer, starts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], seq_len: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
     """
     CPU oracle of cut_windows_kernel: x[b,t]=tokens[starts[b]+t], y=x shifted by one, int64.
+    
+    Raises:
+        ValueError: tokens not a 1-D uint16/uint32 array, seq_len < 1, or a window past the end.
     """
 def dequant_sum_requant_ref(codes_w: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], scales_w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], residual: typing.Any, codes: numpy.typing.NDArray[numpy.int8], scales: numpy.typing.NDArray[numpy.float32]) -> None:
     ...
@@ -201,7 +211,7 @@ def dequantize_blocks_ref(codes: typing.Annotated[numpy.typing.ArrayLike, numpy.
     ...
 def feistel_permute(idx: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], n: typing.SupportsInt | typing.SupportsIndex, key: typing.SupportsInt | typing.SupportsIndex, rounds: typing.SupportsInt | typing.SupportsIndex = 6) -> numpy.typing.NDArray[numpy.int64]:
     """
-    Seeded bijection of [0, n) applied to idx (int64); see csrc/sample/permute.hpp.
+    Seeded bijection of [0, n) applied to idx (int64); see csrc/loader/permute.hpp.
     """
 def host_live_bytes() -> int:
     """
@@ -209,6 +219,48 @@ def host_live_bytes() -> int:
     """
 def host_live_count() -> int:
     ...
+def int8_block_absmax_emulate(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, absmax: typing_extensions.Buffer) -> None:
+    """
+    Host emulation of _cuda.int8_block_absmax.
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
+def int8_dequant_sum_requant_emulate(recv: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, own: typing_extensions.Buffer) -> None:
+    """
+    Host emulation of _cuda.int8_dequant_sum_requant.
+    
+    Raises:
+        ValueError: bad sizes or alignment.
+    """
+def int8_dequant_sum_requant_shared_emulate(recv_codes: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, shared_scales: typing_extensions.Buffer, residual: typing_extensions.Buffer, own: typing_extensions.Buffer) -> None:
+    """
+    Host emulation of _cuda.int8_dequant_sum_requant_shared.
+    
+    Raises:
+        ValueError: bad sizes or alignment.
+    """
+def int8_quantize_pack_emulate(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, world: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, send: typing_extensions.Buffer) -> None:
+    """
+    Host emulation of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 as 2-byte items).
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment (as the kernel's binding).
+    """
+def int8_quantize_pack_shared_emulate(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, world: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, absmax: typing_extensions.Buffer, send: typing_extensions.Buffer, scales: typing_extensions.Buffer) -> None:
+    """
+    Host emulation of _cuda.int8_quantize_pack_shared.
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
+def int8_unpack_dequantize_emulate(gathered: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, out: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Host emulation of _cuda.int8_unpack_dequantize (out: float32, or 2-byte items for bfloat16 / float16).
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
 def probe_io_uring() -> dict:
     """
     io_uring usability on this kernel: compiled, usable, errno, reason
@@ -225,8 +277,23 @@ def rans_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8],
     """
     Host emulation of the CUDA rans decoder (same descriptors); returns per-chunk status codes.
     """
+CUT_MAX_BATCH: int = 65535
 HAVE_URING: bool = True
+INT8_DTYPES: dict = {'float32': 0, 'bfloat16': 1, 'float16': 2}
 QUANT_BLOCK: int = 256
+RANS_BLOCK_DESC: dict = {'names': ['chunk', 'block'], 'formats': ['<u4', '<u4'], 'offsets': [0, 4], 'itemsize': 8}
 RANS_BLOCK_SYMBOLS: int = 32768
+RANS_CHUNK_DESC: dict = {'names': ['src_offset', 'src_bytes', 'out_offset', 'num_tokens', 'model'], 'formats': ['<u8', '<u8', '<u8', '<u4', '<u4'], 'offsets': [0, 8, 16, 24, 28], 'itemsize': 32}
 RANS_LANES: int = 32
+RANS_MAX_SCALE_BITS: int = 16
+RANS_MIN_SCALE_BITS: int = 9
+RANS_PAYLOAD_ALIGN: int = 4
+RANS_SCALE_BITS_DEFAULT: int = 14
+RANS_STATUS: dict = {0: 'ok', 1: 'payload header, block table or size inconsistent', 2: 'invalid initial state', 3: 'a block needs more words than it has', 4: 'a symbol the model does not have', 5: "final states or word count differ from the encoder's"}
+RANS_STATUS_BAD_FINAL: int = 5
+RANS_STATUS_BAD_HEADER: int = 1
+RANS_STATUS_BAD_STATE: int = 2
+RANS_STATUS_BAD_SYMBOL: int = 4
+RANS_STATUS_OK: int = 0
+RANS_STATUS_OVERRUN: int = 3
 __version__: str = '0.1.0'
