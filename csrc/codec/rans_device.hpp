@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LLMIO_HD __host__ __device__ __forceinline__
-#else
-#define LLMIO_HD inline
-#endif
+#include "common/hd.hpp"
 
 namespace llmio {
 namespace rans {

@@ -15,13 +15,7 @@
 
 #include <cstdint>
 
-#ifndef LLMIO_HD
-#if defined(__CUDACC__)
-#define LLMIO_HD __host__ __device__ __forceinline__
-#else
-#define LLMIO_HD inline
-#endif
-#endif
+#include "common/hd.hpp"
 
 namespace llmio {
 

@@ -36,13 +36,7 @@
 #include <cstring>
 #endif
 
-#ifndef LLMIO_HD
-#if defined(__CUDACC__)
-#define LLMIO_HD __host__ __device__ __forceinline__
-#else
-#define LLMIO_HD inline
-#endif
-#endif
+#include "common/hd.hpp"
 
 // Loop unrolling for nvcc; nothing for the host compiler (no unknown-pragma warnings).
 #if defined(__CUDACC__)

@@ -55,3 +55,14 @@ def cli_dtype_hint() -> Iterator[None]:
         if "dtype='uint16' or 'uint32'" not in msg:
             raise
         raise CliError(msg.replace("dtype='uint16' or 'uint32'", "--dtype uint16 or --dtype uint32")) from None
+
+
+def add_dataset_args(q: argparse.ArgumentParser) -> None:
+    """The arguments every command that opens a dataset takes: ``path``, ``--dtype``, ``--json``.
+
+    Raises:
+        Nothing.
+    """
+    q.add_argument("path", help="dataset directory, nanoGPT or llm.c .bin, or Megatron prefix/.bin/.idx")
+    q.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype of a raw nanoGPT .bin")
+    q.add_argument("--json", action="store_true", help="machine-readable output")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._common import cli_dtype_hint, positive
+from ._common import add_dataset_args, cli_dtype_hint, positive
 
 #: Tokens per read when computing the histogram (bounded memory).
 HIST_BLOCK_TOKENS = 1 << 22
@@ -199,9 +199,7 @@ def add_parser(sub: Any) -> None:
     """
     hlp = "counts, dtype, codec, ratio, token histogram"
     q = sub.add_parser("inspect", help=hlp, description=hlp)
-    q.add_argument("path", help="dataset directory, nanoGPT or llm.c .bin, or Megatron prefix/.bin/.idx")
-    q.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype of a raw nanoGPT .bin")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    add_dataset_args(q)
     q.add_argument("--sample", type=positive, metavar="N",
                    help="histogram of N tokens read in 64Ki-token windows spread over the data "
                         "(default: all tokens)")

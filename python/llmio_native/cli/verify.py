@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from ._common import cli_dtype_hint
+from ._common import add_dataset_args, cli_dtype_hint
 
 
 def add_parser(sub: Any) -> None:
@@ -18,9 +18,7 @@ def add_parser(sub: Any) -> None:
     """
     hlp = "re-check every checksum; exit 1 listing bad chunks"
     q = sub.add_parser("verify", help=hlp, description=hlp)
-    q.add_argument("path", help="dataset directory, nanoGPT or llm.c .bin, or Megatron prefix/.bin/.idx")
-    q.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype of a raw nanoGPT .bin")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    add_dataset_args(q)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar, nothing printed when ok")
 
 
