@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=str(HERE / "out" / "loader"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: add the CUDA loader rows (needs a GPU)")
+    ap.add_argument("--json", help="also write the rows (and the limits measured in the run) here")
     a = ap.parse_args(argv)
     B, T, N = a.batch_size, a.seq_len, a.batches
     ntok = int(a.size_gib * 2**30 / 2)
@@ -298,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     print("note: one run on a shared machine (other work running); figures are noisy, ratios within "
           "the run are the comparable numbers")
     print(f"time to first batch on {ntok / 1e9:.2f}B tokens: {tl['first_s']:.3f} s")
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump({"tokens": ntok, "batch_size": B, "seq_len": T, "batches": N, "seq_read_gbps": seq_gbps,
+                       "rows": [{**row, "vs_limit": row["tokens_s"] / lim["tokens_s"]} for row in rows + gpu_rows]},
+                      f, indent=1, default=str)
     if not a.keep:
         shutil.rmtree(d, ignore_errors=True)
     return 0

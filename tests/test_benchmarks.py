@@ -34,18 +34,22 @@ def test_bench_read_smoke(tmp_path):
     assert ("sequential 1 MiB, cold", "limit: liburing qd32 1MiB O_DIRECT") in rows
 
 
-def test_bench_ddp_hook_smoke():
+def test_bench_ddp_hook_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, str(BENCH / "bench_ddp_hook.py"), "--numel", "65536", "--reps", "1",
-         "--measure-numel", "16384", "--gpt-steps", "1"], capture_output=True, text=True, timeout=300,
+         "--measure-numel", "16384", "--gpt-steps", "1", "--json", str(tmp_path / "d.json")],
+        capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "torch-composed blockwise quantizer" in out.stdout and "|  64 |" in out.stdout
-    measured = out.stdout.split("measured on gloo")[1]
-    assert "= 0.254" in measured  # bytes counted by the hook match the formula
-    gpt = out.stdout.split("## step time on gloo")[1]
-    assert "| allreduce (no hook)" in gpt and "| llmio int8_compress_hook" in gpt
-    assert "bytes vs fp32 all-reduce 0.254" in gpt
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["numel"] == 65536 and all(v > 0 for v in res["cpu_quantize_gbps"].values())
+    assert [r["world"] for r in res["wire"]] == [2, 4, 8, 16, 32, 64]
+    assert all(abs(r["vs_fp32"] - res["formula_vs_fp32"]) < 1e-9 for r in res["wire"])
+    # bytes counted by the hook on gloo match the formula (1 + 4/256) / 4 = 0.254
+    assert abs(res["measured"]["ratio_vs_fp32"] - res["formula_vs_fp32"]) < 2e-3, res["measured"]
+    gpt = {r["hook"]: r for r in res["gpt"]}
+    assert gpt["allreduce (no hook)"]["step_s"] > 0 and gpt["llmio int8_compress_hook"]["step_s"] > 0
+    assert abs(gpt["llmio int8_compress_hook"]["stats"]["ratio_vs_fp32"] - 0.254) < 2e-3
 
 
 def test_bench_codec_smoke(tmp_path):

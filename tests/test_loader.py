@@ -640,9 +640,18 @@ def test_bench_loader_smoke(tmp_path):
     if not script.exists():
         pytest.skip("benchmarks/bench_loader.py not present")
     out = subprocess.run([sys.executable, str(script), "--size-gib", "0.005", "--batches", "10",
-                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                          "--dir", str(tmp_path / "data"), "--json", str(tmp_path / "l.json")],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "TokenLoader" in out.stdout and "np.memmap" in out.stdout
+    import json
+    res = json.loads((tmp_path / "l.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ("TokenLoader (our format, none)", "TokenLoader (our format, none), 2nd pass", "TokenLoader (raw .bin)",
+                 "nanoGPT np.memmap get_batch", "TokenLoader (zstd)", "TokenLoader (rans, CPU decode)"):
+        assert name in rows, (name, sorted(rows))
+        assert rows[name]["tokens_s"] > 0 and rows[name]["vs_limit"] > 0
+    assert any(n.startswith("engine limit") and r["vs_limit"] == 1.0 for n, r in rows.items())
+    assert res["seq_read_gbps"] > 0 and res["batches"] == 10
 
 
 # ---------------------------------------------------------------------------------------
