@@ -84,7 +84,7 @@ def test_cuda_cut_windows_bit_exact(dtype, tdtype, on):
 @pytest.mark.parametrize("T,B", [(1, 1), (2, 7), (255, 3), (256, 5), (257, 2), (1025, 2), (256 * 1024 + 5, 1)])
 def test_cut_windows_emulation_matches_the_oracle(dtype, T, B):
     """_core.cut_windows_emulate runs the kernel's per-thread code over its launch grid
-    (csrc/cuda/cut_windows_device.hpp): equal to cut_windows_ref, including a window longer
+    (csrc/loader/cut_windows_device.hpp): equal to cut_windows_ref, including a window longer
     than one grid stride (1024 CTAs x 256 threads)."""
     rng = np.random.default_rng(T + B)
     n = T + 600

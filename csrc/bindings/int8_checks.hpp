@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda/cut_windows_device.hpp"
+#include "loader/cut_windows_device.hpp"
 #include "quant/int8_device.hpp"
 
 namespace llmio {

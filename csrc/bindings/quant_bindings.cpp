@@ -1,5 +1,5 @@
 // llmio_native._core: INT8 block quantization and window cutting on the host: the
-// CPU oracles (csrc/quant/int8_block.hpp, csrc/cuda/cut_windows.hpp), the host
+// CPU oracles (csrc/quant/int8_block.hpp, csrc/loader/cut_windows.hpp), the host
 // emulations of the CUDA kernels (csrc/quant/int8_emulate.hpp, cut_windows_emulate),
 // and the constants shared with Python (QUANT_BLOCK, INT8_DTYPES). Registered from
 // core_module.cpp by bind_quant(m). The emulations take the kernels' parameters
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "bindings/int8_checks.hpp"
-#include "cuda/cut_windows.hpp"
+#include "loader/cut_windows.hpp"
 #include "quant/int8_block.hpp"
 #include "quant/int8_emulate.hpp"
 

@@ -3,7 +3,7 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/cut_windows_device.hpp"
+#include "loader/cut_windows_device.hpp"
 
 namespace llmio {
 

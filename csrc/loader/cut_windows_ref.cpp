@@ -1,7 +1,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda/cut_windows.hpp"
+#include "loader/cut_windows.hpp"
 
 namespace llmio {
 

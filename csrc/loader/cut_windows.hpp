@@ -7,7 +7,7 @@
 // launch_cut_windows (cut_windows_launch.hpp, _cuda only) runs the kernel.
 #pragma once
 
-#include "cuda/cut_windows_device.hpp"
+#include "loader/cut_windows_device.hpp"
 
 namespace llmio {
 
