@@ -287,6 +287,22 @@ class TokenDataset:
             cid = self.__dict__["_content_id"] = h.hexdigest()
         return cid
 
+    @property
+    def file_sizes(self) -> list[int]:
+        """Size in bytes of each file of ``paths`` when the dataset was opened."""
+        return list(self._file_sizes)
+
+    @property
+    def region_ends(self) -> np.ndarray:
+        """End offset of the byte region each chunk owns in its file (stored bytes plus the
+        zero padding up to the next chunk or model region), one per row of ``chunks``."""
+        return self._region_ends
+
+    @property
+    def reader_options(self) -> dict:
+        """The :class:`Reader` options the dataset was opened with (backend, direct, ...)."""
+        return dict(self._reader_options)
+
     def describe_chunk(self, chunk_index: int) -> str:
         """``"<file> chunk <k> (dataset chunk <i>) @ offset <o>"``: how errors name a chunk."""
         return self._where(int(chunk_index))

@@ -96,22 +96,22 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
         except OSError as exc:
             bad.append(BadChunk(p, -1, 0, f"cannot stat: {exc}"))
             continue
-        if size != ds._file_sizes[f]:
-            bad.append(BadChunk(p, -1, min(size, ds._file_sizes[f]),
-                                f"file size is {size} bytes, expected {ds._file_sizes[f]}"))
+        if size != ds.file_sizes[f]:
+            bad.append(BadChunk(p, -1, min(size, ds.file_sizes[f]),
+                                f"file size is {size} bytes, expected {ds.file_sizes[f]}"))
         readable.append(f)
     if ds.paths and not readable:
         raise FileNotFoundError(f"{ds.path}: none of its {len(ds.paths)} data files can be read")
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=int((ds._region_ends - ds.chunks["offset"]).sum()), unit="B",
+        bar = tqdm(total=int((ds.region_ends - ds.chunks["offset"]).sum()), unit="B",
                    unit_scale=True, desc=f"verify {os.path.basename(ds.path)}")
     try:
         reader: Any = ds.reader
         fmap = {f: f for f in range(len(ds.paths))}
     except OSError:
-        reader = Reader([ds.paths[f] for f in readable], **ds._reader_options)
+        reader = Reader([ds.paths[f] for f in readable], **ds.reader_options)
         fmap = {f: k for k, f in enumerate(readable)}
     group: list[int] = []
     gbytes = 0
@@ -120,7 +120,7 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
         if int(ds.chunks[ci]["file"]) in skip:
             continue
         group.append(ci)
-        gbytes += int(ds._region_ends[ci] - ds.chunks[ci]["offset"])
+        gbytes += int(ds.region_ends[ci] - ds.chunks[ci]["offset"])
         if gbytes >= GROUP_BYTES:
             _verify_group(ds, reader, fmap, group, report, bar)
             group, gbytes = [], 0
@@ -163,7 +163,7 @@ def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int],
     reqs = []
     for ci in group:
         c = ds.chunks[ci]
-        reqs.append((fmap[int(c["file"])], int(c["offset"]), int(ds._region_ends[ci] - c["offset"])))
+        reqs.append((fmap[int(c["file"])], int(c["offset"]), int(ds.region_ends[ci] - c["offset"])))
     try:
         bufs: list[Any] = reader.read_batch(reqs)
     except OSError:
@@ -181,7 +181,7 @@ def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int],
         if reason is not None:
             c = ds.chunks[ci]
             report.bad_chunks.append(
-                BadChunk(ds.paths[int(c["file"])], int(ds._local[ci]), int(c["offset"]), reason))
+                BadChunk(ds.paths[int(c["file"])], ds.chunk_origin(ci)["chunk"], int(c["offset"]), reason))
     if bar is not None:
         bar.update(sum(r[2] for r in reqs))
 
@@ -194,9 +194,7 @@ def _verify_one(ds: "TokenDataset", ci: int, buf: Any) -> str | None:
     n = int(c["stored_bytes"])
     stored = buf[:n]
     try:
-        ds._check_stored(ci, stored)
-        out = np.empty(int(c["token_count"]), dtype=ds.dtype)
-        ds._decode(ci, stored, out)
+        ds.decode_chunk(ci, stored)  # checks size and checksum, then decodes
     except (FormatError, NotImplementedError, RuntimeError) as exc:
         return f"{type(exc).__name__}: {exc}"
     pad = buf[n:]

@@ -141,6 +141,15 @@ class Reader:
         self._handle()  # open now so missing files fail here, in the caller
 
     # -- lifecycle -----------------------------------------------------------------
+    def native(self) -> Any:
+        """The ``_core.Reader`` behind this reader in this process (opened on first use, and
+        again in a forked child): what native components such as the pinned ring read through.
+
+        Raises:
+            FileNotFoundError, PermissionError, OSError: a file cannot be opened.
+        """
+        return self._handle()
+
     def _handle(self) -> Any:
         if self._native is None or self._native_pid != os.getpid():
             # As bytes (os.fsencode): a file name that is not valid UTF-8 reaches open(2)
