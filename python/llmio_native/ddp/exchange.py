@@ -154,7 +154,7 @@ def _allreduce(state: Int8CompressState, group: Any, buf: torch.Tensor, world: i
     Raises:
         RuntimeError: a failed collective, through the returned future.
     """
-    state._stats["buckets_bypassed"] += 1
+    state.counters["buckets_bypassed"] += 1
     buf.div_(world)  # before the sum: W values near the dtype's maximum do not overflow
     fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
@@ -191,7 +191,7 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
         return _allreduce(state, group, buf, world)
 
     rank = dist.get_rank(group)
-    hier, L, M, local, node = state._topology(group, world, rank,
+    hier, L, M, local, node = state.topology(group, world, rank,
                                               buf.device if path == "device" else torch.device("cpu"))
     ops = _ops.ops_for(path, buf)
     dev = ops.device
@@ -200,12 +200,12 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
     if isinstance(ops, _DeviceOps) and buf.dtype not in DTYPE_CODES:
         x = buf.float()  # e.g. float64 buckets: staged through fp32
         temps.append(x)
-    st = state._stats
+    st = state.counters
     if not hier:
         unit = BLOCK * world
         n_pad = -(-n // unit) * unit
         shard = n_pad // world
-        res_w, res_s = state._residual(bucket, n_pad, n_pad, shard, 0, rank * shard, dev)
+        res_w, res_s = state.residual_buffers(bucket, n_pad, n_pad, shard, 0, rank * shard, dev)
         # The host oracle writes (converting) straight into the bucket, wherever it lives; the
         # kernels write in place too, except for a bucket dtype they lack (fp32 staging copy).
         out = x if isinstance(ops, _DeviceOps) else buf
@@ -219,12 +219,12 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
         int8_bytes = _int8_bytes(world, n_pad, state.deterministic, st)
         st["bytes_sent"] += int8_bytes
     else:
-        intra, cross = state._hier_groups(L, M, local, node)
+        intra, cross = state.hier_groups(L, M, local, node)
         unit = BLOCK * M * L
         n_pad = -(-n // unit) * unit
         chunk_n = n_pad // L
         shard = chunk_n // M
-        res_w, res_s = state._residual(bucket, n_pad, chunk_n, shard, local * chunk_n, node * shard, dev)
+        res_w, res_s = state.residual_buffers(bucket, n_pad, chunk_n, shard, local * chunk_n, node * shard, dev)
         xf = torch.zeros(n_pad, dtype=torch.float32, device=dev)
         chunk = torch.empty(chunk_n, dtype=torch.float32, device=dev)
         out_dtype = buf.dtype if (dev.type == "cpu" or buf.dtype in DTYPE_CODES) else torch.float32

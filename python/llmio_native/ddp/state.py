@@ -45,7 +45,7 @@ class Int8CompressState:
     """
 
     __slots__ = ("process_group", "warmup_steps", "min_numel", "iteration", "_residuals", "_signatures",
-                 "_stats", "_bucket_params", "_pending", "deterministic", "hierarchical", "local_world_size",
+                 "counters", "_bucket_params", "_pending", "deterministic", "hierarchical", "local_world_size",
                  "_layout", "_topo", "_groups", "_warned_host", "_names")
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 2, min_numel: int = 1024,
@@ -68,7 +68,7 @@ class Int8CompressState:
         self._residuals: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # worker, shard (host or device)
         self._layout: Dict[int, Tuple[int, int]] = {}  # bucket -> (chunk offset in the bucket, shard offset in it)
         self._signatures: Dict[int, tuple] = {}
-        self._stats = {"buckets_compressed": 0, "buckets_bypassed": 0, "bytes_sent": 0, "bytes_sent_int8": 0,
+        self.counters = {"buckets_compressed": 0, "buckets_bypassed": 0, "bytes_sent": 0, "bytes_sent_int8": 0,
                        "bytes_sent_full_precision": 0, "bytes_scale_allreduce": 0, "bytes_fp32_allreduce": 0}
         # bucket index -> [(data_ptr, numel, shape)] in bucket order, refreshed at every compressed step
         self._bucket_params: Dict[int, List[Tuple[int, int, tuple]]] = {}
@@ -111,7 +111,7 @@ class Int8CompressState:
         for k, v in state.items():
             if k in ("_residuals", "_signatures", "_layout", "_bucket_params"):
                 continue  # old pickles: keyed by addresses of another process
-            setattr(self, k, v)
+            setattr(self, "counters" if k == "_stats" else k, v)  # old pickles name the counters _stats
 
     def bind(self, model: torch.nn.Module) -> None:
         """Learns the parameter names of ``model`` (the module DDP wraps, or the DDP module),
@@ -140,7 +140,7 @@ class Int8CompressState:
         ``ratio_vs_fp32`` and ``ratio_int8_vs_fp32`` (the inter-node share in hierarchical
         mode). Ring algorithms assumed for the collectives.
         """
-        s = dict(self._stats)
+        s = dict(self.counters)
         base = s["bytes_fp32_allreduce"]
         s["ratio_vs_fp32"] = s["bytes_sent"] / base if base else 0.0
         s["ratio_int8_vs_fp32"] = s["bytes_sent_int8"] / base if base else 0.0
@@ -321,7 +321,7 @@ class Int8CompressState:
                                    f"LOCAL_RANK {os.environ['LOCAL_RANK']}, expected {rank} % {L} = {rank % L}")
         return (M > 1, L, M, rank % L, rank // L)
 
-    def _topology(self, group: Any, world: int, rank: int, device: torch.device) -> Tuple[bool, int, int, int, int]:
+    def topology(self, group: Any, world: int, rank: int, device: torch.device) -> Tuple[bool, int, int, int, int]:
         """(hierarchical, L, M, local rank, node), agreed by every rank of ``group``: each rank
         checks its own view, then one all-reduce (before any ``new_group``) shares the verdicts
         and node sizes, so a bad layout raises on every rank instead of leaving the others
@@ -362,7 +362,7 @@ class Int8CompressState:
         self._topo = (world, topo)
         return topo
 
-    def _hier_groups(self, L: int, M: int, local: int, node: int) -> Tuple[Any, Any]:
+    def hier_groups(self, L: int, M: int, local: int, node: int) -> Tuple[Any, Any]:
         """The intra-node and cross-node groups, created once, on every rank in the same order.
 
         Raises:
@@ -385,7 +385,7 @@ class Int8CompressState:
             self._groups = (intra, cross)
         return self._groups
 
-    def _residual(self, bucket: Any, n_pad: int, chunk: int, shard: int, chunk_off: int, shard_off: int,
+    def residual_buffers(self, bucket: Any, n_pad: int, chunk: int, shard: int, chunk_off: int, shard_off: int,
                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         idx = bucket.index()
         params = list(bucket.parameters())
