@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -727,3 +728,269 @@ def test_ring_on_cuda1_creates_no_context_on_gpu0(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "STATE 0 1" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- release fences (the slot lifecycle in C++)
+
+
+class Fence:
+    """A real fence, like a CUDA event recorded after the copy out of a slot: it
+    completes when ``complete()`` is called (from any thread, as the GPU would);
+    ``synchronize()`` really waits for that. It can be told to raise once from
+    ``query()`` or ``synchronize()``, and records which threads called it."""
+
+    def __init__(self, raise_query: BaseException | None = None,
+                 raise_sync: BaseException | None = None) -> None:
+        self._done = threading.Event()
+        self.raise_query, self.raise_sync = raise_query, raise_sync
+        self.queries = self.syncs = 0
+        self.threads: set[int] = set()
+
+    def complete(self) -> None:
+        self._done.set()
+
+    def complete_after(self, seconds: float) -> threading.Timer:
+        t = threading.Timer(seconds, self.complete)
+        t.start()
+        return t
+
+    def query(self) -> bool:
+        self.queries += 1
+        self.threads.add(threading.get_ident())
+        if self.raise_query is not None:
+            e, self.raise_query = self.raise_query, None
+            raise e
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+        self.threads.add(threading.get_ident())
+        if self.raise_sync is not None:
+            e, self.raise_sync = self.raise_sync, None
+            raise e
+        assert self._done.wait(30), "fence never completed"
+
+
+def fill(ring, n: int, size: int = 1000) -> None:
+    for k in range(n):
+        ring.submit([(0, k * size, size)], tag=k)
+
+
+def test_fenced_release_keeps_the_slot_until_the_fence_completes(reader):
+    r, data = reader
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=65536, pin=False) as ring:
+        fill(ring, 4)
+        s0 = ring.get(timeout=10)
+        view = s0.array(0)  # a live view of the slot (a copy to the GPU would read it)
+        f = Fence()
+        ring.release(s0, f)
+        assert s0.released and ring.releasing == 1 and ring._ring.held == 0
+        st = ring.stats()
+        assert st["released"] == 0 and st["releasing"] == 1
+        s1 = ring.get(timeout=10)
+        assert s1.index != s0.index
+        ring.release(s1)
+        # Jobs 2 and 3 can only use s1's slot: s0's is still read behind the fence.
+        for k in (2, 3):
+            s = ring.get(timeout=10)
+            assert s.tag == k and s.index == s1.index
+            assert s.array(0).tobytes() == data[k * 1000 : k * 1000 + 1000]
+            ring.release(s)
+        assert view.tobytes() == data[:1000] and ring.releasing == 1
+        assert f.queries >= 3 and f.syncs == 0  # asked at release, submit and every get
+        assert ring.poll() == 0
+        f.complete()
+        assert ring.poll() == 1 and ring.releasing == 0
+        st = ring.stats()
+        assert st["released"] == 4 and st["releasing"] == 0 and st["fence_waits"] == 0
+        # the slot is reusable again
+        ring.submit([(0, 5000, 10)], tag=9)
+        ring.submit([(0, 6000, 10)], tag=10)
+        a, b = ring.get(timeout=10), ring.get(timeout=10)
+        assert {a.index, b.index} == {0, 1}
+        a.release(), b.release()
+    assert f.threads == {threading.get_ident()}  # only the consumer's own calls
+
+
+def test_fence_already_complete_frees_the_slot_at_release(reader):
+    r, _ = reader
+    with lio.PinnedRing(r, num_slots=1, slot_bytes=65536, pin=False) as ring:
+        fill(ring, 2)
+        f = Fence()
+        f.complete()
+        ring.release(ring.get(timeout=10), f)
+        assert ring.releasing == 0 and ring.stats()["released"] == 1 and f.syncs == 0
+        assert ring.get(timeout=10).tag == 1
+
+
+def test_get_with_every_slot_releasing_waits_on_the_oldest_fence(reader):
+    r, data = reader
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=65536, pin=False) as ring:
+        fill(ring, 4)
+        f0, f1 = Fence(), Fence()
+        ring.release(ring.get(timeout=10), f0)
+        ring.release(ring.get(timeout=10), f1)
+        assert ring.releasing == 2
+        time.sleep(0.1)  # producers are idle, waiting for a slot
+        timer = f0.complete_after(0.3)  # the "GPU" finishes the oldest copy later
+        t0 = time.monotonic()
+        s = ring.get(timeout=10)  # used to raise "held by the consumer"
+        waited = time.monotonic() - t0
+        timer.join()
+        assert s.tag == 2 and s.array(0).tobytes() == data[2000:3000]
+        assert waited >= 0.25 and f0.syncs == 1 and f1.syncs == 0
+        assert ring.releasing == 1 and ring.stats()["fence_waits"] == 1
+        # Consumer holds one slot, the other waits on f1: get() waits on f1 next.
+        timer = f1.complete_after(0.1)
+        s3 = ring.get(timeout=10)
+        timer.join()
+        assert s3.tag == 3 and ring.releasing == 0 and f1.syncs == 1
+        assert ring.stats()["fence_waits"] == 2
+        s.release(), s3.release()
+        # Every slot held by the consumer itself still raises at once.
+        fill(ring, 3)
+        held = [ring.get(timeout=10), ring.get(timeout=10)]
+        with pytest.raises(RuntimeError, match="held by the consumer"):
+            ring.get(timeout=5)
+        for h in held:
+            h.release()
+        ring.get(timeout=10).release()
+    assert f0.threads | f1.threads == {threading.get_ident()}
+
+
+def test_close_synchronizes_pending_fences(reader):
+    r, _ = reader
+    ring = lio.PinnedRing(r, num_slots=3, slot_bytes=65536, pin=False)
+    fill(ring, 3)
+    fences = [Fence() for _ in range(3)]
+    for f in fences:
+        ring.release(ring.get(timeout=10), f)
+    fences[1].complete()
+    assert ring.poll() == 1 and ring.releasing == 2
+    timers = [f.complete_after(0.2) for f in (fences[0], fences[2])]
+    t0 = time.monotonic()
+    ring.close()
+    assert time.monotonic() - t0 >= 0.15
+    for t in timers:
+        t.join()
+    assert [f.syncs for f in fences] == [1, 0, 1]
+    assert ring.releasing == 0 and ring.stats()["released"] == 3
+    ring.close()  # idempotent: nothing left to wait for
+    assert [f.syncs for f in fences] == [1, 0, 1]
+
+
+def test_fence_query_that_raises_leaves_the_slot_releasing(reader):
+    r, data = reader
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=65536, pin=False) as ring:
+        fill(ring, 4)
+        s0 = ring.get(timeout=10)
+        f = Fence(raise_query=KeyError("query failed"))
+        with pytest.raises(KeyError, match="query failed"):
+            ring.release(s0, f)
+        # The slot left the consumer's hands and is not reused until the fence completes.
+        assert s0.released and ring.releasing == 1 and ring._ring.held == 0
+        s1 = ring.get(timeout=10)
+        ring.release(s1)
+        s2 = ring.get(timeout=10)
+        assert s2.index == s1.index and s2.array(0).tobytes() == data[2000:3000]
+        ring.release(s2)
+        f.complete()
+        s3 = ring.get(timeout=10)  # polls: the fence answers now and frees the slot
+        assert s3.tag == 3 and ring.releasing == 0 and ring.stats()["released"] == 3
+        s3.release()
+
+
+def test_fence_synchronize_that_raises_propagates_from_get_and_close(reader):
+    r, data = reader
+    ring = lio.PinnedRing(r, num_slots=2, slot_bytes=65536, pin=False)
+    fill(ring, 3)
+    f0 = Fence(raise_sync=OSError(5, "sync failed"))
+    f1 = Fence()
+    ring.release(ring.get(timeout=10), f0)
+    ring.release(ring.get(timeout=10), f1)
+    with pytest.raises(OSError, match="sync failed"):
+        ring.get(timeout=10)
+    assert ring.releasing == 2 and ring.stats()["released"] == 0  # nothing was freed
+    timer = f0.complete_after(0.1)
+    s = ring.get(timeout=10)  # asks the same fence again; now it works
+    timer.join()
+    assert s.tag == 2 and s.array(0).tobytes() == data[2000:3000] and f0.syncs == 2
+    s.release()
+    # close(): a fence that raises stops it, its slot stays releasing; close() again goes on.
+    f1.raise_sync = RuntimeError("sync failed at close")
+    with pytest.raises(RuntimeError, match="at close"):
+        ring.close()
+    assert ring._ring.closed and ring.releasing == 1
+    f1.complete()
+    ring.close()
+    assert ring.releasing == 0 and f1.syncs == 2
+
+
+def test_release_with_a_non_fence_is_a_type_error_and_keeps_the_slot(reader):
+    r, _ = reader
+    with lio.PinnedRing(r, num_slots=2, slot_bytes=65536, pin=False) as ring:
+        fill(ring, 1)
+        s = ring.get(timeout=10)
+        with pytest.raises(TypeError, match="query"):
+            ring.release(s, object())
+        assert not s.released and ring._ring.held == 1 and ring.releasing == 0
+        ring.release(s)
+        assert ring._ring.held == 0
+
+
+def test_forked_child_never_touches_the_fences_of_a_releasing_slot(tmp_path):
+    """A ring with a slot releasing behind a fence, inherited by a forked child: the
+    child's calls raise as before (poll/release too), close() is a no-op and dropping
+    the ring never calls the fence (a CUDA event must not be used there). The parent's
+    ring goes on and frees the slot when the fence completes."""
+    script = textwrap.dedent(f"""
+        import gc, multiprocessing as mp, os, sys, numpy as np
+        import llmio_native as lio
+        path = {str(tmp_path / 'f.bin')!r}
+        open(path, 'wb').write(np.arange(1 << 16, dtype=np.uint32).tobytes())
+
+        class Fence:
+            def __init__(self): self.done = False; self.calls = []
+            def query(self): self.calls.append(('query', os.getpid())); return self.done
+            def synchronize(self): self.calls.append(('sync', os.getpid())); self.done = True
+
+        r = lio.Reader([path], backend='threads')
+        ring = lio.PinnedRing(r, num_slots=2, slot_bytes=1 << 16, num_producers=2, pin=False)
+        for k in range(3):
+            ring.submit([(0, 4096 * k, 4096)], tag=k)
+        f = Fence()
+        ring.release(ring.get(timeout=10), f)
+        held = ring.get(timeout=10)
+
+        def child():
+            errs = []
+            for call in (ring.poll, lambda: ring.get(timeout=1), lambda: ring.release(held, Fence())):
+                try:
+                    call(); sys.exit(7)
+                except RuntimeError as e:
+                    errs.append('forked child' in str(e))
+            ring.close()
+            global_ring = globals().pop('ring')
+            del global_ring
+            gc.collect()
+            mine = [c for c in f.calls if c[1] == os.getpid()]
+            sys.exit(0 if all(errs) and not mine else 3)
+
+        p = mp.get_context('fork').Process(target=child); p.start(); p.join(20)
+        if p.exitcode is None:
+            p.kill(); print('HANG'); sys.exit(5)
+        assert p.exitcode == 0, p.exitcode
+        assert ring.releasing == 1
+        held.release()
+        s = ring.get(timeout=10)
+        assert s.tag == 2 and np.frombuffer(s, np.uint32)[0] == 2048
+        s.release()
+        f.done = True
+        assert ring.poll() == 1 and ring.releasing == 0
+        ring.close()
+        assert all(c[1] == os.getpid() for c in f.calls)
+        print('fork ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+    assert "fork ok" in out.stdout

@@ -24,6 +24,42 @@ using namespace llmio::bindings;
 
 namespace {
 
+// A Python fence (a torch.cuda.Event, or anything with query() -> bool and
+// synchronize()). The ring calls it only from the consumer's own calls, never
+// with its mutex held; each call takes the GIL (the caller may have released
+// it to wait). A Python exception travels as error_already_set to the caller.
+class PyFence final : public Fence {
+ public:
+  explicit PyFence(py::object obj) : obj_(std::move(obj)) {}
+  ~PyFence() override {
+    if (!Py_IsInitialized()) {
+      (void)obj_.release();  // the interpreter is gone: nothing to give back
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    obj_ = py::object();
+  }
+  bool query() override {
+    py::gil_scoped_acquire gil;
+    return static_cast<bool>(py::bool_(obj_.attr("query")()));
+  }
+  void synchronize() override {
+    py::gil_scoped_acquire gil;
+    obj_.attr("synchronize")();
+  }
+
+ private:
+  py::object obj_;
+};
+
+std::shared_ptr<Fence> make_fence(const py::object& fence) {
+  if (fence.is_none()) return nullptr;
+  if (!py::hasattr(fence, "query") || !py::hasattr(fence, "synchronize"))
+    throw py::type_error("release(slot, fence): the fence needs query() and synchronize() (a "
+                         "torch.cuda.Event), got " + std::string(py::str(py::type::of(fence))));
+  return std::make_shared<PyFence>(fence);
+}
+
 // A filled ring slot handed to Python. Holding the ring keeps the arena alive
 // for as long as any view of the slot exists.
 struct PySlot {
@@ -38,10 +74,13 @@ struct PySlot {
       }
     }
   }
-  void release() {
+  // The slot leaves the consumer's hands even if the fence's query() throws
+  // (it stays releasing in the ring), so `released` is set first.
+  void release(const py::object& fence) {
     if (released) return;
+    std::shared_ptr<Fence> fc = make_fence(fence);
     released = true;
-    ring->release(f.slot);
+    ring->release(f.slot, std::move(fc));
   }
   // The arena is MADV_DONTFORK: in a forked child it is not mapped, and a
   // view of it would fault. Refuse with an error instead.
@@ -85,7 +124,9 @@ void bind_ring(py::module_& m) {
                               s.ptr() + s.f.offsets[k], self);
            },
            py::arg("k"), "numpy uint8 view of request k's bytes (no copy)")
-      .def("release", &PySlot::release, "Give the slot back to the ring (idempotent).");
+      .def("release", &PySlot::release, py::arg("fence") = py::none(),
+           "Give the slot back to the ring (idempotent). With a fence (a torch.cuda.Event: "
+           "query() -> bool, synchronize()) the slot is reused only once the fence completed.");
 
   py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
       .def(py::init([](std::shared_ptr<Reader> reader, int64_t num_slots, int64_t slot_bytes, int64_t producers) {
@@ -147,10 +188,13 @@ void bind_ring(py::module_& m) {
            },
            py::arg("timeout") = py::none(),
            "Next filled slot in submission order; None if timeout (seconds) passes first.")
+      .def("poll", [](SlotRing& r) { return r.poll(); },
+           "Free the slots released behind fences that completed; returns how many.")
       .def("close", [](SlotRing& r) {
-        py::gil_scoped_release nogil;
+        py::gil_scoped_release nogil;  // joins producers; fences take the GIL back
         r.close();
-      })
+      },
+      "Stop and join the producers, then synchronize pending fences and free their slots.")
       .def_property_readonly("closed", &SlotRing::closed)
       .def_property_readonly("num_slots", &SlotRing::num_slots)
       .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
@@ -159,12 +203,15 @@ void bind_ring(py::module_& m) {
       .def_property_readonly("huge_pages", &SlotRing::huge_pages)
       .def_property_readonly("pending", &SlotRing::pending)
       .def_property_readonly("held", &SlotRing::held)
+      .def_property_readonly("releasing", &SlotRing::releasing)
       .def("stats", [](const SlotRing& r) {
         RingStats s = r.stats();
         py::dict d;
         d["submitted"] = s.submitted;
         d["delivered"] = s.delivered;
         d["released"] = s.released;
+        d["releasing"] = s.releasing;
+        d["fence_waits"] = s.fence_waits;
         d["bytes"] = s.bytes;
         d["producer_busy_s"] = s.producer_busy_ns / 1e9;
         d["consumer_wait_s"] = s.consumer_wait_ns / 1e9;

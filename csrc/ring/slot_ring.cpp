@@ -62,9 +62,15 @@ SlotRing::~SlotRing() {
     (void)sync_.release();
     (void)new std::vector<std::thread>(std::move(threads_));
     regions_.clear();
+    // A fence (a CUDA event) must not be touched in the child either.
+    (void)new std::deque<Releasing>(std::move(releasing_));
     return;
   }
-  close();
+  try {
+    close();
+  } catch (...) {
+    // A fence that throws: its slot stays releasing and goes with the arena.
+  }
 }
 
 bool SlotRing::foreign() const { return static_cast<int>(::getpid()) != owner_pid_; }
@@ -104,6 +110,7 @@ uint64_t SlotRing::required_bytes(const std::vector<RingRequest>& reqs, bool pac
 
 uint64_t SlotRing::submit(int64_t tag, const std::vector<RingRequest>& reqs, bool packed) {
   check_owner("submit()");
+  poll();
   Job j;
   j.tag = tag;
   j.reqs = reqs;
@@ -181,18 +188,29 @@ void SlotRing::producer() {
 
 std::optional<FilledSlot> SlotRing::get(int64_t timeout_ms) {
   check_owner("get()");
+  poll();
   std::unique_lock<std::mutex> lk(mu_);
   if (fail_err_.set) fail_err_.rethrow();
   auto ready = [&] { return done_.count(next_deliver_) > 0 || stop_; };
   if (!ready()) {
     if (next_deliver_ == next_seq_)
       throw std::logic_error("ring get(): no job submitted that has not been delivered");
-    // Everything held by the consumer and nothing in flight: waiting cannot end.
-    uint32_t nheld = 0;
-    for (auto h : held_) nheld += h;
-    if (nheld == num_slots_ && busy_ == 0)
-      throw std::logic_error("ring get(): all " + std::to_string(num_slots_) +
-                             " slots are held by the consumer; release one first");
+    for (;;) {
+      // Every slot held or releasing and nothing in flight: no producer can
+      // move until a slot is free.
+      uint32_t nheld = 0;
+      for (auto h : held_) nheld += h;
+      if (busy_ != 0 || nheld + releasing_.size() < num_slots_) break;
+      // Everything held by the consumer: waiting cannot end.
+      if (releasing_.empty())
+        throw std::logic_error("ring get(): all " + std::to_string(num_slots_) +
+                               " slots are held by the consumer; release one first");
+      // Some wait only on fences: wait for the oldest and go on.
+      stats_.fence_waits++;
+      lk.unlock();
+      sync_oldest_fence();
+      lk.lock();
+    }
     auto t0 = std::chrono::steady_clock::now();
     bool ok = cv_done_.wait_for(lk, std::chrono::milliseconds(timeout_ms), ready);
     stats_.consumer_wait_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -223,37 +241,98 @@ std::optional<FilledSlot> SlotRing::get(int64_t timeout_ms) {
   return f;
 }
 
-void SlotRing::release(uint32_t slot) {
+void SlotRing::release(uint32_t slot, std::shared_ptr<Fence> fence) {
   check_owner("release()");
+  const bool fenced = fence != nullptr;
   {
     std::lock_guard<std::mutex> g(mu_);
     if (slot >= num_slots_ || !held_[slot])
       throw std::invalid_argument("release(" + std::to_string(slot) + "): slot is not held by the consumer");
     held_[slot] = 0;
-    free_.push_back(slot);
+    if (fenced) {
+      releasing_.push_back(Releasing{next_release_id_++, slot, std::move(fence)});
+    } else {
+      free_.push_back(slot);
+      stats_.released++;
+    }
+  }
+  if (fenced)
+    poll();  // frees it now if the fence already completed
+  else
+    cv_work_.notify_one();
+}
+
+bool SlotRing::free_releasing(uint64_t id) {
+  std::shared_ptr<Fence> drop;  // destroyed after the lock: a fence may need the GIL to die
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = releasing_.begin();
+    while (it != releasing_.end() && it->id != id) ++it;
+    if (it == releasing_.end()) return false;  // another consumer call freed it
+    drop = std::move(it->fence);
+    free_.push_back(it->slot);
+    releasing_.erase(it);
     stats_.released++;
   }
   cv_work_.notify_one();
+  return true;
+}
+
+bool SlotRing::sync_oldest_fence() {
+  uint64_t id;
+  std::shared_ptr<Fence> f;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (releasing_.empty()) return false;
+    id = releasing_.front().id;
+    f = releasing_.front().fence;
+  }
+  f->synchronize();  // may throw: the entry stays as it was
+  free_releasing(id);
+  return true;
+}
+
+uint32_t SlotRing::poll() {
+  check_owner("poll()");
+  std::vector<std::pair<uint64_t, std::shared_ptr<Fence>>> snap;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (releasing_.empty()) return 0;
+    snap.reserve(releasing_.size());
+    for (const auto& r : releasing_) snap.emplace_back(r.id, r.fence);
+  }
+  uint32_t n = 0;
+  for (auto& [id, f] : snap)
+    if (f->query() && free_releasing(id)) ++n;  // a throw leaves the rest releasing
+  return n;
 }
 
 void SlotRing::close() {
   if (foreign()) return;  // nothing of ours runs in a forked child; the destructor leaks the rest
+  bool join = false;
   {
     std::lock_guard<std::mutex> g(mu_);
-    if (stop_ && threads_.empty()) return;
     stop_ = true;
+    join = !joined_;
+    joined_ = true;
   }
-  cv_work_.notify_all();
-  cv_done_.notify_all();
-  for (auto& t : threads_)
-    if (t.joinable()) t.join();
-  // No producer runs now, so no read targets the arena: unregister it.
-  for (int id : regions_) reader_->unregister_region(id);
-  regions_.clear();
-  std::lock_guard<std::mutex> g(mu_);
-  threads_.clear();
-  queue_.clear();
-  done_.clear();
+  if (join) {
+    cv_work_.notify_all();
+    cv_done_.notify_all();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    // No producer runs now, so no read targets the arena: unregister it.
+    for (int id : regions_) reader_->unregister_region(id);
+    regions_.clear();
+    std::lock_guard<std::mutex> g(mu_);
+    threads_.clear();
+    queue_.clear();
+    done_.clear();
+  }
+  // Slots still read behind a fence (a copy to the GPU): wait before the arena
+  // can go. A fence that throws stops here; a second close() goes on from it.
+  while (sync_oldest_fence()) {
+  }
 }
 
 bool SlotRing::closed() const {
@@ -276,10 +355,18 @@ uint32_t SlotRing::held() const {
   return n;
 }
 
+uint32_t SlotRing::releasing() const {
+  check_owner("releasing()");
+  std::lock_guard<std::mutex> g(mu_);
+  return static_cast<uint32_t>(releasing_.size());
+}
+
 RingStats SlotRing::stats() const {
   check_owner("stats()");
   std::lock_guard<std::mutex> g(mu_);
-  return stats_;
+  RingStats s = stats_;
+  s.releasing = releasing_.size();
+  return s;
 }
 
 }  // namespace llmio

@@ -5,7 +5,23 @@
 //   submit(tag, requests) -> seq   take the oldest job and a free slot,
 //                                  read every request into the slot
 //   get() -> slot of job seq       (in seq order, whatever finished first)
-//   release(slot)                  the slot is free again
+//   release(slot[, fence])         the slot is free again (once the fence completed)
+//
+// Slot states (the whole lifecycle lives here):
+//
+//   free --producer takes it--> filling --read done--> ready (done_, by seq)
+//     ^                                                  | get() delivers it in order
+//     |                                                  v
+//     +--- fence complete ---- releasing <--release(f)-- held by the consumer
+//     +------------------------------------release()----+
+//
+// A fence is the consumer's proof that nothing still reads the slot (a CUDA
+// event recorded after the host-to-device copy out of it). Fences are called
+// only from the consumer's own calls (submit, get, release, poll, close), never
+// from producer threads and never with the ring's mutex held (the bindings'
+// fence takes the GIL). A fence whose query() or synchronize() throws leaves its
+// slot releasing (the ring is unchanged) and the exception reaches the caller;
+// a later call asks that fence again.
 //
 // Slot layout of a job ("aligned"): request k starts at an offset congruent to
 // its file offset modulo the file's O_DIRECT alignment, with its neighbours
@@ -23,7 +39,10 @@
 // stops the producers after their current read and joins them. A producer's
 // error is re-raised by get() when the consumer reaches that job; producers
 // stop taking new jobs after an error. get() never waits forever: it raises
-// when nothing was submitted or when every slot is held by the consumer.
+// when nothing was submitted or when every slot is held by the consumer; when
+// the consumer holds none but some wait only on fences, it synchronizes the
+// oldest fence and continues. close() synchronizes every pending fence before
+// its slot is freed.
 #pragma once
 
 #include <condition_variable>
@@ -57,8 +76,20 @@ struct FilledSlot {
   uint64_t used = 0;              // bytes of the slot the layout spans
 };
 
+// A completion the consumer attaches to a released slot. query(): done, without
+// waiting; synchronize(): wait until done. Either may throw.
+class Fence {
+ public:
+  virtual ~Fence() = default;
+  virtual bool query() = 0;
+  virtual void synchronize() = 0;
+};
+
 struct RingStats {
-  uint64_t submitted = 0, delivered = 0, released = 0;
+  uint64_t submitted = 0, delivered = 0;
+  uint64_t released = 0;           // slots given back and free again
+  uint64_t releasing = 0;          // slots now waiting on a fence (a gauge)
+  uint64_t fence_waits = 0;        // get() synchronized a fence to make progress
   uint64_t bytes = 0;
   uint64_t producer_busy_ns = 0;   // time producers spent reading
   uint64_t consumer_wait_ns = 0;   // time get() waited for a filled slot
@@ -84,10 +115,18 @@ class SlotRing {
   // a producer error; std::logic_error when waiting could never end.
   std::optional<FilledSlot> get(int64_t timeout_ms);
 
-  // Gives a slot back. std::invalid_argument if the consumer does not hold it.
-  void release(uint32_t slot);
+  // Gives a slot back: free now, or releasing until `fence` completes (it is
+  // queried at once). std::invalid_argument if the consumer does not hold it.
+  // The slot leaves the consumer's hands even when the fence's query() throws.
+  void release(uint32_t slot, std::shared_ptr<Fence> fence = nullptr);
 
-  // Stops and joins the producers; idempotent. Jobs not yet delivered are dropped.
+  // Frees the releasing slots whose fences completed; returns how many.
+  uint32_t poll();
+
+  // Stops and joins the producers, then synchronizes every pending fence and
+  // frees its slot (oldest first). Jobs not yet delivered are dropped. If a
+  // fence throws, its slot and the later ones stay releasing and a second
+  // close() asks them again; otherwise idempotent.
   void close();
   bool closed() const;
 
@@ -99,6 +138,7 @@ class SlotRing {
   bool huge_pages() const { return arena_->huge_pages(); }
   uint64_t pending() const;  // submitted, not yet delivered
   uint32_t held() const;     // slots the consumer holds
+  uint32_t releasing() const;  // slots released behind a fence not yet complete
   RingStats stats() const;
 
  private:
@@ -115,9 +155,19 @@ class SlotRing {
     CapturedError err;
   };
 
+  struct Releasing {
+    uint64_t id;
+    uint32_t slot;
+    std::shared_ptr<Fence> fence;
+  };
+
   void layout(const std::vector<RingRequest>& reqs, bool packed, std::vector<uint64_t>& offsets,
               uint64_t& used) const;
   void producer();
+  // Fences are called with mu_ unlocked; entries are found again by id, so a
+  // fence that throws leaves the list as it was.
+  bool free_releasing(uint64_t id);  // takes mu_; false if no longer releasing
+  bool sync_oldest_fence();          // synchronize the oldest entry, free its slot; false if none
 
   std::shared_ptr<Reader> reader_;
   uint32_t num_slots_;
@@ -153,6 +203,9 @@ class SlotRing {
   std::deque<Job> queue_;
   std::vector<uint32_t> free_;
   std::vector<uint8_t> held_;        // 1 while the consumer holds the slot
+  std::deque<Releasing> releasing_;  // released behind a fence, oldest first
+  uint64_t next_release_id_ = 0;
+  bool joined_ = false;              // close() stopped and joined the producers
   std::map<uint64_t, Done> done_;
   uint64_t next_seq_ = 0, next_deliver_ = 0;
   uint32_t busy_ = 0;                // producers in a read

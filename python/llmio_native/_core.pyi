@@ -50,9 +50,9 @@ class RingSlot:
         """
         numpy uint8 view of request k's bytes (no copy)
         """
-    def release(self) -> None:
+    def release(self, fence: typing.Any = None) -> None:
         """
-        Give the slot back to the ring (idempotent).
+        Give the slot back to the ring (idempotent). With a fence (a torch.cuda.Event: query() -> bool, synchronize()) the slot is reused only once the fence completed.
         """
     @property
     def index(self) -> int:
@@ -87,6 +87,10 @@ class SlotRing:
         """
         Next filled slot in submission order; None if timeout (seconds) passes first.
         """
+    def poll(self) -> int:
+        """
+        Free the slots released behind fences that completed; returns how many.
+        """
     def required_bytes(self, requests: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], packed: bool = False) -> int:
         ...
     def stats(self) -> dict:
@@ -104,6 +108,9 @@ class SlotRing:
         ...
     @property
     def held(self) -> int:
+        ...
+    @property
+    def releasing(self) -> int:
         ...
     @property
     def huge_pages(self) -> bool:

@@ -3,7 +3,9 @@
 The producer side lives in C++ (csrc/ring/slot_ring.hpp): it takes jobs (lists of
 ``(file, offset, nbytes)`` reads) in submission order, waits for a free slot
 (back-pressure), reads through the Reader's engine and marks the slot filled. The
-consumer takes filled slots in order as zero-copy views and gives them back.
+consumer takes filled slots in order as zero-copy views and gives them back, at once or
+behind a fence (a CUDA event): the whole slot lifecycle (free, filling, ready, held,
+releasing behind a fence) is the C++ ring's.
 
 When CUDA is available the whole arena is page-locked once with ``cudaHostRegister``
 (through ``torch.cuda.cudart()``, so the core needs no CUDA) and unregistered on
@@ -170,7 +172,6 @@ class PinnedRing:
         self.reader = reader
         self._pid = os.getpid()
         self._cudart = None
-        self._pending_release: list[tuple[Any, Any]] = []
         self._device: int | None = None
         cpu_device = False
         if device is not None and pin is not False:
@@ -217,7 +218,6 @@ class PinnedRing:
         Raises:
             ValueError: the job does not fit a slot. RuntimeError: the ring is closed.
         """
-        self._poll_releases()
         return self._ring.submit(int(tag), [tuple(map(int, r)) for r in requests], packed)
 
     # -- consumer side -------------------------------------------------------------
@@ -230,28 +230,26 @@ class PinnedRing:
         Raises:
             OSError, ShortReadError: a producer's read failed (message names the job,
                 file, offset). RuntimeError: nothing was submitted, every slot is held
-                by the consumer, or the ring is closed.
+                by the consumer, or the ring is closed. Whatever a release fence's
+                ``query()``/``synchronize()`` raised.
+
+        When no slot is free or being filled and some wait only on release fences, it
+        synchronizes the oldest fence and goes on (it raises only when the consumer
+        itself holds every slot).
         """
-        self._poll_releases()
         return self._ring.get(timeout)
 
     def release(self, slot: Any, event: Any = None) -> None:
-        """Give ``slot`` back; with a ``torch.cuda.Event``, only once the event has completed
-        (the copy out of the slot is done)."""
-        if event is None:
-            slot.release()
-        else:
-            self._pending_release.append((slot, event))
-            self._poll_releases()
+        """Give ``slot`` back; with a ``torch.cuda.Event`` (any fence: ``query() -> bool``,
+        ``synchronize()``), only once the event has completed (the copy out of the slot is
+        done). The ring queries the fence from ``submit``/``get``/``release``/``poll``/
+        ``close`` only. If the fence raises, the exception reaches that call and the slot
+        stays releasing (never reused); a later call asks the fence again."""
+        slot.release(event)
 
-    def _poll_releases(self) -> None:
-        keep = []
-        for slot, event in self._pending_release:
-            if event.query():
-                slot.release()
-            else:
-                keep.append((slot, event))
-        self._pending_release = keep
+    def poll(self) -> int:
+        """Free the slots released behind fences that have completed; returns how many."""
+        return self._ring.poll()
 
     @staticmethod
     def tensor(slot: Any) -> Any:
@@ -266,16 +264,11 @@ class PinnedRing:
         In a forked child that inherited the ring (its producers do not exist there, and
         CUDA must not be touched) it only drops this process's references."""
         if os.getpid() != self._pid:
-            self._pending_release = []
             self._cudart = None
             return
         if getattr(self, "_ring", None) is None:  # the constructor failed
             return
-        for slot, event in self._pending_release:
-            event.synchronize()
-            slot.release()
-        self._pending_release = []
-        self._ring.close()
+        self._ring.close()  # synchronizes the release fences: no copy reads the arena after
         if self._cudart is not None:
             rt, self._cudart = self._cudart, None
             _cuda_host_call(rt, self._device, "cudaHostUnregister of the ring arena",
@@ -317,8 +310,20 @@ class PinnedRing:
         """Jobs submitted and not yet delivered."""
         return self._ring.pending
 
+    @property
+    def held(self) -> int:
+        """Slots the consumer holds (delivered, not released)."""
+        return self._ring.held
+
+    @property
+    def releasing(self) -> int:
+        """Slots released behind a fence that has not completed yet."""
+        return self._ring.releasing
+
     def stats(self) -> dict:
-        """submitted, delivered, released, bytes, producer_busy_s, consumer_wait_s (the stall)."""
+        """submitted, delivered, released (free again), releasing (now behind a fence),
+        fence_waits (get() synchronized a fence to go on), bytes, producer_busy_s,
+        consumer_wait_s (the stall), consumer_waits."""
         return self._ring.stats()
 
 

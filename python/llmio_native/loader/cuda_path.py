@@ -35,7 +35,6 @@ class CudaPath:
         starts = np.arange(batch_size, dtype=np.int64) * (seq_len + 1)
         with torch.cuda.stream(self.side):  # copied and used on the side stream only
             self.starts_dev = torch.from_numpy(starts).to(device)
-        self.release_events: deque[Any] = deque()
         self.timings: deque[tuple[Any, Any, str, int]] = deque()  # (start, end, kind, bytes) CUDA events
 
     # ---------------------------------------------------------------- timing
@@ -76,12 +75,9 @@ class CudaPath:
                               x.data_ptr(), y.data_ptr(), self.side.cuda_stream)
             ev = torch.cuda.Event()
             ev.record(self.side)
-        ring.release(slot, ev)  # back to the ring only once the copy is done
-        # The ring's get() refuses to wait when the consumer holds every slot; slots whose
-        # release waits on an event count as held, so never let those pile up.
-        self.release_events.append(ev)
-        while len(self.release_events) > max(1, ring.num_slots - 2):
-            self.release_events.popleft().synchronize()
+        # Back to the ring only once the copy is done: the ring reuses the slot when the
+        # event completed (its get() synchronizes the oldest one when nothing else is free).
+        ring.release(slot, ev)
         cur.wait_event(ev)
         x.record_stream(cur)  # allocated on the side stream, used on the current one
         y.record_stream(cur)
