@@ -82,7 +82,9 @@ class SlotRing:
     def __init__(self, reader: Reader, num_slots: typing.SupportsInt | typing.SupportsIndex, slot_bytes: typing.SupportsInt | typing.SupportsIndex, num_producers: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
         ...
     def close(self) -> None:
-        ...
+        """
+        Stop and join the producers, then synchronize pending fences and free their slots.
+        """
     def get(self, timeout: typing.Any = None) -> typing.Any:
         """
         Next filled slot in submission order; None if timeout (seconds) passes first.
@@ -110,9 +112,6 @@ class SlotRing:
     def held(self) -> int:
         ...
     @property
-    def releasing(self) -> int:
-        ...
-    @property
     def huge_pages(self) -> bool:
         ...
     @property
@@ -120,6 +119,9 @@ class SlotRing:
         ...
     @property
     def pending(self) -> int:
+        ...
+    @property
+    def releasing(self) -> int:
         ...
     @property
     def slot_bytes(self) -> int:

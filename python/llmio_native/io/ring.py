@@ -179,7 +179,7 @@ class PinnedRing:
             cpu_device = self._device is None and not _is_cuda_device(device)
             if cpu_device and pin:
                 raise ValueError(f"PinnedRing(pin=True) pins for a CUDA device, got device={device!r}")
-        self._ring = _core.SlotRing(reader._handle(), num_slots, slot_bytes, num_producers)
+        self._ring = _core.SlotRing(reader.native(), num_slots, slot_bytes, num_producers)
         if pin is not False and not cpu_device:
             rt = _cuda_runtime()
             if rt is None and pin:
