@@ -15,6 +15,7 @@ import torch
 
 from llmio_native import _core
 from llmio_native._native import _cuda
+from test_quant import oracle_packed  # the one packed-bytes oracle (tests/ is on sys.path)
 
 pytestmark = pytest.mark.cuda
 
@@ -67,15 +68,8 @@ def as_input(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 def oracle_pack(xt: torch.Tensor, res: np.ndarray, n_pad: int, world: int) -> np.ndarray:
-    xf = np.zeros(n_pad, np.float32)
-    xf[:xt.numel()] = xt.float().numpy()
-    codes = np.empty(n_pad, np.int8)
-    scales = np.empty(n_pad // BLOCK, np.float32)
-    _core.quantize_blocks_ref(xf, res, codes, scales)
-    shard = n_pad // world
-    sb = shard // BLOCK
-    return np.concatenate([np.concatenate([codes[r * shard:(r + 1) * shard].view(np.uint8),
-                                           scales[r * sb:(r + 1) * sb].view(np.uint8)]) for r in range(world)])
+    """The CPU oracle's packed bytes of a (CPU) bucket tensor: test_quant.oracle_packed of its fp32 values."""
+    return oracle_packed(xt.float().numpy().reshape(-1), res, n_pad, world)
 
 
 def bits(t) -> np.ndarray:
