@@ -647,6 +647,57 @@ def test_hook_falls_back_to_plain_allreduce_on_nccl_without_kernels(tmp_path):
         assert any("plain all-reduce" in m for m in res["warned"]), res["warned"]
 
 
+def disagree_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 0 sees a group without a CPU backend (so: plain all-reduce), rank 1 one with gloo
+    (so: host INT8 exchange). Without an agreed path they issue different collectives and
+    wait on each other; with it, every rank takes the plain all-reduce."""
+    import datetime
+
+    from llmio_native import ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    ddp.ops.cuda_kernels_usable = lambda: (False, "stub")
+    backend = "nccl" if rank == 0 else "gloo"
+    real_choose = ddp.ops.choose_path
+    ddp.ops.choose_path = lambda dev, ok, b: real_choose("cuda", ok, backend)
+    x = torch.full((4096,), float(rank + 1))
+
+    class Bucket:
+        def buffer(self):
+            return x
+
+        def index(self):
+            return 0
+
+        def is_last(self):
+            return True
+
+        def parameters(self):
+            return [x]
+
+    state = Int8CompressState(warmup_steps=0, min_numel=0)
+    res: dict = {}
+    try:
+        out = int8_compress_hook(state, Bucket()).wait()
+        res = {"out": out.numpy().copy(), "bypassed": state.stats()["buckets_bypassed"]}
+    except Exception as exc:  # a mismatch shows up as a collective error/timeout
+        res = {"error": repr(exc)}
+    with open(os.path.join(out_dir, f"agree{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    teardown()
+
+
+def test_ranks_that_choose_different_paths_agree_on_one(tmp_path):
+    mp.spawn(disagree_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"agree{rank}.pkl", "rb") as f:
+            res = pickle.load(f)
+        assert "error" not in res, res
+        assert res["bypassed"] == 1  # both ranks took the plain all-reduce
+        assert np.array_equal(res["out"], np.full(4096, 1.5, np.float32))
+
+
 def _missing_collective(*a, **k):
     raise AssertionError("called a torch.distributed function that torch 2.3+ does not have")
 

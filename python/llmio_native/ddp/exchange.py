@@ -184,7 +184,8 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
     if world == 1 or state.iteration <= state.warmup_steps or n < state.min_numel:
         return _allreduce(state, group, buf, world)
     path = _ops.choose_path(buf.device.type, _ops.cuda_kernels_usable()[0] if buf.device.type == "cuda" else False,
-                       str(dist.get_backend(group)))
+                            str(dist.get_backend(group)))
+    path = state.agree_path(path, group, world, buf.device)  # one choice on every rank
     if path == "allreduce":  # CUDA bucket, kernels unusable, a group without CPU tensors (NCCL alone)
         _native.warn_cuda_fallback("int8_compress_hook (CUDA bucket, no CPU backend in the group)",
                                    "a plain all-reduce of the bucket (no compression)")

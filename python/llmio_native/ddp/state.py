@@ -46,7 +46,7 @@ class Int8CompressState:
 
     __slots__ = ("process_group", "warmup_steps", "min_numel", "iteration", "_residuals", "_signatures",
                  "counters", "_bucket_params", "_pending", "deterministic", "hierarchical", "local_world_size",
-                 "_layout", "_topo", "_groups", "_warned_host", "_names")
+                 "_layout", "_topo", "_groups", "_warned_host", "_names", "_path")
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 2, min_numel: int = 1024,
                  deterministic: bool = False, hierarchical: Optional[bool] = None,
@@ -76,13 +76,14 @@ class Int8CompressState:
         self._pending: Dict[_ParamKey, Tuple[np.ndarray, np.ndarray]] = {}
         self._names: Dict[int, str] = {}  # data_ptr -> parameter name (this process only)
         self._topo: Optional[tuple] = None
+        self._path: Optional[tuple] = None  # (world, path every rank agreed on), see agree_path
         self._groups: Optional[tuple] = None  # (intra-node group, cross-node group), created lazily
         self._warned_host = False
         if model is not None:
             self.bind(model)
 
     def __getstate__(self) -> Dict[str, Any]:
-        skip = ("process_group", "_groups", "_topo", "_names", "_residuals", "_signatures", "_layout",
+        skip = ("process_group", "_groups", "_topo", "_path", "_names", "_residuals", "_signatures", "_layout",
                 "_bucket_params", "_pending")
         state = {k: getattr(self, k) for k in self.__slots__ if k not in skip}
         # Residuals leave per parameter: by name where known, else by bucket slice; never by
@@ -104,6 +105,7 @@ class Int8CompressState:
         self.process_group = None
         self._groups = None
         self._topo = None
+        self._path = None
         # defaults for states pickled before these settings existed
         self.deterministic, self.hierarchical, self.local_world_size = False, None, None
         self._layout, self._warned_host, self._names = {}, False, {}
@@ -320,6 +322,27 @@ class Int8CompressState:
                 raise RuntimeError(f"Int8CompressState: ranks are not laid out node by node: rank {rank} has "
                                    f"LOCAL_RANK {os.environ['LOCAL_RANK']}, expected {rank} % {L} = {rank % L}")
         return (M > 1, L, M, rank % L, rank // L)
+
+    def agree_path(self, path: str, group: Any, world: int, device: torch.device) -> str:
+        """The compression path every rank of ``group`` takes: the most conservative of the
+        ranks' own choices (``allreduce`` < ``host`` < ``device``), agreed by one all-reduce
+        (MIN) at the first compressed bucket and cached. Ranks that chose differently (one
+        rank's kernels unusable, another's fine) would otherwise issue different collectives
+        and wait on each other forever.
+
+        Raises:
+            RuntimeError: the all-reduce failed.
+        """
+        if world == 1:
+            return path
+        if self._path is not None and self._path[0] == world:
+            return self._path[1]
+        order = ("allreduce", "host", "device")
+        t = torch.tensor([order.index(path)], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        agreed = order[int(t.item())]
+        self._path = (world, agreed)
+        return agreed
 
     def topology(self, group: Any, world: int, rank: int, device: torch.device) -> Tuple[bool, int, int, int, int]:
         """(hierarchical, L, M, local rank, node), agreed by every rank of ``group``: each rank
