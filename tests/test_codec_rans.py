@@ -372,6 +372,14 @@ def test_kernel_emulation_rejects_descriptors_outside_buffers():
     bad_blocks["block"][1] = 1
     with pytest.raises(ValueError, match=r"block 1: block 1 of chunk 1, which has 1 block\(s\)"):
         R.emulate(src, chunks, bad_blocks, [m], out)
+    # A block missing from the table left zeros in `out` with status ok: every block of every
+    # chunk must be listed exactly once.
+    with pytest.raises(ValueError, match=r"lists 1 block\(s\), the chunks have 2"):
+        R.emulate(src, chunks, blocks[:1], [m], out)
+    twice = blocks.copy()
+    twice[1] = twice[0]
+    with pytest.raises(ValueError, match=r"block 1: block 0 of chunk 0 is listed twice"):
+        R.emulate(src, chunks, twice, [m], out)
     with pytest.raises(ValueError, match="4-byte aligned"):
         R.descriptors([2], [len(src)], [10], [0])
 

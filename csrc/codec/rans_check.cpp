@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace llmio {
 namespace rans {
@@ -50,6 +51,14 @@ void check_descriptors(uintptr_t src_addr, uint64_t src_nbytes, const ChunkDesc*
       bad(chunk + "output range [" + std::to_string(c.out_offset) + ", +" + std::to_string(c.num_tokens) +
           ") lies outside out (" + std::to_string(out_tokens) + " tokens)");
   }
+  // Every block of every chunk listed exactly once: a missing block would leave zeros in
+  // the output with status ok (the kernel decodes only what the table lists).
+  std::vector<uint64_t> base(num_chunks + 1, 0);
+  for (size_t i = 0; i < num_chunks; ++i) base[i + 1] = base[i] + num_blocks_for(chunks[i].num_tokens);
+  if (base[num_chunks] != num_blocks)
+    bad("the block table lists " + std::to_string(num_blocks) + " block(s), the chunks have " +
+        std::to_string(base[num_chunks]) + " (every block of every chunk exactly once)");
+  std::vector<uint8_t> seen(num_blocks, 0);
   for (size_t j = 0; j < num_blocks; ++j) {
     const BlockDesc& b = blocks[j];
     if (b.chunk >= num_chunks)
@@ -59,6 +68,11 @@ void check_descriptors(uintptr_t src_addr, uint64_t src_nbytes, const ChunkDesc*
     if (b.block >= nb)
       bad("block " + std::to_string(j) + ": block " + std::to_string(b.block) + " of chunk " +
           std::to_string(b.chunk) + ", which has " + std::to_string(nb) + " block(s)");
+    uint8_t& s = seen[base[b.chunk] + b.block];
+    if (s)
+      bad("block " + std::to_string(j) + ": block " + std::to_string(b.block) + " of chunk " +
+          std::to_string(b.chunk) + " is listed twice (so another block of the table is missing)");
+    s = 1;
   }
 }
 
