@@ -607,22 +607,6 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     ddp.ops._HostOps = Spy
 
-    class CudaLike:
-        def __init__(self, t):
-            self.t = t
-
-        def buffer(self):
-            return self.t
-
-        def index(self):
-            return 0
-
-        def is_last(self):
-            return True
-
-        def parameters(self):
-            return [self.t]
-
     x = torch.full((4096,), float(rank + 1))  # on the CPU; choose_path below is told "cuda"
     ddp_choose = ddp.ops.choose_path
     seen = []
@@ -630,7 +614,7 @@ def gate_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     state = Int8CompressState(warmup_steps=0, min_numel=0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = int8_compress_hook(state, CudaLike(x)).wait()
+        out = int8_compress_hook(state, FakeBucket(x)).wait()
     with open(os.path.join(out_dir, f"gate{rank}.pkl"), "wb") as f:
         pickle.dump({"out": out.numpy().copy(), "host_calls": calls, "seen": seen,
                      "bypassed": state.stats()["buckets_bypassed"], "warned": [str(m.message) for m in w]}, f)
@@ -663,23 +647,10 @@ def disagree_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     ddp.ops.choose_path = lambda dev, ok, b: real_choose("cuda", ok, backend)
     x = torch.full((4096,), float(rank + 1))
 
-    class Bucket:
-        def buffer(self):
-            return x
-
-        def index(self):
-            return 0
-
-        def is_last(self):
-            return True
-
-        def parameters(self):
-            return [x]
-
     state = Int8CompressState(warmup_steps=0, min_numel=0)
     res: dict = {}
     try:
-        out = int8_compress_hook(state, Bucket()).wait()
+        out = int8_compress_hook(state, FakeBucket(x)).wait()
         res = {"out": out.numpy().copy(), "bypassed": state.stats()["buckets_bypassed"]}
     except Exception as exc:  # a mismatch shows up as a collective error/timeout
         res = {"error": repr(exc)}

@@ -345,6 +345,18 @@ def as_bucket(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(raw), f32
 
 
+def dequantize_packed(gathered: np.ndarray, world: int, shard: int) -> np.ndarray:
+    """The CPU oracle's fp32 values of ``world`` packed copies (codes of ``shard`` values, then
+    their block scales, per rank), concatenated."""
+    gv = gathered.reshape(world, -1)
+    full = np.empty(world * shard, np.float32)
+    for r in range(world):
+        _core.dequantize_blocks_ref(np.ascontiguousarray(gv[r, :shard]).view(np.int8),
+                                    np.ascontiguousarray(gv[r, shard:]).view(np.float32),
+                                    full[r * shard:(r + 1) * shard])
+    return full
+
+
 def oracle_packed(xf: np.ndarray, res: np.ndarray, n_pad: int, world: int) -> np.ndarray:
     """quantize_blocks_ref of xf (zero-padded to n_pad), packed per destination rank; res updated."""
     xp = np.zeros(n_pad, np.float32)
@@ -422,12 +434,7 @@ def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less):
     shard = 3 * BLOCK
     n = max(1, world * shard - n_less)
     gathered = packed_copies(world, shard, 70 + world, big=True)
-    gv = gathered.reshape(world, -1)
-    full = np.empty(world * shard, np.float32)
-    for r in range(world):
-        _core.dequantize_blocks_ref(np.ascontiguousarray(gv[r, :shard]).view(np.int8),
-                                    np.ascontiguousarray(gv[r, shard:]).view(np.float32),
-                                    full[r * shard:(r + 1) * shard])
+    full = dequantize_packed(gathered, world, shard)
     expected, _ = as_bucket(full[:n], dtype)
     isz = 4 if dtype == "float32" else 2
     out = np.full(n + 3, 0x5A5A5A5A if isz == 4 else 0x5A5A, np.uint32 if isz == 4 else np.uint16)

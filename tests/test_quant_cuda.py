@@ -15,7 +15,8 @@ import torch
 
 from llmio_native import _core
 from llmio_native._native import _cuda
-from test_quant import oracle_packed  # the one packed-bytes oracle (tests/ is on sys.path)
+from test_ddp_hook import FakeBucket  # tests/ is on sys.path
+from test_quant import dequantize_packed, oracle_packed
 
 pytestmark = pytest.mark.cuda
 
@@ -209,12 +210,7 @@ def test_unpack_dequantize_bit_identical(dtype, world, n, on_stream):
     unit = BLOCK * world
     shard = -(-n // unit) * unit // world
     gathered = quantized_copies(world, shard, 7)
-    gv = gathered.reshape(world, -1)
-    full = np.empty(world * shard, np.float32)
-    for r in range(world):
-        _core.dequantize_blocks_ref(np.ascontiguousarray(gv[r, :shard]).view(np.int8),
-                                    np.ascontiguousarray(gv[r, shard:]).view(np.float32),
-                                    full[r * shard:(r + 1) * shard])
+    full = dequantize_packed(gathered, world, shard)
     expected = torch.from_numpy(full[:n]).to(td)
     out = torch.full((n + 1,), 7.0, dtype=td, device="cuda")  # one guard element past n
     d_gathered = torch.from_numpy(gathered).cuda()
@@ -408,22 +404,6 @@ def _nccl_worker(rank: int, world: int, port: int, out: str, on: str = "default_
     dist.init_process_group("nccl", rank=rank, world_size=world)
     gloo = dist.new_group(backend="gloo")
 
-    class Bucket:
-        def __init__(self, b):
-            self.b, self.p = b, torch.empty(b.numel())
-
-        def buffer(self):
-            return self.b
-
-        def index(self):
-            return 0
-
-        def is_last(self):
-            return True
-
-        def parameters(self):
-            return [self.p]
-
     s_gpu = Int8CompressState(warmup_steps=0, min_numel=0)
     s_cpu = Int8CompressState(process_group=gloo, warmup_steps=0, min_numel=0)
     same = True
@@ -431,8 +411,8 @@ def _nccl_worker(rank: int, world: int, port: int, out: str, on: str = "default_
     for step in range(4):
         x = torch.from_numpy(special(70_001, 1000 * step + rank, nonfinite=(step == 1)))
         with torch.cuda.stream(side):  # the hook on the default stream (cuda_stream 0) or a side stream
-            a = int8_compress_hook(s_gpu, Bucket(x.cuda())).wait().cpu()
-        b = int8_compress_hook(s_cpu, Bucket(x.clone())).wait()
+            a = int8_compress_hook(s_gpu, FakeBucket(x.cuda())).wait().cpu()
+        b = int8_compress_hook(s_cpu, FakeBucket(x.clone())).wait()
         same &= torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
     allg = [torch.empty(70_001, device="cuda") for _ in range(world)]
     dist.all_gather(allg, a.cuda())
