@@ -7,8 +7,8 @@ record their progress in a small shared-memory table (a torch tensor in shared m
 inherited by fork, passed as a handle to spawn/forkserver workers, copied by value by a
 plain ``pickle``/``deepcopy``, which gives an independent loader).
 
-One row per worker id: ``[seq, token, pid, start_pos, next_index, pos_after, start_counts...,
-counts_after...]``. ``token`` identifies one DataLoader iteration (the DataLoader's base
+One row per worker id: ``[seq, token, pid, start_pos, pos_after, start_counts...,
+counts_after...]`` (a non-zero pid marks a used row). ``token`` identifies one DataLoader iteration (the DataLoader's base
 seed, drawn from torch's RNG (or the DataLoader's ``generator``) for every DataLoader
 iterator and the same for all its workers, and the worker's count of ``iter()`` calls, the
 same for all workers of a persistent pool). A worker starting an iteration takes the start
@@ -38,8 +38,8 @@ import torch
 
 #: Worker ids a table can hold (DataLoader's num_workers above this raises).
 MAX_WORKERS = 1024
-_SEQ, _TOKEN, _PID, _START, _NEXT, _POS = range(6)
-_F = 6  # first count column
+_SEQ, _TOKEN, _PID, _START, _POS = range(5)
+_F = 5  # first count column
 
 
 def run_token(base_seed: int, iteration: int) -> int:
@@ -80,9 +80,10 @@ class Progress:
         """Forget every recorded position (``load_state_dict`` sets a new one)."""
         self.table.zero_()
 
-    def furthest(self) -> tuple[int, np.ndarray] | None:
-        """``(position, counts)`` after the furthest batch any worker handed out, or None."""
-        t = self._rows()
+    def furthest(self, rows: np.ndarray | None = None) -> tuple[int, np.ndarray] | None:
+        """``(position, counts)`` after the furthest batch any worker handed out, or None
+        (from ``rows``, a snapshot of the table, or a fresh one)."""
+        t = self._rows() if rows is None else rows
         used = t[t[:, _PID] != 0]
         if not len(used):
             return None
@@ -96,22 +97,20 @@ class Progress:
         if len(same):  # a sibling of this iteration wrote first (it may have finished already)
             r = same[0]
             return int(r[_START]), r[_F:_F + self.n].astype(np.int64)
-        old = t[(t[:, _PID] != 0)]
-        if len(old):
-            r = old[int(np.argmax(old[:, _POS]))]
-            if int(r[_POS]) > pos:
-                return int(r[_POS]), r[_F + self.n:].astype(np.int64)
+        far = self.furthest(t)  # the rows of earlier iterations are final
+        if far is not None and far[0] > pos:
+            return far
         return int(pos), np.asarray(counts, dtype=np.int64).copy()
 
-    def record(self, worker: int, token: int, start_pos: int, start_counts: np.ndarray, index: int,
+    def record(self, worker: int, token: int, start_pos: int, start_counts: np.ndarray,
                pos_after: int, counts_after: np.ndarray) -> None:
-        """Worker ``worker`` handed out batch ``index`` of iteration ``token``."""
+        """Worker ``worker`` of iteration ``token`` handed out a batch, after which the stream
+        stands at ``pos_after`` / ``counts_after``."""
         row = self.table.numpy()[worker]
         row[_SEQ] += 1  # odd: being written
         row[_TOKEN] = token
         row[_PID] = os.getpid()
         row[_START] = start_pos
-        row[_NEXT] = index + 1
         row[_POS] = pos_after
         row[_F:_F + self.n] = start_counts
         row[_F + self.n:] = counts_after

@@ -475,8 +475,8 @@ class TokenLoader(torch.utils.data.IterableDataset):
                 self._pos, self._counts = batch.pos_after, batch.counts_after
                 self._last = batch
                 if info is not None:
-                    self._progress.record(info.id, token, start_pos, start_counts, batch.index,
-                                          batch.pos_after, batch.counts_after)
+                    self._progress.record(info.id, token, start_pos, start_counts, batch.pos_after,
+                                          batch.counts_after)
                 n += 1
                 yield x, y
         finally:
