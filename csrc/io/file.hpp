@@ -70,7 +70,7 @@ namespace detail {
 //   write_enospc[:N]     Writer writes fail with ENOSPC from file offset N on (default 0);
 //                        a write crossing N is cut short there first, as on a full disk
 //   write_eio[:N]        the same with EIO
-//   direct_write_einval  the first O_DIRECT write of each Writer fails with EINVAL
+//   direct_write_einval  O_DIRECT writes fail with EINVAL (the Writer falls back to buffered)
 struct Faults {
   bool direct_open_einval = false;
   bool direct_read_einval = false;

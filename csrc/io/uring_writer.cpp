@@ -223,6 +223,7 @@ class UringWriteEngine final : public WriteEngine {
     State& s = states_[c];
     WriteDone d;
     d.chunk = c;
+    d.offset = s.job.offset;
     d.err = err;
     d.done = s.done;
     if (err) {

@@ -62,6 +62,7 @@ std::string write_hint(int e, bool direct, uint32_t align, uint64_t done) {
 WriteDone run_write_sync(WriteFile& f, WriterStats& st, const WriteJob& job) {
   WriteDone d;
   d.chunk = job.chunk;
+  d.offset = job.offset;
   bool direct = f.direct_ok.load(std::memory_order_relaxed) && f.fd_direct >= 0;
   bool first_direct = direct;
   while (d.done < job.len) {
@@ -348,7 +349,9 @@ std::vector<std::pair<std::string, int64_t>> Writer::features() const {
 }
 
 void Writer::throw_if_failed() {
-  if (err_.set) err_.rethrow();
+  if (!err_.set) return;
+  drain();  // nothing in flight when the caller sees the error, and the lowest offset wins
+  err_.rethrow();
 }
 
 void Writer::reap(bool block) {
@@ -362,7 +365,8 @@ void Writer::reap(bool block) {
     c.fill = 0;
     free_.push_back(d.chunk);
     --in_flight_;
-    if (d.err && !err_.set) {
+    if (d.err && (!err_.set || d.offset < err_offset_)) {
+      err_offset_ = d.offset;
       err_.set = true;
       err_.kind = ErrorKind::kIo;
       err_.err = d.err;
