@@ -775,3 +775,26 @@ def test_load_into_cuda_module_and_safe_open_on_cuda(tmp_path, monkeypatch):
         for k in f.keys():
             t = f.get_tensor(k)
             assert t.is_cuda and torch.equal(t.cpu(), src.state_dict()[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark script runs at a tiny size (so it does not rot)
+# ---------------------------------------------------------------------------------------------
+def test_bench_checkpoint_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_checkpoint.py"
+    out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path),
+                          "--json", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads((tmp_path / "c.json").read_text())
+    rows = {(r["section"], r["name"]) for r in res["rows"]}
+    for key in [("save", "llmio save_file"), ("save", "safetensors save_file + fsync"), ("save", "torch.save + fsync"),
+                ("load", "llmio load_file"), ("load", "safetensors load_file + touch"),
+                ("load", "torch.load(mmap=True) + touch")]:
+        assert key in rows, (key, sorted(rows))
+    assert any(s == "load" and n.startswith("limit") for s, n in rows)
+    assert all(r["gbps"] > 0 and r["seconds"] > 0 for r in res["rows"])
+    assert res["state_dict_bytes"] > 20 * MIB and res["cuda_run"] == torch.cuda.is_available()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_ckpt")] == []  # cleaned up

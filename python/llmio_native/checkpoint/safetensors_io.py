@@ -56,6 +56,8 @@ RESIDENT_THRESHOLD = 0.5
 _MAX_IO_BYTES = 4 << 20
 _SLOT_BYTES = 64 << 20
 _NUM_SLOTS = 3
+_WRITE_CHUNK_BYTES = 4 << 20
+_WRITE_STAGING_BYTES = 64 << 20
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 """What :func:`load_into` returns with ``strict=False`` (as ``Module.load_state_dict`` does)."""
@@ -232,7 +234,9 @@ def _resident_fraction(path: str, offset: int, length: int) -> float:
             vec = (ctypes.c_ubyte * pages)()
             if libc.mincore(ctypes.c_void_p(addr), span, vec) != 0:
                 return 0.0
-            return sum(b & 1 for b in bytes(vec)) / pages
+            import numpy as np
+
+            return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
         finally:
             libc.munmap(ctypes.c_void_p(addr), span)
     finally:
@@ -306,6 +310,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> 
     torch = _torch()
     out: dict[str, torch.Tensor] = {}
     reqs: list[tuple[int, int, int, int]] = []
+    active = reader.stats()["direct_active"] if direct else []
     for name in names:
         fi, info = src.info(name)
         h = src.headers[fi]
@@ -314,8 +319,8 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> 
         if info.nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if direct and reader.stats()["direct_active"][fi]:
+        itemsize = dtype.itemsize
+        if direct and active[fi]:
             raw, req, start = _alloc_cpu_congruent(reader, fi, abs_off, info.nbytes)
             if (raw.data_ptr() + start) % itemsize == 0:
                 reqs.append(req)
@@ -841,56 +846,12 @@ def safe_open(path: str | os.PathLike[str], framework: str = "pt", device: Any =
 # ---------------------------------------------------------------------------------------------
 # saves
 # ---------------------------------------------------------------------------------------------
-class _FallbackWriter:
-    """Sequential writes of CPU buffers through os.write (until the engine's Writer lands): the
-    same calls as ``llmio_native.io.Writer``."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        self._pos = 0
-
-    def write(self, buf: Any) -> int:
-        off = self._pos
-        mv = memoryview(buf).cast("B")
-        done = 0
-        while done < len(mv):
-            try:
-                done += os.write(self._fd, mv[done:done + (1 << 30)])
-            except OSError as e:
-                raise type(e)(e.errno, f"write {self.path} @ {off + done} (+{len(mv) - done}): {e.strerror}",
-                              self.path) from None
-        self._pos += len(mv)
-        return off
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self, sync: str = "data") -> None:
-        try:
-            if sync != "none":
-                (os.fdatasync if sync == "data" else os.fsync)(self._fd)
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError as e:
-            raise type(e)(e.errno, f"sync {self.path}: {e.strerror}", self.path) from None
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _bytes_of(t: "torch.Tensor") -> Any:
-    """A uint8 numpy view (CPU) of the tensor's bytes; a copy to CPU for device tensors."""
-    torch = _torch()
+def _cpu_contiguous(t: "torch.Tensor") -> "torch.Tensor":
+    """The tensor's bytes as a contiguous CPU tensor (a copy only for device or strided ones)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return t.contiguous()
 
 
 def _prepare(tensors: Mapping[str, "torch.Tensor"]) -> list[tuple[str, str, list[int], "torch.Tensor"]]:
@@ -913,13 +874,17 @@ def _prepare(tensors: Mapping[str, "torch.Tensor"]) -> list[tuple[str, str, list
 
 def _write_one(path: str | os.PathLike[str], entries: list[tuple[str, str, list[int], "torch.Tensor"]],
                metadata: Mapping[str, str] | None) -> None:
+    """Header then every tensor's bytes through the engine's Writer (O_DIRECT where the file
+    system allows, the tail padded and the file truncated), fdatasynced before it returns."""
+    from ..io import Writer
+
     prefix, offsets = serialise([(n, d, s, t.numel() * t.element_size()) for n, d, s, t in entries], metadata)
-    w = _FallbackWriter(path)
+    w = Writer(path, chunk_bytes=_WRITE_CHUNK_BYTES, staging_bytes=_WRITE_STAGING_BYTES)
     try:
         w.write(prefix)
-        for (name, _d, _s, t), (b, e) in zip(entries, offsets):
+        for (_n, _d, _s, t), (b, e) in zip(entries, offsets):
             if e > b:
-                w.write(_bytes_of(t))
+                w.write(_cpu_contiguous(t))
         w.close(sync="data")
     except BaseException:
         w.abort()
@@ -1030,6 +995,8 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
             ``directory`` that is a file or holds sub-directories.
         OSError: writing or committing failed; the previous checkpoint is then untouched.
     """
+    from ..io import write_file
+
     limit = parse_size(max_shard_size)
     prepared = {n: (d, s, t) for n, d, s, t in _prepare(tensors)}
     order = [(n, prepared[n][2]) for n in tensors]
@@ -1073,13 +1040,7 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
         if total > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             ip = st / INDEX_NAME
-            w = _FallbackWriter(ip)
-            try:
-                w.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-                w.close(sync="data")
-            except BaseException:
-                w.abort()
-                raise
+            write_file(ip, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()], sync="data", direct=False)
             synced.append(ip)
         _commit.commit(st, target, synced=synced)
     except BaseException:
