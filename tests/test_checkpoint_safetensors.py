@@ -734,6 +734,32 @@ def test_group_arguments_are_checked():
             ck.safetensors_io._group(None, 0, 2)
 
 
+@pytest.mark.parametrize("slot_kib", [12, 20, 64, 1024])
+def test_staging_pipeline_arithmetic_on_cpu(tmp_path, slot_kib):
+    """The CUDA path's runs and slots (tensors packed into runs, big ones split over several
+    slots, aligned supersets, slot reuse) with CPU destinations: bit-exact at every slot size."""
+    from llmio_native.checkpoint import safetensors_io as sio
+
+    sd = zoo(12)
+    sd["big"] = random_tensor(torch.float32, (300, 129), 13)  # 151 KiB: split at small slots
+    p = tmp_path / "pipe.safetensors"
+    ck.save_file(sd, p)
+    src = sio._open_source(p, hdr.MAX_HEADER_BYTES)
+    for mode in ("direct", "buffered"):
+        reader, _ = sio._make_reader(src, mode, "auto")
+        dst = {k: torch.empty_like(v) for k, v in sd.items()}
+        pipe = sio._Pipeline(torch.device("cpu"), slot_bytes=slot_kib * 1024, num_slots=2)
+        runs = list(sio._runs_for(src, reader, list(dst.items()), pipe.slot_bytes))
+        assert all(sum(n for _, n, _ in parts) <= pipe.slot_bytes for _, _, parts in runs)
+        if slot_kib <= 64:
+            assert len(runs) > 3  # the big tensor and the packing were really split
+        pipe.run(reader, iter(runs))
+        for k, v in sd.items():
+            assert same_bits(dst[k], v), (slot_kib, mode, k)
+    with pytest.raises(ValueError, match="smaller than two alignment blocks"):
+        list(sio._runs_for(src, reader, list(dst.items()), 4096))
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (run where a GPU is lent)
 # ---------------------------------------------------------------------------------------------

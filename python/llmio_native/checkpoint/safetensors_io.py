@@ -29,6 +29,7 @@ so each byte is read from storage once per group (pass a node-local group to rea
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -335,36 +336,47 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> 
 
 
 class _Pipeline:
-    """Page-locked staging slots and a side stream: runs of file bytes are read into slot k+1
-    while slot k is copied (async H2D) into its destinations. Blocking: ``run`` returns after
-    every copy has completed."""
+    """Staging slots and (CUDA) a side stream: runs of file bytes are read into slot k+1 while
+    slot k is copied into its destinations (async H2D from page-locked slots on the side
+    stream). Blocking: ``run`` returns once every copy has completed. On a CPU ``device`` the
+    same arithmetic runs with plain slots and synchronous copies (how the tests check it here).
+    """
 
-    def __init__(self, device: "torch.device", slot_bytes: int = _SLOT_BYTES, num_slots: int = _NUM_SLOTS) -> None:
+    def __init__(self, device: "torch.device", slot_bytes: int | None = None, num_slots: int | None = None) -> None:
         torch = _torch()
         self.device = device
-        self.slot_bytes = slot_bytes
+        self.cuda = device.type == "cuda"
+        self.slot_bytes = int(slot_bytes or _SLOT_BYTES)
         self.align = 1 << 21
         self.slots = []
-        for _ in range(num_slots):
-            raw = torch.empty(slot_bytes + self.align, dtype=torch.uint8, pin_memory=True)
+        for _ in range(int(num_slots or _NUM_SLOTS)):
+            raw = torch.empty(self.slot_bytes + self.align, dtype=torch.uint8, pin_memory=self.cuda)
             shift = (-raw.data_ptr()) % self.align
-            self.slots.append(raw[shift:shift + slot_bytes])
-        self.events: list[Any] = [None] * num_slots
-        self.stream = torch.cuda.Stream(device=device)
+            self.slots.append(raw[shift:shift + self.slot_bytes])
+        self.events: list[Any] = [None] * len(self.slots)
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
 
     def run(self, reader: Any, runs: Iterable[tuple[int, int, list[tuple[int, int, "torch.Tensor"]]]]) -> None:
         """``runs``: (file index, absolute file offset, [(offset in run, nbytes, destination uint8
-        view on the device)]) with each run at most ``slot_bytes - 2 * alignment`` long."""
+        view)]) with each run's aligned superset at most ``slot_bytes`` long.
+
+        Raises:
+            ValueError: a run longer than a slot.
+            OSError: a read failed (copies already queued complete before it propagates).
+        """
         torch = _torch()
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)  # destinations may still be in use on the caller's stream
+        cur = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.cuda:
+            self.stream.wait_stream(cur)  # destinations may still be in use on the caller's stream
+        ctx = (lambda: torch.cuda.stream(self.stream)) if self.cuda else contextlib.nullcontext
         k = 0
         try:
             for fi, off, parts in runs:
                 s = k % len(self.slots)
                 k += 1
                 if self.events[s] is not None:
-                    self.events[s].synchronize()
+                    self.events[s].synchronize()  # slot s's previous copies are done: reuse it
+                    self.events[s] = None
                 slot = self.slots[s]
                 A = reader.alignment(fi)
                 end = off + max((o + n for o, n, _ in parts), default=0)
@@ -373,22 +385,27 @@ class _Pipeline:
                     raise ValueError(f"run of {a1 - a0} bytes exceeds the staging slot ({self.slot_bytes})")
                 reader.native().read_batch_ptr([(fi, a0, slot.data_ptr(), a1 - a0)])
                 base = off - a0
-                with torch.cuda.stream(self.stream):
+                with ctx():
                     for o, n, dst in parts:
-                        dst.copy_(slot[base + o:base + o + n], non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(self.stream)
-                    self.events[s] = ev
+                        dst.copy_(slot[base + o:base + o + n], non_blocking=self.cuda)
+                    if self.cuda:
+                        ev = torch.cuda.Event()
+                        ev.record(self.stream)
+                        self.events[s] = ev
         finally:
-            self.stream.synchronize()
-        cur.wait_stream(self.stream)
+            if self.cuda:
+                self.stream.synchronize()
+        if self.cuda:
+            cur.wait_stream(self.stream)
 
 
 def _runs_for(src: _Source, reader: Any, items: Sequence[tuple[str, "torch.Tensor"]], slot_bytes: int
               ) -> Iterator[tuple[int, int, list[tuple[int, int, "torch.Tensor"]]]]:
-    """Group (name, destination) pairs into runs of adjacent file bytes that fit a slot; a
-    tensor larger than a slot is split over several runs."""
-    limit = slot_bytes - 2 * 4096 * 4
+    """Group (name, destination) pairs into runs of adjacent file bytes whose aligned superset
+    fits a slot; a tensor larger than a slot is split over several runs."""
+    limit = slot_bytes - 2 * max((reader.alignment(i) for i in range(len(src.files))), default=4096)
+    if limit <= 0:
+        raise ValueError(f"staging slot of {slot_bytes} bytes is smaller than two alignment blocks")
     order = sorted(items, key=lambda it: (src.info(it[0])[0], src.info(it[0])[1].begin))
     run_fi, run_off, run_end, parts = -1, 0, 0, []
     for name, dst in order:
@@ -764,6 +781,7 @@ class _SafeOpen:
         self._io_mode, self._backend = io_mode, backend
         self._reader: Any = None
         self._cold: list[bool] = []
+        self._pipe: _Pipeline | None = None
 
     def _get_reader(self) -> Any:
         if self._reader is None:
@@ -803,9 +821,9 @@ class _SafeOpen:
             return _read_cpu(reader, self._src, [name], reader.direct)[name]
         path = self._src.headers[fi].path
         t = _torch().empty(_torch_shape(info, path), dtype=_torch_dtype(info, path), device=self._device)
-        pipe = _Pipeline(self._device, slot_bytes=min(_SLOT_BYTES, _align_up(info.nbytes + (1 << 16), 1 << 21)),
-                         num_slots=2)
-        pipe.run(reader, _runs_for(self._src, reader, [(name, t)], pipe.slot_bytes))
+        if self._pipe is None:
+            self._pipe = _Pipeline(self._device, slot_bytes=min(_SLOT_BYTES, 16 << 20), num_slots=2)
+        self._pipe.run(reader, _runs_for(self._src, reader, [(name, t)], self._pipe.slot_bytes))
         return t
 
     def get_slice(self, name: str) -> _SafeSlice:
@@ -821,6 +839,7 @@ class _SafeOpen:
         if self._reader is not None:
             _drop_cache(self._src.files, self._cold)
         self._reader = None
+        self._pipe = None
 
     def __enter__(self) -> "_SafeOpen":
         return self
