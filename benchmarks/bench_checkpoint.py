@@ -15,6 +15,7 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
   limit            liburing loop, O_DIRECT, queue depth 32, 1 MiB reads (benchmarks/liburing_limit.c);
                    a Python O_DIRECT pread loop where liburing is not available
   llmio load_file  llmio_native.checkpoint.load_file (io_mode auto -> O_DIRECT when cold)
+  ... via staging  the same through 3 x 64 MiB aligned staging slots + memcpy (the design not taken)
   safetensors      safetensors.torch.load_file, then every page of every tensor touched
   torch.load mmap  torch.load(mmap=True) of the torch.save file, every page touched
   llmio load_into  llmio_native.checkpoint.load_into into a preallocated (touched) state dict
@@ -312,6 +313,16 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
     rows.append(row("load", "llmio load_file", lambda: ck.load_file(p_ours, stats=s), nbytes, p_ours,
                     cold_paths=[p_ours]))
     rows[-1]["note"] = f"direct={s.get('io_direct')} backend={s.get('backend')} bounce={s.get('bounce_bytes', 0)}B"
+
+    def staged() -> Any:
+        from llmio_native.checkpoint import safetensors_io as sio
+        sio._CPU_STAGING = True
+        try:
+            return ck.load_file(p_ours)
+        finally:
+            sio._CPU_STAGING = False
+    rows.append(row("load", "llmio load_file via staging + memcpy", staged, nbytes, p_ours, cold_paths=[p_ours],
+                    note="alternative design"))
     rows.append(row("load", "safetensors load_file + touch", lambda: touch(st_load(p_st)), nbytes, p_st,
                     cold_paths=[p_st]))
     rows.append(row("load", "torch.load(mmap=True) + touch",
