@@ -367,6 +367,73 @@ def test_load_into_strict_and_shape_errors_touch_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# I/O faults: the error names the file, nothing partial, the previous checkpoint untouched
+# ---------------------------------------------------------------------------------------------
+def test_read_error_in_one_shard_names_it_and_returns_nothing(tmp_path, faults):
+    import errno
+
+    d = tmp_path / "ck"
+    names = ck.save_sharded(gpt_like(), d, max_shard_size=30_000)
+    victim = names[1]
+    faults(f"eio:{victim}")
+    for mode in ("direct", "buffered"):
+        with pytest.raises(OSError) as ei:
+            ck.load_file(d, io_mode=mode)
+        assert ei.value.errno == errno.EIO and victim in str(ei.value), str(ei.value)
+    tgt = {k: torch.zeros_like(v) for k, v in gpt_like().items()}
+    with pytest.raises(OSError, match=victim):
+        ck.load_into(tgt, d)
+    faults("")
+    assert all(same_bits(v, gpt_like()[k]) for k, v in ck.load_file(d).items())
+
+
+def test_o_direct_refused_falls_back_to_buffered_reads(tmp_path, faults):
+    sd = zoo(14)
+    p = tmp_path / "f.safetensors"
+    ck.save_file(sd, p)
+    faults("direct_open_einval")
+    s: dict = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)
+    assert s["direct_active"] == [False] and all(same_bits(got[k], v) for k, v in sd.items())
+
+
+def test_load_from_tmpfs(tmp_path):
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        sd = zoo(15)
+        p = os.path.join(d, "t.safetensors")
+        ck.save_file(sd, p)
+        for mode in ("direct", "auto", "buffered"):
+            got = ck.load_file(p, io_mode=mode)
+            assert all(same_bits(got[k], v) for k, v in sd.items()), mode
+
+
+@pytest.mark.parametrize("spec", ["write_enospc:5000", "write_eio:0", "write_enospc:20000"])
+def test_failed_save_leaves_previous_checkpoint_and_no_staging(tmp_path, faults, spec):
+    import errno
+
+    old = gpt_like(seed=1)
+    f, d = tmp_path / "m.safetensors", tmp_path / "ck"
+    ck.save_file(old, f)
+    ck.save_sharded(old, d, max_shard_size=30_000)
+    before = sorted(os.listdir(d))
+    faults(spec)
+    for fn in (lambda: ck.save_file(gpt_like(seed=2), f), lambda: ck.save_sharded(gpt_like(seed=2), d, 30_000)):
+        with pytest.raises(OSError) as ei:
+            fn()
+        assert ei.value.errno in (errno.ENOSPC, errno.EIO), ei.value
+        assert ".tmp-" in str(ei.value)  # names the staging file it was writing
+    faults("")
+    assert sorted(os.listdir(tmp_path)) == ["ck", "m.safetensors"] and sorted(os.listdir(d)) == before
+    for target in (f, d):
+        got = ck.load_file(target)
+        assert all(same_bits(got[k], v) for k, v in old.items())
+
+
+# ---------------------------------------------------------------------------------------------
 # sharded saves and directory / index loads
 # ---------------------------------------------------------------------------------------------
 def gpt_like(n_layer: int = 4, d: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
