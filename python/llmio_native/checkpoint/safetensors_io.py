@@ -6,8 +6,9 @@ flight), straight into the memory the caller gets back:
 
 * CPU: each tensor gets its own allocation, laid out so that its file offset and its address
   agree modulo the O_DIRECT alignment; the aligned superset of its bytes is read straight into it
-  (no bounce copy, no page cache). The tensor's storage is private to it and may extend up to
-  two alignment blocks past the tensor's bytes (the slack of the aligned read).
+  (no bounce copy, no page cache). The tensor's storage is private to it and may extend a few
+  KiB (at most three alignment blocks) around the tensor's bytes: the slack of the aligned read.
+  Tensors under 16 KiB get an exact allocation instead (the engine bounces their partial blocks).
 * CUDA: runs of consecutive tensors are read into page-locked staging slots and copied to their
   final allocations on a side stream; slot k+1 is read while slot k is being copied.
 
@@ -57,6 +58,10 @@ RESIDENT_THRESHOLD = 0.5
 _MAX_IO_BYTES = 4 << 20
 _SLOT_BYTES = 64 << 20
 _NUM_SLOTS = 3
+_DIRECT_MIN_BYTES = 16 << 10
+"""CPU tensors from this size up get the congruent layout (read straight in, a few KiB of
+alignment slack in their storage); smaller ones get an exact allocation and the engine bounces
+their partial blocks (a copy of at most a few KiB)."""
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
@@ -324,7 +329,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> 
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         itemsize = dtype.itemsize
-        if direct and active[fi]:
+        if direct and active[fi] and info.nbytes >= _DIRECT_MIN_BYTES:
             raw, req, start = _alloc_cpu_congruent(reader, fi, abs_off, info.nbytes)
             if (raw.data_ptr() + start) % itemsize == 0:
                 reqs.append(req)
@@ -728,11 +733,19 @@ class _SafeSlice:
         self._fi, self._info = owner._src.info(name)
 
     def get_shape(self) -> list[int]:
-        """The tensor's shape as the header states it."""
+        """The tensor's shape as the header states it.
+
+        Raises:
+            Nothing.
+        """
         return list(self._info.shape)
 
     def get_dtype(self) -> str:
-        """The header's dtype name (``"BF16"``...)."""
+        """The header's dtype name (``"BF16"``...).
+
+        Raises:
+            Nothing.
+        """
         return self._info.dtype
 
     def __len__(self) -> int:
@@ -741,6 +754,14 @@ class _SafeSlice:
         return self._info.shape[0]
 
     def __getitem__(self, index: Any) -> "torch.Tensor":
+        """Read the part of the tensor ``index`` selects (a new tensor on the file's device).
+
+        Raises:
+            IndexError: an integer index out of range.
+            ValueError: a slice with a step <= 0.
+            SafetensorsError: a dtype torch lacks.
+            OSError: the read failed.
+        """
         torch = _torch()
         info, path = self._info, self._owner._src.headers[self._fi].path
         shape = _torch_shape(info, path)
@@ -799,15 +820,27 @@ class _SafeOpen:
         return out
 
     def keys(self) -> list[str]:
-        """Tensor names, sorted (as ``safetensors``)."""
+        """Tensor names, sorted (as ``safetensors``).
+
+        Raises:
+            Nothing.
+        """
         return sorted(self._src.where)
 
     def offset_keys(self) -> list[str]:
-        """Tensor names in file order."""
+        """Tensor names in file order.
+
+        Raises:
+            Nothing.
+        """
         return list(self._src.headers[0].tensors)
 
     def metadata(self) -> dict[str, str] | None:
-        """The ``__metadata__`` map, or None."""
+        """The ``__metadata__`` map, or None.
+
+        Raises:
+            Nothing.
+        """
         m = self._src.headers[0].metadata
         return dict(m) if m is not None else None
 
@@ -838,7 +871,11 @@ class _SafeOpen:
         return _SafeSlice(self, name)
 
     def close(self) -> None:
-        """Release the reader (tensors already returned stay valid: they own their memory)."""
+        """Release the reader (tensors already returned stay valid: they own their memory).
+
+        Raises:
+            Nothing.
+        """
         if self._reader is not None:
             _drop_cache(self._src.files, self._cold)
         self._reader = None
