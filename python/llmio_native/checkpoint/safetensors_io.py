@@ -1042,7 +1042,7 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
 
     Args:
         tensors: name -> tensor.
-        directory: the checkpoint directory (replaced whole).
+        directory: the checkpoint directory (replaced whole; missing parents are created).
         max_shard_size: bytes, or a string (``"5GB"`` = 5*10**9, ``"2GiB"`` = 2*2**30).
         metadata: ``__metadata__`` of every shard (default ``{"format": "pt"}``).
 
@@ -1066,6 +1066,7 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
     names = [SINGLE_NAME] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
     meta = {"format": "pt"} if metadata is None else dict(metadata)
     target = Path(os.fspath(directory))
+    target.parent.mkdir(parents=True, exist_ok=True)
     carry: list[Path] = []
     if target.exists():
         if not target.is_dir():
