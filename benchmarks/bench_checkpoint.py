@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -74,7 +73,8 @@ def gpt_state_dict(nbytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
     for i in range(n_layer):
         p = f"h.{i}."
         shapes += [(p + "ln_1.weight", (d,), torch.float32), (p + "ln_1.bias", (d,), torch.float32),
-                   (p + "attn.c_attn.weight", (3 * d, d), torch.bfloat16), (p + "attn.c_attn.bias", (3 * d,), torch.float32),
+                   (p + "attn.c_attn.weight", (3 * d, d), torch.bfloat16),
+                   (p + "attn.c_attn.bias", (3 * d,), torch.float32),
                    (p + "attn.c_proj.weight", (d, d), torch.bfloat16), (p + "attn.c_proj.bias", (d,), torch.float32),
                    (p + "ln_2.weight", (d,), torch.float32), (p + "ln_2.bias", (d,), torch.float32),
                    (p + "mlp.c_fc.weight", (4 * d, d), torch.bfloat16), (p + "mlp.c_fc.bias", (4 * d,), torch.float32),
@@ -338,7 +338,7 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
             rows.append(row("load", "DCP FileSystemReader", dcp_load, nbytes, p_dcp, cold_paths=[p_dcp]))
         except Exception as e:  # pragma: no cover
             print(f"  DCP load failed: {type(e).__name__}: {e}")
-    del dst
+    dst.clear()
     # fresh memory has a price of its own (first-touch page faults): a loader that returns new
     # tensors pays it, the read limit (one reused buffer) does not
     rows.append(row("load", "memory: first touch of fresh pages", lambda: first_touch(nbytes), nbytes, None))
@@ -396,7 +396,8 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
         "save page cache growth < 1%": ours_s["cache_growth_pct"],
         "load page cache growth < 1%": ours_l["cache_growth_pct"],
     }
-    goal = {"load >= 0.9 x read limit": 0.9, "load_into (preallocated) >= 0.9 x read limit": 0.9, "load >= 2 x safetensors cold": 2.0, "save >= 0.8 x write limit": 0.8}
+    goal = {"load >= 0.9 x read limit": 0.9, "load_into (preallocated) >= 0.9 x read limit": 0.9,
+            "load >= 2 x safetensors cold": 2.0, "save >= 0.8 x write limit": 0.8}
     for k, v in checks.items():
         if v is None:
             print(f"{k}: n/a")

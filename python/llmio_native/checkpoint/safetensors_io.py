@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from . import commit as _commit
-from .header import (DATA_ALIGN, DTYPES, MAX_HEADER_BYTES, TORCH_TO_DTYPE, Header, SafetensorsError, TensorInfo,
+from .header import (DTYPES, MAX_HEADER_BYTES, TORCH_TO_DTYPE, Header, SafetensorsError, TensorInfo,
                      read_header, serialise)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -762,7 +761,6 @@ class _SafeSlice:
             SafetensorsError: a dtype torch lacks.
             OSError: the read failed.
         """
-        torch = _torch()
         info, path = self._info, self._owner._src.headers[self._fi].path
         shape = _torch_shape(info, path)
         idx = index if isinstance(index, tuple) else (index,)
