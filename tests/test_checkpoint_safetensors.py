@@ -123,6 +123,32 @@ def test_files_we_write_load_bit_exactly_in_safetensors(tmp_path):
     assert all(same_bits(back[k], v) for k, v in sd.items())
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_state_dicts_round_trip_both_ways(tmp_path, seed):
+    """Seeded random dicts: odd names (unicode, quotes, empty, slashes), random dtypes and
+    shapes; ours -> library, library -> ours, and ours -> ours with random key subsets."""
+    rng = random.Random(seed)
+    names = ["", "ü/ß.weight", 'quo"te', "back\\slash", "a" * 300, "__meta", "x.0", "x.1", "emoji 🚀"]
+    sd = {}
+    for i in range(rng.randint(1, 12)):
+        dt = rng.choice(TORCH_DTYPES)
+        nd = rng.randint(0 if dt != torch.float4_e2m1fn_x2 else 1, 3)
+        shape = tuple(rng.choice([0, 1, 2, 3, 7, 64, 513]) for _ in range(nd))
+        name = names[i] if i < len(names) and rng.random() < 0.5 else f"t{i}"
+        sd[name] = random_tensor(dt, shape, seed * 100 + i)
+    a, b = tmp_path / "ours.safetensors", tmp_path / "lib.safetensors"
+    ck.save_file(sd, a, metadata={"seed": str(seed), "ü": "ß"})
+    st_save(sd, str(b), metadata={"seed": str(seed)})
+    lib_of_ours = st_load(str(a))
+    for mode in ("direct", "buffered"):
+        ours_of_lib, ours_of_ours = ck.load_file(b, io_mode=mode), ck.load_file(a, io_mode=mode)
+        for k, v in sd.items():
+            assert same_bits(lib_of_ours[k], v) and same_bits(ours_of_lib[k], v) and same_bits(ours_of_ours[k], v), k
+    sub = rng.sample(sorted(sd), rng.randint(1, len(sd)))
+    got = ck.load_file(a, keys=sub)
+    assert list(got) == sub and all(same_bits(got[k], sd[k]) for k in sub)
+
+
 def test_every_safetensors_dtype_name_is_in_the_table():
     import safetensors.torch as stt
 
