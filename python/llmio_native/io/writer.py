@@ -8,6 +8,7 @@ O_DIRECT alignment, truncates the file to its logical size and syncs it.
 from __future__ import annotations
 
 import os
+import sys
 from types import TracebackType
 from typing import Any, Iterable
 
@@ -24,11 +25,9 @@ def _source(data: Any) -> tuple[int, int, Any] | None:
     Raises:
         ValueError: a tensor that is not on the CPU or not contiguous.
     """
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-    if not isinstance(data, torch.Tensor):
+    # A tensor exists only once torch is imported: never pay that import (seconds) here.
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(data, torch.Tensor):
         return None
     if data.device.type != "cpu":
         raise ValueError(f"Writer.write needs a CPU tensor, got one on {data.device} (copy it to the CPU first)")
