@@ -595,3 +595,56 @@ def test_io_uring_uses_fixed_buffers_and_keeps_many_in_flight(tmp_path):
     s = w.stats()
     assert s["ops"] == 8 and s["fixed_buffer_ops"] == 8 and s["ops_direct"] == 8
     assert s["submits"] >= 1
+
+
+def test_unclosed_writer_warns_and_aborts(tmp_path, backend):
+    """Dropping a Writer without close() must not lose data silently: a ResourceWarning says so."""
+    import gc
+
+    path = tmp_path / "unclosed.bin"
+    w = Writer(path, backend=backend, **SMALL)
+    w.write(source(10000))
+    with pytest.warns(ResourceWarning, match="unclosed Writer"):
+        del w
+        gc.collect()
+    assert file_bytes(path) == source(10000)[:8192]  # full chunks only: the tail was staged
+
+
+def test_writer_used_in_forked_child_raises_and_parent_continues(tmp_path, backend):
+    path = tmp_path / "fork.bin"
+    w = Writer(path, backend=backend, **SMALL)
+    w.write(source(9000))
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: every call refuses, nothing hangs, the parent's file is not touched
+        code = 1
+        try:
+            try:
+                w.write(b"x")
+            except RuntimeError as e:
+                code = 0 if "forked child" in str(e) else 2
+            w.abort()  # a no-op here
+            os.write(wfd, b"%d" % code)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 16) == b"0" and status == 0
+    os.close(r)
+    w.write(source(9000, seed=1))
+    w.close()
+    assert file_bytes(path) == source(9000) + source(9000, seed=1)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_short_writes_are_resumed_exact(tmp_path, backend, faults, direct):
+    """Every write(2) cut to half (fault write_short): the rest is resubmitted until done."""
+    faults("write_short")
+    data = source(5 * 8192 + 4097)
+    path = tmp_path / "short.bin"
+    with Writer(path, backend=backend, direct=direct, **SMALL) as w:
+        write_pieces(w, data, splits(len(data), np.random.default_rng(5)))
+    assert file_bytes(path) == data and os.path.getsize(path) == len(data)
+    s = w.stats()
+    assert s["ops"] == 6 and s["retries"] >= 5, s  # every full chunk was cut at least once
+    assert (s["ops_direct"] == 6) if direct else (s["ops_buffered"] == 6), s

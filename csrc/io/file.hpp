@@ -71,6 +71,9 @@ namespace detail {
 //                        a write crossing N is cut short there first, as on a full disk
 //   write_eio[:N]        the same with EIO
 //   direct_write_einval  O_DIRECT writes fail with EINVAL (the Writer falls back to buffered)
+//   write_short          every Writer write(2) is cut to half its length (a direct one to
+//                        whole blocks; one block is not cut), as a signal or a busy
+//                        file system may cut it: the rest must be resubmitted
 struct Faults {
   bool direct_open_einval = false;
   bool direct_read_einval = false;
@@ -82,6 +85,7 @@ struct Faults {
   int write_err = 0;              // ENOSPC or EIO for write_enospc / write_eio, 0 for none
   uint64_t write_err_offset = 0;  // the file offset the injected write error starts at
   bool direct_write_einval = false;
+  bool write_short = false;
 };
 const Faults& faults();
 void set_faults(const std::string& spec);  // std::invalid_argument on an unknown name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from types import TracebackType
 from typing import Any, Iterable
 
@@ -182,6 +183,16 @@ class Writer:
 
     def __getstate__(self) -> dict:
         raise TypeError("a Writer cannot be pickled (it is an open file being written)")
+
+    def __del__(self) -> None:
+        # Never lose the staged tail silently: a Writer dropped unclosed warns (like an
+        # unclosed file) and is aborted; what it had not written yet is not in the file.
+        native = getattr(self, "_native", None)
+        if native is not None and not native.closed:
+            warnings.warn(f"unclosed Writer {self.path!r} ({native.tell()} bytes written to it): aborted "
+                          "without writing its staged tail or syncing; call close()", ResourceWarning,
+                          stacklevel=2)
+            self.abort()
 
 
 def fsync_path(path: str | os.PathLike[str] | bytes, *, data_only: bool = False) -> None:
