@@ -648,3 +648,37 @@ def test_short_writes_are_resumed_exact(tmp_path, backend, faults, direct):
     s = w.stats()
     assert s["ops"] == 6 and s["retries"] >= 5, s  # every full chunk was cut at least once
     assert (s["ops_direct"] == 6) if direct else (s["ops_buffered"] == 6), s
+
+
+@needs_uring
+@pytest.mark.parametrize("fault", ["uring_submit_eio", "uring_enter_eio"])
+def test_failing_ring_fails_the_writes_names_the_file_and_never_hangs(tmp_path, faults, fault):
+    """The ring itself fails (after the kernel took writes, or before it took any): every
+    write still owed fails with EIO naming the file and the ring call, the writes the kernel
+    had are waited for, and the writer closes and aborts without hanging."""
+    path = tmp_path / "ring.bin"
+    data = source(12 * 8192)
+    w = Writer(path, backend="io_uring", **SMALL)
+    w.write(data[: 2 * 8192 + 5])  # two chunks in flight before the fault
+    faults(fault)
+
+    def go():
+        for i in range(2 * 8192 + 5, len(data), 3000):
+            w.write(data[i : i + 3000])
+        w.close()
+
+    with pytest.raises(OSError) as ei:
+        call_with_deadline(go, 60)
+    e = ei.value
+    assert e.errno == errno.EIO and e.filename == str(path) and "io_uring_submit" in str(e), str(e)
+    faults("")
+    if not w.closed:
+        with pytest.raises(OSError):
+            call_with_deadline(w.close, 30)
+    call_with_deadline(w.abort, 30)
+    assert w.closed
+    got = file_bytes(path)
+    assert got == data[: len(got)]  # whatever reached the file is exact
+    # a new writer on the same path works: nothing stuck in the process
+    write_file(path, [data], backend="io_uring", **SMALL)
+    assert file_bytes(path) == data

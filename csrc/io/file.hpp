@@ -63,9 +63,11 @@ namespace detail {
 //   uring_eperm          io_uring_setup fails with EPERM (as under seccomp)
 //   uring_enosys         io_uring_setup fails with ENOSYS
 //   uring_submit_eio     io_uring_submit_and_wait reports EIO after submitting (a
-//                        ring that fails with reads in flight)
+//                        ring that fails with reads in flight; for a Writer, with
+//                        writes in flight)
 //   uring_enter_eio      io_uring_submit_and_wait fails with EIO before the kernel
-//                        takes any read (they stay queued in the ring, never submitted)
+//                        takes any read (they stay queued in the ring, never submitted;
+//                        for a Writer, io_uring_submit of its writes fails the same way)
 //   eio:<substring>      reads of files whose path contains <substring> fail with EIO
 //   write_enospc[:N]     Writer writes fail with ENOSPC from file offset N on (default 0);
 //                        a write crossing N is cut short there first, as on a full disk
