@@ -188,11 +188,15 @@ class Writer:
         # Never lose the staged tail silently: a Writer dropped unclosed warns (like an
         # unclosed file) and is aborted; what it had not written yet is not in the file.
         native = getattr(self, "_native", None)
-        if native is not None and not native.closed:
+        if native is None or native.closed:
+            return
+        try:
             warnings.warn(f"unclosed Writer {self.path!r} ({native.tell()} bytes written to it): aborted "
                           "without writing its staged tail or syncing; call close()", ResourceWarning,
                           stacklevel=2)
-            self.abort()
+        except Exception:  # pragma: no cover - interpreter shutdown: warnings may be gone
+            pass
+        self.abort()
 
 
 def fsync_path(path: str | os.PathLike[str] | bytes, *, data_only: bool = False) -> None:
