@@ -681,3 +681,29 @@ def test_failing_ring_fails_the_writes_names_the_file_and_never_hangs(tmp_path, 
     # a new writer on the same path works: nothing stuck in the process
     write_file(path, [data], backend="io_uring", **SMALL)
     assert file_bytes(path) == data
+
+
+def test_many_writers_in_parallel_threads_exact(tmp_path, backend):
+    """A checkpoint writes many files at once, one Writer per file and thread."""
+    import threading
+
+    datas = [source(70_000 + 4099 * k, seed=k) for k in range(6)]
+    errors: list = []
+
+    def run(k: int) -> None:
+        try:
+            with Writer(tmp_path / f"part-{k}.bin", backend=backend, **SMALL) as w:
+                for i in range(0, len(datas[k]), 6001):
+                    w.write(datas[k][i : i + 6001])
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(datas))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a writer thread hung"
+    assert not errors, errors
+    for k, d in enumerate(datas):
+        assert file_bytes(tmp_path / f"part-{k}.bin") == d
