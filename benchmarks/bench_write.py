@@ -19,7 +19,7 @@ The limits run at the start of every round and after the last one; every row kee
 fastest run. Target (issue 11): the
 checkpoint save built on the Writer reaches >= 0.8 x the limit; the line "best llmio / limit"
 is that ratio for the raw Writer.
-Usage: python benchmarks/bench_write.py [--size 512M] [--piece 16M] [--repeat 2] [--dir DIR] [--json out.json]
+Usage: python benchmarks/bench_write.py [--size 512M] [--piece 16M] [--repeat 2] [--quick] [--dir DIR] [--json out.json]
 """
 from __future__ import annotations
 
@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=str(HERE / "out"), help="directory for the files (removed after each row)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds; every row keeps its fastest round")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="a small run (128 MiB, one round)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.repeat = 1
+        if parse_size(a.size) > (128 << 20):
+            a.size = "128M"
     size = parse_size(a.size) // 4096 * 4096
     piece = max(1, parse_size(a.piece))
     if size <= 0:
@@ -225,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best llmio / python f.write = {best.gbps / py.gbps:.2f}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": m, "file_bytes": size, "piece_bytes": piece, "repeat": max(1, a.repeat), "filesystem": filesystem_of(a.dir),
+            chart = {"title": f"bench_write: {size / MiB:.0f} MiB file, written + fdatasync, GB/s", "unit": "GB/s",
+                     "bars": [{"label": r.name, "value": r.gbps,
+                               "kind": "limit" if r.name.startswith("limit") else
+                               ("ours" if r.name.startswith("llmio") else "baseline")} for r in rows]}
+            json.dump({"machine": m, "chart": chart, "file_bytes": size, "piece_bytes": piece, "repeat": max(1, a.repeat), "filesystem": filesystem_of(a.dir),
                        "limit_unavailable": limit is None, "limit_reason": why, "best_vs_limit": ratio,
                        "rows": [dict(asdict(r), gbps=r.gbps, cpu=r.cpu,
                                      vs_limit=(r.gbps / limit.gbps if limit and limit.gbps else None))
