@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import textwrap
@@ -595,3 +594,116 @@ def test_io_uring_uses_fixed_buffers_and_keeps_many_in_flight(tmp_path):
     s = w.stats()
     assert s["ops"] == 8 and s["fixed_buffer_ops"] == 8 and s["ops_direct"] == 8
     assert s["submits"] >= 1
+
+
+def test_unclosed_writer_warns_and_aborts(tmp_path, backend):
+    """Dropping a Writer without close() must not lose data silently: a ResourceWarning says so."""
+    import gc
+
+    path = tmp_path / "unclosed.bin"
+    w = Writer(path, backend=backend, **SMALL)
+    w.write(source(10000))
+    with pytest.warns(ResourceWarning, match="unclosed Writer"):
+        del w
+        gc.collect()
+    assert file_bytes(path) == source(10000)[:8192]  # full chunks only: the tail was staged
+
+
+def test_writer_used_in_forked_child_raises_and_parent_continues(tmp_path, backend):
+    path = tmp_path / "fork.bin"
+    w = Writer(path, backend=backend, **SMALL)
+    w.write(source(9000))
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: every call refuses, nothing hangs, the parent's file is not touched
+        code = 1
+        try:
+            try:
+                w.write(b"x")
+            except RuntimeError as e:
+                code = 0 if "forked child" in str(e) else 2
+            w.abort()  # a no-op here
+            os.write(wfd, b"%d" % code)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 16) == b"0" and status == 0
+    os.close(r)
+    w.write(source(9000, seed=1))
+    w.close()
+    assert file_bytes(path) == source(9000) + source(9000, seed=1)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_short_writes_are_resumed_exact(tmp_path, backend, faults, direct):
+    """Every write(2) cut to half (fault write_short): the rest is resubmitted until done."""
+    faults("write_short")
+    data = source(5 * 8192 + 4097)
+    path = tmp_path / "short.bin"
+    with Writer(path, backend=backend, direct=direct, **SMALL) as w:
+        write_pieces(w, data, splits(len(data), np.random.default_rng(5)))
+    assert file_bytes(path) == data and os.path.getsize(path) == len(data)
+    s = w.stats()
+    assert s["ops"] == 6 and s["retries"] >= 5, s  # every full chunk was cut at least once
+    assert (s["ops_direct"] == 6) if direct else (s["ops_buffered"] == 6), s
+
+
+@needs_uring
+@pytest.mark.parametrize("fault", ["uring_submit_eio", "uring_enter_eio"])
+def test_failing_ring_fails_the_writes_names_the_file_and_never_hangs(tmp_path, faults, fault):
+    """The ring itself fails (after the kernel took writes, or before it took any): every
+    write still owed fails with EIO naming the file and the ring call, the writes the kernel
+    had are waited for, and the writer closes and aborts without hanging."""
+    path = tmp_path / "ring.bin"
+    data = source(12 * 8192)
+    w = Writer(path, backend="io_uring", **SMALL)
+    w.write(data[: 2 * 8192 + 5])  # two chunks in flight before the fault
+    faults(fault)
+
+    def go():
+        for i in range(2 * 8192 + 5, len(data), 3000):
+            w.write(data[i : i + 3000])
+        w.close()
+
+    with pytest.raises(OSError) as ei:
+        call_with_deadline(go, 60)
+    e = ei.value
+    assert e.errno == errno.EIO and e.filename == str(path) and "io_uring_submit" in str(e), str(e)
+    faults("")
+    if not w.closed:
+        with pytest.raises(OSError):
+            call_with_deadline(w.close, 30)
+    call_with_deadline(w.abort, 30)
+    assert w.closed
+    got = file_bytes(path)
+    assert got == data[: len(got)]  # whatever reached the file is exact
+    # a new writer on the same path works: nothing stuck in the process
+    write_file(path, [data], backend="io_uring", **SMALL)
+    assert file_bytes(path) == data
+
+
+def test_many_writers_in_parallel_threads_exact(tmp_path, backend):
+    """A checkpoint writes many files at once, one Writer per file and thread."""
+    import threading
+
+    datas = [source(70_000 + 4099 * k, seed=k) for k in range(6)]
+    errors: list = []
+
+    def run(k: int) -> None:
+        try:
+            with Writer(tmp_path / f"part-{k}.bin", backend=backend, **SMALL) as w:
+                for i in range(0, len(datas[k]), 6001):
+                    w.write(datas[k][i : i + 6001])
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(datas))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a writer thread hung"
+    assert not errors, errors
+    for k, d in enumerate(datas):
+        assert file_bytes(tmp_path / f"part-{k}.bin") == d

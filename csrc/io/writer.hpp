@@ -156,7 +156,8 @@ class Writer {
   // first write error (the file is then closed unsynced), or a sync/close
   // error naming the path.
   void close(const std::string& sync);
-  // Stops, waits for in-flight writes, closes without syncing. Never throws.
+  // Stops, waits for in-flight writes, closes without syncing. Never throws;
+  // does nothing in a forked child (write/flush/close raise there).
   void abort() noexcept;
 
   const std::string& path() const { return file_.path; }
@@ -180,6 +181,7 @@ class Writer {
   };
 
   void throw_if_failed();
+  void check_owner() const;  // std::runtime_error in a forked child
   void submit_chunk(uint32_t c, uint64_t len);
   void reap(bool block);
   void drain() noexcept;  // waits until nothing is in flight, records errors
