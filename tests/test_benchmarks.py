@@ -68,3 +68,21 @@ def test_bench_codec_smoke(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     rans = [r for r in res["rows"] if r["codec"] == "rans CPU (1 thread)"]
     assert rans and all(r["of_bound"] > 0.8 and r["decode_gbps"] > 0 for r in rans)
+
+
+def test_bench_loader_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_loader.py"), "--quick", "--size-gib", "0.02", "--batches", "20",
+         "--dir", str(tmp_path / "d"), "--json", str(tmp_path / "l.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "l.json").read_text())
+    names = {r["name"]: r for r in res["rows"]}
+    for want in ("TokenLoader (our format, none)", "TokenLoader (raw .bin)", "nanoGPT np.memmap get_batch"):
+        assert names[want]["tokens_s"] > 0 and names[want]["vs_limit"] > 0, want
+    assert res["batches"] == 20 and res["machine"]["cores"] >= 1
+    bars = res["chart"]["bars"]
+    assert [b["label"] for b in bars] == [r["name"] for r in res["rows"]]
+    assert {b["kind"] for b in bars} >= {"ours", "baseline", "limit"}
+    assert not (tmp_path / "d").exists()  # removed without --keep
