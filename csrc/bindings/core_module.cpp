@@ -16,6 +16,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LLMIO_VERSION;
   bind_errors(m);
   bind_io(m);
+  bind_io_write(m);  // Writer, fsync_path (io_write_bindings.cpp)
   bind_ring(m);
   bind_loader(m);
   bind_rans(m);

@@ -67,6 +67,10 @@ namespace detail {
 //   uring_enter_eio      io_uring_submit_and_wait fails with EIO before the kernel
 //                        takes any read (they stay queued in the ring, never submitted)
 //   eio:<substring>      reads of files whose path contains <substring> fail with EIO
+//   write_enospc[:N]     Writer writes fail with ENOSPC from file offset N on (default 0);
+//                        a write crossing N is cut short there first, as on a full disk
+//   write_eio[:N]        the same with EIO
+//   direct_write_einval  the first O_DIRECT write of each Writer fails with EINVAL
 struct Faults {
   bool direct_open_einval = false;
   bool direct_read_einval = false;
@@ -75,10 +79,20 @@ struct Faults {
   bool uring_submit_eio = false;
   bool uring_enter_eio = false;
   std::string eio_substring;
+  int write_err = 0;              // ENOSPC or EIO for write_enospc / write_eio, 0 for none
+  uint64_t write_err_offset = 0;  // the file offset the injected write error starts at
+  bool direct_write_einval = false;
 };
 const Faults& faults();
 void set_faults(const std::string& spec);  // std::invalid_argument on an unknown name
 std::string faults_spec();
+
+// O_DIRECT alignment of an open file: statx(STATX_DIOALIGN) where the kernel
+// reports it, never below 4096.
+uint32_t direct_alignment(int fd);
+
+// "a directory", "a FIFO (named pipe)", ... for an st_mode that is not a regular file.
+const char* file_type_name(unsigned st_mode);
 
 inline uint64_t align_down(uint64_t x, uint64_t a) { return x / a * a; }
 inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }

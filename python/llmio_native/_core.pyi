@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
+__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
 class UnsupportedError(RuntimeError):
     pass
 class ShortReadError(OSError):
@@ -44,6 +44,43 @@ class Reader:
         ...
     @property
     def num_files(self) -> int:
+        ...
+class Writer:
+    def __init__(self, path: str, backend: str, direct: bool = True, queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, chunk_bytes: typing.SupportsInt | typing.SupportsIndex = 4194304, staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, exclusive: bool = False) -> None:
+        ...
+    def abort(self) -> None:
+        ...
+    def close(self, sync: str = 'data') -> None:
+        ...
+    def flush(self) -> None:
+        ...
+    def stats(self) -> dict:
+        ...
+    def tell(self) -> int:
+        ...
+    def write(self, data: typing.Any) -> int:
+        """
+        Append a C-contiguous buffer; returns the file offset it starts at.
+        """
+    def write_ptr(self, ptr: typing.SupportsInt | typing.SupportsIndex, nbytes: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    @property
+    def alignment(self) -> int:
+        ...
+    @property
+    def backend(self) -> str:
+        ...
+    @property
+    def chunk_bytes(self) -> int:
+        ...
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def direct_active(self) -> bool:
+        ...
+    @property
+    def path(self) -> str:
         ...
 class RingSlot:
     def array(self, k: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
@@ -221,6 +258,10 @@ def dequantize_blocks_ref(codes: typing.Annotated[numpy.typing.ArrayLike, numpy.
 def feistel_permute(idx: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], n: typing.SupportsInt | typing.SupportsIndex, key: typing.SupportsInt | typing.SupportsIndex, rounds: typing.SupportsInt | typing.SupportsIndex = 6) -> numpy.typing.NDArray[numpy.int64]:
     """
     Seeded bijection of [0, n) applied to idx (int64); see csrc/loader/permute.hpp.
+    """
+def fsync_path(path: str, data_only: bool = False) -> None:
+    """
+    open + fsync (fdatasync when data_only) of a file or a directory; OSError naming the path.
     """
 def host_live_bytes() -> int:
     """
