@@ -563,11 +563,18 @@ _CRASH_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename_exchange", "rename_aside"])
+def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path, exchange):
+    """A saving process SIGKILLed at random instants (50 points, at most ~15 s each way): the
+    checkpoint always loads whole, and never goes back to an older version. Both commit paths:
+    renameat2(RENAME_EXCHANGE) and the rename-aside fallback that loaders recover()."""
     script = tmp_path / "crash.py"
     script.write_text(_CRASH_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), "50", "25"], capture_output=True,
+    env.pop("LLMIO_COMMIT_NO_EXCHANGE", None)
+    if not exchange:
+        env["LLMIO_COMMIT_NO_EXCHANGE"] = "1"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), "50", "15"], capture_output=True,
                          text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ..errors import UnsupportedError
-from ..io.reader import Reader
+from ..io import Reader, Writer
 from . import commit as _commit
 from .dcp_metadata import METADATA_FILE, CheckpointFormatError, ItemLocation, decode, dtype_name, encode
 
@@ -85,62 +85,12 @@ _TORCH_METADATA = ".metadata"
 
 
 # -- the writer the data files go through ---------------------------------------------------
-class _PosixWriter:
-    """Private stand-in for ``llmio_native.io.Writer`` (same calls): appends buffers to a new
-    file with ``os.write`` and syncs on close."""
-
-    def __init__(self, path: str, backend: str = "auto", direct: bool = True) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._pos = 0
-
-    def write(self, buf: Any) -> int:
-        if isinstance(buf, torch.Tensor):
-            buf = _raw_bytes(buf.contiguous()).numpy()
-        mv = memoryview(buf).cast("B")
-        off = self._pos
-        done = 0
-        while done < len(mv):
-            try:
-                n = os.write(self._fd, mv[done:])
-            except OSError as e:
-                raise type(e)(e.errno, f"write {self.path} @ {off + done} (+{len(mv) - done}): {e.strerror}") from None
-            done += n
-        self._pos += done
-        return off
-
-    def tell(self) -> int:
-        return self._pos
-
-    def flush(self) -> None:
-        pass
-
-    def close(self, sync: str = "data") -> None:
-        if self._fd < 0:
-            return
-        try:
-            if sync == "data":
-                os.fdatasync(self._fd)
-            elif sync == "full":
-                os.fsync(self._fd)
-        except OSError as e:
-            raise type(e)(e.errno, f"sync {self.path}: {e.strerror}") from None
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _open_writer(path: str, backend: str, direct: bool) -> Any:
-    try:
-        from ..io import Writer  # type: ignore[attr-defined]
-    except ImportError:
-        Writer = _PosixWriter
-    return Writer(path, backend=backend, direct=direct)
+def _open_writer(path: str, backend: str, direct: bool, expected_nbytes: int) -> Writer:
+    """A new data file (O_EXCL: a name is never reused) written through the native engine, its
+    staging memory sized to the file (a small file does not get 64 MiB of staging)."""
+    chunk = min(4 << 20, max(64 << 10, -(-expected_nbytes // _ALIGN) * _ALIGN))
+    staging = min(64 << 20, max(2 * chunk, -(-expected_nbytes // chunk) * chunk + chunk))
+    return Writer(path, backend=backend, direct=direct, exclusive=True, chunk_bytes=chunk, staging_bytes=staging)
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -380,7 +330,8 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
 
     def _write_file(self, staging: Path, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         path = str(staging / name)
-        w = _open_writer(path, self.backend, self.direct)
+        expected = sum(_item_nbytes(wi) + _ALIGN for wi in items)
+        w = _open_writer(path, self.backend, self.direct, expected)
         out: list[WriteResult] = []
         key = "?"
         try:
