@@ -473,6 +473,7 @@ def test_unsafe_pickled_value_is_refused_unless_trusted(tmp_path):
     out = {"a": torch.zeros(2), "obj": None}
     with pytest.raises(BaseException, match=r"'obj'.*weights_only=True.*trust_pickle=True"):
         _load(out, tmp_path / "ck")
+    assert torch.equal(out["a"], torch.zeros(2)) and out["obj"] is None  # checked before any tensor is read
     _load(out, tmp_path / "ck", trust_pickle=True)
     assert out["obj"] == os.getpid() and torch.equal(out["a"], torch.ones(2))
 

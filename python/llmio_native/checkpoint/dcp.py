@@ -188,7 +188,7 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
             fsyncs the metadata and the directories). False trades crash safety for speed.
         thread_count: files written in parallel per rank.
         overwrite: replace an existing checkpoint at ``path`` (atomically); False raises.
-        checksums: store the xxh64 of each item; :class:`StorageReader` verifies whole-item reads.
+        checksums: store the xxh3-64 of each item; :class:`StorageReader` verifies whole-item reads.
         backend, direct: passed to the native writer (``"auto"`` | ``"io_uring"`` | ``"threads"``;
             O_DIRECT on or off).
         cache_staged_state_dict: :meth:`stage` reuses one staging copy across calls (the state
@@ -343,7 +343,7 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
                         raise TypeError(f"item {key}: expected BytesIO for a byte item, got {type(data).__name__}")
                     buf = data.getbuffer()
                     nbytes = buf.nbytes
-                    digest = xxhash.xxh64(buf).hexdigest() if self.checksums else None
+                    digest = xxhash.xxh3_64(buf).hexdigest() if self.checksums else None
                     off = w.write(buf) if nbytes else w.tell()
                     del buf
                     kind = "bytes"
@@ -361,7 +361,7 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
                     pos = w.tell()
                     if nbytes >= _ALIGN_MIN_NBYTES and pos % _ALIGN:
                         w.write(np.zeros(_ALIGN - pos % _ALIGN, dtype=np.uint8))
-                    digest = xxhash.xxh64(raw.numpy()).hexdigest() if self.checksums else None
+                    digest = xxhash.xxh3_64(raw.numpy()).hexdigest() if self.checksums else None
                     off = w.write(raw) if nbytes else w.tell()
                     kind = "tensor"
                 out.append(WriteResult(index=wi.index, size_in_bytes=nbytes,
@@ -527,16 +527,17 @@ class StorageReader(_TorchStorageReader):
     tampered metadata raises :class:`CheckpointFormatError` naming the file and the key, and no
     destination tensor is touched. An I/O error during the reads themselves (EIO) can leave
     destinations partly written; the error names the file. Whole-item reads are checked against
-    the stored xxh64 (``verify``).
+    the stored xxh3-64 (``verify``).
 
     Args:
         path: the checkpoint directory.
         backend, direct, queue_depth, num_threads: passed to :class:`llmio_native.io.Reader`.
         trust_pickle: hand non-tensor values to torch's planner (which unpickles them with
             ``weights_only=False``) without first checking them with ``weights_only=True``.
-        verify: check whole-item reads against their stored xxh64.
-        batch_bytes: temporary memory (bytes) per read batch for destinations that cannot be
-            read into directly.
+        verify: check whole-item reads against their stored xxh3-64.
+        batch_bytes: bytes per read batch; one batch is read while the previous one is
+            verified and handed over, so temporaries (for destinations that cannot be read into
+            directly) stay under about twice this.
 
     Raises:
         ValueError: ``path`` is a URL.
@@ -552,7 +553,7 @@ class StorageReader(_TorchStorageReader):
         num_threads: int = 16,
         trust_pickle: bool = False,
         verify: bool = True,
-        batch_bytes: int = 256 << 20,
+        batch_bytes: int = 64 << 20,
     ) -> None:
         super().__init__()
         if "://" in os.fspath(path):
@@ -730,7 +731,7 @@ class StorageReader(_TorchStorageReader):
         Raises:
             CheckpointFormatError: a data file is missing, truncated or longer than recorded, a
                 requested key or chunk is not stored, a whole-item read does not match its
-                xxh64, or a non-tensor value needs unpickling beyond ``weights_only``
+                xxh3-64, or a non-tensor value needs unpickling beyond ``weights_only``
                 (``trust_pickle=False``); the message names the file and the key.
             OSError: a read failed (names file, offset and length).
         """
@@ -744,16 +745,38 @@ class StorageReader(_TorchStorageReader):
             return fut
         reader = Reader([str(self.path / n) for n in names], backend=self.backend, direct=self.direct,
                         queue_depth=self.queue_depth, num_threads=self.num_threads)
-        batch: list[_Job] = []
-        temp = 0
-        for j in jobs:
-            batch.append(j)
-            temp += len(j.offsets) * j.run
-            if temp >= self.batch_bytes:
-                self._read_batch(reader, names, batch, planner)
-                batch, temp = [], 0
-        if batch:
-            self._read_batch(reader, names, batch, planner)
+        # Non-tensor values first, all of them, checked (checksum, weights_only) before any
+        # tensor byte lands in a destination: a refused pickle leaves the state dict untouched.
+        byte_jobs = [j for j in jobs if j.dtype is None]
+        tensor_jobs = [j for j in jobs if j.dtype is not None]
+        staged_bytes = self._prepare_batch(byte_jobs, planner)
+        if staged_bytes:
+            self._read_batch(reader, staged_bytes)
+            for j, buf, _ in staged_bytes:
+                self._check_item(j, buf)
+        batches: list[list[_Job]] = [[]]
+        acc = 0
+        for j in tensor_jobs:
+            if acc >= self.batch_bytes:
+                batches.append([])
+                acc = 0
+            batches[-1].append(j)
+            acc += len(j.offsets) * j.run
+        # One batch ahead: batch k+1 is read (GIL released) while batch k is verified and
+        # handed to the planner, so checksums and copies overlap the I/O.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmio-dcp-read") as ex:
+            pending = None
+            for batch in batches:
+                staged = self._prepare_batch(batch, planner)
+                nxt = (staged, ex.submit(self._read_batch, reader, staged))
+                if pending is not None:
+                    pending[1].result()
+                    self._finish_batch(pending[0], planner)
+                pending = nxt
+            pending[1].result()
+            self._finish_batch(pending[0], planner)
+        for j, buf, _ in staged_bytes:
+            planner.load_bytes(j.req, io.BytesIO(buf.tobytes()))
         st = dict(reader.stats())
         st["bytes_requested"] = requested
         self._last_stats = st
@@ -761,30 +784,33 @@ class StorageReader(_TorchStorageReader):
         fut.set_result(None)
         return fut
 
-    def _read_batch(self, reader: Reader, names: list[str], batch: list[_Job], planner: LoadPlanner) -> None:
+    def _prepare_batch(self, batch: list[_Job], planner: LoadPlanner) -> list[tuple[_Job, Any, Any]]:
+        """(job, buffer to read into, destination tensor or None for bytes) for each job: the
+        destination itself when it is a contiguous CPU tensor of the stored dtype."""
+        out = []
+        for j in batch:
+            if j.dtype is None:
+                out.append((j, np.empty(j.run, dtype=np.uint8), None))
+                continue
+            target = planner.resolve_tensor(j.req).detach()
+            lens = tuple(j.req.lengths)
+            if tuple(target.shape) != lens:
+                raise CheckpointFormatError(
+                    f"{self.path}: {_describe_key(j.req.storage_index)}: destination of shape {tuple(target.shape)} "
+                    f"for a request of {list(lens)}", key=j.req.storage_index.fqn)
+            direct = target.device.type == "cpu" and target.dtype == j.dtype and target.is_contiguous()
+            out.append((j, target if direct else torch.empty(lens, dtype=j.dtype), target))
+        return out
+
+    def _read_batch(self, reader: Reader, staged: list[tuple[_Job, Any, Any]]) -> None:
+        """All reads of a batch: single-run items in one submission, each multi-run item (a box
+        of a chunk) as one vectorised scatter read."""
         single: list[tuple[int, int, Any]] = []
         multi: list[tuple[_Job, Any]] = []
-        finish: list[tuple[_Job, Any, Any]] = []  # (job, buffer read into, destination or None)
-        for j in batch:
-            if j.dtype is None:  # bytes
-                buf = np.empty(j.run, dtype=np.uint8)
-                dest = None
-            else:
-                target = planner.resolve_tensor(j.req).detach()
-                lens = tuple(j.req.lengths)
-                if tuple(target.shape) != lens:
-                    raise CheckpointFormatError(
-                        f"{self.path}: {_describe_key(j.req.storage_index)}: destination of shape {tuple(target.shape)} "
-                        f"for a request of {list(lens)}", key=j.req.storage_index.fqn)
-                direct = target.device.type == "cpu" and target.dtype == j.dtype and target.is_contiguous()
-                buf = target if direct else torch.empty(lens, dtype=j.dtype)
-                dest = target
-            finish.append((j, buf, dest))
-            if len(j.offsets) == 0:
-                continue
+        for j, buf, _dest in staged:
             if len(j.offsets) == 1:
                 single.append((j.file_index, int(j.offsets[0]), buf if j.dtype is None else _raw_bytes(buf)))
-            else:
+            elif len(j.offsets) > 1:
                 multi.append((j, buf))
         try:
             if single:
@@ -793,32 +819,38 @@ class StorageReader(_TorchStorageReader):
                 reader.read_many(j.file_index, j.offsets, j.run, _raw_bytes(buf))
         except OSError as e:
             raise type(e)(e.errno, f"DCP load from {self.path}: {e}") from e
-        for j, buf, dest in finish:
-            key = _describe_key(j.req.storage_index)
-            if self.verify and j.whole and j.loc.xxh64 is not None:
-                got = xxhash.xxh64(buf if j.dtype is None else _raw_bytes(buf).numpy()).hexdigest()
-                if got != j.loc.xxh64:
-                    p = self.path / j.loc.file
-                    raise CheckpointFormatError(
-                        f"DCP checkpoint data file {p}: {key} at bytes [{j.loc.file_offset}, "
-                        f"{j.loc.file_offset + j.loc.nbytes}) does not match its checksum (corrupted)",
-                        path=str(p), key=j.req.storage_index.fqn, offset=j.loc.file_offset)
-            if j.dtype is None:
-                data = buf.tobytes()
-                if not self.trust_pickle:
-                    try:
-                        torch.load(io.BytesIO(data), weights_only=True)
-                    except Exception as e:
-                        raise CheckpointFormatError(
-                            f"DCP checkpoint {self.path / j.loc.file}: non-tensor value {key!r} cannot be loaded "
-                            f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass "
-                            "trust_pickle=True to StorageReader if you trust this checkpoint",
-                            path=str(self.path / j.loc.file), key=j.req.storage_index.fqn) from None
-                planner.load_bytes(j.req, io.BytesIO(data))
-            else:
-                if buf is not dest:
-                    dest.copy_(buf)
-                planner.commit_tensor(j.req, dest)
+
+    def _check_item(self, j: _Job, buf: Any) -> None:
+        """Checksum of a whole-item read (``verify``); for a non-tensor value also the
+        ``weights_only`` load unless ``trust_pickle``."""
+        key = _describe_key(j.req.storage_index)
+        p = self.path / j.loc.file
+        if self.verify and j.whole and j.loc.xxh3 is not None:
+            got = xxhash.xxh3_64(buf if j.dtype is None else _raw_bytes(buf).numpy()).hexdigest()
+            if got != j.loc.xxh3:
+                raise CheckpointFormatError(
+                    f"DCP checkpoint data file {p}: {key} at bytes [{j.loc.file_offset}, "
+                    f"{j.loc.file_offset + j.loc.nbytes}) does not match its checksum (corrupted)",
+                    path=str(p), key=j.req.storage_index.fqn, offset=j.loc.file_offset)
+        if j.dtype is None and not self.trust_pickle:
+            try:
+                torch.load(io.BytesIO(buf.tobytes()), weights_only=True)
+            except Exception as e:
+                raise CheckpointFormatError(
+                    f"DCP checkpoint {p}: non-tensor value {key!r} cannot be loaded with weights_only=True "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); pass "
+                    "trust_pickle=True to StorageReader if you trust this checkpoint",
+                    path=str(p), key=j.req.storage_index.fqn) from None
+
+    def _finish_batch(self, staged: list[tuple[_Job, Any, Any]], planner: LoadPlanner) -> None:
+        """Verify whole-item checksums, copy temporaries into their destinations and hand the
+        tensors to the planner."""
+        for j, buf, _dest in staged:
+            self._check_item(j, buf)
+        for j, buf, dest in staged:
+            if buf is not dest:
+                dest.copy_(buf)
+            planner.commit_tensor(j.req, dest)
 
     @property
     def checkpoint_id(self) -> str:

@@ -15,13 +15,14 @@ ranges) before a reader trusts it. The file::
                                 | {"type": "bytes"}},
         "storage": [{"fqn": .., "offset": [..] | null, "index": int | null, "kind": "tensor" | "bytes",
                      "file": "__0_0.distcp", "file_offset": int, "nbytes": int,
-                     "xxh64": "<16 hex>" | null}, ..],
+                     "xxh3": "<16 hex>" | null}, ..],
         "files": {"__0_0.distcp": size_in_bytes, ..},
         "planner_data": <tagged JSON, see _enc>,
         "storage_meta": {"checkpoint_id": str | null, "save_id": str | null, "modules": [..]} | null}}
 
-``body_xxh64`` is the xxh64 of the body serialised canonically (sorted keys, no spaces): a
-flipped bit or a hand edit that does not recompute it is refused as corrupt.
+``xxh3`` is the xxh3-64 of the item's bytes. ``body_xxh64`` is the xxh64 of the body
+serialised canonically (sorted keys, no spaces): a flipped bit, or a hand edit that does not
+recompute it, is refused as corrupt.
 """
 from __future__ import annotations
 
@@ -79,13 +80,13 @@ class CheckpointFormatError(FormatError):
 class ItemLocation:
     """Where one write item's bytes live: ``nbytes`` at ``file_offset`` of ``file`` (a name
     inside the checkpoint directory). ``kind`` is ``"tensor"`` (raw bytes, row-major, of the
-    chunk) or ``"bytes"`` (a ``torch.save`` blob). ``xxh64`` of those bytes, or None."""
+    chunk) or ``"bytes"`` (a ``torch.save`` blob). ``xxh3``: the xxh3-64 of those bytes, or None."""
 
     file: str
     file_offset: int
     nbytes: int
     kind: str
-    xxh64: str | None = None
+    xxh3: str | None = None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -194,7 +195,7 @@ def encode(metadata: Metadata, storage: dict[MetadataIndex, ItemLocation], files
             "file": loc.file,
             "file_offset": int(loc.file_offset),
             "nbytes": int(loc.nbytes),
-            "xxh64": loc.xxh64,
+            "xxh3": loc.xxh3,
         })
     sm = metadata.storage_meta
     body = {
@@ -329,11 +330,11 @@ def decode(raw: bytes, path: str) -> tuple[Metadata, dict[MetadataIndex, ItemLoc
             nbytes = _nonneg_int(it["nbytes"], f"{where} nbytes")
             chunk_off = None if it["offset"] is None else _int_list(it["offset"], f"{where} offset")
             index = it.get("index")
-            digest_i = it.get("xxh64")
+            digest_i = it.get("xxh3")
             if index is not None:
                 _nonneg_int(index, f"{where} index")
             if digest_i is not None and not (isinstance(digest_i, str) and len(digest_i) == 16):
-                raise CheckpointFormatError(f"{where}: malformed xxh64 {digest_i!r}")
+                raise CheckpointFormatError(f"{where}: malformed xxh3 {digest_i!r}")
         except KeyError as e:
             raise CheckpointFormatError(f"{where}: storage entry lacks {e}", path=path, key=fqn) from None
         except CheckpointFormatError as e:
