@@ -231,7 +231,7 @@ def test_partial_load_reads_only_requested_keys(tmp_path):
     assert st["bytes_direct"] + st["bytes_buffered"] <= 2000 + 2 * 4096
 
 
-def test_dtype_conversion_and_cuda_free_strided_destination(tmp_path):
+def test_dtype_conversion_and_strided_destination(tmp_path):
     g = torch.Generator().manual_seed(3)
     sd = {"w": torch.randn(20, 30, generator=g)}
     _save(sd, tmp_path / "ck")
@@ -584,3 +584,40 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path, exchange):
     # kills landed both before and after a commit (some points see the old version, some a new one)
     assert res["new_seen"] == [False, True] or res["points"] < 30, res
     print(f"SIGKILL points: {res['points']}, save {res['t_save'] * 1e3:.0f} ms")
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_state_dict_round_trip_and_pinned_staging(tmp_path):
+    """CUDA tensors save (copied to the host), load into CUDA destinations (read into host
+    temporaries, then copy_), and async_save stages into pinned memory."""
+    g = torch.Generator().manual_seed(21)
+    cpu = {"w": torch.randn(256, 128, generator=g), "b": torch.randn(77, generator=g).to(torch.bfloat16)}
+    sd = {k: v.cuda() for k, v in cpu.items()}
+    w = StorageWriter(tmp_path / "ck")
+    staged = w.stage(sd)
+    assert w.staging_pinned and all(t.is_pinned() and t.device.type == "cpu" for t in staged.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.async_save(sd, storage_writer=StorageWriter(tmp_path / "ck")).result(timeout=120)
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    _load(out, tmp_path / "ck")
+    assert all(out[k].device.type == "cuda" and torch.equal(out[k].cpu(), cpu[k]) for k in cpu)
+
+
+# -- benchmark smoke ----------------------------------------------------------------------------------
+def test_bench_dcp_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dcp.py"), "--size-mib", "8", "--dir", str(tmp_path),
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    rows = {(r["section"], r["name"]): r for r in res["rows"]}
+    for key in [("save", "llmio StorageWriter"), ("save", "torch FileSystemWriter thread_count=4"),
+                ("load (cold)", "llmio StorageReader"), ("load (cold)", "torch FileSystemReader")]:
+        r = rows[key]
+        assert r["nbytes"] == res["state_bytes"] and r["seconds"] > 0 and r["gbps"] > 0 and r["vs_limit"] > 0, r
+    assert res["state_bytes"] >= 8 << 20
+    assert any(n.startswith("limit") for s, n in rows if s == "save") and any(n.startswith("limit") for s, n in rows if s == "load (cold)")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_dcp_")] == []  # cleaned up
