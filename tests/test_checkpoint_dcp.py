@@ -200,6 +200,23 @@ def test_overwrite_replaces_whole_and_refuses_foreign_dirs(tmp_path):
     assert (tmp_path / "empty" / METADATA_FILE).is_file()
 
 
+def test_failed_save_keeps_previous_checkpoint_and_its_staging_goes(tmp_path, faults):
+    _save({"a": torch.ones(4096)}, tmp_path / "ck")
+    faults("write_enospc")
+    with pytest.raises(BaseException, match=r"(?s)DCP save: writing a to .*__0_0\.distcp.*No space left"):
+        _save({"a": torch.full((4096,), 2.0)}, tmp_path / "ck")
+    faults("")
+    out = {"a": torch.zeros(4096)}
+    _load(out, tmp_path / "ck")
+    assert torch.equal(out["a"], torch.ones(4096))  # the previous checkpoint, whole
+    staging = [n for n in os.listdir(tmp_path) if n.startswith(".ck.tmp-")]
+    assert len(staging) == 1  # the failed save's, kept while this process might still own it...
+    _save({"a": torch.full((4096,), 3.0)}, tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # ...and removed by the next save of this process
+    _load(out, tmp_path / "ck")
+    assert torch.equal(out["a"], torch.full((4096,), 3.0))
+
+
 def test_rank_local_metadata_is_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -40,6 +40,7 @@ import concurrent.futures
 import io
 import math
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -82,6 +83,23 @@ DATA_SUFFIX = ".distcp"
 _ALIGN = 4096
 _ALIGN_MIN_NBYTES = 64 << 10
 _TORCH_METADATA = ".metadata"
+# Staging directories of saves in flight in this process (coordinator side): any other staging
+# directory of this process is left over from a failed save and removed by the next one.
+_ACTIVE_STAGING: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _remove_own_failed_staging(target: Path, fresh: Path) -> None:
+    """Remove staging directories of ``target`` named for this host and process (``fresh`` shows
+    the host-pid prefix) that no save of this process is using: what a failed save left."""
+    marker = ".tmp-"
+    head, _, token = fresh.name.rpartition(marker)
+    mine = head + marker + token.rsplit("-", 1)[0] + "-"
+    with _ACTIVE_LOCK:
+        active = set(_ACTIVE_STAGING)
+    for p in target.parent.iterdir():
+        if p.name.startswith(mine) and str(p) not in active:
+            _commit.discard(p)
 
 
 # -- the writer the data files go through ---------------------------------------------------
@@ -138,7 +156,8 @@ class _PlanData:
 
 
 def _describe_key(idx: MetadataIndex) -> str:
-    return idx.fqn if idx.offset is None or len(idx.offset) == 0 else f"{idx.fqn} (chunk at {list(idx.offset)})"
+    """The key, and the chunk's offsets when it is not the tensor's first (a shard)."""
+    return idx.fqn if idx.offset is None or not any(idx.offset) else f"{idx.fqn} (chunk at {list(idx.offset)})"
 
 
 def _stage_copy(obj: Any, pin: bool) -> Any:
@@ -246,7 +265,8 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
                 raise ValueError(f"StorageWriter writes local paths only, got {os.fspath(checkpoint_id)!r}")
             self.path = Path(os.fspath(checkpoint_id))
         self.save_id = str(uuid.uuid4())
-        self._staging = None
+        if self._staging is not None:  # an earlier save through this writer failed: drop its staging
+            self._release_staging(discard=True)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         """Record this rank's role.
@@ -294,7 +314,10 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _commit.remove_stale(self.path)
         staging = _commit.staging_path(self.path)
+        _remove_own_failed_staging(self.path, staging)
         staging.mkdir()
+        with _ACTIVE_LOCK:
+            _ACTIVE_STAGING.add(str(staging))
         self._staging = staging
         return [replace(p, storage_data=_PlanData(staging.name, f"__{i}_")) for i, p in enumerate(plans)]
 
@@ -317,13 +340,19 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
             groups = [[wi] for wi in plan.items]
         jobs = [(f"{pd.prefix}{k}{DATA_SUFFIX}", g) for k, g in enumerate(groups)]
         results: list[WriteResult] = []
-        if len(jobs) <= 1 or self.thread_count == 1:
-            for name, g in jobs:
-                results += self._write_file(staging, name, g, planner)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(self.thread_count, thread_name_prefix="llmio-dcp-write") as ex:
-                for r in ex.map(lambda j: self._write_file(staging, j[0], j[1], planner), jobs):
-                    results += r
+        try:
+            if len(jobs) <= 1 or self.thread_count == 1:
+                for name, g in jobs:
+                    results += self._write_file(staging, name, g, planner)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(self.thread_count, thread_name_prefix="llmio-dcp-write") as ex:
+                    for r in ex.map(lambda j: self._write_file(staging, j[0], j[1], planner), jobs):
+                        results += r
+        except BaseException:
+            # This save is over: its staging directory is no longer in use by this process, and
+            # the next save to the same target removes it (other ranks may still be writing).
+            self._release_staging(discard=False)
+            raise
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -374,6 +403,15 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
             except Exception:  # pragma: no cover - best effort
                 pass
             if isinstance(e, OSError):
+                # The engine writes asynchronously: a failure may surface at a later call or at
+                # close. Its message names the file range ("@ OFFSET (+LEN)"): find the items in it.
+                m = re.search(r"@ (\d+) \(\+(\d+)\)", str(e))
+                if m:
+                    lo, hi = int(m.group(1)), int(m.group(1)) + int(m.group(2))
+                    hit = [_describe_key(wr.index) for wr in out
+                           if wr.storage_data.file_offset < hi and wr.storage_data.file_offset + wr.storage_data.nbytes > lo]
+                    if hit:
+                        key = ", ".join(hit[:5]) + (f" and {len(hit) - 5} more" if len(hit) > 5 else "")
                 raise type(e)(e.errno, f"DCP save: writing {key} to {path}: {e.strerror or e}") from e
             raise
         return out
@@ -423,7 +461,20 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         synced = [str(md_path)]
         if self.sync_files:
             synced += [str(staging / n) for n in files]
-        _commit.commit(staging, self.path, synced=synced)
+        try:
+            _commit.commit(staging, self.path, synced=synced)
+        except BaseException:
+            self._release_staging(discard=True)
+            raise
+        self._release_staging(discard=False)
+
+    def _release_staging(self, *, discard: bool) -> None:
+        if self._staging is None:
+            return
+        with _ACTIVE_LOCK:
+            _ACTIVE_STAGING.discard(str(self._staging))
+        if discard:
+            _commit.discard(self._staging)
         self._staging = None
 
     def storage_meta(self) -> StorageMeta | None:
