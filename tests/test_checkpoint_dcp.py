@@ -176,6 +176,20 @@ def test_stage_copies_into_independent_memory():
     assert staged["a"].is_pinned() is torch.cuda.is_available()
 
 
+def test_cached_staging_reuses_its_memory():
+    w = StorageWriter("/nonexistent/x", cache_staged_state_dict=True)
+    t = torch.arange(10.0)
+    first = w.stage({"a": t, "l": [t * 2, "x"]})
+    t.add_(1)
+    second = w.stage({"a": t, "l": [t * 2, "y"]})
+    assert second["a"].data_ptr() == first["a"].data_ptr() and second["l"][0].data_ptr() == first["l"][0].data_ptr()
+    assert torch.equal(second["a"], torch.arange(10.0) + 1) and torch.equal(second["l"][0], (torch.arange(10.0) + 1) * 2)
+    assert second["l"][1] == "y"
+    third = w.stage({"a": torch.zeros(3)})  # another shape: new memory
+    assert third["a"].data_ptr() != first["a"].data_ptr() and torch.equal(third["a"], torch.zeros(3))
+    assert StorageWriter("/nonexistent/x").stage({"a": t})["a"].data_ptr() != first["a"].data_ptr()
+
+
 def test_overwrite_replaces_whole_and_refuses_foreign_dirs(tmp_path):
     _save({"a": torch.ones(4), "b": torch.ones(2)}, tmp_path / "ck")
     _save({"a": torch.full((4,), 2.0)}, tmp_path / "ck")  # b gone: replaced, not merged

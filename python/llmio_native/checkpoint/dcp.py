@@ -37,16 +37,16 @@ remote URLs as checkpoint ids, tensors with a non-strided layout.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import io
 import math
 import os
 import re
 import threading
 import uuid
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -70,7 +70,12 @@ from torch.futures import Future
 from ..errors import UnsupportedError
 from ..io import Reader, Writer
 from . import commit as _commit
-from .dcp_metadata import METADATA_FILE, CheckpointFormatError, ItemLocation, decode, dtype_name, encode
+from .dcp_metadata import METADATA_FILE, CheckpointFormatError, ItemLocation, decode, encode
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - older torch
+    _DTensor = None  # type: ignore[assignment,misc]
 
 try:  # torch >= 2.4 names the protocol; dcp.async_save checks for it structurally anyway
     from torch.distributed.checkpoint.staging import AsyncStager as _AsyncStager
@@ -160,29 +165,37 @@ def _describe_key(idx: MetadataIndex) -> str:
     return idx.fqn if idx.offset is None or not any(idx.offset) else f"{idx.fqn} (chunk at {list(idx.offset)})"
 
 
-def _stage_copy(obj: Any, pin: bool) -> Any:
-    """Deep copy of a state dict's containers with every tensor copied to (pinned) CPU memory."""
+def _stage_copy(obj: Any, pin: bool, cache: Any = None) -> Any:
+    """Deep copy of a state dict: containers rebuilt, every tensor (DTensor: its local shard)
+    copied to (pinned) CPU memory, other mutable leaves deep-copied where they allow it. Where
+    ``cache`` (an earlier result) has a tensor of the same shape and dtype at the same place,
+    the copy goes into it instead of new memory."""
+    if _DTensor is not None and isinstance(obj, _DTensor):
+        prev = cache.to_local() if _DTensor is not None and isinstance(cache, _DTensor) else None
+        local = _stage_copy(obj.to_local(), pin, prev)
+        return _DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
+                                   shape=obj.size(), stride=obj.stride())
     if isinstance(obj, torch.Tensor):
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - older torch
-            DTensor = ()  # type: ignore[assignment]
-        if DTensor and isinstance(obj, DTensor):
-            local = _stage_copy(obj.to_local(), pin)
-            return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                      shape=obj.size(), stride=obj.stride())
-        out = torch.empty(obj.size(), dtype=obj.dtype, device="cpu", pin_memory=pin)
+        reuse = (isinstance(cache, torch.Tensor) and cache.shape == obj.shape and cache.dtype == obj.dtype
+                 and cache.device.type == "cpu" and cache.is_contiguous())
+        out = cache if reuse else torch.empty(obj.size(), dtype=obj.dtype, device="cpu", pin_memory=pin)
         if obj.numel():
-            out.copy_(obj.detach(), non_blocking=pin and obj.device.type == "cuda")
+            with torch.no_grad():
+                out.copy_(obj.detach(), non_blocking=pin and obj.device.type == "cuda")
         out.requires_grad_(obj.requires_grad)
         return out
     if isinstance(obj, dict):
-        return type(obj)((k, _stage_copy(v, pin)) for k, v in obj.items()) if type(obj) is not dict else {k: _stage_copy(v, pin) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_stage_copy(v, pin) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_stage_copy(v, pin) for v in obj)
-    return obj
+        c = cache if isinstance(cache, dict) else {}
+        return type(obj)((k, _stage_copy(v, pin, c.get(k))) for k, v in obj.items())  # dict, OrderedDict
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        c = cache if isinstance(cache, (list, tuple)) and len(cache) == len(obj) else [None] * len(obj)
+        return type(obj)(_stage_copy(v, pin, cv) for v, cv in zip(obj, c))
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return obj
+    try:
+        return copy.deepcopy(obj)
+    except Exception:  # an object that cannot be copied is saved as it is when written
+        return obj
 
 
 class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
@@ -210,8 +223,9 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         checksums: store the xxh3-64 of each item; :class:`StorageReader` verifies whole-item reads.
         backend, direct: passed to the native writer (``"auto"`` | ``"io_uring"`` | ``"threads"``;
             O_DIRECT on or off).
-        cache_staged_state_dict: :meth:`stage` reuses one staging copy across calls (the state
-            dict must keep its structure and shapes).
+        cache_staged_state_dict: :meth:`stage` copies into the tensors of its previous copy
+            where shapes and dtypes match (no new pinned memory per save). The previous
+            ``async_save`` must have completed before the next one stages.
 
     Raises:
         ValueError: ``thread_count`` < 1 or ``path`` is a URL.
@@ -515,7 +529,7 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         """
         pin = torch.cuda.is_available()
         self.staging_pinned = pin
-        staged = _stage_copy(state_dict, pin)
+        staged = _stage_copy(state_dict, pin, self._staged_cache if self.cache_staged_state_dict else None)
         if pin:
             torch.cuda.synchronize()
         if self.cache_staged_state_dict:
