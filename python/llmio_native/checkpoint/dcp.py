@@ -216,8 +216,10 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
     Args:
         path: the checkpoint directory.
         single_file_per_rank: one file per rank and thread (True) or one file per item.
-        sync_files: fdatasync every data file before the commit (the commit itself always
-            fsyncs the metadata and the directories). False trades crash safety for speed.
+        sync_files: each rank fdatasyncs its data files before the commit (the commit itself
+            always fsyncs the metadata and the directories). False skips that: faster, but
+            after a power loss the published checkpoint may hold lost data (caught by the
+            checksums on load when ``checksums`` is on).
         thread_count: files written in parallel per rank.
         overwrite: replace an existing checkpoint at ``path`` (atomically); False raises.
         checksums: store the xxh3-64 of each item; :class:`StorageReader` verifies whole-item reads.
@@ -472,9 +474,9 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
             os.fsync(fd)
         finally:
             os.close(fd)
-        synced = [str(md_path)]
-        if self.sync_files:
-            synced += [str(staging / n) for n in files]
+        # Data files were fdatasynced by the rank that wrote them (or, with sync_files=False,
+        # deliberately not): the commit syncs only the directories.
+        synced = [str(md_path)] + [str(staging / n) for n in files]
         try:
             _commit.commit(staging, self.path, synced=synced)
         except BaseException:
