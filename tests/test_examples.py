@@ -28,7 +28,7 @@ def test_train_gpt_runs_from_a_bare_directory(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "examples/data/tinyshakespeare.txt" in out.stdout and "step    3  loss" in out.stdout
-    ds_dir = tmp_path / "out" / "tinyshakespeare"
+    ds_dir = tmp_path / "out" / "tinyshakespeare-zstd"
     import llmio_native as lio
     assert lio.open_dataset(str(ds_dir)).num_tokens > 100_000
 
@@ -38,7 +38,7 @@ def _torchrun(tmp_path, *args, kill_at=None):
     ranks, as a dying node would) once rank 0 has printed that step."""
     import os
     import signal
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "examples" / "train_gpt.py"), "--d-model", "64", "--layers", "1", "--batch-size", "4",
            "--seq-len", "64", "--log-every", "5", "--ckpt-every", "10", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
