@@ -42,6 +42,7 @@ void parse_faults(const std::string& spec, Faults& out) {
     else if (item == "uring_enter_eio") f.uring_enter_eio = true;
     else if (item.rfind("eio:", 0) == 0) f.eio_substring = item.substr(4);
     else if (item == "direct_write_einval") f.direct_write_einval = true;
+    else if (item == "write_short") f.write_short = true;
     else if (item.rfind("write_enospc", 0) == 0 || item.rfind("write_eio", 0) == 0) {
       const bool nospc = item.rfind("write_enospc", 0) == 0;
       const std::string rest = item.substr(nospc ? 12 : 9);

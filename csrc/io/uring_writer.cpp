@@ -90,6 +90,7 @@ class UringWriteEngine final : public WriteEngine {
       do {
         rc = io_uring_submit_and_wait(&ring_, 1);
       } while (rc == -EINTR);
+      if (rc >= 0 && faults().uring_submit_eio) rc = -EIO;  // test fault: the ring fails, writes in flight
       st_.submits.fetch_add(1, std::memory_order_relaxed);
       if (rc >= 0) unsubmitted_ = 0;
       else if (rc != -EAGAIN && rc != -EBUSY) fail_ring(-rc, "io_uring_submit_and_wait");
@@ -173,9 +174,13 @@ class UringWriteEngine final : public WriteEngine {
   void flush_sq() {
     if (unsubmitted_ == 0 || broken_) return;
     int rc;
-    do {
-      rc = io_uring_submit(&ring_);
-    } while (rc == -EINTR);
+    if (faults().uring_enter_eio) {
+      rc = -EIO;  // test fault: io_uring_enter fails before the kernel takes the queued writes
+    } else {
+      do {
+        rc = io_uring_submit(&ring_);
+      } while (rc == -EINTR);
+    }
     st_.submits.fetch_add(1, std::memory_order_relaxed);
     if (rc >= 0) {
       unsubmitted_ -= std::min<uint32_t>(unsubmitted_, static_cast<uint32_t>(rc));
@@ -223,6 +228,7 @@ class UringWriteEngine final : public WriteEngine {
     State& s = states_[c];
     WriteDone d;
     d.chunk = c;
+    d.offset = s.job.offset;
     d.err = err;
     d.done = s.done;
     if (err) {

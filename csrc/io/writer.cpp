@@ -37,12 +37,17 @@ namespace detail {
 uint64_t injected_write_limit(uint64_t offset, uint64_t len, bool direct, uint32_t align, int* err) {
   *err = 0;
   const Faults& flt = faults();
-  if (!flt.write_err) return len;
+  uint64_t allowed = len;
+  if (flt.write_short && len > 1) {
+    allowed = len / 2;
+    if (direct) allowed = len > align ? std::max<uint64_t>(align, align_down(allowed, align)) : len;
+  }
+  if (!flt.write_err) return allowed;
   const uint64_t at = flt.write_err_offset;
-  if (offset + len <= at) return len;
+  if (offset + allowed <= at) return allowed;
   *err = flt.write_err;
   if (offset >= at) return 0;
-  uint64_t allowed = at - offset;
+  allowed = at - offset;
   if (direct) allowed = align_down(allowed, align);
   return allowed;
 }
@@ -62,6 +67,7 @@ std::string write_hint(int e, bool direct, uint32_t align, uint64_t done) {
 WriteDone run_write_sync(WriteFile& f, WriterStats& st, const WriteJob& job) {
   WriteDone d;
   d.chunk = job.chunk;
+  d.offset = job.offset;
   bool direct = f.direct_ok.load(std::memory_order_relaxed) && f.fd_direct >= 0;
   bool first_direct = direct;
   while (d.done < job.len) {
@@ -348,7 +354,9 @@ std::vector<std::pair<std::string, int64_t>> Writer::features() const {
 }
 
 void Writer::throw_if_failed() {
-  if (err_.set) err_.rethrow();
+  if (!err_.set) return;
+  drain();  // nothing in flight when the caller sees the error, and the lowest offset wins
+  err_.rethrow();
 }
 
 void Writer::reap(bool block) {
@@ -362,7 +370,8 @@ void Writer::reap(bool block) {
     c.fill = 0;
     free_.push_back(d.chunk);
     --in_flight_;
-    if (d.err && !err_.set) {
+    if (d.err && (!err_.set || d.offset < err_offset_)) {
+      err_offset_ = d.offset;
       err_.set = true;
       err_.kind = ErrorKind::kIo;
       err_.err = d.err;
@@ -401,8 +410,15 @@ int Writer::acquire_chunk() {
   return static_cast<int>(ci);
 }
 
+void Writer::check_owner() const {
+  if (::getpid() != owner_pid_)
+    throw std::runtime_error("Writer " + file_.path + " used in a forked child: its engine belongs to the parent "
+                             "process (open a new Writer in the child)");
+}
+
 uint64_t Writer::write(const uint8_t* src, uint64_t n) {
   std::lock_guard<std::mutex> g(mu_);
+  check_owner();
   if (closed_) throw std::invalid_argument("write to closed Writer " + file_.path);
   reap(false);
   throw_if_failed();
@@ -431,6 +447,7 @@ uint64_t Writer::write(const uint8_t* src, uint64_t n) {
 
 void Writer::flush() {
   std::lock_guard<std::mutex> g(mu_);
+  check_owner();
   if (closed_) throw std::invalid_argument("flush of closed Writer " + file_.path);
   while (in_flight_ > 0) reap(true);
   throw_if_failed();
@@ -454,6 +471,7 @@ void Writer::close(const std::string& sync) {
     throw std::invalid_argument("sync must be 'data', 'full' or 'none', got '" + sync + "'");
   std::lock_guard<std::mutex> g(mu_);
   if (closed_) return;
+  check_owner();
   closed_ = true;  // from here on the writer is closed, whatever happens
   try {
     bool padded = false;
@@ -494,7 +512,7 @@ void Writer::close(const std::string& sync) {
 
 void Writer::abort() noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  if (closed_) return;
+  if (closed_ || ::getpid() != owner_pid_) return;  // a forked child touches nothing
   closed_ = true;
   current_ = -1;
   drain();

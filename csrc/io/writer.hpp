@@ -21,10 +21,12 @@
 // where it stopped (a direct one that stopped off the alignment continues
 // buffered); EINTR/EAGAIN are retried. Nothing is lost.
 //
-// Errors. The first failed write is recorded (IoError naming path, offset,
-// length and the OS error: "write ckpt.bin @ 8388608 (+4194304): No space
-// left on device"); no further chunk is submitted, the next write(), flush()
-// or close() drains what is in flight and raises it. abort() never raises.
+// Errors. A failed write is recorded (IoError naming path, offset, length
+// and the OS error: "write ckpt.bin @ 8388608 (+4194304): No space left on
+// device"); no further chunk is submitted, and the next write(), flush() or
+// close() first drains what is in flight, then raises the failure at the
+// lowest file offset (deterministic whichever op completed first). Later
+// calls raise the same error. abort() never raises.
 //
 // Not thread safe by design (one append stream); the methods take a mutex so
 // concurrent misuse serialises instead of corrupting state.
@@ -91,6 +93,7 @@ struct WriteJob {
 // A finished job: err == 0 on success, else the job failed after `done` bytes.
 struct WriteDone {
   uint32_t chunk = 0;
+  uint64_t offset = 0;       // the job's file offset
   int err = 0;
   uint64_t done = 0;
   std::string message;       // the IoError message when err != 0
@@ -153,7 +156,8 @@ class Writer {
   // first write error (the file is then closed unsynced), or a sync/close
   // error naming the path.
   void close(const std::string& sync);
-  // Stops, waits for in-flight writes, closes without syncing. Never throws.
+  // Stops, waits for in-flight writes, closes without syncing. Never throws;
+  // does nothing in a forked child (write/flush/close raise there).
   void abort() noexcept;
 
   const std::string& path() const { return file_.path; }
@@ -177,6 +181,7 @@ class Writer {
   };
 
   void throw_if_failed();
+  void check_owner() const;  // std::runtime_error in a forked child
   void submit_chunk(uint32_t c, uint64_t len);
   void reap(bool block);
   void drain() noexcept;  // waits until nothing is in flight, records errors
@@ -196,6 +201,7 @@ class Writer {
   uint64_t logical_ = 0;
   bool closed_ = false;
   CapturedError err_;
+  uint64_t err_offset_ = 0;  // file offset of the job err_ describes
   std::mutex mu_;
   int owner_pid_;
 };

@@ -29,32 +29,14 @@ import socket
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
+from ..io.writer import fsync_path  # the engine's: errors name the path
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _TMP = ".tmp-"
 _OLD = ".old-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-
-
-def fsync_path(path: PathLike, *, data_only: bool = False) -> None:
-    """Flush a file's (or a directory's) data and metadata to stable storage.
-
-    Raises:
-        OSError: the path cannot be opened or the flush failed (the message names the path).
-    """
-    p = os.fspath(path)
-    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(p) else 0)
-    try:
-        fd = os.open(p, flags)
-    except OSError as e:
-        raise type(e)(e.errno, f"cannot open {p} to sync it: {e.strerror}") from None
-    try:
-        (os.fdatasync if data_only and hasattr(os, "fdatasync") else os.fsync)(fd)
-    except OSError as e:
-        raise type(e)(e.errno, f"fsync of {p} failed: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _token() -> str:

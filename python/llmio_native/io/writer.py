@@ -8,6 +8,8 @@ O_DIRECT alignment, truncates the file to its logical size and syncs it.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from types import TracebackType
 from typing import Any, Iterable
 
@@ -24,11 +26,9 @@ def _source(data: Any) -> tuple[int, int, Any] | None:
     Raises:
         ValueError: a tensor that is not on the CPU or not contiguous.
     """
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-    if not isinstance(data, torch.Tensor):
+    # A tensor exists only once torch is imported: never pay that import (seconds) here.
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(data, torch.Tensor):
         return None
     if data.device.type != "cpu":
         raise ValueError(f"Writer.write needs a CPU tensor, got one on {data.device} (copy it to the CPU first)")
@@ -183,6 +183,20 @@ class Writer:
 
     def __getstate__(self) -> dict:
         raise TypeError("a Writer cannot be pickled (it is an open file being written)")
+
+    def __del__(self) -> None:
+        # Never lose the staged tail silently: a Writer dropped unclosed warns (like an
+        # unclosed file) and is aborted; what it had not written yet is not in the file.
+        native = getattr(self, "_native", None)
+        if native is None or native.closed:
+            return
+        try:
+            warnings.warn(f"unclosed Writer {self.path!r} ({native.tell()} bytes written to it): aborted "
+                          "without writing its staged tail or syncing; call close()", ResourceWarning,
+                          stacklevel=2)
+        except Exception:  # pragma: no cover - interpreter shutdown: warnings may be gone
+            pass
+        self.abort()
 
 
 def fsync_path(path: str | os.PathLike[str] | bytes, *, data_only: bool = False) -> None:
