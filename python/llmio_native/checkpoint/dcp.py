@@ -866,7 +866,10 @@ class StorageReader(_TorchStorageReader):
                     f"{self.path}: {_describe_key(j.req.storage_index)}: destination of shape {tuple(target.shape)} "
                     f"for a request of {list(lens)}", key=j.req.storage_index.fqn)
             direct = target.device.type == "cpu" and target.dtype == j.dtype and target.is_contiguous()
-            out.append((j, target if direct else torch.empty(lens, dtype=j.dtype), target))
+            if direct:
+                out.append((j, target, target))
+            else:  # pinned for a CUDA destination: the copy to the device is then asynchronous
+                out.append((j, torch.empty(lens, dtype=j.dtype, pin_memory=target.is_cuda), target))
         return out
 
     def _read_batch(self, reader: Reader, staged: list[tuple[_Job, Any, Any]]) -> None:
@@ -914,9 +917,14 @@ class StorageReader(_TorchStorageReader):
         tensors to the planner."""
         for j, buf, _dest in staged:
             self._check_item(j, buf)
+        to_device = False
         for j, buf, dest in staged:
             if buf is not dest:
-                dest.copy_(buf)
+                dest.copy_(buf, non_blocking=dest.is_cuda)
+                to_device |= dest.is_cuda
+        if to_device:  # the planner may read the destinations at once
+            torch.cuda.current_stream().synchronize()
+        for j, _buf, dest in staged:
             planner.commit_tensor(j.req, dest)
 
     @property
