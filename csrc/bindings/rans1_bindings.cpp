@@ -107,7 +107,7 @@ void bind_rans1(py::module_& m) {
           py::arg("tokens"), "Encode a chunk of tokens into a payload (bytes).")
       .def(
           "decode",
-          [](const Model& m, py::buffer payload, py::buffer out, bool reference) {
+          [](const Model& m, py::buffer payload, py::buffer out, bool reference, bool simd) {
             py::buffer_info pi = payload.request();
             py::buffer_info oi = out.request(true);
             Tokens t = tokens_of(oi, "Rans1Model.decode");
@@ -117,11 +117,12 @@ void bind_rans1(py::module_& m) {
             const auto* p = static_cast<const uint8_t*>(pi.ptr);
             const size_t n = static_cast<size_t>(pi.size * pi.itemsize);
             py::gil_scoped_release nogil;
-            m.decode(p, n, const_cast<void*>(t.ptr), t.n, reference);
+            m.decode(p, n, const_cast<void*>(t.ptr), t.n, reference, simd);
           },
-          py::arg("payload"), py::arg("out"), py::arg("reference") = false,
+          py::arg("payload"), py::arg("out"), py::arg("reference") = false, py::arg("simd") = true,
           "Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. "
-          "reference=True runs the reference decoder (the oracle of the tests).")
+          "reference=True runs the reference decoder (the oracle of the tests); simd=False keeps the default "
+          "path off AVX2 (its scalar code).")
       .def_property_readonly("token_bytes", &Model::token_bytes)
       .def_property_readonly("scale_bits", &Model::scale_bits)
       .def_property_readonly("ctx_bits", &Model::ctx_bits)

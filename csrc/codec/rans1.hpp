@@ -62,7 +62,10 @@ class Model {
   // The default path runs the kernel's per-lane logic (rans1_device.hpp) on the
   // decode image; reference = true runs the oracle instead, written apart from
   // it (searches the model's counts, no slot tables), which the tests compare.
-  void decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference = false) const;
+  // simd: the default path uses AVX2 where the CPU has it (bit-identical; false
+  // forces its scalar code; LLMIO_RANS_SIMD=0 turns AVX2 off process-wide).
+  void decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference = false,
+              bool simd = true) const;
 
   uint32_t token_bytes() const { return token_bytes_; }
   uint32_t scale_bits() const { return scale_bits_; }

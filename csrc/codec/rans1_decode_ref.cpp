@@ -7,6 +7,7 @@
 #include <string>
 
 #include "codec/rans1.hpp"
+#include "codec/rans1_impl.hpp"
 #include "codec/rans_impl.hpp"
 
 namespace llmio {
@@ -17,80 +18,31 @@ using rans::detail::kNone;
 
 namespace {
 
-// Decodes one block as a warp of the kernel does: per step, phase 1 (context
-// table) for every active lane, phase 2 (order-0 bucket) for the lanes that
-// escaped, phase 3 / 4 (low / high raw bits) for those with raw bits; after
-// each phase the lanes whose state fell below L take the next words in lane
-// order. Returns a rans::Status; stops at the first overrun (as the kernel).
+// Decodes one block as a warp of the kernel does (detail::step, rans1_impl.hpp);
+// stops at the first overrun, as the kernel. Returns a rans::Status.
 template <class T>
 int32_t decode_block(const ImageView& m, const BlockSpan& span, T* dst) {
-  uint32_t x[kLanes], ctx[kLanes], len[kLanes], w0[kLanes], b[kLanes], v[kLanes], bits[kLanes];
-  bool bad_state = false;
-  for (uint32_t l = 0; l < kLanes; ++l) {
-    x[l] = load_u32(span.states + 4 * l);
-    bad_state |= x[l] < kStateLow;
-    len[l] = lane_tokens(span, l);
-    ctx[l] = start_context(m);
+  detail::Lanes s;
+  if (detail::init_lanes(m, span, s) != rans::kOk) return rans::kBadState;
+  for (uint32_t t = 0; t < span.seg && !s.overrun; ++t) detail::step(m, s, t, span.seg, dst);
+  return detail::finish_lanes(s);
+}
+
+// The CPU path: the same steps, eight lanes per AVX2 vector where the CPU has it
+// (detail::steps_avx2 for the steps all 32 lanes take part in).
+template <class T>
+int32_t decode_block_fast(const ImageView& m, const BlockSpan& span, T* dst, bool simd) {
+  detail::Lanes s;
+  if (detail::init_lanes(m, span, s) != rans::kOk) return rans::kBadState;
+  uint32_t t = 0;
+#if defined(__x86_64__)
+  if (simd && s.len[kLanes - 1] && rans::detail::avx2_available()) {
+    detail::steps_avx2(m, s, s.len[kLanes - 1], span.seg, dst);
+    t = s.len[kLanes - 1];
   }
-  if (bad_state) return rans::kBadState;
-  const uint8_t* words = span.words;
-  const uint64_t end = span.word_end;
-  uint64_t pos = span.word_begin;
-  bool overrun = false, bad = false;
-  auto renorm = [&](uint32_t& s) {
-    if (s < kStateLow) {
-      overrun |= pos >= end;
-      s = (s << 16) | (pos < end ? load_u16(words + 2 * pos) : 0u);
-      ++pos;
-    }
-  };
-  for (uint32_t t = 0; t < span.seg && !overrun; ++t) {
-    uint32_t na = 0;  // lanes are full-length first: the active lanes are 0 .. na-1
-    while (na < kLanes && len[na] > t) ++na;
-    for (uint32_t l = 0; l < na; ++l) w0[l] = decode_context(m, ctx[l], x[l]);
-    for (uint32_t l = 0; l < na; ++l) renorm(x[l]);
-    bool any_escape = false, any_high = false;
-    for (uint32_t l = 0; l < na; ++l) {
-      bits[l] = 0;
-      v[l] = 0;
-      if ((w0[l] & 0xffffu) == kEscapeRank) {
-        any_escape = true;
-        b[l] = rans::decode_bucket(m.base, x[l]);
-        bits[l] = m.base.bucket[rans::kBucketWords * b[l] + 3] & 0xffu;
-      }
-    }
-    if (any_escape) {
-      for (uint32_t l = 0; l < na; ++l) renorm(x[l]);
-      for (uint32_t l = 0; l < na; ++l)
-        if (bits[l]) {
-          v[l] = rans::take_bits(x[l], bits[l] < 16 ? bits[l] : 16);
-          any_high |= bits[l] > 16;
-        }
-      for (uint32_t l = 0; l < na; ++l) renorm(x[l]);
-      if (any_high) {
-        for (uint32_t l = 0; l < na; ++l)
-          if (bits[l] > 16) v[l] |= rans::take_bits(x[l], bits[l] - 16) << 16;
-        for (uint32_t l = 0; l < na; ++l) renorm(x[l]);
-      }
-    }
-    for (uint32_t l = 0; l < na; ++l) {
-      uint32_t sym;
-      if ((w0[l] & 0xffffu) == kEscapeRank) {
-        sym = rans::symbol_of(m.base, b[l], v[l], &bad);
-        ctx[l] = context_after_bucket(m, b[l], v[l]);
-      } else {
-        const uint32_t r = w0[l] & 0xffffu;  // < num_symbols: the image lists only ranks the model has
-        sym = m.base.rank[r];
-        ctx[l] = w0[l] >> 16;
-      }
-      dst[size_t(l) * span.seg + t] = static_cast<T>(sym);
-    }
-  }
-  if (overrun) return rans::kOverrun;
-  if (bad) return rans::kBadSymbol;
-  bool final_ok = pos == end;
-  for (uint32_t l = 0; l < kLanes; ++l) final_ok &= x[l] == kStateLow;
-  return final_ok ? rans::kOk : rans::kBadFinal;
+#endif
+  for (; t < span.seg && !s.overrun; ++t) detail::step(m, s, t, span.seg, dst);
+  return detail::finish_lanes(s);
 }
 
 std::string block_error(int32_t st, uint32_t blk, uint32_t nb, size_t nbytes) {
@@ -118,7 +70,8 @@ void check_header(const uint8_t* src, size_t nbytes, uint32_t n) {
 
 }  // namespace
 
-void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference) const {
+void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference,
+                   bool simd) const {
   if (num_tokens > 0xffffffffu) throw CodecError("rans1 decode: more than 2^32-1 tokens");
   const uint32_t n = static_cast<uint32_t>(num_tokens);
   check_header(src, nbytes, n);
@@ -130,8 +83,8 @@ void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_toke
     int32_t st = locate_block(src, nbytes, n, blk, &span);
     if (st == rans::kOk) {
       const size_t first = size_t(blk) * kBlockSymbols;
-      st = token_bytes_ == 2 ? decode_block(m, span, static_cast<uint16_t*>(out) + first)
-                             : decode_block(m, span, static_cast<uint32_t*>(out) + first);
+      st = token_bytes_ == 2 ? decode_block_fast(m, span, static_cast<uint16_t*>(out) + first, simd)
+                             : decode_block_fast(m, span, static_cast<uint32_t*>(out) + first, simd);
     }
     if (st != rans::kOk) throw CodecError(block_error(st, blk, nb, nbytes));
   }

@@ -200,9 +200,9 @@ class Rans1Model:
         """
         Parse serialize()'s bytes; raises CodecError when they are malformed.
         """
-    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, reference: bool = False) -> None:
+    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, reference: bool = False, simd: bool = True) -> None:
         """
-        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. reference=True runs the reference decoder (the oracle of the tests).
+        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. reference=True runs the reference decoder (the oracle of the tests); simd=False keeps the default path off AVX2 (its scalar code).
         """
     def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
         ...
