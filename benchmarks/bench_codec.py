@@ -20,8 +20,10 @@ per ``--model-tokens`` tokens, default 2^24, or the whole data when smaller).
 Rows, all single-threaded on the CPU:
 
   rans CPU     RansModel.encode / RansModel.decode per chunk
+  rans1 CPU    Rans1Model (the context-modelled codec of issue 14, DatasetWriter(codec="rans1")):
+               encode / decode per chunk, the AVX2 decoder where the CPU has it
   zstd -3      zstandard per chunk (the codec DatasetWriter uses for codec="zstd")
-  rans GPU     GpuDecoder.decode of every chunk in one launch (the chunks tiled to at least
+  rans(1) GPU  GpuDecoder.decode of every chunk in one launch (the chunks tiled to at least
                ``--gpu-tokens`` tokens so that the GPU is full), timed with CUDA events over
                ``--gpu-repeats`` launches; also the kernel alone (descriptors already on the
                device) and a device-to-device copy of the decoded size (the limit). Only when
@@ -40,7 +42,12 @@ emulation of the GPU kernel (llmio_native.dataset.rans.emulate) must equal the C
 Targets (the rans issue): ratio within 3% of the order-0 bound; CPU decode >= 0.5 GB/s per
 core; GPU decode >= 150 GB/s on an H100.
 
-Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json]
+--study (issue 14) prints, instead, one table of bits/token per codec on real BPE tokens (the
+shipped text with a BPE trained on it and with one trained on other text, a second corpus of
+Python sources; uint16 and uint32 bytes): H0, conditional entropies and adaptive context
+models (estimates), rans, rans1 (payload + model regions), zstd -3 / -19 and xz -9.
+
+Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study]
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ import llmio_native as lio
 from llmio_native._native import _core, _cuda
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans as R
+from llmio_native.dataset import rans1 as R1
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine as common_machine  # noqa: E402
@@ -72,6 +80,7 @@ CHUNK_BYTES = 64 << 10
 TARGET_OF_BOUND = 0.97
 TARGET_CPU_GBPS = 0.5
 TARGET_GPU_GBPS = 150.0
+TARGET1_GPU_GBPS = 100.0  # rans1 (issue 14)
 
 
 @dataclass
@@ -185,7 +194,8 @@ class RansEncoded:
     seconds: float
 
 
-def rans_encode(chunks: list[np.ndarray], group_tokens: int) -> RansEncoded:
+def rans_encode(chunks: list[np.ndarray], group_tokens: int, codec: str = "rans") -> RansEncoded:
+    """Encode as DatasetWriter does with ``codec`` ("rans" or "rans1"): one model per group."""
     tb = chunks[0].itemsize
     models, payloads, coded, model_of = [], [], [], []
     model_bytes = stored = 0
@@ -196,7 +206,10 @@ def rans_encode(chunks: list[np.ndarray], group_tokens: int) -> RansEncoded:
         while j < len(chunks) and n < group_tokens:
             n += chunks[j].size
             j += 1
-        model = _core.RansModel.build(chunks[i:j], tb, F.RANS_SCALE_BITS)
+        if codec == "rans1":
+            model = _core.Rans1Model.build(chunks[i:j], tb, F.RANS1_SCALE_BITS, F.RANS1_CTX_BITS)
+        else:
+            model = _core.RansModel.build(chunks[i:j], tb, F.RANS_SCALE_BITS)
         models.append(model)
         for c in chunks[i:j]:
             p = model.encode(c)
@@ -241,7 +254,7 @@ def pack_batch(payloads: list[bytes]) -> tuple[np.ndarray, list[int]]:
     return buf, offs
 
 
-def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray]) -> int:
+def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray], mod: Any = R) -> int:
     """Decode every rans-coded chunk with the host emulation of the GPU kernel; it must equal
     the CPU decoder (checked against the original tokens, which the CPU decode equals)."""
     sel = [k for k in range(len(chunks)) if enc.coded[k]]
@@ -251,7 +264,7 @@ def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray]) -> int:
     cd, bd = R.descriptors(offs, [len(enc.payloads[k]) for k in sel], [chunks[k].size for k in sel],
                            [enc.model_of[k] for k in sel])
     out = np.zeros(sum(chunks[k].size for k in sel), chunks[0].dtype)
-    status = R.emulate(buf, cd, bd, enc.models, out)
+    status = mod.emulate(buf, cd, bd, enc.models, out)
     assert (status == 0).all(), f"kernel emulation status {status[status != 0][:5]}"
     cpu = np.empty_like(out)
     pos = 0
@@ -314,7 +327,7 @@ def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bound: float,
-             min_tokens: int, repeats: int) -> list[Row]:
+             min_tokens: int, repeats: int, codec: str = "rans") -> list[Row]:
     import torch
 
     dev = torch.device("cuda")
@@ -333,7 +346,8 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     tdt = torch.int16 if tb == 2 else torch.int32
     total = per * tiles
     out = torch.zeros(total, dtype=tdt, device=dev)
-    dec = R.GpuDecoder(dev)
+    mod = R1 if codec == "rans1" else R
+    dec = mod.GpuDecoder(dev)
     status = dec.decode(dsrc, cd, bd, enc.models, out)
     torch.cuda.synchronize()
     R.check_status(status.cpu().numpy(), [f"{name} chunk {i}" for i in range(len(cd))])
@@ -352,7 +366,7 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     stream = torch.cuda.current_stream(dev)
 
     def kernel() -> None:
-        _cuda.rans_decode(dsrc.data_ptr(), dcd.data_ptr(), len(cd), dbd.data_ptr(), len(bd), ptrs.data_ptr(),
+        getattr(_cuda, f"{codec}_decode")(dsrc.data_ptr(), dcd.data_ptr(), len(cd), dbd.data_ptr(), len(bd), ptrs.data_ptr(),
                           out.data_ptr(), out.element_size(), st.data_ptr(), stream.cuda_stream,
                           src_nbytes=dsrc.numel(), chunks_host=cd, blocks_host=bd, num_images=len(enc.models),
                           out_tokens=out.numel())
@@ -360,15 +374,18 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     s_kernel = cuda_time(kernel, repeats)
     torch.cuda.synchronize()
     assert int(st.abs().sum()) == 0
+    got = out.cpu().numpy().view(ref.dtype)
+    for t in range(tiles):  # the timed launches wrote the same tokens
+        assert np.array_equal(got[t * per : (t + 1) * per], ref), f"{codec} GPU decode does not round-trip"
     out2 = torch.empty_like(out)
     s_copy = cuda_time(lambda: out2.copy_(out), repeats)
     gpu = torch.cuda.get_device_name(dev)
     note = f"{gpu}; {len(cd)} chunks ({tiles} tiles), {len(bd)} warps, {nbytes / 2**20:.0f} MiB out"
     stored = enc.stored  # the ratio is the dataset's, whatever decodes it
     return [
-        Row(name, "rans GPU (GpuDecoder.decode)", raw, stored, enc.model_bytes, bound, None, nbytes / s_api / 1e9,
-            note),
-        Row(name, "rans GPU (kernel only)", raw, stored, enc.model_bytes, bound, None, nbytes / s_kernel / 1e9,
+        Row(name, f"{codec} GPU (GpuDecoder.decode)", raw, stored, enc.model_bytes, bound, None,
+            nbytes / s_api / 1e9, note),
+        Row(name, f"{codec} GPU (kernel only)", raw, stored, enc.model_bytes, bound, None, nbytes / s_kernel / 1e9,
             note),
         Row(name, "limit: GPU device-to-device copy", raw, raw, 0, bound, None, nbytes / s_copy / 1e9,
             f"copy of {nbytes / 2**20:.0f} MiB"),
@@ -574,8 +591,9 @@ def study(tmp: str, vocab: int, model_tokens: int, out_json: dict) -> None:
             row[f"xz -9 u{w}"] = 8 * len(lzma.compress(raw, preset=9)) / n
             enc = rans_encode(split_chunks(toks), model_tokens)
             row[f"rans u{w}"] = 8 * enc.stored / n
-            if hasattr(_core, "Rans1Model"):
-                row[f"rans1 u{w}"] = 8 * rans1_stored_bytes(split_chunks(toks)) / n
+            enc1 = rans_encode(split_chunks(toks), model_tokens, "rans1")
+            row[f"rans1 u{w}"] = 8 * enc1.stored / n
+            row[f"rans1 u{w} model"] = 8 * enc1.model_bytes / n
         table.append(row)
         print(f"- {name}: {n:,} tokens; {why}")
     print()
@@ -698,9 +716,19 @@ def main(argv: list[str] | None = None) -> int:
                              raw / enc.seconds / 1e6, raw / dec_s / 1e9,
                              f"{len(enc.models)} model(s), ratio {raw / (enc.stored - enc.model_bytes):.3f} without "
                              f"them; {nraw} raw chunk(s); emulation == CPU on {n_emul} chunks"))
+            enc1 = rans_encode(chunks, a.model_tokens, "rans1")
+            dec1_s = rans_cpu_decode(enc1, chunks, repeats)
+            n_emul1 = rans_emulate_check(enc1, chunks, R1)
+            m1 = enc1.models[0]
+            drows.append(Row(name, "rans1 CPU (1 thread)", raw, enc1.stored, enc1.model_bytes, bound,
+                             raw / enc1.seconds / 1e6, raw / dec1_s / 1e9,
+                             f"{len(enc1.models)} model(s) ({m1.num_contexts} contexts, {m1.num_entries} entries, "
+                             f"{m1.num_slots} slots), ratio {raw / (enc1.stored - enc1.model_bytes):.3f} without "
+                             f"them; {enc1.coded.count(False)} raw chunk(s); emulation == CPU on {n_emul1} chunks"))
             drows.append(zstd_rows(name, chunks, raw, bound, repeats))
             if gpu_ok:
                 drows += gpu_rows(name, enc, chunks, raw, bound, gpu_tokens, a.gpu_repeats)
+                drows += gpu_rows(name, enc1, chunks, raw, bound, gpu_tokens, a.gpu_repeats, "rans1")
             nv_rows, nv_msg = nvcomp_rows(name, chunks, raw, bound, repeats)
             drows += nv_rows
             extra = extra + [f"{len(chunks)} chunks of {CHUNK_BYTES // tb} tokens; model bits/token (expected under "
@@ -732,9 +760,18 @@ def main(argv: list[str] | None = None) -> int:
             h100 = "H100" in g.note
             verdict(name, "rans GPU decode GB/s" + ("" if h100 else " (not an H100: no verdict)"),
                     g.decode_gbps or 0, TARGET_GPU_GBPS, (g.decode_gbps or 0) >= TARGET_GPU_GBPS if h100 else None)
+        r1 = next(x for x in rows if x.dataset == name and x.codec.startswith("rans1 CPU"))
+        verdict(name, "rans1 CPU decode GB/s per core", r1.decode_gbps or 0, TARGET_CPU_GBPS,
+                (r1.decode_gbps or 0) >= TARGET_CPU_GBPS)
+        g1 = next((x for x in rows if x.dataset == name and x.codec == "rans1 GPU (kernel only)"), None)
+        if g1 is not None:
+            h100 = "H100" in g1.note or "H200" in g1.note
+            verdict(name, "rans1 GPU decode GB/s" + ("" if h100 else " (not an H100: no verdict)"),
+                    g1.decode_gbps or 0, TARGET1_GPU_GBPS,
+                    (g1.decode_gbps or 0) >= TARGET1_GPU_GBPS if h100 else None)
     print()
     if not gpu_ok:
-        print(f"rans GPU: not measured ({gpu_why})")
+        print(f"rans / rans1 GPU: not measured ({gpu_why})")
     for n in notes:
         print(n)
     print("round trips: every decode above was checked equal to the input tokens")

@@ -1,12 +1,14 @@
 // rans1 AVX2 decoder: the steps of a block in which all 32 lanes take part,
 // eight lanes per vector, four vectors per step in lane order (so the word
-// stream is consumed in the kernel's order). Phase 1 (the context table) is
-// vectorised: gathers of the lanes' context info and slot entries, and the
-// renormalisation of rans (one unaligned load and a permutation chosen by the
-// need mask, the SIMD rANS trick of F. Giesen). The lanes that escaped (a
-// minority) run phases 2-4 in scalar code, in lane order. Dispatched from
+// stream is consumed in the kernel's order). Phase 1 (the context table):
+// gathers of the lanes' context info and slot entries; phases 2-4 (the order-0
+// bucket and raw bits of the escaped lanes) as rans decodes them, the other
+// lanes masked off; renormalisation as rans does it (one unaligned load and a
+// permutation chosen by the need mask, the SIMD rANS trick of F. Giesen),
+// groups of eight lanes in lane order. Dispatched from
 // Model::decode (rans1_decode_ref.cpp); tested bit for bit against the
 // reference decoder and the kernel emulation (tests/test_codec_rans1.py).
+#include <cstdint>
 #include <cstring>
 
 #include "codec/rans1_impl.hpp"
@@ -53,10 +55,10 @@ __attribute__((target("avx2,popcnt"))) inline __m256i renorm8(__m256i x, const u
 }
 
 template <class T>
-__attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, Lanes& s, uint32_t steps, uint32_t seg,
-                                                      T* dst) {
-  alignas(32) uint32_t xs[kLanes], ctxs[kLanes], sym[kLanes], e0s[kLanes];
-  __m256i xv[4], cv[4];
+__attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const Order0Tables& o, Lanes& s,
+                                                      uint32_t steps, uint32_t seg, T* dst) {
+  alignas(32) uint32_t sym[kLanes];
+  __m256i xv[4], cv[4], e0v[4], escv[4], bitsv[4], vv[4], info0[4];
   for (int k = 0; k < 4; ++k) {
     xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.x + 8 * k));
     cv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.ctx + 8 * k));
@@ -64,18 +66,24 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, Lanes
   const int* ctx_info = reinterpret_cast<const int*>(m.ctx);
   const int* slots = reinterpret_cast<const int*>(m.slots);
   const int* rank = reinterpret_cast<const int*>(m.base.rank);
+  const int* fb0 = reinterpret_cast<const int*>(o.fb);
+  const int* info0_t = reinterpret_cast<const int*>(o.info);
+  const int* base0 = reinterpret_cast<const int*>(o.base);
+  const __m256i zero = _mm256_setzero_si256(), all = _mm256_set1_epi32(-1);
   const __m256i c15 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), lo16 = _mm256_set1_epi32(0xffff);
+  const __m256i c16 = _mm256_set1_epi32(16), bits_mask = _mm256_set1_epi32(0x1f), esc_bit = _mm256_set1_epi32(0x100);
+  const __m256i mask0 = _mm256_set1_epi32(static_cast<int>((1u << m.base.scale_bits) - 1));
+  const __m128i shift0 = _mm_cvtsi32_si128(static_cast<int>(m.base.scale_bits));
+  const __m256i ns_minus_1 = _mm256_set1_epi32(static_cast<int>(m.base.num_symbols - 1));
+  const __m256i exact = _mm256_set1_epi32(static_cast<int>(m.num_exact));
+  const __m256i cls_shift = _mm256_set1_epi32(static_cast<int>(m.num_exact - m.cls0));  // wraps as the kernel's
+  const __m256i unranked = _mm256_set1_epi32(static_cast<int>(m.num_ctx - 2));
+  const __m256i min_int = _mm256_set1_epi32(INT32_MIN);
   const uint8_t* words = s.words;
   uint64_t pos = s.pos;
   const uint64_t end = s.end;
-  bool overrun = false, bad = false;
-  auto renorm1 = [&](uint32_t& x) {
-    if (x < kStateLow) {
-      overrun |= pos >= end;
-      x = (x << 16) | (pos < end ? rans::load_u16(words + 2 * pos) : 0u);
-      ++pos;
-    }
-  };
+  bool overrun = false;
+  __m256i badv = zero;
   for (uint32_t t = 0; t < steps; ++t) {
     unsigned esc = 0;
     for (int k = 0; k < 4; ++k) {  // phase 1: the context table
@@ -83,52 +91,70 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, Lanes
       const __m256i bits = _mm256_and_si256(info, c15);
       const __m256i slot = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, bits), one));
       const __m256i idx2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_srli_epi32(info, 4), slot), 1);
-      const __m256i e0 = _mm256_i32gather_epi32(slots, idx2, 4);
+      e0v[k] = _mm256_i32gather_epi32(slots, idx2, 4);
       const __m256i e1 = _mm256_i32gather_epi32(slots + 1, idx2, 4);
       xv[k] = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(e1, lo16), _mm256_srlv_epi32(xv[k], bits)),
                                _mm256_srli_epi32(e1, 16));
       xv[k] = renorm8(xv[k], words, pos, end, overrun);
-      const __m256i is_esc = _mm256_cmpeq_epi32(_mm256_and_si256(e0, lo16), lo16);
-      esc |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(is_esc))) << (8 * k);
-      // the listed lanes' symbols and next contexts (escaped lanes: filled in below)
-      const __m256i sv = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rank, _mm256_and_si256(e0, lo16),
-                                                     _mm256_andnot_si256(is_esc, _mm256_set1_epi32(-1)), 4);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sym + 8 * k), sv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ctxs + 8 * k), _mm256_srli_epi32(e0, 16));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(e0s + 8 * k), e0);
+      escv[k] = _mm256_cmpeq_epi32(_mm256_and_si256(e0v[k], lo16), lo16);
+      esc |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(escv[k]))) << (8 * k);
     }
-    if (esc) {  // phases 2-4 of the escaped lanes, in lane order
-      uint32_t b[kLanes], nbits[kLanes], v[kLanes];
-      for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(xs + 8 * k), xv[k]);
-      bool any_high = false;
-      for (unsigned e = esc; e; e &= e - 1) {
-        const unsigned l = static_cast<unsigned>(__builtin_ctz(e));
-        b[l] = rans::decode_bucket(m.base, xs[l]);
-        nbits[l] = m.base.bucket[rans::kBucketWords * b[l] + 3] & 0xffu;
-        v[l] = 0;
+    if (esc) {
+      for (int k = 0; k < 4; ++k) {  // phase 2: the order-0 bucket of the escaped lanes
+        bitsv[k] = vv[k] = info0[k] = zero;
+        if (!((esc >> (8 * k)) & 0xffu)) continue;
+        const __m256i slot = _mm256_and_si256(xv[k], mask0);
+        const __m256i fb = _mm256_i32gather_epi32(fb0, slot, 4);
+        info0[k] = _mm256_and_si256(_mm256_i32gather_epi32(info0_t, slot, 4), escv[k]);
+        const __m256i xn = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(fb, lo16), _mm256_srl_epi32(xv[k], shift0)),
+                                            _mm256_srli_epi32(fb, 16));
+        xv[k] = renorm8(_mm256_blendv_epi8(xv[k], xn, escv[k]), words, pos, end, overrun);
+        bitsv[k] = _mm256_and_si256(info0[k], bits_mask);
       }
-      for (unsigned e = esc; e; e &= e - 1) renorm1(xs[__builtin_ctz(e)]);
-      for (unsigned e = esc; e; e &= e - 1) {
-        const unsigned l = static_cast<unsigned>(__builtin_ctz(e));
-        if (nbits[l]) v[l] = rans::take_bits(xs[l], nbits[l] < 16 ? nbits[l] : 16);
-        any_high |= nbits[l] > 16;
+      int high = 0;
+      for (int k = 0; k < 4; ++k) {  // phase 3: low raw bits (none: the state is unchanged)
+        if (!((esc >> (8 * k)) & 0xffu)) continue;
+        const __m256i lo = _mm256_min_epu32(bitsv[k], c16);
+        vv[k] = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, lo), one));
+        xv[k] = renorm8(_mm256_srlv_epi32(xv[k], lo), words, pos, end, overrun);
+        high |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bitsv[k], c16)));
       }
-      for (unsigned e = esc; e; e &= e - 1) renorm1(xs[__builtin_ctz(e)]);
-      if (any_high) {
-        for (unsigned e = esc; e; e &= e - 1) {
-          const unsigned l = static_cast<unsigned>(__builtin_ctz(e));
-          if (nbits[l] > 16) v[l] |= rans::take_bits(xs[l], nbits[l] - 16) << 16;
+      if (high) {
+        for (int k = 0; k < 4; ++k) {  // phase 4: high raw bits
+          if (!((esc >> (8 * k)) & 0xffu)) continue;
+          const __m256i hi = _mm256_sub_epi32(_mm256_max_epu32(bitsv[k], c16), c16);
+          const __m256i h = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, hi), one));
+          vv[k] = _mm256_or_si256(vv[k], _mm256_slli_epi32(h, 16));
+          xv[k] = renorm8(_mm256_srlv_epi32(xv[k], hi), words, pos, end, overrun);
         }
-        for (unsigned e = esc; e; e &= e - 1) renorm1(xs[__builtin_ctz(e)]);
       }
-      for (unsigned e = esc; e; e &= e - 1) {
-        const unsigned l = static_cast<unsigned>(__builtin_ctz(e));
-        sym[l] = rans::symbol_of(m.base, b[l], v[l], &bad);
-        ctxs[l] = context_after_bucket(m, b[l], v[l]);
-      }
-      for (int k = 0; k < 4; ++k) xv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs + 8 * k));
     }
-    for (int k = 0; k < 4; ++k) cv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctxs + 8 * k));
+    for (int k = 0; k < 4; ++k) {  // symbols and next contexts
+      const __m256i e0 = e0v[k];
+      const __m256i listed = _mm256_andnot_si256(escv[k], all);
+      __m256i sv = _mm256_mask_i32gather_epi32(zero, rank, _mm256_and_si256(e0, lo16), listed, 4);
+      __m256i cx = _mm256_srli_epi32(e0, 16);
+      if ((esc >> (8 * k)) & 0xffu) {
+        const __m256i bucket = _mm256_srli_epi32(info0[k], 16);
+        const __m256i idx = _mm256_add_epi32(_mm256_mask_i32gather_epi32(zero, base0, bucket, escv[k], 4), vv[k]);
+        const __m256i escb = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(info0[k], esc_bit), esc_bit),
+                                              escv[k]);
+        const __m256i ranked = _mm256_andnot_si256(escb, escv[k]);
+        const __m256i in_range = m.base.num_symbols
+                                     ? _mm256_cmpeq_epi32(_mm256_min_epu32(idx, ns_minus_1), idx) : zero;
+        const __m256i rs = _mm256_mask_i32gather_epi32(zero, rank, idx, _mm256_and_si256(ranked, in_range), 4);
+        badv = _mm256_or_si256(badv, _mm256_andnot_si256(in_range, ranked));
+        if (sizeof(T) == 2)
+          badv = _mm256_or_si256(badv, _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_srli_epi32(idx, 16), zero), escb));
+        sv = _mm256_blendv_epi8(sv, _mm256_blendv_epi8(rs, idx, escb), escv[k]);
+        // next context: unranked; rank < num_exact: the rank; else its bucket's class
+        const __m256i below = _mm256_cmpgt_epi32(_mm256_xor_si256(exact, min_int), _mm256_xor_si256(idx, min_int));
+        const __m256i ce = _mm256_blendv_epi8(_mm256_add_epi32(bucket, cls_shift), idx, below);
+        cx = _mm256_blendv_epi8(cx, _mm256_blendv_epi8(ce, unranked, escb), escv[k]);
+      }
+      cv[k] = cx;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sym + 8 * k), sv);
+    }
     T* d = dst + t;
     for (uint32_t l = 0; l < kLanes; ++l) d[size_t(l) * seg] = static_cast<T>(sym[l]);
   }
@@ -138,16 +164,16 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, Lanes
   }
   s.pos = pos;
   s.overrun |= overrun;
-  s.bad |= bad;
+  s.bad |= !_mm256_testz_si256(badv, badv);
 }
 
 }  // namespace
 
-void steps_avx2(const ImageView& m, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst) {
-  steps_impl(m, s, steps, seg, dst);
+void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst) {
+  steps_impl(m, o, s, steps, seg, dst);
 }
-void steps_avx2(const ImageView& m, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst) {
-  steps_impl(m, s, steps, seg, dst);
+void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst) {
+  steps_impl(m, o, s, steps, seg, dst);
 }
 #endif  // __x86_64__
 

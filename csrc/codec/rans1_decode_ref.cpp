@@ -31,13 +31,14 @@ int32_t decode_block(const ImageView& m, const BlockSpan& span, T* dst) {
 // The CPU path: the same steps, eight lanes per AVX2 vector where the CPU has it
 // (detail::steps_avx2 for the steps all 32 lanes take part in).
 template <class T>
-int32_t decode_block_fast(const ImageView& m, const BlockSpan& span, T* dst, bool simd) {
+int32_t decode_block_fast(const ImageView& m, const detail::Order0Tables& o, const BlockSpan& span, T* dst,
+                          bool simd) {
   detail::Lanes s;
   if (detail::init_lanes(m, span, s) != rans::kOk) return rans::kBadState;
   uint32_t t = 0;
 #if defined(__x86_64__)
   if (simd && s.len[kLanes - 1] && rans::detail::avx2_available()) {
-    detail::steps_avx2(m, s, s.len[kLanes - 1], span.seg, dst);
+    detail::steps_avx2(m, o, s, s.len[kLanes - 1], span.seg, dst);
     t = s.len[kLanes - 1];
   }
 #endif
@@ -77,14 +78,15 @@ void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_toke
   check_header(src, nbytes, n);
   if (reference) return decode_reference(src, nbytes, out, n);
   const ImageView m = image_view(image_.data());
+  const detail::Order0Tables o{simd_fb_.data(), simd_info_.data(), simd_base_.data()};
   const uint32_t nb = rans::num_blocks_for(n);
   for (uint32_t blk = 0; blk < nb; ++blk) {
     BlockSpan span;
     int32_t st = locate_block(src, nbytes, n, blk, &span);
     if (st == rans::kOk) {
       const size_t first = size_t(blk) * kBlockSymbols;
-      st = token_bytes_ == 2 ? decode_block_fast(m, span, static_cast<uint16_t*>(out) + first, simd)
-                             : decode_block_fast(m, span, static_cast<uint32_t*>(out) + first, simd);
+      st = token_bytes_ == 2 ? decode_block_fast(m, o, span, static_cast<uint16_t*>(out) + first, simd)
+                             : decode_block_fast(m, o, span, static_cast<uint32_t*>(out) + first, simd);
     }
     if (st != rans::kOk) throw CodecError(block_error(st, blk, nb, nbytes));
   }

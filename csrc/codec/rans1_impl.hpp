@@ -102,12 +102,21 @@ inline int32_t finish_lanes(const Lanes& s) {
   return ok ? rans::kOk : rans::kBadFinal;
 }
 
+// Per-slot tables of the order-0 model for the AVX2 decoder (Model::finish):
+// fb[slot] = freq | (slot - cum) << 16, info[slot] = raw bits | escape << 8 |
+// bucket << 16, base[bucket] = its first rank (or value, for escape buckets).
+struct Order0Tables {
+  const uint32_t* fb;
+  const uint32_t* info;
+  const uint32_t* base;
+};
+
 #if defined(__x86_64__)
 // Steps [0, steps) of a block whose lanes are all active for them (steps <=
-// len[31]), eight lanes per AVX2 vector; the escaped lanes' phases 2-4 in scalar
-// code. Bit-identical to step(). Only where rans::detail::avx2_available().
-void steps_avx2(const ImageView& m, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
-void steps_avx2(const ImageView& m, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
+// len[31]), eight lanes per AVX2 vector, every phase vectorised. Bit-identical
+// to step(). Only where rans::detail::avx2_available().
+void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
+void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
 #endif
 
 }  // namespace detail

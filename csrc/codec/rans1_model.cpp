@@ -291,6 +291,17 @@ void Model::finish() {
     for (uint32_t s = cum_[b]; s < cum_[b] + freq_[b]; ++s) table[s] = static_cast<uint16_t>(b);
   }
   std::copy(rank_to_sym_.begin(), rank_to_sym_.end(), w + rank_off);
+  simd_fb_.resize(size_t(1) << scale_bits_);
+  simd_info_.resize(size_t(1) << scale_bits_);
+  simd_base_.resize(nb);
+  for (uint32_t b = 0; b < nb; ++b) {
+    const uint32_t* e = w + bucket_off + rans::kBucketWords * b;
+    simd_base_[b] = e[2];
+    for (uint32_t s = cum_[b]; s < cum_[b] + freq_[b]; ++s) {
+      simd_fb_[s] = freq_[b] | (s - cum_[b]) << 16;
+      simd_info_[s] = (e[3] & 0xffu) | (e[3] >> 8 ? 1u << 8 : 0u) | b << 16;
+    }
+  }
   for (uint64_t c = 0; c < nctx; ++c) {
     const Context& cx = ctx_[c];
     w[ctx_off + c] = static_cast<uint32_t>(cx.first_slot << 4) | cx.bits;
