@@ -603,10 +603,53 @@ def study(tmp: str, vocab: int, model_tokens: int, out_json: dict) -> None:
     for k in keys:
         print(f"| {k:<20} | " + " | ".join(f"{r[k]:7.3f} ({r[k] / r['H0']:5.3f})" for r in table) + " |")
     print()
-    print("(in parentheses: x H0)")
+    print("(in parentheses: x H0; 'rans1 model': the model regions' share of the rans1 row)")
     for n_ in notes:
         print(n_)
     out_json["study"] = table
+    layout = [layout_row(tmp, name, ids, codec, model_tokens) for name, ids, _ in corpora for codec in ("rans", "rans1")]
+    print()
+    print("## study: what the shard layout spends (DatasetWriter defaults: 65536-token chunks, uint16)")
+    print("- padding: zeros after every chunk and model region up to the next 4 KiB boundary;")
+    print("  fixed: the 4 KiB header, the chunk table and the document index")
+    print()
+    print(f"| {'corpus':<18} | {'codec':<5} | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | {'padding':>8} | "
+          f"{'fixed':>6} | {'pad %':>5} | {'bits/token file':>15} | {'w/o padding':>11} |")
+    print(f"|{'-' * 20}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|{'-' * 17}|{'-' * 13}|")
+    for r in layout:
+        print(f"| {r['corpus']:<18} | {r['codec']:<5} | {r['file']:>10,} | {r['payload']:>10,} | {r['models']:>8,} | "
+              f"{r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
+              f"{r['bits_file']:15.3f} | {r['bits_packed']:11.3f} |")
+    out_json["layout"] = layout
+
+
+def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int) -> dict:
+    """Write ``ids`` (uint16) as one DatasetWriter shard and split its file bytes into chunk
+    payloads, model regions, padding and the fixed parts (header, tables)."""
+    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}")
+    with lio.DatasetWriter(d, dtype="uint16", codec=codec, rans_model_tokens=model_tokens, overwrite=True) as w:
+        w.add_document(ids.astype(np.uint16))
+    ds = lio.open_dataset(d)
+    assert np.array_equal(ds.read(0, ds.num_tokens), ids)
+    shards = [p for p in ds.paths]
+    file_bytes = sum(os.path.getsize(p) for p in shards)
+    payload = int(ds.chunks["stored_bytes"].sum())
+    models = 0
+    for f, off in sorted(set(zip(ds.chunks["file"].tolist(), ds.chunks["model"].tolist()))):
+        if off:
+            with open(shards[f], "rb") as fh:
+                fh.seek(off)
+                models += F.model_region_size(fh.read(F.MODEL_HEADER_BYTES), shards[f], off)
+    fixed = 0
+    for p in shards:
+        with open(p, "rb") as fh:
+            hdr = F.unpack_header(fh.read(F.HEADER_BYTES), p)
+        fixed += F.HEADER_BYTES + os.path.getsize(p) - hdr["table_offset"]
+    padding = file_bytes - payload - models - fixed
+    n = ids.size
+    return {"corpus": name, "codec": codec, "tokens": int(n), "file": file_bytes, "payload": payload,
+            "models": models, "padding": padding, "fixed": fixed, "bits_file": 8 * file_bytes / n,
+            "bits_packed": 8 * (file_bytes - padding) / n}
 
 
 # ----------------------------------------------------------------------------- report

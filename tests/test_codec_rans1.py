@@ -115,7 +115,8 @@ def test_roundtrip_degenerate_distributions(dtype, tokens):
 
 @pytest.mark.parametrize("kw", [dict(scale_bits=9), dict(scale_bits=15), dict(ctx_bits=8), dict(ctx_bits=15),
                                 dict(min_count=1), dict(min_count=50), dict(exact_min_count=1),
-                                dict(max_exact=0), dict(max_exact=3)])
+                                dict(max_exact=0), dict(max_exact=3), dict(entry_cost_bits=0),
+                                dict(entry_cost_bits=1000)])
 def test_roundtrip_across_settings(kw):
     rng = np.random.default_rng(3)
     t = np.concatenate([markov(rng, 3 * B, 5000, 12), zipf(rng, 4000, 60000)])

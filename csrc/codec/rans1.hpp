@@ -39,6 +39,11 @@ struct BuildParams {
   uint32_t min_count = 2;                   // a (context, token) pair seen this often gets an entry
   uint32_t exact_min_count = 16;            // a token seen this often gets its own context
   uint32_t max_exact = kMaxExact;           // at most this many single-token contexts
+  // An entry is kept only when it saves more than this many bits over coding its
+  // tokens through the escape (an estimate: order-0 frequencies, the context's
+  // escape share); about what an entry costs in the model. 0: keep every pair
+  // seen min_count times.
+  uint32_t entry_cost_bits = 16;
 };
 
 class Model {

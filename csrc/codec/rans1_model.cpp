@@ -160,7 +160,20 @@ Model Model::build(const std::vector<std::pair<const void*, size_t>>& parts, uin
   std::sort(keys.begin(), keys.end());
   m.bucket_count_.assign(num_buckets_for(m.num_rank_buckets_, token_bytes), 0);
   const size_t cap = (size_t(1) << (p.ctx_bits - 1)) - 1;
-  std::vector<Entry> cand;
+  std::vector<double> log2_p0;  // order-0 information of each rank, for entry_cost_bits
+  if (p.entry_cost_bits) {
+    log2_p0.resize(ns);
+    for (uint32_t r = 0; r < ns; ++r)
+      log2_p0[r] = std::log2(static_cast<double>(hist[r].second) / static_cast<double>(total));
+    // hist is in count order, rank_to_sym_ re-orders inside buckets: look the counts up by symbol
+    std::vector<std::pair<uint32_t, uint64_t>> by_sym(hist);
+    std::sort(by_sym.begin(), by_sym.end());
+    for (uint32_t r = 0; r < ns; ++r) {
+      auto it = std::lower_bound(by_sym.begin(), by_sym.end(), std::make_pair(m.rank_to_sym_[r], uint64_t(0)));
+      log2_p0[r] = std::log2(static_cast<double>(it->second) / static_cast<double>(total));
+    }
+  }
+  std::vector<Entry> cand, kept;
   for (size_t i = 0; i < keys.size();) {
     const uint32_t c = static_cast<uint32_t>(keys[i] >> 32);
     Context& ctx = m.ctx_[c];
@@ -178,6 +191,24 @@ Model Model::build(const std::vector<std::pair<const void*, size_t>>& parts, uin
         m.bucket_count_[rank_bucket(r)] += cnt;
       }
       j = k;
+    }
+    if (p.entry_cost_bits && !cand.empty()) {  // drop entries that cost more than they save
+      const double n_c = static_cast<double>(j - i);
+      double cover = 0;
+      for (const Entry& e : cand) cover += static_cast<double>(e.count);
+      const double log2_esc = std::log2((n_c - cover + 1) / (n_c + 1));
+      kept.clear();
+      for (const Entry& e : cand) {
+        const double cnt = static_cast<double>(e.count);
+        const double gain = cnt * (std::log2(cnt / n_c) - log2_esc - log2_p0[e.rank]);
+        if (gain > p.entry_cost_bits) {
+          kept.push_back(e);
+        } else {
+          ctx.escape_count += e.count;
+          m.bucket_count_[rank_bucket(e.rank)] += e.count;
+        }
+      }
+      cand.swap(kept);
     }
     if (cand.size() > cap) {  // keep the most frequent; the rest escape
       std::stable_sort(cand.begin(), cand.end(), [](const Entry& a, const Entry& b) { return a.count > b.count; });

@@ -122,6 +122,7 @@ int run_case1(std::mt19937_64& rng, int mutations) {
   bp.ctx_bits = r1::kMinCtxBits + static_cast<uint32_t>(rng() % (r1::kMaxCtxBits - r1::kMinCtxBits + 1));
   bp.min_count = 1 + static_cast<uint32_t>(rng() % 4);
   bp.exact_min_count = 1 + static_cast<uint32_t>(rng() % 40);
+  bp.entry_cost_bits = static_cast<uint32_t>(rng() % 3) * 12;
   // a model of half the data or of all of it (the rest then goes through escapes)
   const size_t half = rng() % 2 ? n / 2 : n;
   r1::Model m = r1::Model::build({{t.data(), half}}, sizeof(T), bp);
