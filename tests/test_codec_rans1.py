@@ -585,3 +585,97 @@ def test_gpu_decode_bit_exact(dtype):
     st = status.cpu().numpy()
     assert st.tolist() == R1.emulate(bad, chunks, blocks, models, emu).tolist()
     assert st[2] != 0 and (np.delete(st, 2) == 0).all()
+
+
+# ------------------------------------------------------------------------------- the format, from its spec
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+
+
+def _bucket(r: int) -> int:
+    if r < 128:
+        return r
+    e = r.bit_length() - 1
+    return 128 + 8 * (e - 7) + ((r >> (e - 3)) & 7)
+
+
+def _quantize(counts: list[int], bits: int) -> list[int]:
+    """docs/format.md "Quantisation", written from the text."""
+    M, k = 1 << bits, len(counts)
+    T = sum(counts)
+    f = [1 + (c * (M - k) // T if T else 0) for c in counts]
+    f[counts.index(max(counts))] += M - sum(f)
+    return f
+
+
+def _ceil_log2(v: int) -> int:
+    return 0 if v <= 1 else (v - 1).bit_length()
+
+
+def test_serialised_model_and_decode_tables_follow_the_spec(sample):
+    """A parser written from docs/format.md ("The rans1 codec") reads the serialised model,
+    derives every context's table (contexts, quantisation, slot order) and finds them,
+    slot by slot, in the decoder's image: the spec is complete and the code follows it."""
+    _, m, _ = sample
+    raw = m.serialize()
+    version, tb, sb, cb, ns, exact = struct.unpack_from("<6I", raw)
+    assert (version, tb, sb, cb, ns, exact) == (1, 2, m.scale_bits, m.ctx_bits, m.num_symbols, m.num_exact)
+    nrb = _bucket(ns - 1) + 1
+    nb = nrb + 8 * tb + 1
+    pos = 24
+    bucket_count = []
+    for _ in range(nb):
+        v, pos = _varint(raw, pos)
+        bucket_count.append(v)
+    for b in range(nrb):  # symbol lists: skip (rans' format)
+        lo = b if b < 128 else (8 + (b - 128) % 8) << (7 + (b - 128) // 8 - 3)
+        size = 1 if b < 128 else 1 << (7 + (b - 128) // 8 - 3)
+        for _ in range(lo, min(ns, lo + size)):
+            _, pos = _varint(raw, pos)
+    cls0 = _bucket(exact) if exact < ns else nrb
+    nctx = exact + (nrb - cls0) + 2
+    assert nctx == m.num_contexts
+
+    def context_of(r: int | None) -> int:
+        if r is None:
+            return nctx - 2
+        return r if r < exact else exact + _bucket(r) - cls0
+
+    img = m.device_image().astype(np.int64)
+    ctx_off, slot_off = int(img[11]), int(img[12])
+    slots = img[slot_off:].reshape(-1, 2)
+    first = 0
+    for c in range(nctx):
+        k, pos = _varint(raw, pos)
+        esc, pos = _varint(raw, pos)
+        ranks, counts, prev = [], [], 0
+        for i in range(k):
+            d, pos = _varint(raw, pos)
+            cnt, pos = _varint(raw, pos)
+            prev = d if i == 0 else prev + d
+            ranks.append(prev)
+            counts.append(cnt + 1)
+        cs = counts + [esc + 1]
+        bits = min(cb, max(_ceil_log2(sum(cs)), _ceil_log2(2 * (k + 1))))
+        f = _quantize(cs, bits)
+        assert int(img[ctx_off + c]) == first << 4 | bits, c
+        want, cum = [], 0
+        for r, fr in zip(ranks + [None], f):
+            w0 = 0xFFFF if r is None else r | context_of(r) << 16
+            want += [(w0, fr | (s << 16)) for s in range(fr)]
+            cum += fr
+        got = [tuple(x) for x in slots[first:first + (1 << bits)].tolist()]
+        assert got == want, c
+        first += 1 << bits
+    assert pos == len(raw) and first == m.num_slots
+    # the order-0 part: quantised bucket counts
+    f0 = _quantize([c for c in bucket_count], sb)
+    bucket_off = int(img[5])
+    assert img[bucket_off:bucket_off + 4 * nb:4].tolist() == f0
