@@ -814,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
                     (g1.decode_gbps or 0) >= TARGET1_GPU_GBPS if h100 else None)
     print()
     if not gpu_ok:
-        print(f"rans / rans1 GPU: not measured ({gpu_why})")
+        print(f"rans GPU: not measured ({gpu_why})")
+        print(f"rans1 GPU: not measured ({gpu_why})")
     for n in notes:
         print(n)
     print("round trips: every decode above was checked equal to the input tokens")
