@@ -123,6 +123,26 @@ def test_roundtrip_across_settings(kw):
     roundtrip(t, **kw)
 
 
+def test_a_model_over_its_slot_budget_gets_smaller_tables():
+    """build() lowers ctx_bits (each context keeping its most frequent entries) until the
+    tables fit the slot budget; what does not fit raises, naming the budget."""
+    rng = np.random.default_rng(4)
+    t = zipf(rng, 400_000, 500, s=0.8)  # ~800 tokens a context, often > 127 distinct ones twice
+    big = _core.Rans1Model.build([t], 2, ctx_bits=13, entry_cost_bits=0)
+    least = _core.Rans1Model.build([t], 2, ctx_bits=8, entry_cost_bits=0).num_slots
+    budget = (least + big.num_slots) // 2
+    small = _core.Rans1Model.build([t], 2, ctx_bits=13, entry_cost_bits=0, max_slots=budget)
+    assert small.num_slots <= budget < big.num_slots and 8 <= small.ctx_bits < 13
+    assert small.num_entries <= big.num_entries
+    roundtrip(t, model=small)
+    least_m = _core.Rans1Model.build([t], 2, ctx_bits=13, entry_cost_bits=0, max_slots=least)
+    assert least_m.ctx_bits == 8 and least_m.num_entries < big.num_entries  # at most 127 entries a context
+    roundtrip(t, model=least_m)
+    assert _core.Rans1Model.parse(small.serialize()).ctx_bits == small.ctx_bits
+    with pytest.raises(ValueError, match=f"slots even with ctx_bits 8, more than {least - 1}"):
+        _core.Rans1Model.build([t], 2, max_slots=least - 1)
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_tokens_the_model_never_saw_are_escaped(dtype):
     """A model codes every token of its type: tokens outside its data go through the

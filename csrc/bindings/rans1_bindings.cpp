@@ -47,7 +47,8 @@ void bind_rans1(py::module_& m) {
       .def_static(
           "build",
           [](const std::vector<py::buffer>& parts, uint32_t token_bytes, uint32_t scale_bits, uint32_t ctx_bits,
-             uint32_t min_count, uint32_t exact_min_count, uint32_t max_exact, uint32_t entry_cost_bits) {
+             uint32_t min_count, uint32_t exact_min_count, uint32_t max_exact, uint32_t entry_cost_bits,
+             uint64_t max_slots) {
             std::vector<py::buffer_info> infos;
             std::vector<std::pair<const void*, size_t>> spans;
             for (auto& p : parts) {
@@ -65,12 +66,14 @@ void bind_rans1(py::module_& m) {
             bp.exact_min_count = exact_min_count;
             bp.max_exact = max_exact;
             bp.entry_cost_bits = entry_cost_bits;
+            bp.max_slots = max_slots;
             py::gil_scoped_release nogil;
             return std::make_shared<Model>(Model::build(spans, token_bytes, bp));
           },
           py::arg("parts"), py::arg("token_bytes"), py::arg("scale_bits") = r1::kDefaultScaleBits,
           py::arg("ctx_bits") = r1::kDefaultCtxBits, py::arg("min_count") = 2, py::arg("exact_min_count") = 16,
           py::arg("max_exact") = r1::kMaxExact, py::arg("entry_cost_bits") = 16,
+          py::arg("max_slots") = r1::kMaxSlots,
           "Model of the tokens in `parts` (1-D uint16/uint32 arrays, each a chunk as encode() will see it).")
       .def_static(
           "parse",

@@ -44,6 +44,9 @@ struct BuildParams {
   // escape share); about what an entry costs in the model. 0: keep every pair
   // seen min_count times.
   uint32_t entry_cost_bits = 16;
+  // Most slots the context tables may take together (at most kMaxSlots): a model
+  // that needs more gets smaller tables (ctx_bits lowered, see build()).
+  uint64_t max_slots = kMaxSlots;
 };
 
 class Model {

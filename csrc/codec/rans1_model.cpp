@@ -223,9 +223,29 @@ Model Model::build(const std::vector<std::pair<const void*, size_t>>& parts, uin
     i = j;
   }
   m.finish();
-  if (m.num_slots_ > kMaxSlots)
+  // Too many slots for a decode image: smaller tables (ctx_bits - 1, each context keeping its
+  // most frequent entries under the smaller cap) until they fit.
+  const uint64_t budget = std::min<uint64_t>(p.max_slots, kMaxSlots);
+  while (m.num_slots_ > budget && m.ctx_bits_ > kMinCtxBits) {
+    --m.ctx_bits_;
+    const size_t cap2 = (size_t(1) << (m.ctx_bits_ - 1)) - 1;
+    for (Context& cx : m.ctx_) {
+      if (cx.entries.size() <= cap2) continue;
+      std::stable_sort(cx.entries.begin(), cx.entries.end(),
+                       [](const Entry& a, const Entry& b) { return a.count > b.count; });
+      for (size_t e = cap2; e < cx.entries.size(); ++e) {
+        cx.escape_count += cx.entries[e].count;
+        m.bucket_count_[rank_bucket(cx.entries[e].rank)] += cx.entries[e].count;
+      }
+      cx.entries.resize(cap2);
+      std::sort(cx.entries.begin(), cx.entries.end(), [](const Entry& a, const Entry& b) { return a.rank < b.rank; });
+    }
+    m.finish();
+  }
+  if (m.num_slots_ > budget)
     throw std::invalid_argument("rans1: the context tables need " + std::to_string(m.num_slots_) +
-                                " slots, more than " + std::to_string(kMaxSlots) + " (lower ctx_bits)");
+                                " slots even with ctx_bits " + std::to_string(kMinCtxBits) + ", more than " +
+                                std::to_string(budget));
   return m;
 }
 

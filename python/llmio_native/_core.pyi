@@ -191,7 +191,7 @@ class Rans1Model:
     Context model of the rans1 token codec (csrc/codec/rans1.hpp).
     """
     @staticmethod
-    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 12, ctx_bits: typing.SupportsInt | typing.SupportsIndex = 11, min_count: typing.SupportsInt | typing.SupportsIndex = 2, exact_min_count: typing.SupportsInt | typing.SupportsIndex = 16, max_exact: typing.SupportsInt | typing.SupportsIndex = 32767, entry_cost_bits: typing.SupportsInt | typing.SupportsIndex = 16) -> Rans1Model:
+    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 12, ctx_bits: typing.SupportsInt | typing.SupportsIndex = 11, min_count: typing.SupportsInt | typing.SupportsIndex = 2, exact_min_count: typing.SupportsInt | typing.SupportsIndex = 16, max_exact: typing.SupportsInt | typing.SupportsIndex = 32767, entry_cost_bits: typing.SupportsInt | typing.SupportsIndex = 16, max_slots: typing.SupportsInt | typing.SupportsIndex = 33554432) -> Rans1Model:
         """
         Model of the tokens in `parts` (1-D uint16/uint32 arrays, each a chunk as encode() will see it).
         """

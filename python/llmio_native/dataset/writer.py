@@ -81,7 +81,8 @@ class DatasetWriter:
         rans_model_tokens: rans, rans1: tokens per model group. The writer holds a group's chunks
             until it has this many (or the shard ends), builds their frequency model, writes
             it once into the shard and encodes the chunks with it. Memory: one group of
-            tokens (default 2^24: 32 MiB of uint16, 64 MiB of uint32) on top of the above.
+            tokens (default 2^24: 32 MiB of uint16, 64 MiB of uint32) on top of the above;
+            rans1's model build needs 8 bytes per token of the group more while it runs.
         num_threads: compression threads (default ``os.cpu_count()``).
         overwrite: replace an existing dataset or clean an incomplete one in ``out_dir``
             (only our files are removed: shards, manifest, temp files).
