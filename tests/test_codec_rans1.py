@@ -683,7 +683,8 @@ def test_serialised_model_and_decode_tables_follow_the_spec(sample):
             ranks.append(prev)
             counts.append(cnt + 1)
         cs = counts + [esc + 1]
-        bits = min(cb, max(_ceil_log2(sum(cs)), _ceil_log2(2 * (k + 1))))
+        T, smallest = sum(cs), min(cs)
+        bits = min(cb, max(_ceil_log2(2 * (k + 1)), min(_ceil_log2(T), _ceil_log2(-(-T // smallest)) + 4)))
         f = _quantize(cs, bits)
         assert int(img[ctx_off + c]) == first << 4 | bits, c
         want, cum = [], 0

@@ -29,6 +29,16 @@ uint32_t num_buckets_for(uint32_t nrb, uint32_t tb) { return nrb + 8 * tb + 1; }
 uint32_t ceil_log2(uint64_t v) { return v <= 1 ? 0 : 64 - static_cast<uint32_t>(__builtin_clzll(v - 1)); }
 uint32_t bucket_size(uint32_t b) { return 1u << rans::rank_bucket_bits(b); }
 
+// Slots of a context table, as 2^bits: enough for 2 per count, and for the smallest
+// count to get about 2^kPrecisionBits slots (more buys nothing but cache misses), at
+// most 2^ceil_log2(total) and 2^ctx_bits. `counts` holds the entries' counts and the
+// escape's (escape_count + 1); total is their sum, smallest their minimum.
+constexpr uint32_t kPrecisionBits = 4;
+uint32_t table_bits(uint64_t total, uint64_t smallest, uint64_t num_counts, uint32_t ctx_bits) {
+  const uint32_t need = std::min(ceil_log2(total), ceil_log2((total + smallest - 1) / smallest) + kPrecisionBits);
+  return std::min(ctx_bits, std::max(need, ceil_log2(2 * num_counts)));
+}
+
 void put_u32(std::vector<uint8_t>& o, uint32_t v) {
   for (int i = 0; i < 4; ++i) o.push_back(static_cast<uint8_t>(v >> (8 * i)));
 }
@@ -283,7 +293,7 @@ void Model::finish() {
       total += e.count;
     }
     counts.push_back(c.escape_count + 1);
-    c.bits = std::min(ctx_bits_, std::max(ceil_log2(total), ceil_log2(2 * counts.size())));
+    c.bits = table_bits(total, *std::min_element(counts.begin(), counts.end()), counts.size(), ctx_bits_);
     const std::vector<uint32_t> f = quantize(counts, c.bits);
     uint32_t cum = 0;
     for (size_t i = 0; i < c.entries.size(); ++i) {
@@ -474,7 +484,7 @@ Model Model::parse(const uint8_t* d, size_t n) {
     if (k > cap || (k && ns == 0)) fail("context " + std::to_string(c) + " lists " + std::to_string(k) + " tokens");
     if (k > (n - pos) / 2) fail("truncated context " + std::to_string(c));
     cx.escape_count = varint("context table");
-    uint64_t total = cx.escape_count;
+    uint64_t total = cx.escape_count + 1, smallest = total;
     if (total > kMaxTotal) fail("context " + std::to_string(c) + ": escape count too large");
     cx.entries.resize(k);
     uint64_t prev = 0;
@@ -486,11 +496,12 @@ Model Model::parse(const uint8_t* d, size_t n) {
       const uint64_t cnt = varint("context table") + 1;
       if (cnt > kMaxCount) fail("context " + std::to_string(c) + ": count too large");
       total += cnt;
+      smallest = std::min(smallest, cnt);
       if (total > kMaxTotal) fail("context " + std::to_string(c) + ": counts too large");
       cx.entries[i] = {static_cast<uint32_t>(r), cnt};
       prev = r;
     }
-    slots += uint64_t(1) << std::min<uint32_t>(cb, std::max(ceil_log2(total + 1), ceil_log2(2 * (k + 1))));
+    slots += uint64_t(1) << table_bits(total, smallest, k + 1, cb);
     if (slots > kMaxSlots) fail("context tables larger than " + std::to_string(kMaxSlots) + " slots");
   }
   if (pos != n) fail(std::to_string(n - pos) + " trailing bytes");
