@@ -140,7 +140,7 @@ def test_a_model_over_its_slot_budget_gets_smaller_tables():
     roundtrip(t, model=least_m)
     assert _core.Rans1Model.parse(small.serialize()).ctx_bits == small.ctx_bits
     with pytest.raises(ValueError, match=f"slots even with ctx_bits 8, more than {least - 1}"):
-        _core.Rans1Model.build([t], 2, max_slots=least - 1)
+        _core.Rans1Model.build([t], 2, ctx_bits=13, entry_cost_bits=0, max_slots=least - 1)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
