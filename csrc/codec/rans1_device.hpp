@@ -80,6 +80,16 @@ LLMIO_HD ImageView image_view(const uint32_t* w) {
 
 LLMIO_HD uint32_t start_context(const ImageView& m) { return m.num_ctx - 1; }
 
+// A read of the decode image (read-only while a kernel runs: the read-only data
+// cache on the device, a plain load on the host).
+LLMIO_HD uint32_t image_load(const uint32_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
 // The context set by a token decoded through the order-0 model (bucket b, raw value v).
 LLMIO_HD uint32_t context_after_bucket(const ImageView& m, uint32_t b, uint32_t v) {
   const uint32_t* e = m.base.bucket + rans::kBucketWords * b;
@@ -91,13 +101,13 @@ LLMIO_HD uint32_t context_after_bucket(const ImageView& m, uint32_t b, uint32_t 
 // Phase 1: the context table's entry for state x; x advances (needs a word
 // after when x < L). Returns the entry's first word (rank | next context << 16).
 LLMIO_HD uint32_t decode_context(const ImageView& m, uint32_t ctx, uint32_t& x) {
-  const uint32_t info = m.ctx[ctx];
+  const uint32_t info = image_load(m.ctx + ctx);
   const uint32_t bits = info & 15u;
   const uint32_t slot = x & ((1u << bits) - 1);
   const uint32_t* e = m.slots + 2 * (uint64_t(info >> 4) + slot);
-  const uint32_t fb = e[1];
+  const uint32_t fb = image_load(e + 1);
   x = (fb & 0xffffu) * (x >> bits) + (fb >> 16);
-  return e[0];
+  return image_load(e);
 }
 
 // Payload of a chunk (little-endian):

@@ -24,8 +24,12 @@ __device__ __forceinline__ void set_status(int32_t* status, uint32_t chunk, int3
   atomicCAS(status + chunk, 0, code);
 }
 
+// At most 64 registers a thread (8 CTAs of 4 warps an SM): the kernel waits on
+// dependent table reads, so more warps in flight beat a few more registers.
+constexpr unsigned kMinCtasPerSm = 8;
+
 template <class T>
-__global__ void __launch_bounds__(kWarpsPerCta * 32)
+__global__ void __launch_bounds__(kWarpsPerCta * 32, kMinCtasPerSm)
 rans1_decode_kernel(const uint8_t* __restrict__ src, const rans::ChunkDesc* __restrict__ chunks, uint32_t num_chunks,
                     const rans::BlockDesc* __restrict__ blocks, uint32_t num_blocks,
                     const uint32_t* const* __restrict__ images, T* __restrict__ out, int32_t* __restrict__ status) {
@@ -96,7 +100,7 @@ rans1_decode_kernel(const uint8_t* __restrict__ src, const rans::ChunkDesc* __re
         sym = rans::symbol_of(m.base, b, v, &bad);
         ctx = context_after_bucket(m, b, v);
       } else {
-        sym = m.base.rank[w0 & 0xffffu];
+        sym = image_load(m.base.rank + (w0 & 0xffffu));
         ctx = w0 >> 16;
       }
       tile[wib][lane][t & 31] = static_cast<T>(sym);
