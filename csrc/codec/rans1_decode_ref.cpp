@@ -28,20 +28,129 @@ int32_t decode_block(const ImageView& m, const BlockSpan& span, T* dst) {
   return detail::finish_lanes(s);
 }
 
-// The CPU path: the same steps, eight lanes per AVX2 vector where the CPU has it
-// (detail::steps_avx2 for the steps all 32 lanes take part in).
+// Steps [0, steps) of a block whose lanes are all active for them (steps <=
+// len[31]) in plain C++ tuned for the CPU (the path without AVX2): branch-free
+// renormalisation, the order-0 tables of the AVX2 decoder, the escaped lanes
+// found through a bit mask. Bit-identical to detail::step().
+template <class T>
+void steps_scalar_impl(const ImageView& m, const detail::Order0Tables& o, detail::Lanes& s, uint32_t steps,
+                       uint32_t seg, T* dst) {
+  static const uint8_t kZeroWord[2] = {0, 0};
+  const uint32_t* ctx_info = m.ctx;
+  const uint32_t* slots = m.slots;
+  const uint32_t* rank = m.base.rank;
+  const uint32_t S0 = m.base.scale_bits, mask0 = (1u << S0) - 1, ns = m.base.num_symbols;
+  const uint32_t exact = m.num_exact, cls_shift = m.num_exact - m.cls0, unranked = m.num_ctx - 2;
+  const uint8_t* words = s.words;
+  uint64_t pos = s.pos;
+  const uint64_t end = s.end;
+  bool overrun = false, bad = false;
+  uint32_t x[kLanes], ctx[kLanes], w0[kLanes], info0[kLanes], v[kLanes];
+  for (uint32_t l = 0; l < kLanes; ++l) {
+    x[l] = s.x[l];
+    ctx[l] = s.ctx[l];
+  }
+  auto renorm = [&](uint32_t& xl) LLMIO_ALWAYS_INLINE {
+    const bool need = xl < kStateLow;
+    const bool in = pos < end;
+    const uint8_t* p = in ? words + 2 * pos : kZeroWord;
+    const uint32_t w = rans::load_u16(p);
+    overrun |= need & !in;
+    xl = need ? (xl << 16) | w : xl;
+    pos += need;
+  };
+  for (uint32_t t = 0; t < steps; ++t) {
+    uint32_t esc = 0;
+    for (uint32_t l = 0; l < kLanes; ++l) {  // phase 1
+      const uint32_t info = ctx_info[ctx[l]];
+      const uint32_t bits = info & 15u;
+      const uint32_t* e = slots + 2 * (uint64_t(info >> 4) + (x[l] & ((1u << bits) - 1)));
+      const uint32_t fb = e[1];
+      x[l] = (fb & 0xffffu) * (x[l] >> bits) + (fb >> 16);
+      w0[l] = e[0];
+      esc |= uint32_t((e[0] & 0xffffu) == kEscapeRank) << l;
+    }
+    for (uint32_t l = 0; l < kLanes; ++l) renorm(x[l]);
+    if (esc) {
+      bool high = false;
+      for (uint32_t e = esc; e; e &= e - 1) {  // phase 2
+        const uint32_t l = static_cast<uint32_t>(__builtin_ctz(e));
+        const uint32_t slot = x[l] & mask0;
+        const uint32_t fb = o.fb[slot];
+        info0[l] = o.info[slot];
+        x[l] = (fb & 0xffffu) * (x[l] >> S0) + (fb >> 16);
+      }
+      for (uint32_t e = esc; e; e &= e - 1) renorm(x[static_cast<uint32_t>(__builtin_ctz(e))]);
+      for (uint32_t e = esc; e; e &= e - 1) {  // phase 3
+        const uint32_t l = static_cast<uint32_t>(__builtin_ctz(e));
+        const uint32_t bits = info0[l] & 0x1fu, lo = bits < 16 ? bits : 16;
+        v[l] = x[l] & ((1u << lo) - 1);
+        x[l] >>= lo;
+        high |= bits > 16;
+      }
+      for (uint32_t e = esc; e; e &= e - 1) renorm(x[static_cast<uint32_t>(__builtin_ctz(e))]);
+      if (high) {
+        for (uint32_t e = esc; e; e &= e - 1) {  // phase 4
+          const uint32_t l = static_cast<uint32_t>(__builtin_ctz(e));
+          const uint32_t bits = info0[l] & 0x1fu;
+          if (bits > 16) {
+            v[l] |= (x[l] & ((1u << (bits - 16)) - 1)) << 16;
+            x[l] >>= bits - 16;
+          }
+        }
+        for (uint32_t e = esc; e; e &= e - 1) renorm(x[static_cast<uint32_t>(__builtin_ctz(e))]);
+      }
+    }
+    T* d = dst + t;
+    for (uint32_t l = 0; l < kLanes; ++l) {
+      uint32_t sym;
+      if (!((esc >> l) & 1u)) {
+        sym = rank[w0[l] & 0xffffu];
+        ctx[l] = w0[l] >> 16;
+      } else {
+        const uint32_t b = info0[l] >> 16, idx = o.base[b] + v[l];
+        if (info0[l] & 0x100u) {  // escape bucket: the value
+          sym = idx;
+          bad |= sizeof(T) == 2 && idx > 0xffffu;
+          ctx[l] = unranked;
+        } else {
+          bad |= idx >= ns;
+          sym = rank[idx < ns ? idx : 0];
+          ctx[l] = idx < exact ? idx : b + cls_shift;
+        }
+      }
+      d[size_t(l) * seg] = static_cast<T>(sym);
+    }
+  }
+  for (uint32_t l = 0; l < kLanes; ++l) {
+    s.x[l] = x[l];
+    s.ctx[l] = ctx[l];
+  }
+  s.pos = pos;
+  s.overrun |= overrun;
+  s.bad |= bad;
+}
+
+// The CPU path: the steps all 32 lanes take part in eight lanes per AVX2 vector
+// where the CPU has it (detail::steps_avx2), else steps_scalar; the rest (a short
+// last block) through detail::step.
 template <class T>
 int32_t decode_block_fast(const ImageView& m, const detail::Order0Tables& o, const BlockSpan& span, T* dst,
                           bool simd) {
   detail::Lanes s;
   if (detail::init_lanes(m, span, s) != rans::kOk) return rans::kBadState;
   uint32_t t = 0;
+  const uint32_t full = s.len[kLanes - 1];
 #if defined(__x86_64__)
-  if (simd && s.len[kLanes - 1] && rans::detail::avx2_available()) {
-    detail::steps_avx2(m, o, s, s.len[kLanes - 1], span.seg, dst);
-    t = s.len[kLanes - 1];
+  if (simd && full && rans::detail::avx2_available()) {
+    detail::steps_avx2(m, o, s, full, span.seg, dst);
+    t = full;
   }
 #endif
+  if (t == 0 && full) {
+    steps_scalar_impl(m, o, s, full, span.seg, dst);
+    t = full;
+  }
   for (; t < span.seg && !s.overrun; ++t) detail::step(m, s, t, span.seg, dst);
   return detail::finish_lanes(s);
 }
