@@ -20,5 +20,6 @@ PYBIND11_MODULE(_core, m) {
   bind_ring(m);
   bind_loader(m);
   bind_rans(m);
+  bind_rans1(m);
   bind_quant(m);  // INT8 oracles and emulations, window cutting (quant_bindings.cpp)
 }
