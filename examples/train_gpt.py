@@ -9,8 +9,8 @@ a small GPT on it under DistributedDataParallel with
   on the native engine): model, optimizer, loader position, the hook's residuals and a hash of
   every batch consumed so far.
 
-    torchrun --nproc_per_node=2 examples/train_gpt.py --steps 200      # 2 ranks, CPU (gloo)
-    torchrun --nproc_per_node=2 examples/train_gpt.py --steps 300 --resume
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --steps 200      # 2 ranks, CPU (gloo)
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --steps 300 --resume
     python3 examples/train_gpt.py --steps 200                           # one process, no DDP
     torchrun --nproc_per_node=NGPU examples/train_gpt.py --device cuda  # one rank per GPU (nccl)
 
