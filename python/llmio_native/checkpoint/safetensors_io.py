@@ -381,6 +381,30 @@ class _RegionStats:
         self.populate_refused = 0
 
 
+_live_lock = threading.Lock()
+_live_bytes = [0, 0]
+"""[bytes, mappings] of load_file mappings not yet unmapped (diagnostics and tests)."""
+
+
+def live_region_bytes() -> tuple[int, int]:
+    """(bytes, count) of the anonymous mappings behind loaded CPU tensors still alive.
+
+    Raises:
+        Nothing.
+    """
+    with _live_lock:
+        return _live_bytes[0], _live_bytes[1]
+
+
+def _unmap_region(base: int, length: int) -> None:
+    lc = _Libc.get()
+    if lc is not None:
+        lc.munmap(ctypes.c_void_p(base), length)
+    with _live_lock:
+        _live_bytes[0] -= length
+        _live_bytes[1] -= 1
+
+
 def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
     """A fresh anonymous private mapping of ``nbytes`` (rounded up to pages) as a uint8 tensor
     that owns it: munmap runs when the tensor's storage (every view of it) is freed. With
@@ -415,13 +439,16 @@ def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
             rs.huge_refused += 1
     rs.regions += 1
     rs.region_bytes += length
+    with _live_lock:
+        _live_bytes[0] += length
+        _live_bytes[1] += 1
     try:
         mv = memoryview((ctypes.c_ubyte * length).from_address(base)).cast("B")
-        fin = weakref.finalize(mv, lc.munmap, ctypes.c_void_p(base), length)
+        fin = weakref.finalize(mv, _unmap_region, base, length)
         fin.atexit = False  # at exit, tensors may outlive the finaliser registry: leave the mapping
         t = torch.frombuffer(mv, dtype=torch.uint8)
     except BaseException:
-        lc.munmap(ctypes.c_void_p(base), length)
+        _unmap_region(base, length)
         raise
     return t
 
@@ -460,6 +487,10 @@ class _Populator:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
+        self.thread.join()
+
+    def finish(self) -> None:
+        """Wait until every chunk after the first is populated (tests; loads stop it instead)."""
         self.thread.join()
 
 
