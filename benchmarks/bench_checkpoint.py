@@ -31,8 +31,8 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
                    that returns new tensors pays beside the read (slow on some VMs); once with
                    torch.empty, once with a 2 MiB-aligned MADV_HUGEPAGE mapping
 
-Every llmio load row is the best of ``--repeat`` runs (default 1; the VM's disk and memory are
-noisy), each cold.
+Every llmio load row, the read limit (before and after the others) and the first-touch rows
+are the best of ``--repeat`` runs (default 1; the VM's disk and memory are noisy), each cold.
 
 For each row: GB/s, CPU utilisation, page-cache growth (pages of the checkpoint's files
 resident afterwards, by mincore), peak RSS growth (sampled), and ratios. GPU rows
@@ -159,25 +159,43 @@ def cpu_now() -> float:
     return ru.ru_utime + ru.ru_stime + rc.ru_utime + rc.ru_stime
 
 
+VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "pgfault")
+
+
+def vmstat() -> dict[str, int]:
+    """The /proc/vmstat counters that explain a fresh-memory row (empty where unreadable)."""
+    try:
+        with open("/proc/vmstat") as f:
+            kv = dict(line.split() for line in f)
+    except OSError:
+        return {}
+    return {k: int(kv[k]) for k in VMSTAT_KEYS if k in kv}
+
+
 def row(section: str, name: str, fn: Callable[[], Any], nbytes: int, out_path: str | None,
         cold_paths: list[str] | None = None, note: str = "") -> dict:
     if cold_paths:
         for p in cold_paths:
             for f in files_under(p):
                 evict(f)
+    v0 = vmstat()
     with Peak() as pk:
         c0, t0 = cpu_now(), time.perf_counter()
         res = fn()
         dt, dc = time.perf_counter() - t0, cpu_now() - c0
+    v1 = vmstat()
+    vm = {k: v1[k] - v0[k] for k in v1 if k in v0}
     if isinstance(res, dict) and "limit_seconds" in res:
         dt = res["limit_seconds"]  # a C limit loop times itself (no process start-up in it)
     del res
     cache = cached_bytes(out_path) if out_path else 0
     r = {"section": section, "name": name, "nbytes": nbytes, "seconds": dt, "gbps": nbytes / dt / 1e9 if dt else 0.0,
          "cpu": dc / dt if dt else 0.0, "cache_growth_bytes": cache, "cache_growth_pct": 100.0 * cache / max(nbytes, 1),
-         "peak_rss_growth_bytes": max(0, pk.peak - pk.base), "note": note}
+         "peak_rss_growth_bytes": max(0, pk.peak - pk.base), "note": note, "vmstat": vm}
     print(f"  {section:<5} {name:<42} {r['gbps']:7.2f} GB/s  cpu {r['cpu']:4.2f}  cache {r['cache_growth_pct']:6.2f}%  "
-          f"peak rss +{r['peak_rss_growth_bytes'] / MiB:7.1f} MiB  {note}", flush=True)
+          f"peak rss +{r['peak_rss_growth_bytes'] / MiB:7.1f} MiB  "
+          f"faults {vm.get('pgfault', 0)} thp {vm.get('thp_fault_alloc', 0)}/fallback {vm.get('thp_fault_fallback', 0)} "
+          f"compact_stall {vm.get('compact_stall', 0)}  {note}", flush=True)
     return r
 
 
@@ -389,12 +407,18 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
         def lim() -> dict:
             return {"limit_seconds": run_limit(exe, ["seq", p_ours, "32", str(MiB)])[2]}
         lim_name = "limit: liburing qd32 1MiB O_DIRECT"
+
+        def lim4() -> dict:
+            return {"limit_seconds": run_limit(exe, ["seq", p_ours, "16", str(4 * MiB)])[2]}
     else:
         def lim() -> None:
             read_limit_python(p_ours)
         lim_name = f"limit: O_DIRECT pread 4MiB ({why})"
     file_bytes = size_of(p_ours)
-    rows.append(row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours]))
+    rows.append(best_of(a.repeat, lambda: row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours])))
+    if exe:  # the engine reads in extents up to 4 MiB: a limit loop with that request size too
+        rows.append(best_of(a.repeat, lambda: row("load", "limit: liburing qd16 4MiB O_DIRECT", lim4, file_bytes,
+                                                  p_ours, cold_paths=[p_ours])))
     s: dict = {}
     rows.append(best_of(a.repeat, lambda: row("load", "llmio load_file", lambda: ck.load_file(p_ours, stats=s), nbytes,
                                               p_ours, cold_paths=[p_ours])))
@@ -440,7 +464,8 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
                                               nbytes, None)))
     rows.append(best_of(a.repeat, lambda: row("load", "memory: first touch, MADV_HUGEPAGE mapping",
                                               lambda: first_touch_huge(nbytes), nbytes, None)))
-    rows.append(row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours], note="second run"))
+    rows.append(best_of(a.repeat, lambda: row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours],
+                                              note="second run")))
     lims = [r for r in rows if r["section"] == "load" and r["name"].startswith("limit")]
     best = max(lims, key=lambda r: r["gbps"])
     rows = [r for r in rows if not (r["section"] == "load" and r["name"].startswith("limit") and r is not best)]
