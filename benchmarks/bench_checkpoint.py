@@ -31,6 +31,11 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
                    that returns new tensors pays beside the read (slow on some VMs); once with
                    torch.empty, once with a 2 MiB-aligned MADV_HUGEPAGE mapping
 
+``--settle S`` waits S seconds before each load row: on a VM whose balloon reports free pages
+to the host (as the dev VM's does), memory freed by the previous row is then taken back by the
+host, and the next first touch pays a host fault too -- the state a server starts in. Without
+it, each row reuses memory the previous row freed a moment ago (still backed).
+
 Every llmio load row, the read limit (before and after the others) and the first-touch rows
 are the best of ``--repeat`` runs (default 1; the VM's disk and memory are noisy), each cold.
 
@@ -159,6 +164,9 @@ def cpu_now() -> float:
     return ru.ru_utime + ru.ru_stime + rc.ru_utime + rc.ru_stime
 
 
+SETTLE_S = 0.0
+"""Seconds to wait before each load row (``--settle``): lets freed memory go back to a
+hypervisor that takes free pages (virtio-balloon free page reporting), as at a server's start."""
 VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "pgfault")
 
 
@@ -178,6 +186,8 @@ def row(section: str, name: str, fn: Callable[[], Any], nbytes: int, out_path: s
         for p in cold_paths:
             for f in files_under(p):
                 evict(f)
+    if section == "load" and SETTLE_S > 0:
+        time.sleep(SETTLE_S)
     v0 = vmstat()
     with Peak() as pk:
         c0, t0 = cpu_now(), time.perf_counter()
@@ -308,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--repeat", type=int, default=1, help="best of N cold runs for each llmio load row")
     ap.add_argument("--load-only", action="store_true", help="write the files untimed; time only the load rows")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="sleep this long before each load row (memory freed by the previous row settles: on a VM "
+                         "with free page reporting the host takes it back)")
     a = ap.parse_args(argv)
+    global SETTLE_S
+    SETTLE_S = a.settle
     size = parse_size(a.size)
     work = tempfile.mkdtemp(prefix="bench_ckpt.", dir=a.dir)
     try:

@@ -1134,12 +1134,22 @@ def test_auto_alloc_follows_the_kernel_and_libc(tmp_path, monkeypatch):
     ck.save_file(sd, p)
     monkeypatch.delenv("LLMIO_CKPT_ALLOC", raising=False)
     monkeypatch.delenv("LLMIO_CKPT_POPULATE", raising=False)
+    monkeypatch.setattr(sio, "_free_page_reporting", lambda: False)
     for thp, expect in (("never", "torch"), ("madvise", "hugepage"), ("always", "hugepage"), ("", "torch")):
         monkeypatch.setattr(sio, "_thp_mode", lambda thp=thp: thp)
         s: dict = {}
         got = ck.load_file(p, io_mode="direct", stats=s)
         assert s["alloc"] == expect, thp
         assert all(same_bits(got[k], v) for k, v in sd.items())
+    # a balloon that reports free pages to the host: huge pages would fault on the host too
+    monkeypatch.setattr(sio, "_free_page_reporting", lambda: True)
+    s = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)
+    assert s["alloc"] == "torch" and all(same_bits(got[k], v) for k, v in sd.items())
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")  # forcing still works there
+    s = {}
+    ck.load_file(p, io_mode="direct", stats=s)
+    assert s["alloc"] == "hugepage" and s["regions"] > 0
     # no libc mmap/madvise at all: even a forced mapping path becomes torch memory
     monkeypatch.setattr(sio._Libc, "get", classmethod(lambda cls: None))
     for alloc in ("hugepage", "plain", "auto"):
@@ -1148,6 +1158,21 @@ def test_auto_alloc_follows_the_kernel_and_libc(tmp_path, monkeypatch):
         got = ck.load_file(p, io_mode="direct", stats=s)
         assert s["alloc"] == "torch" and s["regions"] == 0 and s["populate"] == "off"
         assert all(same_bits(got[k], v) for k, v in sd.items())
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    d = tmp_path / "virtio_balloon"
+    assert sio._free_page_reporting(str(d)) is False  # no balloon driver
+    (d / "virtio0").mkdir(parents=True)
+    (d / "bind").write_text("")  # driver files that are not devices are ignored
+    assert sio._free_page_reporting(str(d)) is False  # a device without a features file
+    (d / "virtio0" / "features").write_text("0110000000000000\n")  # stats, no reporting
+    assert sio._free_page_reporting(str(d)) is False
+    (d / "virtio3").mkdir()
+    (d / "virtio3" / "features").write_text("0110010100000000\n")  # bit 5: VIRTIO_BALLOON_F_REPORTING
+    assert sio._free_page_reporting(str(d)) is True
+    (d / "virtio3" / "features").write_text("0110\n")  # too short to hold bit 5
+    assert sio._free_page_reporting(str(d)) is False
 
 
 def test_unknown_alloc_or_populate_mode_is_refused_naming_the_variable(tmp_path, monkeypatch):
