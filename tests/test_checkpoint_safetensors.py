@@ -1140,6 +1140,7 @@ def test_auto_alloc_follows_the_kernel_and_libc(tmp_path, monkeypatch):
         s: dict = {}
         got = ck.load_file(p, io_mode="direct", stats=s)
         assert s["alloc"] == expect, thp
+        assert s["populate"] == ("on" if expect == "hugepage" else "off")  # populate=auto follows the pages
         assert all(same_bits(got[k], v) for k, v in sd.items())
     # a balloon that reports free pages to the host: huge pages would fault on the host too
     monkeypatch.setattr(sio, "_free_page_reporting", lambda: True)

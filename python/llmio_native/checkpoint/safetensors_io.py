@@ -401,14 +401,10 @@ def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
     if a != "torch" and _Libc.get() is None:  # pragma: no cover - no libc symbols
         a = "torch"
     if p == "auto":
-        p = _POPULATE_AUTO
+        p = "on" if a == "hugepage" else "off"
     if a == "torch":
         p = "off"  # torch's allocator gives no mapping to pre-fault
     return a, p
-
-
-_POPULATE_AUTO = "off"
-"""What populate='auto' means (set from the benchmark's measurements)."""
 
 
 class _RegionStats:
