@@ -858,7 +858,14 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         backend: the Reader engine (``"auto"`` | ``"io_uring"`` | ``"threads"``).
         max_header_bytes: refuse headers longer than this.
         stats: when a dict, updated with the Reader's counters (``bytes``, ``bytes_direct``...)
-            and ``io_direct``.
+            and ``io_direct``; on the CPU also the fresh-memory path taken (``alloc``,
+            ``populate``, ``regions``, ``hugepage_advised``, ``hugepage_refused``,
+            ``populated_regions``, ``populate_refused``).
+
+    CPU tensors of 1 MiB and more live in their own anonymous mapping (huge pages where that
+    pays; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` force a path), unmapped as soon as
+    the tensor and its views are freed; such tensors cannot grow in place (``resize_`` past
+    their storage raises ``RuntimeError``; ``clone()`` first).
 
     Returns:
         name -> tensor, in file order.
@@ -867,7 +874,9 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         SafetensorsError: a malformed file or index, a missing shard, a missing key, a dtype
             torch lacks; the message names the file and the tensor.
         FileNotFoundError: ``path`` does not exist.
-        ValueError: bad ``device``, ``io_mode``, or group arguments.
+        ValueError: bad ``device``, ``io_mode``, or group arguments; an unknown
+            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` value.
+        MemoryError: a tensor's mapping could not be made.
         OSError: a read failed (names file, offset, length).
     """
     torch = _torch()
