@@ -921,6 +921,18 @@ def test_bench_checkpoint_smoke(tmp_path):
     assert all(r["gbps"] > 0 and r["seconds"] > 0 for r in res["rows"])
     assert res["state_dict_bytes"] > 20 * MIB and res["cuda_run"] == torch.cuda.is_available()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_ckpt")] == []  # cleaned up
+    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on")):
+        assert ("load", f"llmio load_file alloc={alloc} populate={pop}") in rows
+    assert ("load", "memory: first touch, MADV_HUGEPAGE mapping") in rows
+    # --load-only: no save rows; --repeat keeps one (the best) row per name
+    out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path), "--load-only",
+                          "--no-dcp", "--repeat", "2", "--settle", "0.01", "--json", str(tmp_path / "l.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads((tmp_path / "l.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert all(r["section"] == "load" for r in res["rows"]) and len(names) == len(set(names))
+    assert "llmio load_file alloc=hugepage populate=on" in names and sum(n.startswith("limit") for n in names) == 1
 
 
 # ---------------------------------------------------------------------------------------------
