@@ -921,3 +921,296 @@ def test_bench_checkpoint_smoke(tmp_path):
     assert all(r["gbps"] > 0 and r["seconds"] > 0 for r in res["rows"])
     assert res["state_dict_bytes"] > 20 * MIB and res["cuda_run"] == torch.cuda.is_available()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_ckpt")] == []  # cleaned up
+    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on")):
+        assert ("load", f"llmio load_file alloc={alloc} populate={pop}") in rows
+    assert ("load", "memory: first touch, MADV_HUGEPAGE mapping") in rows
+    # --load-only: no save rows; --repeat keeps one (the best) row per name
+    out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path), "--load-only",
+                          "--no-dcp", "--repeat", "2", "--settle", "0.01", "--json", str(tmp_path / "l.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads((tmp_path / "l.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert all(r["section"] == "load" for r in res["rows"]) and len(names) == len(set(names))
+    assert "llmio load_file alloc=hugepage populate=on" in names and sum(n.startswith("limit") for n in names) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# fresh memory: per-tensor anonymous mappings (huge pages), pre-faulting, release, fallbacks
+# ---------------------------------------------------------------------------------------------
+from llmio_native.checkpoint import safetensors_io as sio  # noqa: E402
+
+
+def mappings() -> list[tuple[int, int, str]]:
+    """(start, end, VmFlags) of every mapping of this process (/proc/self/smaps)."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = head.split("-")
+                cur = [int(a, 16), int(b, 16), ""]
+                out.append(cur)
+            elif head == "VmFlags:" and cur is not None:
+                cur[2] = line.split(":", 1)[1]
+    return [tuple(m) for m in out]
+
+
+def mapping_of(addr: int) -> tuple[int, int, str] | None:
+    return next((m for m in mappings() if m[0] <= addr < m[1]), None)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def region_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors below, around and above the mapping threshold and the 2 MiB huge-page size, odd
+    sizes included, plus small ones that keep torch allocations."""
+    return {
+        "big": random_tensor(torch.bfloat16, (1531, 1409), seed),            # ~4.1 MiB, odd
+        "huge_exact": random_tensor(torch.float32, (512, 1024), seed + 1),   # 2 MiB exactly
+        "mid": random_tensor(torch.float16, (700, 777), seed + 2),           # ~1.04 MiB
+        "below": random_tensor(torch.float32, (1000, 200), seed + 3),        # 800 KB: torch memory
+        "small": random_tensor(torch.int64, (3, 7), seed + 4),
+        "odd_u8": random_tensor(torch.uint8, (1 << 20) + 13, seed + 5),      # 1 MiB + 13 bytes
+        "empty": torch.empty(0, 5, dtype=torch.bfloat16),
+    }
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several populate chunks even for a few MiB, so the helper thread has work."""
+    monkeypatch.setattr(sio, "_POPULATE_CHUNK_BYTES", 1 << 20)
+
+
+@pytest.mark.parametrize("io_mode", ["direct", "buffered"])
+@pytest.mark.parametrize("alloc", ["hugepage", "plain", "torch"])
+@pytest.mark.parametrize("populate", ["on", "off"])
+def test_every_alloc_and_populate_path_loads_bit_exactly(tmp_path, monkeypatch, small_chunks, io_mode, alloc,
+                                                         populate):
+    sd = region_dict(1)
+    p = tmp_path / "r.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", alloc)
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE", populate)
+    s: dict = {}
+    got = ck.load_file(p, io_mode=io_mode, stats=s)
+    assert list(got) == list(hdr.read_header(p).tensors)
+    assert all(same_bits(got[k], v) for k, v in sd.items())
+    big = [k for k, v in sd.items() if v.numel() * v.element_size() >= sio._REGION_MIN_BYTES]
+    assert s["alloc"] == alloc and s["populate"] == (populate if alloc != "torch" else "off")
+    assert s["regions"] == (len(big) if alloc != "torch" else 0)
+    if alloc == "hugepage":
+        assert s["hugepage_advised"] + s["hugepage_refused"] == len(big)
+    else:
+        assert s["hugepage_advised"] == s["hugepage_refused"] == 0
+    for k in big:
+        m = mapping_of(got[k].data_ptr())
+        assert m is not None
+        if alloc == "torch":
+            continue
+        # the tensor's own mapping (the kernel may merge neighbours into one VMA): its storage
+        # starts at a page boundary within an alignment block of the tensor's bytes
+        st = got[k].untyped_storage()
+        nb = sd[k].numel() * sd[k].element_size()
+        assert st.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0
+        assert st.data_ptr() <= got[k].data_ptr() < st.data_ptr() + 4096 and st.nbytes() - nb < 3 * 4096 + 4096
+        assert m[1] >= got[k].data_ptr() + nb
+        if alloc == "hugepage" and s["hugepage_refused"] == 0:
+            assert " hg" in m[2], m  # advised MADV_HUGEPAGE
+            if st.nbytes() >= 2 * MIB:
+                assert st.data_ptr() % (2 * MIB) == 0  # 2 MiB-aligned start: every whole 2 MiB can be one page
+        if alloc == "plain":
+            assert " hg" not in m[2]
+
+
+def test_region_tensors_are_owned_and_independent_between_loads(tmp_path, monkeypatch):
+    sd = region_dict(2)
+    p = tmp_path / "o.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")
+    a = ck.load_file(p, io_mode="direct")
+    b = ck.load_file(p, io_mode="direct")
+    spans = []
+    for got in (a, b):
+        for k, t in got.items():
+            if t.numel():
+                st = t.untyped_storage()
+                spans.append((st.data_ptr(), st.data_ptr() + st.nbytes(), k))
+    spans.sort()
+    assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:])), "two tensors share memory"
+    a["big"].fill_(3.0)
+    a["huge_exact"].zero_()
+    a["odd_u8"].fill_(7)
+    assert all(same_bits(b[k], v) for k, v in sd.items())  # the other load is untouched
+    assert same_bits(a["mid"], sd["mid"])  # and so are the other tensors of the same load
+    c = ck.load_file(p, io_mode="direct")  # a later load does not reuse or alias
+    assert all(same_bits(c[k], v) for k, v in sd.items())
+    assert torch.all(a["big"] == 3.0) and torch.all(a["odd_u8"] == 7)
+    os.unlink(p)
+    assert same_bits(b["big"] + 0, sd["big"] + 0)  # no file mapping behind it
+
+
+def test_freeing_loaded_tensors_unmaps_their_memory(tmp_path, monkeypatch):
+    import gc
+
+    n = 24
+    sd = {f"w{i}": random_tensor(torch.bfloat16, (1024, 1536), 100 + i) for i in range(n)}  # 3 MiB each
+    p = tmp_path / "m.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")
+    gc.collect()
+    live0 = sio.live_region_bytes()
+    r0 = rss_bytes()
+    got = ck.load_file(p, io_mode="direct")
+    total = n * 3 * MIB
+    live1 = sio.live_region_bytes()
+    assert live1[1] - live0[1] == n and total <= live1[0] - live0[0] <= total + n * 3 * 4096
+    assert rss_bytes() - r0 >= 0.9 * total  # the data really is in this process's memory
+    # one tensor freed: its mapping goes, the others stay valid
+    r1 = rss_bytes()
+    del got["w0"]
+    gc.collect()
+    assert sio.live_region_bytes()[1] == live1[1] - 1
+    assert r1 - rss_bytes() >= 2 * MIB  # its 3 MiB left the process
+    assert same_bits(got["w1"], sd["w1"])
+    # a view keeps its tensor's mapping alive after the tensor and the dict are gone
+    view = got["w2"][5:9, 100:200]
+    expect = sd["w2"][5:9, 100:200].clone()
+    del got
+    gc.collect()
+    assert sio.live_region_bytes()[1] == live0[1] + 1 and same_bits(view.contiguous(), expect)
+    del view
+    gc.collect()
+    assert sio.live_region_bytes() == live0
+    assert rss_bytes() - r0 < 0.1 * total  # the memory went back to the system
+
+
+def test_populate_helper_prefaults_every_chunk_after_the_first():
+    import ctypes
+
+    rs = sio._RegionStats()
+    regs = [sio._new_region(n, False, rs) for n in (3 * MIB, 5 * MIB + 4096, 64 * KIB)]
+    lc = sio._Libc.get()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident(t: torch.Tensor) -> int:
+        pages = -(-t.numel() // page)
+        vec = (ctypes.c_ubyte * pages)()
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert lib.mincore(ctypes.c_void_p(t.data_ptr()), t.numel(), vec) == 0
+        return sum(v & 1 for v in vec)
+
+    assert lc is not None and all(resident(t) == 0 for t in regs)  # fresh mappings: nothing faulted yet
+    pop = sio._Populator([[(regs[0].data_ptr(), regs[0].numel())],
+                          [(regs[1].data_ptr(), regs[1].numel()), (regs[2].data_ptr(), regs[2].numel())]], rs)
+    pop.thread.start()
+    pop.finish()
+    if rs.populate_refused:
+        pytest.skip("kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
+    assert rs.populate_ok == 2
+    assert resident(regs[0]) == 0  # the first chunk is the engine's to fault
+    assert resident(regs[1]) == regs[1].numel() // page and resident(regs[2]) == regs[2].numel() // page
+    assert torch.count_nonzero(regs[1]) == 0  # populated pages read as zeros
+
+
+def test_refused_advice_falls_back_and_still_loads_bit_exactly(tmp_path, monkeypatch, small_chunks):
+    sd = region_dict(3)
+    p = tmp_path / "f.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE", "on")
+    monkeypatch.setattr(sio, "_MADV_HUGEPAGE", 4242)  # an advice no kernel knows: EINVAL, as without THP
+    monkeypatch.setattr(sio, "_MADV_POPULATE_WRITE", 4243)  # as before Linux 5.14
+    s: dict = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)
+    assert all(same_bits(got[k], v) for k, v in sd.items())
+    assert s["hugepage_refused"] == s["regions"] > 0 and s["hugepage_advised"] == 0
+    assert s["populated_regions"] == 0
+    rs = sio._RegionStats()
+    t = sio._new_region(3 * MIB, True, rs)
+    pop = sio._Populator([[], [(t.data_ptr(), t.numel())]], rs)
+    pop.thread.start()
+    pop.finish()
+    assert rs.populate_refused == 1 and rs.populate_ok == 0 and rs.huge_refused == 1
+    t.fill_(9)  # the mapping is usable all the same
+    assert int(t.sum()) == 9 * t.numel()
+
+
+def test_auto_alloc_follows_the_kernel_and_libc(tmp_path, monkeypatch):
+    sd = region_dict(4)
+    p = tmp_path / "a.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.delenv("LLMIO_CKPT_ALLOC", raising=False)
+    monkeypatch.delenv("LLMIO_CKPT_POPULATE", raising=False)
+    monkeypatch.setattr(sio, "_free_page_reporting", lambda: False)
+    for thp, expect in (("never", "torch"), ("madvise", "hugepage"), ("always", "hugepage"), ("", "torch")):
+        monkeypatch.setattr(sio, "_thp_mode", lambda thp=thp: thp)
+        s: dict = {}
+        got = ck.load_file(p, io_mode="direct", stats=s)
+        assert s["alloc"] == expect, thp
+        assert s["populate"] == ("on" if expect == "hugepage" else "off")  # populate=auto follows the pages
+        assert all(same_bits(got[k], v) for k, v in sd.items())
+    # a balloon that reports free pages to the host: huge pages would fault on the host too
+    monkeypatch.setattr(sio, "_free_page_reporting", lambda: True)
+    s = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)
+    assert s["alloc"] == "torch" and all(same_bits(got[k], v) for k, v in sd.items())
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")  # forcing still works there
+    s = {}
+    ck.load_file(p, io_mode="direct", stats=s)
+    assert s["alloc"] == "hugepage" and s["regions"] > 0
+    # no libc mmap/madvise at all: even a forced mapping path becomes torch memory
+    monkeypatch.setattr(sio._Libc, "get", classmethod(lambda cls: None))
+    for alloc in ("hugepage", "plain", "auto"):
+        monkeypatch.setenv("LLMIO_CKPT_ALLOC", alloc)
+        s = {}
+        got = ck.load_file(p, io_mode="direct", stats=s)
+        assert s["alloc"] == "torch" and s["regions"] == 0 and s["populate"] == "off"
+        assert all(same_bits(got[k], v) for k, v in sd.items())
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    d = tmp_path / "virtio_balloon"
+    assert sio._free_page_reporting(str(d)) is False  # no balloon driver
+    (d / "virtio0").mkdir(parents=True)
+    (d / "bind").write_text("")  # driver files that are not devices are ignored
+    assert sio._free_page_reporting(str(d)) is False  # a device without a features file
+    (d / "virtio0" / "features").write_text("0110000000000000\n")  # stats, no reporting
+    assert sio._free_page_reporting(str(d)) is False
+    (d / "virtio3").mkdir()
+    (d / "virtio3" / "features").write_text("0110010100000000\n")  # bit 5: VIRTIO_BALLOON_F_REPORTING
+    assert sio._free_page_reporting(str(d)) is True
+    (d / "virtio3" / "features").write_text("0110\n")  # too short to hold bit 5
+    assert sio._free_page_reporting(str(d)) is False
+
+
+def test_unknown_alloc_or_populate_mode_is_refused_naming_the_variable(tmp_path, monkeypatch):
+    p = tmp_path / "u.safetensors"
+    ck.save_file({"x": torch.ones(3)}, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "gigantic")
+    with pytest.raises(ValueError, match="LLMIO_CKPT_ALLOC.*gigantic"):
+        ck.load_file(p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "plain")
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE", "sometimes")
+    with pytest.raises(ValueError, match="LLMIO_CKPT_POPULATE.*sometimes"):
+        ck.load_file(p)
+
+
+def test_read_error_with_populate_names_the_file_and_stops_the_helper(tmp_path, monkeypatch, small_chunks, faults):
+    import errno
+    import threading
+
+    sd = region_dict(5)
+    p = tmp_path / "e.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE", "on")
+    faults("eio:e.safetensors")
+    with pytest.raises(OSError) as ei:
+        ck.load_file(p, io_mode="direct")
+    assert ei.value.errno == errno.EIO and "e.safetensors" in str(ei.value)
+    assert not any(t.name == "llmio-ckpt-populate" for t in threading.enumerate())

@@ -9,6 +9,16 @@ flight), straight into the memory the caller gets back:
   (no bounce copy, no page cache). The tensor's storage is private to it and may extend a few
   KiB (at most three alignment blocks) around the tensor's bytes: the slack of the aligned read.
   Tensors under 16 KiB get an exact allocation instead (the engine bounces their partial blocks).
+  Fresh memory costs a page fault per page on first touch (on some VMs slower than the disk), so
+  tensors from ``_REGION_MIN_BYTES`` up get their own anonymous mapping, 2 MiB-aligned and
+  advised ``MADV_HUGEPAGE`` (one fault per 2 MiB), unmapped when the last tensor or view of it is
+  freed -- except on a VM whose balloon reports free pages to the host, where huge pages come
+  from blocks the host took back and fault slower than 4 KiB ones (``_auto_alloc``); with
+  ``populate``, a helper thread pre-faults (``MADV_POPULATE_WRITE``) the next chunk's mappings
+  while the engine reads the current chunk. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``hugepage``
+  | ``plain`` | ``torch``) and ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) force a path;
+  where the kernel refuses one (no THP, no ``MADV_POPULATE_WRITE``) the load carries on without
+  it (``stats`` reports what ran).
 * CUDA: runs of consecutive tensors are read into page-locked staging slots and copied to their
   final allocations on a side stream; slot k+1 is read while slot k is being copied.
 
@@ -37,6 +47,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import weakref
 from collections import namedtuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -61,6 +73,16 @@ _DIRECT_MIN_BYTES = 16 << 10
 """CPU tensors from this size up get the congruent layout (read straight in, a few KiB of
 alignment slack in their storage); smaller ones get an exact allocation and the engine bounces
 their partial blocks (a copy of at most a few KiB)."""
+_REGION_MIN_BYTES = 1 << 20
+"""CPU tensors from this size up get their own anonymous mapping (huge pages where allowed)."""
+_HUGE_BYTES = 2 << 20
+_POPULATE_CHUNK_BYTES = 128 << 20
+"""With populate on, reads are issued in chunks of about this many bytes; the helper thread
+pre-faults chunk k+1 while chunk k is read."""
+ALLOC_MODES = ("auto", "hugepage", "plain", "torch")
+POPULATE_MODES = ("auto", "on", "off")
+_MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
@@ -287,6 +309,227 @@ def _make_reader(src: _Source, io_mode: str, backend: str) -> tuple[Any, list[bo
     return Reader(src.files, backend=backend, direct=direct, max_io_bytes=_MAX_IO_BYTES), cold
 
 
+class _Libc:
+    """ctypes handles on mmap/munmap/madvise (calls through ctypes release the GIL)."""
+
+    _inst: "_Libc | None" = None
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        self.mmap = lib.mmap
+        self.mmap.restype = ctypes.c_void_p
+        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        self.munmap = lib.munmap
+        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.madvise = lib.madvise
+        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def get(cls) -> "_Libc | None":
+        if cls._inst is None:
+            try:
+                cls._inst = cls()
+            except (OSError, AttributeError, ValueError):  # pragma: no cover - no libc symbols
+                return None
+        return cls._inst
+
+
+def _thp_mode() -> str:
+    """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ('' if unreadable)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+        return m.group(1) if m else ""
+    except OSError:
+        return ""
+
+
+_BALLOON_DIR = "/sys/bus/virtio/drivers/virtio_balloon"
+_VIRTIO_BALLOON_F_REPORTING = 5
+
+
+def _free_page_reporting(balloon_dir: str | None = None) -> bool:
+    """Whether a virtio balloon reports free pages to the hypervisor (feature bit 5 of one of its
+    devices): free blocks of 2 MiB and up are then handed back to the host, and the next first
+    touch of such a block faults on the host too (on one such VM: 0.3-0.8 GB/s for huge pages
+    drawn from reported blocks, against 1.2-1.7 GB/s for 4 KiB pages from the unreported
+    low-order free lists).
+
+    Raises:
+        Nothing (unreadable sysfs: False).
+    """
+    d = balloon_dir or _BALLOON_DIR
+    try:
+        devs = [e for e in os.listdir(d) if e.startswith("virtio")]
+    except OSError:
+        return False
+    for e in devs:
+        try:
+            with open(os.path.join(d, e, "features")) as f:
+                bits = f.read().strip()
+        except OSError:
+            continue
+        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
+def _auto_alloc() -> str:
+    """What alloc='auto' means here: huge-page mappings where THP can be had by madvise and no
+    balloon hands free huge blocks back to the host; else torch's allocator."""
+    if _Libc.get() is None or _thp_mode() not in ("always", "madvise"):
+        return "torch"
+    return "torch" if _free_page_reporting() else "hugepage"
+
+
+def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
+    """(alloc, populate) after the LLMIO_CKPT_ALLOC / LLMIO_CKPT_POPULATE environment and 'auto'.
+
+    Raises:
+        ValueError: an unknown mode (names the variable).
+    """
+    a = alloc if alloc is not None else os.environ.get("LLMIO_CKPT_ALLOC", "auto")
+    p = populate if populate is not None else os.environ.get("LLMIO_CKPT_POPULATE", "auto")
+    if a not in ALLOC_MODES:
+        raise ValueError(f"LLMIO_CKPT_ALLOC / alloc must be one of {ALLOC_MODES}, got {a!r}")
+    if p not in POPULATE_MODES:
+        raise ValueError(f"LLMIO_CKPT_POPULATE / populate must be one of {POPULATE_MODES}, got {p!r}")
+    if a == "auto":
+        a = _auto_alloc()
+    if a != "torch" and _Libc.get() is None:  # pragma: no cover - no libc symbols
+        a = "torch"
+    if p == "auto":
+        p = "on" if a == "hugepage" else "off"
+    if a == "torch":
+        p = "off"  # torch's allocator gives no mapping to pre-fault
+    return a, p
+
+
+class _RegionStats:
+    def __init__(self) -> None:
+        self.regions = 0
+        self.region_bytes = 0
+        self.huge_ok = 0
+        self.huge_refused = 0
+        self.populate_ok = 0
+        self.populate_refused = 0
+
+
+_live_lock = threading.Lock()
+_live_bytes = [0, 0]
+"""[bytes, mappings] of load_file mappings not yet unmapped (diagnostics and tests)."""
+
+
+def live_region_bytes() -> tuple[int, int]:
+    """(bytes, count) of the anonymous mappings behind loaded CPU tensors still alive.
+
+    Raises:
+        Nothing.
+    """
+    with _live_lock:
+        return _live_bytes[0], _live_bytes[1]
+
+
+def _unmap_region(base: int, length: int) -> None:
+    lc = _Libc.get()
+    if lc is not None:
+        lc.munmap(ctypes.c_void_p(base), length)
+    with _live_lock:
+        _live_bytes[0] -= length
+        _live_bytes[1] -= 1
+
+
+def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
+    """A fresh anonymous private mapping of ``nbytes`` (rounded up to pages) as a uint8 tensor
+    that owns it: munmap runs when the tensor's storage (every view of it) is freed. With
+    ``huge``, the mapping starts 2 MiB-aligned and is advised MADV_HUGEPAGE (a refusal is
+    counted, not raised).
+
+    Raises:
+        MemoryError: mmap failed.
+    """
+    torch = _torch()
+    lc = _Libc.get()
+    assert lc is not None
+    length = _align_up(max(nbytes, 1), lc.page)
+    extra = _HUGE_BYTES if huge and length >= _HUGE_BYTES else 0
+    span = length + extra
+    addr = lc.mmap(None, span, 0x1 | 0x2, 0x02 | 0x20, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        e = ctypes.get_errno()
+        raise MemoryError(f"mmap of {span} bytes for a checkpoint tensor failed: {os.strerror(e)}")
+    base = addr
+    if extra:
+        base = _align_up(addr, _HUGE_BYTES)
+        if base > addr:
+            lc.munmap(ctypes.c_void_p(addr), base - addr)
+        tail = addr + span - (base + length)
+        if tail:
+            lc.munmap(ctypes.c_void_p(base + length), tail)
+    if huge:
+        if lc.madvise(ctypes.c_void_p(base), length, _MADV_HUGEPAGE) == 0:
+            rs.huge_ok += 1
+        else:
+            rs.huge_refused += 1
+    rs.regions += 1
+    rs.region_bytes += length
+    with _live_lock:
+        _live_bytes[0] += length
+        _live_bytes[1] += 1
+    try:
+        mv = memoryview((ctypes.c_ubyte * length).from_address(base)).cast("B")
+        fin = weakref.finalize(mv, _unmap_region, base, length)
+        fin.atexit = False  # at exit, tensors may outlive the finaliser registry: leave the mapping
+        t = torch.frombuffer(mv, dtype=torch.uint8)
+    except BaseException:
+        _unmap_region(base, length)
+        raise
+    return t
+
+
+class _Populator:
+    """Helper thread that pre-faults (MADV_POPULATE_WRITE) the mappings of chunk k+1 while the
+    caller reads chunk k. A refusal (kernel before 5.14, or the advice unknown) stops it and is
+    counted; the engine's reads then fault the pages themselves."""
+
+    _STEP = 16 << 20
+
+    def __init__(self, chunks: list[list[tuple[int, int]]], rs: _RegionStats) -> None:
+        self.chunks, self.rs = chunks, rs
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="llmio-ckpt-populate", daemon=True)
+
+    def _run(self) -> None:
+        lc = _Libc.get()
+        assert lc is not None
+        for chunk in self.chunks[1:]:
+            for addr, length in chunk:
+                pos = 0
+                while pos < length:
+                    if self.stop.is_set():
+                        return
+                    n = min(self._STEP, length - pos)
+                    if lc.madvise(ctypes.c_void_p(addr + pos), n, _MADV_POPULATE_WRITE) != 0:
+                        self.rs.populate_refused += 1
+                        return
+                    pos += n
+                self.rs.populate_ok += 1
+
+    def __enter__(self) -> "_Populator":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def finish(self) -> None:
+        """Wait until every chunk after the first is populated (tests; loads stop it instead)."""
+        self.thread.join()
+
+
 def _align_down(x: int, a: int) -> int:
     return x - x % a
 
@@ -313,11 +556,22 @@ def _view_as(raw_u8: "torch.Tensor", dtype: "torch.dtype", shape: Sequence[int])
     return t.view(tuple(shape))
 
 
-def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> dict[str, "torch.Tensor"]:
-    """Read ``names`` into fresh CPU tensors, each its own allocation, in one batch."""
+def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, alloc: str | None = None,
+              populate: str | None = None, stats: dict | None = None) -> dict[str, "torch.Tensor"]:
+    """Read ``names`` into fresh CPU tensors, each its own allocation (an anonymous mapping from
+    ``_REGION_MIN_BYTES`` up unless ``alloc`` is "torch"), in one batch (chunks with populate).
+
+    Raises:
+        ValueError: an unknown alloc or populate mode.
+        MemoryError: a mapping could not be made.
+        OSError: a read failed.
+    """
     torch = _torch()
+    amode, pmode = _resolve_modes(alloc, populate)
+    rs = _RegionStats()
     out: dict[str, torch.Tensor] = {}
     reqs: list[tuple[int, int, int, int]] = []
+    regions: list[tuple[int, int]] = []  # (address, bytes) of each request's mapping (0, 0: none)
     active = reader.stats()["direct_active"] if direct else []
     for name in names:
         fi, info = src.info(name)
@@ -328,17 +582,56 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool) -> 
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         itemsize = dtype.itemsize
-        if direct and active[fi] and info.nbytes >= _DIRECT_MIN_BYTES:
+        congruent = direct and active[fi] and info.nbytes >= _DIRECT_MIN_BYTES
+        if amode != "torch" and info.nbytes >= _REGION_MIN_BYTES:
+            A = reader.alignment(fi)
+            if congruent and _Libc.get().page % A == 0:  # type: ignore[union-attr]
+                a0 = _align_down(abs_off, A)
+                a1 = min(_align_up(abs_off + info.nbytes, A), reader.file_size(fi))
+                raw = _new_region(a1 - a0, amode == "hugepage", rs)
+                start = abs_off - a0
+                if (raw.data_ptr() + start) % itemsize == 0:
+                    reqs.append((fi, a0, raw.data_ptr(), a1 - a0))
+                    regions.append((raw.data_ptr(), raw.numel()))
+                    out[name] = _view_as(raw[start:start + info.nbytes], dtype, shape)
+                    continue
+                del raw
+            raw = _new_region(info.nbytes, amode == "hugepage", rs)
+            reqs.append((fi, abs_off, raw.data_ptr(), info.nbytes))
+            regions.append((raw.data_ptr(), raw.numel()))
+            out[name] = _view_as(raw[:info.nbytes], dtype, shape)
+            continue
+        if congruent:
             raw, req, start = _alloc_cpu_congruent(reader, fi, abs_off, info.nbytes)
             if (raw.data_ptr() + start) % itemsize == 0:
                 reqs.append(req)
+                regions.append((0, 0))
                 out[name] = _view_as(raw[start:start + info.nbytes], dtype, shape)
                 continue
         t = torch.empty(shape, dtype=dtype)
         reqs.append((fi, abs_off, t.data_ptr(), info.nbytes))
+        regions.append((0, 0))
         out[name] = t
     if reqs:
-        reader.native().read_batch_ptr(reqs)
+        native = reader.native()
+        if pmode == "on" and sum(r[3] for r in reqs) > _POPULATE_CHUNK_BYTES:
+            chunks: list[list[int]] = [[]]
+            acc = 0
+            for k, r in enumerate(reqs):
+                if acc >= _POPULATE_CHUNK_BYTES:
+                    chunks.append([])
+                    acc = 0
+                chunks[-1].append(k)
+                acc += r[3]
+            with _Populator([[regions[k] for k in c if regions[k][1]] for c in chunks], rs):
+                for c in chunks:
+                    native.read_batch_ptr([reqs[k] for k in c])
+        else:
+            native.read_batch_ptr(reqs)
+    if stats is not None:
+        stats.update(alloc=amode, populate=pmode, regions=rs.regions, region_bytes=rs.region_bytes,
+                     hugepage_advised=rs.huge_ok, hugepage_refused=rs.huge_refused,
+                     populated_regions=rs.populate_ok, populate_refused=rs.populate_refused)
     return out
 
 
@@ -520,9 +813,10 @@ def _load_names(src: _Source, names: Sequence[str], device: "torch.device", io_m
     torch = _torch()
     reader, cold = _make_reader(src, io_mode, backend)
     direct = reader.direct
+    alloc_stats: dict = {}
     try:
         if device.type == "cpu" and not _CPU_STAGING:
-            out = _read_cpu(reader, src, names, direct)
+            out = _read_cpu(reader, src, names, direct, stats=alloc_stats)
         else:
             out = {}
             for name in names:
@@ -534,6 +828,8 @@ def _load_names(src: _Source, names: Sequence[str], device: "torch.device", io_m
     finally:
         _drop_cache(src.files, cold)
     _fill_stats(stats, reader, direct)
+    if stats is not None:
+        stats.update(alloc_stats)
     return out
 
 
@@ -562,7 +858,14 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         backend: the Reader engine (``"auto"`` | ``"io_uring"`` | ``"threads"``).
         max_header_bytes: refuse headers longer than this.
         stats: when a dict, updated with the Reader's counters (``bytes``, ``bytes_direct``...)
-            and ``io_direct``.
+            and ``io_direct``; on the CPU also the fresh-memory path taken (``alloc``,
+            ``populate``, ``regions``, ``hugepage_advised``, ``hugepage_refused``,
+            ``populated_regions``, ``populate_refused``).
+
+    CPU tensors of 1 MiB and more live in their own anonymous mapping (huge pages where that
+    pays; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` force a path), unmapped as soon as
+    the tensor and its views are freed; such tensors cannot grow in place (``resize_`` past
+    their storage raises ``RuntimeError``; ``clone()`` first).
 
     Returns:
         name -> tensor, in file order.
@@ -571,7 +874,9 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         SafetensorsError: a malformed file or index, a missing shard, a missing key, a dtype
             torch lacks; the message names the file and the tensor.
         FileNotFoundError: ``path`` does not exist.
-        ValueError: bad ``device``, ``io_mode``, or group arguments.
+        ValueError: bad ``device``, ``io_mode``, or group arguments; an unknown
+            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` value.
+        MemoryError: a tensor's mapping could not be made.
         OSError: a read failed (names file, offset, length).
     """
     torch = _torch()
