@@ -58,19 +58,28 @@ template <class T>
 __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const Order0Tables& o, Lanes& s,
                                                       uint32_t steps, uint32_t seg, T* dst) {
   alignas(32) uint32_t sym[kLanes];
-  __m256i xv[4], cv[4], e0v[4], escv[4], bitsv[4], vv[4], info0[4];
+  // Per vector of 8 lanes: state, context (kept up to date only in the lanes that
+  // escaped: the others' is the `next context` word of their last entry, read at
+  // the end), info of the context (rans1_impl.hpp), the byte offset of the last
+  // entry, the escape mask of the last step.
+  __m256i xv[4], cv[4], iv[4], eoffv[4], escv[4], bitsv[4], vv[4], info0[4];
+  const int* ctx_info = reinterpret_cast<const int*>(o.ctx_info);
+  const int* tab = reinterpret_cast<const int*>(o.tab);
+  const int* tab_next = reinterpret_cast<const int*>(o.tab + 4);
+  const int* tab_sym = reinterpret_cast<const int*>(o.tab + 8);
+  const int* rank = reinterpret_cast<const int*>(m.base.rank);
   for (int k = 0; k < 4; ++k) {
     xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.x + 8 * k));
     cv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.ctx + 8 * k));
+    iv[k] = _mm256_i32gather_epi32(ctx_info, cv[k], 4);
+    escv[k] = _mm256_set1_epi32(-1);
+    eoffv[k] = _mm256_setzero_si256();
   }
-  const int* ctx_info = reinterpret_cast<const int*>(m.ctx);
-  const int* slots = reinterpret_cast<const int*>(m.slots);
-  const int* rank = reinterpret_cast<const int*>(m.base.rank);
   const int* fb0 = reinterpret_cast<const int*>(o.fb);
   const int* info0_t = reinterpret_cast<const int*>(o.info);
   const int* base0 = reinterpret_cast<const int*>(o.base);
   const __m256i zero = _mm256_setzero_si256(), all = _mm256_set1_epi32(-1);
-  const __m256i c15 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), lo16 = _mm256_set1_epi32(0xffff);
+  const __m256i c15 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), lo16 = _mm256_set1_epi32(0xffff);
   const __m256i c16 = _mm256_set1_epi32(16), bits_mask = _mm256_set1_epi32(0x1f), esc_bit = _mm256_set1_epi32(0x100);
   const __m256i mask0 = _mm256_set1_epi32(static_cast<int>((1u << m.base.scale_bits) - 1));
   const __m128i shift0 = _mm_cvtsi32_si128(static_cast<int>(m.base.scale_bits));
@@ -86,17 +95,20 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
   __m256i badv = zero;
   for (uint32_t t = 0; t < steps; ++t) {
     unsigned esc = 0;
-    for (int k = 0; k < 4; ++k) {  // phase 1: the context table
-      const __m256i info = _mm256_i32gather_epi32(ctx_info, cv[k], 4);
-      const __m256i bits = _mm256_and_si256(info, c15);
+    __m256i nxv[4];
+    for (int k = 0; k < 4; ++k) {  // phase 1: the context table (compact tables, rans1_impl.hpp)
+      const __m256i bits = _mm256_and_si256(iv[k], c15);
+      const __m256i rb = _mm256_andnot_si256(c15, iv[k]);
       const __m256i slot = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, bits), one));
-      const __m256i idx2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_srli_epi32(info, 4), slot), 1);
-      e0v[k] = _mm256_i32gather_epi32(slots, idx2, 4);
-      const __m256i e1 = _mm256_i32gather_epi32(slots + 1, idx2, 4);
-      xv[k] = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(e1, lo16), _mm256_srlv_epi32(xv[k], bits)),
-                               _mm256_srli_epi32(e1, 16));
+      const __m256i idx = _mm256_and_si256(_mm256_i32gather_epi32(tab, _mm256_add_epi32(rb, _mm256_add_epi32(slot, slot)), 1), lo16);
+      const __m256i eoff = _mm256_add_epi32(_mm256_add_epi32(rb, _mm256_sllv_epi32(two, bits)), _mm256_slli_epi32(idx, 4));
+      const __m256i fb = _mm256_i32gather_epi32(tab, eoff, 1);
+      nxv[k] = _mm256_i32gather_epi32(tab_next, eoff, 1);
+      eoffv[k] = eoff;
+      xv[k] = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(fb, lo16), _mm256_srlv_epi32(xv[k], bits)),
+                               _mm256_sub_epi32(slot, _mm256_srli_epi32(fb, 16)));
       xv[k] = renorm8(xv[k], words, pos, end, overrun);
-      escv[k] = _mm256_cmpeq_epi32(_mm256_and_si256(e0v[k], lo16), lo16);
+      escv[k] = _mm256_cmpeq_epi32(nxv[k], zero);
       esc |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(escv[k]))) << (8 * k);
     }
     if (esc) {
@@ -130,10 +142,8 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       }
     }
     for (int k = 0; k < 4; ++k) {  // symbols and next contexts
-      const __m256i e0 = e0v[k];
       const __m256i listed = _mm256_andnot_si256(escv[k], all);
-      __m256i sv = _mm256_mask_i32gather_epi32(zero, rank, _mm256_and_si256(e0, lo16), listed, 4);
-      __m256i cx = _mm256_srli_epi32(e0, 16);
+      __m256i sv = _mm256_mask_i32gather_epi32(zero, tab_sym, eoffv[k], listed, 1);
       if ((esc >> (8 * k)) & 0xffu) {
         const __m256i bucket = _mm256_srli_epi32(info0[k], 16);
         const __m256i idx = _mm256_add_epi32(_mm256_mask_i32gather_epi32(zero, base0, bucket, escv[k], 4), vv[k]);
@@ -150,15 +160,20 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
         // next context: unranked; rank < num_exact: the rank; else its bucket's class
         const __m256i below = _mm256_cmpgt_epi32(_mm256_xor_si256(exact, min_int), _mm256_xor_si256(idx, min_int));
         const __m256i ce = _mm256_blendv_epi8(_mm256_add_epi32(bucket, cls_shift), idx, below);
-        cx = _mm256_blendv_epi8(cx, _mm256_blendv_epi8(ce, unranked, escb), escv[k]);
+        const __m256i cn = _mm256_blendv_epi8(ce, unranked, escb);
+        cv[k] = _mm256_blendv_epi8(cv[k], cn, escv[k]);
+        iv[k] = _mm256_mask_i32gather_epi32(nxv[k], ctx_info, cn, escv[k], 4);
+      } else {
+        iv[k] = nxv[k];
       }
-      cv[k] = cx;
       _mm256_store_si256(reinterpret_cast<__m256i*>(sym + 8 * k), sv);
     }
     T* d = dst + t;
     for (uint32_t l = 0; l < kLanes; ++l) d[size_t(l) * seg] = static_cast<T>(sym[l]);
   }
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < 4; ++k) {  // the contexts: the listed lanes' from their last entry
+    const __m256i listed = _mm256_andnot_si256(escv[k], all);
+    cv[k] = _mm256_mask_i32gather_epi32(cv[k], reinterpret_cast<const int*>(o.tab + 12), eoffv[k], listed, 1);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.x + 8 * k), xv[k]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.ctx + 8 * k), cv[k]);
   }
