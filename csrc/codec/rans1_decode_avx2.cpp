@@ -57,7 +57,10 @@ __attribute__((target("avx2,popcnt"))) inline __m256i renorm8(__m256i x, const u
 template <class T>
 __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const Order0Tables& o, Lanes& s,
                                                       uint32_t steps, uint32_t seg, T* dst) {
-  alignas(32) uint32_t sym[kLanes];
+  // The symbols of kRun steps, stored to dst a lane at a time: a step's tokens
+  // lie seg apart (32 lines that share a few cache sets), a lane's are adjacent.
+  constexpr uint32_t kRun = 16;
+  alignas(32) uint32_t sym[kLanes * kRun];
   // Per vector of 8 lanes: state, context (kept up to date only in the lanes that
   // escaped: the others' is the `next context` word of their last entry, read at
   // the end), info of the context (rans1_impl.hpp), the byte offset of the last
@@ -166,10 +169,14 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       } else {
         iv[k] = nxv[k];
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sym + 8 * k), sv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sym + kLanes * (t % kRun) + 8 * k), sv);
     }
-    T* d = dst + t;
-    for (uint32_t l = 0; l < kLanes; ++l) d[size_t(l) * seg] = static_cast<T>(sym[l]);
+    if (t % kRun == kRun - 1 || t + 1 == steps) {  // a run of steps: kRun tokens a lane, stored together
+      const uint32_t t0 = t - t % kRun, nt = t - t0 + 1;
+      T* d = dst + t0;
+      for (uint32_t l = 0; l < kLanes; ++l, d += seg)
+        for (uint32_t j = 0; j < nt; ++j) d[j] = static_cast<T>(sym[kLanes * j + l]);
+    }
   }
   for (int k = 0; k < 4; ++k) {  // the contexts: the listed lanes' from their last entry
     const __m256i listed = _mm256_andnot_si256(escv[k], all);
