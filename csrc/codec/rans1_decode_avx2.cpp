@@ -65,7 +65,7 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
   // escaped: the others' is the `next context` word of their last entry, read at
   // the end), info of the context (rans1_impl.hpp), the byte offset of the last
   // entry, the escape mask of the last step.
-  __m256i xv[4], cv[4], iv[4], eoffv[4], escv[4], bitsv[4], vv[4], info0[4];
+  __m256i xv[4], cv[4], iv[4], eoffv[4], escv[4];
   const int* ctx_info = reinterpret_cast<const int*>(o.ctx_info);
   const int* tab = reinterpret_cast<const int*>(o.tab);
   const int* tab_next = reinterpret_cast<const int*>(o.tab + 4);
@@ -91,6 +91,7 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
   const __m256i cls_shift = _mm256_set1_epi32(static_cast<int>(m.num_exact - m.cls0));  // wraps as the kernel's
   const __m256i unranked = _mm256_set1_epi32(static_cast<int>(m.num_ctx - 2));
   const __m256i min_int = _mm256_set1_epi32(INT32_MIN);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), state_low = _mm256_set1_epi32(int(kStateLow));
   const uint8_t* words = s.words;
   uint64_t pos = s.pos;
   const uint64_t end = s.end;
@@ -114,62 +115,87 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       escv[k] = _mm256_cmpeq_epi32(nxv[k], zero);
       esc |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(escv[k]))) << (8 * k);
     }
+    // The listed lanes' symbols (an escape entry's is 0, replaced below) and next infos.
+    uint32_t* row = sym + kLanes * (t % kRun);
+    for (int k = 0; k < 4; ++k) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + 8 * k), _mm256_i32gather_epi32(tab_sym, eoffv[k], 1));
+      iv[k] = nxv[k];
+    }
     if (esc) {
-      for (int k = 0; k < 4; ++k) {  // phase 2: the order-0 bucket of the escaped lanes
-        bitsv[k] = vv[k] = info0[k] = zero;
-        if (!((esc >> (8 * k)) & 0xffu)) continue;
-        const __m256i slot = _mm256_and_si256(xv[k], mask0);
+      // The escaped lanes, packed in lane order into nc vectors (usually one): the
+      // order-0 phases run on those only, and take the words in the kernel's order.
+      alignas(32) uint32_t xa[kLanes], ia[kLanes], ca[kLanes], ci[kLanes], xc_s[kLanes], sc_s[kLanes], cc_s[kLanes],
+          ic_s[kLanes];
+      for (int k = 0; k < 4; ++k) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ia + 8 * k), iv[k]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ca + 8 * k), cv[k]);
+      }
+      const uint32_t n = static_cast<uint32_t>(__builtin_popcount(esc));
+      uint32_t j = 0;
+      for (uint32_t e = esc; e; e &= e - 1) ci[j++] = static_cast<uint32_t>(__builtin_ctz(e));
+      const int nc = static_cast<int>((n + 7) / 8);
+      __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4];
+      for (int g = 0; g < nc; ++g) {  // phase 2: the order-0 bucket
+        validv[g] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8 * g), iota);
+        const __m256i civ = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)), validv[g]);
+        xc[g] = _mm256_mask_i32gather_epi32(state_low, reinterpret_cast<const int*>(xa), civ, validv[g], 4);
+        const __m256i slot = _mm256_and_si256(xc[g], mask0);
         const __m256i fb = _mm256_i32gather_epi32(fb0, slot, 4);
-        info0[k] = _mm256_and_si256(_mm256_i32gather_epi32(info0_t, slot, 4), escv[k]);
-        const __m256i xn = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(fb, lo16), _mm256_srl_epi32(xv[k], shift0)),
+        i0c[g] = _mm256_and_si256(_mm256_i32gather_epi32(info0_t, slot, 4), validv[g]);
+        const __m256i xn = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(fb, lo16), _mm256_srl_epi32(xc[g], shift0)),
                                             _mm256_srli_epi32(fb, 16));
-        xv[k] = renorm8(_mm256_blendv_epi8(xv[k], xn, escv[k]), words, pos, end, overrun);
-        bitsv[k] = _mm256_and_si256(info0[k], bits_mask);
+        xc[g] = renorm8(_mm256_blendv_epi8(xc[g], xn, validv[g]), words, pos, end, overrun);
+        bitsc[g] = _mm256_and_si256(i0c[g], bits_mask);
       }
       int high = 0;
-      for (int k = 0; k < 4; ++k) {  // phase 3: low raw bits (none: the state is unchanged)
-        if (!((esc >> (8 * k)) & 0xffu)) continue;
-        const __m256i lo = _mm256_min_epu32(bitsv[k], c16);
-        vv[k] = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, lo), one));
-        xv[k] = renorm8(_mm256_srlv_epi32(xv[k], lo), words, pos, end, overrun);
-        high |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bitsv[k], c16)));
+      for (int g = 0; g < nc; ++g) {  // phase 3: low raw bits (none: the state is unchanged)
+        const __m256i lo = _mm256_min_epu32(bitsc[g], c16);
+        vc[g] = _mm256_and_si256(xc[g], _mm256_sub_epi32(_mm256_sllv_epi32(one, lo), one));
+        xc[g] = renorm8(_mm256_srlv_epi32(xc[g], lo), words, pos, end, overrun);
+        high |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bitsc[g], c16)));
       }
       if (high) {
-        for (int k = 0; k < 4; ++k) {  // phase 4: high raw bits
-          if (!((esc >> (8 * k)) & 0xffu)) continue;
-          const __m256i hi = _mm256_sub_epi32(_mm256_max_epu32(bitsv[k], c16), c16);
-          const __m256i h = _mm256_and_si256(xv[k], _mm256_sub_epi32(_mm256_sllv_epi32(one, hi), one));
-          vv[k] = _mm256_or_si256(vv[k], _mm256_slli_epi32(h, 16));
-          xv[k] = renorm8(_mm256_srlv_epi32(xv[k], hi), words, pos, end, overrun);
+        for (int g = 0; g < nc; ++g) {  // phase 4: high raw bits
+          const __m256i hi = _mm256_sub_epi32(_mm256_max_epu32(bitsc[g], c16), c16);
+          const __m256i h = _mm256_and_si256(xc[g], _mm256_sub_epi32(_mm256_sllv_epi32(one, hi), one));
+          vc[g] = _mm256_or_si256(vc[g], _mm256_slli_epi32(h, 16));
+          xc[g] = renorm8(_mm256_srlv_epi32(xc[g], hi), words, pos, end, overrun);
         }
       }
-    }
-    for (int k = 0; k < 4; ++k) {  // symbols and next contexts
-      const __m256i listed = _mm256_andnot_si256(escv[k], all);
-      __m256i sv = _mm256_mask_i32gather_epi32(zero, tab_sym, eoffv[k], listed, 1);
-      if ((esc >> (8 * k)) & 0xffu) {
-        const __m256i bucket = _mm256_srli_epi32(info0[k], 16);
-        const __m256i idx = _mm256_add_epi32(_mm256_mask_i32gather_epi32(zero, base0, bucket, escv[k], 4), vv[k]);
-        const __m256i escb = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(info0[k], esc_bit), esc_bit),
-                                              escv[k]);
-        const __m256i ranked = _mm256_andnot_si256(escb, escv[k]);
+      for (int g = 0; g < nc; ++g) {  // symbols and next contexts
+        const __m256i valid = validv[g];
+        const __m256i bucket = _mm256_srli_epi32(i0c[g], 16);
+        const __m256i idx = _mm256_add_epi32(_mm256_mask_i32gather_epi32(zero, base0, bucket, valid, 4), vc[g]);
+        const __m256i escb = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(i0c[g], esc_bit), esc_bit), valid);
+        const __m256i ranked = _mm256_andnot_si256(escb, valid);
         const __m256i in_range = m.base.num_symbols
                                      ? _mm256_cmpeq_epi32(_mm256_min_epu32(idx, ns_minus_1), idx) : zero;
         const __m256i rs = _mm256_mask_i32gather_epi32(zero, rank, idx, _mm256_and_si256(ranked, in_range), 4);
         badv = _mm256_or_si256(badv, _mm256_andnot_si256(in_range, ranked));
         if (sizeof(T) == 2)
           badv = _mm256_or_si256(badv, _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_srli_epi32(idx, 16), zero), escb));
-        sv = _mm256_blendv_epi8(sv, _mm256_blendv_epi8(rs, idx, escb), escv[k]);
         // next context: unranked; rank < num_exact: the rank; else its bucket's class
         const __m256i below = _mm256_cmpgt_epi32(_mm256_xor_si256(exact, min_int), _mm256_xor_si256(idx, min_int));
         const __m256i ce = _mm256_blendv_epi8(_mm256_add_epi32(bucket, cls_shift), idx, below);
-        const __m256i cn = _mm256_blendv_epi8(ce, unranked, escb);
-        cv[k] = _mm256_blendv_epi8(cv[k], cn, escv[k]);
-        iv[k] = _mm256_mask_i32gather_epi32(nxv[k], ctx_info, cn, escv[k], 4);
-      } else {
-        iv[k] = nxv[k];
+        const __m256i cn = _mm256_and_si256(_mm256_blendv_epi8(ce, unranked, escb), valid);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xc_s + 8 * g), xc[g]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sc_s + 8 * g), _mm256_blendv_epi8(rs, idx, escb));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(cc_s + 8 * g), cn);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ic_s + 8 * g), _mm256_mask_i32gather_epi32(zero, ctx_info, cn, valid, 4));
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sym + kLanes * (t % kRun) + 8 * k), sv);
+      for (uint32_t q = 0; q < n; ++q) {  // back to the lanes
+        const uint32_t l = ci[q];
+        xa[l] = xc_s[q];
+        row[l] = sc_s[q];
+        ca[l] = cc_s[q];
+        ia[l] = ic_s[q];
+      }
+      for (int k = 0; k < 4; ++k) {
+        xv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 8 * k));
+        iv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ia + 8 * k));
+        cv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ca + 8 * k));
+      }
     }
     if (t % kRun == kRun - 1 || t + 1 == steps) {  // a run of steps: kRun tokens a lane, stored together
       const uint32_t t0 = t - t % kRun, nt = t - t0 + 1;
