@@ -125,8 +125,9 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
     }
     // The listed lanes' symbols (an escape entry's is 0, replaced below) and next infos.
     uint32_t* row = sym + kLanes * (t % kRun);
+    __m256i sv[4];
     for (int k = 0; k < 4; ++k) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + 8 * k), _mm256_i32gather_epi32(tab_sym, eoffv[k], 1));
+      sv[k] = _mm256_i32gather_epi32(tab_sym, eoffv[k], 1);
       iv[k] = nxv[k];
     }
     if (esc) {
@@ -134,19 +135,25 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       // order-0 phases run on those only, and take the words in the kernel's order.
       alignas(32) uint32_t xa[kLanes], ia[kLanes], ca[kLanes], ci[kLanes], xc_s[kLanes], sc_s[kLanes], cc_s[kLanes],
           ic_s[kLanes];
-      for (int k = 0; k < 4; ++k) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ia + 8 * k), iv[k]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ca + 8 * k), cv[k]);
-      }
+      for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
       const uint32_t n = static_cast<uint32_t>(__builtin_popcount(esc));
-      uint32_t j = 0;
-      for (uint32_t e = esc; e; e &= e - 1) ci[j++] = static_cast<uint32_t>(__builtin_ctz(e));
       const int nc = static_cast<int>((n + 7) / 8);
-      __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4];
+      __m256i civ0;  // the lanes of the first packed vector, built in a register
+      if (n <= 8) {
+        uint64_t packed = 0;
+        unsigned sh = 0;
+        for (uint32_t e = esc; e; e &= e - 1, sh += 8) packed |= uint64_t(__builtin_ctz(e)) << sh;
+        civ0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(packed)));
+      } else {
+        uint32_t j = 0;
+        for (uint32_t e = esc; e; e &= e - 1) ci[j++] = static_cast<uint32_t>(__builtin_ctz(e));
+        civ0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci));
+      }
+      __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4], scv[4], ccv[4], icv[4];
       for (int g = 0; g < nc; ++g) {  // phase 2: the order-0 bucket
         validv[g] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8 * g), iota);
-        const __m256i civ = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)), validv[g]);
+        const __m256i civ = _mm256_and_si256(
+            g ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)) : civ0, validv[g]);
         xc[g] = _mm256_mask_i32gather_epi32(state_low, reinterpret_cast<const int*>(xa), civ, validv[g], 4);
         const __m256i slot = _mm256_and_si256(xc[g], mask0);
         const __m256i fb = _mm256_i32gather_epi32(fb0, slot, 4);
@@ -187,24 +194,52 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
         const __m256i below = _mm256_cmpgt_epi32(_mm256_xor_si256(exact, min_int), _mm256_xor_si256(idx, min_int));
         const __m256i ce = _mm256_blendv_epi8(_mm256_add_epi32(bucket, cls_shift), idx, below);
         const __m256i cn = _mm256_and_si256(_mm256_blendv_epi8(ce, unranked, escb), valid);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(xc_s + 8 * g), xc[g]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(sc_s + 8 * g), _mm256_blendv_epi8(rs, idx, escb));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(cc_s + 8 * g), cn);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ic_s + 8 * g), _mm256_mask_i32gather_epi32(zero, ctx_info, cn, valid, 4));
+        scv[g] = _mm256_blendv_epi8(rs, idx, escb);
+        ccv[g] = cn;
+        icv[g] = _mm256_mask_i32gather_epi32(zero, ctx_info, cn, valid, 4);
       }
-      for (uint32_t q = 0; q < n; ++q) {  // back to the lanes
-        const uint32_t l = ci[q];
-        xa[l] = xc_s[q];
-        row[l] = sc_s[q];
-        ca[l] = cc_s[q];
-        ia[l] = ic_s[q];
-      }
-      for (int k = 0; k < 4; ++k) {
-        xv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 8 * k));
-        iv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ia + 8 * k));
-        cv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ca + 8 * k));
+      if (n <= 8) {  // back to the lanes: vector k's escaped lanes are packed lanes off .. off + popcount - 1
+        uint32_t off = 0;
+        for (int k = 0; k < 4; ++k) {
+          const unsigned mk = (esc >> (8 * k)) & 0xffu;
+          if (!mk) continue;
+          const __m256i p = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[mk])),
+                                             _mm256_set1_epi32(static_cast<int>(off)));
+          xv[k] = _mm256_blendv_epi8(xv[k], _mm256_permutevar8x32_epi32(xc[0], p), escv[k]);
+          sv[k] = _mm256_blendv_epi8(sv[k], _mm256_permutevar8x32_epi32(scv[0], p), escv[k]);
+          cv[k] = _mm256_blendv_epi8(cv[k], _mm256_permutevar8x32_epi32(ccv[0], p), escv[k]);
+          iv[k] = _mm256_blendv_epi8(iv[k], _mm256_permutevar8x32_epi32(icv[0], p), escv[k]);
+          off += static_cast<uint32_t>(__builtin_popcount(mk));
+        }
+      } else {  // through memory
+        for (int g = 0; g < nc; ++g) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(xc_s + 8 * g), xc[g]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(sc_s + 8 * g), scv[g]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(cc_s + 8 * g), ccv[g]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ic_s + 8 * g), icv[g]);
+        }
+        alignas(32) uint32_t sa[kLanes];
+        for (int k = 0; k < 4; ++k) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ia + 8 * k), iv[k]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ca + 8 * k), cv[k]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(sa + 8 * k), sv[k]);
+        }
+        for (uint32_t q = 0; q < n; ++q) {
+          const uint32_t l = ci[q];
+          xa[l] = xc_s[q];
+          sa[l] = sc_s[q];
+          ca[l] = cc_s[q];
+          ia[l] = ic_s[q];
+        }
+        for (int k = 0; k < 4; ++k) {
+          xv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 8 * k));
+          iv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ia + 8 * k));
+          cv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ca + 8 * k));
+          sv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sa + 8 * k));
+        }
       }
     }
+    for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(row + 8 * k), sv[k]);
     if (t % kRun == kRun - 1 || t + 1 == steps) {  // a run of steps: kRun tokens a lane, stored together
       const uint32_t t0 = t - t % kRun, nt = t - t0 + 1;
       T* d = dst + t0;
