@@ -26,10 +26,17 @@ namespace detail {
 namespace {
 
 struct PermTable {
-  alignas(32) uint32_t idx[256][8];
+  alignas(32) uint32_t idx[256][8];  // idx[m][i]: the set bits of m below bit i
+  alignas(32) uint32_t pack[256][8];  // pack[m][j]: the j-th set bit of m (0 past the last)
   PermTable() {
-    for (unsigned m = 0; m < 256; ++m)
-      for (unsigned i = 0; i < 8; ++i) idx[m][i] = static_cast<uint32_t>(__builtin_popcount(m & ((1u << i) - 1)));
+    for (unsigned m = 0; m < 256; ++m) {
+      unsigned j = 0;
+      for (unsigned i = 0; i < 8; ++i) {
+        idx[m][i] = static_cast<uint32_t>(__builtin_popcount(m & ((1u << i) - 1)));
+        pack[m][i] = 0;
+        if ((m >> i) & 1u) pack[m][j++] = i;
+      }
+    }
   }
 };
 const PermTable kPerm;
@@ -91,7 +98,7 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
   const __m256i cls_shift = _mm256_set1_epi32(static_cast<int>(m.num_exact - m.cls0));  // wraps as the kernel's
   const __m256i unranked = _mm256_set1_epi32(static_cast<int>(m.num_ctx - 2));
   const __m256i min_int = _mm256_set1_epi32(INT32_MIN);
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), state_low = _mm256_set1_epi32(int(kStateLow));
+  const __m256i c7 = _mm256_set1_epi32(7), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), state_low = _mm256_set1_epi32(int(kStateLow));
   const uint8_t* words = s.words;
   uint64_t pos = s.pos;
   const uint64_t end = s.end;
@@ -135,26 +142,35 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       // order-0 phases run on those only, and take the words in the kernel's order.
       alignas(32) uint32_t xa[kLanes], ia[kLanes], ca[kLanes], ci[kLanes], xc_s[kLanes], sc_s[kLanes], cc_s[kLanes],
           ic_s[kLanes];
-      for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
       const uint32_t n = static_cast<uint32_t>(__builtin_popcount(esc));
       const int nc = static_cast<int>((n + 7) / 8);
-      __m256i civ0;  // the lanes of the first packed vector, built in a register
-      if (n <= 8) {
-        uint64_t packed = 0;
-        unsigned sh = 0;
-        for (uint32_t e = esc; e; e &= e - 1, sh += 8) packed |= uint64_t(__builtin_ctz(e)) << sh;
-        civ0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(packed)));
-      } else {
+      __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4], scv[4], ccv[4], icv[4];
+      if (n <= 8) {  // packed in registers: vector k's escaped lanes go to lanes off .. off + popcount - 1
+        __m256i acc = state_low;  // (a state >= L: the unused lanes take no words)
+        int off = 0;
+        for (int k = 0; k < 4; ++k) {
+          const unsigned mk = (esc >> (8 * k)) & 0xffu;
+          if (!mk) continue;
+          const int cnt = __builtin_popcount(mk);
+          const __m256i rel = _mm256_sub_epi32(iota, _mm256_set1_epi32(off));
+          const __m256i q = _mm256_permutevar8x32_epi32(
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.pack[mk])), _mm256_and_si256(rel, c7));
+          const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(zero, rel), _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), rel));
+          acc = _mm256_blendv_epi8(acc, _mm256_permutevar8x32_epi32(xv[k], q), in);
+          off += cnt;
+        }
+        xc[0] = acc;
+      } else {  // through memory
+        for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
         uint32_t j = 0;
         for (uint32_t e = esc; e; e &= e - 1) ci[j++] = static_cast<uint32_t>(__builtin_ctz(e));
-        civ0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci));
       }
-      __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4], scv[4], ccv[4], icv[4];
       for (int g = 0; g < nc; ++g) {  // phase 2: the order-0 bucket
         validv[g] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8 * g), iota);
-        const __m256i civ = _mm256_and_si256(
-            g ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)) : civ0, validv[g]);
-        xc[g] = _mm256_mask_i32gather_epi32(state_low, reinterpret_cast<const int*>(xa), civ, validv[g], 4);
+        if (n > 8) {
+          const __m256i civ = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)), validv[g]);
+          xc[g] = _mm256_mask_i32gather_epi32(state_low, reinterpret_cast<const int*>(xa), civ, validv[g], 4);
+        }
         const __m256i slot = _mm256_and_si256(xc[g], mask0);
         const __m256i fb = _mm256_i32gather_epi32(fb0, slot, 4);
         i0c[g] = _mm256_and_si256(_mm256_i32gather_epi32(info0_t, slot, 4), validv[g]);
