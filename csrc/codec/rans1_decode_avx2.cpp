@@ -138,39 +138,35 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       iv[k] = nxv[k];
     }
     if (esc) {
-      // The escaped lanes, packed in lane order into nc vectors (usually one): the
-      // order-0 phases run on those only, and take the words in the kernel's order.
-      alignas(32) uint32_t xa[kLanes], ia[kLanes], ca[kLanes], ci[kLanes], xc_s[kLanes], sc_s[kLanes], cc_s[kLanes],
-          ic_s[kLanes];
+      // The escaped lanes, packed in lane order into nc vectors (usually one) by
+      // permutations: vector k's go to packed lanes off[k] .. off[k] + popcount - 1.
+      // The order-0 phases run on those only, and take the words in the kernel's order.
       const uint32_t n = static_cast<uint32_t>(__builtin_popcount(esc));
       const int nc = static_cast<int>((n + 7) / 8);
       __m256i xc[4], validv[4], bitsc[4], vc[4], i0c[4], scv[4], ccv[4], icv[4];
-      if (n <= 8) {  // packed in registers: vector k's escaped lanes go to lanes off .. off + popcount - 1
+      unsigned mks[4];
+      int offk[4], cntk[4];
+      for (int k = 0, off = 0; k < 4; ++k) {
+        mks[k] = (esc >> (8 * k)) & 0xffu;
+        cntk[k] = __builtin_popcount(mks[k]);
+        offk[k] = off;
+        off += cntk[k];
+      }
+      for (int g = 0; g < nc; ++g) {
         __m256i acc = state_low;  // (a state >= L: the unused lanes take no words)
-        int off = 0;
         for (int k = 0; k < 4; ++k) {
-          const unsigned mk = (esc >> (8 * k)) & 0xffu;
-          if (!mk) continue;
-          const int cnt = __builtin_popcount(mk);
-          const __m256i rel = _mm256_sub_epi32(iota, _mm256_set1_epi32(off));
+          if (!mks[k] || offk[k] >= 8 * g + 8 || offk[k] + cntk[k] <= 8 * g) continue;
+          const __m256i rel = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * g - offk[k]));  // index among k's escaped
           const __m256i q = _mm256_permutevar8x32_epi32(
-              _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.pack[mk])), _mm256_and_si256(rel, c7));
-          const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(zero, rel), _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), rel));
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.pack[mks[k]])), _mm256_and_si256(rel, c7));
+          const __m256i in =
+              _mm256_andnot_si256(_mm256_cmpgt_epi32(zero, rel), _mm256_cmpgt_epi32(_mm256_set1_epi32(cntk[k]), rel));
           acc = _mm256_blendv_epi8(acc, _mm256_permutevar8x32_epi32(xv[k], q), in);
-          off += cnt;
         }
-        xc[0] = acc;
-      } else {  // through memory
-        for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(xa + 8 * k), xv[k]);
-        uint32_t j = 0;
-        for (uint32_t e = esc; e; e &= e - 1) ci[j++] = static_cast<uint32_t>(__builtin_ctz(e));
+        xc[g] = acc;
       }
       for (int g = 0; g < nc; ++g) {  // phase 2: the order-0 bucket
         validv[g] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8 * g), iota);
-        if (n > 8) {
-          const __m256i civ = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci + 8 * g)), validv[g]);
-          xc[g] = _mm256_mask_i32gather_epi32(state_low, reinterpret_cast<const int*>(xa), civ, validv[g], 4);
-        }
         const __m256i slot = _mm256_and_si256(xc[g], mask0);
         const __m256i fb = _mm256_i32gather_epi32(fb0, slot, 4);
         i0c[g] = _mm256_and_si256(_mm256_i32gather_epi32(info0_t, slot, 4), validv[g]);
@@ -214,44 +210,19 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
         ccv[g] = cn;
         icv[g] = _mm256_mask_i32gather_epi32(zero, ctx_info, cn, valid, 4);
       }
-      if (n <= 8) {  // back to the lanes: vector k's escaped lanes are packed lanes off .. off + popcount - 1
-        uint32_t off = 0;
-        for (int k = 0; k < 4; ++k) {
-          const unsigned mk = (esc >> (8 * k)) & 0xffu;
-          if (!mk) continue;
-          const __m256i p = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[mk])),
-                                             _mm256_set1_epi32(static_cast<int>(off)));
-          xv[k] = _mm256_blendv_epi8(xv[k], _mm256_permutevar8x32_epi32(xc[0], p), escv[k]);
-          sv[k] = _mm256_blendv_epi8(sv[k], _mm256_permutevar8x32_epi32(scv[0], p), escv[k]);
-          cv[k] = _mm256_blendv_epi8(cv[k], _mm256_permutevar8x32_epi32(ccv[0], p), escv[k]);
-          iv[k] = _mm256_blendv_epi8(iv[k], _mm256_permutevar8x32_epi32(icv[0], p), escv[k]);
-          off += static_cast<uint32_t>(__builtin_popcount(mk));
-        }
-      } else {  // through memory
-        for (int g = 0; g < nc; ++g) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(xc_s + 8 * g), xc[g]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(sc_s + 8 * g), scv[g]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(cc_s + 8 * g), ccv[g]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(ic_s + 8 * g), icv[g]);
-        }
-        alignas(32) uint32_t sa[kLanes];
-        for (int k = 0; k < 4; ++k) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(ia + 8 * k), iv[k]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(ca + 8 * k), cv[k]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(sa + 8 * k), sv[k]);
-        }
-        for (uint32_t q = 0; q < n; ++q) {
-          const uint32_t l = ci[q];
-          xa[l] = xc_s[q];
-          sa[l] = sc_s[q];
-          ca[l] = cc_s[q];
-          ia[l] = ic_s[q];
-        }
-        for (int k = 0; k < 4; ++k) {
-          xv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 8 * k));
-          iv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ia + 8 * k));
-          cv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ca + 8 * k));
-          sv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sa + 8 * k));
+      for (int k = 0; k < 4; ++k) {  // back to the lanes: lane i of vector k is packed lane p
+        if (!mks[k]) continue;
+        const __m256i p = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[mks[k]])),
+                                           _mm256_set1_epi32(offk[k]));
+        const int g0 = offk[k] >> 3, g1 = (offk[k] + cntk[k] - 1) >> 3;
+        for (int g = g0; g <= g1; ++g) {  // (vpermd reads the low 3 bits of p)
+          const __m256i sel = g0 == g1 ? escv[k]
+                                       : _mm256_and_si256(escv[k], _mm256_cmpeq_epi32(_mm256_srli_epi32(p, 3),
+                                                                                      _mm256_set1_epi32(g)));
+          xv[k] = _mm256_blendv_epi8(xv[k], _mm256_permutevar8x32_epi32(xc[g], p), sel);
+          sv[k] = _mm256_blendv_epi8(sv[k], _mm256_permutevar8x32_epi32(scv[g], p), sel);
+          cv[k] = _mm256_blendv_epi8(cv[k], _mm256_permutevar8x32_epi32(ccv[g], p), sel);
+          iv[k] = _mm256_blendv_epi8(iv[k], _mm256_permutevar8x32_epi32(icv[g], p), sel);
         }
       }
     }
