@@ -1,13 +1,17 @@
 // rans1 AVX2 decoder: the steps of a block in which all 32 lanes take part,
 // eight lanes per vector, four vectors per step in lane order (so the word
 // stream is consumed in the kernel's order). Phase 1 (the context table):
-// gathers of the lanes' context info and slot entries; phases 2-4 (the order-0
-// bucket and raw bits of the escaped lanes) as rans decodes them, the other
-// lanes masked off; renormalisation as rans does it (one unaligned load and a
-// permutation chosen by the need mask, the SIMD rANS trick of F. Giesen),
-// groups of eight lanes in lane order. Dispatched from
-// Model::decode (rans1_decode_ref.cpp); tested bit for bit against the
-// reference decoder and the kernel emulation (tests/test_codec_rans1.py).
+// gathers from the compact CPU tables (rans1_impl.hpp: a u16 slot -> entry
+// index, then the 16-byte entry, whose next-context word is the lane's next
+// table), the four vectors' lookups issued together; phases 2-4 (the order-0
+// bucket and raw bits of the escaped lanes) as rans decodes them, on the
+// escaped lanes only, packed in lane order into as few vectors as they fill
+// (by permutations) and unpacked after; renormalisation as rans does it (one
+// unaligned load and a permutation chosen by the need mask, the SIMD rANS
+// trick of F. Giesen), groups of eight lanes in lane order. The symbols of 16
+// steps are stored a lane at a time. Dispatched from Model::decode
+// (rans1_decode_ref.cpp); tested bit for bit against the reference decoder and
+// the kernel emulation (tests/test_codec_rans1.py).
 #include <cstdint>
 #include <cstring>
 
