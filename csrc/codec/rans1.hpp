@@ -116,6 +116,7 @@ class Model {
   std::vector<std::pair<uint32_t, uint32_t>> sparse_rank_;
   std::vector<uint32_t> image_;
   std::vector<uint32_t> simd_fb_, simd_info_, simd_base_;  // order-0 tables of the AVX2 decoder (rans1_impl.hpp)
+  std::vector<uint32_t> cpu_ctx_info_, cpu_tab_;  // compact context tables of the AVX2 decoder (rans1_impl.hpp)
   double bits_per_token_ = 0;
 };
 

@@ -142,7 +142,7 @@ int32_t decode_block_fast(const ImageView& m, const detail::Order0Tables& o, con
   uint32_t t = 0;
   const uint32_t full = s.len[kLanes - 1];
 #if defined(__x86_64__)
-  if (simd && full && rans::detail::avx2_available()) {
+  if (simd && full && o.tab && rans::detail::avx2_available()) {
     detail::steps_avx2(m, o, s, full, span.seg, dst);
     t = full;
   }
@@ -187,7 +187,8 @@ void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_toke
   check_header(src, nbytes, n);
   if (reference) return decode_reference(src, nbytes, out, n);
   const ImageView m = image_view(image_.data());
-  const detail::Order0Tables o{simd_fb_.data(), simd_info_.data(), simd_base_.data()};
+  const detail::Order0Tables o{simd_fb_.data(), simd_info_.data(), simd_base_.data(), cpu_ctx_info_.data(),
+                               cpu_tab_.empty() ? nullptr : reinterpret_cast<const uint8_t*>(cpu_tab_.data())};
   const uint32_t nb = rans::num_blocks_for(n);
   for (uint32_t blk = 0; blk < nb; ++blk) {
     BlockSpan span;

@@ -105,11 +105,33 @@ inline int32_t finish_lanes(const Lanes& s) {
 // Per-slot tables of the order-0 model for the AVX2 decoder (Model::finish):
 // fb[slot] = freq | (slot - cum) << 16, info[slot] = raw bits | escape << 8 |
 // bucket << 16, base[bucket] = its first rank (or value, for escape buckets).
+//
+// And the compact context tables of the AVX2 decoder (CPU only, derived from
+// the model like the decode image; the image's 8-byte slots cost a cache miss
+// per token once the tables outgrow L2). `tab` is one byte array of 16-byte
+// aligned regions, one per context:
+//
+//   region (at byte offset R, 16-aligned): u16 entry index [2^bits slots] |
+//                                          entry [k + 1] (16 bytes each)
+//   entry i (at R + 2^(bits+1) + 16 i):   u32 freq | cum << 16
+//                                          u32 next info (0: the escape)
+//                                          u32 symbol (0 for the escape)
+//                                          u32 next context (kNone for the escape)
+//
+// ctx_info[c] = R | bits (the "info" of context c: bits >= 1, so an info is
+// never 0). The listed entries come first in rank order, the escape last, as
+// in the model. A decoder holds a lane's info instead of its context: a listed
+// token's entry gives the next info without a lookup of its context.
+// tab is null when the tables would pass 2^31 bytes (gather offsets are
+// signed 32-bit): the scalar path decodes then.
 struct Order0Tables {
   const uint32_t* fb;
   const uint32_t* info;
   const uint32_t* base;
+  const uint32_t* ctx_info = nullptr;
+  const uint8_t* tab = nullptr;
 };
+constexpr uint32_t kTabEntryBytes = 16;
 
 #if defined(__x86_64__)
 // Steps [0, steps) of a block whose lanes are all active for them (steps <=

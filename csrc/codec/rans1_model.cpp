@@ -7,6 +7,7 @@
 #include <string>
 
 #include "codec/rans1.hpp"
+#include "codec/rans1_impl.hpp"
 #include "codec/rans_impl.hpp"
 
 namespace llmio {
@@ -375,6 +376,43 @@ void Model::finish() {
     };
     for (const Entry& e : cx.entries) fill(e.rank | context_of_rank(e.rank) << 16, e.freq, e.cum);
     fill(kEscapeRank, cx.escape_freq, cx.escape_cum);
+  }
+  // The compact context tables of the AVX2 decoder (layout in rans1_impl.hpp).
+  cpu_ctx_info_.assign(nctx, 0);
+  uint64_t tab_bytes = 0;
+  for (uint64_t c = 0; c < nctx; ++c) {
+    const Context& cx = ctx_[c];
+    cpu_ctx_info_[c] = static_cast<uint32_t>(tab_bytes) | cx.bits;
+    const uint64_t size = (uint64_t(2) << cx.bits) + uint64_t(detail::kTabEntryBytes) * (cx.entries.size() + 1);
+    tab_bytes += (size + 15) & ~uint64_t(15);
+  }
+  tab_bytes += 16;  // a 4-byte read of the last u16 slot stays inside
+  if (tab_bytes >= (uint64_t(1) << 31)) {
+    cpu_ctx_info_.clear();
+    cpu_tab_.clear();
+    return;
+  }
+  cpu_tab_.assign(tab_bytes / 4, 0);
+  uint8_t* tb = reinterpret_cast<uint8_t*>(cpu_tab_.data());
+  for (uint64_t c = 0; c < nctx; ++c) {
+    const Context& cx = ctx_[c];
+    uint8_t* r = tb + (cpu_ctx_info_[c] & ~15u);
+    uint16_t* slot_idx = reinterpret_cast<uint16_t*>(r);
+    uint32_t* ent = reinterpret_cast<uint32_t*>(r + (size_t(2) << cx.bits));
+    auto put = [&](uint32_t i, uint32_t freq, uint32_t cum, uint32_t next_info, uint32_t sym, uint32_t next_ctx) {
+      for (uint32_t k = cum; k < cum + freq; ++k) slot_idx[k] = static_cast<uint16_t>(i);
+      ent[4 * i] = freq | cum << 16;
+      ent[4 * i + 1] = next_info;
+      ent[4 * i + 2] = sym;
+      ent[4 * i + 3] = next_ctx;
+    };
+    const uint32_t k = static_cast<uint32_t>(cx.entries.size());
+    for (uint32_t i = 0; i < k; ++i) {
+      const Entry& e = cx.entries[i];
+      const uint32_t nc = context_of_rank(e.rank);
+      put(i, e.freq, e.cum, cpu_ctx_info_[nc], rank_to_sym_[e.rank], nc);
+    }
+    put(k, cx.escape_freq, cx.escape_cum, 0, 0, kNone);
   }
 }
 
