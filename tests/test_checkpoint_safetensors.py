@@ -1068,7 +1068,8 @@ def test_freeing_loaded_tensors_unmaps_their_memory(tmp_path, monkeypatch):
     total = n * 3 * MIB
     live1 = sio.live_region_bytes()
     assert live1[1] - live0[1] == n and total <= live1[0] - live0[0] <= total + n * 3 * 4096
-    assert rss_bytes() - r0 >= 0.9 * total  # the data really is in this process's memory
+    r_loaded = rss_bytes()
+    assert r_loaded - r0 >= 0.9 * total  # the data really is in this process's memory
     # one tensor freed: its mapping goes, the others stay valid
     r1 = rss_bytes()
     del got["w0"]
@@ -1085,7 +1086,9 @@ def test_freeing_loaded_tensors_unmaps_their_memory(tmp_path, monkeypatch):
     del view
     gc.collect()
     assert sio.live_region_bytes() == live0
-    assert rss_bytes() - r0 < 0.1 * total  # the memory went back to the system
+    # the memory went back to the system (measured as the drop: other allocations of the
+    # process, e.g. the engine's buffers, may stay)
+    assert r_loaded - rss_bytes() >= 0.9 * total
 
 
 def test_populate_helper_prefaults_every_chunk_after_the_first():
