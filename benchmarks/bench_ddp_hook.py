@@ -288,6 +288,17 @@ def _on_comm_thread(hook_fn):
     return hook
 
 
+def _hook_stats(st: object) -> dict | None:
+    """Ours: state.stats(); PowerSGD: the share of numel it all-reduces (P and Q against the
+    gradients), from its compression_stats()."""
+    if hasattr(st, "stats"):
+        return st.stats()
+    if hasattr(st, "compression_stats"):
+        _, before, after = st.compression_stats()
+        return {"ratio_vs_fp32": after / before if before else None}
+    return None
+
+
 def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -352,7 +363,7 @@ def _steps_worker(cfg: dict) -> None:
                 dist.barrier()
     out = {h: {"step_s": float(np.median(r["times"])) if r["times"] and not r["error"] else None,
                "error": r["error"], "params": sum(p.numel() for p in r["net"].parameters()),
-               "stats": r["state"].stats() if hasattr(r["state"], "stats") else None} for h, r in runs.items()}
+               "stats": _hook_stats(r["state"])} for h, r in runs.items()}
     if rank == 0:
         with open(cfg["out"], "w") as f:
             json.dump(out, f)
@@ -416,7 +427,7 @@ def _converge_worker(cfg: dict) -> None:
             err, ev_loss = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}", None
         out[hook] = {"eval_loss": ev_loss, "train_loss_tail": float(np.mean(tail)) if tail else None,
                      "error": err or None, "params": sum(p.numel() for p in net.parameters()),
-                     "stats": st.stats() if hasattr(st, "stats") else None}
+                     "stats": _hook_stats(st)}
         del model, opt
         import gc
 
@@ -564,9 +575,11 @@ def convergence_table(cfg: dict, hooks: list) -> dict:
         if r["error"]:
             print(f"| {HOOK_LABEL[h]:<30} | n/a: {r['error'][:60]} |")
             continue
-        wire = f"{r['stats']['ratio_vs_fp32']:.3f}" if r.get("stats") else "-"
+        wire = f"{r['stats']['ratio_vs_fp32']:.3f}" if (r.get("stats") or {}).get("ratio_vs_fp32") else "-"
         print(f"| {HOOK_LABEL[h]:<30} | {r['eval_loss']:13.4f} | {r['eval_loss'] / base - 1:+12.2%} | "
               f"{r['train_loss_tail']:20.4f} | {wire:>12} |")
+    print("wire vs fp32: ours from its byte counters; PowerSGD: P + Q values over the values of the matrices it "
+          "compresses (its 1-D tensors, all-reduced uncompressed, are not in its count)")
     return rows
 
 
