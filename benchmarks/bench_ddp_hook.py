@@ -361,7 +361,12 @@ def _steps_worker(cfg: dict) -> None:
             except Exception as exc:  # a hook that does not run on CPU/gloo: reported, not fatal
                 run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
                 dist.barrier()
+    base = runs[cfg["hooks"][0]]["times"]
     out = {h: {"step_s": float(np.median(r["times"])) if r["times"] and not r["error"] else None,
+               # the ratio to the first hook (plain all-reduce) within each round, then the median: steps
+               # seconds apart see the same load, so this is steadier than a ratio of medians
+               "ratio": float(np.median(np.array(r["times"]) / np.array(base)))
+               if r["times"] and not r["error"] and len(r["times"]) == len(base) else None,
                "error": r["error"], "params": sum(p.numel() for p in r["net"].parameters()),
                "stats": _hook_stats(r["state"])} for h, r in runs.items()}
     if rank == 0:
@@ -523,6 +528,7 @@ class _Netns:
 
 
 def step_time_table(steps: int, links: list, int8_threads: int, hooks: list) -> dict:
+    load0 = f"{os.getloadavg()[0]:.1f}"
     why = _Netns.unavailable()
     rows: dict = {}
     cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads}
@@ -546,16 +552,16 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list) -> 
     params = next(iter(rows.values()))["allreduce"]["params"]
     print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
           f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
-          f"SGD, 1 torch thread + {int8_threads} INT8 thread(s) per rank; median of {steps} steps; ratio to the plain "
-          f"all-reduce on the same link (ms/step in brackets)")
+          f"SGD, 1 torch thread + {int8_threads} INT8 thread(s) per rank; hooks stepped in rounds, {steps} timed rounds; "
+          f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
+          f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
     print("| hook | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
     for h in hooks:
         cells = []
         for lab in labels:
-            r, base = rows[lab][h], rows[lab]["allreduce"]["step_s"]
-            cells.append(f"n/a ({r['error'][:50]})" if r["error"] else f"{r['step_s'] / base:.2f} x "
-                         f"({r['step_s'] * 1e3:.0f} ms)")
+            r = rows[lab][h]
+            cells.append(f"n/a ({r['error'][:50]})" if r["error"] else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
         print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
     return rows
 

@@ -699,3 +699,52 @@ def test_fast_edge_positions_bit_identical(impl):
         impl.quantize_pack(x, 0, n, n_pad, world, res, send)
         np.testing.assert_array_equal(send, expected)
         np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def near_half_codes(nblocks: int, seed: int) -> np.ndarray:
+    """Blocks whose values sit at, or a few ulps either side of, (k + 1/2) * scale for the
+    block's own scale = absmax / 127: where a reciprocal multiply and the oracle's division can
+    round to different codes (the fast path must detect them and divide)."""
+    rng = np.random.default_rng(seed)
+    x = np.empty(nblocks * BLOCK, np.float32)
+    for b in range(nblocks):
+        absmax = np.float32(rng.uniform(0.5, 2.0) * 10.0 ** rng.integers(-30, 30))
+        scale = np.float32(absmax / np.float32(127))
+        k = rng.integers(-127, 127, BLOCK).astype(np.float32)
+        v = ((k + np.float32(0.5)) * scale).astype(np.float32)
+        steps = rng.integers(-3, 4, BLOCK)
+        for s_ in (-1, 1):
+            sel = np.sign(steps) == s_
+            for _ in range(3):
+                v[sel & (np.abs(steps) > _)] = np.nextafter(v[sel & (np.abs(steps) > _)], np.float32(s_ * np.inf))
+        v = np.clip(v, -absmax, absmax)
+        v[0] = absmax  # the block's absmax, so its scale is the one aimed at
+        x[b * BLOCK:(b + 1) * BLOCK] = v
+    return x
+
+
+def test_fast_near_half_codes_bit_identical(impl):
+    """Quantization at and around the rounding boundaries, for scales over 60 decades."""
+    n = 64 * BLOCK
+    x = near_half_codes(64, 11)
+    res0 = np.zeros(n, np.float32)
+    exp_res = res0.copy()
+    expected = oracle_packed(x, exp_res, n, 1)
+    res = res0.copy()
+    send = np.empty_like(expected)
+    impl.quantize_pack(x, 0, n, n, 1, res, send)
+    np.testing.assert_array_equal(send, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+    # the same boundaries through the owner's requantization (W = 2: the multiply by 1/2 path)
+    recv = np.concatenate([expected, expected])
+    exp_sres = np.zeros(n, np.float32)
+    rv = recv.reshape(2, -1)
+    c = np.empty(n, np.int8)
+    s = np.empty(n // BLOCK, np.float32)
+    _core.dequant_sum_requant_ref(np.ascontiguousarray(rv[:, :n]).view(np.int8),
+                                  np.ascontiguousarray(rv[:, n:]).view(np.float32), exp_sres, c, s)
+    sres = np.zeros(n, np.float32)
+    own = np.empty(n + 4 * (n // BLOCK), np.uint8)
+    impl.dequant_sum_requant(recv, 2, n, sres, own)
+    np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
+    np.testing.assert_array_equal(f32_bits(sres), f32_bits(exp_sres))

@@ -36,16 +36,24 @@ constexpr size_t B = kBlock;
 // absmax:   max |v| and whether all of v is finite
 // quant:    q = clamp(rint(v / scale), -127, 127), res = v - float(q) * scale   (scale finite, > 0)
 // acc_deq:  s = s + (float(c) * sc) / wf
+// acc_deq_mul: s = s + (float(c) * sc) * iw   (iw = 1 / wf, W a power of two: see below)
 // acc_int:  s += c (int32)
 // mean:     v = (float(s) / wf) * sc + res
+// mean_mul: v = (float(s) * iw) * sc + res    (W a power of two)
+//
+// For W = 2^k, x / W and x * 2^-k are the same real number, and IEEE division and
+// multiplication both round it correctly (normal, subnormal, inf and NaN alike), so the
+// multiply gives the oracle's bits; tests/test_quant.py checks W = 1..5 at every level.
 // deq:      out = float(c) * sc
 struct Kern {
   void (*add)(const float* a, const float* b, float* v);
   float (*absmax)(const float* v, bool* finite);
   void (*quant)(const float* v, float scale, uint8_t* q, float* res);
   void (*acc_deq)(const uint8_t* c, float sc, float wf, float* s);
+  void (*acc_deq_mul)(const uint8_t* c, float sc, float iw, float* s);
   void (*acc_int)(const uint8_t* c, int32_t* s);
   void (*mean)(const int32_t* s, float wf, float sc, const float* res, float* v);
+  void (*mean_mul)(const int32_t* s, float iw, float sc, const float* res, float* v);
   void (*deq)(const uint8_t* c, float sc, float* out);
 };
 
@@ -76,22 +84,43 @@ void quant(const float* v, float scale, uint8_t* q, float* res) {
 void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
   for (size_t i = 0; i < B; ++i) s[i] = s[i] + (static_cast<float>(static_cast<int8_t>(c[i])) * sc) / wf;
 }
+void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
+  for (size_t i = 0; i < B; ++i) s[i] = s[i] + (static_cast<float>(static_cast<int8_t>(c[i])) * sc) * iw;
+}
 void acc_int(const uint8_t* c, int32_t* s) {
   for (size_t i = 0; i < B; ++i) s[i] += static_cast<int8_t>(c[i]);
 }
 void mean(const int32_t* s, float wf, float sc, const float* res, float* v) {
   for (size_t i = 0; i < B; ++i) v[i] = (static_cast<float>(s[i]) / wf) * sc + res[i];
 }
+void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
+  for (size_t i = 0; i < B; ++i) v[i] = (static_cast<float>(s[i]) * iw) * sc + res[i];
+}
 void deq(const uint8_t* c, float sc, float* out) {
   for (size_t i = 0; i < B; ++i) out[i] = static_cast<float>(static_cast<int8_t>(c[i])) * sc;
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_int, mean, deq};
+constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
 }  // namespace scalar
 
 #if defined(LLMIO_INT8_X86)
 #define LLMIO_AVX2 __attribute__((target("avx2")))
 #define LLMIO_AVX512 __attribute__((target("avx512f")))
 constexpr int kRound = _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC;  // as std::nearbyint
+
+// The quantizer's rint(v / scale) from a reciprocal multiply, exactly. With scale normal
+// (>= FLT_MIN, so inv = fl(1 / scale) is finite and normal) and |v| <= absmax = 127 * scale
+// (1 + u), u = 2^-24: m = fl(v * inv) = (v / scale)(1 + d1)(1 + d2), |d| <= u, so
+// |m - v/scale| <= 128 * (2u + u^2) < 2^-16.9, and the oracle's d = fl(v / scale) is within
+// 128 u = 2^-17 of v / scale: |m - d| < 2^-15.9. Round-half-even of m and of d differ only if
+// a half-integer lies within |m - d| of m; m - rint(m) is exact (Sterbenz), so a vector whose
+// lanes all have |m - rint(m)| < 0.5 - 2^-14 (distance to the nearest half-integer > 2^-14)
+// rounds exactly as the division would, and any other vector is divided. Only in the
+// round-to-nearest mode (else the boundaries are the integers): the MXCSR is checked. Tests:
+// tests/test_quant.py (values at exact half-codes, every level) against the oracle.
+constexpr float kNearHalf = 0.5f - 0x1.0p-14f;
+inline bool reciprocal_ok(float scale) {
+  return scale >= 1.17549435e-38f && (_mm_getcsr() & 0x6000u) == 0;  // normal scale; round to nearest
+}
 
 namespace avx2 {
 LLMIO_AVX2 void add(const float* a, const float* b, float* v) {
@@ -115,12 +144,22 @@ LLMIO_AVX2 float absmax(const float* v, bool* finite) {
 }
 LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res) {
   const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f), inv = _mm256_set1_ps(1.0f / scale), near = _mm256_set1_ps(kNearHalf);
+  const bool recip = reciprocal_ok(scale);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (size_t i = 0; i < B; i += 32) {
     __m256i qi[4];
     for (int k = 0; k < 4; ++k) {
       const __m256 x = _mm256_loadu_ps(v + i + 8 * k);
-      __m256 r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
+      __m256 r;
+      if (recip) {  // x * (1 / scale), then division only where a half-integer is near (see reciprocal_ok)
+        const __m256 m = _mm256_mul_ps(x, inv);
+        r = _mm256_round_ps(m, kRound);
+        const __m256 t = _mm256_andnot_ps(sign, _mm256_sub_ps(m, r));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(t, near, _CMP_GE_OQ))) r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
+      } else {
+        r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
+      }
       r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
       qi[k] = _mm256_cvtps_epi32(r);
       _mm256_storeu_ps(res + i + 8 * k, _mm256_sub_ps(x, _mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), s)));
@@ -137,6 +176,11 @@ LLMIO_AVX2 void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
   for (size_t i = 0; i < B; i += 8)
     _mm256_storeu_ps(s + i, _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_div_ps(_mm256_mul_ps(codes8(c + i), vs), vw)));
 }
+LLMIO_AVX2 void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
+  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(iw);
+  for (size_t i = 0; i < B; i += 8)
+    _mm256_storeu_ps(s + i, _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_mul_ps(_mm256_mul_ps(codes8(c + i), vs), vw)));
+}
 LLMIO_AVX2 void acc_int(const uint8_t* c, int32_t* s) {
   for (size_t i = 0; i < B; i += 8) {
     __m256i* d = reinterpret_cast<__m256i*>(s + i);
@@ -151,11 +195,18 @@ LLMIO_AVX2 void mean(const int32_t* s, float wf, float sc, const float* res, flo
     _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(_mm256_div_ps(f, vw), vs), _mm256_loadu_ps(res + i)));
   }
 }
+LLMIO_AVX2 void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
+  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(iw);
+  for (size_t i = 0; i < B; i += 8) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(f, vw), vs), _mm256_loadu_ps(res + i)));
+  }
+}
 LLMIO_AVX2 void deq(const uint8_t* c, float sc, float* out) {
   const __m256 vs = _mm256_set1_ps(sc);
   for (size_t i = 0; i < B; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(codes8(c + i), vs));
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_int, mean, deq};
+constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
 }  // namespace avx2
 
 namespace avx512 {
@@ -177,9 +228,19 @@ LLMIO_AVX512 float absmax(const float* v, bool* finite) {
 }
 LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  const bool recip = reciprocal_ok(scale);
+  const __m512 inv = _mm512_set1_ps(1.0f / scale), near = _mm512_set1_ps(kNearHalf);
   for (size_t i = 0; i < B; i += 16) {
     const __m512 x = _mm512_loadu_ps(v + i);
-    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x, s), kRound);
+    __m512 r;
+    if (recip) {  // x * (1 / scale), then division only where a half-integer is near (see reciprocal_ok)
+      const __m512 m = _mm512_mul_ps(x, inv);
+      r = _mm512_roundscale_ps(m, kRound);
+      const __m512 t = _mm512_abs_ps(_mm512_sub_ps(m, r));
+      if (_mm512_cmp_ps_mask(t, near, _CMP_GE_OQ)) r = _mm512_roundscale_ps(_mm512_div_ps(x, s), kRound);
+    } else {
+      r = _mm512_roundscale_ps(_mm512_div_ps(x, s), kRound);
+    }
     r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
     const __m512i qi = _mm512_cvtps_epi32(r);
     _mm512_storeu_ps(res + i, _mm512_sub_ps(x, _mm512_mul_ps(_mm512_cvtepi32_ps(qi), s)));
@@ -195,6 +256,12 @@ LLMIO_AVX512 void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
     _mm512_storeu_ps(s + i, _mm512_add_ps(_mm512_loadu_ps(s + i),
                                           _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs), vw)));
 }
+LLMIO_AVX512 void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
+  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(iw);
+  for (size_t i = 0; i < B; i += 16)
+    _mm512_storeu_ps(s + i, _mm512_add_ps(_mm512_loadu_ps(s + i),
+                                          _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs), vw)));
+}
 LLMIO_AVX512 void acc_int(const uint8_t* c, int32_t* s) {
   for (size_t i = 0; i < B; i += 16)
     _mm512_storeu_si512(s + i, _mm512_add_epi32(_mm512_loadu_si512(s + i), codes16(c + i)));
@@ -206,11 +273,18 @@ LLMIO_AVX512 void mean(const int32_t* s, float wf, float sc, const float* res, f
     _mm512_storeu_ps(v + i, _mm512_add_ps(_mm512_mul_ps(_mm512_div_ps(f, vw), vs), _mm512_loadu_ps(res + i)));
   }
 }
+LLMIO_AVX512 void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
+  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(iw);
+  for (size_t i = 0; i < B; i += 16) {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(s + i));
+    _mm512_storeu_ps(v + i, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, vw), vs), _mm512_loadu_ps(res + i)));
+  }
+}
 LLMIO_AVX512 void deq(const uint8_t* c, float sc, float* out) {
   const __m512 vs = _mm512_set1_ps(sc);
   for (size_t i = 0; i < B; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs));
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_int, mean, deq};
+constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
 }  // namespace avx512
 #endif  // LLMIO_INT8_X86
 
@@ -538,6 +612,8 @@ void dequant_sum_requant_fast(const Int8DequantSumRequantParams& p) {
   const Kern& k = kern();
   const uint64_t sblocks = p.shard / B, stride = packed_stride(p.shard);
   const float wf = static_cast<float>(p.world);
+  const bool pow2 = (p.world & (p.world - 1)) == 0;  // / W == * (1 / W) exactly (see Kern)
+  const float iw = 1.0f / wf;
   for_blocks(sblocks, [&](size_t b0, size_t b1) {
     alignas(64) float s[B], v[B];
     bool fin;
@@ -545,7 +621,11 @@ void dequant_sum_requant_fast(const Int8DequantSumRequantParams& p) {
       std::fill(s, s + B, 0.0f);
       for (uint32_t r = 0; r < p.world; ++r) {  // fixed rank order, fp32
         const uint8_t* src = p.recv + r * stride;
-        k.acc_deq(src + lb * B, get_f32(src + p.shard + 4 * lb), wf, s);
+        const float sc = get_f32(src + p.shard + 4 * lb);
+        if (pow2)
+          k.acc_deq_mul(src + lb * B, sc, iw, s);
+        else
+          k.acc_deq(src + lb * B, sc, wf, s);
       }
       float* res = p.residual + lb * B;
       k.add(s, res, v);
@@ -559,6 +639,8 @@ void dequant_sum_requant_shared_fast(const Int8DequantSumRequantSharedParams& p)
   const Kern& k = kern();
   const uint64_t sblocks = p.shard / B;
   const float wf = static_cast<float>(p.world);
+  const bool pow2 = (p.world & (p.world - 1)) == 0;  // / W == * (1 / W) exactly (see Kern)
+  const float iw = 1.0f / wf;
   for_blocks(sblocks, [&](size_t b0, size_t b1) {
     alignas(64) int32_t s[B];
     alignas(64) float v[B];
@@ -567,7 +649,10 @@ void dequant_sum_requant_shared_fast(const Int8DequantSumRequantSharedParams& p)
       std::fill(s, s + B, 0);
       for (uint32_t r = 0; r < p.world; ++r) k.acc_int(p.recv_codes + r * p.shard + lb * B, s);  // exact
       float* res = p.residual + lb * B;
-      k.mean(s, wf, p.shared_scales[lb], res, v);
+      if (pow2)
+        k.mean_mul(s, iw, p.shared_scales[lb], res, v);
+      else
+        k.mean(s, wf, p.shared_scales[lb], res, v);
       const float m = k.absmax(v, &fin);
       put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
     }
