@@ -223,31 +223,42 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
     s_own = np.empty(shard // BLOCK, np.float32)
     gathered = np.concatenate([send[:stride], send[:stride]])
     gb = n * 4 / 1e9
-    t_copy = best_of(lambda: np.copyto(dst, x), reps)
-    rows = [{"impl": "memcpy of the input (limit)", "isa": "-", "threads": 1, "quantize": gb / t_copy,
-             "dsr": gb / t_copy, "unpack": gb / t_copy}]
-    t_q = best_of(lambda: _core.quantize_blocks_ref(x, res, codes, scales), reps)
-    t_d = best_of(lambda: _core.dequant_sum_requant_ref(codes_w, scales_w, res_s, c_own, s_own), reps)
-    t_u = best_of(lambda: _core.dequantize_blocks_ref(codes, scales, out), reps)
-    rows.append({"impl": "C++ oracle", "isa": "scalar", "threads": 1, "quantize": gb / t_q, "dsr": gb / 2 / t_d,
-                 "unpack": gb / t_u})
+    # every candidate timed once per round, rounds interleaved (a shared machine's load changes hit
+    # all of them alike); the best round of each
+    cands = [("memcpy of the input (limit)", "-", 1), ("C++ oracle", "scalar", 1)]
+    cands += [("fast (int8_fast.cpp)", isa, th) for isa in _core.int8_fast_isas() for th in (1, 2)]
+    ops = {
+        "memcpy of the input (limit)": (lambda: np.copyto(dst, x), lambda: np.copyto(dst, x),
+                                        lambda: np.copyto(dst, x)),
+        "C++ oracle": (lambda: _core.quantize_blocks_ref(x, res, codes, scales),
+                       lambda: _core.dequant_sum_requant_ref(codes_w, scales_w, res_s, c_own, s_own),
+                       lambda: _core.dequantize_blocks_ref(codes, scales, out)),
+        "fast (int8_fast.cpp)": (lambda: _core.int8_quantize_pack_fast(x, 0, n, n, world, res, send),
+                                 lambda: _core.int8_dequant_sum_requant_fast(recv, world, shard, res_s, own),
+                                 lambda: _core.int8_unpack_dequantize_fast(gathered, world, shard, out, 0, n)),
+    }
+    best = {c: [float("inf")] * 3 for c in cands}
     prev_isa, prev_t = _core.int8_fast_isa(), _core.int8_fast_threads()
     try:
-        for isa in _core.int8_fast_isas():
-            _core.int8_fast_set_isa(isa)
-            for th in (1, 2):
-                _core.int8_fast_set_threads(th)
-                t_q = best_of(lambda: _core.int8_quantize_pack_fast(x, 0, n, n, world, res, send), reps)
-                t_d = best_of(lambda: _core.int8_dequant_sum_requant_fast(recv, world, shard, res_s, own), reps)
-                t_u = best_of(lambda: _core.int8_unpack_dequantize_fast(gathered, world, shard, out, 0, n), reps)
-                rows.append({"impl": "fast (int8_fast.cpp)", "isa": isa, "threads": th, "quantize": gb / t_q,
-                             "dsr": gb / 2 / t_d, "unpack": gb / t_u})
+        for _ in range(reps):
+            for c in cands:
+                if c[0].startswith("fast"):
+                    _core.int8_fast_set_isa(c[1])
+                    _core.int8_fast_set_threads(c[2])
+                for k, fn in enumerate(ops[c[0]]):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[c][k] = min(best[c][k], time.perf_counter() - t0)
     finally:
         _core.int8_fast_set_isa(prev_isa)
         _core.int8_fast_set_threads(prev_t)
+    rows = [{"impl": c[0], "isa": c[1], "threads": c[2], "quantize": gb / t[0], "dsr": gb / 2 / t[1],
+             "unpack": gb / t[2]} for c, t in best.items()]
+    rows[0]["dsr"] = rows[0]["unpack"] = rows[0]["quantize"]
     mc = rows[0]["quantize"]
     print(f"\n## CPU kernels, N = {n:,} fp32 ({gb * 1e3:.1f} MB), GB/s of fp32 input (dequant-sum-requant: of the "
-          f"shard it owns, W = 2), best of {reps}; x memcpy = ratio to memcpy of the input, 1 thread")
+          f"shard it owns, W = 2), best of {reps} interleaved rounds; x memcpy = ratio to memcpy of the input, 1 "
+          f"thread; load average {os.getloadavg()[0]:.1f}")
     print(f"| {'implementation':<22} | {'level':<6} | {'thr':>3} | {'quantize+pack':>13} | {'x memcpy':>8} | "
           f"{'deq-sum-requant':>15} | {'x memcpy':>8} | {'unpack-deq':>10} | {'x memcpy':>8} |")
     print(f"|{'-' * 24}|{'-' * 8}|{'-' * 5}|{'-' * 15}|{'-' * 10}|{'-' * 17}|{'-' * 10}|{'-' * 12}|{'-' * 10}|")
@@ -337,7 +348,7 @@ def _steps_worker(cfg: dict) -> None:
     for hook in cfg["hooks"]:
         torch.manual_seed(0)
         net = _TinyGPT()
-        model = torch.nn.parallel.DistributedDataParallel(net)
+        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cfg["bucket_cap_mb"])
         run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
                "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
         try:
@@ -527,11 +538,11 @@ class _Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def step_time_table(steps: int, links: list, int8_threads: int, hooks: list) -> dict:
+def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_cap_mb: float) -> dict:
     load0 = f"{os.getloadavg()[0]:.1f}"
     why = _Netns.unavailable()
     rows: dict = {}
-    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads}
+    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_cap_mb": bucket_cap_mb}
     if why is not None:
         print(f"\n## step time on shaped links: network namespaces unavailable ({why}); unshaped only, default "
               f"namespace")
@@ -552,7 +563,7 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list) -> 
     params = next(iter(rows.values()))["allreduce"]["params"]
     print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
           f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
-          f"SGD, 1 torch thread + {int8_threads} INT8 thread(s) per rank; hooks stepped in rounds, {steps} timed rounds; "
+          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; hooks stepped in rounds, {steps} timed rounds; "
           f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
           f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
     print("| hook | " + " | ".join(labels) + " |")
@@ -598,10 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--numel", type=int, default=4_200_000, help="bucket elements for the kernel timing (16.8 MB)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--wire-numel", type=int, default=25 * (1 << 20) // 4, help="bucket for the byte table (25 MB)")
     ap.add_argument("--measure-numel", type=int, default=1 << 18)
     ap.add_argument("--gpt-steps", type=int, default=15, help="timed steps per hook and link (0: skip section 4)")
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size in the step-time runs "
+                    "(25: DDP's default; smaller buckets let communication overlap backward)")
     ap.add_argument("--links", default="none,10,2,1", help="Gbit/s of the shaped loopback; none = unshaped")
     ap.add_argument("--int8-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="threads of our CPU kernels per rank (default: cores / 2 ranks)")
@@ -636,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     result["formula_vs_fp32"] = (1 + 4 / BLOCK) / 4
     if a.gpt_steps > 0:
         links = [None if x.strip() == "none" else float(x) for x in a.links.split(",")]
-        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, HOOKS)
+        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, HOOKS, a.bucket_cap_mb)
     if a.conv_steps > 0:
         if not os.path.exists(a.corpus):
             print(f"\n## convergence: skipped, corpus {a.corpus} not found")
