@@ -22,8 +22,10 @@
    1, 2 and 10 Gbit/s and unshaped (the shaping is shared by both directions). A small GPT
    (4.2M parameters, 16.8 MB of fp32 gradients) with: plain all-reduce, ``bf16_compress_hook``
    (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
-   ``deterministic=True``); median step time and its ratio to the plain all-reduce on the same
-   link. Without namespaces or tc: only the unshaped rows, in the default namespace, with the
+   ``deterministic=True``), and the step without any communication (a hook that returns the
+   bucket: the lower bound, measured in the same run); the ratio of each step time to the plain
+   all-reduce's in the same round, median over rounds. Without namespaces or tc: only the
+   unshaped rows, in the default namespace, with the
    reason printed.
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
    character level) with each hook for a few hundred steps (AdamW), identical data order; final
@@ -273,9 +275,10 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
-HOOKS = ["allreduce", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
+HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
          "llmio_int8_deterministic"]
-HOOK_LABEL = {"allreduce": "plain all-reduce", "bf16_compress_hook": "bf16_compress_hook",
+HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
+              "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
               "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True"}
 WARM = 3  # untimed steps: DDP's bucket rebuild, our warmup_steps=2, PowerSGD start_powerSGD_iter=2
@@ -317,7 +320,14 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
 
     from llmio_native.ddp import Int8CompressState, int8_compress_hook
 
-    if hook == "bf16_compress_hook":
+    if hook == "no_comm":  # the step without any communication: the floor every hook's step time is above
+        def local(state: object, bucket: dist.GradBucket) -> torch.futures.Future:
+            fut: torch.futures.Future = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model.register_comm_hook(None, local)
+    elif hook == "bf16_compress_hook":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif hook.startswith("powersgd_r"):
         st = psgd.PowerSGDState(process_group=dist.group.WORLD, matrix_approximation_rank=int(hook[len("powersgd_r"):]),
@@ -563,7 +573,8 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
     params = next(iter(rows.values()))["allreduce"]["params"]
     print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
           f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
-          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; hooks stepped in rounds, {steps} timed rounds; "
+          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; "
+          f"hooks stepped in rounds, {steps} timed rounds; "
           f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
           f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
     print("| hook | " + " | ".join(labels) + " |")
@@ -572,12 +583,14 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
         cells = []
         for lab in labels:
             r = rows[lab][h]
-            cells.append(f"n/a ({r['error'][:50]})" if r["error"] else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
+            cells.append(f"n/a ({r['error'][:50]})" if r["error"]
+                         else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
         print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
     return rows
 
 
 def convergence_table(cfg: dict, hooks: list) -> dict:
+    hooks = [h for h in hooks if h != "no_comm"]
     rows = _launch("converge", dict(cfg, world=2, hooks=hooks), None, 3600)
     base = rows["allreduce"]["eval_loss"]
     print(f"\n## convergence, W = 2 on gloo: GPT {rows['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "

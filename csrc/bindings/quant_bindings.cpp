@@ -201,7 +201,8 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
   using B = py::buffer;
   m.def(
       ("int8_quantize_pack" + suffix).c_str(),
-      [name = "int8_quantize_pack" + suffix, run = ks.quantize_pack](B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B send) {
+      [name = "int8_quantize_pack" + suffix, run = ks.quantize_pack](
+          B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B send) {
         const char* fn = name.c_str();
         int8::Int8QuantizePackParams p{nullptr, dtype, n, n_pad, world, nullptr, nullptr};
         checks::check(fn, p);
@@ -214,10 +215,12 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("n_pad"), py::arg("world"), py::arg("residual"),
       py::arg("send"),
       (what + " of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 "
-      "as 2-byte items).\n\nRaises:\n    ValueError: bad sizes, dtype or alignment (as the kernel's binding).").c_str());
+              "as 2-byte items).\n\nRaises:\n    ValueError: bad sizes, dtype or alignment (as the kernel's "
+              "binding).").c_str());
   m.def(
       ("int8_dequant_sum_requant" + suffix).c_str(),
-      [name = "int8_dequant_sum_requant" + suffix, run = ks.dequant_sum_requant](B recv, uint32_t world, uint64_t shard, B residual, B own) {
+      [name = "int8_dequant_sum_requant" + suffix, run = ks.dequant_sum_requant](
+          B recv, uint32_t world, uint64_t shard, B residual, B own) {
         const char* fn = name.c_str();
         int8::Int8DequantSumRequantParams p{nullptr, world, shard, nullptr, nullptr};
         checks::check(fn, p);
@@ -231,7 +234,8 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
       (what + " of _cuda.int8_dequant_sum_requant.\n\nRaises:\n    ValueError: bad sizes or alignment.").c_str());
   m.def(
       ("int8_unpack_dequantize" + suffix).c_str(),
-      [name = "int8_unpack_dequantize" + suffix, run = ks.unpack_dequantize](B gathered, uint32_t world, uint64_t shard, B out, int dtype, uint64_t n) {
+      [name = "int8_unpack_dequantize" + suffix, run = ks.unpack_dequantize](
+          B gathered, uint32_t world, uint64_t shard, B out, int dtype, uint64_t n) {
         const char* fn = name.c_str();
         int8::Int8UnpackDequantizeParams p{nullptr, world, shard, nullptr, dtype, n};
         checks::check(fn, p);
@@ -245,7 +249,8 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
       "\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
       ("int8_block_absmax" + suffix).c_str(),
-      [name = "int8_block_absmax" + suffix, run = ks.block_absmax](B x, int dtype, uint64_t n, uint64_t n_pad, B residual, B absmax) {
+      [name = "int8_block_absmax" + suffix, run = ks.block_absmax](
+          B x, int dtype, uint64_t n, uint64_t n_pad, B residual, B absmax) {
         const char* fn = name.c_str();
         int8::Int8BlockAbsmaxParams p{nullptr, dtype, n, n_pad, nullptr, nullptr};
         checks::check(fn, p);
@@ -258,7 +263,8 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
       (what + " of _cuda.int8_block_absmax.\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
       ("int8_quantize_pack_shared" + suffix).c_str(),
-      [name = "int8_quantize_pack_shared" + suffix, run = ks.quantize_pack_shared](B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B absmax, B send, B scales) {
+      [name = "int8_quantize_pack_shared" + suffix, run = ks.quantize_pack_shared](
+          B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B absmax, B send, B scales) {
         const char* fn = name.c_str();
         int8::Int8QuantizePackSharedParams p{nullptr, dtype, n, n_pad, world, nullptr, nullptr, nullptr, nullptr};
         checks::check(fn, p);
@@ -276,7 +282,8 @@ void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet&
       "    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
       ("int8_dequant_sum_requant_shared" + suffix).c_str(),
-      [name = "int8_dequant_sum_requant_shared" + suffix, run = ks.dequant_sum_requant_shared](B recv_codes, uint32_t world, uint64_t shard, B shared_scales, B residual, B own) {
+      [name = "int8_dequant_sum_requant_shared" + suffix, run = ks.dequant_sum_requant_shared](
+          B recv_codes, uint32_t world, uint64_t shard, B shared_scales, B residual, B own) {
         const char* fn = name.c_str();
         int8::Int8DequantSumRequantSharedParams p{nullptr, world, shard, nullptr, nullptr, nullptr};
         checks::check(fn, p);

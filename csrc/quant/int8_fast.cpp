@@ -35,26 +35,27 @@ constexpr size_t B = kBlock;
 // add:      v = a + b
 // absmax:   max |v| and whether all of v is finite
 // quant:    q = clamp(rint(v / scale), -127, 127), res = v - float(q) * scale   (scale finite, > 0)
-// acc_deq:  s = s + (float(c) * sc) / wf
-// acc_deq_mul: s = s + (float(c) * sc) * iw   (iw = 1 / wf, W a power of two: see below)
-// acc_int:  s += c (int32)
-// mean:     v = (float(s) / wf) * sc + res
-// mean_mul: v = (float(s) * iw) * sc + res    (W a power of two)
-//
-// For W = 2^k, x / W and x * 2^-k are the same real number, and IEEE division and
-// multiplication both round it correctly (normal, subnormal, inf and NaN alike), so the
-// multiply gives the oracle's bits; tests/test_quant.py checks W = 1..5 at every level.
 // deq:      out = float(c) * sc
+// add_absmax, dsr, dsr_int: the fused passes below
+//
+// The owner's step divides by W. For W = 2^k, x / W and x * 2^-k are the same real number, and
+// IEEE division and multiplication both round it correctly (normal, subnormal, inf and NaN
+// alike), so the multiply gives the oracle's bits; tests/test_quant.py checks W = 1..5 at
+// every level.
 struct Kern {
   void (*add)(const float* a, const float* b, float* v);
   float (*absmax)(const float* v, bool* finite);
   void (*quant)(const float* v, float scale, uint8_t* q, float* res);
-  void (*acc_deq)(const uint8_t* c, float sc, float wf, float* s);
-  void (*acc_deq_mul)(const uint8_t* c, float sc, float iw, float* s);
-  void (*acc_int)(const uint8_t* c, int32_t* s);
-  void (*mean)(const int32_t* s, float wf, float sc, const float* res, float* v);
-  void (*mean_mul)(const int32_t* s, float iw, float sc, const float* res, float* v);
   void (*deq)(const uint8_t* c, float sc, float* out);
+  // fused: v = a + b and its absmax (one pass)
+  float (*add_absmax)(const float* a, const float* b, float* v, bool* finite);
+  // fused owner's step: v = ((0 + t_0) + t_1 ...) + res, t_r = (float(c_r) * sc_r) / W (or * 1/W when
+  // pow2), and its absmax (one pass over the W code blocks)
+  float (*dsr)(const uint8_t* const* c, const float* sc, uint32_t world, float w, bool pow2, const float* res,
+               float* v, bool* finite);
+  // fused shared-scale owner's step: v = (float(sum_r c_r) / W) * sc + res (or * 1/W), and its absmax
+  float (*dsr_int)(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res,
+                   float* v, bool* finite);
 };
 
 namespace scalar {
@@ -81,25 +82,36 @@ void quant(const float* v, float scale, uint8_t* q, float* res) {
     res[i] = v[i] - static_cast<float>(qi) * scale;
   }
 }
-void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
-  for (size_t i = 0; i < B; ++i) s[i] = s[i] + (static_cast<float>(static_cast<int8_t>(c[i])) * sc) / wf;
-}
-void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
-  for (size_t i = 0; i < B; ++i) s[i] = s[i] + (static_cast<float>(static_cast<int8_t>(c[i])) * sc) * iw;
-}
-void acc_int(const uint8_t* c, int32_t* s) {
-  for (size_t i = 0; i < B; ++i) s[i] += static_cast<int8_t>(c[i]);
-}
-void mean(const int32_t* s, float wf, float sc, const float* res, float* v) {
-  for (size_t i = 0; i < B; ++i) v[i] = (static_cast<float>(s[i]) / wf) * sc + res[i];
-}
-void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
-  for (size_t i = 0; i < B; ++i) v[i] = (static_cast<float>(s[i]) * iw) * sc + res[i];
-}
 void deq(const uint8_t* c, float sc, float* out) {
   for (size_t i = 0; i < B; ++i) out[i] = static_cast<float>(static_cast<int8_t>(c[i])) * sc;
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
+float add_absmax(const float* a, const float* b, float* v, bool* finite) {
+  add(a, b, v);
+  return absmax(v, finite);
+}
+float dsr(const uint8_t* const* c, const float* sc, uint32_t world, float w, bool pow2, const float* res, float* v,
+          bool* finite) {
+  for (size_t i = 0; i < B; ++i) {
+    float x = 0.0f;
+    for (uint32_t r = 0; r < world; ++r) {
+      const float t = static_cast<float>(static_cast<int8_t>(c[r][i])) * sc[r];
+      x = x + (pow2 ? t * w : t / w);
+    }
+    v[i] = x + res[i];
+  }
+  return absmax(v, finite);
+}
+float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res, float* v,
+              bool* finite) {
+  for (size_t i = 0; i < B; ++i) {
+    int32_t x = 0;
+    for (uint32_t r = 0; r < world; ++r) x += static_cast<int8_t>(c[r][i]);
+    const float f = static_cast<float>(x);
+    v[i] = (pow2 ? f * w : f / w) * sc + res[i];
+  }
+  return absmax(v, finite);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
 }  // namespace scalar
 
 #if defined(LLMIO_INT8_X86)
@@ -171,42 +183,70 @@ LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res) {
 LLMIO_AVX2 inline __m256 codes8(const uint8_t* c) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
 }
-LLMIO_AVX2 void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
-  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(wf);
-  for (size_t i = 0; i < B; i += 8)
-    _mm256_storeu_ps(s + i, _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_div_ps(_mm256_mul_ps(codes8(c + i), vs), vw)));
-}
-LLMIO_AVX2 void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
-  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(iw);
-  for (size_t i = 0; i < B; i += 8)
-    _mm256_storeu_ps(s + i, _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_mul_ps(_mm256_mul_ps(codes8(c + i), vs), vw)));
-}
-LLMIO_AVX2 void acc_int(const uint8_t* c, int32_t* s) {
-  for (size_t i = 0; i < B; i += 8) {
-    __m256i* d = reinterpret_cast<__m256i*>(s + i);
-    const __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i)));
-    _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), x));
-  }
-}
-LLMIO_AVX2 void mean(const int32_t* s, float wf, float sc, const float* res, float* v) {
-  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(wf);
-  for (size_t i = 0; i < B; i += 8) {
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-    _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(_mm256_div_ps(f, vw), vs), _mm256_loadu_ps(res + i)));
-  }
-}
-LLMIO_AVX2 void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
-  const __m256 vs = _mm256_set1_ps(sc), vw = _mm256_set1_ps(iw);
-  for (size_t i = 0; i < B; i += 8) {
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-    _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(f, vw), vs), _mm256_loadu_ps(res + i)));
-  }
-}
 LLMIO_AVX2 void deq(const uint8_t* c, float sc, float* out) {
   const __m256 vs = _mm256_set1_ps(sc);
   for (size_t i = 0; i < B; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(codes8(c + i), vs));
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
+LLMIO_AVX2 inline float fold8(__m256 m) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = 0.0f;
+  for (float x : t) r = x > r ? x : r;
+  return r;
+}
+LLMIO_AVX2 float add_absmax(const float* a, const float* b, float* v, bool* finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e+38f);
+  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (size_t i = 0; i < B; i += 8) {
+    const __m256 x = _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(v + i, x);
+    const __m256 ax = _mm256_andnot_ps(sign, x);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, big, _CMP_NLE_UQ));
+    m = _mm256_max_ps(m, ax);
+  }
+  *finite = _mm256_movemask_ps(bad) == 0;
+  return fold8(m);
+}
+LLMIO_AVX2 float dsr(const uint8_t* const* c, const float* sc, uint32_t world, float w, bool pow2, const float* res,
+                     float* v, bool* finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e+38f), vw = _mm256_set1_ps(w);
+  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (size_t i = 0; i < B; i += 8) {
+    __m256 x = _mm256_setzero_ps();
+    for (uint32_t r = 0; r < world; ++r) {
+      const __m256 t = _mm256_mul_ps(codes8(c[r] + i), _mm256_set1_ps(sc[r]));
+      x = _mm256_add_ps(x, pow2 ? _mm256_mul_ps(t, vw) : _mm256_div_ps(t, vw));
+    }
+    x = _mm256_add_ps(x, _mm256_loadu_ps(res + i));
+    _mm256_storeu_ps(v + i, x);
+    const __m256 ax = _mm256_andnot_ps(sign, x);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, big, _CMP_NLE_UQ));
+    m = _mm256_max_ps(m, ax);
+  }
+  *finite = _mm256_movemask_ps(bad) == 0;
+  return fold8(m);
+}
+LLMIO_AVX2 float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res,
+                         float* v, bool* finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e+38f), vw = _mm256_set1_ps(w),
+               vs = _mm256_set1_ps(sc);
+  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (size_t i = 0; i < B; i += 8) {
+    __m256i si = _mm256_setzero_si256();
+    for (uint32_t r = 0; r < world; ++r)
+      si = _mm256_add_epi32(si, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[r] + i))));
+    const __m256 f = _mm256_cvtepi32_ps(si);
+    const __m256 x = _mm256_add_ps(_mm256_mul_ps(pow2 ? _mm256_mul_ps(f, vw) : _mm256_div_ps(f, vw), vs),
+                                   _mm256_loadu_ps(res + i));
+    _mm256_storeu_ps(v + i, x);
+    const __m256 ax = _mm256_andnot_ps(sign, x);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, big, _CMP_NLE_UQ));
+    m = _mm256_max_ps(m, ax);
+  }
+  *finite = _mm256_movemask_ps(bad) == 0;
+  return fold8(m);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
 }  // namespace avx2
 
 namespace avx512 {
@@ -250,41 +290,64 @@ LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res) {
 LLMIO_AVX512 inline __m512i codes16(const uint8_t* c) {
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
 }
-LLMIO_AVX512 void acc_deq(const uint8_t* c, float sc, float wf, float* s) {
-  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(wf);
-  for (size_t i = 0; i < B; i += 16)
-    _mm512_storeu_ps(s + i, _mm512_add_ps(_mm512_loadu_ps(s + i),
-                                          _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs), vw)));
-}
-LLMIO_AVX512 void acc_deq_mul(const uint8_t* c, float sc, float iw, float* s) {
-  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(iw);
-  for (size_t i = 0; i < B; i += 16)
-    _mm512_storeu_ps(s + i, _mm512_add_ps(_mm512_loadu_ps(s + i),
-                                          _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs), vw)));
-}
-LLMIO_AVX512 void acc_int(const uint8_t* c, int32_t* s) {
-  for (size_t i = 0; i < B; i += 16)
-    _mm512_storeu_si512(s + i, _mm512_add_epi32(_mm512_loadu_si512(s + i), codes16(c + i)));
-}
-LLMIO_AVX512 void mean(const int32_t* s, float wf, float sc, const float* res, float* v) {
-  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(wf);
-  for (size_t i = 0; i < B; i += 16) {
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(s + i));
-    _mm512_storeu_ps(v + i, _mm512_add_ps(_mm512_mul_ps(_mm512_div_ps(f, vw), vs), _mm512_loadu_ps(res + i)));
-  }
-}
-LLMIO_AVX512 void mean_mul(const int32_t* s, float iw, float sc, const float* res, float* v) {
-  const __m512 vs = _mm512_set1_ps(sc), vw = _mm512_set1_ps(iw);
-  for (size_t i = 0; i < B; i += 16) {
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(s + i));
-    _mm512_storeu_ps(v + i, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, vw), vs), _mm512_loadu_ps(res + i)));
-  }
-}
 LLMIO_AVX512 void deq(const uint8_t* c, float sc, float* out) {
   const __m512 vs = _mm512_set1_ps(sc);
   for (size_t i = 0; i < B; i += 16) _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c + i)), vs));
 }
-constexpr Kern kern{add, absmax, quant, acc_deq, acc_deq_mul, acc_int, mean, mean_mul, deq};
+LLMIO_AVX512 float add_absmax(const float* a, const float* b, float* v, bool* finite) {
+  const __m512 big = _mm512_set1_ps(3.40282347e+38f);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (size_t i = 0; i < B; i += 16) {
+    const __m512 x = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+    _mm512_storeu_ps(v + i, x);
+    const __m512 ax = _mm512_abs_ps(x);
+    bad |= _mm512_cmp_ps_mask(ax, big, _CMP_NLE_UQ);
+    m = _mm512_max_ps(m, ax);
+  }
+  *finite = bad == 0;
+  return _mm512_reduce_max_ps(m);
+}
+LLMIO_AVX512 float dsr(const uint8_t* const* c, const float* sc, uint32_t world, float w, bool pow2,
+                       const float* res, float* v, bool* finite) {
+  const __m512 big = _mm512_set1_ps(3.40282347e+38f), vw = _mm512_set1_ps(w);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (size_t i = 0; i < B; i += 16) {
+    __m512 x = _mm512_setzero_ps();
+    for (uint32_t r = 0; r < world; ++r) {
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c[r] + i)), _mm512_set1_ps(sc[r]));
+      x = _mm512_add_ps(x, pow2 ? _mm512_mul_ps(t, vw) : _mm512_div_ps(t, vw));
+    }
+    x = _mm512_add_ps(x, _mm512_loadu_ps(res + i));
+    _mm512_storeu_ps(v + i, x);
+    const __m512 ax = _mm512_abs_ps(x);
+    bad |= _mm512_cmp_ps_mask(ax, big, _CMP_NLE_UQ);
+    m = _mm512_max_ps(m, ax);
+  }
+  *finite = bad == 0;
+  return _mm512_reduce_max_ps(m);
+}
+LLMIO_AVX512 float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res,
+                           float* v, bool* finite) {
+  const __m512 big = _mm512_set1_ps(3.40282347e+38f), vw = _mm512_set1_ps(w), vs = _mm512_set1_ps(sc);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (size_t i = 0; i < B; i += 16) {
+    __m512i si = _mm512_setzero_si512();
+    for (uint32_t r = 0; r < world; ++r) si = _mm512_add_epi32(si, codes16(c[r] + i));
+    const __m512 f = _mm512_cvtepi32_ps(si);
+    const __m512 x = _mm512_add_ps(_mm512_mul_ps(pow2 ? _mm512_mul_ps(f, vw) : _mm512_div_ps(f, vw), vs),
+                                   _mm512_loadu_ps(res + i));
+    _mm512_storeu_ps(v + i, x);
+    const __m512 ax = _mm512_abs_ps(x);
+    bad |= _mm512_cmp_ps_mask(ax, big, _CMP_NLE_UQ);
+    m = _mm512_max_ps(m, ax);
+  }
+  *finite = bad == 0;
+  return _mm512_reduce_max_ps(m);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
 }  // namespace avx512
 #endif  // LLMIO_INT8_X86
 
@@ -571,8 +634,7 @@ void quantize_pack_fast(const Int8QuantizePackParams& p) {
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
       float* r = p.residual + b * B;
-      k.add(load_x(p.x, p.dtype, p.n, b, tmp), r, v);
-      const float m = k.absmax(v, &fin);
+      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), r, v, &fin);
       uint8_t* dst = p.send + (b / sblocks) * stride;
       const uint64_t lb = b % sblocks;
       put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r));
@@ -586,8 +648,7 @@ void block_absmax_fast(const Int8BlockAbsmaxParams& p) {
     alignas(64) float tmp[B], v[B];
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
-      k.add(load_x(p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v);
-      const float m = k.absmax(v, &fin);
+      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v, &fin);
       p.absmax[b] = fin ? m : pos_inf();
     }
   });
@@ -613,23 +674,20 @@ void dequant_sum_requant_fast(const Int8DequantSumRequantParams& p) {
   const uint64_t sblocks = p.shard / B, stride = packed_stride(p.shard);
   const float wf = static_cast<float>(p.world);
   const bool pow2 = (p.world & (p.world - 1)) == 0;  // / W == * (1 / W) exactly (see Kern)
-  const float iw = 1.0f / wf;
+  const float w = pow2 ? 1.0f / wf : wf;
   for_blocks(sblocks, [&](size_t b0, size_t b1) {
-    alignas(64) float s[B], v[B];
+    alignas(64) float v[B];
+    std::vector<const uint8_t*> c(p.world);
+    std::vector<float> sc(p.world);
     bool fin;
     for (uint64_t lb = b0; lb < b1; ++lb) {
-      std::fill(s, s + B, 0.0f);
       for (uint32_t r = 0; r < p.world; ++r) {  // fixed rank order, fp32
         const uint8_t* src = p.recv + r * stride;
-        const float sc = get_f32(src + p.shard + 4 * lb);
-        if (pow2)
-          k.acc_deq_mul(src + lb * B, sc, iw, s);
-        else
-          k.acc_deq(src + lb * B, sc, wf, s);
+        c[r] = src + lb * B;
+        sc[r] = get_f32(src + p.shard + 4 * lb);
       }
       float* res = p.residual + lb * B;
-      k.add(s, res, v);
-      const float m = k.absmax(v, &fin);
+      const float m = k.dsr(c.data(), sc.data(), p.world, w, pow2, res, v, &fin);
       put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
     }
   });
@@ -640,20 +698,15 @@ void dequant_sum_requant_shared_fast(const Int8DequantSumRequantSharedParams& p)
   const uint64_t sblocks = p.shard / B;
   const float wf = static_cast<float>(p.world);
   const bool pow2 = (p.world & (p.world - 1)) == 0;  // / W == * (1 / W) exactly (see Kern)
-  const float iw = 1.0f / wf;
+  const float w = pow2 ? 1.0f / wf : wf;
   for_blocks(sblocks, [&](size_t b0, size_t b1) {
-    alignas(64) int32_t s[B];
     alignas(64) float v[B];
+    std::vector<const uint8_t*> c(p.world);
     bool fin;
     for (uint64_t lb = b0; lb < b1; ++lb) {
-      std::fill(s, s + B, 0);
-      for (uint32_t r = 0; r < p.world; ++r) k.acc_int(p.recv_codes + r * p.shard + lb * B, s);  // exact
+      for (uint32_t r = 0; r < p.world; ++r) c[r] = p.recv_codes + r * p.shard + lb * B;  // exact int32 sum
       float* res = p.residual + lb * B;
-      if (pow2)
-        k.mean_mul(s, iw, p.shared_scales[lb], res, v);
-      else
-        k.mean(s, wf, p.shared_scales[lb], res, v);
-      const float m = k.absmax(v, &fin);
+      const float m = k.dsr_int(c.data(), p.world, w, pow2, p.shared_scales[lb], res, v, &fin);
       put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
     }
   });
