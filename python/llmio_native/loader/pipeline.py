@@ -170,7 +170,7 @@ class Pipeline:
             self.cuda = CudaPath(cfg.device, B, T)
         # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
         # emulation of the same path on a CPU loader is a test hook (emulate_gpu_decode).
-        rans_src = np.array([ds.codec == "rans" for ds in cfg.datasets])
+        rans_src = np.array([ds.codec in ("rans", "rans1") for ds in cfg.datasets])
         kernels = self.cuda is not None and self.cuda.kernels
         gpu_src = rans_src if rans_src.any() and (kernels or cfg.emulate_gpu_decode) else np.zeros_like(rans_src)
         self.kind = np.where([not p.compressed for p in plans], _RING, np.where(gpu_src, _GPU, _CACHE))
