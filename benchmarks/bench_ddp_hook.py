@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """INT8 gradient hook benchmark.
 
-1. Quantize+pack throughput of the C++ oracle against a torch-composed blockwise quantizer
-   and a plain memcpy of the same fp32 input (the memory limit), GB/s of fp32 input.
+1. CPU kernels, GB/s of fp32 input (N values): memcpy of the input (the memory limit, measured in
+   the same run), the C++ oracle, and the fast path (csrc/quant/int8_fast.cpp) at every dispatch
+   level this CPU has, 1 and 2 threads: quantize+pack (residual add, absmax, quantize, pack,
+   residual write), the owner's dequantize-sum-requantize (W = 2 copies) and the final
+   unpack-dequantize; each as a ratio to memcpy.
 2. CUDA rows (only with a GPU and llmio_native._cuda; a line says why otherwise): the fused
    kernel (a) (residual add + absmax + quantize + pack + residual write) and kernel (c)
    against the torch-composed blockwise quantizer on the device and a device-to-device copy
@@ -14,16 +17,26 @@
    absmax, codes-only phase 1) and hierarchical (the inter-node INT8 bytes with 8 ranks per
    node), for W = 2..64 (formulas), and ours counted by the hook's stats on gloo for W = 2
    (measured).
-4. Step time on gloo (W = 2, CPU) of a small GPT with the default all-reduce, PyTorch's
-   bf16_compress_hook and quantization_pertensor_hook (both reported n/a where they refuse
-   CPU/gloo, with their reason) and ours. Loopback gloo has no wire to save, so this is the
-   hook's CPU cost; the network saving is table 3.
+4. Step time on a bandwidth-limited link: W = 2 on gloo (CPU), both ranks in a network namespace
+   the benchmark creates (``ip netns add``; needs root), its loopback shaped with ``tc`` (tbf) to
+   1, 2 and 10 Gbit/s and unshaped (the shaping is shared by both directions). A small GPT
+   (4.2M parameters, 16.8 MB of fp32 gradients) with: plain all-reduce, ``bf16_compress_hook``
+   (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
+   ``deterministic=True``), and the step without any communication (a hook that returns the
+   bucket: the lower bound, measured in the same run); the ratio of each step time to the plain
+   all-reduce's in the same round, median over rounds. Without namespaces or tc: only the
+   unshaped rows, in the default namespace, with the
+   reason printed.
+5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
+   character level) with each hook for a few hundred steps (AdamW), identical data order; final
+   held-out loss and its ratio to the plain all-reduce.
+
+``--quick``: small sizes and few steps (a smoke test of every section).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -33,6 +46,9 @@ import numpy as np
 import torch
 
 from llmio_native import _core
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine  # noqa: E402
 
 BLOCK = _core.QUANT_BLOCK
 
@@ -72,8 +88,8 @@ def wire_table(n: int, local: int = 8) -> list[dict]:
               f"{ours / 1e6:>9.2f}MB | {ours / fp32:>7.3f} | {ours / bf16:>7.3f} | {det / 1e6:>11.2f}MB | {hier} |")
         rows.append({"world": w, "fp32_bytes": fp32, "bf16_bytes": bf16, "pertensor_bytes": pertensor,
                      "int8_bytes": ours, "vs_fp32": ours / fp32, "vs_bf16": ours / bf16, "deterministic_bytes": det})
-    print(f"deterministic: + (W-1)/W * 4N/256 over flat; hierarchical: inter-node INT8 bytes 2 (M-1)/M * (N/L) "
-          f"* (1 + 4/256) with M = W/L nodes, plus intra-node (L-1)/L * N * (4 + bucket bytes) over NVLink/PCIe")
+    print("deterministic: + (W-1)/W * 4N/256 over flat; hierarchical: inter-node INT8 bytes 2 (M-1)/M * (N/L) "
+          "* (1 + 4/256) with M = W/L nodes, plus intra-node (L-1)/L * N * (4 + bucket bytes) over NVLink/PCIe")
     return rows
 
 
@@ -180,121 +196,452 @@ class _TinyGPT(torch.nn.Module):
         return self.head(self.blocks(self.tok(x) + self.pos[: x.shape[1]], mask=mask, is_causal=True))
 
 
-def _gpt_worker(rank: int, world: int, port: int, out: str, hook_name: str, steps: int) -> None:
-    import pickle
+# ---------------------------------------------------------------- 1. CPU kernels
 
+def cpu_kernel_table(n: int, reps: int) -> list[dict]:
+    """GB/s of fp32 input of the oracle and the fast path (every level, 1 and 2 threads) against
+    memcpy of the same input, measured here and now."""
+    world = 2
+    n = n // (BLOCK * world) * BLOCK * world
+    shard = n // world
+    stride = shard + 4 * (shard // BLOCK)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n).astype(np.float32)
+    res = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    dst = np.empty_like(x)
+    codes = np.empty(n, np.int8)
+    scales = np.empty(n // BLOCK, np.float32)
+    send = np.empty(world * stride, np.uint8)
+    own = np.empty(stride, np.uint8)
+    res_s = np.zeros(shard, np.float32)
+    out = np.empty(n, np.float32)
+    _core.int8_quantize_pack_fast(x, 0, n, n, world, res.copy(), send)
+    # the owner's step on W = 2 copies of one shard: 2 * shard codes in, as fp32 input bytes of n values
+    recv = np.concatenate([send[:stride], send[:stride]])
+    codes_w = np.stack([send[:shard], send[:shard]]).view(np.int8)
+    scales_w = np.stack([send[shard:stride], send[shard:stride]]).view(np.float32)
+    c_own = np.empty(shard, np.int8)
+    s_own = np.empty(shard // BLOCK, np.float32)
+    gathered = np.concatenate([send[:stride], send[:stride]])
+    gb = n * 4 / 1e9
+    # every candidate timed once per round, rounds interleaved (a shared machine's load changes hit
+    # all of them alike); the best round of each
+    cands = [("memcpy of the input (limit)", "-", 1), ("C++ oracle", "scalar", 1)]
+    cands += [("fast (int8_fast.cpp)", isa, th) for isa in _core.int8_fast_isas() for th in (1, 2)]
+    ops = {
+        "memcpy of the input (limit)": (lambda: np.copyto(dst, x), lambda: np.copyto(dst, x),
+                                        lambda: np.copyto(dst, x)),
+        "C++ oracle": (lambda: _core.quantize_blocks_ref(x, res, codes, scales),
+                       lambda: _core.dequant_sum_requant_ref(codes_w, scales_w, res_s, c_own, s_own),
+                       lambda: _core.dequantize_blocks_ref(codes, scales, out)),
+        "fast (int8_fast.cpp)": (lambda: _core.int8_quantize_pack_fast(x, 0, n, n, world, res, send),
+                                 lambda: _core.int8_dequant_sum_requant_fast(recv, world, shard, res_s, own),
+                                 lambda: _core.int8_unpack_dequantize_fast(gathered, world, shard, out, 0, n)),
+    }
+    best = {c: [float("inf")] * 3 for c in cands}
+    prev_isa, prev_t = _core.int8_fast_isa(), _core.int8_fast_threads()
+    try:
+        for _ in range(reps):
+            for c in cands:
+                if c[0].startswith("fast"):
+                    _core.int8_fast_set_isa(c[1])
+                    _core.int8_fast_set_threads(c[2])
+                for k, fn in enumerate(ops[c[0]]):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[c][k] = min(best[c][k], time.perf_counter() - t0)
+    finally:
+        _core.int8_fast_set_isa(prev_isa)
+        _core.int8_fast_set_threads(prev_t)
+    rows = [{"impl": c[0], "isa": c[1], "threads": c[2], "quantize": gb / t[0], "dsr": gb / 2 / t[1],
+             "unpack": gb / t[2]} for c, t in best.items()]
+    rows[0]["dsr"] = rows[0]["unpack"] = rows[0]["quantize"]
+    mc = rows[0]["quantize"]
+    print(f"\n## CPU kernels, N = {n:,} fp32 ({gb * 1e3:.1f} MB), GB/s of fp32 input (dequant-sum-requant: of the "
+          f"shard it owns, W = 2), best of {reps} interleaved rounds; x memcpy = ratio to memcpy of the input, 1 "
+          f"thread; load average {os.getloadavg()[0]:.1f}")
+    print(f"| {'implementation':<22} | {'level':<6} | {'thr':>3} | {'quantize+pack':>13} | {'x memcpy':>8} | "
+          f"{'deq-sum-requant':>15} | {'x memcpy':>8} | {'unpack-deq':>10} | {'x memcpy':>8} |")
+    print(f"|{'-' * 24}|{'-' * 8}|{'-' * 5}|{'-' * 15}|{'-' * 10}|{'-' * 17}|{'-' * 10}|{'-' * 12}|{'-' * 10}|")
+    for r in rows:
+        print(f"| {r['impl']:<22} | {r['isa']:<6} | {r['threads']:>3} | {r['quantize']:13.2f} | "
+              f"{r['quantize'] / mc:8.2f} | {r['dsr']:15.2f} | {r['dsr'] / mc:8.2f} | {r['unpack']:10.2f} | "
+              f"{r['unpack'] / mc:8.2f} |")
+        r["quantize_vs_memcpy"], r["dsr_vs_memcpy"], r["unpack_vs_memcpy"] = (r["quantize"] / mc, r["dsr"] / mc,
+                                                                              r["unpack"] / mc)
+    return rows
+
+
+# ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
+
+HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
+         "llmio_int8_deterministic"]
+HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
+              "bf16_compress_hook": "bf16_compress_hook",
+              "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
+              "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True"}
+WARM = 3  # untimed steps: DDP's bucket rebuild, our warmup_steps=2, PowerSGD start_powerSGD_iter=2
+
+
+def _on_comm_thread(hook_fn):
+    """A hook run on our communication thread, one bucket after another. PowerSGD issues its
+    later collectives from future callbacks; on gloo those run when the previous collective
+    completes and race with the next bucket's collectives issued by the autograd thread, so the
+    ranks can issue them in different orders (a collective mismatch crashed a run). Queued on the
+    FIFO thread (each bucket's chain waited for before the next starts) the order is fixed and
+    the hook still returns at once, overlapping backward as ours does."""
+    from llmio_native.ddp import exchange
+
+    def hook(state, bucket):
+        fut = exchange._COMM.submit(lambda: hook_fn(state, bucket).wait())
+        if bucket.is_last():
+            exchange._COMM.drain()
+        return fut
+
+    return hook
+
+
+def _hook_stats(st: object) -> dict | None:
+    """Ours: state.stats(); PowerSGD: the share of numel it all-reduces (P and Q against the
+    gradients), from its compression_stats()."""
+    if hasattr(st, "stats"):
+        return st.stats()
+    if hasattr(st, "compression_stats"):
+        _, before, after = st.compression_stats()
+        return {"ratio_vs_fp32": after / before if before else None}
+    return None
+
+
+def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object:
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, quantization_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
     from llmio_native.ddp import Int8CompressState, int8_compress_hook
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if hook == "no_comm":  # the step without any communication: the floor every hook's step time is above
+        def local(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model.register_comm_hook(None, local)
+    elif hook == "bf16_compress_hook":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif hook.startswith("powersgd_r"):
+        st = psgd.PowerSGDState(process_group=dist.group.WORLD, matrix_approximation_rank=int(hook[len("powersgd_r"):]),
+                                start_powerSGD_iter=2, min_compression_rate=2)
+        model.register_comm_hook(st, _on_comm_thread(psgd.powerSGD_hook))
+        return st
+    elif hook.startswith("llmio_int8"):
+        st = Int8CompressState(warmup_steps=2, deterministic=hook.endswith("deterministic"), model=net)
+        model.register_comm_hook(st, int8_compress_hook)
+        return st
+    return None
+
+
+def _steps_worker(cfg: dict) -> None:
+    """One rank: a DDP model per hook of cfg["hooks"], stepped in rounds (one step of each hook in
+    turn, so load changes on a shared machine hit every hook alike); WARM untimed steps first."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    rank = cfg["rank"]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["port"]))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(_TinyGPT())
-    state = None
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(rank)
-    err = ""
-    times = []
-    try:
-        if hook_name == "bf16_compress_hook":
-            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        elif hook_name == "quantization_pertensor_hook":
-            model.register_comm_hook(None, quantization_hooks.quantization_pertensor_hook)
-        elif hook_name == "llmio int8_compress_hook":
-            state = Int8CompressState(warmup_steps=2)
-            model.register_comm_hook(state, int8_compress_hook)
-        for i in range(steps + 3):
-            x = torch.randint(0, 2048, (4, 128), generator=g)
-            t0 = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i >= 3:  # after DDP rebuilt its buckets and the hook's warm-up
-                times.append(time.perf_counter() - t0)
-    except Exception as exc:  # a hook that does not run on CPU/gloo: reported, not fatal
-        err = f"{type(exc).__name__}: {str(exc)[:120]}"
+    _core.int8_fast_set_threads(cfg["int8_threads"])
+    dist.init_process_group("gloo", rank=rank, world_size=cfg["world"], timeout=datetime.timedelta(seconds=120))
+    runs = {}
+    for hook in cfg["hooks"]:
+        torch.manual_seed(0)
+        net = _TinyGPT()
+        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cfg["bucket_cap_mb"])
+        run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
+               "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
+        try:
+            run["state"] = _register(model, hook, net)
+        except Exception as exc:
+            run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        runs[hook] = run
+    for i in range(cfg["steps"] + WARM):
+        for hook, run in runs.items():
+            if run["error"]:
+                continue
+            x = torch.randint(0, 2048, (4, 128), generator=run["g"])
+            try:
+                t0 = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(run["model"](x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+                run["opt"].zero_grad()
+                loss.backward()
+                run["opt"].step()
+                if i >= WARM:
+                    run["times"].append(time.perf_counter() - t0)
+            except Exception as exc:  # a hook that does not run on CPU/gloo: reported, not fatal
+                run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                dist.barrier()
+    base = runs[cfg["hooks"][0]]["times"]
+    out = {h: {"step_s": float(np.median(r["times"])) if r["times"] and not r["error"] else None,
+               # the ratio to the first hook (plain all-reduce) within each round, then the median: steps
+               # seconds apart see the same load, so this is steadier than a ratio of medians
+               "ratio": float(np.median(np.array(r["times"]) / np.array(base)))
+               if r["times"] and not r["error"] and len(r["times"]) == len(base) else None,
+               "error": r["error"], "params": sum(p.numel() for p in r["net"].parameters()),
+               "stats": _hook_stats(r["state"])} for h, r in runs.items()}
     if rank == 0:
-        params = sum(p.numel() for p in model.parameters())
-        with open(out, "wb") as f:
-            pickle.dump({"step_s": float(np.median(times)) if times else float("nan"), "error": err,
-                         "params": params, "stats": state.stats() if state is not None else None}, f)
+        with open(cfg["out"], "w") as f:
+            json.dump(out, f)
+    runs.clear()
     import gc
 
-    del model
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
 
-def gpt_step_table(steps: int) -> list[dict]:
-    import pickle
+def _corpus(path: str) -> tuple[torch.Tensor, int]:
+    text = open(path, "rb").read()
+    vocab = sorted(set(text))
+    lut = np.zeros(256, np.int64)
+    lut[vocab] = np.arange(len(vocab))
+    return torch.from_numpy(lut[np.frombuffer(text, np.uint8)]), len(vocab)
 
-    import torch.multiprocessing as mp
 
-    hooks = ["allreduce (no hook)", "bf16_compress_hook", "quantization_pertensor_hook", "llmio int8_compress_hook"]
-    rows = []
+def _converge_worker(cfg: dict) -> None:
+    """One rank: the convergence run of every hook (same data order), final held-out loss."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    rank = cfg["rank"]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["port"]))
+    torch.set_num_threads(1)
+    _core.int8_fast_set_threads(cfg["int8_threads"])
+    dist.init_process_group("gloo", rank=rank, world_size=cfg["world"], timeout=datetime.timedelta(seconds=120))
+    data, vocab = _corpus(cfg["corpus"])
+    split = int(len(data) * 0.9)
+    T, B = cfg["T"], cfg["B"]
+    ev = torch.Generator().manual_seed(12345)
+    ev_starts = torch.randint(split, len(data) - T - 1, (64,), generator=ev)
+    ev_x = torch.stack([data[s:s + T + 1] for s in ev_starts.tolist()])
+    out = {}
+    for hook in cfg["hooks"]:
+        torch.manual_seed(0)
+        net = _TinyGPT(vocab=vocab, d=cfg["d"], layers=cfg["layers"], heads=4, T=T)
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        g = torch.Generator().manual_seed(1000 + rank)
+        tail, err, st = [], "", None
+        try:
+            st = _register(model, hook, net)
+            for i in range(cfg["steps"]):
+                starts = torch.randint(0, split - T - 1, (B,), generator=g)
+                x = torch.stack([data[s:s + T + 1] for s in starts.tolist()])
+                loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i >= cfg["steps"] - 20:
+                    tail.append(loss.item())
+            with torch.no_grad():
+                ev_loss = float(torch.nn.functional.cross_entropy(net(ev_x[:, :-1]).flatten(0, 1),
+                                                                  ev_x[:, 1:].flatten()))
+        except Exception as exc:
+            err, ev_loss = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}", None
+        out[hook] = {"eval_loss": ev_loss, "train_loss_tail": float(np.mean(tail)) if tail else None,
+                     "error": err or None, "params": sum(p.numel() for p in net.parameters()),
+                     "stats": _hook_stats(st)}
+        del model, opt
+        import gc
+
+        gc.collect()
+        dist.barrier()
+    if rank == 0:
+        with open(cfg["out"], "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch(worker: str, cfg: dict, netns: str | None, timeout: float) -> dict:
+    """Runs ``worker`` on W ranks as subprocesses of this script (inside ``netns`` when given);
+    returns rank 0's JSON. Raises RuntimeError (with the ranks' stderr) if one fails."""
+    import json
+    import subprocess
+
+    cfg = dict(cfg, port=_free_port())
     with tempfile.TemporaryDirectory() as tmp:
-        for h in hooks:
-            out = os.path.join(tmp, "g.pkl")
-            mp.spawn(_gpt_worker, args=(2, _free_port(), out, h, steps), nprocs=2, join=True)
-            with open(out, "rb") as f:
-                rows.append((h, pickle.load(f)))
-    params = rows[0][1]["params"]
-    print(f"\n## step time on gloo, W=2, small GPT ({params / 1e6:.1f}M params, B=4, T=127, SGD), "
-          f"median of {steps} steps, 1 thread per rank")
-    print(f"| {'hook':<30} | {'ms/step':>8} | {'vs allreduce':>12} |")
-    print(f"|{'-' * 32}|{'-' * 10}|{'-' * 14}|")
-    base = rows[0][1]["step_s"]
-    for h, r in rows:
+        cfg["out"] = os.path.join(tmp, "out.json")
+        procs = []
+        for r in range(cfg["world"]):
+            cmd = [sys.executable, os.path.abspath(__file__), "--_worker", worker, json.dumps(dict(cfg, rank=r))]
+            if netns:
+                cmd = ["ip", "netns", "exec", netns] + cmd
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        errs = []
+        for p in procs:
+            try:
+                _, e = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise RuntimeError(f"{worker}: ranks did not finish in {timeout:.0f} s")
+            errs.append((p.returncode, e))
+        if any(rc != 0 for rc, _ in errs):
+            raise RuntimeError(f"{worker} failed: " + " | ".join(e[-1500:] for rc, e in errs if rc != 0))
+        with open(cfg["out"]) as f:
+            return json.load(f)
+
+
+class _Netns:
+    """A network namespace with its loopback up, shaped by tc tbf; removed on exit."""
+
+    def __init__(self) -> None:
+        self.name = f"llmio_bench_{os.getpid()}"
+
+    @staticmethod
+    def unavailable() -> str | None:
+        import shutil
+
+        if os.geteuid() != 0:
+            return "not root (ip netns add needs CAP_SYS_ADMIN)"
+        for tool in ("ip", "tc"):
+            if shutil.which(tool) is None:
+                return f"`{tool}` not found"
+        return None
+
+    def _run(self, *cmd: str) -> None:
+        import subprocess
+
+        p = subprocess.run(list(cmd), capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {p.stderr.strip()}")
+
+    def __enter__(self) -> "_Netns":
+        self._run("ip", "netns", "add", self.name)
+        try:
+            self._run("ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
+
+    def shape(self, gbit: float | None) -> str:
+        """Shapes lo to ``gbit`` Gbit/s (None: unshaped); returns the qdisc line."""
+        import subprocess
+
+        ex = ["ip", "netns", "exec", self.name]
+        subprocess.run(ex + ["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        if gbit is not None:
+            burst = max(int(gbit * 1e9 / 8 * 0.004), 1 << 20)  # >= one 4 ms tick at the rate, >= 1 MiB (64 KiB MTU)
+            self._run(*ex, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{gbit}gbit", "burst",
+                      str(burst), "latency", "100ms")
+        p = subprocess.run(ex + ["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+        return p.stdout.strip()
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_cap_mb: float) -> dict:
+    load0 = f"{os.getloadavg()[0]:.1f}"
+    why = _Netns.unavailable()
+    rows: dict = {}
+    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_cap_mb": bucket_cap_mb}
+    if why is not None:
+        print(f"\n## step time on shaped links: network namespaces unavailable ({why}); unshaped only, default "
+              f"namespace")
+        rows["unshaped"] = _launch("steps", cfg, None, 1800)
+        links = [None]
+    else:
+        try:
+            with _Netns() as ns:
+                for gbit in links:
+                    qd = ns.shape(gbit)
+                    label = "unshaped" if gbit is None else f"{gbit:g} Gbit/s"
+                    print(f"  [{label}] {qd or 'no qdisc'}", flush=True)
+                    rows[label] = _launch("steps", cfg, ns.name, 1800)
+        except RuntimeError as exc:
+            print(f"\n## step time on shaped links: namespace setup failed ({exc}); unshaped only")
+            rows = {"unshaped": _launch("steps", cfg, None, 1800)}
+    labels = list(rows)
+    params = next(iter(rows.values()))["allreduce"]["params"]
+    print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
+          f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
+          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; "
+          f"hooks stepped in rounds, {steps} timed rounds; "
+          f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
+          f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
+    print("| hook | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for h in hooks:
+        cells = []
+        for lab in labels:
+            r = rows[lab][h]
+            cells.append(f"n/a ({r['error'][:50]})" if r["error"]
+                         else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
+        print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def convergence_table(cfg: dict, hooks: list) -> dict:
+    hooks = [h for h in hooks if h != "no_comm"]
+    rows = _launch("converge", dict(cfg, world=2, hooks=hooks), None, 3600)
+    base = rows["allreduce"]["eval_loss"]
+    print(f"\n## convergence, W = 2 on gloo: GPT {rows['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "
+          f"{cfg['layers']} layers, T={cfg['T']}, B={cfg['B']} per rank), character-level "
+          f"{os.path.basename(cfg['corpus'])}, AdamW lr {cfg['lr']}, {cfg['steps']} steps, same data order; held-out "
+          f"loss (64 windows) at the end, and the mean training loss of the last 20 steps")
+    print(f"| {'hook':<30} | {'held-out loss':>13} | {'vs all-reduce':>13} | {'train loss (last 20)':>20} | "
+          f"{'wire vs fp32':>12} |")
+    print(f"|{'-' * 32}|{'-' * 15}|{'-' * 15}|{'-' * 22}|{'-' * 14}|")
+    for h in hooks:
+        r = rows[h]
         if r["error"]:
-            print(f"| {h:<30} | {'n/a':>8} | {r['error'][:60]} |")
-        else:
-            print(f"| {h:<30} | {r['step_s'] * 1e3:8.1f} | {r['step_s'] / base:12.2f} |")
-    st = rows[-1][1]["stats"]
-    if st:
-        print(f"llmio hook: {st['buckets_compressed']} buckets compressed, {st['buckets_bypassed']} bypassed, "
-              f"bytes vs fp32 all-reduce {st['ratio_vs_fp32']:.3f}. On loopback gloo the wire is not the "
-              "bottleneck, so this shows the hook's CPU cost, not its network saving.")
-    return [{"hook": h, "step_s": r["step_s"] if not r["error"] else None, "error": r["error"] or None,
-             "vs_allreduce": r["step_s"] / base if not r["error"] else None, "stats": r["stats"] or None}
-            for h, r in rows]
+            print(f"| {HOOK_LABEL[h]:<30} | n/a: {r['error'][:60]} |")
+            continue
+        wire = f"{r['stats']['ratio_vs_fp32']:.3f}" if (r.get("stats") or {}).get("ratio_vs_fp32") else "-"
+        print(f"| {HOOK_LABEL[h]:<30} | {r['eval_loss']:13.4f} | {r['eval_loss'] / base - 1:+12.2%} | "
+              f"{r['train_loss_tail']:20.4f} | {wire:>12} |")
+    print("wire vs fp32: ours from its byte counters; PowerSGD: P + Q values over the values of the matrices it "
+          "compresses (its 1-D tensors, all-reduced uncompressed, are not in its count)")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_worker"]:  # a rank of section 4 or 5 (subprocess)
+        import json
+
+        {"steps": _steps_worker, "converge": _converge_worker}[argv[1]](json.loads(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--numel", type=int, default=1 << 24, help="bucket elements for the kernel timing")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--numel", type=int, default=4_200_000, help="bucket elements for the kernel timing (16.8 MB)")
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--wire-numel", type=int, default=25 * (1 << 20) // 4, help="bucket for the byte table (25 MB)")
     ap.add_argument("--measure-numel", type=int, default=1 << 18)
-    ap.add_argument("--gpt-steps", type=int, default=20, help="timed steps per hook on the small GPT (0: skip)")
+    ap.add_argument("--gpt-steps", type=int, default=15, help="timed steps per hook and link (0: skip section 4)")
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size in the step-time runs "
+                    "(25: DDP's default; smaller buckets let communication overlap backward)")
+    ap.add_argument("--links", default="none,10,2,1", help="Gbit/s of the shaped loopback; none = unshaped")
+    ap.add_argument("--int8-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="threads of our CPU kernels per rank (default: cores / 2 ranks)")
+    ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
+    ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                                                     "data", "tinyshakespeare.txt"))
+    ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke test")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.numel, a.reps, a.measure_numel = min(a.numel, 1 << 18), 2, 1 << 14
+        a.gpt_steps, a.conv_steps, a.links = min(a.gpt_steps, 2), min(a.conv_steps, 6), "none,1"
     n = a.numel // BLOCK * BLOCK
-    print(f"# bench_ddp_hook: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"N = {n:,} fp32, best of {a.reps}")
-    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    res = np.zeros(n, np.float32)
-    codes = np.empty(n, np.int8)
-    scales = np.empty(n // BLOCK, np.float32)
-    dst = np.empty_like(x)
-    xt = torch.from_numpy(x)
-    t_ours = best_of(lambda: _core.quantize_blocks_ref(x, res, codes, scales), a.reps)
-    t_torch = best_of(lambda: torch_quantize(xt), a.reps)
-    t_copy = best_of(lambda: np.copyto(dst, x), a.reps)
-    gb = n * 4 / 1e9
-    print("\n## quantize + pack (+ residual), GB/s of fp32 input, CPU")
-    print(f"| {'implementation':<40} | {'GB/s':>6} | {'vs memcpy':>9} |")
-    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 11}|")
-    for name, t in (("memcpy of the input (limit)", t_copy), ("llmio C++ oracle (with error feedback)", t_ours),
-                    ("torch-composed blockwise quantizer", t_torch)):
-        print(f"| {name:<40} | {gb / t:6.2f} | {t_copy / t:9.2f} |")
-    print(f"llmio / torch-composed = {t_torch / t_ours:.2f}x (the issue's GPU target is >= 6x with fused CUDA kernels)")
-    result: dict = {"numel": n, "cpu_quantize_gbps": {"memcpy": gb / t_copy, "llmio_oracle": gb / t_ours,
-                                                      "torch_composed": gb / t_torch}}
+    print(f"# bench_ddp_hook: {machine()}, torch {torch.__version__}, N = {n:,} fp32, best of {a.reps}")
+    result: dict = {"machine": machine(), "numel": n, "cpu_kernels": cpu_kernel_table(n, a.reps)}
     cuda_rows(n, a.reps)
     result["wire"] = wire_table(a.wire_numel)
 
@@ -313,7 +660,17 @@ def main(argv: list[str] | None = None) -> int:
     result["measured"] = {k: m[k] for k in ("bytes_sent", "bytes_fp32_allreduce", "ratio_vs_fp32", "step_s")}
     result["formula_vs_fp32"] = (1 + 4 / BLOCK) / 4
     if a.gpt_steps > 0:
-        result["gpt"] = gpt_step_table(a.gpt_steps)
+        links = [None if x.strip() == "none" else float(x) for x in a.links.split(",")]
+        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, HOOKS, a.bucket_cap_mb)
+    if a.conv_steps > 0:
+        if not os.path.exists(a.corpus):
+            print(f"\n## convergence: skipped, corpus {a.corpus} not found")
+        else:
+            cfg = {"corpus": os.path.abspath(a.corpus), "steps": a.conv_steps, "d": 128, "layers": 2, "T": 64,
+                   "B": 16, "lr": 3e-3, "int8_threads": a.int8_threads}
+            if a.quick:
+                cfg.update(d=64, layers=1, B=4)
+            result["convergence"] = convergence_table(cfg, HOOKS)
     if a.json:
         import json
 

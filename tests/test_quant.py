@@ -1,6 +1,8 @@
 """INT8 blockwise quantization (CPU oracle of the gradient hook's kernels)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -302,6 +304,11 @@ def test_shared_integer_sum_near_fp32_max_does_not_overflow(W):
 # _core.int8_*_emulate run the kernels' per-lane code (csrc/quant/int8_device.hpp) in loops
 # over (block, lane) with the warp collectives emulated: each must equal the CPU oracle bit
 # for bit, on every machine (the kernels themselves are checked on a GPU, test_quant_cuda.py).
+#
+# _core.int8_*_fast (csrc/quant/int8_fast.cpp: vectorised, fused, multi-threaded) take the
+# same arguments and must give the same bits: every emulation test below runs once per
+# implementation, the fast path at every dispatch level this CPU has (forced), so CI
+# exercises scalar, AVX2 and AVX-512 wherever the runner has them.
 
 import torch  # noqa: E402  (only the emulation tests convert through torch)
 
@@ -374,6 +381,36 @@ def f32_bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint32)
 
 
+KERNELS = ("quantize_pack", "dequant_sum_requant", "unpack_dequantize", "block_absmax", "quantize_pack_shared",
+           "dequant_sum_requant_shared")
+IMPLS = ["emulate", "fast-scalar", "fast-avx2", "fast-avx512"]
+
+
+class Impl:
+    """One implementation of the six kernels: ``impl.quantize_pack(...)`` etc."""
+
+    def __init__(self, suffix: str) -> None:
+        for k in KERNELS:
+            setattr(self, k, getattr(_core, f"int8_{k}_{suffix}"))
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """The emulation, or the fast path forced to one level (skipped where the CPU lacks it)."""
+    if request.param == "emulate":
+        yield Impl("emulate")
+        return
+    isa = request.param.split("-", 1)[1]
+    if isa not in _core.int8_fast_isas():
+        pytest.skip(f"this CPU has no {isa} (supported: {_core.int8_fast_isas()})")
+    prev = _core.int8_fast_set_isa(isa)
+    try:
+        assert _core.int8_fast_isa() == isa
+        yield Impl("fast")
+    finally:
+        _core.int8_fast_set_isa(prev)
+
+
 SHAPES = [(1, 1), (7, 2), (255, 3), (256, 1), (257, 4), (1000, 5), (2048, 2), (7 * 256 + 17, 3), (4096 + 3, 5),
           (3 * 256 * 5, 5)]
 
@@ -381,7 +418,7 @@ SHAPES = [(1, 1), (7, 2), (255, 3), (256, 1), (257, 4), (1000, 5), (2048, 2), (7
 @pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
 @pytest.mark.parametrize("n,world", SHAPES)
 @pytest.mark.parametrize("big", [False, True])
-def test_quantize_pack_emulation_bit_identical(dtype, n, world, big):
+def test_quantize_pack_emulation_bit_identical(dtype, n, world, big, impl):
     unit = BLOCK * world
     n_pad = -(-n // unit) * unit
     raw, xf = as_bucket(edge_values(n, n + world, big=big), dtype)
@@ -391,7 +428,7 @@ def test_quantize_pack_emulation_bit_identical(dtype, n, world, big):
     expected = oracle_packed(xf, exp_res, n_pad, world)
     res = res0.copy()
     send = np.full(expected.size, 0xAB, np.uint8)
-    _core.int8_quantize_pack_emulate(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
+    impl.quantize_pack(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
     np.testing.assert_array_equal(send, expected)
     np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
 
@@ -408,7 +445,7 @@ def packed_copies(world: int, shard: int, seed: int, big: bool) -> np.ndarray:
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("sblocks", [1, 3, 8])
 @pytest.mark.parametrize("big", [False, True])
-def test_dequant_sum_requant_emulation_bit_identical(world, sblocks, big):
+def test_dequant_sum_requant_emulation_bit_identical(world, sblocks, big, impl):
     shard = sblocks * BLOCK
     recv = packed_copies(world, shard, 40 + world, big)
     rv = recv.reshape(world, -1)
@@ -422,7 +459,7 @@ def test_dequant_sum_requant_emulation_bit_identical(world, sblocks, big):
     expected = np.concatenate([c.view(np.uint8), s.view(np.uint8)])
     res = res0.copy()
     own = np.full(expected.size, 0xAB, np.uint8)
-    _core.int8_dequant_sum_requant_emulate(recv, world, shard, res, own)
+    impl.dequant_sum_requant(recv, world, shard, res, own)
     np.testing.assert_array_equal(own, expected)
     np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
 
@@ -430,7 +467,7 @@ def test_dequant_sum_requant_emulation_bit_identical(world, sblocks, big):
 @pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 @pytest.mark.parametrize("n_less", [0, 1, 255, 300])
-def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less):
+def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less, impl):
     shard = 3 * BLOCK
     n = max(1, world * shard - n_less)
     gathered = packed_copies(world, shard, 70 + world, big=True)
@@ -438,7 +475,7 @@ def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less):
     expected, _ = as_bucket(full[:n], dtype)
     isz = 4 if dtype == "float32" else 2
     out = np.full(n + 3, 0x5A5A5A5A if isz == 4 else 0x5A5A, np.uint32 if isz == 4 else np.uint16)
-    _core.int8_unpack_dequantize_emulate(gathered, world, shard, out[:n], DTYPE_CODES[dtype], n)
+    impl.unpack_dequantize(gathered, world, shard, out[:n], DTYPE_CODES[dtype], n)
     got = out[:n].view(np.float32) if isz == 4 else torch.from_numpy(out[:n].view(np.int16)).view(
         TORCH_DTYPES[dtype]).float().numpy()
     want = expected.view(np.float32) if isz == 4 else torch.from_numpy(expected.view(np.int16)).view(
@@ -453,7 +490,7 @@ def test_unpack_dequantize_emulation_bit_identical(dtype, world, n_less):
 @pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("n", [5, 1000, 7 * 256 + 17])
-def test_deterministic_emulations_bit_identical(dtype, world, n):
+def test_deterministic_emulations_bit_identical(dtype, world, n, impl):
     unit = BLOCK * world
     n_pad = -(-n // unit) * unit
     nb = n_pad // BLOCK
@@ -474,7 +511,7 @@ def test_deterministic_emulations_bit_identical(dtype, world, n):
         _core.block_absmax_ref(xfs[r], ress[r], exp_am)
         am = np.empty(nb, np.float32)
         res_before = ress[r].copy()
-        _core.int8_block_absmax_emulate(xs[r], DTYPE_CODES[dtype], n, n_pad, ress[r], am)
+        impl.block_absmax(xs[r], DTYPE_CODES[dtype], n, n_pad, ress[r], am)
         np.testing.assert_array_equal(f32_bits(am), f32_bits(exp_am))
         np.testing.assert_array_equal(ress[r], res_before)
         ams.append(am)
@@ -489,7 +526,7 @@ def test_deterministic_emulations_bit_identical(dtype, world, n):
         res = ress[r].copy()
         send = np.full(n_pad, 0xAB, np.uint8)
         scales = np.empty(nb, np.float32)
-        _core.int8_quantize_pack_shared_emulate(xs[r], DTYPE_CODES[dtype], n, n_pad, world, res, gmax, send, scales)
+        impl.quantize_pack_shared(xs[r], DTYPE_CODES[dtype], n, n_pad, world, res, gmax, send, scales)
         np.testing.assert_array_equal(send, codes.view(np.uint8))  # [world][shard]: the same order
         np.testing.assert_array_equal(f32_bits(scales), f32_bits(exp_scales))
         np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
@@ -505,7 +542,7 @@ def test_deterministic_emulations_bit_identical(dtype, world, n):
         _core.dequant_sum_requant_shared_ref(recv.view(np.int8), sh_scales, exp_res, c, s)
         res = res0.copy()
         own = np.empty(shard + 4 * sb, np.uint8)
-        _core.int8_dequant_sum_requant_shared_emulate(recv.reshape(-1), world, shard, sh_scales, res, own)
+        impl.dequant_sum_requant_shared(recv.reshape(-1), world, shard, sh_scales, res, own)
         np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
         np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
 
@@ -529,3 +566,185 @@ def test_emulations_check_arguments_like_the_kernels():
         r = np.zeros(513, np.float32)[1:]
         _core.int8_quantize_pack_emulate(f32, 0, 10, 512, 2, r, u8[:520])
     assert DTYPE_CODES == {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+# ---------------------------------------------------------------------- the fast CPU path only
+
+def test_fast_checks_arguments_like_the_kernels():
+    f32 = np.zeros(512, np.float32)
+    u8 = np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match="int8_quantize_pack_fast: .*n_pad=500"):
+        _core.int8_quantize_pack_fast(f32, 0, 10, 500, 2, f32[:500], u8)
+    with pytest.raises(ValueError, match="int8_dequant_sum_requant_fast: shard"):
+        _core.int8_dequant_sum_requant_fast(u8, 2, 100, f32[:100], u8[:104])
+    with pytest.raises(ValueError, match=r"int8_quantize_pack_fast: send must be .* 520 items .* got 4096"):
+        _core.int8_quantize_pack_fast(f32, 0, 10, 512, 2, f32, u8)
+    with pytest.raises(ValueError, match="int8_unpack_dequantize_fast: n=513 exceeds"):
+        _core.int8_unpack_dequantize_fast(u8[:2 * 260], 2, 256, f32, 0, 513)
+
+
+def test_fast_isa_and_thread_controls():
+    isas = _core.int8_fast_isas()
+    assert isas[0] == "scalar" and set(isas) <= {"scalar", "avx2", "avx512"}
+    prev = _core.int8_fast_isa()
+    if not os.environ.get("LLMIO_INT8_ISA"):
+        assert prev == isas[-1]  # the best level unless forced
+    with pytest.raises(ValueError, match="unknown INT8 kernel level 'sse9'"):
+        _core.int8_fast_set_isa("sse9")
+    for isa in isas:
+        assert _core.int8_fast_set_isa(isa) in isas
+        assert _core.int8_fast_isa() == isa
+    _core.int8_fast_set_isa(prev)
+    t = _core.int8_fast_threads()
+    assert t >= 1
+    with pytest.raises(ValueError, match="1..64, got 0"):
+        _core.int8_fast_set_threads(0)
+    assert _core.int8_fast_set_threads(3) == t and _core.int8_fast_threads() == 3
+    _core.int8_fast_set_threads(t)
+
+
+def test_fast_isa_forced_by_environment():
+    import subprocess
+    import sys
+    code = "from llmio_native import _core; print(_core.int8_fast_isa())"
+    for isa in _core.int8_fast_isas():
+        env = dict(os.environ, LLMIO_INT8_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == isa
+    env = dict(os.environ, LLMIO_INT8_ISA="avx9000")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown INT8 kernel level 'avx9000'" in out.stderr
+
+
+def edge_positions(n_pad: int, seed: int) -> np.ndarray:
+    """Blocks whose absmax sits at a block or vector edge (lanes 0, 7, 8, 15, 16, 31, 255),
+    ties of +/-absmax, -0.0 blocks, values at exact half-codes, and denormal-only blocks."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n_pad).astype(np.float32)
+    nb = n_pad // BLOCK
+    for b in range(nb):
+        blk = x[b * BLOCK:(b + 1) * BLOCK]
+        kind = b % 8
+        if kind < 5:
+            pos = (0, 7, 8, 15, 255)[kind] if kind < 5 else 0
+            blk[pos] = np.float32(9.5) * (1 if b % 2 else -1)
+        elif kind == 5:
+            blk[16], blk[31] = np.float32(3.0), np.float32(-3.0)  # a tie of +/- absmax
+        elif kind == 6:
+            blk[:] = -0.0
+        else:
+            blk[:] = np.float32(1e-41) * rng.integers(-127, 128, BLOCK).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fast_large_bucket_threads_bit_identical(threads):
+    """A bucket large enough to be split over the pool: every level and thread count gives
+    the oracle's bits (workers take the caller's MXCSR)."""
+    world = 2
+    n = 3 * 1024 * BLOCK + 77  # > 1024 blocks per thread-task: threads share it
+    unit = BLOCK * world
+    n_pad = -(-n // unit) * unit
+    shard = n_pad // world
+    x = edge_positions(n_pad, 3)[:n].copy()
+    x[12345] = np.nan
+    res0 = (np.random.default_rng(5).standard_normal(n_pad) * np.float32(0.01)).astype(np.float32)
+    exp_res = res0.copy()
+    expected = oracle_packed(x, exp_res, n_pad, world)
+    # the owner's step on two copies, and the final dequantization, from the oracle
+    recv = np.concatenate([expected.reshape(world, -1)[0], expected.reshape(world, -1)[0]])
+    rv = recv.reshape(world, -1)
+    ress0 = (np.random.default_rng(6).standard_normal(shard) * np.float32(0.01)).astype(np.float32)
+    exp_ress = ress0.copy()
+    c = np.empty(shard, np.int8)
+    s = np.empty(shard // BLOCK, np.float32)
+    _core.dequant_sum_requant_ref(np.ascontiguousarray(rv[:, :shard]).view(np.int8),
+                                  np.ascontiguousarray(rv[:, shard:]).view(np.float32), exp_ress, c, s)
+    exp_own = np.concatenate([c.view(np.uint8), s.view(np.uint8)])
+    exp_out = dequantize_packed(np.concatenate([exp_own, exp_own]), world, shard)[:n]
+    prev_isa, prev_t = _core.int8_fast_isa(), _core.int8_fast_set_threads(threads)
+    try:
+        for isa in _core.int8_fast_isas():
+            _core.int8_fast_set_isa(isa)
+            res = res0.copy()
+            send = np.empty_like(expected)
+            _core.int8_quantize_pack_fast(x, 0, n, n_pad, world, res, send)
+            np.testing.assert_array_equal(send, expected, err_msg=isa)
+            np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res), err_msg=isa)
+            ress = ress0.copy()
+            own = np.empty_like(exp_own)
+            _core.int8_dequant_sum_requant_fast(recv, world, shard, ress, own)
+            np.testing.assert_array_equal(own, exp_own, err_msg=isa)
+            np.testing.assert_array_equal(f32_bits(ress), f32_bits(exp_ress), err_msg=isa)
+            out = np.empty(n, np.float32)
+            _core.int8_unpack_dequantize_fast(np.concatenate([own, own]), world, shard, out, 0, n)
+            np.testing.assert_array_equal(f32_bits(out), f32_bits(exp_out), err_msg=isa)
+    finally:
+        _core.int8_fast_set_isa(prev_isa)
+        _core.int8_fast_set_threads(prev_t)
+
+
+def test_fast_edge_positions_bit_identical(impl):
+    """absmax at block and vector-width edges, -0.0 blocks, denormal blocks (per level)."""
+    world = 1
+    n_pad = 16 * BLOCK
+    for n in (n_pad, n_pad - 1, n_pad - 9, n_pad - 17):  # partial last blocks, not a multiple of 8 or 16
+        x = edge_positions(n_pad, n)[:n].copy()
+        res0 = (np.random.default_rng(n).standard_normal(n_pad) * np.float32(1e-3)).astype(np.float32)
+        res0[6 * BLOCK:7 * BLOCK] = -0.0  # a -0.0 block stays -0.0 + -0.0 = -0.0 (residual kept)
+        exp_res = res0.copy()
+        expected = oracle_packed(x, exp_res, n_pad, world)
+        res = res0.copy()
+        send = np.empty_like(expected)
+        impl.quantize_pack(x, 0, n, n_pad, world, res, send)
+        np.testing.assert_array_equal(send, expected)
+        np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def near_half_codes(nblocks: int, seed: int) -> np.ndarray:
+    """Blocks whose values sit at, or a few ulps either side of, (k + 1/2) * scale for the
+    block's own scale = absmax / 127: where a reciprocal multiply and the oracle's division can
+    round to different codes (the fast path must detect them and divide)."""
+    rng = np.random.default_rng(seed)
+    x = np.empty(nblocks * BLOCK, np.float32)
+    for b in range(nblocks):
+        absmax = np.float32(rng.uniform(0.5, 2.0) * 10.0 ** rng.integers(-30, 30))
+        scale = np.float32(absmax / np.float32(127))
+        k = rng.integers(-127, 127, BLOCK).astype(np.float32)
+        v = ((k + np.float32(0.5)) * scale).astype(np.float32)
+        steps = rng.integers(-3, 4, BLOCK)
+        for s_ in (-1, 1):
+            sel = np.sign(steps) == s_
+            for _ in range(3):
+                v[sel & (np.abs(steps) > _)] = np.nextafter(v[sel & (np.abs(steps) > _)], np.float32(s_ * np.inf))
+        v = np.clip(v, -absmax, absmax)
+        v[0] = absmax  # the block's absmax, so its scale is the one aimed at
+        x[b * BLOCK:(b + 1) * BLOCK] = v
+    return x
+
+
+def test_fast_near_half_codes_bit_identical(impl):
+    """Quantization at and around the rounding boundaries, for scales over 60 decades."""
+    n = 64 * BLOCK
+    x = near_half_codes(64, 11)
+    res0 = np.zeros(n, np.float32)
+    exp_res = res0.copy()
+    expected = oracle_packed(x, exp_res, n, 1)
+    res = res0.copy()
+    send = np.empty_like(expected)
+    impl.quantize_pack(x, 0, n, n, 1, res, send)
+    np.testing.assert_array_equal(send, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+    # the same boundaries through the owner's requantization (W = 2: the multiply by 1/2 path)
+    recv = np.concatenate([expected, expected])
+    exp_sres = np.zeros(n, np.float32)
+    rv = recv.reshape(2, -1)
+    c = np.empty(n, np.int8)
+    s = np.empty(n // BLOCK, np.float32)
+    _core.dequant_sum_requant_ref(np.ascontiguousarray(rv[:, :n]).view(np.int8),
+                                  np.ascontiguousarray(rv[:, n:]).view(np.float32), exp_sres, c, s)
+    sres = np.zeros(n, np.float32)
+    own = np.empty(n + 4 * (n // BLOCK), np.uint8)
+    impl.dequant_sum_requant(recv, 2, n, sres, own)
+    np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
+    np.testing.assert_array_equal(f32_bits(sres), f32_bits(exp_sres))

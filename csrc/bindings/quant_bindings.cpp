@@ -15,6 +15,7 @@
 #include "loader/cut_windows.hpp"
 #include "quant/int8_block.hpp"
 #include "quant/int8_emulate.hpp"
+#include "quant/int8_fast.hpp"
 
 namespace py = pybind11;
 using namespace llmio;
@@ -183,71 +184,88 @@ void bind_oracles(py::module_& m) {
 
 }
 
-void bind_emulations(py::module_& m) {
+// One implementation of the six INT8 hook kernels on host arrays: the emulation of the
+// CUDA kernels (suffix "_emulate") or the fast CPU path (suffix "_fast", int8_fast.hpp).
+struct KernelSet {
+  void (*quantize_pack)(const int8::Int8QuantizePackParams&);
+  void (*dequant_sum_requant)(const int8::Int8DequantSumRequantParams&);
+  void (*unpack_dequantize)(const int8::Int8UnpackDequantizeParams&);
+  void (*block_absmax)(const int8::Int8BlockAbsmaxParams&);
+  void (*quantize_pack_shared)(const int8::Int8QuantizePackSharedParams&);
+  void (*dequant_sum_requant_shared)(const int8::Int8DequantSumRequantSharedParams&);
+};
+
+void bind_kernel_set(py::module_& m, const std::string& suffix, const KernelSet& ks, const std::string& what) {
   // Each: the scalar checks first (the kernel binding's order: null pointers pass them),
   // then the host arrays, then the full check (alignment) in emulate().
   using B = py::buffer;
   m.def(
-      "int8_quantize_pack_emulate",
-      [](B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B send) {
-        const char* fn = "int8_quantize_pack_emulate";
+      ("int8_quantize_pack" + suffix).c_str(),
+      [name = "int8_quantize_pack" + suffix, run = ks.quantize_pack](
+          B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B send) {
+        const char* fn = name.c_str();
         int8::Int8QuantizePackParams p{nullptr, dtype, n, n_pad, world, nullptr, nullptr};
         checks::check(fn, p);
         p.x = host_array(fn, "x", x, bucket_itemsize(fn, dtype), n, false, false);
         p.residual = static_cast<float*>(host_array(fn, "residual", residual, 4, n_pad, true, true));
         p.send = static_cast<uint8_t*>(
             host_array(fn, "send", send, 1, world * int8::packed_stride(n_pad / world), true, true));
-        emulate(fn, p, &int8::quantize_pack_emulate);
+        emulate(fn, p, run);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("n_pad"), py::arg("world"), py::arg("residual"),
       py::arg("send"),
-      "Host emulation of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 "
-      "as 2-byte items).\n\nRaises:\n    ValueError: bad sizes, dtype or alignment (as the kernel's binding).");
+      (what + " of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 "
+              "as 2-byte items).\n\nRaises:\n    ValueError: bad sizes, dtype or alignment (as the kernel's "
+              "binding).").c_str());
   m.def(
-      "int8_dequant_sum_requant_emulate",
-      [](B recv, uint32_t world, uint64_t shard, B residual, B own) {
-        const char* fn = "int8_dequant_sum_requant_emulate";
+      ("int8_dequant_sum_requant" + suffix).c_str(),
+      [name = "int8_dequant_sum_requant" + suffix, run = ks.dequant_sum_requant](
+          B recv, uint32_t world, uint64_t shard, B residual, B own) {
+        const char* fn = name.c_str();
         int8::Int8DequantSumRequantParams p{nullptr, world, shard, nullptr, nullptr};
         checks::check(fn, p);
         const uint64_t stride = int8::packed_stride(shard);
         p.recv = static_cast<const uint8_t*>(host_array(fn, "recv", recv, 1, world * stride, true, false));
         p.residual = static_cast<float*>(host_array(fn, "residual", residual, 4, shard, true, true));
         p.own = static_cast<uint8_t*>(host_array(fn, "own", own, 1, stride, true, true));
-        emulate(fn, p, &int8::dequant_sum_requant_emulate);
+        emulate(fn, p, run);
       },
       py::arg("recv"), py::arg("world"), py::arg("shard"), py::arg("residual"), py::arg("own"),
-      "Host emulation of _cuda.int8_dequant_sum_requant.\n\nRaises:\n    ValueError: bad sizes or alignment.");
+      (what + " of _cuda.int8_dequant_sum_requant.\n\nRaises:\n    ValueError: bad sizes or alignment.").c_str());
   m.def(
-      "int8_unpack_dequantize_emulate",
-      [](B gathered, uint32_t world, uint64_t shard, B out, int dtype, uint64_t n) {
-        const char* fn = "int8_unpack_dequantize_emulate";
+      ("int8_unpack_dequantize" + suffix).c_str(),
+      [name = "int8_unpack_dequantize" + suffix, run = ks.unpack_dequantize](
+          B gathered, uint32_t world, uint64_t shard, B out, int dtype, uint64_t n) {
+        const char* fn = name.c_str();
         int8::Int8UnpackDequantizeParams p{nullptr, world, shard, nullptr, dtype, n};
         checks::check(fn, p);
         p.gathered = static_cast<const uint8_t*>(
             host_array(fn, "gathered", gathered, 1, world * int8::packed_stride(shard), true, false));
         p.out = host_array(fn, "out", out, bucket_itemsize(fn, dtype), n, false, true);
-        emulate(fn, p, &int8::unpack_dequantize_emulate);
+        emulate(fn, p, run);
       },
       py::arg("gathered"), py::arg("world"), py::arg("shard"), py::arg("out"), py::arg("dtype"), py::arg("n"),
-      "Host emulation of _cuda.int8_unpack_dequantize (out: float32, or 2-byte items for bfloat16 / float16)."
-      "\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.");
+      (what + " of _cuda.int8_unpack_dequantize (out: float32, or 2-byte items for bfloat16 / float16)."
+      "\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
-      "int8_block_absmax_emulate",
-      [](B x, int dtype, uint64_t n, uint64_t n_pad, B residual, B absmax) {
-        const char* fn = "int8_block_absmax_emulate";
+      ("int8_block_absmax" + suffix).c_str(),
+      [name = "int8_block_absmax" + suffix, run = ks.block_absmax](
+          B x, int dtype, uint64_t n, uint64_t n_pad, B residual, B absmax) {
+        const char* fn = name.c_str();
         int8::Int8BlockAbsmaxParams p{nullptr, dtype, n, n_pad, nullptr, nullptr};
         checks::check(fn, p);
         p.x = host_array(fn, "x", x, bucket_itemsize(fn, dtype), n, false, false);
         p.residual = static_cast<const float*>(host_array(fn, "residual", residual, 4, n_pad, true, false));
         p.absmax = static_cast<float*>(host_array(fn, "absmax", absmax, 4, n_pad / int8::kBlock, true, true));
-        emulate(fn, p, &int8::block_absmax_emulate);
+        emulate(fn, p, run);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("n_pad"), py::arg("residual"), py::arg("absmax"),
-      "Host emulation of _cuda.int8_block_absmax.\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.");
+      (what + " of _cuda.int8_block_absmax.\n\nRaises:\n    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
-      "int8_quantize_pack_shared_emulate",
-      [](B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B absmax, B send, B scales) {
-        const char* fn = "int8_quantize_pack_shared_emulate";
+      ("int8_quantize_pack_shared" + suffix).c_str(),
+      [name = "int8_quantize_pack_shared" + suffix, run = ks.quantize_pack_shared](
+          B x, int dtype, uint64_t n, uint64_t n_pad, uint32_t world, B residual, B absmax, B send, B scales) {
+        const char* fn = name.c_str();
         int8::Int8QuantizePackSharedParams p{nullptr, dtype, n, n_pad, world, nullptr, nullptr, nullptr, nullptr};
         checks::check(fn, p);
         const uint64_t nblocks = n_pad / int8::kBlock;
@@ -256,16 +274,17 @@ void bind_emulations(py::module_& m) {
         p.absmax = static_cast<const float*>(host_array(fn, "absmax", absmax, 4, nblocks, true, false));
         p.send = static_cast<uint8_t*>(host_array(fn, "send", send, 1, n_pad, true, true));
         p.scales = static_cast<float*>(host_array(fn, "scales", scales, 4, nblocks, true, true));
-        emulate(fn, p, &int8::quantize_pack_shared_emulate);
+        emulate(fn, p, run);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("n_pad"), py::arg("world"), py::arg("residual"),
       py::arg("absmax"), py::arg("send"), py::arg("scales"),
-      "Host emulation of _cuda.int8_quantize_pack_shared.\n\nRaises:\n"
-      "    ValueError: bad sizes, dtype or alignment.");
+      (what + " of _cuda.int8_quantize_pack_shared.\n\nRaises:\n"
+      "    ValueError: bad sizes, dtype or alignment.").c_str());
   m.def(
-      "int8_dequant_sum_requant_shared_emulate",
-      [](B recv_codes, uint32_t world, uint64_t shard, B shared_scales, B residual, B own) {
-        const char* fn = "int8_dequant_sum_requant_shared_emulate";
+      ("int8_dequant_sum_requant_shared" + suffix).c_str(),
+      [name = "int8_dequant_sum_requant_shared" + suffix, run = ks.dequant_sum_requant_shared](
+          B recv_codes, uint32_t world, uint64_t shard, B shared_scales, B residual, B own) {
+        const char* fn = name.c_str();
         int8::Int8DequantSumRequantSharedParams p{nullptr, world, shard, nullptr, nullptr, nullptr};
         checks::check(fn, p);
         p.recv_codes = static_cast<const uint8_t*>(host_array(fn, "recv_codes", recv_codes, 1, world * shard, true,
@@ -274,12 +293,43 @@ void bind_emulations(py::module_& m) {
             host_array(fn, "shared_scales", shared_scales, 4, shard / int8::kBlock, true, false));
         p.residual = static_cast<float*>(host_array(fn, "residual", residual, 4, shard, true, true));
         p.own = static_cast<uint8_t*>(host_array(fn, "own", own, 1, int8::packed_stride(shard), true, true));
-        emulate(fn, p, &int8::dequant_sum_requant_shared_emulate);
+        emulate(fn, p, run);
       },
       py::arg("recv_codes"), py::arg("world"), py::arg("shard"), py::arg("shared_scales"), py::arg("residual"),
       py::arg("own"),
-      "Host emulation of _cuda.int8_dequant_sum_requant_shared.\n\nRaises:\n"
-      "    ValueError: bad sizes or alignment.");
+      (what + " of _cuda.int8_dequant_sum_requant_shared.\n\nRaises:\n"
+      "    ValueError: bad sizes or alignment.").c_str());
+}
+
+
+// Dispatch level and thread count of the fast path (tests force every level the CPU has).
+void bind_fast_controls(py::module_& m) {
+  m.def("int8_fast_isas", [] {
+        py::list out;
+        for (int8::Isa i : int8::supported_isas()) out.append(py::str(int8::isa_name(i)));
+        return out;
+      },
+      "Levels of the fast INT8 path this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512']).");
+  m.def("int8_fast_isa", [] { return std::string(int8::isa_name(int8::fast_isa())); },
+        "The level the fast INT8 path uses now (the best supported, or LLMIO_INT8_ISA / int8_fast_set_isa)."
+        "\n\nRaises:\n    ValueError: LLMIO_INT8_ISA names an unknown level or one this CPU lacks.");
+  m.def("int8_fast_set_isa", [](const std::string& name) {
+        const std::string prev = int8::isa_name(int8::fast_isa());
+        int8::set_fast_isa(int8::parse_isa(name));
+        return prev;
+      },
+      py::arg("name"),
+      "Forces the fast INT8 path's level ('scalar', 'avx2', 'avx512'); returns the previous one.\n\nRaises:\n"
+      "    ValueError: an unknown level, or one this CPU cannot run.");
+  m.def("int8_fast_threads", [] { return int8::fast_threads(); },
+        "Threads the fast INT8 path uses for a large call (LLMIO_INT8_THREADS, else min(cores, 4)).");
+  m.def("int8_fast_set_threads", [](unsigned n) {
+        const unsigned prev = int8::fast_threads();
+        int8::set_fast_threads(n);
+        return prev;
+      },
+      py::arg("n"), "Sets the fast INT8 path's thread count (1..64); returns the previous one.\n\nRaises:\n"
+      "    ValueError: n outside 1..64.");
 }
 
 // tokens, starts and seq_len as given to cut_windows_ref: the parameters, with x and y allocated.
@@ -356,6 +406,15 @@ void bind_quant(py::module_& m) {
   dtypes["float16"] = static_cast<int>(int8::kF16);
   m.attr("INT8_DTYPES") = dtypes;
   bind_oracles(m);
-  bind_emulations(m);
+  bind_kernel_set(m, "_emulate",
+                  {&int8::quantize_pack_emulate, &int8::dequant_sum_requant_emulate, &int8::unpack_dequantize_emulate,
+                   &int8::block_absmax_emulate, &int8::quantize_pack_shared_emulate,
+                   &int8::dequant_sum_requant_shared_emulate},
+                  "Host emulation");
+  bind_kernel_set(m, "_fast",
+                  {&int8::quantize_pack_fast, &int8::dequant_sum_requant_fast, &int8::unpack_dequantize_fast,
+                   &int8::block_absmax_fast, &int8::quantize_pack_shared_fast, &int8::dequant_sum_requant_shared_fast},
+                  "The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle)");
+  bind_fast_controls(m);
   bind_cut(m);
 }

@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS1_CTX_BITS_DEFAULT', 'RANS1_SCALE_BITS_DEFAULT', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'Rans1Model', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans1_emulate_gpu', 'rans_emulate_gpu']
+__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS1_CTX_BITS_DEFAULT', 'RANS1_SCALE_BITS_DEFAULT', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'Rans1Model', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_block_absmax_fast', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_fast', 'int8_dequant_sum_requant_shared_emulate', 'int8_dequant_sum_requant_shared_fast', 'int8_fast_isa', 'int8_fast_isas', 'int8_fast_set_isa', 'int8_fast_set_threads', 'int8_fast_threads', 'int8_quantize_pack_emulate', 'int8_quantize_pack_fast', 'int8_quantize_pack_shared_emulate', 'int8_quantize_pack_shared_fast', 'int8_unpack_dequantize_emulate', 'int8_unpack_dequantize_fast', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans1_emulate_gpu', 'rans_emulate_gpu']
 class UnsupportedError(RuntimeError):
     pass
 class ShortReadError(OSError):
@@ -331,9 +331,23 @@ def int8_block_absmax_emulate(x: typing_extensions.Buffer, dtype: typing.Support
     Raises:
         ValueError: bad sizes, dtype or alignment.
     """
+def int8_block_absmax_fast(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, absmax: typing_extensions.Buffer) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_block_absmax.
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
 def int8_dequant_sum_requant_emulate(recv: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, own: typing_extensions.Buffer) -> None:
     """
     Host emulation of _cuda.int8_dequant_sum_requant.
+    
+    Raises:
+        ValueError: bad sizes or alignment.
+    """
+def int8_dequant_sum_requant_fast(recv: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, own: typing_extensions.Buffer) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_dequant_sum_requant.
     
     Raises:
         ValueError: bad sizes or alignment.
@@ -345,9 +359,52 @@ def int8_dequant_sum_requant_shared_emulate(recv_codes: typing_extensions.Buffer
     Raises:
         ValueError: bad sizes or alignment.
     """
+def int8_dequant_sum_requant_shared_fast(recv_codes: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, shared_scales: typing_extensions.Buffer, residual: typing_extensions.Buffer, own: typing_extensions.Buffer) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_dequant_sum_requant_shared.
+    
+    Raises:
+        ValueError: bad sizes or alignment.
+    """
+def int8_fast_isa() -> str:
+    """
+    The level the fast INT8 path uses now (the best supported, or LLMIO_INT8_ISA / int8_fast_set_isa).
+    
+    Raises:
+        ValueError: LLMIO_INT8_ISA names an unknown level or one this CPU lacks.
+    """
+def int8_fast_isas() -> list:
+    """
+    Levels of the fast INT8 path this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512']).
+    """
+def int8_fast_set_isa(name: str) -> str:
+    """
+    Forces the fast INT8 path's level ('scalar', 'avx2', 'avx512'); returns the previous one.
+    
+    Raises:
+        ValueError: an unknown level, or one this CPU cannot run.
+    """
+def int8_fast_set_threads(n: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Sets the fast INT8 path's thread count (1..64); returns the previous one.
+    
+    Raises:
+        ValueError: n outside 1..64.
+    """
+def int8_fast_threads() -> int:
+    """
+    Threads the fast INT8 path uses for a large call (LLMIO_INT8_THREADS, else min(cores, 4)).
+    """
 def int8_quantize_pack_emulate(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, world: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, send: typing_extensions.Buffer) -> None:
     """
     Host emulation of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 as 2-byte items).
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment (as the kernel's binding).
+    """
+def int8_quantize_pack_fast(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, world: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, send: typing_extensions.Buffer) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_quantize_pack on host arrays (x: float32, or the bits of bfloat16 / float16 as 2-byte items).
     
     Raises:
         ValueError: bad sizes, dtype or alignment (as the kernel's binding).
@@ -359,9 +416,23 @@ def int8_quantize_pack_shared_emulate(x: typing_extensions.Buffer, dtype: typing
     Raises:
         ValueError: bad sizes, dtype or alignment.
     """
+def int8_quantize_pack_shared_fast(x: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, n_pad: typing.SupportsInt | typing.SupportsIndex, world: typing.SupportsInt | typing.SupportsIndex, residual: typing_extensions.Buffer, absmax: typing_extensions.Buffer, send: typing_extensions.Buffer, scales: typing_extensions.Buffer) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_quantize_pack_shared.
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
 def int8_unpack_dequantize_emulate(gathered: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, out: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     Host emulation of _cuda.int8_unpack_dequantize (out: float32, or 2-byte items for bfloat16 / float16).
+    
+    Raises:
+        ValueError: bad sizes, dtype or alignment.
+    """
+def int8_unpack_dequantize_fast(gathered: typing_extensions.Buffer, world: typing.SupportsInt | typing.SupportsIndex, shard: typing.SupportsInt | typing.SupportsIndex, out: typing_extensions.Buffer, dtype: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    The fast CPU path (vectorised, fused, multi-threaded; bit-exact with the emulation and the oracle) of _cuda.int8_unpack_dequantize (out: float32, or 2-byte items for bfloat16 / float16).
     
     Raises:
         ValueError: bad sizes, dtype or alignment.

@@ -22,7 +22,13 @@ every rank, so AMP's GradScaler skips the step everywhere.
 
 Where it runs:
 
-* CPU buckets (gloo): the C++ oracle (``llmio_native._core``), synchronously.
+* CPU buckets (gloo): the fast C++ kernels (``llmio_native._core.int8_*_fast``,
+  csrc/quant/int8_fast.cpp: fused, AVX2 / AVX-512 with runtime dispatch, a small thread pool for
+  large buckets, bit-identical to the oracle and to the CUDA kernels), reading and writing the
+  bucket in place, with per-bucket buffers kept across steps. The exchange runs on one
+  communication thread per process (FIFO, so every rank issues its collectives in the same
+  order), and the hook returns at once: communication overlaps the rest of the backward pass.
+  The last bucket of a step returns once all queued collectives are issued.
 * CUDA buckets with ``llmio_native._cuda`` usable: three fused kernels on the bucket's
   device, on ``torch.cuda.current_stream()`` — (a) residual-add + absmax + quantize + pack,
   ``all_to_all_single``, (b) dequantize-sum-requantize of the owned shard,
@@ -33,7 +39,7 @@ Where it runs:
   order. (A collective whose future is not complete at once is waited for before the next
   one is issued, for the same reason.)
 * CUDA buckets without a usable ``_cuda`` (``_native.cuda_usable()`` false: not built, or
-  no driver): the CPU oracle through host copies when the process group accepts CPU tensors
+  no driver): the CPU kernels through host copies, inside the hook call, when the process group accepts CPU tensors
   (gloo, or a ``"cpu:gloo,cuda:nccl"`` group), else (NCCL alone) a plain all-reduce of the
   bucket; either with a one-time ``RuntimeWarning`` (:func:`choose_path`).
 
@@ -56,8 +62,9 @@ Inter-node bytes per rank:
 2 (M-1)/M * (N/L) * (1 + 4/256).
 
 Layout: :mod:`.state` (Int8CompressState: settings, residual bookkeeping, state_dict),
-:mod:`.ops` (the kernels and the CPU-oracle host ops, the path choice), :mod:`.exchange`
-(int8_compress_hook: the exchange as a chain of Future ``.then`` stages).
+:mod:`.ops` (the CUDA kernels and the fast CPU kernels, the path choice), :mod:`.exchange`
+(int8_compress_hook: the exchange as a chain of Future ``.then`` stages on CUDA, a job on the
+communication thread for CPU buckets).
 """
 from .exchange import _allreduce, _drive, _int8_bytes, _two_phase, int8_compress_hook
 from .ops import (BLOCK, DTYPE_CODES, _DeviceOps, _HostOps, _ops_for, choose_path, cuda_kernels_usable, ops_for,

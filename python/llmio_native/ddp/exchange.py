@@ -1,5 +1,11 @@
-"""The INT8 exchange of one bucket as a chain of Future ``.then`` stages (int8_compress_hook)."""
-from typing import Any, Callable, Dict, List, Optional
+"""The INT8 exchange of one bucket (int8_compress_hook): on CUDA a chain of Future ``.then``
+stages on the current stream; for CPU buckets a job on one communication thread per process
+(:class:`_CommThread`), so the hook returns at once and the exchange overlaps the rest of the
+backward pass, as DDP's own all-reduce does."""
+import collections
+import os
+import threading
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,29 +18,38 @@ from .state import Int8CompressState
 Stage = Callable[[], Optional[Any]]  # runs local work; returns the Work of the collective it issued, or None
 
 
+Alloc = Callable[[str, int, torch.dtype], torch.Tensor]  # (name, numel, dtype) -> an uninitialised buffer
+
+
+def _fresh(dev: torch.device) -> Alloc:
+    """Buffers allocated per call (CUDA: the caching allocator reuses them, stream-ordered)."""
+    return lambda name, numel, dtype: torch.empty(numel, dtype=dtype, device=dev)
+
+
 def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
-               temps: List[torch.Tensor]) -> List[Stage]:
+               temps: List[torch.Tensor], alloc: Optional[Alloc] = None) -> List[Stage]:
     """The INT8 exchange of ``x[:n]`` (zero-padded to ``n_pad``) among ``group`` as stages for
     :func:`_drive` (their temporaries appended to ``temps``); the dequantized average lands in
-    ``out[:out_n]``.
+    ``out[:out_n]``. ``alloc`` gives the temporaries (default: fresh tensors; the host path
+    passes the state's per-bucket buffers, kept across steps).
 
     Raises:
         Nothing here: the stages raise (bad sizes, a failed launch or collective) when run.
     """
     dev = ops.device
+    get = alloc if alloc is not None else _fresh(dev)
     shard = n_pad // world
     sblocks = shard // BLOCK
     packed = shard + 4 * sblocks
-    u8 = dict(dtype=torch.uint8, device=dev)
-    own = torch.empty(packed, **u8)
-    gathered = torch.empty(world * packed, **u8)
+    own = get("own", packed, torch.uint8)
+    gathered = get("gathered", world * packed, torch.uint8)
     stages: List[Stage] = []
     if deterministic:
-        absmax = torch.empty(n_pad // BLOCK, dtype=torch.float32, device=dev)
-        scales = torch.empty(n_pad // BLOCK, dtype=torch.float32, device=dev)
-        send = torch.empty(world * shard, **u8)
-        recv = torch.empty(world * shard, **u8)
+        absmax = get("absmax", n_pad // BLOCK, torch.float32)
+        scales = get("scales", n_pad // BLOCK, torch.float32)
+        send = get("send", world * shard, torch.uint8)
+        recv = get("recv", world * shard, torch.uint8)
         temps += [absmax, scales, send, recv]
 
         def s0() -> Any:
@@ -51,8 +66,8 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         stages += [s0, s1, s2]
     else:
-        send = torch.empty(world * packed, **u8)
-        recv = torch.empty(world * packed, **u8)
+        send = get("send", world * packed, torch.uint8)
+        recv = get("recv", world * packed, torch.uint8)
         temps += [send, recv]
 
         def s1() -> Any:
@@ -148,6 +163,112 @@ def _drive(stages: List[Stage], device: torch.device, temps: List[torch.Tensor],
     return fut.then(done)
 
 
+# Host-path exchanges run on the communication thread (overlapping backward). False: inside the
+# hook call, as before (kept for tests that compare the two bit for bit, and for debugging).
+HOST_ASYNC = True
+
+Job = Callable[[], Any]  # returns the bucket tensor, or a Future completed with it
+
+
+class _CommThread:
+    """One daemon thread per process that runs the host path's exchanges one after another,
+    in the order the hooks submitted them.
+
+    Every rank must issue its collectives in the same order (gloo pairs them by sequence).
+    DDP calls the hook bucket by bucket in the same order on every rank; running all of a
+    process's host-path collectives (plain all-reduces of small buckets included) on this one
+    thread, FIFO, keeps that order, while the autograd thread goes on with backward. Collectives
+    the hook issues on the caller's thread (the one-time path and topology agreement, group
+    creation) first :meth:`drain` the queue, and so does the last bucket of a step (DDP may issue
+    its own collectives, e.g. the unused-parameter map, right after it). A job returns the
+    bucket, or a future (a plain all-reduce issued asynchronously) whose result completes the
+    hook's future; errors complete it exceptionally. Recreated after ``fork``.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._jobs: Deque[Tuple[Job, torch.futures.Future]] = collections.deque()
+        self._busy = 0  # jobs queued or running
+        self._thread: Optional[threading.Thread] = None
+        self._pid = -1
+
+    def submit(self, job: Job) -> torch.futures.Future:
+        """Queues ``job``; returns the future it completes.
+
+        Raises:
+            RuntimeError: the thread could not be started.
+        """
+        fut: torch.futures.Future = torch.futures.Future()
+        with self._cv:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._jobs.clear()  # a forked child inherits none of the parent's work
+                self._busy = 0
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="llmio-int8-comm", daemon=True)
+                self._thread.start()
+            self._jobs.append((job, fut))
+            self._busy += 1
+            self._cv.notify_all()
+        return fut
+
+    def drain(self) -> None:
+        """Waits until every queued job has issued all its collectives (and finished its work).
+
+        Raises:
+            Nothing: a failed job reports through its own future.
+        """
+        with self._cv:
+            if self._thread is None or self._pid != os.getpid():
+                return
+            self._cv.wait_for(lambda: self._busy == 0)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: len(self._jobs) > 0)
+                job, fut = self._jobs.popleft()
+            try:
+                res = job()
+            except BaseException as exc:  # noqa: BLE001 - delivered through the hook's future
+                res = exc
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+            _complete(fut, res)
+
+
+def _complete(fut: torch.futures.Future, res: Any) -> None:
+    """Completes ``fut`` with ``res`` (a tensor, an exception, or a future to follow)."""
+    if isinstance(res, BaseException):
+        fut.set_exception(res)
+    elif isinstance(res, torch._C.Future):  # torch.futures.Future and the collectives' futures
+        def follow(f: torch.futures.Future) -> None:
+            try:
+                fut.set_result(f.value())
+            except BaseException as exc:  # noqa: BLE001 - delivered through the hook's future
+                fut.set_exception(exc)
+        res.add_done_callback(follow)
+    else:
+        fut.set_result(res)
+
+
+_COMM = _CommThread()
+
+
+def _run_stages(stages: List[Stage], finish: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The stages one after another on this thread, each collective waited for before the next
+    stage (which needs its result); then ``finish()``.
+
+    Raises:
+        RuntimeError: a failed collective; whatever a stage raises.
+    """
+    for stage in stages:
+        work = stage()
+        if work is not None:
+            work.wait()
+    return finish()
+
+
 def _allreduce(state: Int8CompressState, group: Any, buf: torch.Tensor, world: int) -> torch.futures.Future:
     """The bucket averaged by a plain all-reduce (divided by W first: no overflow).
 
@@ -155,16 +276,17 @@ def _allreduce(state: Int8CompressState, group: Any, buf: torch.Tensor, world: i
         RuntimeError: a failed collective, through the returned future.
     """
     state.counters["buckets_bypassed"] += 1
-    buf.div_(world)  # before the sum: W values near the dtype's maximum do not overflow
-    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    return _allreduce_issue(group, buf, world)
 
 
 def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket all-reduced (averaged) through INT8 exchanges.
 
     Returns a future completed with the bucket tensor (averaged in place). On CUDA the
-    future is stream-ordered: no host synchronisation happens in the hook.
+    future is stream-ordered: no host synchronisation happens in the hook. For a CPU bucket the
+    exchange runs on the communication thread (:class:`_CommThread`) and the future completes
+    when it is done, so it overlaps the rest of the backward pass; the last bucket of a step
+    returns once every queued collective has been issued.
 
     Raises:
         ValueError: an unusable hierarchical configuration (world size not divisible by the
@@ -178,24 +300,93 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buf = bucket.buffer()
+    if HOST_ASYNC and world > 1 and buf.device.type == "cpu":
+        fut = _hook_queued(state, bucket, group, world)
+        if bucket.is_last():
+            _COMM.drain()  # DDP may issue its own collectives right after the last bucket
+        return fut
+    return _hook_now(state, bucket, group, world)
+
+
+def _hook_queued(state: Int8CompressState, bucket: dist.GradBucket, group: Any,
+                 world: int) -> torch.futures.Future:
+    """A CPU bucket: the hook's decisions and bookkeeping here, the exchange (or the plain
+    all-reduce) queued on the communication thread. Returns the job's future.
+
+    Raises:
+        ValueError / RuntimeError: as :func:`int8_compress_hook` (configuration errors).
+    """
+    if not state.settled(world):
+        _COMM.drain()  # the one-time agreement collectives below run on this thread
+    prepared = _prepare(state, bucket, group, world, host_buffers=True)
+    if prepared is None:  # a plain all-reduce, issued in order on the communication thread
+        buf = bucket.buffer()
+        return _COMM.submit(lambda: _allreduce_issue(group, buf, world))
+    stages, _dev, _temps, finish = prepared
+    return _COMM.submit(lambda: _run_stages(stages, finish))
+
+
+def _hook_now(state: Int8CompressState, bucket: dist.GradBucket, group: Any, world: int) -> torch.futures.Future:
+    """CUDA buckets (and everything with ``HOST_ASYNC`` off): the exchange issued inside the
+    hook call as a Future chain (:func:`_drive`).
+
+    Raises:
+        ValueError / RuntimeError: as :func:`int8_compress_hook` (configuration errors).
+    """
+    prepared = _prepare(state, bucket, group, world, host_buffers=False)
+    if prepared is None:
+        return _allreduce_issue(group, bucket.buffer(), world)
+    stages, dev, temps, finish = prepared
+    return _drive(stages, dev, temps, finish)
+
+
+def _allreduce_issue(group: Any, buf: torch.Tensor, world: int) -> torch.futures.Future:
+    """The bucket averaged by a plain all-reduce (divided by W first: no overflow), issued now;
+    the future completes with the bucket.
+
+    Raises:
+        RuntimeError: the collective could not be issued.
+    """
+    buf.div_(world)  # before the sum: W values near the dtype's maximum do not overflow
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _prepare(state: Int8CompressState, bucket: dist.GradBucket, group: Any, world: int,
+             host_buffers: bool) -> Optional[Tuple[List[Stage], torch.device, List[torch.Tensor],
+                                                   Callable[[], torch.Tensor]]]:
+    """Everything of the hook but running the exchange: counters, the path agreed by every rank,
+    the topology, residuals; returns the stages, their device and temporaries and the finishing
+    step, or None for a plain all-reduce (counted as bypassed). ``host_buffers``: temporaries
+    from the state's per-bucket buffers (kept across steps) instead of fresh tensors.
+
+    Raises:
+        ValueError / RuntimeError: as :func:`int8_compress_hook` (configuration errors).
+    """
+    buf = bucket.buffer()
     n = buf.numel()
     if bucket.is_last():
         state.iteration += 1
     if world == 1 or state.iteration <= state.warmup_steps or n < state.min_numel:
-        return _allreduce(state, group, buf, world)
+        state.counters["buckets_bypassed"] += 1
+        return None
     path = _ops.choose_path(buf.device.type, _ops.cuda_kernels_usable()[0] if buf.device.type == "cuda" else False,
                             str(dist.get_backend(group)))
     path = state.agree_path(path, group, world, buf.device)  # one choice on every rank
     if path == "allreduce":  # CUDA bucket, kernels unusable, a group without CPU tensors (NCCL alone)
         _native.warn_cuda_fallback("int8_compress_hook (CUDA bucket, no CPU backend in the group)",
                                    "a plain all-reduce of the bucket (no compression)")
-        return _allreduce(state, group, buf, world)
+        state.counters["buckets_bypassed"] += 1
+        return None
 
     rank = dist.get_rank(group)
     hier, L, M, local, node = state.topology(group, world, rank,
                                               buf.device if path == "device" else torch.device("cpu"))
     ops = _ops.ops_for(path, buf)
     dev = ops.device
+    idx = bucket.index()
+    alloc: Alloc = ((lambda name, numel, dtype: state.host_buffer(idx, name, numel, dtype))
+                    if host_buffers and dev.type == "cpu" else _fresh(dev))
     x = buf
     temps: List[torch.Tensor] = []
     if isinstance(ops, _DeviceOps) and buf.dtype not in DTYPE_CODES:
@@ -210,7 +401,8 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
         # The host oracle writes (converting) straight into the bucket, wherever it lives; the
         # kernels write in place too, except for a bucket dtype they lack (fp32 staging copy).
         out = x if isinstance(ops, _DeviceOps) else buf
-        stages = _two_phase(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, n, state.deterministic, temps)
+        stages = _two_phase(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, n, state.deterministic, temps,
+                            alloc)
 
         def finish() -> torch.Tensor:
             if out is not buf:
@@ -226,20 +418,21 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
         chunk_n = n_pad // L
         shard = chunk_n // M
         res_w, res_s = state.residual_buffers(bucket, n_pad, chunk_n, shard, local * chunk_n, node * shard, dev)
-        xf = torch.zeros(n_pad, dtype=torch.float32, device=dev)
-        chunk = torch.empty(chunk_n, dtype=torch.float32, device=dev)
+        xf = alloc("h_xf", n_pad, torch.float32)
+        chunk = alloc("h_chunk", chunk_n, torch.float32)
         out_dtype = buf.dtype if (dev.type == "cpu" or buf.dtype in DTYPE_CODES) else torch.float32
-        out_chunk = torch.empty(chunk_n, dtype=out_dtype, device=dev)
-        full = torch.empty(n_pad, dtype=out_dtype, device=dev)
+        out_chunk = alloc("h_out_chunk", chunk_n, out_dtype)
+        full = alloc("h_full", n_pad, out_dtype)
         temps += [xf, chunk, out_chunk, full]
 
         def h0() -> Any:
             xf[:n].copy_(buf.reshape(-1))
+            xf[n:].zero_()
             xf.div_(L)  # scaled before the sum: L values near the fp32 maximum do not overflow
             return dist.reduce_scatter_tensor(chunk, xf, op=dist.ReduceOp.SUM, group=intra, async_op=True)
 
         inner = _two_phase(ops, cross, M, node, chunk, chunk_n, chunk_n, res_w, res_s, out_chunk, chunk_n,
-                           state.deterministic, temps)
+                           state.deterministic, temps, alloc)
 
         def h2() -> Any:
             return dist.all_gather_into_tensor(full, out_chunk, group=intra, async_op=True)
@@ -257,7 +450,7 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
 
     st["buckets_compressed"] += 1
     st["bytes_fp32_allreduce"] += 2 * (world - 1) * 4 * n // world
-    return _drive(stages, dev if dev.type == "cuda" else torch.device("cpu"), temps, finish)
+    return stages, (dev if dev.type == "cuda" else torch.device("cpu")), temps, finish
 
 
 def _int8_bytes(world: int, n_pad: int, deterministic: bool, st: Dict[str, int]) -> int:

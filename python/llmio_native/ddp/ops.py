@@ -1,10 +1,10 @@
-"""The INT8 kernels behind one interface: the fused CUDA kernels (``_DeviceOps``) or the C++
-CPU oracle on host tensors (``_HostOps``), and the choice between them (:func:`choose_path`).
+"""The INT8 kernels behind one interface: the fused CUDA kernels (``_DeviceOps``) or the fast
+C++ CPU kernels on host tensors (``_HostOps``), and the choice between them (:func:`choose_path`).
 
 The quantization block and the bucket dtype codes come from the C++ core
 (``_core.QUANT_BLOCK``, ``_core.INT8_DTYPES``), defined once in csrc/quant/int8_device.hpp.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ def group_takes_cpu_tensors(backend: str) -> bool:
 
 def choose_path(device_type: str, kernels_usable: bool, backend: str) -> str:
     """Where a bucket on ``device_type`` is compressed: ``"device"`` (the fused kernels),
-    ``"host"`` (the CPU oracle; through host copies for a CUDA bucket) or ``"allreduce"``
+    ``"host"`` (the fast CPU kernels; through host copies for a CUDA bucket) or ``"allreduce"``
     (a plain all-reduce of the bucket: a CUDA bucket whose kernels are unusable, on a group
     that takes no CPU tensors, e.g. NCCL alone).
 
@@ -64,77 +64,67 @@ def choose_path(device_type: str, kernels_usable: bool, backend: str) -> str:
     return "host" if group_takes_cpu_tensors(backend) else "allreduce"
 
 
-def _f32_padded(x: torch.Tensor, n: int, n_pad: int) -> np.ndarray:
-    xf = np.zeros(n_pad, np.float32)
-    xf[:n] = x.detach().reshape(-1)[:n].to("cpu", torch.float32).numpy()
-    return xf
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor; bfloat16 / float16 as their 16-bit bits."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy()
+    return t.numpy()
 
 
-def _pack(send: torch.Tensor, world: int, codes: np.ndarray, scales: Optional[np.ndarray]) -> None:
-    shard = codes.size // world
-    sv = send.numpy().reshape(world, -1)
-    for r in range(world):  # per destination rank: its shard's codes, then its scales
-        sv[r, :shard] = codes[r * shard:(r + 1) * shard].view(np.uint8)
-        if scales is not None:
-            sb = scales.size // world
-            sv[r, shard:] = scales[r * sb:(r + 1) * sb].view(np.uint8)
+def _host_bucket(x: torch.Tensor, n: int) -> Tuple[np.ndarray, int]:
+    """The first ``n`` values of ``x`` as the fast kernels read them: a view of the bucket when it
+    is a contiguous CPU tensor of a kernel dtype (fp32 / bf16 / fp16), else an fp32 host copy
+    (a CUDA bucket, float64), and the dtype code."""
+    flat = x.detach().reshape(-1)[:n]
+    if flat.device.type != "cpu" or flat.dtype not in DTYPE_CODES:
+        flat = flat.to("cpu", torch.float32)
+    flat = flat.contiguous()
+    return _np(flat), DTYPE_CODES[flat.dtype]
 
 
 class _HostOps:
-    """The kernels through the C++ oracle on host tensors (numpy views). Same methods and
-    arguments as :class:`_DeviceOps`; tensors are CPU tensors (residuals and outputs are
-    updated in place).
+    """The kernels on the CPU: ``_core.int8_*_fast`` (csrc/quant/int8_fast.cpp: fused,
+    vectorised, multi-threaded, bit-identical to the C++ oracle and to the CUDA kernels'
+    emulation). Same methods and arguments as :class:`_DeviceOps`; the packed buffers and the
+    residuals are CPU tensors updated in place; the bucket is read and written in place when it
+    is a CPU tensor of a kernel dtype (no padded or packed intermediate copies).
 
     Raises:
-        ValueError / TypeError: from the oracle, on sizes or dtypes that do not match.
+        ValueError: from the kernels' argument checks, on sizes that do not match.
     """
 
     device = torch.device("cpu")
 
     def quantize_pack(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, send: Tensor) -> None:
-        codes = np.empty(n_pad, np.int8)
-        scales = np.empty(n_pad // BLOCK, np.float32)
-        _core.quantize_blocks_ref(_f32_padded(x, n, n_pad), res.numpy(), codes, scales)
-        _pack(send, world, codes, scales)
+        xa, code = _host_bucket(x, n)
+        _core.int8_quantize_pack_fast(xa, code, n, n_pad, world, res.numpy(), send.numpy())
 
     def dequant_sum_requant(self, recv: Tensor, world: int, shard: int, res: Tensor, own: Tensor) -> None:
-        rv = recv.numpy().reshape(world, -1)
-        codes_w = np.ascontiguousarray(rv[:, :shard]).view(np.int8)
-        scales_w = np.ascontiguousarray(rv[:, shard:]).view(np.float32)
-        self._requant_out(own, shard, lambda c, s: _core.dequant_sum_requant_ref(codes_w, scales_w, res.numpy(), c, s))
-
-    @staticmethod
-    def _requant_out(own: torch.Tensor, shard: int, fn: Callable[[np.ndarray, np.ndarray], None]) -> None:
-        c = np.empty(shard, np.int8)
-        s = np.empty(shard // BLOCK, np.float32)
-        fn(c, s)
-        ov = own.numpy()
-        ov[:shard] = c.view(np.uint8)
-        ov[shard:] = s.view(np.uint8)
+        _core.int8_dequant_sum_requant_fast(recv.numpy(), world, shard, res.numpy(), own.numpy())
 
     def unpack_dequantize(self, gathered: torch.Tensor, world: int, shard: int, out: torch.Tensor, n: int) -> None:
-        gv = gathered.numpy().reshape(world, -1)
-        full = np.empty(world * shard, np.float32)
-        for r in range(world):  # rank order: identical arithmetic on every rank
-            c = np.ascontiguousarray(gv[r, :shard]).view(np.int8)
-            s = np.ascontiguousarray(gv[r, shard:]).view(np.float32)
-            _core.dequantize_blocks_ref(c, s, full[r * shard:(r + 1) * shard])
-        out.reshape(-1)[:n].copy_(torch.from_numpy(full[:n]))
+        flat = out.reshape(-1)
+        if out.device.type == "cpu" and out.dtype in DTYPE_CODES and out.is_contiguous():
+            _core.int8_unpack_dequantize_fast(gathered.numpy(), world, shard, _np(flat), DTYPE_CODES[out.dtype], n)
+            return
+        tmp = torch.empty(n, dtype=torch.float32)  # a CUDA or float64 bucket: through fp32 on the host
+        _core.int8_unpack_dequantize_fast(gathered.numpy(), world, shard, tmp.numpy(), DTYPE_CODES[torch.float32], n)
+        flat[:n].copy_(tmp)
 
     def block_absmax(self, x: torch.Tensor, n: int, n_pad: int, res: torch.Tensor, absmax: torch.Tensor) -> None:
-        _core.block_absmax_ref(_f32_padded(x, n, n_pad), res.numpy(), absmax.numpy())
+        xa, code = _host_bucket(x, n)
+        _core.int8_block_absmax_fast(xa, code, n, n_pad, res.numpy(), absmax.numpy())
 
     def quantize_pack_shared(self, x: Tensor, n: int, n_pad: int, world: int, res: Tensor, absmax: Tensor,
                              send: Tensor, scales: Tensor) -> None:
-        codes = np.empty(n_pad, np.int8)
-        _core.quantize_blocks_shared_ref(_f32_padded(x, n, n_pad), res.numpy(), absmax.numpy(), codes, scales.numpy())
-        _pack(send, world, codes, None)
+        xa, code = _host_bucket(x, n)
+        _core.int8_quantize_pack_shared_fast(xa, code, n, n_pad, world, res.numpy(), absmax.numpy(), send.numpy(),
+                                             scales.numpy())
 
     def dequant_sum_requant_shared(self, recv: Tensor, world: int, shard: int, shared_scales: Tensor, res: Tensor,
                                    own: Tensor) -> None:
-        codes_w = recv.numpy().reshape(world, shard).view(np.int8)
-        self._requant_out(own, shard, lambda c, s: _core.dequant_sum_requant_shared_ref(
-            codes_w, shared_scales.numpy(), res.numpy(), c, s))
+        _core.int8_dequant_sum_requant_shared_fast(recv.numpy(), world, shard, shared_scales.numpy(), res.numpy(),
+                                                   own.numpy())
 
 
 class _DeviceOps:
@@ -190,7 +180,7 @@ def ops_for(path: str, buf: torch.Tensor) -> Any:
         return _DeviceOps(buf.device)
     if buf.device.type == "cuda":
         _native.warn_cuda_fallback("int8_compress_hook (CUDA bucket)",
-                                   "the CPU oracle through host copies (slow; the group takes CPU tensors)")
+                                   "the CPU kernels through host copies (slow; the group takes CPU tensors)")
     return _HostOps()
 
 

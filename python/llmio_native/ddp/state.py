@@ -46,7 +46,7 @@ class Int8CompressState:
 
     __slots__ = ("process_group", "warmup_steps", "min_numel", "iteration", "_residuals", "_signatures",
                  "counters", "_bucket_params", "_pending", "deterministic", "hierarchical", "local_world_size",
-                 "_layout", "_topo", "_groups", "_warned_host", "_names", "_path")
+                 "_layout", "_topo", "_groups", "_warned_host", "_names", "_path", "_buffers")
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 2, min_numel: int = 1024,
                  deterministic: bool = False, hierarchical: Optional[bool] = None,
@@ -79,12 +79,15 @@ class Int8CompressState:
         self._path: Optional[tuple] = None  # (world, path every rank agreed on), see agree_path
         self._groups: Optional[tuple] = None  # (intra-node group, cross-node group), created lazily
         self._warned_host = False
+        # (bucket index, name) -> host buffer of the exchange, kept across steps (no allocation and
+        # page faults per step); used by one job at a time (the communication thread runs them in turn)
+        self._buffers: Dict[Tuple[int, str], torch.Tensor] = {}
         if model is not None:
             self.bind(model)
 
     def __getstate__(self) -> Dict[str, Any]:
         skip = ("process_group", "_groups", "_topo", "_path", "_names", "_residuals", "_signatures", "_layout",
-                "_bucket_params", "_pending")
+                "_bucket_params", "_pending", "_buffers")
         state = {k: getattr(self, k) for k in self.__slots__ if k not in skip}
         # Residuals leave per parameter: by name where known, else by bucket slice; never by
         # address (a new process has new tensors).
@@ -108,7 +111,7 @@ class Int8CompressState:
         self._path = None
         # defaults for states pickled before these settings existed
         self.deterministic, self.hierarchical, self.local_world_size = False, None, None
-        self._layout, self._warned_host, self._names = {}, False, {}
+        self._layout, self._warned_host, self._names, self._buffers = {}, False, {}, {}
         self._residuals, self._signatures, self._bucket_params, self._pending = {}, {}, {}, {}
         for k, v in state.items():
             if k in ("_residuals", "_signatures", "_layout", "_bucket_params"):
@@ -286,6 +289,30 @@ class Int8CompressState:
         self._bucket_params.clear()
 
     # ------------------------------------------------------------------ internals
+
+    def settled(self, world: int) -> bool:
+        """Whether the path and the topology for ``world`` ranks are agreed already (no more
+        one-time collectives on the caller's thread), and the hierarchical groups exist if used.
+
+        Raises:
+            Nothing.
+        """
+        if self._path is None or self._path[0] != world or self._topo is None or self._topo[0] != world:
+            return False
+        return not self._topo[1][0] or self._groups is not None
+
+    def host_buffer(self, idx: int, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Bucket ``idx``'s host buffer ``name`` of ``numel`` values (uninitialised), kept across
+        steps and reallocated when the size or dtype changes.
+
+        Raises:
+            RuntimeError: out of memory.
+        """
+        t = self._buffers.get((idx, name))
+        if t is None or t.numel() != numel or t.dtype != dtype:
+            t = torch.empty(numel, dtype=dtype)
+            self._buffers[(idx, name)] = t
+        return t
 
     def _topology_local(self, world: int, rank: int,
                         full_world: Optional[int] = None) -> Tuple[bool, int, int, int, int]:
