@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="sleep this long before each load row (memory freed by the previous row settles: on a VM "
                          "with free page reporting the host takes it back)")
+    ap.add_argument("--quick", action="store_true", help="a small run (128 MiB, no DCP rows)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.size, a.no_dcp = "128MiB", True
     global SETTLE_S
     SETTLE_S = a.settle
     size = parse_size(a.size)

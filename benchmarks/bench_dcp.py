@@ -177,7 +177,10 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under the current directory)")
     ap.add_argument("--reps", type=int, default=1, help="runs per row; the best counts")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help="a small run (128 MiB)")
     a = ap.parse_args()
+    if a.quick:
+        a.size_mib = min(a.size_mib, 128)
 
     root = tempfile.mkdtemp(prefix="bench_dcp_", dir=a.dir or os.getcwd())
     try:
