@@ -172,10 +172,12 @@ class FaultProxy:
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":
                 h.send_header(k, v)
+        if h.command == "HEAD":  # no body: pass the object's length through
+            h.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+            h.end_headers()
+            return
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
-        if h.command == "HEAD":
-            return
         send = data[: len(data) // 2] if fault == "truncate" else data
         step = 64 << 10
         for i in range(0, len(send), step):
