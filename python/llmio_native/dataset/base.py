@@ -532,7 +532,17 @@ class TokenDataset:
                 yield StagedChunk(ci, f, off, int(c["stored_bytes"]), dst, lo - ft, hi - ft)
 
     def _run_group(self, group: list[ReadStep]) -> None:
-        """Read a group of steps in one batch, then finish each (in parallel when large)."""
+        """Read a group of steps in one batch, then finish each (in parallel when large).
+
+        A remote dataset (``self.remote``, :mod:`llmio_native.remote`) first makes the
+        group's chunks present in its local cache and pins them while they are read."""
+        remote = getattr(self, "remote", None)
+        if remote is not None:
+            with remote.pinned(remote.units_of_chunks([step.chunk for step in group])):
+                return self._run_group_local(group)
+        return self._run_group_local(group)
+
+    def _run_group_local(self, group: list[ReadStep]) -> None:
         pos = 0
         places: list[int] = []
         for step in group:

@@ -187,11 +187,12 @@ class Source:
         """
         raise NotImplementedError
 
-    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None) -> bytes:
+    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
+                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``key``; exactly ``end - start`` bytes or an error.
 
         ``expect``: the object's size and ETag seen at open; a response for another version
-        raises :class:`DatasetChangedError`.
+        raises :class:`DatasetChangedError`. ``on_retry`` is called with each retried error.
 
         Raises:
             RemoteError: after the retries (names URL and range). DatasetChangedError: see above.
@@ -300,7 +301,8 @@ class ObjectSource(Source):
 
         return with_retries(get, self.policy, self.key_url(key))
 
-    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None) -> bytes:
+    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
+                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
         import obstore
 
         url = self.key_url(key)
@@ -313,7 +315,7 @@ class ObjectSource(Source):
                 raise TruncatedBody(f"body of {len(data)} bytes for a range of {end - start}")
             return data
 
-        return with_retries(get, self.policy, url, start, end)
+        return with_retries(get, self.policy, url, start, end, on_retry)
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:
         import obstore
@@ -359,7 +361,8 @@ class LocalSource(Source):
         except FileNotFoundError:
             raise RemoteNotFoundError(f"{self.key_url(key)}: no such file", url=self.key_url(key)) from None
 
-    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None) -> bytes:
+    def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
+                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
         p = self.key_url(key)
         with open(p, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
