@@ -73,6 +73,7 @@ class FaultProxy:
         self.requests = 0
         self.faults = 0
         self.body_bytes = 0
+        self.upstream_s: list = []
         self.log: list[tuple[str, str, str]] = []
         proxy = self
 
@@ -87,7 +88,11 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PROPFIND = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # clients open many connections at once (the default 5 drops SYNs)
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -158,12 +163,14 @@ class FaultProxy:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
         headers["Host"] = f"{self.host}:{self.uport}"
         conn = http.client.HTTPConnection(self.host, self.uport, timeout=60)
+        t0 = time.monotonic()
         try:
             conn.request(h.command, h.path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
         finally:
             conn.close()
+        self.upstream_s.append((round(time.monotonic() - t0, 3), h.path, rng))
         if fault == "corrupt" and data:
             data = bytearray(data)
             data[len(data) // 2] ^= 0x5A

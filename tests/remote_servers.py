@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0, log: str | None = None) -> None:
     """Wait until ``127.0.0.1:port`` accepts connections.
 
     Raises:
@@ -47,7 +47,7 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = open(log, errors="replace").read() if log else ""
             raise RuntimeError(f"{what} exited with status {proc.returncode}: {out[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -93,10 +93,13 @@ def start_moto() -> Server:
     except ImportError as exc:
         raise Missing(f"moto server not installed ({exc}); pip install 'moto[server]'") from None
     port = free_port()
+    # its request log goes to a file: a pipe nobody reads fills up and blocks the server
+    log = tempfile.NamedTemporaryFile(prefix="llmio-moto-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
-    wait_port(port, proc, "moto server")
-    return Server(f"http://127.0.0.1:{port}", port, proc)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
+    log.close()
+    wait_port(port, proc, "moto server", log=log.name)
+    return Server(f"http://127.0.0.1:{port}", port, proc, [lambda: os.unlink(log.name)])
 
 
 def start_nginx(root: str) -> Server:
@@ -134,9 +137,9 @@ http {{
   }}
 }}
 """)
-    proc = subprocess.Popen([exe, "-c", conf, "-p", d, "-e", f"{d}/error.log"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    wait_port(port, proc, "nginx")
+    proc = subprocess.Popen([exe, "-c", conf, "-p", d, "-e", f"{d}/error.log"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "nginx", log=f"{d}/error.log")
     return Server(f"http://127.0.0.1:{port}", port, proc, [lambda: shutil.rmtree(d, ignore_errors=True)])
 
 

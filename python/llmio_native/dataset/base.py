@@ -500,10 +500,13 @@ class TokenDataset:
         check = verify and self.has_checksums
         group: list[ReadStep] = []
         staged = 0
+        # a remote dataset pins a group's chunks in its cache: groups must fit in it
+        remote = getattr(self, "remote", None)
+        limit = GROUP_BYTES if remote is None else min(GROUP_BYTES, remote.read_group_bytes)
         for step in self._plan_read(start, out, check):
             group.append(step)
-            staged += step.staged_bytes
-            if staged >= GROUP_BYTES or len(group) >= GROUP_STEPS:
+            staged += step.staged_bytes if remote is None else int(remote.unit_size[step.chunk])
+            if staged >= limit or len(group) >= GROUP_STEPS:
                 self._run_group(group)
                 group, staged = [], 0
         if group:

@@ -183,7 +183,11 @@ class Pipeline:
         self.remote_pins: dict[int, list[tuple[Any, np.ndarray]]] = {}
         for s, rc in enumerate(self.remote):
             if rc is not None:
-                rc.follow(self._remote_future(s, planner.batches(start.pos, start.counts, self.first)))
+                # each window pins at most the 2 chunks it spans (+1 rans model), for the batches in flight
+                per_window = 2 if not plans[s].compressed else 3
+                rc.follow(self._remote_future(s, planner.batches(start.pos, start.counts, self.first)),
+                          pinned_units=(cfg.prefetch + 2) * B * per_window,
+                          what=f"TokenLoader(prefetch={cfg.prefetch}, batch_size={B})")
         self._fill()
 
     def _remote_chunks(self, s: int, windows: np.ndarray) -> np.ndarray:

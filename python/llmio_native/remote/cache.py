@@ -264,6 +264,13 @@ class ChunkCache:
         d = self.deps[c]
         return np.unique(np.concatenate([c, d[d >= 0]]))
 
+    @property
+    def read_group_bytes(self) -> int:
+        """Bytes of chunks one ``read()`` pins at a time (a quarter of the room for chunks,
+        at least the largest chunk with its model)."""
+        biggest = int(self.unit_size.max()) * 2 if self.n else 0
+        return max(biggest, (self.cache_bytes - self.base_bytes) // 4)
+
     def used_bytes(self) -> int:
         """Bytes of the bound in use now (metadata, slack, present and in-flight units)."""
         return int(self._state[2])
@@ -365,11 +372,26 @@ class ChunkCache:
         finally:
             self.release(got)
 
-    def follow(self, steps: Iterator[tuple[int, np.ndarray]], horizon: int | None = None) -> None:
+    def follow(self, steps: Iterator[tuple[int, np.ndarray]], horizon: int | None = None,
+               pinned_units: int = 0, what: str = "") -> None:
         """Switch to farthest-in-future eviction and prefetch along ``steps``: the loader's
         coming steps as ``(step index, units)``, in order, from its current position.
-        Replaces any earlier future (a resumed loader gives its new one)."""
+        Replaces any earlier future (a resumed loader gives its new one).
+
+        ``pinned_units``: how many units the caller may hold pinned at once (``what`` says
+        why, for the error).
+
+        Raises:
+            CacheFullError: ``cache_bytes`` cannot hold ``pinned_units`` of the largest units.
+        """
         self._check_pid()
+        room = self.cache_bytes - self.base_bytes
+        need = int(pinned_units) * (int(self.unit_size.max()) if self.n else 0)
+        if need > room:
+            raise CacheFullError(
+                f"{self.source.url}: cache_bytes={self.cache_bytes} leaves {room} bytes for chunks after "
+                f"{self.base_bytes} bytes of metadata, but {what or 'the reader'} may pin {pinned_units} chunks "
+                f"({need} bytes) at once: raise cache_bytes, or lower prefetch / batch_size")
         self.stop_follow()
         h = horizon if horizon is not None else max(1 << 16, 8 * self.n)
         with self._cond:

@@ -148,7 +148,11 @@ def open_remote(url: str, dtype: np.dtype | None, reader_options: dict, *, cache
         os.close(lock)
     from ..dataset.llmio import LioDataset
 
-    ds = LioDataset.open(root, dtype, reader_options)
+    try:
+        ds = LioDataset.open(root, dtype, reader_options)
+    except FormatError as exc:
+        exc.args = (f"{src.url}: {exc} (metadata fetched into {root})",)
+        raise
     ufile, ustart, uend, deps = _units(ds)
     usize = uend - ustart
     n = len(ustart)
