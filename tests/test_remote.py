@@ -381,10 +381,10 @@ def test_farthest_in_future_beats_lru(tmp_path_factory, tmp_path, bucket, proxy)
         ds = lio.open_dataset(url, cache_dir=tmp_path / policy, cache_bytes=1 << 30, storage_options=opts(proxy))
         data = int(ds.remote.unit_size.sum())
         ds.remote.cache_bytes = ds.remote.base_bytes + data // 2
-        ld = lio.TokenLoader(ds, batch_size=8, seq_len=256, seed=2)
+        ld = lio.TokenLoader(ds, batch_size=4, seq_len=256, seed=2, prefetch=1)
         per_epoch = len(ld)
         if policy == "lru":
-            ds.remote.follow = lambda steps, horizon=None: None  # type: ignore[method-assign]
+            ds.remote.eviction = "lru"
         it = iter(ld)
         for _ in range(per_epoch):
             next(it)
@@ -405,6 +405,7 @@ def test_resume_cold_cache_fetches_at_resumed_position(tmp_path_factory, tmp_pat
     sd = a.state_dict()
     want = next(it)
     ds = lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 24, storage_options=opts(proxy))
+    ds.remote.prefetch_bytes = 8 * int(ds.remote.unit_size.max())  # the prefetcher looks one batch ahead
     b = lio.TokenLoader(ds, batch_size=4, seq_len=128, seed=9, prefetch=1)
     b.load_state_dict(sd)
     proxy.clear()

@@ -187,6 +187,8 @@ class ChunkCache:
         self.request_bytes = int(request_bytes)
         self.threads = int(threads)
         self.policy = "lru"
+        #: "future": follow the loader's future when it gives one; "lru": ignore it (a baseline)
+        self.eviction = "future"
         self.offline = False
         self._init_process()
 
@@ -218,7 +220,7 @@ class ChunkCache:
     def __getstate__(self) -> dict:
         keep = ("source", "root", "keys", "local_paths", "expect", "unit_file", "unit_start", "unit_end",
                 "unit_size", "chunk_offset", "chunk_bytes", "chunk_checksum", "deps", "n", "cache_bytes",
-                "base_bytes", "prefetch_bytes", "request_bytes", "threads", "policy", "offline")
+                "base_bytes", "prefetch_bytes", "request_bytes", "threads", "policy", "eviction", "offline")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, st: dict) -> None:
@@ -393,6 +395,8 @@ class ChunkCache:
                 f"{self.base_bytes} bytes of metadata, but {what or 'the reader'} may pin {pinned_units} chunks "
                 f"({need} bytes) at once: raise cache_bytes, or lower prefetch / batch_size")
         self.stop_follow()
+        if self.eviction == "lru":
+            return  # the baseline: no future, no prefetch
         h = horizon if horizon is not None else max(1 << 16, 8 * self.n)
         with self._cond:
             self._future = _Future(steps, self.n, h)
