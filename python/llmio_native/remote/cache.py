@@ -65,6 +65,8 @@ ABSENT, PRESENT, FETCHING = 0, 1, 2
 _HDR = 8  # int64 header words of the state file: magic, units, used bytes, base bytes
 _MAGIC = 0x4C494F4341434831  # "LIOCACH1"
 _INF = np.int64(1 << 62)
+#: Bytes the prefetcher claims per round (fetched as parallel coalesced requests).
+PREFETCH_ROUND_BYTES = 4 << 20
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -166,7 +168,7 @@ class ChunkCache:
                  expect: Sequence[ObjectInfo], unit_file: np.ndarray, unit_start: np.ndarray,
                  unit_end: np.ndarray, chunk_offset: np.ndarray, chunk_bytes: np.ndarray,
                  chunk_checksum: np.ndarray, deps: np.ndarray, cache_bytes: int, base_bytes: int,
-                 prefetch_bytes: int, request_bytes: int = 8 << 20, threads: int = 8) -> None:
+                 prefetch_bytes: int, request_bytes: int = 8 << 20, threads: int = 16) -> None:
         self.source = source
         self.root = root
         self.keys = list(keys)
@@ -214,7 +216,9 @@ class ChunkCache:
         self._prefetch_error: BaseException | None = None
         self._stats = {"bytes_fetched": 0, "requests": 0, "units_fetched": 0, "hits": 0, "misses": 0,
                        "stall_s": 0.0, "evictions": 0, "bytes_evicted": 0, "retries": 0,
-                       "verify_failures": 0, "prefetched_units": 0}
+                       "verify_failures": 0, "prefetched_units": 0, "network_busy_s": 0.0}
+        self._active = 0
+        self._active_since = 0.0
         self._latency: list[float] = []
 
     def __getstate__(self) -> dict:
@@ -286,13 +290,16 @@ class ChunkCache:
         ``hits``/``misses`` (units present / not present when a read needed them) and
         ``hit_rate``, ``fetch_p50_ms``/``fetch_p90_ms``/``fetch_p99_ms`` (request latency),
         ``stall_s`` (time reads waited for the network), ``evictions``, ``bytes_evicted``,
-        ``retries``, ``verify_failures``, ``prefetched_units``, ``used_bytes``,
+        ``retries``, ``verify_failures``, ``prefetched_units``, ``network_busy_s`` (wall time
+        with a request in flight) and ``fetch_mbs_busy`` (MB fetched per busy second: the
+        rate the link gave while used), ``used_bytes``,
         ``cache_bytes``, ``policy`` and ``offline`` (opened from the cache alone)."""
         with self._mutex:
             s = dict(self._stats)
             lat = np.array(self._latency) if self._latency else np.zeros(1)
         n = s["hits"] + s["misses"]
         s["hit_rate"] = s["hits"] / n if n else 0.0
+        s["fetch_mbs_busy"] = s["bytes_fetched"] / s["network_busy_s"] / 1e6 if s["network_busy_s"] else 0.0
         for q in (50, 90, 99):
             s[f"fetch_p{q}_ms"] = float(np.percentile(lat, q) * 1e3)
         s["used_bytes"] = self.used_bytes()
@@ -649,7 +656,17 @@ class ChunkCache:
                 self._stats["retries"] += 1
 
         t0 = time.perf_counter()
-        data = self.source.read_range(key, lo, hi, self.expect[f], on_retry=retried)
+        with self._mutex:  # network-busy time: wall time with at least one request in flight
+            if self._active == 0:
+                self._active_since = t0
+            self._active += 1
+        try:
+            data = self.source.read_range(key, lo, hi, self.expect[f], on_retry=retried)
+        finally:
+            with self._mutex:
+                self._active -= 1
+                if self._active == 0:
+                    self._stats["network_busy_s"] += time.perf_counter() - self._active_since
         dt = time.perf_counter() - t0
         with self._mutex:
             self._stats["bytes_fetched"] += len(data)
@@ -735,7 +752,9 @@ class ChunkCache:
                     out.append(u)
                     out_bytes += int(self.unit_size[u])
                     last = step
-                    if out_bytes >= self.request_bytes * self.threads:
+                    # small rounds in future order: the next steps' units are never queued
+                    # behind a long prefetch (and demand fetches get their share of the link)
+                    if out_bytes >= PREFETCH_ROUND_BYTES:
                         return out, last
         return (out, last) if out else None
 
