@@ -362,6 +362,15 @@ def test_loader_over_url_matches_local(tmp_path_factory, tmp_path, bucket, proxy
     assert st["bytes_fetched"] > 0 and st["prefetched_units"] > 0 and st["evictions"] > 0
 
 
+def test_loader_over_rans_url_decodes_on_host(tmp_path_factory, tmp_path, bucket, proxy):
+    url, local = remote_dataset(tmp_path_factory, bucket, proxy, "rans")
+    ds = lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 22, storage_options=opts(proxy))
+    a = lio.TokenLoader(local, batch_size=2, seq_len=300, seed=4, steps=30)
+    b = lio.TokenLoader(ds, batch_size=2, seq_len=300, seed=4, steps=30, prefetch=2)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert b.stats()["remote"][0]["bytes_fetched"] > 0
+
+
 def test_loader_url_source_with_env_defaults(tmp_path_factory, tmp_path, bucket, proxy, monkeypatch):
     url, local = remote_dataset(tmp_path_factory, bucket, proxy, "zstd")
     monkeypatch.setenv("LLMIO_CACHE_DIR", str(tmp_path))

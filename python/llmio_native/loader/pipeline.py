@@ -170,7 +170,8 @@ class Pipeline:
             self.cuda = CudaPath(cfg.device, B, T)
         # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
         # emulation of the same path on a CPU loader is a test hook (emulate_gpu_decode).
-        rans_src = np.array([ds.codec == "rans" for ds in cfg.datasets])
+        # (remote sources decode on the host: their chunk reads go through the cache)
+        rans_src = np.array([ds.codec == "rans" and getattr(ds, "remote", None) is None for ds in cfg.datasets])
         kernels = self.cuda is not None and self.cuda.kernels
         gpu_src = rans_src if rans_src.any() and (kernels or cfg.emulate_gpu_decode) else np.zeros_like(rans_src)
         self.kind = np.where([not p.compressed for p in plans], _RING, np.where(gpu_src, _GPU, _CACHE))
@@ -224,6 +225,9 @@ class Pipeline:
 
     def _submit(self, b: Batch) -> None:
         plans = self.cfg.plans
+        for rc in self.remote:
+            if rc is not None:
+                rc.advance(b.index)  # the cache's view of the future moves with the batches
         reqs: list[tuple[int, int, int]] = []
         if len(plans) == 1 and not plans[0].compressed:
             b.ring_rows = np.arange(len(b.windows), dtype=np.int64)

@@ -329,10 +329,8 @@ class ChunkCache:
         """
         self._check_pid()
         units = np.unique(np.asarray(units, dtype=np.int64))
-        if step is not None and self._future is not None:
-            with self._cond:
-                self._future.advance(step)
-                self._cond.notify_all()
+        if step is not None:
+            self.advance(step)
         if self._prefetch_error is not None:
             err, self._prefetch_error = self._prefetch_error, None
             if not isinstance(err, (RemoteError, CacheFullError)):
@@ -361,6 +359,15 @@ class ChunkCache:
                 with self._mutex:
                     self._stats["stall_s"] += time.perf_counter() - t0
         return units
+
+    def advance(self, step: int) -> None:
+        """The loader is at ``step`` of the future given to :meth:`follow` (earlier steps
+        are consumed: their uses no longer count for eviction)."""
+        if self._future is not None:
+            with self._cond:
+                if self._future is not None:
+                    self._future.advance(step)
+                self._cond.notify_all()
 
     def release(self, units: np.ndarray) -> None:
         """Unpin units returned by :meth:`acquire`."""
@@ -408,6 +415,7 @@ class ChunkCache:
         with self._cond:
             self._future = _Future(steps, self.n, h)
             self._future.extend(64)
+            self._follow_t0 = time.monotonic()
             self.policy = "future"
             self._stop = False
         self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True, name="llmio-remote-prefetch")
@@ -710,6 +718,10 @@ class ChunkCache:
                         return
                     fut = self._future
                     assert fut is not None
+                    if fut.cursor < 0 and time.monotonic() < self._follow_t0 + 0.5:
+                        # the first batch's own fetches get the link first (time to first batch)
+                        self._cond.wait(0.01)
+                        continue
                     fut.extend(256)
                     want = self._prefetch_candidates(fut)
                     if not want:
