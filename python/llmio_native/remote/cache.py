@@ -331,10 +331,9 @@ class ChunkCache:
         units = np.unique(np.asarray(units, dtype=np.int64))
         if step is not None:
             self.advance(step)
-        if self._prefetch_error is not None:
+        if self._prefetch_error is not None:  # DatasetChangedError, RemoteChecksumError, ...
             err, self._prefetch_error = self._prefetch_error, None
-            if not isinstance(err, (RemoteError, CacheFullError)):
-                raise err
+            raise err
         t0 = time.perf_counter()
         pinned: list[int] = []
         missed = False
@@ -446,6 +445,9 @@ class ChunkCache:
         if self._ufd >= 0:
             os.close(self._ufd)
             self._ufd = -1
+        if self._sfd >= 0:
+            os.close(self._sfd)
+            self._sfd = -1
 
     # -- claiming, reserving, evicting --------------------------------------------------------------
     def _claim(self, todo: list[int], *, pin: bool, pinned: list[int], count: bool, protect: np.ndarray,
@@ -736,7 +738,14 @@ class ChunkCache:
                             return
                         self._cond.wait(0.02)
                     continue
-                self._fetch(fetch, pinned_after=False, pinned=[])
+                try:
+                    self._fetch(fetch, pinned_after=False, pinned=[])
+                except (RemoteError, CacheFullError):
+                    # a transient failure of a prefetch is not the reader's: its own acquire
+                    # retries (and raises) if the chunk is still needed
+                    with self._cond:
+                        self._cond.wait(0.1)
+                    continue
                 with self._mutex:
                     self._stats["prefetched_units"] += len(fetch)
                     self._stats["units_fetched"] += len(fetch)

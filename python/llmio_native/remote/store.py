@@ -242,8 +242,7 @@ class ObjectSource(Source):
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         try:
-            import obstore  # noqa: F401
-            from obstore.store import from_url
+            import obstore  # noqa: F401  (installed? the store itself is made lazily, per process)
         except ImportError as exc:
             raise ImportError(f"reading {url} needs obstore: pip install 'llmio-native[remote]' "
                               f"(or pip install obstore) ({exc})") from None
