@@ -20,8 +20,10 @@ per ``--model-tokens`` tokens, default 2^24, or the whole data when smaller).
 Rows, all single-threaded on the CPU:
 
   rans CPU     RansModel.encode / RansModel.decode per chunk
+  rans1 CPU    Rans1Model (the context-modelled codec of issue 14, DatasetWriter(codec="rans1")):
+               encode / decode per chunk, the AVX2 decoder where the CPU has it
   zstd -3      zstandard per chunk (the codec DatasetWriter uses for codec="zstd")
-  rans GPU     GpuDecoder.decode of every chunk in one launch (the chunks tiled to at least
+  rans(1) GPU  GpuDecoder.decode of every chunk in one launch (the chunks tiled to at least
                ``--gpu-tokens`` tokens so that the GPU is full), timed with CUDA events over
                ``--gpu-repeats`` launches; also the kernel alone (descriptors already on the
                device) and a device-to-device copy of the decoded size (the limit). Only when
@@ -40,7 +42,12 @@ emulation of the GPU kernel (llmio_native.dataset.rans.emulate) must equal the C
 Targets (the rans issue): ratio within 3% of the order-0 bound; CPU decode >= 0.5 GB/s per
 core; GPU decode >= 150 GB/s on an H100.
 
-Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json]
+--study (issue 14) prints, instead, one table of bits/token per codec on real BPE tokens (the
+shipped text with a BPE trained on it and with one trained on other text, a second corpus of
+Python sources; uint16 and uint32 bytes): H0, conditional entropies and adaptive context
+models (estimates), rans, rans1 (payload + model regions), zstd -3 / -19 and xz -9.
+
+Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study]
 """
 from __future__ import annotations
 
@@ -62,16 +69,18 @@ import llmio_native as lio
 from llmio_native._native import _core, _cuda
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans as R
+from llmio_native.dataset import rans1 as R1
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine as common_machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE.parent.parent / "examples" / "data" / "tinyshakespeare.txt"  # ships with the repo
+CORPUS = HERE.parent / "examples" / "data" / "tinyshakespeare.txt"  # ships with the repo
 CHUNK_BYTES = 64 << 10
 TARGET_OF_BOUND = 0.97
 TARGET_CPU_GBPS = 0.5
 TARGET_GPU_GBPS = 150.0
+TARGET1_GPU_GBPS = 100.0  # rans1 (issue 14)
 
 
 @dataclass
@@ -185,7 +194,8 @@ class RansEncoded:
     seconds: float
 
 
-def rans_encode(chunks: list[np.ndarray], group_tokens: int) -> RansEncoded:
+def rans_encode(chunks: list[np.ndarray], group_tokens: int, codec: str = "rans") -> RansEncoded:
+    """Encode as DatasetWriter does with ``codec`` ("rans" or "rans1"): one model per group."""
     tb = chunks[0].itemsize
     models, payloads, coded, model_of = [], [], [], []
     model_bytes = stored = 0
@@ -196,7 +206,10 @@ def rans_encode(chunks: list[np.ndarray], group_tokens: int) -> RansEncoded:
         while j < len(chunks) and n < group_tokens:
             n += chunks[j].size
             j += 1
-        model = _core.RansModel.build(chunks[i:j], tb, F.RANS_SCALE_BITS)
+        if codec == "rans1":
+            model = _core.Rans1Model.build(chunks[i:j], tb, F.RANS1_SCALE_BITS, F.RANS1_CTX_BITS)
+        else:
+            model = _core.RansModel.build(chunks[i:j], tb, F.RANS_SCALE_BITS)
         models.append(model)
         for c in chunks[i:j]:
             p = model.encode(c)
@@ -241,7 +254,7 @@ def pack_batch(payloads: list[bytes]) -> tuple[np.ndarray, list[int]]:
     return buf, offs
 
 
-def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray]) -> int:
+def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray], mod: Any = R) -> int:
     """Decode every rans-coded chunk with the host emulation of the GPU kernel; it must equal
     the CPU decoder (checked against the original tokens, which the CPU decode equals)."""
     sel = [k for k in range(len(chunks)) if enc.coded[k]]
@@ -251,7 +264,7 @@ def rans_emulate_check(enc: RansEncoded, chunks: list[np.ndarray]) -> int:
     cd, bd = R.descriptors(offs, [len(enc.payloads[k]) for k in sel], [chunks[k].size for k in sel],
                            [enc.model_of[k] for k in sel])
     out = np.zeros(sum(chunks[k].size for k in sel), chunks[0].dtype)
-    status = R.emulate(buf, cd, bd, enc.models, out)
+    status = mod.emulate(buf, cd, bd, enc.models, out)
     assert (status == 0).all(), f"kernel emulation status {status[status != 0][:5]}"
     cpu = np.empty_like(out)
     pos = 0
@@ -314,7 +327,7 @@ def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bound: float,
-             min_tokens: int, repeats: int) -> list[Row]:
+             min_tokens: int, repeats: int, codec: str = "rans") -> list[Row]:
     import torch
 
     dev = torch.device("cuda")
@@ -333,7 +346,8 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     tdt = torch.int16 if tb == 2 else torch.int32
     total = per * tiles
     out = torch.zeros(total, dtype=tdt, device=dev)
-    dec = R.GpuDecoder(dev)
+    mod = R1 if codec == "rans1" else R
+    dec = mod.GpuDecoder(dev)
     status = dec.decode(dsrc, cd, bd, enc.models, out)
     torch.cuda.synchronize()
     R.check_status(status.cpu().numpy(), [f"{name} chunk {i}" for i in range(len(cd))])
@@ -352,7 +366,7 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     stream = torch.cuda.current_stream(dev)
 
     def kernel() -> None:
-        _cuda.rans_decode(dsrc.data_ptr(), dcd.data_ptr(), len(cd), dbd.data_ptr(), len(bd), ptrs.data_ptr(),
+        getattr(_cuda, f"{codec}_decode")(dsrc.data_ptr(), dcd.data_ptr(), len(cd), dbd.data_ptr(), len(bd), ptrs.data_ptr(),
                           out.data_ptr(), out.element_size(), st.data_ptr(), stream.cuda_stream,
                           src_nbytes=dsrc.numel(), chunks_host=cd, blocks_host=bd, num_images=len(enc.models),
                           out_tokens=out.numel())
@@ -360,15 +374,18 @@ def gpu_rows(name: str, enc: RansEncoded, chunks: list[np.ndarray], raw: int, bo
     s_kernel = cuda_time(kernel, repeats)
     torch.cuda.synchronize()
     assert int(st.abs().sum()) == 0
+    got = out.cpu().numpy().view(ref.dtype)
+    for t in range(tiles):  # the timed launches wrote the same tokens
+        assert np.array_equal(got[t * per : (t + 1) * per], ref), f"{codec} GPU decode does not round-trip"
     out2 = torch.empty_like(out)
     s_copy = cuda_time(lambda: out2.copy_(out), repeats)
     gpu = torch.cuda.get_device_name(dev)
     note = f"{gpu}; {len(cd)} chunks ({tiles} tiles), {len(bd)} warps, {nbytes / 2**20:.0f} MiB out"
     stored = enc.stored  # the ratio is the dataset's, whatever decodes it
     return [
-        Row(name, "rans GPU (GpuDecoder.decode)", raw, stored, enc.model_bytes, bound, None, nbytes / s_api / 1e9,
-            note),
-        Row(name, "rans GPU (kernel only)", raw, stored, enc.model_bytes, bound, None, nbytes / s_kernel / 1e9,
+        Row(name, f"{codec} GPU (GpuDecoder.decode)", raw, stored, enc.model_bytes, bound, None,
+            nbytes / s_api / 1e9, note),
+        Row(name, f"{codec} GPU (kernel only)", raw, stored, enc.model_bytes, bound, None, nbytes / s_kernel / 1e9,
             note),
         Row(name, "limit: GPU device-to-device copy", raw, raw, 0, bound, None, nbytes / s_copy / 1e9,
             f"copy of {nbytes / 2**20:.0f} MiB"),
@@ -414,6 +431,227 @@ def nvcomp_rows(name: str, chunks: list[np.ndarray], raw: int, bound: float, rep
     return rows, msg
 
 
+# ----------------------------------------------------------------------------- study (issue 14)
+#
+# Bits/token of every codec and of candidate context models on real BPE tokens, in one run.
+# Entropy rows do not depend on the token width; byte codecs (zstd, xz) are measured on the
+# uint16 and the uint32 bytes. Corpora (all local, nothing downloaded):
+#   shakespeare/self   the shipped tinyshakespeare, BPE trained on it
+#   shakespeare/other  the same text, BPE trained on OTHER text: Python's standard library
+#                      sources (/usr/lib/python3.*/*.py, the usual pretraining case where the
+#                      tokenizer was not fitted to the data)
+#   pysrc/self         those Python sources, BPE trained on them (a second, larger corpus)
+STUDY_VOCAB = 16384
+
+
+def other_text(limit: int = 5 << 20) -> tuple[str | None, str]:
+    """Python's own standard library sources (top-level modules, sorted by name), at most
+    ``limit`` characters; None when absent."""
+    import glob
+    import sysconfig
+
+    stdlib = sysconfig.get_paths().get("stdlib", "")
+    files = sorted(glob.glob(os.path.join(stdlib, "*.py")))
+    parts, n = [], 0
+    for f in files:
+        try:
+            t = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(t)
+        n += len(t)
+        if n >= limit:
+            break
+    if not parts:
+        return None, f"no Python sources under {stdlib!r}"
+    return "".join(parts)[:limit], f"{len(parts)} files of {stdlib}/*.py"
+
+
+def study_corpora(tmp: str, vocab: int) -> tuple[list[tuple[str, np.ndarray, str]], list[str]]:
+    from llmio_native.pack import train_bpe
+
+    out: list[tuple[str, np.ndarray, str]] = []
+    notes: list[str] = []
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return out, ["study: skipped (the tokenizers package is not installed)"]
+    shakes = CORPUS.read_text(encoding="utf-8") if CORPUS.exists() else None
+    if shakes is None:
+        notes.append(f"shakespeare corpora skipped: {CORPUS} is absent")
+    other, other_why = other_text()
+    if other is None:
+        notes.append(f"the 'other text' corpora skipped: {other_why}")
+
+    def encode(tok: Any, text: str) -> np.ndarray:
+        ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+        assert tok.decode(ids.tolist()) == text  # byte-level BPE is lossless
+        return ids
+
+    if shakes is not None:
+        tok = train_bpe([shakes], vocab, os.path.join(tmp, "shakes.json"))
+        out.append(("shakespeare/self", encode(tok, shakes),
+                    f"tinyshakespeare ({len(shakes):,} chars), BPE {tok.get_vocab_size()} trained on it"))
+    if other is not None:
+        tok = train_bpe([other], vocab, os.path.join(tmp, "other.json"))
+        if shakes is not None:
+            out.append(("shakespeare/other", encode(tok, shakes),
+                        f"tinyshakespeare, BPE {tok.get_vocab_size()} trained on other text ({other_why}, "
+                        f"{len(other):,} chars)"))
+        out.append(("pysrc/self", encode(tok, other),
+                    f"{other_why} ({len(other):,} chars), BPE {tok.get_vocab_size()} trained on it"))
+    return out, notes
+
+
+def cond_entropy_bits(ctx: np.ndarray, nxt: np.ndarray) -> float:
+    """Empirical H(next | ctx) in bits/token (static: the model's own cost not counted)."""
+    if ctx.size == 0:
+        return 0.0
+    key = ctx.astype(np.uint64) << np.uint64(32) | nxt.astype(np.uint64)
+    _, pair_counts = np.unique(key, return_counts=True)
+    _, ctx_counts = np.unique(ctx, return_counts=True)
+    n = float(ctx.size)
+    hp = -(pair_counts * np.log2(pair_counts / n)).sum()
+    hc = -(ctx_counts * np.log2(ctx_counts / n)).sum()
+    return float((hp - hc) / n)
+
+
+def ranks_of(tokens: np.ndarray) -> np.ndarray:
+    counts = np.bincount(tokens)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[tokens]
+
+
+def adaptive_bits(tokens: np.ndarray, order: int, beta: float = 2.0) -> float:
+    """Bits/token of an adaptive (one-pass, so its model is paid for as it is learned)
+    context model blended down to an adaptive order-0: p = (n(ctx,s) + beta * p_lower(s)) /
+    (n(ctx) + beta), order-0 with a uniform floor over the vocabulary. An estimate of what
+    a transmitted static model of that order can reach."""
+    vocab = int(tokens.max()) + 1 if tokens.size else 1
+    toks = tokens.tolist()
+    n0 = [0] * vocab
+    tot0 = 0
+    tabs: list[dict] = [dict() for _ in range(order)]  # order k: ctx tuple -> {sym: count}
+    tots: list[dict] = [dict() for _ in range(order)]
+    bits = 0.0
+    log2 = math.log2
+    for i, s in enumerate(toks):
+        p = (n0[s] + 0.5) / (tot0 + 0.5 * vocab)
+        for k in range(1, order + 1):
+            if i < k:
+                break
+            c = tuple(toks[i - k : i]) if k > 1 else toks[i - 1]
+            t = tabs[k - 1].get(c)
+            if t is None:
+                t = tabs[k - 1][c] = {}
+                tots[k - 1][c] = 0
+            nc = tots[k - 1][c]
+            p = (t.get(s, 0) + beta * p) / (nc + beta)
+            t[s] = t.get(s, 0) + 1
+            tots[k - 1][c] = nc + 1
+        bits -= log2(p)
+        n0[s] += 1
+        tot0 += 1
+    return bits / max(1, len(toks))
+
+
+def study(tmp: str, vocab: int, model_tokens: int, out_json: dict) -> None:
+    import lzma
+
+    corpora, notes = study_corpora(tmp, vocab)
+    print("## study: bits/token on real BPE tokens (issue 14)")
+    print(f"- corpora are ~300K-1.5M tokens, far below the issue's >= 2^24: model costs weigh more here")
+    print("- zstd / xz compress the whole token stream as one frame (their best case); rans rows count the")
+    print("  chunk payloads (64 KiB chunks) plus the model region as the writer stores them")
+    print("- static H(.|.) rows leave out the model's cost (a lower bound for a transmitted model);")
+    print("  adaptive rows learn as they go, so their model cost is included")
+    print()
+    table: list[dict] = []
+    for name, ids, why in corpora:
+        h0 = empirical_h0(ids)
+        n = ids.size
+        prev, nxt = ids[:-1], ids[1:]
+        rank = ranks_of(ids)
+        row: dict[str, Any] = {"corpus": name, "tokens": int(n), "source": why, "H0": h0}
+        row["H(next|class64)"] = cond_entropy_bits(np.minimum(rank[:-1], 63), nxt)
+        row["H(next|prev)"] = cond_entropy_bits(prev, nxt)
+        row["H(next|prev2)"] = cond_entropy_bits(ids[:-2].astype(np.uint64) * np.uint64(1 << 20) + ids[1:-1], ids[2:])
+        t0 = time.perf_counter()
+        row["adaptive order-1"] = adaptive_bits(ids, 1)
+        row["adaptive order-2"] = adaptive_bits(ids, 2)
+        row["_adaptive_s"] = time.perf_counter() - t0
+        for dt in (np.uint16, np.uint32):
+            toks = ids.astype(dt)
+            w = np.dtype(dt).itemsize * 8
+            raw = toks.tobytes()
+            row[f"zstd -3 u{w}"] = 8 * len(zstandard.ZstdCompressor(level=3).compress(raw)) / n
+            row[f"zstd -19 u{w}"] = 8 * len(zstandard.ZstdCompressor(level=19).compress(raw)) / n
+            row[f"xz -9 u{w}"] = 8 * len(lzma.compress(raw, preset=9)) / n
+            enc = rans_encode(split_chunks(toks), model_tokens)
+            row[f"rans u{w}"] = 8 * enc.stored / n
+            enc1 = rans_encode(split_chunks(toks), model_tokens, "rans1")
+            row[f"rans1 u{w}"] = 8 * enc1.stored / n
+            row[f"rans1 u{w} model"] = 8 * enc1.model_bytes / n
+        table.append(row)
+        print(f"- {name}: {n:,} tokens; {why}")
+    print()
+    keys = [k for k in (table[0] if table else {}) if k not in ("corpus", "tokens", "source") and not k.startswith("_")]
+    print(f"| {'bits/token':<20} | " + " | ".join(f"{r['corpus']:>15}" for r in table) + " |")
+    print(f"|{'-' * 22}|" + "|".join("-" * 17 for _ in table) + "|")
+    for k in keys:
+        print(f"| {k:<20} | " + " | ".join(f"{r[k]:7.3f} ({r[k] / r['H0']:5.3f})" for r in table) + " |")
+    print()
+    print("(in parentheses: x H0; 'rans1 model': the model regions' share of the rans1 row)")
+    for n_ in notes:
+        print(n_)
+    out_json["study"] = table
+    layout = [layout_row(tmp, name, ids, codec, model_tokens) for name, ids, _ in corpora for codec in ("rans", "rans1")]
+    print()
+    print("## study: what the shard layout spends (DatasetWriter defaults: 65536-token chunks, uint16)")
+    print("- padding: zeros after every chunk and model region up to the next 4 KiB boundary;")
+    print("  fixed: the 4 KiB header, the chunk table and the document index")
+    print()
+    print(f"| {'corpus':<18} | {'codec':<5} | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | {'padding':>8} | "
+          f"{'fixed':>6} | {'pad %':>5} | {'bits/token file':>15} | {'w/o padding':>11} |")
+    print(f"|{'-' * 20}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|{'-' * 17}|{'-' * 13}|")
+    for r in layout:
+        print(f"| {r['corpus']:<18} | {r['codec']:<5} | {r['file']:>10,} | {r['payload']:>10,} | {r['models']:>8,} | "
+              f"{r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
+              f"{r['bits_file']:15.3f} | {r['bits_packed']:11.3f} |")
+    out_json["layout"] = layout
+
+
+def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int) -> dict:
+    """Write ``ids`` (uint16) as one DatasetWriter shard and split its file bytes into chunk
+    payloads, model regions, padding and the fixed parts (header, tables)."""
+    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}")
+    with lio.DatasetWriter(d, dtype="uint16", codec=codec, rans_model_tokens=model_tokens, overwrite=True) as w:
+        w.add_document(ids.astype(np.uint16))
+    ds = lio.open_dataset(d)
+    assert np.array_equal(ds.read(0, ds.num_tokens), ids)
+    shards = [p for p in ds.paths]
+    file_bytes = sum(os.path.getsize(p) for p in shards)
+    payload = int(ds.chunks["stored_bytes"].sum())
+    models = 0
+    for f, off in sorted(set(zip(ds.chunks["file"].tolist(), ds.chunks["model"].tolist()))):
+        if off:
+            with open(shards[f], "rb") as fh:
+                fh.seek(off)
+                models += F.model_region_size(fh.read(F.MODEL_HEADER_BYTES), shards[f], off)
+    fixed = 0
+    for p in shards:
+        with open(p, "rb") as fh:
+            hdr = F.unpack_header(fh.read(F.HEADER_BYTES), p)
+        fixed += F.HEADER_BYTES + os.path.getsize(p) - hdr["table_offset"]
+    padding = file_bytes - payload - models - fixed
+    n = ids.size
+    return {"corpus": name, "codec": codec, "tokens": int(n), "file": file_bytes, "payload": payload,
+            "models": models, "padding": padding, "fixed": fixed, "bits_file": 8 * file_bytes / n,
+            "bits_packed": 8 * (file_bytes - padding) / n}
+
+
 # ----------------------------------------------------------------------------- report
 def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
@@ -448,7 +686,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="zipf-50257,zipf-128256,shakespeare",
                     help="comma-separated subset of the datasets")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--study", action="store_true",
+                    help="only the context-model study of issue 14: bits/token per codec on real BPE corpora")
+    ap.add_argument("--study-vocab", type=int, default=STUDY_VOCAB, help="BPE vocabulary of the study (16384)")
     a = ap.parse_args(argv)
+    if a.study:
+        print("# bench_codec --study: llmio_native", lio.__version__)
+        for k, v in machine().items():
+            print(f"#   {k}: {v}")
+        res: dict[str, Any] = {"machine": machine()}
+        with tempfile.TemporaryDirectory(prefix="llmio_bench_codec_") as tmp:
+            study(tmp, a.study_vocab, a.model_tokens, res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     ntok = a.tokens or (1 << 20 if a.quick else 1 << 25)
     repeats = a.repeats or (2 if a.quick else 5)
     gpu_tokens = a.gpu_tokens or (1 << 22 if a.quick else 1 << 28)
@@ -507,9 +759,19 @@ def main(argv: list[str] | None = None) -> int:
                              raw / enc.seconds / 1e6, raw / dec_s / 1e9,
                              f"{len(enc.models)} model(s), ratio {raw / (enc.stored - enc.model_bytes):.3f} without "
                              f"them; {nraw} raw chunk(s); emulation == CPU on {n_emul} chunks"))
+            enc1 = rans_encode(chunks, a.model_tokens, "rans1")
+            dec1_s = rans_cpu_decode(enc1, chunks, repeats)
+            n_emul1 = rans_emulate_check(enc1, chunks, R1)
+            m1 = enc1.models[0]
+            drows.append(Row(name, "rans1 CPU (1 thread)", raw, enc1.stored, enc1.model_bytes, bound,
+                             raw / enc1.seconds / 1e6, raw / dec1_s / 1e9,
+                             f"{len(enc1.models)} model(s) ({m1.num_contexts} contexts, {m1.num_entries} entries, "
+                             f"{m1.num_slots} slots), ratio {raw / (enc1.stored - enc1.model_bytes):.3f} without "
+                             f"them; {enc1.coded.count(False)} raw chunk(s); emulation == CPU on {n_emul1} chunks"))
             drows.append(zstd_rows(name, chunks, raw, bound, repeats))
             if gpu_ok:
                 drows += gpu_rows(name, enc, chunks, raw, bound, gpu_tokens, a.gpu_repeats)
+                drows += gpu_rows(name, enc1, chunks, raw, bound, gpu_tokens, a.gpu_repeats, "rans1")
             nv_rows, nv_msg = nvcomp_rows(name, chunks, raw, bound, repeats)
             drows += nv_rows
             extra = extra + [f"{len(chunks)} chunks of {CHUNK_BYTES // tb} tokens; model bits/token (expected under "
@@ -541,9 +803,19 @@ def main(argv: list[str] | None = None) -> int:
             h100 = "H100" in g.note
             verdict(name, "rans GPU decode GB/s" + ("" if h100 else " (not an H100: no verdict)"),
                     g.decode_gbps or 0, TARGET_GPU_GBPS, (g.decode_gbps or 0) >= TARGET_GPU_GBPS if h100 else None)
+        r1 = next(x for x in rows if x.dataset == name and x.codec.startswith("rans1 CPU"))
+        verdict(name, "rans1 CPU decode GB/s per core", r1.decode_gbps or 0, TARGET_CPU_GBPS,
+                (r1.decode_gbps or 0) >= TARGET_CPU_GBPS)
+        g1 = next((x for x in rows if x.dataset == name and x.codec == "rans1 GPU (kernel only)"), None)
+        if g1 is not None:
+            h100 = "H100" in g1.note or "H200" in g1.note
+            verdict(name, "rans1 GPU decode GB/s" + ("" if h100 else " (not an H100: no verdict)"),
+                    g1.decode_gbps or 0, TARGET1_GPU_GBPS,
+                    (g1.decode_gbps or 0) >= TARGET1_GPU_GBPS if h100 else None)
     print()
     if not gpu_ok:
         print(f"rans GPU: not measured ({gpu_why})")
+        print(f"rans1 GPU: not measured ({gpu_why})")
     for n in notes:
         print(n)
     print("round trips: every decode above was checked equal to the input tokens")

@@ -38,7 +38,7 @@ import torch
 import llmio_native as lio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import evict  # noqa: E402
+from common import evict, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: add the CUDA loader rows (needs a GPU)")
     ap.add_argument("--json", help="also write the rows (and the limits measured in the run) here")
+    ap.add_argument("--quick", action="store_true", help="a small run (0.25 GiB, 300 batches)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.size_gib, a.batches = min(a.size_gib, 0.25), min(a.batches, 300)
     B, T, N = a.batch_size, a.seq_len, a.batches
     ntok = int(a.size_gib * 2**30 / 2)
     ztok = int(min(a.size_gib, 0.5 if a.zstd_gib is None else a.zstd_gib) * 2**30 / 2)
@@ -303,7 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         with open(a.json, "w") as f:
-            json.dump({"tokens": ntok, "batch_size": B, "seq_len": T, "batches": N, "seq_read_gbps": seq_gbps,
+            chart = {"title": f"bench_loader: tokens/s relative to the engine limit ({ntok / 1e6:.0f}M tokens, "
+                              f"B={B}, T={T})", "unit": "x engine limit",
+                     "bars": [{"label": row["name"], "value": row["tokens_s"] / lim["tokens_s"],
+                               "kind": "limit" if "limit" in row["name"] else
+                               ("ours" if row["name"].startswith("TokenLoader") else "baseline")}
+                              for row in rows + gpu_rows]}
+            json.dump({"machine": machine(), "chart": chart, "tokens": ntok, "batch_size": B, "seq_len": T, "batches": N, "seq_read_gbps": seq_gbps,
                        "rows": [{**row, "vs_limit": row["tokens_s"] / lim["tokens_s"]} for row in rows + gpu_rows]},
                       f, indent=1, default=str)
     if not a.keep:

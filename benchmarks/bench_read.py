@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256, help="random reads per read_batch call")
     ap.add_argument("--keep", action="store_true", help="keep the data file")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="a small run (256 MiB, 2000 random reads, 2 s caps)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.size_mib, a.random_ops, a.seconds = min(a.size_mib, 256), min(a.random_ops, 2000), min(a.seconds, 2.0)
 
     size = a.size_mib * MiB
     path = a.path
@@ -341,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "file_bytes": size, "direct_used": direct_used,
+            chart = {"title": f"bench_read: {sec} ({size / MiB:.0f} MiB file), GB/s", "unit": "GB/s",
+                     "bars": [{"label": r.name, "value": r.gbps,
+                               "kind": "limit" if r.name.startswith("limit") else
+                               ("ours" if r.name.startswith("llmio") else "baseline")}
+                              for r in rows if r.section == sec]}
+            json.dump({"machine": machine(), "file_bytes": size, "direct_used": direct_used, "chart": chart,
                        "limit_unavailable": lim is None, "rows": [
                 {**asdict(r), "gbps": r.gbps, "iops": r.iops, "cpu": r.cpu} for r in rows]}, f, indent=1)
     shutil.rmtree(tmp, ignore_errors=True)

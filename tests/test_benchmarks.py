@@ -68,3 +68,47 @@ def test_bench_codec_smoke(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     rans = [r for r in res["rows"] if r["codec"] == "rans CPU (1 thread)"]
     assert rans and all(r["of_bound"] > 0.8 and r["decode_gbps"] > 0 for r in rans)
+
+
+def test_bench_loader_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_loader.py"), "--quick", "--size-gib", "0.02", "--batches", "20",
+         "--dir", str(tmp_path / "d"), "--json", str(tmp_path / "l.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "l.json").read_text())
+    names = {r["name"]: r for r in res["rows"]}
+    for want in ("TokenLoader (our format, none)", "TokenLoader (raw .bin)", "nanoGPT np.memmap get_batch"):
+        assert names[want]["tokens_s"] > 0 and names[want]["vs_limit"] > 0, want
+    assert res["batches"] == 20 and res["machine"]["cores"] >= 1
+    bars = res["chart"]["bars"]
+    assert [b["label"] for b in bars] == [r["name"] for r in res["rows"]]
+    assert {b["kind"] for b in bars} >= {"ours", "baseline", "limit"}
+    assert not (tmp_path / "d").exists()  # removed without --keep
+
+
+def test_bench_write_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_write.py"), "--size", "8M", "--piece", "3M", "--repeat", "1",
+         "--dir", str(tmp_path), "--json", str(tmp_path / "w.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "w.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ["llmio threads O_DIRECT", "llmio threads buffered", "python f.write + fdatasync (buffered)"]:
+        r = rows.get(name)
+        assert r is not None, (name, sorted(rows))
+        assert r["nbytes"] == 8 << 20 and r["seconds"] > 0 and r["gbps"] > 0, r
+    assert rows["llmio threads buffered"]["direct_used"] is False
+    assert isinstance(rows["llmio threads O_DIRECT"]["direct_used"], bool)
+    assert res["file_bytes"] == 8 << 20 and res["piece_bytes"] == 3 << 20 and res["machine"]["cores"] >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # every written file removed
+    bars = res["chart"]["bars"]
+    assert [b["label"] for b in bars] == [r["name"] for r in res["rows"]]
+    assert {b["kind"] for b in bars} >= {"ours", "baseline"}
+    if res["limit_unavailable"]:
+        pytest.skip("liburing write limit not buildable here: " + res["limit_reason"])
+    assert "limit: liburing qd32 1MiB O_DIRECT" in rows and res["best_vs_limit"] > 0
+    assert all(r["vs_limit"] > 0 for r in res["rows"])

@@ -591,3 +591,41 @@ def test_console_script_runs(packed: Path) -> None:
     info = json.loads(out.stdout)
     assert info["num_tokens"] == lio.open_dataset(str(packed)).num_tokens and info["tokens_scanned"] == 5000
     assert out.stderr == ""  # no progress bar without a terminal
+
+
+def test_bench_writes_json_and_chart(tmp_path, monkeypatch, capfd) -> None:
+    """``llmio bench NAME --quick --out DIR`` runs the script with --quick and --json, and draws
+    the JSON's chart (or the rows' ratios when it has none) into DIR/NAME.png."""
+    bdir = tmp_path / "benchmarks"
+    bdir.mkdir()
+    (bdir / "bench_toy.py").write_text(
+        "import json, sys\n"
+        "a = sys.argv[1:]\n"
+        "quick = '--quick' in a\n"
+        "out = a[a.index('--json') + 1]\n"
+        "rows = [{'name': 'limit: loop', 'ratio': 1.0}, {'name': 'llmio toy', 'ratio': 0.5 if quick else 0.9},\n"
+        "        {'name': 'numpy', 'ratio': 0.25}]\n"
+        "print('| toy table |')\n"
+        "json.dump({'rows': rows, 'machine': {'cpu': 'x', 'cores': 2, 'ram_gib': 1}}, open(out, 'w'))\n")
+    (bdir / "bench_ddp_hook.py").write_text("import sys; sys.exit(3)\n")
+    monkeypatch.setenv("LLMIO_BENCH_DIR", str(bdir))
+    out = tmp_path / "o"
+    assert main(["bench", "toy", "--quick", "--out", str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert "| toy table |" in printed and "--quick" in printed
+    res = json.loads((out / "toy.json").read_text())
+    assert [r["ratio"] for r in res["rows"]] == [1.0, 0.5, 0.25]
+    from llmio_native.cli.bench import chart_spec
+    spec = chart_spec("toy", res)
+    assert [(b["label"], b["value"], b["kind"]) for b in spec["bars"]] == [
+        ("limit: loop", 1.0, "limit"), ("llmio toy", 0.5, "ours"), ("numpy", 0.25, "baseline")]
+    pytest.importorskip("matplotlib")
+    png = (out / "toy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    # the hook benchmark is reached by its short name, and a failing script's status is ours
+    assert main(["bench", "hook"]) == 3
+    assert main(["bench", "nosuch"]) == 2
+    capfd.readouterr()
+    assert main(["bench", "--help"]) == 0
+    listed = capfd.readouterr().out
+    assert "toy" in listed and "hook" in listed and "ddp_hook" not in listed

@@ -14,7 +14,7 @@ from llmio_native import _native
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 STEPS = ["build", "info", "gpu_gate", "pytest_cuda", "memcheck_rans", "memcheck_int8", "bench_codec",
-         "bench_loader", "bench_ddp_hook"]
+         "bench_loader", "bench_ddp_hook", "bench_checkpoint"]
 GPU_STEPS = STEPS[3:]
 no_gpu_here = pytest.mark.skipif(_native.cuda_usable()[0], reason="a usable GPU here: the script would run it all")
 

@@ -152,7 +152,7 @@ def test_not_found_is_not_retried(bucket, proxy):
 
 
 # -- reading through the cache ------------------------------------------------------------------------------
-@pytest.mark.parametrize("codec", ["none", "zstd", "rans"])
+@pytest.mark.parametrize("codec", ["none", "zstd", "rans", "rans1"])
 def test_reads_match_local_and_cache_stays_bounded(tmp_path_factory, tmp_path, bucket, proxy, codec):
     url, local = remote_dataset(tmp_path_factory, bucket, proxy, codec)
     ref = lio.open_dataset(local)

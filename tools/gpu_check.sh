@@ -9,11 +9,13 @@
 #   gpu_gate   nvidia-smi sees a GPU and our _cuda module is usable (else every GPU
 #              step below is "skipped" and the run fails: nothing GPU ran)
 #   pytest_cuda        pytest -m cuda (side-stream and default-stream kernel, loader tests)
-#   memcheck_rans      compute-sanitizer --tool memcheck: tests/test_codec_rans.py -m cuda
+#   memcheck_rans      compute-sanitizer --tool memcheck: tests/test_codec_rans.py and
+#                      tests/test_codec_rans1.py -m cuda
 #   memcheck_int8      compute-sanitizer --tool memcheck: tests/test_quant_cuda.py
 #   bench_codec        benchmarks/bench_codec.py --quick (GPU rows must be measured)
 #   bench_loader       benchmarks/bench_loader.py --device cuda (small corpus)
 #   bench_ddp_hook     benchmarks/bench_ddp_hook.py (small sizes; CUDA kernel rows)
+#   bench_checkpoint   benchmarks/bench_checkpoint.py (256 MiB; load_file device=cuda rows)
 # A failed step does not stop the run. At the end: one table (step, status,
 # seconds) and exit status 0 only when every step passed; 2 when no GPU step ran.
 #
@@ -83,6 +85,7 @@ sanitizer_clean() {
 codec_gpu_rows() { ! grep -q "rans GPU: not measured" "$1" || { echo "GPU rows not measured"; return 1; }; }
 loader_gpu_rows() { ! grep -q "CUDA rows skipped" "$1" || { echo "CUDA rows skipped"; return 1; }; }
 ddp_gpu_rows() { ! grep -q "CUDA kernels: not measured" "$1" || { echo "CUDA kernel rows not measured"; return 1; }; }
+ckpt_gpu_rows() { grep -q "cuda load_file / min(read limit, pinned H2D)" "$1" || { echo "CUDA rows not measured"; return 1; }; }
 
 # ---------------------------------------------------------------- build + info
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
@@ -112,7 +115,7 @@ else
   record gpu_gate "FAIL ($GPU_WHY)" $((SECONDS - t0))
 fi
 
-GPU_STEPS=(pytest_cuda memcheck_rans memcheck_int8 bench_codec bench_loader bench_ddp_hook)
+GPU_STEPS=(pytest_cuda memcheck_rans memcheck_int8 bench_codec bench_loader bench_ddp_hook bench_checkpoint)
 if [ -n "$GPU_WHY" ]; then
   for s in "${GPU_STEPS[@]}"; do record "$s" "skipped ($GPU_WHY)" 0; done
 else
@@ -126,7 +129,7 @@ else
     record memcheck_int8 "FAIL (compute-sanitizer not found)" 0
   else
     run_step memcheck_rans 120 sanitizer_clean "${SAN[@]}" "$PY" -m pytest -q -m cuda -p no:cacheprovider \
-      tests/test_codec_rans.py
+      tests/test_codec_rans.py tests/test_codec_rans1.py
     run_step memcheck_int8 120 sanitizer_clean "${SAN[@]}" "$PY" -m pytest -q -p no:cacheprovider \
       tests/test_quant_cuda.py
   fi
@@ -135,6 +138,7 @@ else
     --batches 100 --dir "$LOG_DIR/loader"
   run_step bench_ddp_hook 60 ddp_gpu_rows "$PY" benchmarks/bench_ddp_hook.py --numel $((1 << 22)) --reps 3 \
     --wire-numel $((1 << 20)) --measure-numel $((1 << 16)) --gpt-steps 0
+  run_step bench_checkpoint 120 ckpt_gpu_rows "$PY" benchmarks/bench_checkpoint.py --size 256MiB --no-dcp
 fi
 
 # ---------------------------------------------------------------- summary

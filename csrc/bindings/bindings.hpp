@@ -34,7 +34,9 @@ pybind11::str fs_str(const std::string& s);
 // One per component, each in its own file; called from core_module.cpp.
 void bind_errors(pybind11::module_& m);  // errors_bindings.cpp: exceptions and the C++ -> Python mapping
 void bind_io(pybind11::module_& m);      // io_bindings.cpp: Reader, io_uring probe, fault injection
+void bind_io_write(pybind11::module_& m);  // io_write_bindings.cpp: Writer, fsync_path
 void bind_ring(pybind11::module_& m);    // ring_bindings.cpp: SlotRing, RingSlot, HostBuffer
 void bind_loader(pybind11::module_& m);  // loader_bindings.cpp: the seeded permutation
 void bind_rans(pybind11::module_& m);    // rans_bindings.cpp: the rans codec (CPU) and its kernel emulation
+void bind_rans1(pybind11::module_& m);   // rans1_bindings.cpp: the rans1 context codec (CPU) and its kernel emulation
 void bind_quant(pybind11::module_& m);   // quant_bindings.cpp: INT8 oracles + kernel emulations, window cutting

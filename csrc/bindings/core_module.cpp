@@ -16,8 +16,10 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LLMIO_VERSION;
   bind_errors(m);
   bind_io(m);
+  bind_io_write(m);  // Writer, fsync_path (io_write_bindings.cpp)
   bind_ring(m);
   bind_loader(m);
   bind_rans(m);
+  bind_rans1(m);
   bind_quant(m);  // INT8 oracles and emulations, window cutting (quant_bindings.cpp)
 }

@@ -41,6 +41,20 @@ void parse_faults(const std::string& spec, Faults& out) {
     else if (item == "uring_submit_eio") f.uring_submit_eio = true;
     else if (item == "uring_enter_eio") f.uring_enter_eio = true;
     else if (item.rfind("eio:", 0) == 0) f.eio_substring = item.substr(4);
+    else if (item == "direct_write_einval") f.direct_write_einval = true;
+    else if (item == "write_short") f.write_short = true;
+    else if (item.rfind("write_enospc", 0) == 0 || item.rfind("write_eio", 0) == 0) {
+      const bool nospc = item.rfind("write_enospc", 0) == 0;
+      const std::string rest = item.substr(nospc ? 12 : 9);
+      f.write_err = nospc ? ENOSPC : EIO;
+      f.write_err_offset = 0;
+      if (!rest.empty()) {
+        if (rest[0] != ':' || rest.size() < 2 || rest.find_first_not_of("0123456789", 1) != std::string::npos)
+          throw std::invalid_argument("fault '" + item + "': expected " + (nospc ? "write_enospc" : "write_eio") +
+                                      "[:OFFSET] with a decimal byte offset");
+        f.write_err_offset = std::stoull(rest.substr(1));
+      }
+    }
     else throw std::invalid_argument("unknown fault '" + item + "' in LLMIO_FAULTS");
   }
   out = f;
@@ -88,7 +102,7 @@ FileHandle::~FileHandle() {
   if (fd_buffered >= 0) (void)::close(fd_buffered);
 }
 
-namespace {
+namespace detail {
 
 // O_DIRECT alignment: statx(STATX_DIOALIGN) where the kernel reports it, never
 // below 4096 (a multiple of every logical block size in use, and the page size
@@ -108,11 +122,7 @@ uint32_t direct_alignment(int fd) {
   return a;
 }
 
-}  // namespace
-
-namespace {
-
-const char* file_type_name(mode_t m) {
+const char* file_type_name(unsigned m) {
   if (S_ISDIR(m)) return "a directory";
   if (S_ISFIFO(m)) return "a FIFO (named pipe)";
   if (S_ISCHR(m)) return "a character device";
@@ -121,6 +131,12 @@ const char* file_type_name(mode_t m) {
   if (S_ISLNK(m)) return "a symbolic link";
   return "not a regular file";
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::file_type_name;
 
 // The path as an error message shows it: an embedded NUL as \0.
 std::string printable_path(const std::string& p) {
@@ -201,7 +217,7 @@ FileSet::FileSet(const std::vector<std::string>& paths, bool direct) {
       }
       if (fd >= 0) {
         f->fd_direct = fd;
-        f->align = direct_alignment(fd);
+        f->align = detail::direct_alignment(fd);
         f->direct_ok.store(true);
       } else {
         f->direct_reason = std::string("O_DIRECT open refused: ") + std::strerror(e);

@@ -63,10 +63,19 @@ namespace detail {
 //   uring_eperm          io_uring_setup fails with EPERM (as under seccomp)
 //   uring_enosys         io_uring_setup fails with ENOSYS
 //   uring_submit_eio     io_uring_submit_and_wait reports EIO after submitting (a
-//                        ring that fails with reads in flight)
+//                        ring that fails with reads in flight; for a Writer, with
+//                        writes in flight)
 //   uring_enter_eio      io_uring_submit_and_wait fails with EIO before the kernel
-//                        takes any read (they stay queued in the ring, never submitted)
+//                        takes any read (they stay queued in the ring, never submitted;
+//                        for a Writer, io_uring_submit of its writes fails the same way)
 //   eio:<substring>      reads of files whose path contains <substring> fail with EIO
+//   write_enospc[:N]     Writer writes fail with ENOSPC from file offset N on (default 0);
+//                        a write crossing N is cut short there first, as on a full disk
+//   write_eio[:N]        the same with EIO
+//   direct_write_einval  O_DIRECT writes fail with EINVAL (the Writer falls back to buffered)
+//   write_short          every Writer write(2) is cut to half its length (a direct one to
+//                        whole blocks; one block is not cut), as a signal or a busy
+//                        file system may cut it: the rest must be resubmitted
 struct Faults {
   bool direct_open_einval = false;
   bool direct_read_einval = false;
@@ -75,10 +84,21 @@ struct Faults {
   bool uring_submit_eio = false;
   bool uring_enter_eio = false;
   std::string eio_substring;
+  int write_err = 0;              // ENOSPC or EIO for write_enospc / write_eio, 0 for none
+  uint64_t write_err_offset = 0;  // the file offset the injected write error starts at
+  bool direct_write_einval = false;
+  bool write_short = false;
 };
 const Faults& faults();
 void set_faults(const std::string& spec);  // std::invalid_argument on an unknown name
 std::string faults_spec();
+
+// O_DIRECT alignment of an open file: statx(STATX_DIOALIGN) where the kernel
+// reports it, never below 4096.
+uint32_t direct_alignment(int fd);
+
+// "a directory", "a FIFO (named pipe)", ... for an st_mode that is not a regular file.
+const char* file_type_name(unsigned st_mode);
 
 inline uint64_t align_down(uint64_t x, uint64_t a) { return x / a * a; }
 inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }

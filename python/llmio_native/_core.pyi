@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans_emulate_gpu']
+__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS1_CTX_BITS_DEFAULT', 'RANS1_SCALE_BITS_DEFAULT', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'Rans1Model', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_shared_emulate', 'int8_quantize_pack_emulate', 'int8_quantize_pack_shared_emulate', 'int8_unpack_dequantize_emulate', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans1_emulate_gpu', 'rans_emulate_gpu']
 class UnsupportedError(RuntimeError):
     pass
 class ShortReadError(OSError):
@@ -44,6 +44,43 @@ class Reader:
         ...
     @property
     def num_files(self) -> int:
+        ...
+class Writer:
+    def __init__(self, path: str, backend: str, direct: bool = True, queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, chunk_bytes: typing.SupportsInt | typing.SupportsIndex = 4194304, staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, exclusive: bool = False) -> None:
+        ...
+    def abort(self) -> None:
+        ...
+    def close(self, sync: str = 'data') -> None:
+        ...
+    def flush(self) -> None:
+        ...
+    def stats(self) -> dict:
+        ...
+    def tell(self) -> int:
+        ...
+    def write(self, data: typing.Any) -> int:
+        """
+        Append a C-contiguous buffer; returns the file offset it starts at.
+        """
+    def write_ptr(self, ptr: typing.SupportsInt | typing.SupportsIndex, nbytes: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    @property
+    def alignment(self) -> int:
+        ...
+    @property
+    def backend(self) -> str:
+        ...
+    @property
+    def chunk_bytes(self) -> int:
+        ...
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def direct_active(self) -> bool:
+        ...
+    @property
+    def path(self) -> str:
         ...
 class RingSlot:
     def array(self, k: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
@@ -186,6 +223,61 @@ class RansModel:
     @property
     def token_bytes(self) -> int:
         ...
+class Rans1Model:
+    """
+    Context model of the rans1 token codec (csrc/codec/rans1.hpp).
+    """
+    @staticmethod
+    def build(parts: collections.abc.Sequence[typing_extensions.Buffer], token_bytes: typing.SupportsInt | typing.SupportsIndex, scale_bits: typing.SupportsInt | typing.SupportsIndex = 12, ctx_bits: typing.SupportsInt | typing.SupportsIndex = 11, min_count: typing.SupportsInt | typing.SupportsIndex = 2, exact_min_count: typing.SupportsInt | typing.SupportsIndex = 16, max_exact: typing.SupportsInt | typing.SupportsIndex = 32767, entry_cost_bits: typing.SupportsInt | typing.SupportsIndex = 16, max_slots: typing.SupportsInt | typing.SupportsIndex = 33554432) -> Rans1Model:
+        """
+        Model of the tokens in `parts` (1-D uint16/uint32 arrays, each a chunk as encode() will see it).
+        """
+    @staticmethod
+    def parse(data: typing_extensions.Buffer) -> Rans1Model:
+        """
+        Parse serialize()'s bytes; raises CodecError when they are malformed.
+        """
+    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, reference: bool = False, simd: bool = True) -> None:
+        """
+        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. reference=True runs the reference decoder (the oracle of the tests); simd=False keeps the default path off AVX2 (its scalar code).
+        """
+    def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
+        ...
+    def encode(self, tokens: typing_extensions.Buffer) -> bytes:
+        """
+        Encode a chunk of tokens into a payload (bytes).
+        """
+    def serialize(self) -> bytes:
+        ...
+    @property
+    def bits_per_token(self) -> float:
+        """
+        Expected coded bits per token of the modelled data under the quantised frequencies.
+        """
+    @property
+    def ctx_bits(self) -> int:
+        ...
+    @property
+    def num_contexts(self) -> int:
+        ...
+    @property
+    def num_entries(self) -> int:
+        ...
+    @property
+    def num_exact(self) -> int:
+        ...
+    @property
+    def num_slots(self) -> int:
+        ...
+    @property
+    def num_symbols(self) -> int:
+        ...
+    @property
+    def scale_bits(self) -> int:
+        ...
+    @property
+    def token_bytes(self) -> int:
+        ...
 def _faults() -> str:
     ...
 def _set_faults(arg0: str) -> None:
@@ -221,6 +313,10 @@ def dequantize_blocks_ref(codes: typing.Annotated[numpy.typing.ArrayLike, numpy.
 def feistel_permute(idx: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], n: typing.SupportsInt | typing.SupportsIndex, key: typing.SupportsInt | typing.SupportsIndex, rounds: typing.SupportsInt | typing.SupportsIndex = 6) -> numpy.typing.NDArray[numpy.int64]:
     """
     Seeded bijection of [0, n) applied to idx (int64); see csrc/loader/permute.hpp.
+    """
+def fsync_path(path: str, data_only: bool = False) -> None:
+    """
+    open + fsync (fdatasync when data_only) of a file or a directory; OSError naming the path.
     """
 def host_live_bytes() -> int:
     """
@@ -282,6 +378,10 @@ def quantize_blocks_shared_ref(x: typing.Annotated[numpy.typing.ArrayLike, numpy
     """
     Blockwise INT8 quantization with the shared (all-reduced MAX) block absmax, in place.
     """
+def rans1_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], chunks: numpy.ndarray, blocks: numpy.ndarray, images: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.uint32]], out: typing_extensions.Buffer) -> numpy.typing.NDArray[numpy.int32]:
+    """
+    Host emulation of the CUDA rans1 decoder (the rans descriptors); returns per-chunk status codes.
+    """
 def rans_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], chunks: numpy.ndarray, blocks: numpy.ndarray, images: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.uint32]], out: typing_extensions.Buffer) -> numpy.typing.NDArray[numpy.int32]:
     """
     Host emulation of the CUDA rans decoder (same descriptors); returns per-chunk status codes.
@@ -290,6 +390,8 @@ CUT_MAX_BATCH: int = 65535
 HAVE_URING: bool = True
 INT8_DTYPES: dict = {'float32': 0, 'bfloat16': 1, 'float16': 2}
 QUANT_BLOCK: int = 256
+RANS1_CTX_BITS_DEFAULT: int = 11
+RANS1_SCALE_BITS_DEFAULT: int = 12
 RANS_BLOCK_DESC: dict = {'names': ['chunk', 'block'], 'formats': ['<u4', '<u4'], 'offsets': [0, 4], 'itemsize': 8}
 RANS_BLOCK_SYMBOLS: int = 32768
 RANS_CHUNK_DESC: dict = {'names': ['src_offset', 'src_bytes', 'out_offset', 'num_tokens', 'model'], 'formats': ['<u8', '<u8', '<u8', '<u4', '<u4'], 'offsets': [0, 8, 16, 24, 28], 'itemsize': 32}

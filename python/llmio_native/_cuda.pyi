@@ -4,7 +4,7 @@ llmio_native CUDA kernels (decode, window cutting, quantization)
 from __future__ import annotations
 import typing
 import typing_extensions
-__all__: list[str] = ['INT8_DTYPES', 'QUANT_BLOCK', 'cut_windows', 'device_count', 'device_count_error', 'driver_version', 'int8_block_absmax', 'int8_dequant_sum_requant', 'int8_dequant_sum_requant_shared', 'int8_quantize_pack', 'int8_quantize_pack_shared', 'int8_unpack_dequantize', 'rans_decode', 'runtime_version']
+__all__: list[str] = ['INT8_DTYPES', 'QUANT_BLOCK', 'cut_windows', 'device_count', 'device_count_error', 'driver_version', 'int8_block_absmax', 'int8_dequant_sum_requant', 'int8_dequant_sum_requant_shared', 'int8_quantize_pack', 'int8_quantize_pack_shared', 'int8_unpack_dequantize', 'rans1_decode', 'rans_decode', 'runtime_version']
 def cut_windows(tokens_dev: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex, starts_dev: typing.SupportsInt | typing.SupportsIndex, batch: typing.SupportsInt | typing.SupportsIndex, seq_len: typing.SupportsInt | typing.SupportsIndex, x_dev: typing.SupportsInt | typing.SupportsIndex, y_dev: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     Launch cut_windows_kernel on `stream` (an integer cudaStream_t; 0 = the default stream). Device pointers as integers.
@@ -70,6 +70,10 @@ def int8_unpack_dequantize(gathered: typing.SupportsInt | typing.SupportsIndex, 
     Raises:
         ValueError: bad sizes, dtype or alignment.
         CudaError: the launch failed.
+    """
+def rans1_decode(src: typing.SupportsInt | typing.SupportsIndex, chunks: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex, blocks: typing.SupportsInt | typing.SupportsIndex, num_blocks: typing.SupportsInt | typing.SupportsIndex, images: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.SupportsInt | typing.SupportsIndex, status: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex, *, src_nbytes: typing.SupportsInt | typing.SupportsIndex, chunks_host: typing_extensions.Buffer, blocks_host: typing_extensions.Buffer, num_images: typing.SupportsInt | typing.SupportsIndex, out_tokens: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Launch the rans1 decoder on `stream` (a cudaStream_t as an integer; 0 is torch's default stream): one warp per block descriptor; per-chunk status codes (0 = decoded) are written to `status` (zeroed by the caller). Device pointers as integers. The keyword arguments describe the buffers for the descriptor check made before the launch (ValueError naming the chunk): src size in bytes, the host copies of the chunk and block tables, the number of model images and the output size in tokens.
     """
 def rans_decode(src: typing.SupportsInt | typing.SupportsIndex, chunks: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex, blocks: typing.SupportsInt | typing.SupportsIndex, num_blocks: typing.SupportsInt | typing.SupportsIndex, images: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.SupportsInt | typing.SupportsIndex, status: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex, *, src_nbytes: typing.SupportsInt | typing.SupportsIndex, chunks_host: typing_extensions.Buffer, blocks_host: typing_extensions.Buffer, num_images: typing.SupportsInt | typing.SupportsIndex, out_tokens: typing.SupportsInt | typing.SupportsIndex) -> None:
     """

@@ -1,4 +1,4 @@
-// Seeded fuzz driver for the rans codec, built with AddressSanitizer and
+// Seeded fuzz driver for the rans and rans1 codecs, built with AddressSanitizer and
 // UndefinedBehaviorSanitizer by tests/test_codec_rans.py::test_native_fuzz_under_asan.
 // For each case: random tokens (several distributions and sizes), a model, a
 // round trip through the encoder, the decoder and the kernel emulation; then
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "codec/rans.hpp"
+#include "codec/rans1.hpp"
 
 using namespace llmio::rans;
 
@@ -98,6 +99,102 @@ int run_case(std::mt19937_64& rng, int mutations) {
   return 0;
 }
 
+// rans1: the same, with Markov-like token streams (so that contexts have entries), the
+// three CPU decoders (AVX2, scalar, reference) and the kernel emulation; mutated
+// payloads, and mutated models, which must parse to a well-formed model or throw.
+template <class T>
+int run_case1(std::mt19937_64& rng, int mutations) {
+  namespace r1 = llmio::rans1;
+  static const size_t sizes[] = {0, 1, 31, 32, 33, 1000, kBlockSymbols - 1, kBlockSymbols, kBlockSymbols + 1,
+                                 2 * kBlockSymbols + 77};
+  const size_t n = sizes[rng() % (sizeof(sizes) / sizeof(sizes[0]))];
+  const int kind = static_cast<int>(rng() % 5);
+  std::vector<T> t = kind < 4 ? make_tokens<T>(rng, n, kind) : std::vector<T>(n);
+  if (kind == 4) {  // a chain: token i+1 is one of 4 successors of token i, sometimes random
+    uint64_t cur = 0;
+    for (size_t i = 0; i < n; ++i) {
+      cur = rng() % 16 == 0 ? rng() % 5000 : (cur * 2654435761u + 97 * (rng() % 4)) % 5000;
+      t[i] = static_cast<T>(cur);
+    }
+  }
+  r1::BuildParams bp;
+  bp.scale_bits = r1::kMinScaleBits + static_cast<uint32_t>(rng() % (r1::kMaxScaleBits - r1::kMinScaleBits + 1));
+  bp.ctx_bits = r1::kMinCtxBits + static_cast<uint32_t>(rng() % (r1::kMaxCtxBits - r1::kMinCtxBits + 1));
+  bp.min_count = 1 + static_cast<uint32_t>(rng() % 4);
+  bp.exact_min_count = 1 + static_cast<uint32_t>(rng() % 40);
+  bp.entry_cost_bits = static_cast<uint32_t>(rng() % 3) * 12;
+  // a model of half the data or of all of it (the rest then goes through escapes)
+  const size_t half = rng() % 2 ? n / 2 : n;
+  r1::Model m = r1::Model::build({{t.data(), half}}, sizeof(T), bp);
+  std::vector<uint8_t> enc;
+  m.encode(t.data(), t.size(), enc);
+  std::unique_ptr<T[]> out(new T[n ? n : 1]);
+  for (int mode = 0; mode < 3; ++mode) {  // AVX2 (where the CPU has it), scalar, reference
+    m.decode(enc.data(), enc.size(), out.get(), n, mode == 2, mode == 0);
+    if (n && std::memcmp(out.get(), t.data(), n * sizeof(T)) != 0) {
+      std::printf("rans1 round trip mismatch n=%zu kind=%d mode=%d\n", n, kind, mode);
+      return 1;
+    }
+  }
+  const std::vector<uint32_t>& img = m.device_image();
+  std::vector<uint32_t> img_copy(img);  // an exact-size heap copy
+  const uint32_t* imgs[1] = {img_copy.data()};
+  ChunkDesc cd{0, enc.size(), 0, static_cast<uint32_t>(n), 0};
+  std::vector<BlockDesc> bd(num_blocks_for(static_cast<uint32_t>(n)));
+  for (uint32_t b = 0; b < bd.size(); ++b) bd[b] = {0, b};
+  int32_t status = 0;
+  r1::emulate_warps(enc.data(), &cd, 1, bd.data(), bd.size(), imgs, out.get(), sizeof(T), &status);
+  if (status != 0 || (n && std::memcmp(out.get(), t.data(), n * sizeof(T)) != 0)) {
+    std::printf("rans1 emulation mismatch n=%zu kind=%d status=%d\n", n, kind, status);
+    return 1;
+  }
+  for (int k = 0; k < mutations; ++k) {
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[enc.size() ? enc.size() : 1]);
+    size_t len = enc.size();
+    std::memcpy(buf.get(), enc.data(), len);
+    const int what = static_cast<int>(rng() % 3);
+    if (what == 0 && len) buf[rng() % len] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    if (what == 1 && len) buf[rng() % len] = static_cast<uint8_t>(rng());
+    if (what == 2) len = len ? rng() % len : 0;
+    for (int mode = 0; mode < 3; ++mode) {
+      try {
+        m.decode(buf.get(), len, out.get(), n, mode == 2, mode == 0);
+      } catch (const CodecError&) {
+      }
+    }
+    ChunkDesc c2{0, len, 0, static_cast<uint32_t>(n), 0};
+    status = 0;
+    r1::emulate_warps(buf.get(), &c2, 1, bd.data(), bd.size(), imgs, out.get(), sizeof(T), &status);
+  }
+  std::vector<uint8_t> raw = m.serialize();
+  for (int k = 0; k < mutations / 2 + 1; ++k) {
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[raw.size()]);
+    std::memcpy(buf.get(), raw.data(), raw.size());
+    size_t len = raw.size();
+    if (rng() % 2)
+      buf[rng() % len] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    else
+      len = rng() % len;
+    try {
+      r1::Model mm = r1::Model::parse(buf.get(), len);
+      for (int mode = 0; mode < 3; ++mode) {
+        try {  // a well-formed but different model decoding the original payload
+          mm.decode(enc.data(), enc.size(), out.get(), n, mode == 2, mode == 0);
+        } catch (const CodecError&) {
+        }
+      }
+      if (mm.token_bytes() == sizeof(T)) {
+        std::vector<uint32_t> mi(mm.device_image());
+        const uint32_t* mimgs[1] = {mi.data()};
+        status = 0;
+        r1::emulate_warps(enc.data(), &cd, 1, bd.data(), bd.size(), mimgs, out.get(), sizeof(T), &status);
+      }
+    } catch (const CodecError&) {
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -106,6 +203,8 @@ int main(int argc, char** argv) {
   for (int c = 0; c < cases; ++c) {
     const int rc = (c % 2) ? run_case<uint16_t>(rng, 20) : run_case<uint32_t>(rng, 20);
     if (rc) return rc;
+    const int rc1 = (c % 2) ? run_case1<uint32_t>(rng, 20) : run_case1<uint16_t>(rng, 20);
+    if (rc1) return rc1;
   }
   std::printf("rans_fuzz ok: %d cases\n", cases);
   return 0;

@@ -22,6 +22,8 @@ _EXPORTS = {
     "SafetensorsError": "safetensors_io",
     "StorageWriter": "dcp",
     "StorageReader": "dcp",
+    "CheckpointFormatError": "dcp_metadata",
+    "recover": "commit",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -87,9 +87,10 @@ def add_parser(sub: Any) -> None:
                    help="documents in text files: file (default), blank (blank-line separated), line")
     p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                    help="reader for every input (default: auto, by file suffix)")
-    p.add_argument("--codec", choices=["zstd", "rans", "none"], default="zstd",
+    p.add_argument("--codec", choices=["zstd", "rans", "rans1", "none"], default="zstd",
                    help="chunk codec (default: zstd, about 2x smaller for BPE ids; rans: a token entropy "
-                        "coder, within a few %% of the order-0 entropy and decodable on the GPU; none: raw "
+                        "coder, within a few %% of the order-0 entropy and decodable on the GPU; rans1: rans "
+                        "with the previous token as context, smaller than zstd -19 on text, also GPU-decodable; none: raw "
                         "tokens, for the fastest reads and the loader's global shuffle)")
     p.add_argument("--zstd-level", type=int_in(*_ZSTD_LEVELS), default=3,
                    help="zstd level, -131072 .. 22, negative for the fast modes (default: 3)")

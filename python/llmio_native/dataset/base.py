@@ -369,25 +369,26 @@ class TokenDataset:
         c = self.chunks[ci]
         codec = int(c["codec"])
         try:
-            model = self.model_of(ci) if codec == F.CODEC_RANS else None
+            model = self.model_of(ci) if codec in F.MODEL_CODECS else None
             F.decode_into(stored, codec, out, self._where(ci), model)
         except FormatError as exc:
-            if exc.chunk is None or codec != F.CODEC_RANS:
+            if exc.chunk is None or codec not in F.MODEL_CODECS:
                 exc.path, exc.chunk, exc.offset = self.paths[int(c["file"])], int(self._local[ci]), int(c["offset"])
             raise
 
     def model_of(self, chunk_index: int) -> Any:
-        """The ``RansModel`` a rans chunk was coded with (read, checked and cached on first use).
+        """The ``RansModel`` (``Rans1Model``) a rans (rans1) chunk was coded with (read, checked
+        and cached on first use).
 
         Raises:
-            ValueError: the chunk is not a rans chunk.
+            ValueError: the chunk is not a rans or rans1 chunk.
             ChecksumError, FormatError: the model region is damaged (names file and offset;
                 the chunk is named too).
             OSError: reading it failed.
         """
         c = self.chunks[int(chunk_index)]
-        if int(c["codec"]) != F.CODEC_RANS:
-            raise ValueError(f"{self._where(int(chunk_index))} is not a rans chunk")
+        if int(c["codec"]) not in F.MODEL_CODECS:
+            raise ValueError(f"{self._where(int(chunk_index))} is not a rans or rans1 chunk")
         key = (int(c["file"]), int(c["model"]))
         model = self._models.get(key)
         if model is not None:

@@ -27,8 +27,8 @@ Chunk table entry (48 bytes)::
      | offset | stored_bytes | first_token | token_count| codec| flags| checksum | model_offset |
      +--------+--------------+-------------+------------+------+------+----------+--------------+
 
-``model_offset`` is 0 except for ``rans`` chunks, where it is the 4096-aligned offset of
-the model region the chunk was coded with. A model region lies before the first chunk
+``model_offset`` is 0 except for ``rans`` and ``rans1`` chunks, where it is the 4096-aligned
+offset of the model region the chunk was coded with. A model region lies before the first chunk
 that uses it (the writer builds one model per group of chunks)::
 
      0           8             16            24          32
@@ -37,7 +37,8 @@ that uses it (the writer builds one model per group of chunks)::
      +-----------+-------------+-------------+-----------+--------------------------+
 
 The checksum (XXH3-64) covers the zstd frame; the model inside is parsed and checked by
-``RansModel.parse`` (csrc/codec/rans.hpp, docs/format.md).
+``RansModel.parse`` (csrc/codec/rans.hpp, docs/format.md). A ``rans1`` model region is the
+same with the magic ``"LIORAN1M"`` and a ``Rans1Model`` inside (csrc/codec/rans1.hpp).
 """
 from __future__ import annotations
 
@@ -103,18 +104,26 @@ CHUNKS_DTYPE = np.dtype(
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 CODEC_RANS = 2
-CODEC_IDS = {"none": CODEC_NONE, "zstd": CODEC_ZSTD, "rans": CODEC_RANS}
+CODEC_RANS1 = 3
+CODEC_IDS = {"none": CODEC_NONE, "zstd": CODEC_ZSTD, "rans": CODEC_RANS, "rans1": CODEC_RANS1}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 #: Codecs this build can write and read.
-IMPLEMENTED_CODECS = (CODEC_NONE, CODEC_ZSTD, CODEC_RANS)
+IMPLEMENTED_CODECS = (CODEC_NONE, CODEC_ZSTD, CODEC_RANS, CODEC_RANS1)
+#: Codecs whose chunks name a model region (``model_offset``) and decode on the GPU.
+MODEL_CODECS = (CODEC_RANS, CODEC_RANS1)
 
 MODEL_MAGIC = b"LIORANSM"
+MODEL1_MAGIC = b"LIORAN1M"  # a model region holding a rans1 model
+_MODEL_MAGICS = {MODEL_MAGIC: CODEC_RANS, MODEL1_MAGIC: CODEC_RANS1}
 _MODEL_HEADER = struct.Struct("<8sQQQ")  # magic, stored_bytes, checksum, raw_bytes
 MODEL_HEADER_BYTES = _MODEL_HEADER.size  # 32
 MODEL_MAX_BYTES = 1 << 30
 #: rans defaults: bucket frequencies quantised to 2^14, one model per 2^24 tokens.
 RANS_SCALE_BITS: int = _core.RANS_SCALE_BITS_DEFAULT
 RANS_MODEL_TOKENS = 1 << 24
+#: rans1 defaults (csrc/codec/rans1.hpp): order-0 model at 2^12, context tables of at most 2^11.
+RANS1_SCALE_BITS: int = _core.RANS1_SCALE_BITS_DEFAULT
+RANS1_CTX_BITS: int = _core.RANS1_CTX_BITS_DEFAULT
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 TOKEN_BYTES_TO_DTYPE = {2: "uint16", 4: "uint32"}
@@ -232,10 +241,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 
 def pack_model_region(model: Any, level: int = 19) -> bytes:
-    """The bytes of a model region (header + zstd frame of ``model.serialize()``)."""
+    """The bytes of a model region (header + zstd frame of ``model.serialize()``); the magic
+    says which codec's model it is (``RansModel`` or ``Rans1Model``)."""
     raw = model.serialize()
     stored = _cctx(level).compress(raw)
-    return _MODEL_HEADER.pack(MODEL_MAGIC, len(stored), checksum(stored), len(raw)) + stored
+    magic = MODEL1_MAGIC if isinstance(model, _core.Rans1Model) else MODEL_MAGIC
+    return _MODEL_HEADER.pack(magic, len(stored), checksum(stored), len(raw)) + stored
 
 
 def _model_header(head: Any, path: str, offset: int) -> tuple[int, int, int]:
@@ -243,9 +254,9 @@ def _model_header(head: Any, path: str, offset: int) -> tuple[int, int, int]:
     if len(head) < MODEL_HEADER_BYTES:
         raise FormatError(f"{path}: truncated rans model region @ offset {offset}", path=path, offset=offset)
     magic, stored, csum, raw = _MODEL_HEADER.unpack_from(bytes(head[:MODEL_HEADER_BYTES]))
-    if magic != MODEL_MAGIC:
+    if magic not in _MODEL_MAGICS:
         raise FormatError(f"{path}: no rans model region @ offset {offset} (magic {magic!r}, expected "
-                          f"{MODEL_MAGIC!r})", path=path, offset=offset)
+                          f"{MODEL_MAGIC!r} or {MODEL1_MAGIC!r})", path=path, offset=offset)
     if not 0 < stored <= MODEL_MAX_BYTES or not 0 < raw <= MODEL_MAX_BYTES:
         raise FormatError(f"{path}: rans model region @ offset {offset} has impossible sizes "
                           f"({stored} stored, {raw} raw)", path=path, offset=offset)
@@ -262,7 +273,8 @@ def model_region_size(head: Any, path: str, offset: int) -> int:
 
 
 def parse_model_region(region: Any, path: str, offset: int) -> Any:
-    """Check and parse a whole model region into a ``RansModel``.
+    """Check and parse a whole model region into a ``RansModel`` (or a ``Rans1Model``: the
+    region's magic says which).
 
     Raises:
         ChecksumError: the stored frame does not match its checksum.
@@ -288,8 +300,9 @@ def parse_model_region(region: Any, path: str, offset: int) -> Any:
     if len(raw) != raw_n:
         raise FormatError(f"{path}: rans model region @ offset {offset}: {len(raw)} bytes, expected {raw_n}",
                           path=path, offset=offset)
+    kind = _core.Rans1Model if bytes(region[:8]) == MODEL1_MAGIC else _core.RansModel
     try:
-        return _core.RansModel.parse(raw)
+        return kind.parse(raw)
     except _core.CodecError as exc:
         raise FormatError(f"{path}: rans model region @ offset {offset}: {exc}", path=path, offset=offset) from None
 
@@ -299,25 +312,25 @@ def encode_chunk(tokens: np.ndarray, codec: int, level: int, model: Any = None) 
 
     A zstd or rans chunk that would not get smaller is stored raw (codec ``none``): every
     chunk names its own codec, so readers handle the mix. Runs on writer worker threads
-    (zstd, the rans encoder and xxhash release the GIL). ``model`` is the ``RansModel``
-    for ``codec == CODEC_RANS``.
+    (zstd, the rans encoders and xxhash release the GIL). ``model`` is the ``RansModel``
+    for ``codec == CODEC_RANS``, the ``Rans1Model`` for ``CODEC_RANS1``.
     """
     raw = memoryview(np.ascontiguousarray(tokens)).cast("B")
     if codec == CODEC_ZSTD:
         comp = _cctx(level).compress(raw)
         if len(comp) < raw.nbytes:
             return comp, CODEC_ZSTD, checksum(comp)
-    elif codec == CODEC_RANS:
+    elif codec in MODEL_CODECS:
         comp = model.encode(np.ascontiguousarray(tokens))
         if len(comp) < raw.nbytes:
-            return comp, CODEC_RANS, checksum(comp)
+            return comp, codec, checksum(comp)
     return raw, CODEC_NONE, checksum(raw)
 
 
 def decode_into(stored: Any, codec: int, out: np.ndarray, where: str, model: Any = None) -> None:
     """Decode checked ``stored`` bytes of one chunk into ``out`` (exact size).
 
-    ``model`` is the chunk's ``RansModel`` (rans chunks only).
+    ``model`` is the chunk's ``RansModel`` / ``Rans1Model`` (rans / rans1 chunks only).
 
     Raises:
         FormatError: unknown codec id, or the stored bytes do not decode to exactly
@@ -350,10 +363,14 @@ def decode_into(stored: Any, codec: int, out: np.ndarray, where: str, model: Any
         if got != dst.nbytes:
             raise FormatError(f"{where}: zstd frame decoded to {got} bytes, expected {dst.nbytes}")
         return
-    if codec == CODEC_RANS:
-
+    if codec in MODEL_CODECS:
+        name = CODEC_NAMES[codec]
         if model is None:
-            raise FormatError(f"{where}: rans chunk without a model")
+            raise FormatError(f"{where}: {name} chunk without a model")
+        want = _core.Rans1Model if codec == CODEC_RANS1 else _core.RansModel
+        if not isinstance(model, want):
+            raise FormatError(f"{where}: {name} chunk whose model region holds a "
+                              f"{'rans1' if isinstance(model, _core.Rans1Model) else 'rans'} model")
         try:
             model.decode(stored, out)
         except _core.CodecError as exc:

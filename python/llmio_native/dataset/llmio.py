@@ -128,7 +128,7 @@ class LioDataset(TokenDataset):
                 nxt[-1] = t_off
                 # a model region written between two chunks ends the first one's region
                 mo = table["model_offset"][1:]
-                between = (mo > table["offset"][:-1]) & (table["codec"][1:] == F.CODEC_RANS)
+                between = (mo > table["offset"][:-1]) & np.isin(table["codec"][1:], F.MODEL_CODECS)
                 nxt[:-1] = np.where(between, mo, nxt[:-1])
             region_parts.append(nxt)
             local_parts.append(np.arange(nch, dtype=np.int64))
@@ -187,10 +187,11 @@ class LioDataset(TokenDataset):
             bad((table["codec"] == F.CODEC_NONE) & (stored != count * tb), "raw chunk size != token_count x token_bytes")
             bad(table["flags"] != 0, "nonzero flags (written by a newer version?)")
             mo = table["model_offset"].astype(np.int64)
-            rans = table["codec"] == F.CODEC_RANS
-            bad(~rans & (mo != 0), "nonzero model_offset on a chunk that is not rans (written by a newer version?)")
+            rans = np.isin(table["codec"], F.MODEL_CODECS)
+            bad(~rans & (mo != 0), "nonzero model_offset on a chunk that is not rans/rans1 (written by a newer "
+                "version?)")
             bad(rans & ((mo % F.ALIGN != 0) | (mo < F.HEADER_BYTES) | (mo + F.MODEL_HEADER_BYTES > off)),
-                "rans chunk whose model_offset is not a 4096-aligned offset before the chunk")
+                "rans/rans1 chunk whose model_offset is not a 4096-aligned offset before the chunk")
             total = int(count.sum())
         else:
             total = 0

@@ -133,6 +133,9 @@ class GpuDecoder:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._images: dict[int, Any] = {}  # id(model) -> (model, device tensor)
 
+    #: The ``_cuda`` launcher this decoder calls (rans1.GpuDecoder: ``rans1_decode``).
+    _KERNEL = "rans_decode"
+
     def image_ptr(self, model: Any) -> int:
         """Device address of ``model``'s decode image (uploaded on first use)."""
         import torch
@@ -191,7 +194,7 @@ class GpuDecoder:
             cd = torch.from_numpy(chunks.view(np.uint8)).pin_memory().to(self.device, non_blocking=True)
             bd = torch.from_numpy(blocks.view(np.uint8)).pin_memory().to(self.device, non_blocking=True)
             status = torch.zeros(max(1, len(chunks)), dtype=torch.int32, device=self.device)
-            _cuda.rans_decode(src.data_ptr(), cd.data_ptr(), len(chunks), bd.data_ptr(), len(blocks),
+            getattr(_cuda, self._KERNEL)(src.data_ptr(), cd.data_ptr(), len(chunks), bd.data_ptr(), len(blocks),
                               ptrs.data_ptr(), out.data_ptr(), tb, status.data_ptr(), stream.cuda_stream,
                               src_nbytes=src.numel() * src.element_size(), chunks_host=chunks,
                               blocks_host=blocks, num_images=len(models), out_tokens=out.numel())

@@ -138,7 +138,7 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
 def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list) -> None:
     """rans: the zero padding after each model region (its contents are checked when
     the chunks that use it decode); a problem is reported with chunk -1."""
-    rans = ds.chunks["codec"] == F.CODEC_RANS
+    rans = np.isin(ds.chunks["codec"], F.MODEL_CODECS)
     if not rans.any():
         return
     for f, off in sorted(set(zip(ds.chunks["file"][rans].tolist(), ds.chunks["model"][rans].tolist()))):

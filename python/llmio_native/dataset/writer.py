@@ -68,18 +68,21 @@ class DatasetWriter:
     Args:
         out_dir: directory to write (created with its parents if missing).
         dtype: ``"uint16"`` or ``"uint32"``.
-        codec: ``"none"``, ``"zstd"`` or ``"rans"`` (the token entropy codec decoded on the
-            GPU, docs/format.md). A chunk that would not get smaller is stored raw.
+        codec: ``"none"``, ``"zstd"``, ``"rans"`` (the order-0 token entropy codec decoded on
+            the GPU, docs/format.md) or ``"rans1"`` (its context-modelled successor: each token
+            coded given the previous one; smaller on real text, also decoded on the GPU). A
+            chunk that would not get smaller is stored raw.
         chunk_tokens: tokens per chunk (every chunk of a shard but its last holds exactly
             this many); a multiple of 2048 keeps raw uint16 chunks free of padding.
         shard_tokens: target tokens per shard (default 2^30).
         eot_token: the end-of-text token id, recorded in the manifest only (callers
             append it to documents themselves); ``ds.eot_token`` reads it back.
         zstd_level: zstd compression level (1..22, negative for fast modes).
-        rans_model_tokens: rans: tokens per model group. The writer holds a group's chunks
+        rans_model_tokens: rans, rans1: tokens per model group. The writer holds a group's chunks
             until it has this many (or the shard ends), builds their frequency model, writes
             it once into the shard and encodes the chunks with it. Memory: one group of
-            tokens (default 2^24: 32 MiB of uint16, 64 MiB of uint32) on top of the above.
+            tokens (default 2^24: 32 MiB of uint16, 64 MiB of uint32) on top of the above;
+            rans1's model build needs 8 bytes per token of the group more while it runs.
         num_threads: compression threads (default ``os.cpu_count()``).
         overwrite: replace an existing dataset or clean an incomplete one in ``out_dir``
             (only our files are removed: shards, manifest, temp files).
@@ -117,7 +120,7 @@ class DatasetWriter:
         if name not in F.DTYPES:
             raise ValueError(f"dtype must be 'uint16' or 'uint32', got {dtype!r}")
         if codec not in F.CODEC_IDS:
-            raise ValueError(f"codec must be 'none', 'zstd' or 'rans', got {codec!r}")
+            raise ValueError(f"codec must be 'none', 'zstd', 'rans' or 'rans1', got {codec!r}")
         rans_model_tokens = int(rans_model_tokens)
         if rans_model_tokens < 1:
             raise ValueError(f"rans_model_tokens must be >= 1, got {rans_model_tokens}")
@@ -314,7 +317,7 @@ class DatasetWriter:
         chunk = self._buf[: self._fill]
         self._buf = np.empty(self.chunk_tokens, dtype=self._buf.dtype)
         self._fill = 0
-        if self._codec_id == F.CODEC_RANS:
+        if self._codec_id in F.MODEL_CODECS:
             self._group.append(chunk)
             self._group_tokens += len(chunk)
             if self._group_tokens >= self.rans_model_tokens:
@@ -329,10 +332,13 @@ class DatasetWriter:
             self._write_oldest()
 
     def _flush_group(self) -> None:
-        """rans: build the model of the buffered chunks, write its region, then encode them."""
+        """rans, rans1: build the model of the buffered chunks, write its region, then encode them."""
         if not self._group:
             return
-        model = _core.RansModel.build(self._group, self.dtype.itemsize, F.RANS_SCALE_BITS)
+        if self._codec_id == F.CODEC_RANS1:
+            model = _core.Rans1Model.build(self._group, self.dtype.itemsize, F.RANS1_SCALE_BITS, F.RANS1_CTX_BITS)
+        else:
+            model = _core.RansModel.build(self._group, self.dtype.itemsize, F.RANS_SCALE_BITS)
         self._drain()  # the region goes after every chunk of the previous group
         region = F.pack_model_region(model)
         fh = self._shard_fh
@@ -363,7 +369,7 @@ class DatasetWriter:
             grown = np.zeros(2 * len(self._shard_chunks), dtype=F.CHUNK_ENTRY)
             grown[: self._shard_nchunks] = self._shard_chunks
             self._shard_chunks = grown
-        model_offset = self._model_offset if codec == F.CODEC_RANS else 0
+        model_offset = self._model_offset if codec in F.MODEL_CODECS else 0
         self._shard_chunks[self._shard_nchunks] = (offset, nbytes, self._shard_first, count, codec, 0, csum,
                                                    model_offset)
         self._shard_nchunks += 1
@@ -458,7 +464,7 @@ class DatasetWriter:
                 chunk_tokens=self.chunk_tokens,
                 shard_tokens=self.shard_tokens,
                 zstd_level=self.zstd_level if self.codec == "zstd" else None,
-                rans_model_tokens=self.rans_model_tokens if self.codec == "rans" else None,
+                rans_model_tokens=self.rans_model_tokens if self.codec in ("rans", "rans1") else None,
                 num_tokens=self.num_tokens,
                 num_documents=self.num_documents,
                 shards=list(self._shards),

@@ -1,4 +1,4 @@
-"""The GPU decode path of rans sources: staging, decode on the device, status checks.
+"""The GPU decode path of rans and rans1 sources: staging, decode on the device, status checks.
 
 Per decode group (the chunks of one shuffle group of a source,
 ``SourcePlan.group_chunks``): a pool thread reads the compressed chunks into one
@@ -111,7 +111,7 @@ class GpuDecodePath:
     def __init__(self, datasets: list[Any], plans: list[SourcePlan], batch_size: int, seq_len: int,
                  pool: cf.ThreadPoolExecutor, reader: Reader, file_base: list[int], stats: LoaderStats,
                  cuda: CudaPath | None) -> None:
-        from ..dataset import rans
+        from ..dataset import rans, rans1
 
         self.datasets, self.plans = datasets, plans
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -120,6 +120,9 @@ class GpuDecodePath:
         self.cuda = cuda
         self.emulate = cuda is None
         self.rans = rans
+        # the codec module of each source (emulate / GpuDecoder): rans1 sources run its kernel
+        self.codecs = [rans1 if getattr(ds, "codec", "rans") == "rans1" else rans for ds in datasets]
+        self.decoders: dict[Any, Any] = {}
         self.jobs: dict[GroupKey, GroupJob] = {}
         T = seq_len
         if cuda is None:
@@ -128,7 +131,8 @@ class GpuDecodePath:
         else:
             self.dev = cuda.device
             self.side = cuda.side
-            self.decoder = rans.GpuDecoder(self.dev)
+            for mod in set(self.codecs):
+                self.decoders[mod] = mod.GpuDecoder(self.dev)
             with torch.cuda.stream(self.side):
                 self.offsets = torch.arange(T + 1, dtype=torch.int64, device=self.dev)
 
@@ -220,7 +224,7 @@ class GpuDecodePath:
             tokens = torch.from_numpy(out.view(_SIGNED_NP[tb]))
             place_plain_chunks(st, src, tokens)
             if ngpu:
-                job.status = self.rans.emulate(host, st.chunk_desc, st.block_desc, st.models, out)
+                job.status = self.codecs[job.key[0]].emulate(host, st.chunk_desc, st.block_desc, st.models, out)
             else:
                 job.status = np.zeros(0, dtype=np.int32)
             job.tokens = tokens
@@ -237,7 +241,8 @@ class GpuDecodePath:
             tokens = torch.empty(st.num_tokens, dtype=_SIGNED[tb], device=self.dev)
             place_plain_chunks(st, src, tokens)
             if ngpu:
-                status = self.decoder.decode(src, st.chunk_desc, st.block_desc, st.models, tokens, side)
+                decoder = self.decoders[self.codecs[job.key[0]]]
+                status = decoder.decode(src, st.chunk_desc, st.block_desc, st.models, tokens, side)
                 e2 = torch.cuda.Event(enable_timing=True)
                 e2.record(side)
                 sh = torch.empty(ngpu, dtype=torch.int32, pin_memory=True)

@@ -171,7 +171,8 @@ class Pipeline:
         # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
         # emulation of the same path on a CPU loader is a test hook (emulate_gpu_decode).
         # (remote sources decode on the host: their chunk reads go through the cache)
-        rans_src = np.array([ds.codec == "rans" and getattr(ds, "remote", None) is None for ds in cfg.datasets])
+        rans_src = np.array([ds.codec in ("rans", "rans1") and getattr(ds, "remote", None) is None
+                             for ds in cfg.datasets])
         kernels = self.cuda is not None and self.cuda.kernels
         gpu_src = rans_src if rans_src.any() and (kernels or cfg.emulate_gpu_decode) else np.zeros_like(rans_src)
         self.kind = np.where([not p.compressed for p in plans], _RING, np.where(gpu_src, _GPU, _CACHE))

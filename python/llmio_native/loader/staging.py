@@ -84,7 +84,7 @@ def plan_group_staging(ds: Any, chunks: Sequence[int] | np.ndarray,
     codecs = rows["codec"].astype(np.int64)
     counts = rows["token_count"].astype(np.int64)
     stored = rows["stored_bytes"].astype(np.int64)
-    gpu = codecs == F.CODEC_RANS
+    gpu = np.isin(codecs, F.MODEL_CODECS)
     staged = np.where(gpu | (codecs == F.CODEC_NONE), stored, counts * tb)
     padded = -(-staged // STAGING_ALIGN) * STAGING_ALIGN
     src_off = np.zeros(len(ch), dtype=np.int64)

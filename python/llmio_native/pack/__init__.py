@@ -39,7 +39,7 @@ __all__ = [
     "EOT", "PIECE_CHARS", "LONG_PIECE_CHARS", "INPUT_FORMATS", "DOC_SEPS", "CODECS", "DTYPES",
 ]
 
-CODECS = ("zstd", "rans", "none")
+CODECS = ("zstd", "rans", "rans1", "none")
 DTYPES = ("auto", "uint16", "uint32")
 
 

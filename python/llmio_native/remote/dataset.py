@@ -95,7 +95,7 @@ def _fetch_meta(src: Source, name: str, info: ObjectInfo, path: str) -> None:
 
 
 def _units(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Units of the chunks (see cache.py): file, start, end, and the model unit of rans chunks."""
+    """Units of the chunks (see cache.py): file, start, end, and the model unit of rans / rans1 chunks."""
     ch = ds.chunks
     n = len(ch)
     ufile = ch["file"].astype(np.int64)
@@ -106,7 +106,7 @@ def _units(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         first = np.r_[True, ufile[1:] != ufile[:-1]]
         ustart[first] = F.HEADER_BYTES
     deps = np.full(n, -1, dtype=np.int64)
-    rans = np.flatnonzero(ch["codec"] == F.CODEC_RANS)
+    rans = np.flatnonzero(np.isin(ch["codec"], getattr(F, "MODEL_CODECS", (F.CODEC_RANS,))))
     for c in rans.tolist():
         f, mo = int(ufile[c]), int(ch["model"][c])
         same = np.flatnonzero(ufile == f)
