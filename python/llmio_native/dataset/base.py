@@ -501,10 +501,13 @@ class TokenDataset:
         check = verify and self.has_checksums
         group: list[ReadStep] = []
         staged = 0
+        # a remote dataset pins a group's chunks in its cache: groups must fit in it
+        remote = getattr(self, "remote", None)
+        limit = GROUP_BYTES if remote is None else min(GROUP_BYTES, remote.read_group_bytes)
         for step in self._plan_read(start, out, check):
             group.append(step)
-            staged += step.staged_bytes
-            if staged >= GROUP_BYTES or len(group) >= GROUP_STEPS:
+            staged += step.staged_bytes if remote is None else int(remote.unit_size[step.chunk])
+            if staged >= limit or len(group) >= GROUP_STEPS:
                 self._run_group(group)
                 group, staged = [], 0
         if group:
@@ -533,7 +536,17 @@ class TokenDataset:
                 yield StagedChunk(ci, f, off, int(c["stored_bytes"]), dst, lo - ft, hi - ft)
 
     def _run_group(self, group: list[ReadStep]) -> None:
-        """Read a group of steps in one batch, then finish each (in parallel when large)."""
+        """Read a group of steps in one batch, then finish each (in parallel when large).
+
+        A remote dataset (``self.remote``, :mod:`llmio_native.remote`) first makes the
+        group's chunks present in its local cache and pins them while they are read."""
+        remote = getattr(self, "remote", None)
+        if remote is not None:
+            with remote.pinned(remote.units_of_chunks([step.chunk for step in group])):
+                return self._run_group_local(group)
+        return self._run_group_local(group)
+
+    def _run_group_local(self, group: list[ReadStep]) -> None:
         pos = 0
         places: list[int] = []
         for step in group:

@@ -42,6 +42,9 @@ def open_dataset(
     format: str | None = None,
     backend: str = "auto",
     direct: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int | None = None,
+    storage_options: dict | None = None,
 ) -> TokenDataset:
     """Open a token dataset: our directory, a nanoGPT raw ``.bin``, an llm.c ``.bin`` or a
     Megatron ``.bin``/``.idx`` pair.
@@ -59,6 +62,12 @@ def open_dataset(
             ``uint32``), checked against the file for the other formats.
         format: force ``"llmio"``, ``"nanogpt"``, ``"llmc"`` or ``"megatron"``.
         backend, direct: options of the :class:`Reader` used for the data.
+        cache_dir, cache_bytes, storage_options: for a URL (``s3://``, ``gs://``, ``az://``,
+            ``http(s)://``; our format only): the local cache directory (default
+            ``$LLMIO_CACHE_DIR`` or ``~/.cache/llmio_native/remote``), its bound in bytes
+            (default ``$LLMIO_CACHE_BYTES`` or half the free space there), and the store's
+            options (endpoint, credentials, ``timeout``, ``retries``; default: the store's
+            environment variables). See :mod:`llmio_native.remote`.
 
     Raises:
         FileNotFoundError: the path, or a shard the manifest lists, does not exist.
@@ -66,10 +75,20 @@ def open_dataset(
         FormatError: wrong magic, unknown version, a size, count or checksum that does not
             match, a dtype other than ``dtype``; the message names the file and offset.
         ValueError: bad arguments (unknown format, missing dtype for a raw file).
+        RemoteError: (an OSError) a URL's store failed after retries (names URL and range).
     """
     p = os.fspath(path)
     want = _as_dtype(dtype)
     opts = {"backend": backend, "direct": direct}
+    from ..remote.store import is_url
+
+    if is_url(p):
+        if format not in (None, "llmio"):
+            raise ValueError(f"open_dataset({p!r}, format={format!r}): URLs are read in the llmio format only")
+        from ..remote.dataset import open_remote
+
+        return open_remote(p, want, opts, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                           cache_bytes=cache_bytes, storage_options=storage_options)
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format is None:

@@ -170,14 +170,46 @@ class Pipeline:
             self.cuda = CudaPath(cfg.device, B, T)
         # rans sources: GPU decode (device cache) when our CUDA kernels can run; the host
         # emulation of the same path on a CPU loader is a test hook (emulate_gpu_decode).
-        rans_src = np.array([ds.codec in ("rans", "rans1") for ds in cfg.datasets])
+        # (remote sources decode on the host: their chunk reads go through the cache)
+        rans_src = np.array([ds.codec in ("rans", "rans1") and getattr(ds, "remote", None) is None
+                             for ds in cfg.datasets])
         kernels = self.cuda is not None and self.cuda.kernels
         gpu_src = rans_src if rans_src.any() and (kernels or cfg.emulate_gpu_decode) else np.zeros_like(rans_src)
         self.kind = np.where([not p.compressed for p in plans], _RING, np.where(gpu_src, _GPU, _CACHE))
         if gpu_src.any():
             self.gpu = GpuDecodePath(list(cfg.datasets), list(plans), B, T, self.pool, self.reader, self.file_base,
                                      self.stats, self.cuda)
+        # Remote sources (llmio_native.remote): the cache is told this pipeline's exact future
+        # (evicts the chunk needed farthest ahead, prefetches along it); reads pin their chunks.
+        self.remote = [getattr(ds, "remote", None) for ds in cfg.datasets]
+        self.remote_pins: dict[int, list[tuple[Any, np.ndarray]]] = {}
+        for s, rc in enumerate(self.remote):
+            if rc is not None:
+                # each window pins at most the 2 chunks it spans (+1 rans model), for the batches in flight
+                per_window = 2 if not plans[s].compressed else 3
+                rc.follow(self._remote_future(s, planner.batches(start.pos, start.counts, self.first)),
+                          pinned_units=(cfg.prefetch + 2) * B * per_window,
+                          what=f"TokenLoader(prefetch={cfg.prefetch}, batch_size={B})")
         self._fill()
+
+    def _remote_chunks(self, s: int, windows: np.ndarray) -> np.ndarray:
+        """Chunks of source ``s`` the windows read."""
+        plan = self.cfg.plans[s]
+        if not plan.compressed:
+            return plan.raw_chunks(windows)
+        c0, c1 = plan.chunks_of_window(windows)
+        grid = c0[:, None] + np.arange(int((c1 - c0).max()) + 1 if len(c0) else 1)[None, :]
+        return np.unique(grid[grid <= c1[:, None]])
+
+    def _remote_future(self, s: int, batches: Iterator[Batch]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(batch index, units of source s)`` of this pipeline's coming batches, in order."""
+        rc = self.remote[s]
+        for b in batches:
+            if (b.index - self.first - self.offset) % self.stride:
+                continue
+            rows = np.flatnonzero(b.sources == s)
+            if len(rows):
+                yield b.index, rc.units_of_chunks(self._remote_chunks(s, b.windows[rows]))
 
     # ---------------------------------------------------------------- planning ahead
     def _next_plan(self) -> Batch:
@@ -194,6 +226,9 @@ class Pipeline:
 
     def _submit(self, b: Batch) -> None:
         plans = self.cfg.plans
+        for rc in self.remote:
+            if rc is not None:
+                rc.advance(b.index)  # the cache's view of the future moves with the batches
         reqs: list[tuple[int, int, int]] = []
         if len(plans) == 1 and not plans[0].compressed:
             b.ring_rows = np.arange(len(b.windows), dtype=np.int64)
@@ -221,6 +256,13 @@ class Pipeline:
             if len(b.cache_rows):
                 self._want_cache_rows(b)
         if reqs:
+            pins = []
+            for s, rows, _ in b.ring_blocks:
+                rc = self.remote[s]
+                if rc is not None:  # the ring reads the cache files: make the chunks present, pin them
+                    pins.append((rc, rc.acquire(rc.units_of_chunks(plans[s].raw_chunks(b.windows[rows])), b.index)))
+            if pins:
+                self.remote_pins[b.index] = pins
             if self.vpool is not None:
                 self._verify_ahead(b)
             self.ring.submit(reqs, tag=b.index, packed=True)
@@ -271,11 +313,20 @@ class Pipeline:
                     f = self.vfut[(s, c)] = self.vpool.submit(self._verify_chunk, s, c)
                 b.verify.append(((s, c), f))
 
+    def _read_chunk(self, s: int, c: int) -> np.ndarray:
+        """The stored bytes of chunk ``c`` of source ``s`` (through the cache of a remote source)."""
+        row = self.cfg.datasets[s].chunks[c]
+        rc = self.remote[s]
+        args = (self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        if rc is None:
+            return self.reader.read(*args)
+        with rc.pinned(rc.units_of_chunks([c])):
+            return self.reader.read(*args)
+
     def _verify_chunk(self, s: int, c: int) -> None:
         ds = self.cfg.datasets[s]
-        row = ds.chunks[c]
         t0 = time.perf_counter()
-        raw = self.reader.read(self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        raw = self._read_chunk(s, c)
         ds.check_chunk(c, raw)
         with self.stats.lock:
             self.stats.verify_bytes += raw.nbytes
@@ -312,9 +363,8 @@ class Pipeline:
 
     def _decode(self, s: int, c: int) -> np.ndarray:
         ds = self.cfg.datasets[s]
-        row = ds.chunks[c]
         t0 = time.perf_counter()
-        raw = self.reader.read(self.file_base[s] + int(row["file"]), int(row["offset"]), int(row["stored_bytes"]))
+        raw = self._read_chunk(s, c)
         t1 = time.perf_counter()
         tokens = ds.decode_chunk(c, raw)
         t2 = time.perf_counter()
@@ -366,6 +416,8 @@ class Pipeline:
                 raise RuntimeError(f"ring delivered batch {slot.tag}, expected {b.index}")
             if b.verify:
                 self._wait_verified(b)
+            for rc, units in self.remote_pins.pop(b.index, ()):
+                rc.release(units)  # read (and checked): evictable again
             if self.signed:
                 self._check_token_ids(b, slot)
         if self.gpu is not None:
@@ -477,6 +529,9 @@ class Pipeline:
         finally:
             self.vfut = {}
             self.cache = {}
+            for rc in getattr(self, "remote", ()):
+                if rc is not None:
+                    rc.stop_follow()
             if self.gpu is not None:
                 self.gpu.close()
             if self.cuda is not None:
@@ -484,4 +539,8 @@ class Pipeline:
             if self.ring is not None:
                 self.ring.close()  # waits for pending copy events, joins the producers
                 self.ring = None
+            for pins in getattr(self, "remote_pins", {}).values():
+                for rc, units in pins:
+                    rc.release(units)
+            self.remote_pins = {}
             self.reader = None

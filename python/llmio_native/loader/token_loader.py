@@ -25,6 +25,8 @@ def _open_source(src: Any) -> Any:
         return src
     from ..dataset import open_dataset
 
+    # a URL opens through the remote cache with its defaults ($LLMIO_CACHE_DIR, $LLMIO_CACHE_BYTES,
+    # the store's environment variables); pass open_dataset(url, cache_dir=...) for others
     return open_dataset(os.fspath(src))
 
 
@@ -151,8 +153,9 @@ class TokenLoader(torch.utils.data.IterableDataset):
     the decode of the next chunk (counted in ``stats()``).
 
     Args:
-        sources: a dataset path, an opened dataset (:func:`llmio_native.open_dataset`), or a
-            list of them.
+        sources: a dataset path or URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``: read
+            through the local cache of :mod:`llmio_native.remote`), an opened dataset
+            (:func:`llmio_native.open_dataset`), or a list of them.
         batch_size: rows per batch on this rank (B).
         seq_len: tokens per row (T).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
@@ -431,8 +434,16 @@ class TokenLoader(torch.utils.data.IterableDataset):
         ``gpu_decode_gbps``; the GPU decode does not count in ``decoded_bytes``/``decode_s``
         (host decode only). Bytes and seconds are both added once the work's CUDA events
         have completed, so the rates are exact and the counts trail the work in flight.
+        With remote sources (URLs): ``remote``, one dict per source (``None`` for local
+        ones) of the cache's counters in this process (``ChunkCache.stats``: bytes fetched,
+        hit rate, fetch latency percentiles, ``stall_s`` spent waiting for the network,
+        ``offline``).
         """
-        return self._stats.as_dict()
+        d = self._stats.as_dict()
+        caches = [getattr(ds, "remote", None) for ds in self.datasets]
+        if any(c is not None for c in caches):
+            d["remote"] = [None if c is None else c.stats() for c in caches]
+        return d
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
