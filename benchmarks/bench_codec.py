@@ -834,8 +834,19 @@ def main(argv: list[str] | None = None) -> int:
     print("round trips: every decode above was checked equal to the input tokens")
 
     if a.json:
+        # llmio bench draws this: compression ratio per dataset and codec, the order-0 bound as the limit
+        bars = []
+        for ds_name in dict.fromkeys(r.dataset for r in rows):
+            drows = [r for r in rows if r.dataset == ds_name]
+            bound = next((r.bound for r in drows if r.bound), None)
+            if bound:
+                bars.append({"label": f"{ds_name}: order-0 bound (the limit of rans)", "value": bound, "kind": "limit"})
+            bars += [{"label": f"{ds_name}: {r.codec}", "value": r.ratio,
+                      "kind": "ours" if r.codec.startswith("rans") else "baseline"} for r in drows]
+        chart = {"title": "bench_codec: compression ratio (token bytes / stored bytes, models and layout included)",
+                 "unit": "compression ratio", "bars": bars}
         with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "clock": "thread_time" if a.cpu_time else "perf_counter",
+            json.dump({"machine": machine(), "clock": "thread_time" if a.cpu_time else "perf_counter", "chart": chart,
                        "gpu": gpu_why if gpu_ok else None, "datasets": results,
                        "rows": [{**asdict(r), "ratio": r.ratio, "of_bound": r.of_bound} for r in rows],
                        "targets": verdicts}, f, indent=1)
