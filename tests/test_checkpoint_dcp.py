@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import llmio_native
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
@@ -602,7 +604,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path, exchange):
     renameat2(RENAME_EXCHANGE) and the rename-aside fallback that loaders recover()."""
     script = tmp_path / "crash.py"
     script.write_text(_CRASH_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("LLMIO_COMMIT_NO_EXCHANGE", None)
     if not exchange:
         env["LLMIO_COMMIT_NO_EXCHANGE"] = "1"
@@ -643,7 +645,7 @@ def test_cuda_state_dict_round_trip_and_pinned_staging(tmp_path):
 
 # -- benchmark smoke ----------------------------------------------------------------------------------
 def test_bench_dcp_smoke(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dcp.py"), "--size-mib", "8", "--dir", str(tmp_path),
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
