@@ -14,10 +14,9 @@
 namespace py = pybind11;
 using namespace llmio;
 
-// One registration per component (their files: rans_cuda_bindings.cpp,
+// One registration per component (their files: rans_cuda_bindings.cpp (rans and rans1),
 // cuda_int8_bindings.cpp, cuda_cut_bindings.cpp).
 void bind_rans_cuda(py::module_& m);
-void bind_rans1_cuda(py::module_& m);  // rans1_cuda_bindings.cpp
 void bind_int8_cuda(py::module_& m);
 void bind_cut_cuda(py::module_& m);
 
@@ -34,7 +33,6 @@ PYBIND11_MODULE(_cuda, m) {
     }
   });
   bind_rans_cuda(m);
-  bind_rans1_cuda(m);
   bind_int8_cuda(m);
   bind_cut_cuda(m);
 
