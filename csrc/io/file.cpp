@@ -48,11 +48,22 @@ void parse_faults(const std::string& spec, Faults& out) {
       const std::string rest = item.substr(nospc ? 12 : 9);
       f.write_err = nospc ? ENOSPC : EIO;
       f.write_err_offset = 0;
+      f.write_err_end = UINT64_MAX;
       if (!rest.empty()) {
-        if (rest[0] != ':' || rest.size() < 2 || rest.find_first_not_of("0123456789", 1) != std::string::npos)
+        // ":OFFSET" (every write reaching OFFSET fails) or ":START-END" (only
+        // writes overlapping [START, END) fail: a later chunk lands, as on a
+        // real disk that frees space while an earlier write is failing).
+        const std::string body = rest.size() > 1 ? rest.substr(1) : std::string();
+        const size_t dash = body.find('-');
+        auto number = [](const std::string& t) {
+          return !t.empty() && t.find_first_not_of("0123456789") == std::string::npos;
+        };
+        const std::string a = body.substr(0, dash), b = dash == std::string::npos ? "" : body.substr(dash + 1);
+        if (rest[0] != ':' || !number(a) || (dash != std::string::npos && (!number(b) || std::stoull(b) <= std::stoull(a))))
           throw std::invalid_argument("fault '" + item + "': expected " + (nospc ? "write_enospc" : "write_eio") +
-                                      "[:OFFSET] with a decimal byte offset");
-        f.write_err_offset = std::stoull(rest.substr(1));
+                                      "[:OFFSET] or [:START-END] with decimal byte offsets, START < END");
+        f.write_err_offset = std::stoull(a);
+        if (dash != std::string::npos) f.write_err_end = std::stoull(b);
       }
     }
     else throw std::invalid_argument("unknown fault '" + item + "' in LLMIO_FAULTS");

@@ -86,6 +86,7 @@ struct Faults {
   std::string eio_substring;
   int write_err = 0;              // ENOSPC or EIO for write_enospc / write_eio, 0 for none
   uint64_t write_err_offset = 0;  // the file offset the injected write error starts at
+  uint64_t write_err_end = UINT64_MAX;  // ... and where it stops (writes wholly past it succeed)
   bool direct_write_einval = false;
   bool write_short = false;
 };

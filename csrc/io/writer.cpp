@@ -44,7 +44,7 @@ uint64_t injected_write_limit(uint64_t offset, uint64_t len, bool direct, uint32
   }
   if (!flt.write_err) return allowed;
   const uint64_t at = flt.write_err_offset;
-  if (offset + allowed <= at) return allowed;
+  if (offset + allowed <= at || offset >= flt.write_err_end) return allowed;
   *err = flt.write_err;
   if (offset >= at) return 0;
   allowed = at - offset;
@@ -356,7 +356,20 @@ std::vector<std::pair<std::string, int64_t>> Writer::features() const {
 void Writer::throw_if_failed() {
   if (!err_.set) return;
   drain();  // nothing in flight when the caller sees the error, and the lowest offset wins
+  trim_after_error();
   err_.rethrow();
+}
+
+void Writer::trim_after_error() noexcept {
+  // Only once nothing is in flight, and only for a failed write job: a
+  // failure elsewhere (the engine itself) leaves the file be.
+  if (trimmed_ || !err_from_job_ || in_flight_ > 0 || file_.fd_buffered < 0) return;
+  trimmed_ = true;
+  struct stat st {};
+  if (::fstat(file_.fd_buffered, &st) != 0 || static_cast<uint64_t>(st.st_size) <= err_valid_end_) return;
+  // Best effort: the write error is what the caller is told; a file we
+  // cannot cut back is one the caller already knows is bad.
+  (void)::ftruncate(file_.fd_buffered, static_cast<off_t>(err_valid_end_));
 }
 
 void Writer::reap(bool block) {
@@ -372,6 +385,8 @@ void Writer::reap(bool block) {
     --in_flight_;
     if (d.err && (!err_.set || d.offset < err_offset_)) {
       err_offset_ = d.offset;
+      err_valid_end_ = d.offset + d.done;
+      err_from_job_ = true;
       err_.set = true;
       err_.kind = ErrorKind::kIo;
       err_.err = d.err;
@@ -516,6 +531,7 @@ void Writer::abort() noexcept {
   closed_ = true;
   current_ = -1;
   drain();
+  trim_after_error();
   try {
     close_fds(false, "");
   } catch (...) {

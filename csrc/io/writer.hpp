@@ -27,6 +27,11 @@
 // close() first drains what is in flight, then raises the failure at the
 // lowest file offset (deterministic whichever op completed first). Later
 // calls raise the same error. abort() never raises.
+// After a failure the file is cut back to the exact prefix that reached it:
+// with several writes in flight, a chunk past the failing one can land (a
+// full disk frees space, a concurrent writer's block succeeds), which would
+// leave a hole of zeros followed by data. The file never holds anything but
+// a prefix of what was written.
 //
 // Not thread safe by design (one append stream); the methods take a mutex so
 // concurrent misuse serialises instead of corrupting state.
@@ -185,6 +190,7 @@ class Writer {
   void submit_chunk(uint32_t c, uint64_t len);
   void reap(bool block);
   void drain() noexcept;  // waits until nothing is in flight, records errors
+  void trim_after_error() noexcept;  // after a failed write: cut the file back to its exact prefix
   int acquire_chunk();
   void close_fds(bool report, const char* what);
 
@@ -202,6 +208,9 @@ class Writer {
   bool closed_ = false;
   CapturedError err_;
   uint64_t err_offset_ = 0;  // file offset of the job err_ describes
+  uint64_t err_valid_end_ = 0;  // err_offset_ plus what that job wrote before failing
+  bool err_from_job_ = false;   // err_ came from a failed write job (the two fields above hold)
+  bool trimmed_ = false;        // the file was cut back to err_valid_end_ (once)
   std::mutex mu_;
   int owner_pid_;
 };
