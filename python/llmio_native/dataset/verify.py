@@ -136,8 +136,9 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
 
 
 def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list) -> None:
-    """rans: the zero padding after each model region (its contents are checked when
-    the chunks that use it decode); a problem is reported with chunk -1."""
+    """rans: the zero padding after each model region (up to the next multiple of 4096 in
+    format v1, of 8 in v2; its contents are checked when the chunks that use it decode); a
+    problem is reported with chunk -1."""
     rans = np.isin(ds.chunks["codec"], F.MODEL_CODECS)
     if not rans.any():
         return
@@ -148,7 +149,7 @@ def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list
         try:
             head = reader.read(fmap[f], off, F.MODEL_HEADER_BYTES)
             end = off + F.model_region_size(head, path, off)
-            pad = reader.read(fmap[f], end, F.align_up(end) - end)
+            pad = reader.read(fmap[f], end, F.align_up(end, F.chunk_align(getattr(ds, "format_version", 1))) - end)
         except (OSError, FormatError) as exc:
             bad.append(BadChunk(path, -1, off, f"rans model region: {exc}"))
             continue
