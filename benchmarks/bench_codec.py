@@ -42,6 +42,11 @@ emulation of the GPU kernel (llmio_native.dataset.rans.emulate) must equal the C
 Targets (the rans issue): ratio within 3% of the order-0 bound; CPU decode >= 0.5 GB/s per
 core; GPU decode >= 150 GB/s on an H100.
 
+Layout overhead (issue 14): each dataset written by DatasetWriter (zstd, rans, rans1) as one
+shard in format v1 (every chunk and model region padded to 4 KiB) and v2 (packed back to
+back, the default); overhead = file bytes / (chunk payloads + model regions) - 1, the bytes
+the layout adds (padding, the 4 KiB header, the tables). Target: < 0.5 % in v2.
+
 --study (issue 14) prints, instead, one table of bits/token per codec on real BPE tokens (the
 shipped text with a BPE trained on it and with one trained on other text, a second corpus of
 Python sources; uint16 and uint32 bytes): H0, conditional entropies and adaptive context
@@ -55,6 +60,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +87,7 @@ TARGET_OF_BOUND = 0.97
 TARGET_CPU_GBPS = 0.5
 TARGET_GPU_GBPS = 150.0
 TARGET1_GPU_GBPS = 100.0  # rans1 (issue 14)
+TARGET_LAYOUT_OVERHEAD = 0.005  # file bytes / (payloads + models) - 1, format v2 (issue 14)
 
 
 @dataclass
@@ -614,29 +621,29 @@ def study(tmp: str, vocab: int, model_tokens: int, out_json: dict) -> None:
     for n_ in notes:
         print(n_)
     out_json["study"] = table
-    layout = [layout_row(tmp, name, ids, codec, model_tokens) for name, ids, _ in corpora for codec in ("rans", "rans1")]
+    layout = [layout_row(tmp, name, ids, codec, model_tokens, version)
+              for name, ids, _ in corpora for codec in ("rans", "rans1") for version in (1, 2)]
     print()
     print("## study: what the shard layout spends (DatasetWriter defaults: 65536-token chunks, uint16)")
-    print("- padding: zeros after every chunk and model region up to the next 4 KiB boundary;")
-    print("  fixed: the 4 KiB header, the chunk table and the document index")
+    print("- padding: v1: zeros after every chunk and model region up to the next 4 KiB boundary; v2 (packed,")
+    print("  the default): up to the next multiple of 8; fixed: the 4 KiB header, the chunk table and the document index")
     print()
-    print(f"| {'corpus':<18} | {'codec':<5} | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | {'padding':>8} | "
-          f"{'fixed':>6} | {'pad %':>5} | {'bits/token file':>15} | {'w/o padding':>11} |")
-    print(f"|{'-' * 20}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|{'-' * 17}|{'-' * 13}|")
-    for r in layout:
-        print(f"| {r['corpus']:<18} | {r['codec']:<5} | {r['file']:>10,} | {r['payload']:>10,} | {r['models']:>8,} | "
-              f"{r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
-              f"{r['bits_file']:15.3f} | {r['bits_packed']:11.3f} |")
+    print_layout(layout)
     out_json["layout"] = layout
 
 
-def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int) -> dict:
-    """Write ``ids`` (uint16) as one DatasetWriter shard and split its file bytes into chunk
-    payloads, model regions, padding and the fixed parts (header, tables)."""
-    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}")
-    with lio.DatasetWriter(d, dtype="uint16", codec=codec, rans_model_tokens=model_tokens, overwrite=True) as w:
-        w.add_document(ids.astype(np.uint16))
+def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int, version: int = 2,
+               dtype: Any = np.uint16) -> dict:
+    """Write ``ids`` as one DatasetWriter shard (format ``version``: 1 pads every chunk and
+    model region to 4 KiB, 2 packs them back to back) and split its file bytes into chunk
+    payloads, model regions, padding and the fixed parts (header, tables). ``overhead``: file
+    bytes / (payloads + models) - 1, what the layout spends on top of the coded data."""
+    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}-v{version}")
+    with lio.DatasetWriter(d, dtype=np.dtype(dtype).name, codec=codec, rans_model_tokens=model_tokens,
+                           overwrite=True, _format_version=version) as w:
+        w.add_document(ids.astype(dtype))
     ds = lio.open_dataset(d)
+    assert ds.format_version == version
     assert np.array_equal(ds.read(0, ds.num_tokens), ids)
     shards = [p for p in ds.paths]
     file_bytes = sum(os.path.getsize(p) for p in shards)
@@ -654,9 +661,25 @@ def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: i
         fixed += F.HEADER_BYTES + os.path.getsize(p) - hdr["table_offset"]
     padding = file_bytes - payload - models - fixed
     n = ids.size
-    return {"corpus": name, "codec": codec, "tokens": int(n), "file": file_bytes, "payload": payload,
-            "models": models, "padding": padding, "fixed": fixed, "bits_file": 8 * file_bytes / n,
+    shutil.rmtree(d, ignore_errors=True)
+    return {"corpus": name, "codec": codec, "version": version, "tokens": int(n), "file": file_bytes,
+            "payload": payload, "models": models, "padding": padding, "fixed": fixed,
+            "overhead": file_bytes / (payload + models) - 1, "bits_file": 8 * file_bytes / n,
             "bits_packed": 8 * (file_bytes - padding) / n}
+
+
+def print_layout(layout: list[dict]) -> None:
+    """The layout table: v1 (4 KiB-aligned chunks) against v2 (packed) per corpus and codec."""
+    print(f"| {'corpus':<18} | {'codec':<5} | fmt | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | "
+          f"{'padding':>8} | {'fixed':>6} | {'pad %':>5} | {'overhead %':>10} | {'bits/token file':>15} |")
+    print(f"|{'-' * 20}|{'-' * 7}|-----|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|"
+          f"{'-' * 12}|{'-' * 17}|")
+    for r in layout:
+        print(f"| {r['corpus']:<18} | {r['codec']:<5} | v{r['version']}  | {r['file']:>10,} | {r['payload']:>10,} | "
+              f"{r['models']:>8,} | {r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
+              f"{100 * r['overhead']:10.3f} | {r['bits_file']:15.3f} |")
+    print()
+    print("overhead % = file bytes / (chunk payloads + model regions) - 1 (padding, the 4 KiB header, the tables)")
 
 
 # ----------------------------------------------------------------------------- report
@@ -793,6 +816,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += drows
             results[name] = {"tokens": int(toks.size), "token_bytes": tb, "h0_bits": h0, "bound": bound,
                              "chunks": len(chunks), "models": len(enc.models), "raw_chunks": nraw}
+        # ------------------------------------------------------------ layout overhead (v1 vs v2)
+        layout = [layout_row(tmp, name, toks, codec, a.model_tokens, version, toks.dtype)
+                  for name, toks, _ in datasets for codec in ("zstd", "rans", "rans1") for version in (1, 2)]
+        print("## layout overhead: DatasetWriter shards, format v1 (4 KiB-aligned chunks) vs v2 (packed)")
+        print()
+        print_layout(layout)
+        print()
 
     # ---------------------------------------------------------------- targets
     print("## targets (the rans issue)")
@@ -806,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"dataset": ds, "check": check, "value": value, "target": target, "result": res})
         print(f"| {ds:<12} | {check:<44} | {value:8.3f} | {target:8.3f} | {res:<6} |")
 
+    for lr in layout:
+        if lr["version"] == 2:
+            verdict(lr["corpus"], f"layout overhead % ({lr['codec']}, v2)", 100 * lr["overhead"],
+                    100 * TARGET_LAYOUT_OVERHEAD, lr["overhead"] < TARGET_LAYOUT_OVERHEAD)
     for name in results:
         r = next(x for x in rows if x.dataset == name and x.codec.startswith("rans CPU"))
         verdict(name, "rans ratio / order-0 bound", r.of_bound, TARGET_OF_BOUND, r.of_bound >= TARGET_OF_BOUND)
@@ -849,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"machine": machine(), "clock": "thread_time" if a.cpu_time else "perf_counter", "chart": chart,
                        "gpu": gpu_why if gpu_ok else None, "datasets": results,
                        "rows": [{**asdict(r), "ratio": r.ratio, "of_bound": r.of_bound} for r in rows],
-                       "targets": verdicts}, f, indent=1)
+                       "targets": verdicts, "layout": layout}, f, indent=1)
     return 0
 
 
