@@ -45,14 +45,15 @@ core; GPU decode >= 150 GB/s on an H100.
 Layout overhead (issue 14): each dataset written by DatasetWriter (zstd, rans, rans1) as one
 shard in format v1 (every chunk and model region padded to 4 KiB) and v2 (packed back to
 back, the default); overhead = file bytes / (chunk payloads + model regions) - 1, the bytes
-the layout adds (padding, the 4 KiB header, the tables). Target: < 0.5 % in v2.
+the layout adds (padding, the 4 KiB header, the tables). Target: < 0.5 % in v2. ``--layout``
+prints only this table.
 
 --study (issue 14) prints, instead, one table of bits/token per codec on real BPE tokens (the
 shipped text with a BPE trained on it and with one trained on other text, a second corpus of
 Python sources; uint16 and uint32 bytes): H0, conditional entropies and adaptive context
 models (estimates), rans, rans1 (payload + model regions), zstd -3 / -19 and xz -9.
 
-Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study] [--cpu-time]
+Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study] [--layout] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -664,22 +665,27 @@ def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: i
     shutil.rmtree(d, ignore_errors=True)
     return {"corpus": name, "codec": codec, "version": version, "tokens": int(n), "file": file_bytes,
             "payload": payload, "models": models, "padding": padding, "fixed": fixed,
-            "overhead": file_bytes / (payload + models) - 1, "bits_file": 8 * file_bytes / n,
+            "overhead": file_bytes / (payload + models) - 1,
+            "overhead_no_header": (file_bytes - F.HEADER_BYTES * len(shards)) / (payload + models) - 1,
+            "bits_file": 8 * file_bytes / n,
             "bits_packed": 8 * (file_bytes - padding) / n}
 
 
 def print_layout(layout: list[dict]) -> None:
     """The layout table: v1 (4 KiB-aligned chunks) against v2 (packed) per corpus and codec."""
     print(f"| {'corpus':<18} | {'codec':<5} | fmt | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | "
-          f"{'padding':>8} | {'fixed':>6} | {'pad %':>5} | {'overhead %':>10} | {'bits/token file':>15} |")
+          f"{'padding':>8} | {'fixed':>6} | {'pad %':>5} | {'overhead %':>10} | {'w/o header':>10} | "
+          f"{'bits/token file':>15} |")
     print(f"|{'-' * 20}|{'-' * 7}|-----|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|"
-          f"{'-' * 12}|{'-' * 17}|")
+          f"{'-' * 12}|{'-' * 12}|{'-' * 17}|")
     for r in layout:
         print(f"| {r['corpus']:<18} | {r['codec']:<5} | v{r['version']}  | {r['file']:>10,} | {r['payload']:>10,} | "
               f"{r['models']:>8,} | {r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
-              f"{100 * r['overhead']:10.3f} | {r['bits_file']:15.3f} |")
+              f"{100 * r['overhead']:10.3f} | {100 * r['overhead_no_header']:10.3f} | {r['bits_file']:15.3f} |")
     print()
-    print("overhead % = file bytes / (chunk payloads + model regions) - 1 (padding, the 4 KiB header, the tables)")
+    print("overhead % = file bytes / (chunk payloads + model regions) - 1 (padding, the 4 KiB header, the tables);")
+    print("w/o header: the same without the 4 KiB header of each shard (what is left at shard scale: the tables,")
+    print("48 B per chunk and 8 B per document, and the padding)")
 
 
 # ----------------------------------------------------------------------------- report
@@ -718,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the CPU decodes by the thread's CPU time, not wall time (a shared machine)")
+    ap.add_argument("--layout", action="store_true",
+                    help="only the layout overhead table (format v1 vs v2) of the datasets, no codec timings")
     ap.add_argument("--study", action="store_true",
                     help="only the context-model study of issue 14: bits/token per codec on real BPE corpora")
     ap.add_argument("--study-vocab", type=int, default=STUDY_VOCAB, help="BPE vocabulary of the study (16384)")
@@ -778,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                 datasets.append(("shakespeare", toks, [f"tinyshakespeare, {why}"]))
         print()
 
-        for name, toks, extra in datasets:
+        for name, toks, extra in ([] if a.layout else datasets):
             tb = toks.itemsize
             raw = toks.nbytes
             h0 = empirical_h0(toks)
