@@ -360,3 +360,38 @@ def test_remote_units_punch_only_blocks_no_live_unit_touches(tmp_path):
     for f, t in table_off.items():
         want = {(f, b) for b in range(4096, F.align_down(t), 4096)}
         assert want <= freed
+
+
+# -- host decode pool: a group's chunks read as coalesced runs --------------------------------------
+def test_loader_host_decode_reads_groups_as_aligned_runs(tmp_path, monkeypatch):
+    from llmio_native.loader import pipeline
+
+    tokens = text_like(40_000, 3000, 12, "uint16")
+    write(tmp_path / "d", tokens, "rans1", version=2, chunk_tokens=1000, rans_model_tokens=20_000)
+    ds = lio.open_dataset(tmp_path / "d")
+    requests: list[tuple[int, int, int]] = []
+
+    class SpyReader(pipeline.Reader):
+        def read_batch_into(self, reqs):
+            reqs = list(reqs)
+            requests.extend((int(f), int(o), memoryview(b).nbytes) for f, o, b in reqs)
+            return super().read_batch_into(reqs)
+
+    monkeypatch.setattr(pipeline, "Reader", SpyReader)
+    T = 64
+    loader = lio.TokenLoader(str(tmp_path / "d"), batch_size=4, seq_len=T, device="cpu", seed=3, num_threads=2)
+    it = iter(loader)
+    for _ in range(6):
+        x, y = next(it)
+        for row_x, row_y in zip(x.numpy(), y.numpy()):  # every row is a window of the stream
+            s = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, T)[::T] == row_x, axis=1))[0])
+            np.testing.assert_array_equal(row_y, tokens[s * T + 1:s * T + T + 1])
+    del it
+    assert requests, "the host decode path read no group in one batch"
+    # each request is an aligned run (the last may stop at EOF) holding several packed chunks
+    assert all(o % 4096 == 0 for _, o, _ in requests)
+    assert all(n % 4096 == 0 or o + n == os.path.getsize(ds.paths[f]) for f, o, n in requests)
+    covered = sum(
+        int(((ds.chunks["file"] == f) & (ds.chunks["offset"] >= o)
+             & (ds.chunks["offset"] + ds.chunks["stored_bytes"] <= o + n)).sum()) for f, o, n in requests)
+    assert covered > len(requests)
