@@ -129,6 +129,13 @@ def test_v2_reads_are_direct_and_read_shared_blocks_once(tmp_path):
     # each shared boundary block twice, bounced)
     assert after["bytes_direct"] - before["bytes_direct"] <= superset
     assert after["bounce_bytes"] - before["bounce_bytes"] <= 4096  # at most the block at EOF
+    # verify() reads each chunk with the zeros after it: coalesced the same way
+    before = r.stats()
+    rep = ds.verify()
+    after = r.stats()
+    assert rep.ok and rep.chunks_checked == len(ch)
+    assert after["bytes_buffered"] == before["bytes_buffered"]
+    assert after["bytes_direct"] - before["bytes_direct"] <= F.align_up(int(ds.region_ends[-1])) - F.align_down(first)
 
 
 def test_plan_staging_runs_coalesces_neighbours():
