@@ -64,8 +64,9 @@ from .._native import _core
 from ..errors import FormatError
 
 MAGIC = b"LIOTOKS\0"
-#: Version the writer writes by default: 2 (chunks and model regions packed back to back,
-#: each at a multiple of :data:`PACK_ALIGN`). Version 1 pads each to :data:`ALIGN`.
+#: Version the writer writes by default for the encoded codecs: 2 (chunks and model regions
+#: packed back to back, each at a multiple of :data:`PACK_ALIGN`). Version 1 (what it writes
+#: for ``none``) pads each to :data:`ALIGN`.
 VERSION = 2
 KNOWN_VERSIONS = (1, 2)
 HEADER_BYTES = 4096
@@ -73,8 +74,10 @@ HEADER_BYTES = 4096
 #: chunk table offset of v1 are multiples of it; readers read the aligned superset of a v2 chunk.
 ALIGN = 4096
 #: v2: every chunk, model region and the chunk table start at a multiple of 8 bytes (a rans
-#: payload's address must be a multiple of 4 for the GPU decoder to read it in place).
+#: payload's address must be a multiple of RANS_PAYLOAD_ALIGN for the GPU decoder to read it in
+#: place; 8 also keeps the chunk table's u64 fields aligned).
 PACK_ALIGN = 8
+assert PACK_ALIGN % _core.RANS_PAYLOAD_ALIGN == 0
 
 
 def chunk_align(version: int) -> int:

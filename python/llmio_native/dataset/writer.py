@@ -94,9 +94,11 @@ class DatasetWriter:
         tokenizer: a tokenizer file to copy into the dataset as ``tokenizer.json``
             (recorded in the manifest), or ``"tokenizer.json"`` when it is already there.
         metadata: JSON-serialisable dict stored in the manifest (``ds.metadata``).
+        _format_version: private: the shard layout to write (``1`` or ``2``; default 2 for
+            zstd, rans and rans1, 1 for none). Tests use it to write v1 files.
 
     Raises:
-        ValueError: bad dtype, codec name, sizes, eot_token or metadata.
+        ValueError: bad dtype, codec name, sizes, eot_token, metadata or ``_format_version``.
         FileExistsError: ``out_dir`` holds a dataset (manifest.json) or an incomplete one
             (shard files, no manifest) and ``overwrite`` is false; or is a file.
         FileNotFoundError: ``tokenizer`` does not exist.
