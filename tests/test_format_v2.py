@@ -387,11 +387,12 @@ def test_loader_host_decode_reads_groups_as_aligned_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "Reader", SpyReader)
     T = 64
     loader = lio.TokenLoader(str(tmp_path / "d"), batch_size=4, seq_len=T, device="cpu", seed=3, num_threads=2)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, T)[::T]
     it = iter(loader)
     for _ in range(6):
         x, y = next(it)
         for row_x, row_y in zip(x.numpy(), y.numpy()):  # every row is a window of the stream
-            s = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, T)[::T] == row_x, axis=1))[0])
+            s = int(np.flatnonzero(np.all(windows == row_x, axis=1))[0])
             np.testing.assert_array_equal(row_y, tokens[s * T + 1:s * T + T + 1])
     del it
     assert requests, "the host decode path read no group in one batch"
