@@ -150,27 +150,35 @@ def test_plan_staging_runs_coalesces_neighbours():
     assert runs == [(0, 4096, 4200, 0)]
 
 
-def test_gpu_staging_v2_descriptors_and_emulation(tmp_path):
-    tokens = text_like(30_000, 3000, 6, "uint16")
-    write(tmp_path / "d", tokens, "rans", version=2, chunk_tokens=1500, rans_model_tokens=8000)
+@pytest.mark.parametrize("codec,dtype", [("rans", "uint16"), ("rans1", "uint16"), ("rans1", "uint32")])
+def test_gpu_staging_v2_descriptors_and_emulation(tmp_path, codec, dtype):
+    """The GPU decode path's staging of packed chunks: payloads decoded in place inside the
+    aligned runs (emulated kernel), bit-exact; raw chunks copied from their place."""
+    from llmio_native.dataset import rans1
+    from llmio_native.loader.gpu_decode import place_plain_chunks
+
+    tokens = text_like(45_000, 3000 if dtype == "uint16" else 90_000, 6, dtype)
+    if dtype == "uint16":  # 20000 uniformly random ids: their chunks do not compress, stored raw
+        tokens[9000:29_000] = np.random.default_rng(7).integers(0, 65536, 20_000).astype(dtype)
+    # 600-token chunks: a random chunk's payload (with its 148-byte block tables) outgrows 1200 raw bytes
+    write(tmp_path / "d", tokens, codec, dtype, version=2, chunk_tokens=600, rans_model_tokens=1 << 20)
     ds = lio.open_dataset(tmp_path / "d", direct=True)
-    chunks = [2, 3, 4, 5, 9, 10, 16]
+    chunks = [2, 3, 4, 5, 14, 15, 16, 17, 40, 48, 49, 50, 60]
     st = plan_group_staging(ds, chunks)
     assert st.in_place.all() and len(st.runs) < len(chunks)  # neighbours coalesced
+    assert st.gpu.any() and (dtype == "uint32" or not st.gpu.all())  # uint16: raw chunks in the group too
     offs = ds.chunks["offset"][st.chunks].astype(np.int64)
     assert ((st.src_offsets - offs) % 4096 == 0).all() and (st.src_offsets % 4 == 0).all()
     buf = lio.io.empty_aligned(st.staging_bytes)
     fill_staging(ds, st, buf, ds.reader.read_batch_into)
-    out = np.zeros(st.num_tokens, dtype="<u2")
-    g = np.flatnonzero(st.gpu)
-    status = rans.emulate(buf, st.chunk_desc, st.block_desc, st.models, out)
+    tb = np.dtype(dtype).itemsize
+    out = np.zeros(st.num_tokens, dtype=f"<u{tb}")
+    status = (rans1 if codec == "rans1" else rans).emulate(buf, st.chunk_desc, st.block_desc, st.models, out)
     assert (np.asarray(status) == 0).all()
-    from llmio_native.loader.gpu_decode import place_plain_chunks
-    place_plain_chunks(st, torch.from_numpy(buf), torch.from_numpy(out.view("<i2")))
+    place_plain_chunks(st, torch.from_numpy(buf), torch.from_numpy(out.view(f"<i{tb}")))
     expect = np.concatenate([tokens[int(ds.chunks["first_token"][c]):][:int(ds.chunks["token_count"][c])]
                              for c in st.chunks])
     np.testing.assert_array_equal(out, expect)
-    assert len(g) >= 1
 
 
 # -- v1 files stay readable ------------------------------------------------------------------------
