@@ -605,7 +605,14 @@ class TokenDataset:
                 continue
             assert staging is not None
             posts.append((step, staging[place : place + step.nbytes]))
-        self.reader.read_batch_into(reads)
+        try:
+            self.reader.read_batch_into(reads)
+        except OSError:
+            # a run holds several chunks: read each piece alone, so that an error names the
+            # chunk's own offset and length (and a transient one costs no more than this)
+            for step, place in zip(group, places):
+                view = step.dst.view(np.uint8) if isinstance(step, DirectRaw) else staging[place:place + step.nbytes]
+                self.reader.read_into(step.file, step.offset, view)
         if not posts:
             return
         work = sum(step.dst.nbytes for step, _ in posts)

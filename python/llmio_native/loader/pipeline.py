@@ -389,13 +389,21 @@ class Pipeline:
                 [(int(r["file"]), int(r["offset"]), int(r["stored_bytes"])) for r in rows], ds.file_sizes)
             buf = empty_aligned(total)
             fb = self.file_base[s]
-            self.reader.read_batch_into([(fb + f, a0, buf[at:at + a1 - a0]) for f, a0, a1, at in runs])
             stored = [buf[p:p + int(r["stored_bytes"])] for p, r in zip(places, rows)]
+            try:
+                self.reader.read_batch_into([(fb + f, a0, buf[at:at + a1 - a0]) for f, a0, a1, at in runs])
+            except OSError:  # read chunk by chunk: the error then names the chunk's own range
+                for k, (r, raw) in enumerate(zip(rows, stored)):
+                    try:
+                        self.reader.read_into(fb + int(r["file"]), int(r["offset"]), raw)
+                    except OSError as exc:
+                        futs[k].set_exception(exc)
             with self.stats.lock:
                 self.stats.compressed_bytes_read += sum(x.nbytes for x in stored)
                 self.stats.read_s += time.perf_counter() - t0
             for c, raw, fut in zip(chunks, stored, futs):
-                self.pool.submit(self._decode_into_future, s, c, raw, fut)
+                if not fut.done():
+                    self.pool.submit(self._decode_into_future, s, c, raw, fut)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer through the futures
             for fut in futs:
                 if not fut.done():
