@@ -289,8 +289,10 @@ def test_v2_shard_shrunk_after_open_names_the_read(tmp_path):
     c = ds.chunks[len(ds.chunks) // 2]
     off, n = int(c["offset"]), int(c["stored_bytes"])
     os.truncate(shard, off + 10)
-    # the aligned run fails; the error names the chunk's own range (read again alone)
-    with pytest.raises(lio.ShortReadError, match=rf"shard-00000.lio @ {off} \(\+{n}\): past end of file"):
+    # the aligned run fails; the error names the chunk's own range (read again alone) and the chunk
+    with pytest.raises(lio.ShortReadError, match=rf"shard-00000.lio @ {off} \(\+{n}\): past end of file.*\(reading "
+                                                 rf"{n} bytes of .*shard-00000.lio chunk \d+ \(dataset chunk \d+\) "
+                                                 rf"@ offset {off}\)"):
         ds.read(int(c["first_token"]), 5)
 
 
@@ -419,3 +421,18 @@ def test_loader_host_decode_reads_groups_as_aligned_runs(tmp_path, monkeypatch):
         int(((ds.chunks["file"] == f) & (ds.chunks["offset"] >= o)
              & (ds.chunks["offset"] + ds.chunks["stored_bytes"] <= o + n)).sum()) for f, o, n in requests)
     assert covered > len(requests)
+
+
+def test_gpu_staging_short_read_names_the_chunk(tmp_path):
+    tokens = text_like(20_000, 3000, 13, "uint16")
+    write(tmp_path / "d", tokens, "rans", version=2, chunk_tokens=1000)
+    ds = lio.open_dataset(tmp_path / "d")
+    c = ds.chunks[7]
+    off, n = int(c["offset"]), int(c["stored_bytes"])
+    st = plan_group_staging(ds, [5, 6, 7, 8])
+    os.truncate(ds.paths[0], off + 10)
+    buf = lio.io.empty_aligned(st.staging_bytes)
+    # the reader was open before the cut: the engine names the block it read, we add the chunk
+    with pytest.raises(lio.ShortReadError, match=rf"shard-00000.lio @ \d+ \(\+\d+\): unexpected end of file.* "
+                                                 rf"\(reading .*shard-00000.lio chunk 7 \(dataset chunk 7\) @ offset {off}\)"):
+        fill_staging(ds, st, buf, ds.reader.read_batch_into)

@@ -141,6 +141,20 @@ class StagedChunk:
 ReadStep = Union[DirectRaw, StagedRaw, StagedChunk]
 
 
+def name_chunk_in_error(exc: OSError, where: str) -> OSError:
+    """``exc`` (an ``OSError`` from a read) again, its message ending with ``(reading <where>)``:
+    the engine names the aligned block it read, which in format v2 is not the chunk's offset.
+    Same type, errno and file name; ``exc`` itself when it carries no errno."""
+    if exc.errno is None or exc.strerror is None:
+        return exc
+    try:
+        out = type(exc)(exc.errno, f"{exc.strerror} (reading {where})", exc.filename)
+    except TypeError:  # a subclass with another constructor
+        return exc
+    out.__traceback__ = exc.__traceback__
+    return out
+
+
 def plan_staging_runs(pieces: Sequence[tuple[int, int, int] | None], file_sizes: Sequence[int],
                       align: int = F.ALIGN) -> tuple[list[int], list[tuple[int, int, int, int]], int]:
     """Lay out byte ranges of files in one staging buffer so that each is read with O_DIRECT.
@@ -612,7 +626,10 @@ class TokenDataset:
             # chunk's own offset and length (and a transient one costs no more than this)
             for step, place in zip(group, places):
                 view = step.dst.view(np.uint8) if isinstance(step, DirectRaw) else staging[place:place + step.nbytes]
-                self.reader.read_into(step.file, step.offset, view)
+                try:
+                    self.reader.read_into(step.file, step.offset, view)
+                except OSError as exc:
+                    raise name_chunk_in_error(exc, f"{view.nbytes} bytes of {self._where(step.chunk)}") from None
         if not posts:
             return
         work = sum(step.dst.nbytes for step, _ in posts)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._native import _core
-from ..dataset.base import plan_staging_runs
+from ..dataset.base import name_chunk_in_error, plan_staging_runs
 from ..io import PinnedRing, Reader, empty_aligned
 from .cuda_path import CudaPath
 from .gpu_decode import GpuDecodePath
@@ -397,7 +397,7 @@ class Pipeline:
                     try:
                         self.reader.read_into(fb + int(r["file"]), int(r["offset"]), raw)
                     except OSError as exc:
-                        futs[k].set_exception(exc)
+                        futs[k].set_exception(name_chunk_in_error(exc, ds.describe_chunk(chunks[k])))
             with self.stats.lock:
                 self.stats.compressed_bytes_read += sum(x.nbytes for x in stored)
                 self.stats.read_s += time.perf_counter() - t0

@@ -12,6 +12,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from ..dataset.base import name_chunk_in_error, plan_staging_runs
 from .plan import SourcePlan
 
 #: Staging payloads start at multiples of this (the rans kernel reads 32-bit words).
@@ -86,7 +87,6 @@ def plan_group_staging(ds: Any, chunks: Sequence[int] | np.ndarray,
     """
     from ..dataset import format as F
     from ..dataset import rans
-    from ..dataset.base import plan_staging_runs
 
     ch = np.unique(np.asarray(chunks, dtype=np.int64))
     rows = ds.chunks[ch]
@@ -153,7 +153,16 @@ def fill_staging(ds: Any, staging: GroupStaging, buf: np.ndarray,
         reqs.append((f, off, tmp))
         other.append((k, tmp))
     if reqs:
-        read_batch_into(reqs)
+        try:
+            read_batch_into(reqs)
+        except OSError:  # a run holds several chunks: read each alone, the error names its own range
+            for k in range(len(staging.chunks)):
+                f, off, n = int(rows["file"][k]), int(rows["offset"][k]), int(staging.stored_bytes[k])
+                so = int(staging.src_offsets[k])
+                try:
+                    read_batch_into([(f, off, buf[so:so + n] if placed[k] else dict(other)[k])])
+                except OSError as exc:
+                    raise name_chunk_in_error(exc, ds.describe_chunk(int(staging.chunks[k]))) from None
     tmps = dict(other)
     dt = np.dtype(ds.dtype)
     for k in range(len(staging.chunks)):
