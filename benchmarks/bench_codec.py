@@ -42,12 +42,18 @@ emulation of the GPU kernel (llmio_native.dataset.rans.emulate) must equal the C
 Targets (the rans issue): ratio within 3% of the order-0 bound; CPU decode >= 0.5 GB/s per
 core; GPU decode >= 150 GB/s on an H100.
 
+Layout overhead (issue 14): each dataset written by DatasetWriter (zstd, rans, rans1) as one
+shard in format v1 (every chunk and model region padded to 4 KiB) and v2 (packed back to
+back, the default); overhead = file bytes / (chunk payloads + model regions) - 1, the bytes
+the layout adds (padding, the 4 KiB header, the tables). Target: < 0.5 % in v2. ``--layout``
+prints only this table.
+
 --study (issue 14) prints, instead, one table of bits/token per codec on real BPE tokens (the
 shipped text with a BPE trained on it and with one trained on other text, a second corpus of
 Python sources; uint16 and uint32 bytes): H0, conditional entropies and adaptive context
 models (estimates), rans, rans1 (payload + model regions), zstd -3 / -19 and xz -9.
 
-Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study] [--cpu-time]
+Usage: python benchmarks/bench_codec.py [--quick] [--tokens N] [--json out.json] [--study] [--layout] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +88,7 @@ TARGET_OF_BOUND = 0.97
 TARGET_CPU_GBPS = 0.5
 TARGET_GPU_GBPS = 150.0
 TARGET1_GPU_GBPS = 100.0  # rans1 (issue 14)
+TARGET_LAYOUT_OVERHEAD = 0.005  # file bytes / (payloads + models) - 1, format v2 (issue 14)
 
 
 @dataclass
@@ -614,29 +622,29 @@ def study(tmp: str, vocab: int, model_tokens: int, out_json: dict) -> None:
     for n_ in notes:
         print(n_)
     out_json["study"] = table
-    layout = [layout_row(tmp, name, ids, codec, model_tokens) for name, ids, _ in corpora for codec in ("rans", "rans1")]
+    layout = [layout_row(tmp, name, ids, codec, model_tokens, version)
+              for name, ids, _ in corpora for codec in ("rans", "rans1") for version in (1, 2)]
     print()
     print("## study: what the shard layout spends (DatasetWriter defaults: 65536-token chunks, uint16)")
-    print("- padding: zeros after every chunk and model region up to the next 4 KiB boundary;")
-    print("  fixed: the 4 KiB header, the chunk table and the document index")
+    print("- padding: v1: zeros after every chunk and model region up to the next 4 KiB boundary; v2 (packed,")
+    print("  the default): up to the next multiple of 8; fixed: the 4 KiB header, the chunk table and the document index")
     print()
-    print(f"| {'corpus':<18} | {'codec':<5} | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | {'padding':>8} | "
-          f"{'fixed':>6} | {'pad %':>5} | {'bits/token file':>15} | {'w/o padding':>11} |")
-    print(f"|{'-' * 20}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|{'-' * 17}|{'-' * 13}|")
-    for r in layout:
-        print(f"| {r['corpus']:<18} | {r['codec']:<5} | {r['file']:>10,} | {r['payload']:>10,} | {r['models']:>8,} | "
-              f"{r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
-              f"{r['bits_file']:15.3f} | {r['bits_packed']:11.3f} |")
+    print_layout(layout)
     out_json["layout"] = layout
 
 
-def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int) -> dict:
-    """Write ``ids`` (uint16) as one DatasetWriter shard and split its file bytes into chunk
-    payloads, model regions, padding and the fixed parts (header, tables)."""
-    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}")
-    with lio.DatasetWriter(d, dtype="uint16", codec=codec, rans_model_tokens=model_tokens, overwrite=True) as w:
-        w.add_document(ids.astype(np.uint16))
+def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: int, version: int = 2,
+               dtype: Any = np.uint16) -> dict:
+    """Write ``ids`` as one DatasetWriter shard (format ``version``: 1 pads every chunk and
+    model region to 4 KiB, 2 packs them back to back) and split its file bytes into chunk
+    payloads, model regions, padding and the fixed parts (header, tables). ``overhead``: file
+    bytes / (payloads + models) - 1, what the layout spends on top of the coded data."""
+    d = os.path.join(tmp, f"layout-{name.replace('/', '-')}-{codec}-v{version}")
+    with lio.DatasetWriter(d, dtype=np.dtype(dtype).name, codec=codec, rans_model_tokens=model_tokens,
+                           overwrite=True, _format_version=version) as w:
+        w.add_document(ids.astype(dtype))
     ds = lio.open_dataset(d)
+    assert ds.format_version == version
     assert np.array_equal(ds.read(0, ds.num_tokens), ids)
     shards = [p for p in ds.paths]
     file_bytes = sum(os.path.getsize(p) for p in shards)
@@ -654,9 +662,30 @@ def layout_row(tmp: str, name: str, ids: np.ndarray, codec: str, model_tokens: i
         fixed += F.HEADER_BYTES + os.path.getsize(p) - hdr["table_offset"]
     padding = file_bytes - payload - models - fixed
     n = ids.size
-    return {"corpus": name, "codec": codec, "tokens": int(n), "file": file_bytes, "payload": payload,
-            "models": models, "padding": padding, "fixed": fixed, "bits_file": 8 * file_bytes / n,
+    shutil.rmtree(d, ignore_errors=True)
+    return {"corpus": name, "codec": codec, "version": version, "tokens": int(n), "file": file_bytes,
+            "payload": payload, "models": models, "padding": padding, "fixed": fixed,
+            "overhead": file_bytes / (payload + models) - 1,
+            "overhead_no_header": (file_bytes - F.HEADER_BYTES * len(shards)) / (payload + models) - 1,
+            "bits_file": 8 * file_bytes / n,
             "bits_packed": 8 * (file_bytes - padding) / n}
+
+
+def print_layout(layout: list[dict]) -> None:
+    """The layout table: v1 (4 KiB-aligned chunks) against v2 (packed) per corpus and codec."""
+    print(f"| {'corpus':<18} | {'codec':<5} | fmt | {'file bytes':>10} | {'payloads':>10} | {'models':>8} | "
+          f"{'padding':>8} | {'fixed':>6} | {'pad %':>5} | {'overhead %':>10} | {'w/o header':>10} | "
+          f"{'bits/token file':>15} |")
+    print(f"|{'-' * 20}|{'-' * 7}|-----|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 7}|"
+          f"{'-' * 12}|{'-' * 12}|{'-' * 17}|")
+    for r in layout:
+        print(f"| {r['corpus']:<18} | {r['codec']:<5} | v{r['version']}  | {r['file']:>10,} | {r['payload']:>10,} | "
+              f"{r['models']:>8,} | {r['padding']:>8,} | {r['fixed']:>6,} | {100 * r['padding'] / r['file']:5.2f} | "
+              f"{100 * r['overhead']:10.3f} | {100 * r['overhead_no_header']:10.3f} | {r['bits_file']:15.3f} |")
+    print()
+    print("overhead % = file bytes / (chunk payloads + model regions) - 1 (padding, the 4 KiB header, the tables);")
+    print("w/o header: the same without the 4 KiB header of each shard (what is left at shard scale: the tables,")
+    print("48 B per chunk and 8 B per document, and the padding)")
 
 
 # ----------------------------------------------------------------------------- report
@@ -695,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the CPU decodes by the thread's CPU time, not wall time (a shared machine)")
+    ap.add_argument("--layout", action="store_true",
+                    help="only the layout overhead table (format v1 vs v2) of the datasets, no codec timings")
     ap.add_argument("--study", action="store_true",
                     help="only the context-model study of issue 14: bits/token per codec on real BPE corpora")
     ap.add_argument("--study-vocab", type=int, default=STUDY_VOCAB, help="BPE vocabulary of the study (16384)")
@@ -755,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                 datasets.append(("shakespeare", toks, [f"tinyshakespeare, {why}"]))
         print()
 
-        for name, toks, extra in datasets:
+        for name, toks, extra in ([] if a.layout else datasets):
             tb = toks.itemsize
             raw = toks.nbytes
             h0 = empirical_h0(toks)
@@ -793,6 +824,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += drows
             results[name] = {"tokens": int(toks.size), "token_bytes": tb, "h0_bits": h0, "bound": bound,
                              "chunks": len(chunks), "models": len(enc.models), "raw_chunks": nraw}
+        # ------------------------------------------------------------ layout overhead (v1 vs v2)
+        layout = [layout_row(tmp, name, toks, codec, a.model_tokens, version, toks.dtype)
+                  for name, toks, _ in datasets for codec in ("zstd", "rans", "rans1") for version in (1, 2)]
+        print("## layout overhead: DatasetWriter shards, format v1 (4 KiB-aligned chunks) vs v2 (packed)")
+        print()
+        print_layout(layout)
+        print()
 
     # ---------------------------------------------------------------- targets
     print("## targets (the rans issue)")
@@ -806,6 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"dataset": ds, "check": check, "value": value, "target": target, "result": res})
         print(f"| {ds:<12} | {check:<44} | {value:8.3f} | {target:8.3f} | {res:<6} |")
 
+    for lr in layout:
+        if lr["version"] == 2:
+            verdict(lr["corpus"], f"layout overhead % ({lr['codec']}, v2)", 100 * lr["overhead"],
+                    100 * TARGET_LAYOUT_OVERHEAD, lr["overhead"] < TARGET_LAYOUT_OVERHEAD)
     for name in results:
         r = next(x for x in rows if x.dataset == name and x.codec.startswith("rans CPU"))
         verdict(name, "rans ratio / order-0 bound", r.of_bound, TARGET_OF_BOUND, r.of_bound >= TARGET_OF_BOUND)
@@ -849,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"machine": machine(), "clock": "thread_time" if a.cpu_time else "perf_counter", "chart": chart,
                        "gpu": gpu_why if gpu_ok else None, "datasets": results,
                        "rows": [{**asdict(r), "ratio": r.ratio, "of_bound": r.of_bound} for r in rows],
-                       "targets": verdicts}, f, indent=1)
+                       "targets": verdicts, "layout": layout}, f, indent=1)
     return 0
 
 

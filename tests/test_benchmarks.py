@@ -74,6 +74,12 @@ def test_bench_codec_smoke(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     rans = [r for r in res["rows"] if r["codec"] == "rans CPU (1 thread)"]
     assert rans and all(r["of_bound"] > 0.8 and r["decode_gbps"] > 0 for r in rans)
+    # layout overhead, v1 (4 KiB-padded chunks) against v2 (packed): v2 pads < 8 bytes per region
+    assert "## layout overhead" in text and "layout overhead % (rans1, v2)" in text
+    lay = {(r["corpus"], r["codec"], r["version"]): r for r in res["layout"]}
+    for (corpus, codec, version), r in lay.items():
+        if version == 2:
+            assert r["padding"] < lay[(corpus, codec, 1)]["padding"] and r["padding"] < 8 * 64, r
 
 
 def test_bench_loader_smoke(tmp_path):

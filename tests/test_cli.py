@@ -483,6 +483,7 @@ def test_inspect_reports_what_open_dataset_sees(packed: Path, capsys) -> None:
     tokens = ds.read(0, ds.num_tokens)
     stored = int(ds.chunks["stored_bytes"].sum())
     assert info["format"] == "llmio" and info["num_tokens"] == ds.num_tokens == tokens.size
+    assert info["format_version"] == ds.format_version == 2  # zstd: packed chunks (format v2)
     assert info["num_documents"] == ds.num_documents and info["dtype"] == "uint16" and info["codec"] == "zstd"
     assert info["files"] == 1 and info["chunks"] == len(ds.chunks)
     assert info["stored_bytes"] == stored and info["decoded_bytes"] == 2 * ds.num_tokens

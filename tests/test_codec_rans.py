@@ -428,10 +428,11 @@ def test_rans_dataset_roundtrip_and_groups(tmp_path, dtype):
     assert manifest["codec"] == "rans" and manifest["rans_model_tokens"] == 50_000
 
 
-def _one_rans_shard(tmp_path):
+def _one_rans_shard(tmp_path, version=None):
     rng = np.random.default_rng(4)
     docs = [zipf(rng, 4000, 1000) for _ in range(10)]
-    with lio.DatasetWriter(tmp_path / "d", codec="rans", chunk_tokens=4096, rans_model_tokens=1 << 30) as w:
+    with lio.DatasetWriter(tmp_path / "d", codec="rans", chunk_tokens=4096, rans_model_tokens=1 << 30,
+                           _format_version=version) as w:
         w.add_documents(docs)
     ds = lio.open_dataset(tmp_path / "d")
     return ds, np.concatenate(docs), tmp_path / "d" / "shard-00000.lio"
@@ -453,7 +454,7 @@ def test_corrupt_model_region_is_named(tmp_path):
 
 
 def test_verify_checks_the_padding_after_a_model_region(tmp_path):
-    ds, allt, shard = _one_rans_shard(tmp_path)
+    ds, allt, shard = _one_rans_shard(tmp_path, version=1)  # v1: zeros to the next 4096
     moff = int(ds.chunks["model"][0])
     raw = bytearray(shard.read_bytes())
     size = F.model_region_size(bytes(raw[moff:moff + 32]), str(shard), moff)
@@ -474,7 +475,7 @@ def _reseal(shard, raw: bytearray) -> None:
     tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
     fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
                                  "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum)
+    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum, version=hdr["version"])
     shard.write_bytes(bytes(raw))
     mpath = shard.parent / "manifest.json"
     man = json.loads(mpath.read_text())

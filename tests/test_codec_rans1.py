@@ -504,7 +504,7 @@ def _reseal(shard, raw: bytearray) -> None:
     tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
     fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
                                  "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum)
+    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum, version=hdr["version"])
     shard.write_bytes(bytes(raw))
     mpath = shard.parent / "manifest.json"
     man = json.loads(mpath.read_text())

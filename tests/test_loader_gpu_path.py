@@ -84,8 +84,17 @@ def test_staging_layout(data):
     assert st.gpu.any() and not st.gpu.all()
     assert (st.src_offsets % STAGING_ALIGN == 0).all()
     ends = st.src_offsets + st.src_bytes
-    assert (ends[:-1] <= st.src_offsets[1:]).all() and int(ends[-1]) <= st.staging_bytes
-    assert st.staging_bytes - int(ends[-1]) < STAGING_ALIGN
+    order = np.argsort(st.src_offsets)
+    assert (ends[order][:-1] <= st.src_offsets[order][1:]).all() and int(ends.max()) <= st.staging_bytes
+    # chunks read in place lie where they lie in the file, modulo 4096, inside one aligned read
+    offs = ds.chunks["offset"][st.chunks].astype(np.int64)
+    assert st.in_place.tolist() == (st.gpu | (st.codecs == F.CODEC_NONE)).tolist()
+    assert ((st.src_offsets - offs)[st.in_place] % 4096 == 0).all()
+    for k in np.flatnonzero(st.in_place).tolist():
+        f, o = int(ds.chunks["file"][st.chunks[k]]), int(offs[k])
+        assert sum(rf == f and a0 <= o and o + int(st.stored_bytes[k]) <= a1
+                   and at + o - a0 == int(st.src_offsets[k]) for rf, a0, a1, at in st.runs) == 1
+    assert all(a0 % 4096 == 0 and at % 4096 == 0 for _, a0, _, at in st.runs)
     counts = ds.chunks["token_count"][st.chunks].astype(np.int64)
     assert st.out_offsets.tolist() == np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
     assert st.num_tokens == int(counts.sum())

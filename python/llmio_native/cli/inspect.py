@@ -127,7 +127,8 @@ def rans_models(ds: Any) -> dict[str, Any] | None:
 def inspect_dataset(path: str, dtype: str | None = None, sample: int | None = None, top: int = 10) -> dict[str, Any]:
     """What ``llmio inspect`` reports about ``path``, as a JSON-serialisable dict.
 
-    Keys: path, format, format_name, num_tokens, num_documents (None where the format
+    Keys: path, format, format_name, format_version (llmio: 1 or 2, the shard layout; else
+    None), num_tokens, num_documents (None where the format
     records no boundaries), dtype, codec, chunk_codecs (chunks per codec id name), rans
     (None, or the rans models as :func:`rans_models` sums them up), files,
     chunks, bytes_on_disk (data files and manifest or index), stored_bytes (token data as
@@ -165,6 +166,7 @@ def inspect_dataset(path: str, dtype: str | None = None, sample: int | None = No
         "path": os.path.abspath(path),
         "format": ds.format,
         "format_name": FORMAT_NAMES.get(ds.format, ds.format),
+        "format_version": getattr(ds, "format_version", None),
         "num_tokens": int(ds.num_tokens),
         "num_documents": int(ds.num_documents) if ds.document_ends is not None else None,
         "dtype": ds.dtype.name,
@@ -222,7 +224,9 @@ def run(a: argparse.Namespace) -> int:
     ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f} (decoded / stored bytes)"
     rows = [
         ("path", r["path"]),
-        ("format", r["format_name"]),
+        ("format", r["format_name"] + ("" if r["format_version"] is None else
+                                       f", version {r['format_version']}"
+                                       + (" (chunks packed)" if r["format_version"] == 2 else " (4 KiB-aligned chunks)"))),
         ("tokens", _fmt_int(r["num_tokens"])),
         ("documents", docs),
         ("dtype", r["dtype"]),

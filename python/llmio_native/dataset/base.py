@@ -141,6 +141,61 @@ class StagedChunk:
 ReadStep = Union[DirectRaw, StagedRaw, StagedChunk]
 
 
+def name_chunk_in_error(exc: OSError, where: str) -> OSError:
+    """``exc`` (an ``OSError`` from a read) again, its message ending with ``(reading <where>)``:
+    the engine names the aligned block it read, which in format v2 is not the chunk's offset.
+    Same type, errno and file name; ``exc`` itself when it carries no errno."""
+    if exc.errno is None or exc.strerror is None:
+        return exc
+    try:
+        out = type(exc)(exc.errno, f"{exc.strerror} (reading {where})", exc.filename)
+    except TypeError:  # a subclass with another constructor
+        return exc
+    out.__traceback__ = exc.__traceback__
+    return out
+
+
+def plan_staging_runs(pieces: Sequence[tuple[int, int, int] | None], file_sizes: Sequence[int],
+                      align: int = F.ALIGN) -> tuple[list[int], list[tuple[int, int, int, int]], int]:
+    """Lay out byte ranges of files in one staging buffer so that each is read with O_DIRECT.
+
+    ``pieces[k]`` is ``(file, offset, nbytes)`` or ``None`` (not staged). Pieces of one file
+    whose aligned supersets touch or share a block (chunks packed back to back, format v2;
+    or v1 chunks with their padding) are coalesced into one *run*: one read of the aligned
+    superset ``[align_down(first offset), align_up(last end))`` (cut at the file's end), so a
+    block two chunks share is read once. Runs start at multiples of ``align`` in the buffer
+    and each piece lies in its run where it lies in the file (congruent modulo ``align``).
+
+    Returns:
+        ``(places, runs, total)``: the buffer offset of each piece (-1 for ``None``), the runs
+        as ``(file, file_offset, file_end, buffer_offset)`` to read, and the buffer size needed
+        (a multiple of ``align``).
+    """
+    places: list[int] = []
+    runs: list[tuple[int, int, int, int]] = []
+    pos = 0  # end of the staging used so far (a multiple of align)
+    cur: list[int] | None = None  # [file, a0, end of the last piece, buffer offset of a0]
+    for piece in pieces:
+        if piece is None:
+            places.append(-1)
+            continue
+        f, off, n = piece
+        if cur is not None and cur[0] == f and off >= cur[2] and off // align <= -(-cur[2] // align):
+            places.append(cur[3] + off - cur[1])
+            cur[2] = off + n
+            continue
+        if cur is not None:
+            runs.append((cur[0], cur[1], min(F.align_up(cur[2], align), int(file_sizes[cur[0]])), cur[3]))
+            pos = cur[3] + F.align_up(cur[2], align) - cur[1]
+        a0 = F.align_down(off, align)
+        cur = [f, a0, off + n, pos]
+        places.append(pos + off - a0)
+    if cur is not None:
+        runs.append((cur[0], cur[1], min(F.align_up(cur[2], align), int(file_sizes[cur[0]])), cur[3]))
+        pos = cur[3] + F.align_up(cur[2], align) - cur[1]
+    return places, runs, pos
+
+
 class TokenDataset:
     """A token stream stored in one or more files, read through :class:`Reader`.
 
@@ -547,18 +602,15 @@ class TokenDataset:
         return self._run_group_local(group)
 
     def _run_group_local(self, group: list[ReadStep]) -> None:
-        pos = 0
-        places: list[int] = []
-        for step in group:
-            if isinstance(step, DirectRaw):
-                places.append(-1)
-                continue
-            pos = F.align_up(pos) + step.offset % F.ALIGN
-            places.append(pos)
-            pos += step.nbytes
-        staging = empty_aligned(F.align_up(pos)) if pos else None
+        places, runs, total = plan_staging_runs(
+            [(step.file, step.offset, step.nbytes) if not isinstance(step, DirectRaw) else None for step in group],
+            self._file_sizes)
+        staging = empty_aligned(total) if total else None
         reads: list[tuple[int, int, np.ndarray]] = []
         posts: list[tuple[ReadStep, np.ndarray | None]] = []
+        for f, a0, a1, at in runs:
+            assert staging is not None
+            reads.append((f, a0, staging[at : at + a1 - a0]))
         for step, place in zip(group, places):
             if isinstance(step, DirectRaw):
                 reads.append((step.file, step.offset, step.dst.view(np.uint8)))
@@ -566,10 +618,18 @@ class TokenDataset:
                     posts.append((step, None))
                 continue
             assert staging is not None
-            src = staging[place : place + step.nbytes]
-            reads.append((step.file, step.offset, src))
-            posts.append((step, src))
-        self.reader.read_batch_into(reads)
+            posts.append((step, staging[place : place + step.nbytes]))
+        try:
+            self.reader.read_batch_into(reads)
+        except OSError:
+            # a run holds several chunks: read each piece alone, so that an error names the
+            # chunk's own offset and length (and a transient one costs no more than this)
+            for step, place in zip(group, places):
+                view = step.dst.view(np.uint8) if isinstance(step, DirectRaw) else staging[place:place + step.nbytes]
+                try:
+                    self.reader.read_into(step.file, step.offset, view)
+                except OSError as exc:
+                    raise name_chunk_in_error(exc, f"{view.nbytes} bytes of {self._where(step.chunk)}") from None
         if not posts:
             return
         work = sum(step.dst.nbytes for step, _ in posts)

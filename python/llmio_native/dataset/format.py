@@ -1,6 +1,6 @@
-"""On-disk layout of the llmio token dataset, format version 1 (see docs/format.md).
+"""On-disk layout of the llmio token dataset, format versions 1 and 2 (see docs/format.md).
 
-Shard file (all integers little-endian)::
+Shard file, version 1 (all integers little-endian)::
 
      0      4096                                               table_offset  doc_index_offset   EOF
      +------+------------------+--------+------------------+-----+-------------+----------------+
@@ -8,6 +8,16 @@ Shard file (all integers little-endian)::
      |4 KiB |                  | to 4Ki |                  |     | 48 B/chunk  | 8 B/document   |
      +------+------------------+--------+------------------+-----+-------------+----------------+
             ^ 4096-aligned              ^ 4096-aligned           ^ 4096-aligned
+
+Version 2 (the default): chunks and model regions packed back to back, each at a multiple of
+``PACK_ALIGN`` (8) bytes, zeros only to reach it; readers read the 4096-aligned superset of a
+chunk with O_DIRECT and find the chunk inside::
+
+     0      4096                                       table_offset  doc_index_offset   EOF
+     +------+---------+-+---------+-+---------+-----+-+-------------+----------------+
+     |header| model 0 |z| chunk 0 |z| chunk 1 | ... |z| chunk table | document index |
+     +------+---------+-+---------+-+---------+-----+-+-------------+----------------+
+            ^ 4096    ^ 8-aligned ^ 8-aligned         ^ 8-aligned     (z: < 8 zero bytes)
 
 Header, bytes [0, 88); bytes [88, 4096) are zero::
 
@@ -27,8 +37,8 @@ Chunk table entry (48 bytes)::
      | offset | stored_bytes | first_token | token_count| codec| flags| checksum | model_offset |
      +--------+--------------+-------------+------------+------+------+----------+--------------+
 
-``model_offset`` is 0 except for ``rans`` and ``rans1`` chunks, where it is the 4096-aligned
-offset of the model region the chunk was coded with. A model region lies before the first chunk
+``model_offset`` is 0 except for ``rans`` and ``rans1`` chunks, where it is the offset (v1:
+4096-aligned, v2: 8-aligned) of the model region the chunk was coded with. A model region lies before the first chunk
 that uses it (the writer builds one model per group of chunks)::
 
      0           8             16            24          32
@@ -54,10 +64,25 @@ from .._native import _core
 from ..errors import FormatError
 
 MAGIC = b"LIOTOKS\0"
-VERSION = 1
-KNOWN_VERSIONS = (1,)
+#: Version the writer writes by default for the encoded codecs: 2 (chunks and model regions
+#: packed back to back, each at a multiple of :data:`PACK_ALIGN`). Version 1 (what it writes
+#: for ``none``) pads each to :data:`ALIGN`.
+VERSION = 2
+KNOWN_VERSIONS = (1, 2)
 HEADER_BYTES = 4096
+#: O_DIRECT block: v1 chunks and model regions start at multiples of it; the header and the
+#: chunk table offset of v1 are multiples of it; readers read the aligned superset of a v2 chunk.
 ALIGN = 4096
+#: v2: every chunk, model region and the chunk table start at a multiple of 8 bytes (a rans
+#: payload's address must be a multiple of RANS_PAYLOAD_ALIGN for the GPU decoder to read it in
+#: place; 8 also keeps the chunk table's u64 fields aligned).
+PACK_ALIGN = 8
+assert PACK_ALIGN % _core.RANS_PAYLOAD_ALIGN == 0
+
+
+def chunk_align(version: int) -> int:
+    """Alignment of chunk, model region and chunk table offsets in a shard of ``version``."""
+    return ALIGN if version == 1 else PACK_ALIGN
 FORMAT_NAME = "llmio-tokens"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_TMP_NAME = ".manifest.json.tmp"
@@ -139,6 +164,11 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def align_down(n: int, a: int = ALIGN) -> int:
+    """``n`` rounded down to a multiple of ``a``."""
+    return n // a * a
+
+
 def shard_name(index: int) -> str:
     """File name of shard ``index``: ``shard-00000.lio`` (more digits past 99999)."""
     return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
@@ -155,10 +185,13 @@ def pack_header(
     table_offset: int,
     doc_index_offset: int,
     tables_checksum: int,
+    version: int = VERSION,
 ) -> bytes:
-    """The 4096-byte shard header with its checksum filled in."""
+    """The 4096-byte shard header (format ``version``) with its checksum filled in."""
+    if version not in KNOWN_VERSIONS:
+        raise ValueError(f"format version must be one of {list(KNOWN_VERSIONS)}, got {version!r}")
     body = _HEADER_BODY.pack(
-        MAGIC, VERSION, HEADER_BYTES, token_bytes, codec, num_chunks, num_tokens, num_documents,
+        MAGIC, version, HEADER_BYTES, token_bytes, codec, num_chunks, num_tokens, num_documents,
         chunk_tokens, table_offset, doc_index_offset, tables_checksum,
     )
     head = body + _HEADER_CHECKSUM.pack(checksum(body))

@@ -40,13 +40,14 @@ def _incomplete_or_missing(d: str) -> None:
 
 
 class LioDataset(TokenDataset):
-    """A dataset directory in the llmio token format v1 (docs/format.md).
+    """A dataset directory in the llmio token format, version 1 or 2 (docs/format.md).
 
-    Adds ``chunk_tokens`` (int) and ``manifest`` (the parsed manifest.json) to the
-    attributes of :class:`TokenDataset`.
+    Adds ``chunk_tokens`` (int), ``format_version`` (1 or 2: the layout of its shards) and
+    ``manifest`` (the parsed manifest.json) to the attributes of :class:`TokenDataset`.
     """
 
     format = "llmio"
+    format_version: int
     chunk_tokens: int
     manifest: dict
 
@@ -97,6 +98,7 @@ class LioDataset(TokenDataset):
                 ("num_tokens", hdr["num_tokens"], entry.num_tokens),
                 ("num_documents", hdr["num_documents"], entry.num_documents),
                 ("chunk_tokens", hdr["chunk_tokens"], chunk_tokens),
+                ("version", hdr["version"], man.version),
             ]
             for fname, got, want in checks:
                 if got != want:
@@ -104,7 +106,7 @@ class LioDataset(TokenDataset):
                                       path=path, offset=0)
             nch, ntok, ndoc = hdr["num_chunks"], hdr["num_tokens"], hdr["num_documents"]
             t_off, d_off = hdr["table_offset"], hdr["doc_index_offset"]
-            if (t_off < F.HEADER_BYTES or t_off % F.ALIGN or d_off != t_off + nch * F.CHUNK_ENTRY.itemsize
+            if (t_off < F.HEADER_BYTES or t_off % F.chunk_align(hdr["version"]) or d_off != t_off + nch * F.CHUNK_ENTRY.itemsize
                     or size != d_off + ndoc * F.DOC_END.itemsize):
                 raise FormatError(
                     f"{path}: table_offset {t_off} / doc_index_offset {d_off} do not fit {nch} chunks, "
@@ -158,12 +160,14 @@ class LioDataset(TokenDataset):
                  file_sizes=sizes, region_ends=regions, local_index=local, has_checksums=True,
                  eot_token=man.eot_token, tokenizer_path=tokenizer_path, metadata=man.metadata, reader_options=reader_options)
         ds.chunk_tokens = chunk_tokens
+        ds.format_version = man.version
         ds.manifest = man.raw if man.raw is not None else man.to_json()
         return ds
 
     @staticmethod
     def _check_table(path: str, table: np.ndarray, docs: np.ndarray, hdr: dict, tb: int, t_off: int) -> None:
         nch, ntok, ct = hdr["num_chunks"], hdr["num_tokens"], hdr["chunk_tokens"]
+        align = F.chunk_align(hdr["version"])  # v1: 4096, v2: 8 (chunks packed back to back)
 
         def bad(mask: np.ndarray, what: str) -> None:
             if mask.any():
@@ -175,7 +179,7 @@ class LioDataset(TokenDataset):
             off = table["offset"].astype(np.int64)
             stored = table["stored_bytes"].astype(np.int64)
             count = table["token_count"].astype(np.int64)
-            bad(off % F.ALIGN != 0, "offset is not 4096-aligned")
+            bad(off % align != 0, f"offset is not {align}-aligned (format v{hdr['version']})")
             bad(off < F.HEADER_BYTES, "offset inside the header")
             bad(off + stored > t_off, f"stored bytes run past the chunk table @ {t_off}")
             bad(np.r_[False, off[1:] < off[:-1] + stored[:-1]], "overlaps the previous chunk")
@@ -190,8 +194,8 @@ class LioDataset(TokenDataset):
             rans = np.isin(table["codec"], F.MODEL_CODECS)
             bad(~rans & (mo != 0), "nonzero model_offset on a chunk that is not rans/rans1 (written by a newer "
                 "version?)")
-            bad(rans & ((mo % F.ALIGN != 0) | (mo < F.HEADER_BYTES) | (mo + F.MODEL_HEADER_BYTES > off)),
-                "rans/rans1 chunk whose model_offset is not a 4096-aligned offset before the chunk")
+            bad(rans & ((mo % align != 0) | (mo < F.HEADER_BYTES) | (mo + F.MODEL_HEADER_BYTES > off)),
+                f"rans/rans1 chunk whose model_offset is not a {align}-aligned offset before the chunk")
             total = int(count.sum())
         else:
             total = 0

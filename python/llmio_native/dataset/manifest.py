@@ -101,7 +101,8 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    """The contents of ``manifest.json`` (format ``llmio-tokens``, version 1).
+    """The contents of ``manifest.json`` (format ``llmio-tokens``, version 1 or 2: the version of
+    its shards).
 
     ``raw`` is the parsed JSON object as read (``LioDataset.manifest``); it is ``None`` for
     a manifest built by the writer.

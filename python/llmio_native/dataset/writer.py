@@ -1,4 +1,5 @@
-"""``DatasetWriter``: stream documents into a directory of token shards (format v1)."""
+"""``DatasetWriter``: stream documents into a directory of token shards (format v2 for encoded
+codecs, v1 for ``none``; docs/format.md)."""
 from __future__ import annotations
 
 import array
@@ -54,7 +55,11 @@ class DatasetWriter:
     more spill to a side file). With ``chunk_tokens=65536`` that is about 24 MiB peak on top
     of the caller's own document arrays, whatever the number of tokens written (the test
     suite checks 50M tokens under 64 MiB). Chunks are encoded on ``num_threads`` threads
-    (zstd releases the GIL) and written strictly in order, each at a 4096-aligned offset.
+    (zstd releases the GIL) and written strictly in order. Layout (docs/format.md): with an
+    encoded codec (zstd, rans, rans1) the shards are format v2: chunks and model regions back
+    to back, each at a multiple of 8 bytes (readers read the 4096-aligned superset with
+    O_DIRECT); with ``none`` they are format v1: each chunk at a 4096-aligned offset (raw
+    chunks of ``2048·k`` uint16 tokens lie back to back either way).
 
     Shards: a shard is closed before a document that would take it past ``shard_tokens``,
     so no shard exceeds ``shard_tokens`` unless a single document does (that document gets
@@ -89,9 +94,11 @@ class DatasetWriter:
         tokenizer: a tokenizer file to copy into the dataset as ``tokenizer.json``
             (recorded in the manifest), or ``"tokenizer.json"`` when it is already there.
         metadata: JSON-serialisable dict stored in the manifest (``ds.metadata``).
+        _format_version: private: the shard layout to write (``1`` or ``2``; default 2 for
+            zstd, rans and rans1, 1 for none). Tests use it to write v1 files.
 
     Raises:
-        ValueError: bad dtype, codec name, sizes, eot_token or metadata.
+        ValueError: bad dtype, codec name, sizes, eot_token, metadata or ``_format_version``.
         FileExistsError: ``out_dir`` holds a dataset (manifest.json) or an incomplete one
             (shard files, no manifest) and ``overwrite`` is false; or is a file.
         FileNotFoundError: ``tokenizer`` does not exist.
@@ -111,6 +118,7 @@ class DatasetWriter:
         overwrite: bool = False,
         tokenizer: str | os.PathLike[str] | None = None,
         metadata: dict | None = None,
+        _format_version: int | None = None,
     ) -> None:
         self._closed = True  # until fully constructed (so __del__ does nothing)
         try:
@@ -148,6 +156,10 @@ class DatasetWriter:
                 json.dumps(metadata)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"metadata is not JSON-serialisable: {exc}") from None
+        if _format_version is None:
+            _format_version = 1 if codec == "none" else F.VERSION
+        if _format_version not in F.KNOWN_VERSIONS:
+            raise ValueError(f"_format_version must be one of {list(F.KNOWN_VERSIONS)}, got {_format_version!r}")
         tok_src = None
         if tokenizer is not None:
             tok_src = os.fspath(tokenizer)
@@ -164,6 +176,9 @@ class DatasetWriter:
         self.metadata = dict(metadata) if metadata else {}
         self._maxval = maxval
         self._codec_id = F.CODEC_IDS[codec]
+        #: shard format version written (private knob ``_format_version``: tests write v1 files)
+        self.format_version = int(_format_version)
+        self._align = F.chunk_align(self.format_version)
 
         self._prepare_dir(bool(overwrite))
         if tok_src is not None:
@@ -345,7 +360,7 @@ class DatasetWriter:
         assert fh is not None
         self._model_offset = self._pos
         fh.write(region)
-        pad = (-len(region)) % F.ALIGN
+        pad = (-len(region)) % self._align
         fh.write(_ZEROS[:pad])
         self._pos += len(region) + pad
         self.model_bytes += len(region)
@@ -361,7 +376,7 @@ class DatasetWriter:
         offset = self._pos
         nbytes = memoryview(stored).nbytes
         fh.write(stored)
-        pad = (-nbytes) % F.ALIGN
+        pad = (-nbytes) % self._align
         if pad:
             fh.write(_ZEROS[:pad])
         self._pos += nbytes + pad
@@ -413,6 +428,7 @@ class DatasetWriter:
             token_bytes=self.dtype.itemsize, codec=self._codec_id, num_chunks=len(table),
             num_tokens=self._shard_ntok, num_documents=ndoc, chunk_tokens=self.chunk_tokens,
             table_offset=table_offset, doc_index_offset=doc_index_offset, tables_checksum=h.intdigest(),
+            version=self.format_version,
         )
         fh.seek(0)
         fh.write(header)
@@ -472,6 +488,7 @@ class DatasetWriter:
                 eot_token=self.eot_token,
                 metadata=self.metadata,
                 created_by=f"llmio_native {__version__}",
+                version=self.format_version,
             )
             write_manifest(self.path, manifest)
         except BaseException:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..io import Reader
+from ..io import Reader, empty_aligned
 from .cuda_path import CudaPath
 from .plan import Batch, SourcePlan
 from .stats import LoaderStats
@@ -184,7 +184,7 @@ class GpuDecodePath:
         t0 = time.perf_counter()
         st = plan_group_staging(ds, chunks)
         if self.emulate:
-            host = np.empty(st.staging_bytes, dtype=np.uint8)
+            host = empty_aligned(st.staging_bytes)
             view = host
         else:
             host = torch.empty(st.staging_bytes, dtype=torch.uint8, pin_memory=True)

@@ -7,11 +7,12 @@ These functions say where every byte and token goes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from ..dataset.base import name_chunk_in_error, plan_staging_runs
 from .plan import SourcePlan
 
 #: Staging payloads start at multiples of this (the rans kernel reads 32-bit words).
@@ -33,7 +34,14 @@ class GroupStaging:
             staged as plain tokens (a raw chunk's stored bytes, or a chunk of another codec
             decoded on the host) and copied into place on the device.
         src_offsets, src_bytes: where each chunk's staged bytes lie in the staging buffer
-            (offsets are multiples of :data:`STAGING_ALIGN`).
+            (offsets are multiples of :data:`STAGING_ALIGN`). A chunk read in place (GPU
+            decoded or raw) lies where it lies in its file modulo 4096, inside its run.
+        in_place: True where the chunk is read in place by ``runs`` (else read apart and
+            decoded or copied into its place on the host).
+        runs: ``(file, file_offset, file_end, staging_offset)``: the reads that fill the
+            staging buffer, each the 4096-aligned superset of neighbouring chunks of one file
+            (chunks packed back to back share their boundary blocks: one read, O_DIRECT
+            straight into the staging buffer; ``dataset.base.plan_staging_runs``).
         stored_bytes: bytes read from storage for each chunk.
         out_offsets, token_counts: each chunk's tokens in the token buffer.
         staging_bytes, num_tokens: sizes of the two buffers; token_bytes: 2 or 4.
@@ -58,6 +66,8 @@ class GroupStaging:
     chunk_desc: np.ndarray
     block_desc: np.ndarray
     token_bytes: int
+    runs: list = field(default_factory=list)
+    in_place: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def decoded_bytes(self) -> int:
@@ -86,10 +96,16 @@ def plan_group_staging(ds: Any, chunks: Sequence[int] | np.ndarray,
     stored = rows["stored_bytes"].astype(np.int64)
     gpu = np.isin(codecs, F.MODEL_CODECS)
     staged = np.where(gpu | (codecs == F.CODEC_NONE), stored, counts * tb)
-    padded = -(-staged // STAGING_ALIGN) * STAGING_ALIGN
-    src_off = np.zeros(len(ch), dtype=np.int64)
-    if len(ch):
-        np.cumsum(padded[:-1], out=src_off[1:])
+    # read in place: GPU chunks and raw ones, where the file offset keeps the payload aligned
+    offs = rows["offset"].astype(np.int64)
+    inplace = (gpu | (codecs == F.CODEC_NONE)) & (offs % STAGING_ALIGN == 0)
+    files = rows["file"].astype(np.int64)
+    pieces = [(int(files[k]), int(offs[k]), int(stored[k])) if inplace[k] else None for k in range(len(ch))]
+    places, runs, pos = plan_staging_runs(pieces, ds.file_sizes)
+    src_off = np.asarray(places, dtype=np.int64).reshape(-1)
+    for k in np.flatnonzero(~inplace).tolist():  # decoded (or copied) on the host, after the runs
+        src_off[k] = pos
+        pos += -(-int(staged[k]) // STAGING_ALIGN) * STAGING_ALIGN
     out_off = np.zeros(len(ch), dtype=np.int64)
     if len(ch):
         np.cumsum(counts[:-1], out=out_off[1:])
@@ -107,8 +123,9 @@ def plan_group_staging(ds: Any, chunks: Sequence[int] | np.ndarray,
     cd, bd = rans.descriptors(src_off[gpu], staged[gpu], counts[gpu], midx[gpu], out_off[gpu])
     st = GroupStaging(chunks=ch, codecs=codecs, gpu=gpu, src_offsets=src_off, src_bytes=staged,
                       stored_bytes=stored, out_offsets=out_off, token_counts=counts,
-                      staging_bytes=int(padded.sum()), num_tokens=int(counts.sum()), models=models,
-                      model_index=midx, chunk_desc=cd, block_desc=bd, token_bytes=tb)
+                      staging_bytes=pos, num_tokens=int(counts.sum()), models=models,
+                      model_index=midx, chunk_desc=cd, block_desc=bd, token_bytes=tb, runs=runs,
+                      in_place=inplace)
     return st
 
 
@@ -119,36 +136,41 @@ def fill_staging(ds: Any, staging: GroupStaging, buf: np.ndarray,
     ``read_batch_into(requests)`` reads ``(file index of ds, offset, writable view)``
     requests (one batched submission). Every chunk's length and checksum are checked over
     its stored bytes (xxhash: the only per-byte host work); rans and raw chunks are read
-    straight into their place, other codecs are decoded into it on the host.
+    straight into their place (``staging.runs``: aligned O_DIRECT reads when ``buf`` is
+    page-aligned), other codecs are decoded into it on the host.
 
     Raises:
         ChecksumError, FormatError: a chunk is corrupt (names the file and chunk).
         OSError, ShortReadError: a read failed.
     """
-    from ..dataset import format as F
-
     rows = ds.chunks[staging.chunks]
-    direct = staging.gpu | (staging.codecs == F.CODEC_NONE)
-    reqs, other = [], []
-    for k in range(len(staging.chunks)):
+    reqs: list = [(f, a0, buf[at:at + a1 - a0]) for f, a0, a1, at in staging.runs]
+    placed = staging.in_place
+    other = []
+    for k in np.flatnonzero(~placed).tolist():
         f, off, n = int(rows["file"][k]), int(rows["offset"][k]), int(staging.stored_bytes[k])
-        if direct[k]:
-            so = int(staging.src_offsets[k])
-            reqs.append((f, off, buf[so:so + n]))
-        else:
-            tmp = np.empty(n, dtype=np.uint8)
-            reqs.append((f, off, tmp))
-            other.append((k, tmp))
+        tmp = np.empty(n, dtype=np.uint8)
+        reqs.append((f, off, tmp))
+        other.append((k, tmp))
     if reqs:
-        read_batch_into(reqs)
+        try:
+            read_batch_into(reqs)
+        except OSError:  # a run holds several chunks: read each alone, the error names its own range
+            for k in range(len(staging.chunks)):
+                f, off, n = int(rows["file"][k]), int(rows["offset"][k]), int(staging.stored_bytes[k])
+                so = int(staging.src_offsets[k])
+                try:
+                    read_batch_into([(f, off, buf[so:so + n] if placed[k] else dict(other)[k])])
+                except OSError as exc:
+                    raise name_chunk_in_error(exc, ds.describe_chunk(int(staging.chunks[k]))) from None
     tmps = dict(other)
     dt = np.dtype(ds.dtype)
     for k in range(len(staging.chunks)):
         ci = int(staging.chunks[k])
         so, nb = int(staging.src_offsets[k]), int(staging.src_bytes[k])
-        if direct[k]:
+        if placed[k]:
             ds.check_chunk(ci, buf[so:so + nb])
-        else:  # zstd (or another host codec) inside a rans dataset: decoded here
+        else:  # zstd (or another host codec) inside a rans dataset, or a misaligned raw chunk
             ds.decode_chunk(ci, tmps[k], out=buf[so:so + nb].view(dt))
 
 

@@ -20,8 +20,12 @@ released after.
 A *unit* is the byte region chunk ``i`` owns in its shard: from the end of the previous
 chunk's region (the header's end for a shard's first chunk) to the end of its own, so a
 rans model region travels with the chunk it precedes; a rans chunk also needs the unit
-holding its model. Units are 4096-aligned, so a hole punched for an evicted unit frees
-exactly its blocks.
+holding its model. In format v1 units are 4096-aligned, so a hole punched for an evicted
+unit frees exactly its blocks. In format v2 (chunks packed back to back) neighbouring units
+share boundary blocks: a unit is charged its 4096-aligned span (``unit_charge``: at least the
+blocks it occupies), and evicting it punches its blocks except those another live (present or
+being fetched) unit, or the shard's tables, still touch (``unit_punch_range``), so the blocks
+on disk never exceed the bytes counted.
 
 Fetching: the absent units of a request are coalesced into runs of neighbours (at most
 ``request_bytes`` each) fetched in parallel; every chunk's stored bytes are checked against
@@ -54,7 +58,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,6 +99,49 @@ def allocated_bytes(directory: str) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+_BLOCK = 4096
+
+
+def unit_charge(unit_start: np.ndarray, unit_end: np.ndarray) -> np.ndarray:
+    """Bytes of the bound each unit counts: its 4096-aligned span (the blocks a fetch of it
+    may allocate). Equal to ``unit_end - unit_start`` for the aligned units of format v1."""
+    s = np.asarray(unit_start, dtype=np.int64)
+    e = np.asarray(unit_end, dtype=np.int64)
+    return -(-e // _BLOCK) * _BLOCK - s // _BLOCK * _BLOCK
+
+
+def unit_punch_range(u: int, unit_file: np.ndarray, unit_start: np.ndarray, unit_end: np.ndarray,
+                     live: Any) -> tuple[int, int]:
+    """``[lo, hi)``: the blocks to punch when unit ``u`` leaves the cache: its aligned span
+    without a boundary block that another unit with ``live(v)`` true, or the shard's tables
+    (after the file's last unit), still touch. ``lo >= hi`` when there is nothing to punch."""
+    f = int(unit_file[u])
+    s, e = int(unit_start[u]), int(unit_end[u])
+    lo, hi = s // _BLOCK * _BLOCK, -(-e // _BLOCK) * _BLOCK
+    n = len(unit_start)
+
+    def touched(b: int) -> bool:  # another live unit of file f, or the tables, in block [b, b + 4096)
+        v = u - 1
+        while v >= 0 and int(unit_file[v]) == f and int(unit_end[v]) > b:
+            if live(v):
+                return True
+            v -= 1
+        v = u + 1
+        while v < n and int(unit_file[v]) == f and int(unit_start[v]) < b + _BLOCK:
+            if live(v):
+                return True
+            v += 1
+        if v < n and int(unit_file[v]) == f:
+            return False
+        return int(unit_end[v - 1]) < b + _BLOCK  # the file's last unit ends inside: the tables follow
+
+    if lo < hi and s % _BLOCK and touched(lo):
+        lo += _BLOCK
+    if lo < hi and e % _BLOCK and touched(hi - _BLOCK):
+        hi -= _BLOCK
+    return lo, hi
 
 
 class CacheFullError(ValueError):
@@ -177,7 +224,7 @@ class ChunkCache:
         self.unit_file = unit_file.astype(np.int64)
         self.unit_start = unit_start.astype(np.int64)
         self.unit_end = unit_end.astype(np.int64)
-        self.unit_size = self.unit_end - self.unit_start
+        self.unit_size = unit_charge(self.unit_start, self.unit_end)  # bytes counted in the bound
         self.chunk_offset = chunk_offset.astype(np.int64)
         self.chunk_bytes = chunk_bytes.astype(np.int64)
         self.chunk_checksum = chunk_checksum.astype(np.uint64)
@@ -476,7 +523,7 @@ class ChunkCache:
                     continue
                 if s == FETCHING:  # its fetcher died: take over (its bytes are still reserved)
                     own[u] = self._pid
-                    punch_hole(self._fd(int(self.unit_file[u])), int(self.unit_start[u]), int(self.unit_size[u]))
+                    self._punch(u)
                 else:
                     if not self._reserve(int(self.unit_size[u]), protect, admit_before):
                         if admit_before is not None:
@@ -490,6 +537,14 @@ class ChunkCache:
                 self._inflight[u] = threading.Event()
                 fetch.append(u)
         return fetch, wait
+
+    def _punch(self, u: int) -> None:
+        """Under the lock: free the blocks of unit ``u`` that no other live unit touches."""
+        st = self._units_state
+        lo, hi = unit_punch_range(u, self.unit_file, self.unit_start, self.unit_end,
+                                  lambda v: int(st[v]) != ABSENT)
+        if lo < hi:
+            punch_hole(self._fd(int(self.unit_file[u])), lo, hi - lo)
 
     def _touch(self, u: int) -> None:
         self._clock += 1
@@ -527,8 +582,8 @@ class ChunkCache:
             if freed < need:
                 return False
             for v in victims:
-                punch_hole(self._fd(int(self.unit_file[v])), int(self.unit_start[v]), int(self.unit_size[v]))
                 self._units_state[v] = ABSENT
+                self._punch(v)
                 self._verified[v] = False
             self._stats["evictions"] += len(victims)
             self._stats["bytes_evicted"] += freed
@@ -541,8 +596,8 @@ class ChunkCache:
         st = self._units_state
         for u in units:
             if int(st[u]) == FETCHING and int(self._owner[u]) == self._pid:
-                punch_hole(self._fd(int(self.unit_file[u])), int(self.unit_start[u]), int(self.unit_size[u]))
                 st[u] = ABSENT
+                self._punch(u)
                 self._state[2] = int(self._state[2]) - int(self.unit_size[u])
             ev = self._inflight.pop(u, None)
             if ev is not None:
@@ -796,7 +851,8 @@ def _alive(pid: int, me: int) -> bool:
 
 
 def reset_if_alone(root: str, unit_size: np.ndarray, unit_file: np.ndarray, unit_start: np.ndarray,
-                   local_paths: Sequence[str], base_bytes: int, cache_bytes: int) -> bool:
+                   local_paths: Sequence[str], base_bytes: int, cache_bytes: int,
+                   unit_end: np.ndarray | None = None) -> bool:
     """When no other process uses the cache of ``root``: clear what crashed processes left
     (pins, units half fetched), recount the bytes used, and evict units until the bound
     holds (``cache_bytes`` may be smaller than last time). Returns whether it ran.
@@ -828,12 +884,15 @@ def reset_if_alone(root: str, unit_size: np.ndarray, unit_file: np.ndarray, unit
                 used -= int(unit_size[u])
                 bad = np.append(bad, u)
                 k += 1
+            st[bad] = ABSENT
+            uend = unit_start + unit_size if unit_end is None else unit_end
             for u in bad.tolist():
                 f = int(unit_file[u])
                 if f not in fds:
                     fds[f] = os.open(local_paths[f], os.O_RDWR)
-                punch_hole(fds[f], int(unit_start[u]), int(unit_size[u]))
-                st[u] = ABSENT
+                lo, hi = unit_punch_range(u, unit_file, unit_start, uend, lambda v: int(st[v]) != ABSENT)
+                if lo < hi:
+                    punch_hole(fds[f], lo, hi - lo)
             arr[2], arr[3] = used, base_bytes
             arr.flush()
             fcntl.flock(sfd, fcntl.LOCK_UN)
@@ -865,5 +924,5 @@ def state_ok(path: str, n_units: int) -> bool:
         os.path.getsize(path) == 8 * (_HDR + 3 * n_units)
 
 
-__all__ = ["ChunkCache", "CacheFullError", "punch_hole", "reset_if_alone", "allocated_bytes", "create_state", "state_ok",
+__all__ = ["ChunkCache", "CacheFullError", "punch_hole", "unit_charge", "unit_punch_range", "reset_if_alone", "allocated_bytes", "create_state", "state_ok",
            "ABSENT", "PRESENT", "FETCHING"]

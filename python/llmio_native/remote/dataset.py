@@ -27,7 +27,7 @@ import numpy as np
 
 from ..dataset import format as F
 from ..errors import FormatError, IncompleteDatasetError
-from .cache import ChunkCache, allocated_bytes, create_state, reset_if_alone, state_ok
+from .cache import ChunkCache, allocated_bytes, create_state, reset_if_alone, state_ok, unit_charge
 from .errors import DatasetChangedError, RemoteError, RemoteNotFoundError
 from .store import ObjectInfo, Source, open_source
 
@@ -154,7 +154,7 @@ def open_remote(url: str, dtype: np.dtype | None, reader_options: dict, *, cache
         exc.args = (f"{src.url}: {exc} (metadata fetched into {root})",)
         raise
     ufile, ustart, uend, deps = _units(ds)
-    usize = uend - ustart
+    usize = unit_charge(ustart, uend)  # v2: the aligned span (units share boundary blocks)
     n = len(ustart)
     spath = os.path.join(root, "state")
     if not state_ok(spath, n):
@@ -167,7 +167,7 @@ def open_remote(url: str, dtype: np.dtype | None, reader_options: dict, *, cache
         raise ValueError(
             f"open_dataset({url!r}): cache_bytes={cb} cannot hold the dataset's metadata ({base} bytes with slack) "
             f"plus one chunk ({biggest} bytes)")
-    reset_if_alone(root, usize, ufile, ustart, ds.paths, base, cb)
+    reset_if_alone(root, usize, ufile, ustart, ds.paths, base, cb, uend)
     if prefetch_bytes is None:
         prefetch_bytes = max(min(cb // 4, 1 << 30), biggest)
     cache = ChunkCache(
