@@ -269,9 +269,9 @@ class DatasetWriter:
     # -- documents ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"DatasetWriter for {self.path} is closed")
+            raise ValueError(f"DatasetWriter for {self.url or self.path} is closed")
         if self._error is not None:
-            raise RuntimeError(f"DatasetWriter for {self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: {self._error!r}") from self._error
 
     def add_document(self, tokens: Any) -> None:
         """Append one document (a 1-D integer array-like: numpy array, list, torch tensor).
@@ -493,11 +493,11 @@ class DatasetWriter:
         """
         if self._closed:
             if self._aborted:
-                raise ValueError(f"DatasetWriter for {self.path} was aborted; nothing to close")
+                raise ValueError(f"DatasetWriter for {self.url or self.path} was aborted; nothing to close")
             return
         if self._error is not None:
             self.abort()
-            raise RuntimeError(f"DatasetWriter for {self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: {self._error!r}") from self._error
         try:
             if self._shard_fh is not None:
                 self._finish_shard()
@@ -579,7 +579,7 @@ class DatasetWriter:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
-                warnings.warn(f"DatasetWriter for {self.path} was never closed; no manifest written "
+                warnings.warn(f"DatasetWriter for {self.url or self.path} was never closed; no manifest written "
                               "(the dataset is incomplete)", ResourceWarning, stacklevel=2)
             except Exception:  # interpreter shutdown
                 pass
@@ -592,5 +592,5 @@ class DatasetWriter:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (f"DatasetWriter({self.path!r}, dtype={self.dtype.name}, codec={self.codec}, "
+        return (f"DatasetWriter({self.url or self.path!r}, dtype={self.dtype.name}, codec={self.codec}, "
                 f"{self.num_tokens} tokens, {self.num_documents} documents, {state})")
