@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from typing import Callable
 
 from ..dataset import format as F
 from ..dataset.manifest import TOKENIZER_NAME, _is_dataset_name
@@ -122,7 +121,6 @@ class ShardUploader:
             when set, else the system temp directory); a fresh directory is made inside.
         max_staged: shards in the staging directory at most (>= 1), counting the one
             being written.
-        on_put: called with each key just before its upload starts (tests observe the order).
 
     Raises:
         ValueError: an ``http(s)://`` URL, a malformed URL or option, ``max_staged < 1``.
@@ -131,13 +129,12 @@ class ShardUploader:
     """
 
     def __init__(self, url: str, storage_options: dict | None = None, staging_dir: str | None = None,
-                 max_staged: int = MAX_STAGED, on_put: Callable[[str], None] | None = None) -> None:
+                 max_staged: int = MAX_STAGED) -> None:
         if int(max_staged) < 1:
             raise ValueError(f"max_staged must be >= 1, got {max_staged}")
         self.src = writable_source(url, storage_options)
         self.url = self.src.url
         self.max_staged = int(max_staged)
-        self.on_put = on_put
         parent = staging_dir if staging_dir is not None else (os.environ.get("LLMIO_CACHE_DIR") or None)
         if parent is not None:
             os.makedirs(parent, exist_ok=True)
@@ -212,8 +209,6 @@ class ShardUploader:
 
     def _put(self, name: str, path: str) -> ObjectInfo:
         """Upload one file and check what the store says of it (size, ETag)."""
-        if self.on_put is not None:
-            self.on_put(name)
         url = self.src.key_url(name)
         try:
             put = self.src.put(name, path, self._cancel)
