@@ -113,20 +113,27 @@ def test_round_trip_is_bit_exact(bucket, s3_server, tmp_path, codec):
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
 
 
-def test_multipart_shard_and_tokenizer(bucket, s3_server, tmp_path):
-    """A shard above the 16 MiB multipart threshold, and tokenizer.json uploaded with it."""
+def test_multipart_shard_and_tokenizer(bucket, proxy, tmp_path):
+    """A shard above the 16 MiB multipart threshold (a failing part is retried alone, not the
+    whole upload), and tokenizer.json uploaded with it."""
     rng = np.random.default_rng(11)
     docs = [rng.integers(0, 65535, 3_000_000, dtype=np.uint16) for _ in range(3)]  # one 18 MB shard
     tok = tmp_path / "tok.json"
     tok.write_text('{"model": "not really"}')
     url = f"s3://{bucket}/multipart"
-    write(url, docs=docs, shard_tokens=1 << 30, storage_options=so(s3_server.url), tokenizer=tok)
-    src = open_source(url, so(s3_server.url))
+    proxy.inject("503", count=2, match="shard-00000.lio?partNumber=2&")
+    write(url, docs=docs, shard_tokens=1 << 30, storage_options=so(proxy.url), tokenizer=tok)
+    log = [(m, p) for m, p, _ in proxy.log if "shard-00000.lio" in p]
+    assert proxy.faults == 2
+    assert sum(m == "POST" and "?uploads" in p for m, p in log) == 1  # one multipart upload, not restarted
+    assert sum(m == "PUT" and "partNumber=2&" in p for m, p in log) == 3  # that part: two 503s, then stored
+    assert sum(m == "PUT" and "partNumber=" in p for m, p in log) == 4 + 2
+    src = open_source(url, so(proxy.url))
     listing = dict(src.list())
     assert listing["shard-00000.lio"] > 16 << 20
     assert src.info("shard-00000.lio").etag.endswith('-4"')  # a multipart ETag: 4 parts
     assert src.read("tokenizer.json") == tok.read_bytes()
-    ds = lio.open_dataset(url, cache_dir=tmp_path / "c", storage_options=so(s3_server.url))
+    ds = lio.open_dataset(url, cache_dir=tmp_path / "c", storage_options=so(proxy.url))
     assert ds.manifest["tokenizer"] == "tokenizer.json"
     np.testing.assert_array_equal(ds.read(0, ds.num_tokens), np.concatenate(docs))
 

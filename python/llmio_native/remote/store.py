@@ -221,7 +221,9 @@ class Source:
         """Upload the local file ``path`` as ``key`` (multipart above 16 MiB for object stores).
 
         ``cancel``: an event that stops the upload between pieces of 8 MiB (an unfinished
-        multipart upload is aborted, so no object appears).
+        multipart upload is aborted, so no object appears). Object stores retry each
+        part of a multipart upload (obstore's retries, ``retries`` times), and the whole
+        upload after a part failed for good.
 
         Returns:
             The size and, where the store gives one, the ETag of the new object.
@@ -287,26 +289,45 @@ class ObjectSource(Source):
             opts["endpoint"] = opts.pop("endpoint_url")
         self._args = (self.url, opts, client)
         self._store: Any = None
+        self._part_store: Any = None  # multipart uploads: retries per part (see put)
         self._pid = -1
 
     def __getstate__(self) -> dict:
         st = self.__dict__.copy()
-        st["_store"], st["_pid"] = None, -1
+        st["_store"], st["_part_store"], st["_pid"] = None, None, -1
         return st
 
     @property
     def store(self) -> Any:
         """The obstore store (created in each process on first use)."""
         if self._store is None or self._pid != os.getpid():
-            from obstore.store import from_url
-
-            url, opts, client = self._args
-            kw: dict = {"client_options": client, "retry_config": {"max_retries": 0}}
-            if opts:
-                kw["config"] = opts
-            self._store = from_url(url, **kw)
+            self._store, self._part_store = self._make_store(0), None
             self._pid = os.getpid()
         return self._store
+
+    def _make_store(self, retries: int) -> Any:
+        from datetime import timedelta
+
+        from obstore.store import from_url
+
+        url, opts, client = self._args
+        retry: dict = {"max_retries": retries}
+        if retries:
+            retry["backoff"] = {"init_backoff": timedelta(seconds=self.policy.base),
+                                "max_backoff": timedelta(seconds=self.policy.cap), "base": 2}
+        kw: dict = {"client_options": client, "retry_config": retry}
+        if opts:
+            kw["config"] = opts
+        return from_url(url, **kw)
+
+    @property
+    def part_store(self) -> Any:
+        """The store for multipart uploads: obstore retries each part request (5xx, resets)
+        ``retries`` times itself, so that one bad part does not restart the whole upload."""
+        self.store  # noqa: B018 - (re)made in this process first, which resets this one
+        if self._part_store is None:
+            self._part_store = self._make_store(self.policy.retries)
+        return self._part_store
 
     def info(self, key: str) -> ObjectInfo:
         import obstore
@@ -376,7 +397,7 @@ class ObjectSource(Source):
                 body = pieces()
             else:
                 body = pathlib.Path(path)
-            return obstore.put(self.store, key, body, use_multipart=multipart)
+            return obstore.put(self.part_store if multipart else self.store, key, body, use_multipart=multipart)
 
         res = with_retries(put, self.policy, self.key_url(key))
         return ObjectInfo(size, (res or {}).get("e_tag"))
