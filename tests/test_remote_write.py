@@ -379,20 +379,26 @@ def test_pack_to_s3_end_to_end(bucket, s3_server, tmp_path):
     assert r.returncode == 1 and "read-only" in r.stderr
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason=f"the corpus {CORPUS} is absent")
-def test_failed_pack_to_s3_deletes_its_uploads(bucket, s3_server, tmp_path):
+def test_failed_pack_to_s3_deletes_its_uploads(bucket, s3_server, tmp_path, monkeypatch):
     pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
+    from llmio_native import pack as pack_lib
     from llmio_native.pack import PackError, pack
 
-    good = tmp_path / "a.jsonl"
-    good.write_text("".join(json.dumps({"text": f"line {i} of the text " * 50}) + "\n" for i in range(400)))
+    tok = str(tmp_path / "tokenizer.json")
+    pack_lib.train_bpe(["some words of the text, line after line"] * 10, 300, tok)
+    good = tmp_path / "a.jsonl"  # more than one encoding batch: shards are uploaded before the bad line
+    good.write_text("".join(json.dumps({"text": f"line {i} of the text " * 60}) + "\n" for i in range(7000)))
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     url = f"s3://{bucket}/failed-pack"
+    uploaded = []
+    real_put = upload_mod.ShardUploader._put
+    monkeypatch.setattr(upload_mod.ShardUploader, "_put", lambda self, n, p: uploaded.append(n) or real_put(self, n, p))
     with pytest.raises(PackError, match="b.jsonl:2"):
-        pack([str(good), str(bad)], url, train_bpe=300, shard_tokens=5000, chunk_tokens=1024, num_workers=1,
+        pack([str(good), str(bad)], url, tokenizer=tok, shard_tokens=20_000, chunk_tokens=1024, num_workers=1,
              storage_options=so(s3_server.url))
-    assert keys(open_source(url, so(s3_server.url))) == []
+    assert len(uploaded) >= 3 and "manifest.json" not in uploaded
+    assert keys(open_source(url, so(s3_server.url))) == []  # the pack deleted what it had uploaded
 
 
 # -- TokenLoader(cache_dir=...) -----------------------------------------------------------------------------
