@@ -15,6 +15,7 @@ import numpy as np
 
 from .._native import _core
 from ..remote.store import is_url
+from ..remote.upload import ShardUploader
 from . import format as F
 from .manifest import (TOKENIZER_NAME, Manifest, ShardEntry, dataset_files, fsync_dir, is_shard_name,
                        write_manifest)
@@ -187,8 +188,6 @@ class DatasetWriter:
         self.url: str | None = None
         self._uploader: Any = None
         if is_url(out):
-            from ..remote.upload import ShardUploader
-
             self._uploader = ShardUploader(out, storage_options,
                                            None if staging_dir is None else os.fspath(staging_dir))
             self.url = self._uploader.url
