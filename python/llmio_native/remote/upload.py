@@ -37,7 +37,7 @@ import threading
 from collections import deque
 
 from ..dataset import format as F
-from ..dataset.manifest import TOKENIZER_NAME, _is_dataset_name
+from ..dataset.manifest import TOKENIZER_NAME, is_dataset_name
 from .errors import RemoteError
 from .store import ObjectInfo, Source, UploadCancelled, open_source, parse_url
 
@@ -70,7 +70,7 @@ def remote_state(src: Source) -> tuple[bool, list[str]]:
     Raises:
         RemoteError: listing failed (names the URL).
     """
-    keys = sorted(k for k, _ in src.list() if "/" not in k and _is_dataset_name(k))
+    keys = sorted(k for k, _ in src.list() if "/" not in k and is_dataset_name(k))
     return F.MANIFEST_NAME in keys, [k for k in keys if k != F.MANIFEST_NAME]
 
 
@@ -246,7 +246,7 @@ class ShardUploader:
                 raise RemoteError(f"{self.src.key_url(name)}: uploaded ({info.size} bytes) but the store lists "
                                   f"{'no such object' if name not in listed else f'{listed[name]} bytes'}",
                                   url=self.src.key_url(name))
-        foreign = sorted(k for k in listed if "/" not in k and _is_dataset_name(k) and k not in self._uploaded)
+        foreign = sorted(k for k in listed if "/" not in k and is_dataset_name(k) and k not in self._uploaded)
         if foreign:
             raise RemoteError(f"{self.url}: objects this writer did not upload appeared under the prefix "
                               f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): another writer "
