@@ -257,5 +257,5 @@ def read_manifest(directory: str, dtype: np.dtype | None = None) -> Manifest:
     )
 
 
-__all__ = ["dataset_files", "is_shard_name", "is_dataset_name", "fsync_dir", "Manifest", "ShardEntry", "write_manifest",
-           "read_manifest", "require", "TOKENIZER_NAME"]
+__all__ = ["dataset_files", "is_shard_name", "is_dataset_name", "fsync_dir", "Manifest", "ShardEntry",
+           "write_manifest", "read_manifest", "require", "TOKENIZER_NAME"]

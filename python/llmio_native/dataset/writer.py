@@ -270,7 +270,8 @@ class DatasetWriter:
         if self._closed:
             raise ValueError(f"DatasetWriter for {self.url or self.path} is closed")
         if self._error is not None:
-            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: "
+                               f"{self._error!r}") from self._error
 
     def add_document(self, tokens: Any) -> None:
         """Append one document (a 1-D integer array-like: numpy array, list, torch tensor).
@@ -496,7 +497,8 @@ class DatasetWriter:
             return
         if self._error is not None:
             self.abort()
-            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: "
+                               f"{self._error!r}") from self._error
         try:
             if self._shard_fh is not None:
                 self._finish_shard()
