@@ -386,6 +386,27 @@ def test_pack_to_s3_end_to_end(bucket, s3_server, tmp_path):
     assert r.returncode == 1 and "read-only" in r.stderr
 
 
+@pytest.mark.skipif(not CORPUS.exists(), reason=f"the corpus {CORPUS} is absent")
+def test_pack_upload_failure_is_one_line_naming_the_object(bucket, s3_server, tmp_path):
+    pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
+    text = tmp_path / "in.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    url = f"s3://{bucket}/cli-fail"
+    px = FaultProxy(s3_server.url)
+    try:
+        px.inject("503", count=10_000, match=f"PUT /{bucket}/cli-fail/shard-00001.lio")
+        r = _pack([str(text), "--train-bpe", "300", "--doc-sep", "blank", "--shard-tokens", "20000", "--num-workers",
+                   "1", "-o", url, "-q"], px.url, tmp_path)
+    finally:
+        px.stop()
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{url}/shard-00001.lio" in err and "failed after 6 tries" in err  # the default: 5 retries
+    assert keys(open_source(url, so(s3_server.url))) == []  # shard-00000 was uploaded, then deleted
+    assert os.listdir(tmp_path / "llmio-cache") == []
+
+
 def test_failed_pack_to_s3_deletes_its_uploads(bucket, s3_server, tmp_path, monkeypatch):
     pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
     from llmio_native import pack as pack_lib
