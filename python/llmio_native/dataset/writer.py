@@ -468,7 +468,8 @@ class DatasetWriter:
         fh.seek(0)
         fh.write(header)
         fh.flush()
-        os.fsync(fh.fileno())
+        if self._uploader is None:  # a staged shard needs no durability: it is read back for the upload
+            os.fsync(fh.fileno())
         size = doc_index_offset + ndoc * 8
         fh.close()
         self._shard_fh = None
