@@ -63,6 +63,12 @@ output: every document gets the end-of-text id appended ({EOT}'s id, or --eot-id
   --overwrite (no resume); a failed or interrupted pack (Ctrl-C, SIGTERM, SIGHUP) removes
   the shards and temp files it wrote. OUT is locked (flock) while a pack writes it: a
   second pack into the same OUT fails at once.
+  OUT may be s3://bucket/prefix (or gs://, az://; credentials and endpoint from the
+  store's environment variables, e.g. AWS_ENDPOINT_URL): shards are staged in
+  $LLMIO_CACHE_DIR (or the temp directory), at most 2 at a time, each uploaded as soon as
+  it is finished, manifest.json last, so readers never see a half-written dataset. The
+  same refusals apply (judged from the prefix's listing); a failed pack deletes the objects
+  it uploaded. A URL cannot be locked: do not run two packs into one prefix.
 """
 
 
@@ -76,7 +82,9 @@ def add_parser(sub: Any) -> None:
                        description="Tokenize text, JSONL or Parquet files into an llmio token dataset.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, in order")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="dataset directory to write")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="dataset directory to write, or s3://bucket/prefix, gs://..., az://... (shards are "
+                        "uploaded as they are finished, manifest.json last)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", metavar="FILE", help="a Hugging Face tokenizers tokenizer.json")
     g.add_argument("--train-bpe", type=_vocab, metavar="VOCAB_SIZE",
@@ -114,6 +122,31 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary line")
 
 
+def _summary(out: str) -> tuple[int, int, str, str, float, int]:
+    """(documents, tokens, dtype, codec, compression ratio, shards) of the dataset just
+    packed; a URL is opened through a throwaway cache (its metadata only: the user's cache
+    is left alone).
+
+    Raises:
+        As :func:`llmio_native.open_dataset`.
+    """
+    import contextlib
+    import tempfile
+
+    from ..dataset import open_dataset
+    from ..remote.store import is_url
+
+    with contextlib.ExitStack() as stack:
+        kw = {}
+        if is_url(out):
+            kw["cache_dir"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="llmio-pack-summary-"))
+        ds = open_dataset(out, **kw)
+        ratio = ds.num_tokens * ds.token_bytes / max(1, ds.stored_bytes)
+        res = (ds.num_documents, ds.num_tokens, ds.dtype.name, ds.codec, ratio, len(ds.paths))
+        del ds  # before its cache directory goes
+        return res
+
+
 def run(a: argparse.Namespace) -> int:
     """``llmio pack``: tokenize the inputs and write a token dataset to ``a.output``
     (:func:`llmio_native.pack.pack`); print its notes and, unless ``-q``, a summary line.
@@ -137,11 +170,8 @@ def run(a: argparse.Namespace) -> int:
     for note in res.notes:
         print(f"llmio: note: {note}", file=sys.stderr)
     if not a.quiet:
-        from ..dataset import open_dataset
-
-        ds = open_dataset(res.out)
-        ratio = ds.num_tokens * ds.token_bytes / max(1, ds.stored_bytes)
-        print(f"packed {ds.num_documents} documents, {ds.num_tokens} tokens ({ds.dtype.name}, {ds.codec}, "
-              f"ratio {ratio:.2f}, {len(ds.paths)} shard(s)) into {res.out} in {res.seconds:.1f} s "
+        ndoc, ntok, dtype, codec, ratio, nshards = _summary(res.out)
+        print(f"packed {ndoc} documents, {ntok} tokens ({dtype}, {codec}, "
+              f"ratio {ratio:.2f}, {nshards} shard(s)) into {res.out} in {res.seconds:.1f} s "
               f"({res.input_bytes / max(res.seconds, 1e-9) / 1e6:.1f} MB/s of input)")
     return 0

@@ -31,7 +31,8 @@ def is_shard_name(name: str) -> bool:
     return name.startswith(F.SHARD_PREFIX) and name.endswith(F.SHARD_SUFFIX)
 
 
-def _is_dataset_name(name: str) -> bool:
+def is_dataset_name(name: str) -> bool:
+    """Whether ``name`` is a file a writer creates or leaves behind (see :func:`dataset_files`)."""
     if name.startswith(F.SHARD_PREFIX) and (name.endswith(F.SHARD_SUFFIX) or name.endswith(F.DOCS_SPILL_SUFFIX)):
         return True
     return name in (F.MANIFEST_NAME, F.MANIFEST_TMP_NAME)
@@ -61,7 +62,7 @@ def dataset_files(directory: str | os.PathLike[str]) -> list[str]:
         names = os.listdir(d)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted((n for n in names if _is_dataset_name(n)), key=lambda n: (n != F.MANIFEST_NAME, n))
+    return sorted((n for n in names if is_dataset_name(n)), key=lambda n: (n != F.MANIFEST_NAME, n))
 
 
 def fsync_dir(directory: str) -> None:
@@ -257,5 +258,5 @@ def read_manifest(directory: str, dtype: np.dtype | None = None) -> Manifest:
     )
 
 
-__all__ = ["dataset_files", "is_shard_name", "fsync_dir", "Manifest", "ShardEntry", "write_manifest",
-           "read_manifest", "require", "TOKENIZER_NAME"]
+__all__ = ["dataset_files", "is_shard_name", "is_dataset_name", "fsync_dir", "Manifest", "ShardEntry",
+           "write_manifest", "read_manifest", "require", "TOKENIZER_NAME"]

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .._native import _core
+from ..remote.store import is_url
+from ..remote.upload import ShardUploader
 from . import format as F
 from .manifest import (TOKENIZER_NAME, Manifest, ShardEntry, dataset_files, fsync_dir, is_shard_name,
                        write_manifest)
@@ -70,8 +72,21 @@ class DatasetWriter:
     directory reads as an incomplete dataset. Leaving a ``with`` block by an exception,
     :meth:`abort`, or dropping an unclosed writer writes no manifest.
 
+    Object stores: with ``out_dir="s3://bucket/prefix"`` (or ``gs://``, ``az://``) shards
+    are written to a local staging directory (``path``) and each is uploaded as soon as
+    it is finished, on a background thread, while the next one is packed (multipart above
+    16 MiB; at most 2 shards staged: the writer waits when the upload falls behind; each
+    local copy is deleted once uploaded). ``close()`` waits for them, uploads
+    ``tokenizer.json``, checks that the store holds every shard at its size (and ETag),
+    then uploads ``manifest.json`` last: ``open_dataset(url)`` never sees a half-written
+    dataset. :meth:`abort` (and an exception or Ctrl-C in a ``with`` block) cancels the
+    upload in flight, removes the staging directory and uploads no manifest; shards
+    already uploaded stay (the prefix reads as incomplete). See
+    :mod:`llmio_native.remote.upload`.
+
     Args:
-        out_dir: directory to write (created with its parents if missing).
+        out_dir: directory to write (created with its parents if missing), or an
+            ``s3://``, ``gs://`` or ``az://`` URL (not ``http(s)://``: read-only).
         dtype: ``"uint16"`` or ``"uint32"``.
         codec: ``"none"``, ``"zstd"``, ``"rans"`` (the order-0 token entropy codec decoded on
             the GPU, docs/format.md) or ``"rans1"`` (its context-modelled successor: each token
@@ -94,14 +109,30 @@ class DatasetWriter:
         tokenizer: a tokenizer file to copy into the dataset as ``tokenizer.json``
             (recorded in the manifest), or ``"tokenizer.json"`` when it is already there.
         metadata: JSON-serialisable dict stored in the manifest (``ds.metadata``).
+        storage_options: a URL ``out_dir``'s store options (endpoint, credentials,
+            ``timeout``, ``retries``: see :class:`llmio_native.remote.ObjectSource`;
+            default: the store's environment variables).
+        staging_dir: a URL ``out_dir``: where the local staging directory is made (a
+            fresh one inside; default ``$LLMIO_CACHE_DIR``, else the system temp directory).
         _format_version: private: the shard layout to write (``1`` or ``2``; default 2 for
             zstd, rans and rans1, 1 for none). Tests use it to write v1 files.
 
+    Attributes:
+        path: the directory the shards are written to (for a URL: the staging directory,
+            removed by ``close()``/``abort()``). url: the URL, or None for a local directory.
+
     Raises:
-        ValueError: bad dtype, codec name, sizes, eot_token, metadata or ``_format_version``.
+        ValueError: bad dtype, codec name, sizes, eot_token, metadata or ``_format_version``;
+            an ``http(s)://`` ``out_dir``; ``storage_options``/``staging_dir`` with a local
+            ``out_dir``.
         FileExistsError: ``out_dir`` holds a dataset (manifest.json) or an incomplete one
-            (shard files, no manifest) and ``overwrite`` is false; or is a file.
+            (shard files or objects, no manifest) and ``overwrite`` is false; or is a file.
+            With ``overwrite`` a URL's old manifest is deleted first, then its shards.
         FileNotFoundError: ``tokenizer`` does not exist.
+        ImportError: a URL ``out_dir`` without obstore installed.
+        RemoteError: (an OSError) listing or cleaning the URL's prefix failed; from
+            ``add_document``/``close``: an upload failed after the retries (names the
+            URL of the shard); no manifest is uploaded then.
     """
 
     def __init__(
@@ -118,6 +149,8 @@ class DatasetWriter:
         overwrite: bool = False,
         tokenizer: str | os.PathLike[str] | None = None,
         metadata: dict | None = None,
+        storage_options: dict | None = None,
+        staging_dir: str | os.PathLike[str] | None = None,
         _format_version: int | None = None,
     ) -> None:
         self._closed = True  # until fully constructed (so __del__ does nothing)
@@ -164,7 +197,19 @@ class DatasetWriter:
         if tokenizer is not None:
             tok_src = os.fspath(tokenizer)
 
-        self.path = os.path.abspath(os.fspath(out_dir))
+        out = os.fspath(out_dir)
+        self.url: str | None = None
+        self._uploader: Any = None
+        if is_url(out):
+            self._uploader = ShardUploader(out, storage_options,
+                                           None if staging_dir is None else os.fspath(staging_dir))
+            self.url = self._uploader.url
+            self.path = self._uploader.staging
+        else:
+            if storage_options is not None or staging_dir is not None:
+                raise ValueError(f"storage_options and staging_dir are for URL outputs (s3://, gs://, az://), "
+                                 f"not the directory {out!r}")
+            self.path = os.path.abspath(out)
         self.dtype = np.dtype(name)
         self.codec = codec
         self.chunk_tokens = chunk_tokens
@@ -180,12 +225,15 @@ class DatasetWriter:
         self.format_version = int(_format_version)
         self._align = F.chunk_align(self.format_version)
 
-        self._prepare_dir(bool(overwrite))
-        if tok_src is not None:
-            if os.path.dirname(os.path.abspath(tok_src)) == self.path and os.path.basename(tok_src) == TOKENIZER_NAME:
-                tok_src = os.path.join(self.path, TOKENIZER_NAME)
-            if not os.path.isfile(tok_src):
+        try:
+            # checked before _prepare_dir, whose overwrite deletes (for a URL, remotely)
+            if tok_src is not None and not os.path.isfile(tok_src):
                 raise FileNotFoundError(2, "tokenizer file not found", tok_src)
+            self._prepare_dir(bool(overwrite))
+        except BaseException:
+            if self._uploader is not None:
+                self._uploader.abort()
+            raise
         self._tokenizer_src = tok_src
 
         cbytes = chunk_tokens * tb
@@ -209,6 +257,9 @@ class DatasetWriter:
 
     # -- directory -----------------------------------------------------------------------------
     def _prepare_dir(self, overwrite: bool) -> None:
+        if self._uploader is not None:  # a fresh staging directory; the checks are on the prefix
+            self._uploader.prepare(overwrite)
+            return
         d = self.path
         if os.path.exists(d) and not os.path.isdir(d):
             raise FileExistsError(17, "output path exists and is not a directory", d)
@@ -233,9 +284,10 @@ class DatasetWriter:
     # -- documents ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"DatasetWriter for {self.path} is closed")
+            raise ValueError(f"DatasetWriter for {self.url or self.path} is closed")
         if self._error is not None:
-            raise RuntimeError(f"DatasetWriter for {self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: "
+                               f"{self._error!r}") from self._error
 
     def add_document(self, tokens: Any) -> None:
         """Append one document (a 1-D integer array-like: numpy array, list, torch tensor).
@@ -433,7 +485,8 @@ class DatasetWriter:
         fh.seek(0)
         fh.write(header)
         fh.flush()
-        os.fsync(fh.fileno())
+        if self._uploader is None:  # a staged shard needs no durability: it is read back for the upload
+            os.fsync(fh.fileno())
         size = doc_index_offset + ndoc * 8
         fh.close()
         self._shard_fh = None
@@ -443,6 +496,8 @@ class DatasetWriter:
             name=self._shard_name, bytes=size, num_tokens=self._shard_ntok, num_chunks=len(table),
             num_documents=ndoc, header_checksum=int.from_bytes(header[80:88], "little"),
         ))
+        if self._uploader is not None:
+            self._uploader.submit(self._shard_name, self._shard_path)  # waits while 2 shards are staged
 
     # -- commit ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -456,11 +511,12 @@ class DatasetWriter:
         """
         if self._closed:
             if self._aborted:
-                raise ValueError(f"DatasetWriter for {self.path} was aborted; nothing to close")
+                raise ValueError(f"DatasetWriter for {self.url or self.path} was aborted; nothing to close")
             return
         if self._error is not None:
             self.abort()
-            raise RuntimeError(f"DatasetWriter for {self.path} failed earlier: {self._error!r}") from self._error
+            raise RuntimeError(f"DatasetWriter for {self.url or self.path} failed earlier: "
+                               f"{self._error!r}") from self._error
         try:
             if self._shard_fh is not None:
                 self._finish_shard()
@@ -491,6 +547,8 @@ class DatasetWriter:
                 version=self.format_version,
             )
             write_manifest(self.path, manifest)
+            if self._uploader is not None:
+                self._uploader.commit(tok_name)  # shards, tokenizer, checks, then manifest.json
         except BaseException:
             self.abort()
             raise
@@ -502,7 +560,9 @@ class DatasetWriter:
     def abort(self) -> None:
         """Stop without committing: no manifest is written, open files are closed, queued
         chunks are dropped. The shards written so far stay (the directory reads as an
-        incomplete dataset; ``overwrite=True`` cleans it). Idempotent; never raises."""
+        incomplete dataset; ``overwrite=True`` cleans it). For a URL output: the upload
+        in flight is cancelled and the staging directory removed; the shards uploaded
+        so far stay under the prefix. Idempotent; never raises."""
         if self._closed:
             return
         self._closed = True
@@ -524,6 +584,8 @@ class DatasetWriter:
                 os.unlink(self._spill_path)
             except OSError:
                 pass
+        if self._uploader is not None:
+            self._uploader.abort()
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -537,7 +599,7 @@ class DatasetWriter:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
-                warnings.warn(f"DatasetWriter for {self.path} was never closed; no manifest written "
+                warnings.warn(f"DatasetWriter for {self.url or self.path} was never closed; no manifest written "
                               "(the dataset is incomplete)", ResourceWarning, stacklevel=2)
             except Exception:  # interpreter shutdown
                 pass
@@ -550,5 +612,5 @@ class DatasetWriter:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (f"DatasetWriter({self.path!r}, dtype={self.dtype.name}, codec={self.codec}, "
+        return (f"DatasetWriter({self.url or self.path!r}, dtype={self.dtype.name}, codec={self.codec}, "
                 f"{self.num_tokens} tokens, {self.num_documents} documents, {state})")

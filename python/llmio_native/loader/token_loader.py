@@ -20,14 +20,16 @@ DEFAULT_SPAN_CHUNKS = 8
 DEFAULT_GROUP_SPANS = 8
 
 
-def _open_source(src: Any) -> Any:
+def _open_source(src: Any, remote: dict[str, Any]) -> Any:
     if hasattr(src, "num_tokens") and hasattr(src, "read"):
         return src
     from ..dataset import open_dataset
+    from ..remote.store import is_url
 
-    # a URL opens through the remote cache with its defaults ($LLMIO_CACHE_DIR, $LLMIO_CACHE_BYTES,
-    # the store's environment variables); pass open_dataset(url, cache_dir=...) for others
-    return open_dataset(os.fspath(src))
+    p = os.fspath(src)
+    # a URL opens through the remote cache: the loader's cache_dir / cache_bytes / storage_options,
+    # each defaulting as open_dataset's ($LLMIO_CACHE_DIR, $LLMIO_CACHE_BYTES, the store's env vars)
+    return open_dataset(p, **remote) if is_url(p) else open_dataset(p)
 
 
 _MAX_POSITION = 1 << 62
@@ -174,6 +176,13 @@ class TokenLoader(torch.utils.data.IterableDataset):
             ``span_chunks`` is capped at ``shuffle_chunks``).
         pin: page-lock ring slots (default: when ``device`` is CUDA). With ``pin=False`` on
             CUDA the host-to-device copies are synchronous for the host (pageable memory).
+        cache_dir, cache_bytes, storage_options: for the URL sources (as
+            :func:`llmio_native.open_dataset` takes them; ignored for local paths and
+            opened datasets): the local cache directory (default ``$LLMIO_CACHE_DIR`` or
+            ``~/.cache/llmio_native/remote``), its bound in bytes (default
+            ``$LLMIO_CACHE_BYTES`` or half the free space there; each URL source gets a
+            cache of this bound), and the store's options (``endpoint``, credentials,
+            ``timeout``, ``retries``; default: the store's environment variables).
 
     Raises:
         TypeError: an argument of the wrong type (``batch_size="4"``, ``2.5``: never
@@ -182,6 +191,7 @@ class TokenLoader(torch.utils.data.IterableDataset):
             device that is not ``cpu``/``cuda[:i]``, or a source without a full window.
         UnsupportedError: ``device`` is CUDA and torch has no usable CUDA device.
         FileNotFoundError, FormatError: a source path cannot be opened as a dataset.
+        RemoteError: (an OSError) a URL source's store failed after the retries.
     """
 
     def __init__(
@@ -206,6 +216,9 @@ class TokenLoader(torch.utils.data.IterableDataset):
         group_spans: int | None = None,
         shuffle_chunks: int | None = None,
         pin: bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         super().__init__()
         batch_size = _int_arg("batch_size", batch_size, 1)
@@ -235,7 +248,13 @@ class TokenLoader(torch.utils.data.IterableDataset):
         if not isinstance(sources, (list, tuple)):
             raise TypeError(f"TokenLoader(sources=...) must be a path, a dataset or a list of them, "
                             f"got {type(sources).__name__}")
-        self.datasets = [_open_source(s) for s in sources]
+        if cache_bytes is not None:
+            cache_bytes = _int_arg("cache_bytes", cache_bytes, 1)
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"TokenLoader(storage_options=...) must be a dict or None, got "
+                            f"{type(storage_options).__name__}")
+        remote = {"cache_dir": cache_dir, "cache_bytes": cache_bytes, "storage_options": storage_options}
+        self.datasets = [_open_source(s, remote) for s in sources]
         if not self.datasets:
             raise ValueError("TokenLoader needs at least one source")
         if rank is None or world_size is None:

@@ -26,8 +26,8 @@ from . import tokenizer as _tokenizer
 from .encode import auto_workers, encode_batches
 from .errors import PackError
 from .inputs import DOC_SEPS, INPUT_FORMATS, check_input_file, input_format, iter_pieces, require_pyarrow
-from .output import (TOKENIZER_NAME, check_output, lock_output, remove_if_empty, remove_partial, write_documents,
-                     write_error)
+from .output import (TOKENIZER_NAME, check_output, is_remote, lock_output, remove_if_empty, remove_partial,
+                     write_documents, write_error)
 from .signals import Terminated, signals_held, stop_signals_unwind
 from .split import LONG_PIECE_CHARS, PIECE_CHARS, Piece, batches, safe_cut, split_text
 from .tokenizer import EOT, cuts_are_exact, load_tokenizer, train_bpe, vocab_bound
@@ -44,7 +44,7 @@ DTYPES = ("auto", "uint16", "uint32")
 
 
 class PackResult(NamedTuple):
-    """What :func:`pack` did: ``out`` (absolute path of the dataset directory),
+    """What :func:`pack` did: ``out`` (absolute path of the dataset directory, or its URL),
     ``input_bytes``, ``seconds`` (wall time), ``num_workers`` (as resolved from 0 = auto)
     and ``notes`` (lines worth telling the user, e.g. inexact cuts)."""
 
@@ -59,8 +59,9 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
          field: str = "text", doc_sep: str = "file", input_format: str = "auto", codec: str = "zstd",
          zstd_level: int = 3, rans_model_tokens: int = 1 << 24, dtype: str = "auto", chunk_tokens: int = 65536,
          shard_tokens: int = 1 << 30, eot_id: int | None = None, append_eot: bool = True, num_workers: int = 0,
-         overwrite: bool = False, progress: bool = False) -> PackResult:
-    """Tokenize ``inputs`` and write them as a token dataset to directory ``out_dir``.
+         overwrite: bool = False, progress: bool = False, storage_options: dict | None = None) -> PackResult:
+    """Tokenize ``inputs`` and write them as a token dataset to directory ``out_dir``, or
+    to an object store (``out_dir="s3://bucket/prefix"``, ``gs://``, ``az://``).
 
     Documents are written in input order, each followed by the end-of-text id (``eot_id``,
     default the tokenizer's ``<|endoftext|>``; none when not ``append_eot``). The
@@ -71,7 +72,10 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
 
     Args:
         inputs: text, JSONL or Parquet files (see :func:`iter_pieces`).
-        out_dir: the dataset directory (created when missing).
+        out_dir: the dataset directory (created when missing), or a URL: shards are staged
+            locally (``$LLMIO_CACHE_DIR`` or the temp directory) and uploaded as each is
+            finished, ``manifest.json`` last (:class:`~llmio_native.DatasetWriter`). A URL
+            is not locked: two packs into one prefix at once are not detected.
         tokenizer: a Hugging Face ``tokenizer.json``; exactly one of this and ``train_bpe``.
         train_bpe: train a byte-level BPE of this many ids (>= 257) on the inputs first.
         field, doc_sep, input_format: how inputs are read (see :func:`iter_pieces`).
@@ -84,6 +88,7 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
             calling ``pack`` must do so under ``if __name__ == "__main__":``.
         overwrite: replace a dataset (or an unfinished one) in ``out_dir``.
         progress: a progress bar on stderr (and the BPE trainer's).
+        storage_options: a URL's store options (default: the store's environment variables).
 
     Returns:
         A :class:`PackResult`.
@@ -91,28 +96,37 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
     Raises:
         ValueError: not exactly one of ``tokenizer`` and ``train_bpe``; an empty ``out_dir``.
         PackError: a missing or unreadable input, an output that is a file or locked by
-            another pack or holds a dataset (without ``overwrite``), a bad input line, an
-            id that does not fit the dtype, a worker that died, a write error (naming the output).
+            another pack or holds a dataset (without ``overwrite``), an ``http(s)://``
+            output (read-only), a bad input line, an id that does not fit the dtype, a
+            worker that died, a write error (naming the output).
         OSError: the output directory cannot be created (names it).
+        RemoteError: (an OSError) a URL output's store failed after the retries (names the
+            object); the objects this pack uploaded are deleted (best effort).
     """
     if (tokenizer is None) == (train_bpe is None):
         raise ValueError("pass exactly one of tokenizer= and train_bpe=")
     if not str(out_dir).strip():
         raise ValueError(f"out_dir is {out_dir!r}: name the dataset directory to write")
-    out = os.path.abspath(out_dir)
+    remote = is_remote(str(out_dir))
+    out = str(out_dir).rstrip("/") if remote else os.path.abspath(out_dir)
     for p in inputs:
         check_input_file(p)
         if os.path.abspath(p) == out:
             raise PackError(f"{p}: an input cannot be the --output")
     if any(_inputs.input_format(p, input_format) == "parquet" for p in inputs):
         require_pyarrow()
-    if os.path.exists(out) and not os.path.isdir(out):
+    if not remote and os.path.exists(out) and not os.path.isdir(out):
         raise PackError(f"{out}: exists and is not a directory (--output must be a directory)")
     total = sum(os.path.getsize(p) for p in inputs)
     opts = dict(tokenizer=tokenizer, train_bpe=train_bpe, field=field, doc_sep=doc_sep,
                 input_format=input_format, codec=codec, zstd_level=zstd_level, rans_model_tokens=rans_model_tokens,
                 dtype=dtype, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, eot_id=eot_id,
-                append_eot=append_eot, overwrite=overwrite, progress=progress)
+                append_eot=append_eot, overwrite=overwrite, progress=progress, storage_options=storage_options)
+    if remote:
+        check_output(out, overwrite, storage_options)  # before tokenizing: a refused output fails at once
+        own_tokenizer = TOKENIZER_NAME not in {k for k, _ in _remote_list(out, storage_options)}
+        return _pack_locked(list(inputs), out, total, False, own_tokenizer, num_workers or auto_workers(total),
+                            **opts)
     fd, created = lock_output(out)
     own_tokenizer = not os.path.exists(os.path.join(out, TOKENIZER_NAME))
     try:
@@ -126,11 +140,17 @@ def pack(inputs: Sequence[str], out_dir: str, *, tokenizer: str | None = None, t
                 os.close(fd)
 
 
+def _remote_list(out: str, storage_options: dict | None) -> list[tuple[str, int]]:
+    from ..remote.upload import writable_source
+
+    return writable_source(out, storage_options).list()
+
+
 def _pack_locked(inputs: list[str], out: str, total: int, created: bool, own_tokenizer: bool, workers: int, *,
                  tokenizer: str | None, train_bpe: int | None, field: str, doc_sep: str, input_format: str,
                  codec: str, zstd_level: int, rans_model_tokens: int, dtype: str, chunk_tokens: int,
                  shard_tokens: int, eot_id: int | None, append_eot: bool, overwrite: bool,
-                 progress: bool) -> PackResult:
+                 progress: bool, storage_options: dict | None) -> PackResult:
     from ..dataset import DatasetWriter
 
     t0 = time.perf_counter()
@@ -166,7 +186,8 @@ def _pack_locked(inputs: list[str], out: str, total: int, created: bool, own_tok
             w = DatasetWriter(out, dtype=np_dtype.name, codec=codec, chunk_tokens=chunk_tokens,
                               shard_tokens=shard_tokens, eot_token=eot, zstd_level=zstd_level,
                               rans_model_tokens=rans_model_tokens, overwrite=overwrite,
-                              tokenizer=tok_path, metadata=meta)
+                              tokenizer=tok_path, metadata=meta,
+                              **({"storage_options": storage_options} if is_remote(out) else {}))
             exact = cuts_are_exact(tok)
             cuts = [0]
 
@@ -185,7 +206,7 @@ def _pack_locked(inputs: list[str], out: str, total: int, created: bool, own_tok
             if w is not None:
                 with signals_held():
                     w.abort()
-                    remove_partial(out, created, own_tokenizer)
+                    remove_partial(out, created, own_tokenizer, storage_options)
             named = write_error(exc, out) if w is not None else None
             if named is not None:
                 raise named from None

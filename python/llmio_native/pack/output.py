@@ -1,5 +1,9 @@
 """The output directory of a pack: lock it, refuse to clobber a dataset, clean up after a
-failure, and write the encoded documents."""
+failure, and write the encoded documents.
+
+An object-store output (``s3://``, ``gs://``, ``az://``) goes through the same functions:
+its state is the prefix's listing (:mod:`llmio_native.remote.upload`), it cannot be locked,
+and a failed pack deletes the objects it uploaded."""
 from __future__ import annotations
 
 import errno
@@ -38,47 +42,75 @@ def write_documents(writer: Any, encoded: Iterable[tuple[list[Piece], list[np.nd
             progress(piece.nbytes)
 
 
-def dataset_state(out: str) -> tuple[bool, list[str]]:
-    """(has manifest.json, writer files of an unfinished dataset) in directory ``out``.
+def is_remote(out: str) -> bool:
+    """Whether the pack output ``out`` is an object-store URL (not a local directory)."""
+    from ..remote.store import is_url
+
+    return is_url(out)
+
+
+def dataset_state(out: str, storage_options: dict | None = None) -> tuple[bool, list[str]]:
+    """(has manifest.json, writer files of an unfinished dataset) in directory ``out``, or
+    under URL ``out`` (``storage_options`` are its store's).
 
     Raises:
-        OSError: ``out`` cannot be listed.
+        OSError: ``out`` cannot be listed (a RemoteError for a URL, naming it).
+        ValueError: an ``http(s)://`` URL (read-only).
     """
     from ..dataset import format as F
     from ..dataset.manifest import dataset_files
 
+    if is_remote(out):
+        from ..remote.upload import remote_state, writable_source
+
+        return remote_state(writable_source(out, storage_options))
     if not os.path.isdir(out):
         return False, []
     files = dataset_files(out)  # the one rule of which files belong to a dataset
     return F.MANIFEST_NAME in files, [n for n in files if n != F.MANIFEST_NAME]
 
 
-def check_output(out: str, overwrite: bool) -> None:
+def check_output(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
     """Refuse an output that is a file, or holds a dataset (finished or not) unless ``overwrite``.
 
     Raises:
-        PackError: as above (names ``out``).
+        PackError: as above (names ``out``); an ``http(s)://`` output (read-only).
+        RemoteError: a URL's prefix cannot be listed.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
+    if not is_remote(out) and os.path.exists(out) and not os.path.isdir(out):
         raise PackError(f"{out}: exists and is not a directory")
-    has_manifest, partial = dataset_state(out)
+    try:
+        has_manifest, partial = dataset_state(out, storage_options)
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
     if overwrite:
         return
     if has_manifest:
         raise PackError(f"{out} already holds a dataset (manifest.json); pass --overwrite to replace it")
     if partial:
-        raise PackError(f"{out} holds an incomplete dataset ({len(partial)} shard/temp file(s), no manifest.json: "
+        what = "object" if is_remote(out) else "file"
+        raise PackError(f"{out} holds an incomplete dataset ({len(partial)} shard/temp {what}(s), no manifest.json: "
                         "an earlier pack did not finish); resuming is not supported: pass --overwrite to start over")
 
 
-def remove_partial(out: str, created: bool, own_tokenizer: bool) -> None:
+def remove_partial(out: str, created: bool, own_tokenizer: bool, storage_options: dict | None = None) -> None:
     """Remove what an aborted pack left in ``out`` (its own files only): shards and temp
     files when there is no manifest, ``tokenizer.json`` when ``own_tokenizer`` (the pack
-    put it there), the directory itself when ``created`` and empty.
+    put it there), the directory itself when ``created`` and empty. For a URL: the same
+    objects under the prefix (best effort: the store may be why the pack failed).
 
     Raises:
         Nothing (what cannot be removed stays).
     """
+    if is_remote(out):
+        from ..remote import upload
+
+        try:
+            src = upload.writable_source(out, storage_options)
+        except (ValueError, ImportError):
+            return
+        upload.remove_partial(src, own_tokenizer)
+        return
     try:
         has_manifest, partial = dataset_state(out)
         if has_manifest:

@@ -3,7 +3,8 @@
 ``open_dataset("s3://bucket/prefix", cache_dir=..., cache_bytes=...)`` and the same URLs in
 ``TokenLoader(sources=...)`` read a dataset of our format from ``s3://``, ``gs://``,
 ``az://`` or ``http(s)://`` through a bounded local cache (:mod:`.cache`); the sources
-themselves are :mod:`.store`'s.
+themselves are :mod:`.store`'s. Writing: ``DatasetWriter("s3://bucket/prefix")`` uploads each
+shard as it is finished and ``manifest.json`` last (:mod:`.upload`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A source is a directory-like place holding the dataset's files, addressed by keys relative
 to it: ``size(key)``, ``read_range(key, start, end)`` (with a timeout on every request),
-``list(prefix)`` and ``put(key, path)`` (multipart for large files). Two kinds:
+``list(prefix)``, ``put(key, path)`` (multipart for large files) and ``delete(keys)``. Two kinds:
 
 * :class:`ObjectSource`: ``s3://``, ``gs://``, ``az://`` (also ``abfs://``, ``adl://``),
   ``http://`` / ``https://`` (range requests), through `obstore`_.
@@ -33,15 +33,21 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import DatasetChangedError, RemoteError, RemoteNotFoundError
 
 #: URL schemes served by :class:`ObjectSource`.
 OBJECT_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "azure", "http", "https")
+
+#: Files above this size are uploaded in parts (multipart upload).
+MULTIPART_BYTES = 16 << 20
+#: Bytes read from the local file per piece of a cancellable multipart upload.
+PUT_PIECE_BYTES = 8 << 20
 
 T = TypeVar("T")
 
@@ -109,6 +115,10 @@ class TruncatedBody(IOError):
     """A response body shorter than the range asked for (retried)."""
 
 
+class UploadCancelled(Exception):
+    """An upload stopped by its ``cancel`` event (:meth:`Source.put`); never retried."""
+
+
 def _permanent(exc: BaseException) -> bool:
     """Errors no retry can fix: missing object, permissions, bad configuration."""
     if isinstance(exc, (FileNotFoundError, PermissionError, DatasetChangedError, ValueError, TypeError)):
@@ -133,7 +143,7 @@ def with_retries(fn: Callable[[], T], policy: RetryPolicy, url: str, start: int 
     while True:
         try:
             return fn()
-        except DatasetChangedError:
+        except (DatasetChangedError, UploadCancelled):
             raise
         except BaseException as exc:  # noqa: BLE001 - classified below
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -207,11 +217,29 @@ class Source:
         """
         raise NotImplementedError
 
-    def put(self, key: str, path: str) -> None:
+    def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         """Upload the local file ``path`` as ``key`` (multipart above 16 MiB for object stores).
 
+        ``cancel``: an event that stops the upload between pieces of 8 MiB (an unfinished
+        multipart upload is aborted, so no object appears). Object stores retry each
+        part of a multipart upload (obstore's retries, ``retries`` times), and the whole
+        upload after a part failed for good.
+
+        Returns:
+            The size and, where the store gives one, the ETag of the new object.
+
         Raises:
-            RemoteError: the upload failed. FileNotFoundError: no such local file.
+            RemoteError: the upload failed (after the retries; names the URL).
+            UploadCancelled: ``cancel`` was set. FileNotFoundError: no such local file.
+        """
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete the objects ``keys`` (in the order given, one request each: a caller that
+        needs one deleted before the others calls this twice). Missing keys are not an error.
+
+        Raises:
+            RemoteError: a request failed (after the retries; names the URL).
         """
         raise NotImplementedError
 
@@ -261,26 +289,45 @@ class ObjectSource(Source):
             opts["endpoint"] = opts.pop("endpoint_url")
         self._args = (self.url, opts, client)
         self._store: Any = None
+        self._part_store: Any = None  # multipart uploads: retries per part (see put)
         self._pid = -1
 
     def __getstate__(self) -> dict:
         st = self.__dict__.copy()
-        st["_store"], st["_pid"] = None, -1
+        st["_store"], st["_part_store"], st["_pid"] = None, None, -1
         return st
 
     @property
     def store(self) -> Any:
         """The obstore store (created in each process on first use)."""
         if self._store is None or self._pid != os.getpid():
-            from obstore.store import from_url
-
-            url, opts, client = self._args
-            kw: dict = {"client_options": client, "retry_config": {"max_retries": 0}}
-            if opts:
-                kw["config"] = opts
-            self._store = from_url(url, **kw)
+            self._store, self._part_store = self._make_store(0), None
             self._pid = os.getpid()
         return self._store
+
+    def _make_store(self, retries: int) -> Any:
+        from datetime import timedelta
+
+        from obstore.store import from_url
+
+        url, opts, client = self._args
+        retry: dict = {"max_retries": retries}
+        if retries:
+            retry["backoff"] = {"init_backoff": timedelta(seconds=self.policy.base),
+                                "max_backoff": timedelta(seconds=self.policy.cap), "base": 2}
+        kw: dict = {"client_options": client, "retry_config": retry}
+        if opts:
+            kw["config"] = opts
+        return from_url(url, **kw)
+
+    @property
+    def part_store(self) -> Any:
+        """The store for multipart uploads: obstore retries each part request (5xx, resets)
+        ``retries`` times itself, so that one bad part does not restart the whole upload."""
+        self.store  # noqa: B018 - (re)made in this process first, which resets this one
+        if self._part_store is None:
+            self._part_store = self._make_store(self.policy.retries)
+        return self._part_store
 
     def info(self, key: str) -> ObjectInfo:
         import obstore
@@ -325,13 +372,41 @@ class ObjectSource(Source):
 
         return with_retries(ls, self.policy, self.key_url(prefix))
 
-    def put(self, key: str, path: str) -> None:
+    def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         import obstore
 
         size = os.path.getsize(path)
-        with_retries(lambda: obstore.put(self.store, key, pathlib.Path(path) if size else b"",
-                                         use_multipart=size > (16 << 20)),
-                     self.policy, self.key_url(key))
+        multipart = size > MULTIPART_BYTES
+
+        def pieces() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise UploadCancelled(f"upload of {self.key_url(key)} cancelled")
+                    piece = fh.read(PUT_PIECE_BYTES)
+                    if not piece:
+                        return
+                    yield piece
+
+        def put() -> Any:
+            if cancel is not None and cancel.is_set():
+                raise UploadCancelled(f"upload of {self.key_url(key)} cancelled")
+            if not size:
+                body: Any = b""
+            elif multipart and cancel is not None:
+                body = pieces()
+            else:
+                body = pathlib.Path(path)
+            return obstore.put(self.part_store if multipart else self.store, key, body, use_multipart=multipart)
+
+        res = with_retries(put, self.policy, self.key_url(key))
+        return ObjectInfo(size, (res or {}).get("e_tag"))
+
+    def delete(self, keys: list[str]) -> None:
+        import obstore
+
+        for key in keys:
+            with_retries(lambda: obstore.delete(self.store, key), self.policy, self.key_url(key))
 
 
 class LocalSource(Source):
@@ -380,13 +455,23 @@ class LocalSource(Source):
                     out.append((rel, os.path.getsize(os.path.join(dirpath, f))))
         return sorted(out)
 
-    def put(self, key: str, path: str) -> None:
+    def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         import shutil
 
+        if cancel is not None and cancel.is_set():
+            raise UploadCancelled(f"copy to {self.key_url(key)} cancelled")
         dst = self.key_url(key)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(path, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
+        return self.info(key)
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                os.unlink(self.key_url(key))
+            except FileNotFoundError:
+                pass
 
 
 def open_source(url: str, storage_options: dict | None = None) -> Source:
@@ -402,4 +487,5 @@ def open_source(url: str, storage_options: dict | None = None) -> Source:
 
 
 __all__ = ["OBJECT_SCHEMES", "StoreURL", "parse_url", "is_url", "RetryPolicy", "with_retries", "ObjectInfo",
-           "Source", "ObjectSource", "LocalSource", "open_source", "TruncatedBody"]
+           "Source", "ObjectSource", "LocalSource", "open_source", "TruncatedBody", "UploadCancelled",
+           "MULTIPART_BYTES"]
