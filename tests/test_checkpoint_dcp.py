@@ -496,6 +496,119 @@ def test_corrupted_data_fails_its_checksum(saved):
     assert not torch.equal(out["beta"], torch.zeros(50))
 
 
+def _flip_byte(path, e, at):
+    with open(path / e["file"], "r+b") as f:
+        f.seek(e["file_offset"] + at)
+        b = f.read(1)
+        f.seek(e["file_offset"] + at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _prefilled():
+    g = torch.Generator().manual_seed(99)
+    return {"alpha": torch.randn(100, 100, generator=g), "beta": torch.randn(50, generator=g), "gamma": {"v": 0}}
+
+
+def _typed_error(fn):
+    """The CheckpointFormatError or OSError inside DCP's CheckpointException wrapping."""
+    with pytest.raises(BaseException) as ei:
+        fn()
+    exc = ei.value
+    if not isinstance(exc, (CheckpointFormatError, OSError)):
+        inner = [v for v in getattr(exc, "failures", {}).values()]
+        exc = inner[0] if inner else exc
+        if isinstance(exc, tuple):  # torch's _WrappedException: (exception, stack summary)
+            exc = exc[0]
+    return exc, str(ei.value)
+
+
+def test_corrupt_item_is_verified_before_its_destination_is_written(saved):
+    path, _ = saved
+    e = _entry(path, "alpha")
+    _flip_byte(path, e, 40000 - 3)  # the last bytes of alpha: a direct read would already have written the rest
+    out = _prefilled()
+    before = {k: out[k].clone() for k in ("alpha", "beta")}
+    exc, msg = _typed_error(lambda: _load(out, path))
+    assert torch.equal(out["alpha"].view(torch.int32), before["alpha"].view(torch.int32))  # bit-exact, untouched
+    assert torch.equal(out["beta"].view(torch.int32), before["beta"].view(torch.int32))  # same batch: untouched
+    assert isinstance(exc, CheckpointFormatError)
+    assert exc.key == "alpha" and exc.offset == e["file_offset"] and exc.path.endswith(e["file"])
+    assert "'alpha'" in msg and e["file"] in msg and str(e["file_offset"]) in msg and "checksum" in msg
+
+
+def test_corrupt_item_in_a_later_batch_leaves_it_and_later_untouched_verify_first_leaves_all(saved):
+    path, sd = saved
+    e = _entry(path, "beta")
+    _flip_byte(path, e, 5)
+    # batch_bytes=1: each tensor is a batch of its own; alpha (first in plan order) is written.
+    out = _prefilled()
+    before = out["beta"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path, batch_bytes=1))
+    assert torch.equal(out["beta"].view(torch.int32), before.view(torch.int32))
+    assert torch.equal(out["alpha"], sd["alpha"])  # an earlier batch: written (documented)
+    assert exc.key == "beta" and str(e["file_offset"]) in msg
+    # verify="first": nothing at all is written
+    out = _prefilled()
+    before = {k: out[k].clone() for k in ("alpha", "beta")}
+    exc, msg = _typed_error(lambda: _load(out, path, batch_bytes=1, verify="first"))
+    assert exc.key == "beta" and "verify='first'" in msg and str(e["file_offset"]) in msg
+    for k in ("alpha", "beta"):
+        assert torch.equal(out[k].view(torch.int32), before[k].view(torch.int32)), k
+    assert out["gamma"]["v"] == 0
+    # and on an intact checkpoint verify="first" loads everything
+    _flip_byte(path, e, 5)
+    out = _prefilled()
+    _load(out, path, verify="first", batch_bytes=4096)
+    assert torch.equal(out["alpha"], sd["alpha"]) and torch.equal(out["beta"], sd["beta"]) and out["gamma"]["v"] == 3
+    with pytest.raises(ValueError, match="verify must be"):
+        StorageReader(path, verify="yes")
+
+
+def test_truncated_file_error_names_offset_and_key(saved):
+    path, _ = saved
+    e = _entry(path, "alpha")
+    os.truncate(path / e["file"], e["file_offset"] + 4096)
+    out = _prefilled()
+    before = out["alpha"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path))
+    assert isinstance(exc, CheckpointFormatError) and exc.key == "alpha" and exc.offset == e["file_offset"]
+    assert f"'alpha' at bytes [{e['file_offset']}, {e['file_offset'] + 40000})" in msg and e["file"] in msg
+    assert torch.equal(out["alpha"].view(torch.int32), before.view(torch.int32))
+
+
+def test_file_truncated_after_the_size_check_is_a_short_read_naming_the_key(tmp_path, monkeypatch):
+    # The race the size check cannot see: the file shrinks between the check and the read.
+    path = tmp_path / "ck"
+    _save({"alpha": torch.randn(100, 100)}, path)
+    e = _entry(path, "alpha")
+    real = StorageReader._check_files
+
+    def check_then_truncate(self, names, jobs):
+        real(self, names, jobs)
+        os.truncate(path / e["file"], e["file_offset"] + 8192 + 100)
+
+    monkeypatch.setattr(StorageReader, "_check_files", check_then_truncate)
+    out = {"alpha": torch.randn(100, 100)}
+    before = out["alpha"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path, direct=False))
+    assert isinstance(exc, OSError), msg
+    assert "'alpha'" in msg and e["file"] in msg
+    assert torch.equal(out["alpha"].view(torch.int32), before.view(torch.int32))
+
+
+def test_read_error_names_file_and_key_and_leaves_its_batch_untouched(tmp_path, faults):
+    g = torch.Generator().manual_seed(3)
+    sd = {"alpha": torch.randn(100, 100, generator=g), "beta": torch.randn(50, generator=g)}
+    _save(sd, tmp_path / "ck", single_file_per_rank=False)  # one file per item
+    e = _entry(tmp_path / "ck", "beta")
+    faults("eio:" + e["file"])
+    out = {"alpha": torch.zeros(100, 100), "beta": torch.zeros(50)}
+    exc, msg = _typed_error(lambda: _load(out, tmp_path / "ck"))
+    assert isinstance(exc, OSError) and exc.errno == 5
+    assert "'beta'" in msg and e["file"] in msg and "'alpha'" not in msg
+    assert not out["alpha"].any() and not out["beta"].any()  # one batch: nothing written
+
+
 class _Evil:
     def __reduce__(self):
         return (os.getpid, ())
