@@ -1015,11 +1015,19 @@ class StorageReader(_TorchStorageReader):
         self._verify_batch(batch)
         to_device = False
         for s in batch.items:
-            if s.nbytes:
-                src = batch.view(s).view(s.job.dtype).reshape(tuple(s.job.req.lengths))
-                with torch.no_grad():
-                    s.dest.copy_(src, non_blocking=s.dest.is_cuda)
-                to_device |= s.dest.is_cuda
+            if not s.nbytes:
+                continue
+            d = s.dest
+            if d.device.type == "cpu" and d.dtype == s.job.dtype and d.is_contiguous() and not d.is_conj() \
+                    and not d.is_neg():
+                # A plain memcpy (numpy, GIL released, one thread): torch's copy_ splits it over its
+                # intra-op threads, which on a loaded machine waits on a descheduled thread.
+                np.copyto(_raw_bytes(d).numpy(), batch.view(s).numpy())
+                continue
+            src = batch.view(s).view(s.job.dtype).reshape(tuple(s.job.req.lengths))
+            with torch.no_grad():
+                d.copy_(src, non_blocking=d.is_cuda)
+            to_device |= d.is_cuda
         if to_device:  # the planner may read the destinations at once, and the buffer is reused
             torch.cuda.current_stream().synchronize()
         for s in batch.items:
