@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ..errors import UnsupportedError
-from ..io import Reader, Writer
+from ..io import Reader, Writer, reuse_staging, staging_for
 from . import commit as _commit
 from .dcp_metadata import METADATA_FILE, CheckpointFormatError, ItemLocation, decode, encode
 
@@ -111,9 +111,7 @@ def _remove_own_failed_staging(target: Path, fresh: Path) -> None:
 def _open_writer(path: str, backend: str, direct: bool, expected_nbytes: int) -> Writer:
     """A new data file (O_EXCL: a name is never reused) written through the native engine, its
     staging memory sized to the file (a small file does not get 64 MiB of staging)."""
-    chunk = min(4 << 20, max(64 << 10, -(-expected_nbytes // _ALIGN) * _ALIGN))
-    staging = min(64 << 20, max(2 * chunk, -(-expected_nbytes // chunk) * chunk + chunk))
-    return Writer(path, backend=backend, direct=direct, exclusive=True, chunk_bytes=chunk, staging_bytes=staging)
+    return Writer(path, backend=backend, direct=direct, exclusive=True, **staging_for(expected_nbytes))
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -357,13 +355,15 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         jobs = [(f"{pd.prefix}{k}{DATA_SUFFIX}", g) for k, g in enumerate(groups)]
         results: list[WriteResult] = []
         try:
-            if len(jobs) <= 1 or self.thread_count == 1:
-                for name, g in jobs:
-                    results += self._write_file(staging, name, g, planner)
-            else:
-                with concurrent.futures.ThreadPoolExecutor(self.thread_count, thread_name_prefix="llmio-dcp-write") as ex:
-                    for r in ex.map(lambda j: self._write_file(staging, j[0], j[1], planner), jobs):
-                        results += r
+            with reuse_staging():  # many files (one per item, or per thread): staging mapped once
+                if len(jobs) <= 1 or self.thread_count == 1:
+                    for name, g in jobs:
+                        results += self._write_file(staging, name, g, planner)
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(self.thread_count,
+                                                               thread_name_prefix="llmio-dcp-write") as ex:
+                        for r in ex.map(lambda j: self._write_file(staging, j[0], j[1], planner), jobs):
+                            results += r
         except BaseException:
             # This save is over: its staging directory is no longer in use by this process, and
             # the next save to the same target removes it (other ranks may still be writing).

@@ -7,11 +7,12 @@ O_DIRECT alignment, truncates the file to its logical size and syncs it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .._native import _core
 from .reader import _check_path, resolve_backend
@@ -199,6 +200,49 @@ class Writer:
         self.abort()
 
 
+def staging_for(expected_nbytes: int, *, align: int = 4096) -> dict[str, int]:
+    """``chunk_bytes`` and ``staging_bytes`` for a :class:`Writer` of a file of about
+    ``expected_nbytes``: staging that fits the file (a 1 MiB file does not get, map and register
+    64 MiB), chunks of 64 KiB to 4 MiB, at most the defaults (4 MiB chunks, 64 MiB staging).
+
+    Raises:
+        ValueError: ``expected_nbytes`` is negative.
+    """
+    if expected_nbytes < 0:
+        raise ValueError(f"expected_nbytes must be >= 0, got {expected_nbytes}")
+    chunk = min(4 << 20, max(64 << 10, -(-expected_nbytes // align) * align))
+    staging = min(64 << 20, max(2 * chunk, -(-expected_nbytes // chunk) * chunk + chunk))
+    return {"chunk_bytes": chunk, "staging_bytes": staging}
+
+
+@contextlib.contextmanager
+def reuse_staging() -> Iterator[None]:
+    """While this context is open (in any thread of the process), a new :class:`Writer` takes
+    its staging arena from a process-wide pool of idle ones, and a closed or aborted Writer
+    returns its arena there: a save that writes many files maps, faults in and (io_uring)
+    registers its staging memory about once, not once per file. Idle arenas are bounded by
+    ``staging_pool_stats()["max_idle_bytes"]`` (256 MiB; least recently used unmapped first),
+    and all of them are unmapped when the last open context exits. Contexts nest. A forked
+    child starts with an empty pool and no open context.
+
+    Raises:
+        Nothing of its own.
+    """
+    _core.staging_pool_enter()
+    try:
+        yield
+    finally:
+        _core.staging_pool_exit()
+
+
+def staging_pool_stats() -> dict[str, int]:
+    """The staging pool's counters: ``idle_bytes``, ``idle_count`` (arenas kept for reuse),
+    ``hits`` / ``misses`` (Writers that took a pooled arena / mapped a new one while a
+    :func:`reuse_staging` context was open), ``scopes`` (contexts open now),
+    ``max_idle_bytes``."""
+    return dict(_core.staging_pool_stats())
+
+
 def fsync_path(path: str | os.PathLike[str] | bytes, *, data_only: bool = False) -> None:
     """Open ``path`` (a file or a directory) and fsync it (fdatasync when ``data_only``).
     Syncing the directory makes a new or renamed entry in it durable.
@@ -235,4 +279,4 @@ def write_file(path: str | os.PathLike[str] | bytes, buffers: Iterable[Any], *, 
     return size
 
 
-__all__ = ["Writer", "fsync_path", "write_file", "SYNC_MODES"]
+__all__ = ["Writer", "fsync_path", "write_file", "SYNC_MODES", "reuse_staging", "staging_for", "staging_pool_stats"]
