@@ -168,6 +168,77 @@ def test_async_save_round_trip(tmp_path):
         assert _same(out[k], v.contiguous()), k
 
 
+_PROCESS_ASYNC_SCRIPT = textwrap.dedent(r"""
+    import json, os, pickle, socket, sys, warnings
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from llmio_native.checkpoint import StorageReader, StorageWriter
+
+    warnings.simplefilter("ignore")
+
+    def main():
+        root = sys.argv[1]
+        so = socket.socket(); so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]; so.close()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        g = torch.Generator().manual_seed(11)
+        sd = {"w": torch.randn(512, 512, generator=g), "h": torch.randn(300, generator=g).to(torch.bfloat16),
+              "i": torch.arange(7), "opt": {"step": 3, "lr": 0.5}}
+        first = {"w": sd["w"].clone(), "h": sd["h"].clone()}
+        w = StorageWriter(os.path.join(root, "a"), cache_staged_state_dict=True)
+        out = {}
+        r = dcp.async_save(sd, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        r = getattr(r, "upload_completion", r)
+        sd["w"].add_(1)  # staged before async_save returned: must not reach checkpoint a
+        r.result(timeout=300)
+        out["pickled_writer_bytes"] = len(pickle.dumps(w))  # the staged cache (1 MiB+) is not sent along
+        w.reset(os.path.join(root, "b"))
+        sd["opt"]["step"] = 4
+        r = dcp.async_save(sd, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        getattr(r, "upload_completion", r).result(timeout=300)
+        for name, want_w, step in (("a", first["w"], 3), ("b", sd["w"], 4)):
+            dst = {"w": torch.zeros(512, 512), "h": torch.zeros(300, dtype=torch.bfloat16), "i": torch.zeros(7, dtype=torch.long),
+                   "opt": {"step": 0, "lr": 0.0}}
+            dcp.load(dst, storage_reader=StorageReader(os.path.join(root, name)))
+            out[name] = bool(torch.equal(dst["w"], want_w) and torch.equal(dst["h"], first["h"])
+                             and torch.equal(dst["i"], torch.arange(7)) and dst["opt"] == {"step": step, "lr": 0.5})
+        # a save refused in the background process reaches the caller's future with its message
+        bad = StorageWriter(os.path.join(root, "a"), overwrite=False)
+        try:
+            r = dcp.async_save(sd, storage_writer=bad, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            getattr(r, "upload_completion", r).result(timeout=300)
+            out["refused"] = "no error"
+        except BaseException as e:
+            out["refused"] = str(e)
+        dist.destroy_process_group()
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+    if __name__ == "__main__":  # torch's background process is spawned: it imports this file
+        main()
+""")
+
+
+def test_process_based_async_save_round_trip(tmp_path):
+    """dcp.async_save(..., async_checkpointer_type=PROCESS): the writer is pickled to torch's
+    background process (without its cached staging copy), two saves through one writer land
+    whole, and an error in the background process reaches the caller's future."""
+    pytest.importorskip("torch.distributed.checkpoint._async_process_executor")
+    script = tmp_path / "proc_async.py"
+    script.write_text(_PROCESS_ASYNC_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["a"] is True and res["b"] is True, res
+    assert res["pickled_writer_bytes"] < 64 << 10, res
+    assert "overwrite=False" in res["refused"], res
+
+
 def test_stage_copies_into_independent_memory():
     w = StorageWriter("/nonexistent/x")
     t = torch.arange(10.0)

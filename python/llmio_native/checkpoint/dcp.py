@@ -545,6 +545,19 @@ class StorageWriter(_TorchStorageWriter, _AsyncStager):  # type: ignore[misc]
         """Drop the cached staging copy."""
         self._staged_cache = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The writer's settings, without the cached staging copy (a whole state dict) nor the
+        staging directory of a save in progress: ``dcp.async_save`` with
+        ``AsyncCheckpointerType.PROCESS`` pickles the writer to its background process on every
+        save, next to the staged state dict it already sends."""
+        st = self.__dict__.copy()
+        st["_staged_cache"] = None
+        st["_staging"] = None
+        return st
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
 
 # -- reader ---------------------------------------------------------------------------------
 def _runs(sizes: Sequence[int], offs: Sequence[int], lens: Sequence[int], itemsize: int) -> tuple[np.ndarray, int]:
