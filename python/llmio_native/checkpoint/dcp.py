@@ -638,8 +638,10 @@ class StorageReader(_TorchStorageReader):
       xxh3-64 before any destination is written. It reads the bytes twice (the second pass
       often from the page cache). An I/O error in the second pass behaves as above.
 
-    Memory: two bounce buffers of at most ``max(batch_bytes, largest item read)`` each (plus
-    4 KiB per item for alignment), released when the load ends.
+    Memory: two bounce buffers of ``max(batch_bytes, largest item read)`` each at most (plus
+    4 KiB per item for alignment), released when the load ends. Destination memory is not
+    doubled, but a checkpoint whose largest tensor is large (an embedding) costs up to twice
+    that tensor's size in temporaries while it loads.
 
     Args:
         path: the checkpoint directory.
@@ -878,25 +880,25 @@ class StorageReader(_TorchStorageReader):
         byte_jobs = [j for j in jobs if j.dtype is None]
         tensor_jobs = [j for j in jobs if j.dtype is not None]
         if byte_jobs:
-            staged_bytes = self._prepare_batch(byte_jobs, planner, pin=False, slot=None)
+            staged_bytes = self._prepare_batch(byte_jobs, planner, slot=None)
             self._read_batch(reader, names, staged_bytes)
             self._verify_batch(staged_bytes)
         batches: list[list[_Job]] = [[]]
         acc = 0
         for j in tensor_jobs:
-            if acc >= self.batch_bytes:
+            n = len(j.offsets) * j.run
+            # an item larger than batch_bytes is a batch of its own (its bounce buffer is its size)
+            if batches[-1] and (acc >= self.batch_bytes or acc + n > self.batch_bytes):
                 batches.append([])
                 acc = 0
             batches[-1].append(j)
-            acc += len(j.offsets) * j.run
-        # Pinned bounce buffers when a destination is on the GPU: the copy to it is then asynchronous.
-        pin = torch.cuda.is_available() and any(planner.resolve_tensor(j.req).is_cuda for j in tensor_jobs)
+            acc += n
         # One batch ahead: batch k+1 is read (GIL released) into the other bounce buffer while
         # batch k is verified, copied out and handed to the planner.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmio-dcp-read") as ex:
             pending = None
             for k, batch in enumerate(batches):
-                staged = self._prepare_batch(batch, planner, pin=pin, slot=k % 2)
+                staged = self._prepare_batch(batch, planner, slot=k % 2)
                 nxt = (staged, ex.submit(self._read_batch, reader, names, staged))
                 if pending is not None:
                     try:
@@ -924,7 +926,7 @@ class StorageReader(_TorchStorageReader):
         """A 4 KiB-aligned uint8 tensor of at least ``nbytes`` (pinned when ``pin``), reused
         across the batches of a load (two slots: one read while the other is copied out)."""
         cur = self._bounce[slot]
-        if cur is not None and cur[1] >= nbytes and cur[2] == pin:
+        if cur is not None and cur[1] >= nbytes and (cur[2] or not pin):
             return cur[0]
         self._bounce[slot] = None
         cap = max(nbytes, 1)
@@ -934,10 +936,11 @@ class StorageReader(_TorchStorageReader):
         self._bounce[slot] = (buf, cap, pin)
         return buf
 
-    def _prepare_batch(self, batch: list[_Job], planner: LoadPlanner, *, pin: bool, slot: int | None) -> _Batch:
+    def _prepare_batch(self, batch: list[_Job], planner: LoadPlanner, *, slot: int | None) -> _Batch:
         """Lay the jobs of a batch out in a bounce buffer (each at a 4 KiB-aligned start, so
         aligned file ranges read O_DIRECT) and resolve each tensor job's destination, checking
-        its shape before anything is read."""
+        its shape before anything is read. The buffer is pinned when a destination of the batch
+        is on the GPU (the copy to it is then asynchronous)."""
         items: list[_Staged] = []
         acc = 0
         for j in batch:
@@ -957,6 +960,7 @@ class StorageReader(_TorchStorageReader):
             base = torch.empty(acc + _ALIGN, dtype=torch.uint8)
             skip = (-base.data_ptr()) % _ALIGN
             return _Batch(items, base[skip:skip + max(acc, 1)])
+        pin = torch.cuda.is_available() and any(s.dest is not None and s.dest.is_cuda for s in items)
         return _Batch(items, self._bounce_buffer(slot, acc, pin))
 
     def _read_batch(self, reader: Reader, names: list[str], batch: _Batch) -> None:
