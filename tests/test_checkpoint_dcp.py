@@ -680,6 +680,56 @@ def test_read_error_names_file_and_key_and_leaves_its_batch_untouched(tmp_path, 
     assert not out["alpha"].any() and not out["beta"].any()  # one batch: nothing written
 
 
+class _BoxPlanner:
+    """The two LoadPlanner calls read_data makes, over plain destination tensors."""
+
+    def __init__(self, dests):
+        self.dests, self.committed = dests, []
+
+    def resolve_tensor(self, req):
+        return self.dests[req.dest_index.fqn]
+
+    def commit_tensor(self, req, t):
+        self.committed.append(req.dest_index.fqn)
+
+    def load_bytes(self, req, value):  # pragma: no cover - no byte items asked for
+        raise AssertionError("unexpected")
+
+
+def test_verify_first_checks_the_whole_stored_item_behind_a_partial_read(saved):
+    """A resharded load asks for a box of a stored chunk: no whole-item checksum can be checked
+    on that box, so corruption elsewhere in the item passes with verify=True; verify="first"
+    checks the whole item first and refuses it, destination untouched."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    path, sd = saved
+    e = _entry(path, "alpha")
+    _flip_byte(path, e, 90 * 400 + 4)  # row 90, outside the rows 10..14 asked for below
+    req = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex("alpha", [0, 0]), dest_offsets=torch.Size([0, 0]),
+                   storage_index=MetadataIndex("alpha", [0, 0]), storage_offsets=torch.Size([10, 0]),
+                   lengths=torch.Size([5, 100]))
+
+    def read(verify):
+        r = StorageReader(path, verify=verify)
+        r.set_up_storage_reader(r.read_metadata(), True)
+        pl = _BoxPlanner({"alpha": torch.full((5, 100), 7.0)})
+        r.read_data(LoadPlan([req]), pl).wait()
+        return pl.dests["alpha"], pl
+
+    out, pl = read(True)
+    assert torch.equal(out, sd["alpha"][10:15]) and pl.committed == ["alpha"]
+    with pytest.raises(CheckpointFormatError, match=r"'alpha' at bytes .*verify='first'") as ei:
+        read("first")
+    assert ei.value.key == "alpha" and ei.value.offset == e["file_offset"]
+    r = StorageReader(path, verify="first")
+    r.set_up_storage_reader(r.read_metadata(), True)
+    pl = _BoxPlanner({"alpha": torch.full((5, 100), 7.0)})
+    with pytest.raises(CheckpointFormatError):
+        r.read_data(LoadPlan([req]), pl)
+    assert (pl.dests["alpha"] == 7).all() and pl.committed == []
+
+
 class _Evil:
     def __reduce__(self):
         return (os.getpid, ())
