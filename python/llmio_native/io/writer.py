@@ -3,7 +3,9 @@ or a pwrite thread pool; :func:`fsync_path` and :func:`write_file`.
 
 The native engine (``csrc/io/writer.hpp``) copies every ``write()`` into an aligned staging
 arena and submits full chunks asynchronously; ``close()`` writes the tail padded to the
-O_DIRECT alignment, truncates the file to its logical size and syncs it.
+O_DIRECT alignment, truncates the file to its logical size and syncs it. Code writing many
+files opens :func:`reuse_staging` around them so the arenas are mapped and registered once
+(``csrc/io/staging_pool.hpp``), and sizes them with :func:`staging_for` when it knows the size.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ class Writer:
         queue_depth: write operations in flight at most.
         chunk_bytes: bytes per write operation (rounded up to the O_DIRECT alignment).
         staging_bytes: staging memory; holds ``max(2, min(staging_bytes // chunk_bytes,
-            queue_depth + 1))`` chunks.
+            queue_depth + 1))`` chunks. Inside :func:`reuse_staging` it comes from the pool of
+            idle arenas and goes back there at :meth:`close` / :meth:`abort`.
         exclusive: create the file with O_EXCL (fail when it exists).
 
     Attributes:
