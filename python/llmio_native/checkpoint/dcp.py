@@ -930,7 +930,13 @@ class StorageReader(_TorchStorageReader):
             return cur[0]
         self._bounce[slot] = None
         cap = max(nbytes, 1)
-        base = torch.empty(cap + _ALIGN, dtype=torch.uint8, pin_memory=pin)
+        base = None
+        if pin:  # page-aligned already (cudaHostAlloc): no slack, which the caching host
+            base = torch.empty(cap, dtype=torch.uint8, pin_memory=True)  # allocator would round up
+            if base.data_ptr() % _ALIGN:
+                base = None
+        if base is None:
+            base = torch.empty(cap + _ALIGN, dtype=torch.uint8, pin_memory=pin)
         skip = (-base.data_ptr()) % _ALIGN
         buf = base[skip:skip + cap]
         self._bounce[slot] = (buf, cap, pin)
