@@ -877,6 +877,25 @@ def test_cuda_state_dict_round_trip_and_pinned_staging(tmp_path):
     assert all(out[k].device.type == "cuda" and torch.equal(out[k].cpu(), cpu[k]) for k in cpu)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_destinations_of_a_corrupt_batch_stay_untouched(tmp_path):
+    """CUDA destinations go through the pinned bounce buffer too: a corrupted item is refused
+    before any byte of its batch reaches the device; mixed CPU/CUDA batches load exactly."""
+    g = torch.Generator().manual_seed(22)
+    cpu = {"w": torch.randn(256, 128, generator=g), "b": torch.randn(77, generator=g).to(torch.bfloat16)}
+    _save(cpu, tmp_path / "ck")
+    out = {"w": torch.zeros(256, 128, device="cuda"), "b": torch.zeros(77, dtype=torch.bfloat16)}
+    _load(out, tmp_path / "ck", batch_bytes=1)
+    assert torch.equal(out["w"].cpu(), cpu["w"]) and torch.equal(out["b"], cpu["b"])
+    e = _entry(tmp_path / "ck", "w")
+    _flip_byte(tmp_path / "ck", e, 1000)
+    out = {"w": torch.full((256, 128), 7.0, device="cuda"), "b": torch.zeros(77, dtype=torch.bfloat16)}
+    exc, msg = _typed_error(lambda: _load(out, tmp_path / "ck"))
+    assert (out["w"] == 7).all().item() and not out["b"].any()
+    assert isinstance(exc, CheckpointFormatError) and exc.key == "w" and str(e["file_offset"]) in msg
+
+
 # -- benchmark smoke ----------------------------------------------------------------------------------
 def test_bench_dcp_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
