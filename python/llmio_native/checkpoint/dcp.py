@@ -635,8 +635,10 @@ class StorageReader(_TorchStorageReader):
     * ``verify="first"`` makes it all-or-nothing for corruption: a first pass streams every
       stored item the plan touches (whole, even where only part of it is asked for, as in a
       resharded load) through one buffer of ``min(batch_bytes, 64 MiB)`` and checks its
-      xxh3-64 before any destination is written. It reads the bytes twice (the second pass
-      often from the page cache). An I/O error in the second pass behaves as above.
+      xxh3-64 before any destination is written. It reads the bytes twice, both times from
+      storage where reads are O_DIRECT (they do not fill the page cache): a cold load takes
+      about twice as long (measured: 0.46-0.55 GB/s against 0.90 GB/s on the dev VM). An
+      I/O error in the second pass behaves as above.
 
     Memory: two bounce buffers of ``max(batch_bytes, largest item read)`` each at most (plus
     4 KiB per item for alignment), released when the load ends. Destination memory is not
