@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="sleep this long before each load row (memory freed by the previous row settles: on a VM "
                          "with free page reporting the host takes it back)")
+    ap.add_argument("--shards", type=int, default=0,
+                    help="also save the state dict as this many shards (llmio save_sharded vs safetensors per shard)")
     ap.add_argument("--quick", action="store_true", help="a small run (128 MiB, no DCP rows)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -375,6 +377,27 @@ def save_rows(a: argparse.Namespace, sd: dict[str, torch.Tensor], nbytes: int, w
         except Exception as e:  # pragma: no cover - depends on the torch build
             print(f"  DCP save failed: {type(e).__name__}: {e}")
             dcp = None
+    if a.shards > 1:
+        # Many files: what each file costs beyond its bytes (staging, sync, rename). llmio
+        # save_sharded (staging sized to each file and reused across files) against safetensors
+        # writing the same shards one save_file + fsync each.
+        shard_max = -(-nbytes // a.shards)
+        d_ours, d_st = os.path.join(work, "sharded.llmio"), os.path.join(work, "sharded.st")
+        names = list(sd)
+        groups = [names[i::a.shards] for i in range(a.shards)]
+
+        def st_shards() -> None:
+            os.makedirs(d_st, exist_ok=True)
+            for i, g in enumerate(groups):
+                f = os.path.join(d_st, f"model-{i:05d}.safetensors")
+                st_save({k: sd[k] for k in g}, f)
+                fsync_all(f)
+
+        rows.append(row("save", f"llmio save_sharded x{a.shards}",
+                        lambda: ck.save_sharded(sd, d_ours, max_shard_size=shard_max + (1 << 20)), nbytes, d_ours))
+        rows.append(row("save", f"safetensors save_file x{a.shards} + fsync", st_shards, nbytes, d_st))
+        shutil.rmtree(d_ours, ignore_errors=True)
+        shutil.rmtree(d_st, ignore_errors=True)
     # the limit and ours once more after the others: the disk of a VM is noisy, keep the faster
     # run of each (so "vs limit" is never flattered by one slow limit run)
     for name, fn, out, n in ((wlim_name, wlim, p_lim, wsize), ("llmio save_file", lambda: ck.save_file(sd, p_ours),

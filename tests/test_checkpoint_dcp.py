@@ -168,6 +168,77 @@ def test_async_save_round_trip(tmp_path):
         assert _same(out[k], v.contiguous()), k
 
 
+_PROCESS_ASYNC_SCRIPT = textwrap.dedent(r"""
+    import json, os, pickle, socket, sys, warnings
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from llmio_native.checkpoint import StorageReader, StorageWriter
+
+    warnings.simplefilter("ignore")
+
+    def main():
+        root = sys.argv[1]
+        so = socket.socket(); so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]; so.close()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        g = torch.Generator().manual_seed(11)
+        sd = {"w": torch.randn(512, 512, generator=g), "h": torch.randn(300, generator=g).to(torch.bfloat16),
+              "i": torch.arange(7), "opt": {"step": 3, "lr": 0.5}}
+        first = {"w": sd["w"].clone(), "h": sd["h"].clone()}
+        w = StorageWriter(os.path.join(root, "a"), cache_staged_state_dict=True)
+        out = {}
+        r = dcp.async_save(sd, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        r = getattr(r, "upload_completion", r)
+        sd["w"].add_(1)  # staged before async_save returned: must not reach checkpoint a
+        r.result(timeout=300)
+        out["pickled_writer_bytes"] = len(pickle.dumps(w))  # the staged cache (1 MiB+) is not sent along
+        w.reset(os.path.join(root, "b"))
+        sd["opt"]["step"] = 4
+        r = dcp.async_save(sd, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        getattr(r, "upload_completion", r).result(timeout=300)
+        for name, want_w, step in (("a", first["w"], 3), ("b", sd["w"], 4)):
+            dst = {"w": torch.zeros(512, 512), "h": torch.zeros(300, dtype=torch.bfloat16), "i": torch.zeros(7, dtype=torch.long),
+                   "opt": {"step": 0, "lr": 0.0}}
+            dcp.load(dst, storage_reader=StorageReader(os.path.join(root, name)))
+            out[name] = bool(torch.equal(dst["w"], want_w) and torch.equal(dst["h"], first["h"])
+                             and torch.equal(dst["i"], torch.arange(7)) and dst["opt"] == {"step": step, "lr": 0.5})
+        # a save refused in the background process reaches the caller's future with its message
+        bad = StorageWriter(os.path.join(root, "a"), overwrite=False)
+        try:
+            r = dcp.async_save(sd, storage_writer=bad, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            getattr(r, "upload_completion", r).result(timeout=300)
+            out["refused"] = "no error"
+        except BaseException as e:
+            out["refused"] = str(e)
+        dist.destroy_process_group()
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+    if __name__ == "__main__":  # torch's background process is spawned: it imports this file
+        main()
+""")
+
+
+def test_process_based_async_save_round_trip(tmp_path):
+    """dcp.async_save(..., async_checkpointer_type=PROCESS): the writer is pickled to torch's
+    background process (without its cached staging copy), two saves through one writer land
+    whole, and an error in the background process reaches the caller's future."""
+    pytest.importorskip("torch.distributed.checkpoint._async_process_executor")
+    script = tmp_path / "proc_async.py"
+    script.write_text(_PROCESS_ASYNC_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["a"] is True and res["b"] is True, res
+    assert res["pickled_writer_bytes"] < 64 << 10, res
+    assert "overwrite=False" in res["refused"], res
+
+
 def test_stage_copies_into_independent_memory():
     w = StorageWriter("/nonexistent/x")
     t = torch.arange(10.0)
@@ -496,6 +567,169 @@ def test_corrupted_data_fails_its_checksum(saved):
     assert not torch.equal(out["beta"], torch.zeros(50))
 
 
+def _flip_byte(path, e, at):
+    with open(path / e["file"], "r+b") as f:
+        f.seek(e["file_offset"] + at)
+        b = f.read(1)
+        f.seek(e["file_offset"] + at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _prefilled():
+    g = torch.Generator().manual_seed(99)
+    return {"alpha": torch.randn(100, 100, generator=g), "beta": torch.randn(50, generator=g), "gamma": {"v": 0}}
+
+
+def _typed_error(fn):
+    """The CheckpointFormatError or OSError inside DCP's CheckpointException wrapping."""
+    with pytest.raises(BaseException) as ei:
+        fn()
+    exc = ei.value
+    if not isinstance(exc, (CheckpointFormatError, OSError)):
+        inner = [v for v in getattr(exc, "failures", {}).values()]
+        exc = inner[0] if inner else exc
+        if isinstance(exc, tuple):  # torch's _WrappedException: (exception, stack summary)
+            exc = exc[0]
+    return exc, str(ei.value)
+
+
+def test_corrupt_item_is_verified_before_its_destination_is_written(saved):
+    path, _ = saved
+    e = _entry(path, "alpha")
+    _flip_byte(path, e, 40000 - 3)  # the last bytes of alpha: a direct read would already have written the rest
+    out = _prefilled()
+    before = {k: out[k].clone() for k in ("alpha", "beta")}
+    exc, msg = _typed_error(lambda: _load(out, path))
+    assert torch.equal(out["alpha"].view(torch.int32), before["alpha"].view(torch.int32))  # bit-exact, untouched
+    assert torch.equal(out["beta"].view(torch.int32), before["beta"].view(torch.int32))  # same batch: untouched
+    assert isinstance(exc, CheckpointFormatError)
+    assert exc.key == "alpha" and exc.offset == e["file_offset"] and exc.path.endswith(e["file"])
+    assert "'alpha'" in msg and e["file"] in msg and str(e["file_offset"]) in msg and "checksum" in msg
+
+
+def test_corrupt_item_in_a_later_batch_leaves_it_and_later_untouched_verify_first_leaves_all(saved):
+    path, sd = saved
+    e = _entry(path, "beta")
+    _flip_byte(path, e, 5)
+    # batch_bytes=1: each tensor is a batch of its own; alpha (first in plan order) is written.
+    out = _prefilled()
+    before = out["beta"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path, batch_bytes=1))
+    assert torch.equal(out["beta"].view(torch.int32), before.view(torch.int32))
+    assert torch.equal(out["alpha"], sd["alpha"])  # an earlier batch: written (documented)
+    assert exc.key == "beta" and str(e["file_offset"]) in msg
+    # verify="first": nothing at all is written
+    out = _prefilled()
+    before = {k: out[k].clone() for k in ("alpha", "beta")}
+    exc, msg = _typed_error(lambda: _load(out, path, batch_bytes=1, verify="first"))
+    assert exc.key == "beta" and "verify='first'" in msg and str(e["file_offset"]) in msg
+    for k in ("alpha", "beta"):
+        assert torch.equal(out[k].view(torch.int32), before[k].view(torch.int32)), k
+    assert out["gamma"]["v"] == 0
+    # and on an intact checkpoint verify="first" loads everything
+    _flip_byte(path, e, 5)
+    out = _prefilled()
+    _load(out, path, verify="first", batch_bytes=4096)
+    assert torch.equal(out["alpha"], sd["alpha"]) and torch.equal(out["beta"], sd["beta"]) and out["gamma"]["v"] == 3
+    with pytest.raises(ValueError, match="verify must be"):
+        StorageReader(path, verify="yes")
+
+
+def test_truncated_file_error_names_offset_and_key(saved):
+    path, _ = saved
+    e = _entry(path, "alpha")
+    os.truncate(path / e["file"], e["file_offset"] + 4096)
+    out = _prefilled()
+    before = out["alpha"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path))
+    assert isinstance(exc, CheckpointFormatError) and exc.key == "alpha" and exc.offset == e["file_offset"]
+    assert f"'alpha' at bytes [{e['file_offset']}, {e['file_offset'] + 40000})" in msg and e["file"] in msg
+    assert torch.equal(out["alpha"].view(torch.int32), before.view(torch.int32))
+
+
+def test_file_truncated_after_the_size_check_is_a_short_read_naming_the_key(tmp_path, monkeypatch):
+    # The race the size check cannot see: the file shrinks between the check and the read.
+    path = tmp_path / "ck"
+    _save({"alpha": torch.randn(100, 100)}, path)
+    e = _entry(path, "alpha")
+    real = StorageReader._check_files
+
+    def check_then_truncate(self, names, jobs):
+        real(self, names, jobs)
+        os.truncate(path / e["file"], e["file_offset"] + 8192 + 100)
+
+    monkeypatch.setattr(StorageReader, "_check_files", check_then_truncate)
+    out = {"alpha": torch.randn(100, 100)}
+    before = out["alpha"].clone()
+    exc, msg = _typed_error(lambda: _load(out, path, direct=False))
+    assert isinstance(exc, OSError), msg
+    assert "'alpha'" in msg and e["file"] in msg
+    assert torch.equal(out["alpha"].view(torch.int32), before.view(torch.int32))
+
+
+def test_read_error_names_file_and_key_and_leaves_its_batch_untouched(tmp_path, faults):
+    g = torch.Generator().manual_seed(3)
+    sd = {"alpha": torch.randn(100, 100, generator=g), "beta": torch.randn(50, generator=g)}
+    _save(sd, tmp_path / "ck", single_file_per_rank=False)  # one file per item
+    e = _entry(tmp_path / "ck", "beta")
+    faults("eio:" + e["file"])
+    out = {"alpha": torch.zeros(100, 100), "beta": torch.zeros(50)}
+    exc, msg = _typed_error(lambda: _load(out, tmp_path / "ck"))
+    assert isinstance(exc, OSError) and exc.errno == 5
+    assert "'beta'" in msg and e["file"] in msg and "'alpha'" not in msg
+    assert not out["alpha"].any() and not out["beta"].any()  # one batch: nothing written
+
+
+class _BoxPlanner:
+    """The two LoadPlanner calls read_data makes, over plain destination tensors."""
+
+    def __init__(self, dests):
+        self.dests, self.committed = dests, []
+
+    def resolve_tensor(self, req):
+        return self.dests[req.dest_index.fqn]
+
+    def commit_tensor(self, req, t):
+        self.committed.append(req.dest_index.fqn)
+
+    def load_bytes(self, req, value):  # pragma: no cover - no byte items asked for
+        raise AssertionError("unexpected")
+
+
+def test_verify_first_checks_the_whole_stored_item_behind_a_partial_read(saved):
+    """A resharded load asks for a box of a stored chunk: no whole-item checksum can be checked
+    on that box, so corruption elsewhere in the item passes with verify=True; verify="first"
+    checks the whole item first and refuses it, destination untouched."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    path, sd = saved
+    e = _entry(path, "alpha")
+    _flip_byte(path, e, 90 * 400 + 4)  # row 90, outside the rows 10..14 asked for below
+    req = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex("alpha", [0, 0]), dest_offsets=torch.Size([0, 0]),
+                   storage_index=MetadataIndex("alpha", [0, 0]), storage_offsets=torch.Size([10, 0]),
+                   lengths=torch.Size([5, 100]))
+
+    def read(verify):
+        r = StorageReader(path, verify=verify)
+        r.set_up_storage_reader(r.read_metadata(), True)
+        pl = _BoxPlanner({"alpha": torch.full((5, 100), 7.0)})
+        r.read_data(LoadPlan([req]), pl).wait()
+        return pl.dests["alpha"], pl
+
+    out, pl = read(True)
+    assert torch.equal(out, sd["alpha"][10:15]) and pl.committed == ["alpha"]
+    with pytest.raises(CheckpointFormatError, match=r"'alpha' at bytes .*verify='first'") as ei:
+        read("first")
+    assert ei.value.key == "alpha" and ei.value.offset == e["file_offset"]
+    r = StorageReader(path, verify="first")
+    r.set_up_storage_reader(r.read_metadata(), True)
+    pl = _BoxPlanner({"alpha": torch.full((5, 100), 7.0)})
+    with pytest.raises(CheckpointFormatError):
+        r.read_data(LoadPlan([req]), pl)
+    assert (pl.dests["alpha"] == 7).all() and pl.committed == []
+
+
 class _Evil:
     def __reduce__(self):
         return (os.getpid, ())
@@ -641,6 +875,25 @@ def test_cuda_state_dict_round_trip_and_pinned_staging(tmp_path):
     out = {k: torch.zeros_like(v) for k, v in sd.items()}
     _load(out, tmp_path / "ck")
     assert all(out[k].device.type == "cuda" and torch.equal(out[k].cpu(), cpu[k]) for k in cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_destinations_of_a_corrupt_batch_stay_untouched(tmp_path):
+    """CUDA destinations go through the pinned bounce buffer too: a corrupted item is refused
+    before any byte of its batch reaches the device; mixed CPU/CUDA batches load exactly."""
+    g = torch.Generator().manual_seed(22)
+    cpu = {"w": torch.randn(256, 128, generator=g), "b": torch.randn(77, generator=g).to(torch.bfloat16)}
+    _save(cpu, tmp_path / "ck")
+    out = {"w": torch.zeros(256, 128, device="cuda"), "b": torch.zeros(77, dtype=torch.bfloat16)}
+    _load(out, tmp_path / "ck", batch_bytes=1)
+    assert torch.equal(out["w"].cpu(), cpu["w"]) and torch.equal(out["b"], cpu["b"])
+    e = _entry(tmp_path / "ck", "w")
+    _flip_byte(tmp_path / "ck", e, 1000)
+    out = {"w": torch.full((256, 128), 7.0, device="cuda"), "b": torch.zeros(77, dtype=torch.bfloat16)}
+    exc, msg = _typed_error(lambda: _load(out, tmp_path / "ck"))
+    assert (out["w"] == 7).all().item() and not out["b"].any()
+    assert isinstance(exc, CheckpointFormatError) and exc.key == "w" and str(e["file_offset"]) in msg
 
 
 # -- benchmark smoke ----------------------------------------------------------------------------------

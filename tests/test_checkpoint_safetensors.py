@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import llmio_native
 from llmio_native import checkpoint as ck
 from llmio_native.checkpoint import header as hdr
 from llmio_native.checkpoint.header import SafetensorsError
@@ -908,14 +909,17 @@ def test_bench_checkpoint_smoke(tmp_path):
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_checkpoint.py"
-    out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path),
-                          "--json", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(Path(llmio_native.__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path), "--shards", "4",
+                          "--json", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     res = json.loads((tmp_path / "c.json").read_text())
     rows = {(r["section"], r["name"]) for r in res["rows"]}
     for key in [("save", "llmio save_file"), ("save", "safetensors save_file + fsync"), ("save", "torch.save + fsync"),
                 ("load", "llmio load_file"), ("load", "safetensors load_file + touch"),
-                ("load", "torch.load(mmap=True) + touch")]:
+                ("load", "torch.load(mmap=True) + touch"), ("save", "llmio save_sharded x4"),
+                ("save", "safetensors save_file x4 + fsync")]:
         assert key in rows, (key, sorted(rows))
     assert any(s == "load" and n.startswith("limit") for s, n in rows)
     assert all(r["gbps"] > 0 and r["seconds"] > 0 for r in res["rows"])

@@ -732,3 +732,91 @@ def test_many_writers_in_parallel_threads_exact(tmp_path, backend):
     assert not errors, errors
     for k, d in enumerate(datas):
         assert file_bytes(tmp_path / f"part-{k}.bin") == d
+
+
+# -- staging pool (io/staging_pool.hpp, llmio_native.io.reuse_staging) ---------------------------
+def test_reuse_staging_hands_an_arena_to_the_next_writer_and_data_stays_exact(tmp_path, backend):
+    """Inside reuse_staging a closed Writer's arena serves the next one (hits), a reused arena's
+    old bytes never reach the new file (the padded O_DIRECT tail included), and the pool is
+    empty once the context exits."""
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    base = staging_pool_stats()
+    assert base["scopes"] == 0 and base["idle_bytes"] == 0
+    big, small = source(5 * 8192 + 4097, seed=1), source(1000, seed=2)
+    with reuse_staging():
+        with Writer(tmp_path / "a.bin", backend=backend, **SMALL) as w:
+            w.write(big)
+        s1 = staging_pool_stats()
+        assert s1["scopes"] == 1 and s1["idle_count"] == 1 and s1["idle_bytes"] > 0
+        with Writer(tmp_path / "b.bin", backend=backend, **SMALL) as w:
+            w.write(small)
+        s2 = staging_pool_stats()
+        assert s2["hits"] == s1["hits"] + 1 and s2["misses"] == s1["misses"] and s2["idle_count"] == 1
+        w3 = Writer(tmp_path / "c.bin", backend=backend, **SMALL)
+        w3.write(small)
+        w3.abort()  # an aborted writer gives its arena back too
+        assert staging_pool_stats()["idle_count"] == 1
+    assert file_bytes(tmp_path / "a.bin") == big
+    assert file_bytes(tmp_path / "b.bin") == small  # not a byte of a.bin's data in the padding
+    end = staging_pool_stats()
+    assert end["scopes"] == 0 and end["idle_bytes"] == 0 and end["idle_count"] == 0
+    # outside any context nothing is pooled
+    with Writer(tmp_path / "d.bin", backend=backend, **SMALL) as w:
+        w.write(small)
+    assert staging_pool_stats()["idle_count"] == 0 and staging_pool_stats()["hits"] == end["hits"]
+
+
+def test_staging_pool_keeps_at_most_its_bound_and_writers_in_flight_own_theirs(tmp_path):
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    cap = staging_pool_stats()["max_idle_bytes"]
+    n = cap // (64 << 20) + 2  # more 64 MiB arenas than the pool may keep
+    with reuse_staging():
+        ws = [Writer(tmp_path / f"{i}.bin", backend="threads", staging_bytes=64 << 20, chunk_bytes=4 << 20)
+              for i in range(n)]
+        assert staging_pool_stats()["idle_count"] == 0  # open writers hold theirs
+        for i, w in enumerate(ws):
+            w.write(source(100, seed=i))
+            w.close()
+        s = staging_pool_stats()
+        assert s["idle_count"] == cap // (64 << 20) and s["idle_bytes"] <= cap
+    assert staging_pool_stats()["idle_bytes"] == 0
+    assert all(file_bytes(tmp_path / f"{i}.bin") == source(100, seed=i) for i in range(n))
+
+
+def test_staging_pool_in_a_forked_child_starts_empty(tmp_path, backend):
+    """A child forked inside reuse_staging does not see the parent's arenas (MADV_DONTFORK: not
+    mapped there) nor its open context; it writes with its own; the parent's pool is intact."""
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    with reuse_staging():
+        with Writer(tmp_path / "p.bin", backend=backend, **SMALL) as w:
+            w.write(source(9000))
+        assert staging_pool_stats()["idle_count"] == 1
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                s = staging_pool_stats()
+                ok = s["idle_count"] == 0 and s["scopes"] == 0
+                with reuse_staging():
+                    for k in range(2):
+                        with Writer(tmp_path / f"child{k}.bin", backend=backend, **SMALL) as cw:
+                            cw.write(source(9000, seed=3))
+                    s = staging_pool_stats()
+                    ok = ok and s["hits"] == 1 and s["misses"] == 1
+                code = 0 if ok and file_bytes(tmp_path / "child1.bin") == source(9000, seed=3) else 2
+                os.write(wfd, b"%d" % code)
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        _, status = os.waitpid(pid, 0)
+        assert os.read(r, 16) == b"0" and status == 0
+        os.close(r)
+        hits = staging_pool_stats()["hits"]
+        with Writer(tmp_path / "p2.bin", backend=backend, **SMALL) as w:  # the parent's arena still serves
+            w.write(source(9000, seed=4))
+        assert staging_pool_stats()["hits"] == hits + 1
+    assert file_bytes(tmp_path / "p2.bin") == source(9000, seed=4)

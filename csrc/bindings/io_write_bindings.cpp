@@ -9,6 +9,7 @@
 
 #include "bindings/bindings.hpp"
 #include "common/errors.hpp"
+#include "io/staging_pool.hpp"
 #include "io/writer.hpp"
 
 namespace py = pybind11;
@@ -102,6 +103,22 @@ void bind_io_write(py::module_& m) {
       .def("close", &Writer::close, py::arg("sync") = "data", py::call_guard<py::gil_scoped_release>())
       .def("abort", &Writer::abort, py::call_guard<py::gil_scoped_release>())
       .def("stats", &writer_stats);
+
+  m.def("staging_pool_enter", &staging_pool::scope_enter,
+        "Open a scope of the Writer staging pool (io/staging_pool.hpp): Writers reuse idle arenas.");
+  m.def("staging_pool_exit", &staging_pool::scope_exit,
+        "Close a scope; the last one unmaps every idle arena.");
+  m.def("staging_pool_stats", [] {
+    const StagingPoolStats s = staging_pool::stats();
+    py::dict d;
+    d["idle_bytes"] = s.idle_bytes;
+    d["idle_count"] = s.idle_count;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["scopes"] = s.scopes;
+    d["max_idle_bytes"] = kStagingPoolMaxIdleBytes;
+    return d;
+  }, "Counters of the Writer staging pool: idle_bytes, idle_count, hits, misses, scopes, max_idle_bytes.");
 
   m.def("fsync_path", &fsync_path, py::arg("path"), py::arg("data_only") = false,
         py::call_guard<py::gil_scoped_release>(),

@@ -2,6 +2,7 @@
 // and sync; the synchronous pwrite executor and the pwrite thread pool.
 // The io_uring engine lives in uring_writer.cpp.
 #include "io/writer.hpp"
+#include "io/staging_pool.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -311,14 +312,16 @@ Writer::Writer(const std::string& path, const WriterOptions& opt) : opt_(opt), o
       throw std::invalid_argument("chunk_bytes must be <= 1 GiB, got " + std::to_string(opt_.chunk_bytes));
     uint64_t n = std::max<uint64_t>(2, opt_.staging_bytes / chunk_bytes_);
     n = std::min<uint64_t>(n, std::max<uint64_t>(2, static_cast<uint64_t>(opt_.queue_depth) + 1));
-    staging_ = std::make_unique<HostBuffer>(n * chunk_bytes_, /*dont_fork=*/true);
+    // From the staging pool when a save holds it open (io/staging_pool.hpp): the
+    // arena may be larger than asked; only n chunks of it are used and registered.
+    staging_ = staging_pool::take(n * chunk_bytes_);
     chunks_.resize(n);
     for (uint64_t i = 0; i < n; ++i) {
       chunks_[i].data = staging_->data() + i * chunk_bytes_;
       free_.push_back(static_cast<uint32_t>(n - 1 - i));
     }
     if (opt_.backend == "io_uring")
-      engine_ = detail::make_uring_write_engine(file_, stats_, opt_.queue_depth, staging_->data(), staging_->size());
+      engine_ = detail::make_uring_write_engine(file_, stats_, opt_.queue_depth, staging_->data(), n * chunk_bytes_);
     else
       engine_ = detail::make_thread_write_engine(
           file_, stats_, std::min<uint32_t>({opt_.queue_depth, static_cast<uint32_t>(n), kMaxWriterThreads}));
@@ -345,7 +348,7 @@ std::string Writer::fallback_reason() {
 }
 
 std::vector<std::pair<std::string, int64_t>> Writer::features() const {
-  auto f = engine_ ? engine_->features() : std::vector<std::pair<std::string, int64_t>>{};
+  auto f = engine_ ? engine_->features() : retired_features_;
   f.push_back({"queue_depth", opt_.queue_depth});
   f.push_back({"chunk_bytes", static_cast<int64_t>(chunk_bytes_)});
   f.push_back({"staging_bytes", static_cast<int64_t>(chunk_bytes_ * chunks_.size())});
@@ -519,10 +522,25 @@ void Writer::close(const std::string& sync) {
       }
     }
   } catch (...) {
+    retire_staging();
     close_fds(false, "");
     throw;
   }
+  retire_staging();
   close_fds(true, "close");
+}
+
+void Writer::retire_staging() noexcept {
+  // Only with nothing in flight: the kernel or a pool thread may still read the arena.
+  if (in_flight_ != 0 || ::getpid() != owner_pid_) return;
+  if (engine_) {
+    try {
+      retired_features_ = engine_->features();  // stats() after close still report them
+    } catch (...) {
+    }
+  }
+  engine_.reset();  // joins the pool threads / unregisters the arena from the ring
+  staging_pool::give(std::move(staging_));
 }
 
 void Writer::abort() noexcept {
@@ -532,6 +550,7 @@ void Writer::abort() noexcept {
   current_ = -1;
   drain();
   trim_after_error();
+  retire_staging();
   try {
     close_fds(false, "");
   } catch (...) {

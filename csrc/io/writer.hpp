@@ -193,12 +193,16 @@ class Writer {
   void trim_after_error() noexcept;  // after a failed write: cut the file back to its exact prefix
   int acquire_chunk();
   void close_fds(bool report, const char* what);
+  // After close/abort with nothing in flight: drop the engine and hand the
+  // staging arena to the pool (io/staging_pool.hpp).
+  void retire_staging() noexcept;
 
   WriteFile file_;
   WriterOptions opt_;
   WriterStats stats_;
   std::unique_ptr<HostBuffer> staging_;
   std::unique_ptr<WriteEngine> engine_;
+  std::vector<std::pair<std::string, int64_t>> retired_features_;  // engine_->features() at retire
   std::vector<Chunk> chunks_;
   std::vector<uint32_t> free_;
   int current_ = -1;

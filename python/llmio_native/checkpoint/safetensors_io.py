@@ -86,8 +86,6 @@ _MADV_POPULATE_WRITE = 23
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
-_WRITE_CHUNK_BYTES = 4 << 20
-_WRITE_STAGING_BYTES = 64 << 20
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 """What :func:`load_into` returns with ``strict=False`` (as ``Module.load_state_dict`` does)."""
@@ -1237,11 +1235,12 @@ def _prepare(tensors: Mapping[str, "torch.Tensor"]) -> list[tuple[str, str, list
 def _write_one(path: str | os.PathLike[str], entries: list[tuple[str, str, list[int], "torch.Tensor"]],
                metadata: Mapping[str, str] | None) -> None:
     """Header then every tensor's bytes through the engine's Writer (O_DIRECT where the file
-    system allows, the tail padded and the file truncated), fdatasynced before it returns."""
-    from ..io import Writer
+    system allows, the tail padded and the file truncated), fdatasynced before it returns. Its
+    staging fits the file (at most 64 MiB); inside :func:`reuse_staging` it comes from the pool."""
+    from ..io import Writer, staging_for
 
     prefix, offsets = serialise([(n, d, s, t.numel() * t.element_size()) for n, d, s, t in entries], metadata)
-    w = Writer(path, chunk_bytes=_WRITE_CHUNK_BYTES, staging_bytes=_WRITE_STAGING_BYTES)
+    w = Writer(path, **staging_for(len(prefix) + (offsets[-1][1] if offsets else 0)))
     try:
         w.write(prefix)
         for (_n, _d, _s, t), (b, e) in zip(entries, offsets):
@@ -1357,7 +1356,7 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
             ``directory`` that is a file or holds sub-directories.
         OSError: writing or committing failed; the previous checkpoint is then untouched.
     """
-    from ..io import write_file
+    from ..io import reuse_staging, write_file
 
     limit = parse_size(max_shard_size)
     prepared = {n: (d, s, t) for n, d, s, t in _prepare(tensors)}
@@ -1392,14 +1391,15 @@ def save_sharded(tensors: Mapping[str, "torch.Tensor"], directory: str | os.Path
                 shutil.copy2(p, st / p.name, follow_symlinks=False)
         weight_map: dict[str, str] = {}
         total_size = 0
-        for fname, shard in zip(names, plan):
-            entries = [(n,) + prepared[n] for n in shard]
-            entries.sort(key=lambda e: (-max(DTYPES[e[1]].bits // 8, 1), e[0]))
-            _write_one(st / fname, entries, meta)
-            synced.append(st / fname)
-            for n in shard:
-                weight_map[n] = fname
-                total_size += prepared[n][2].numel() * prepared[n][2].element_size()
+        with reuse_staging():  # one staging arena for all shards, not one per file
+            for fname, shard in zip(names, plan):
+                entries = [(n,) + prepared[n] for n in shard]
+                entries.sort(key=lambda e: (-max(DTYPES[e[1]].bits // 8, 1), e[0]))
+                _write_one(st / fname, entries, meta)
+                synced.append(st / fname)
+                for n in shard:
+                    weight_map[n] = fname
+                    total_size += prepared[n][2].numel() * prepared[n][2].element_size()
         if total > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             ip = st / INDEX_NAME

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .memory import empty_aligned
 from .reader import Reader, resolve_backend
 from .ring import PinnedRing
-from .writer import Writer, fsync_path, write_file
+from .writer import Writer, fsync_path, reuse_staging, staging_for, staging_pool_stats, write_file
 
-__all__ = ["Reader", "Writer", "PinnedRing", "empty_aligned", "fsync_path", "resolve_backend", "write_file"]
+__all__ = ["Reader", "Writer", "PinnedRing", "empty_aligned", "fsync_path", "resolve_backend", "write_file",
+           "reuse_staging", "staging_for", "staging_pool_stats"]

@@ -3,15 +3,18 @@ or a pwrite thread pool; :func:`fsync_path` and :func:`write_file`.
 
 The native engine (``csrc/io/writer.hpp``) copies every ``write()`` into an aligned staging
 arena and submits full chunks asynchronously; ``close()`` writes the tail padded to the
-O_DIRECT alignment, truncates the file to its logical size and syncs it.
+O_DIRECT alignment, truncates the file to its logical size and syncs it. Code writing many
+files opens :func:`reuse_staging` around them so the arenas are mapped and registered once
+(``csrc/io/staging_pool.hpp``), and sizes them with :func:`staging_for` when it knows the size.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .._native import _core
 from .reader import _check_path, resolve_backend
@@ -58,7 +61,8 @@ class Writer:
         queue_depth: write operations in flight at most.
         chunk_bytes: bytes per write operation (rounded up to the O_DIRECT alignment).
         staging_bytes: staging memory; holds ``max(2, min(staging_bytes // chunk_bytes,
-            queue_depth + 1))`` chunks.
+            queue_depth + 1))`` chunks. Inside :func:`reuse_staging` it comes from the pool of
+            idle arenas and goes back there at :meth:`close` / :meth:`abort`.
         exclusive: create the file with O_EXCL (fail when it exists).
 
     Attributes:
@@ -199,6 +203,49 @@ class Writer:
         self.abort()
 
 
+def staging_for(expected_nbytes: int, *, align: int = 4096) -> dict[str, int]:
+    """``chunk_bytes`` and ``staging_bytes`` for a :class:`Writer` of a file of about
+    ``expected_nbytes``: staging that fits the file (a 1 MiB file does not get, map and register
+    64 MiB), chunks of 64 KiB to 4 MiB, at most the defaults (4 MiB chunks, 64 MiB staging).
+
+    Raises:
+        ValueError: ``expected_nbytes`` is negative.
+    """
+    if expected_nbytes < 0:
+        raise ValueError(f"expected_nbytes must be >= 0, got {expected_nbytes}")
+    chunk = min(4 << 20, max(64 << 10, -(-expected_nbytes // align) * align))
+    staging = min(64 << 20, max(2 * chunk, -(-expected_nbytes // chunk) * chunk + chunk))
+    return {"chunk_bytes": chunk, "staging_bytes": staging}
+
+
+@contextlib.contextmanager
+def reuse_staging() -> Iterator[None]:
+    """While this context is open (in any thread of the process), a new :class:`Writer` takes
+    its staging arena from a process-wide pool of idle ones, and a closed or aborted Writer
+    returns its arena there: a save that writes many files maps, faults in and (io_uring)
+    registers its staging memory about once, not once per file. Idle arenas are bounded by
+    ``staging_pool_stats()["max_idle_bytes"]`` (256 MiB; least recently used unmapped first),
+    and all of them are unmapped when the last open context exits. Contexts nest. A forked
+    child starts with an empty pool and no open context.
+
+    Raises:
+        Nothing of its own.
+    """
+    _core.staging_pool_enter()
+    try:
+        yield
+    finally:
+        _core.staging_pool_exit()
+
+
+def staging_pool_stats() -> dict[str, int]:
+    """The staging pool's counters: ``idle_bytes``, ``idle_count`` (arenas kept for reuse),
+    ``hits`` / ``misses`` (Writers that took a pooled arena / mapped a new one while a
+    :func:`reuse_staging` context was open), ``scopes`` (contexts open now),
+    ``max_idle_bytes``."""
+    return dict(_core.staging_pool_stats())
+
+
 def fsync_path(path: str | os.PathLike[str] | bytes, *, data_only: bool = False) -> None:
     """Open ``path`` (a file or a directory) and fsync it (fdatasync when ``data_only``).
     Syncing the directory makes a new or renamed entry in it durable.
@@ -235,4 +282,4 @@ def write_file(path: str | os.PathLike[str] | bytes, buffers: Iterable[Any], *, 
     return size
 
 
-__all__ = ["Writer", "fsync_path", "write_file", "SYNC_MODES"]
+__all__ = ["Writer", "fsync_path", "write_file", "SYNC_MODES", "reuse_staging", "staging_for", "staging_pool_stats"]
