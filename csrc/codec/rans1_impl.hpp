@@ -139,6 +139,10 @@ constexpr uint32_t kTabEntryBytes = 16;
 // to step(). Only where rans::detail::avx2_available().
 void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
 void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
+// The same steps, sixteen lanes per AVX-512 vector (rans1_decode_avx512.cpp).
+// Only where rans::cpu_simd() is kAvx512.
+void steps_avx512(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
+void steps_avx512(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
 #endif
 
 }  // namespace detail
