@@ -46,7 +46,7 @@ struct Words {
 // next words in lane order.
 LLMIO_AVX512 inline __m512i renorm16(__m512i x, __mmask16 act, Words& w) {
   const __mmask16 need = _mm512_mask_cmplt_epu32_mask(act, x, _mm512_set1_epi32(int(kStateLow)));
-  if (!need) return x;
+  // (no early return when no lane needs a word: that branch mispredicts often)
   const unsigned k = static_cast<unsigned>(__builtin_popcount(need));
   __m256i raw;
   if (w.pos + 16 <= w.end) {
@@ -258,9 +258,9 @@ LLMIO_AVX512 void steps_impl(const ImageView& m, const Order0Tables& o, Lanes& s
       xv[k] = renorm16(xv[k], 0xffff, w);
       escm[k] = _mm512_cmpeq_epi32_mask(nxv[k], _mm512_setzero_si512());
     }
-    // The listed lanes' symbols (an escape entry's is 0, replaced below) and next infos.
+    // The listed lanes' symbols (the escaped lanes' are set below) and next infos.
     for (int k = 0; k < 2; ++k) {
-      sv[k] = _mm512_i32gather_epi32(eoffv[k], tab_sym, 1);
+      sv[k] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), static_cast<__mmask16>(~escm[k]), eoffv[k], tab_sym, 1);
       iv[k] = nxv[k];
     }
     if (escm[0] | escm[1]) {
