@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmio_native import _core
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -74,6 +76,10 @@ def test_bench_codec_smoke(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     rans = [r for r in res["rows"] if r["codec"] == "rans CPU (1 thread)"]
     assert rans and all(r["of_bound"] > 0.8 and r["decode_gbps"] > 0 for r in rans)
+    levels = _core.rans_simd_levels()["cpu"]  # rans1 decode timed at every SIMD level the CPU runs
+    by_level = [d["rans1_decode_gbps_by_level"] for d in res["datasets"].values()]
+    assert by_level and all(sorted(b) == sorted(levels) and min(b.values()) > 0 for b in by_level)
+    assert "decode GB/s by SIMD level (interleaved): scalar " in text
 
 
 def test_bench_loader_smoke(tmp_path):
