@@ -482,6 +482,7 @@ def test_simd_argument_errors(sample):
     np.testing.assert_array_equal(out, t)
     levels = _core.rans_simd_levels()
     assert levels["cpu"][0] == "scalar" and levels["default"] in levels["cpu"]
+    assert lio.info()["codec_simd"] == levels
 
 
 @pytest.mark.parametrize("env, expect", [("0", "scalar"), ("scalar", "scalar"), ("avx2", "avx2"),
@@ -503,6 +504,7 @@ def test_llmio_rans_simd_caps_the_default_level(env, expect):
         "    print(_core.rans_simd_levels()['default'])\n"
         "except ValueError as exc:\n"
         "    print('error:', exc)\n"
+        "    import llmio_native; assert llmio_native.info()['codec_simd'] == 'error: ' + str(exc)\n"
         "m.decode(m.encode(t), out, simd=False); assert (out == t).all()\n"
     )
     root = str(Path(lio.__file__).parents[1])
