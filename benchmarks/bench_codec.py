@@ -21,7 +21,9 @@ Rows, all single-threaded on the CPU:
 
   rans CPU     RansModel.encode / RansModel.decode per chunk
   rans1 CPU    Rans1Model (the context-modelled codec of issue 14, DatasetWriter(codec="rans1")):
-               encode / decode per chunk, the AVX2 decoder where the CPU has it
+               encode / decode per chunk at the CPU's best SIMD level (AVX-512, AVX2 or
+               scalar; LLMIO_RANS_SIMD caps it); the note also gives decode GB/s at every
+               level the CPU runs, the levels timed interleaved in the same run
   zstd -3      zstandard per chunk (the codec DatasetWriter uses for codec="zstd")
   rans(1) GPU  GpuDecoder.decode of every chunk in one launch (the chunks tiled to at least
                ``--gpu-tokens`` tokens so that the GPU is full), timed with CUDA events over
@@ -255,6 +257,32 @@ def rans_cpu_decode(enc: RansEncoded, chunks: list[np.ndarray], repeats: int) ->
     for o, c in zip(outs, chunks):
         assert np.array_equal(o, c), "rans CPU decode does not round-trip"
     return secs
+
+
+def rans1_level_decode(enc: RansEncoded, chunks: list[np.ndarray], repeats: int) -> dict[str, float]:
+    """Decode seconds (best of ``repeats``) at each SIMD level the CPU runs
+    (``_core.rans_simd_levels()``), the levels interleaved within each repeat so that a
+    noisy machine weighs on all of them alike; each checked to round-trip. Each timed pass
+    follows an untimed one over a few chunks at its level: the scalar code reads other
+    tables (the decode image) than the SIMD levels, which would otherwise start cold."""
+    levels = _core.rans_simd_levels()["cpu"]
+    outs = [np.empty_like(c) for c in chunks]
+    best = {lv: float("inf") for lv in levels}
+    coded = [k for k in range(len(chunks)) if enc.coded[k]]
+    for _ in range(max(1, repeats)):
+        for lv in levels:
+            for k in coded[:8]:
+                enc.models[enc.model_of[k]].decode(enc.payloads[k], outs[k], simd=lv)
+            t0 = CLOCK()
+            for k, p in enumerate(enc.payloads):
+                if enc.coded[k]:
+                    enc.models[enc.model_of[k]].decode(p, outs[k], simd=lv)
+                else:
+                    outs[k][:] = chunks[k]
+            best[lv] = min(best[lv], CLOCK() - t0)
+            for o, c in zip(outs, chunks):
+                assert np.array_equal(o, c), f"rans1 CPU decode ({lv}) does not round-trip"
+    return best
 
 
 def pack_batch(payloads: list[bytes]) -> tuple[np.ndarray, list[int]]:
@@ -806,12 +834,17 @@ def main(argv: list[str] | None = None) -> int:
             enc1 = rans_encode(chunks, a.model_tokens, "rans1")
             dec1_s = rans_cpu_decode(enc1, chunks, repeats)
             n_emul1 = rans_emulate_check(enc1, chunks, R1)
+            lv_s = rans1_level_decode(enc1, chunks, repeats)
+            lv_gbps = {lv: raw / sec / 1e9 for lv, sec in lv_s.items()}
             m1 = enc1.models[0]
             drows.append(Row(name, "rans1 CPU (1 thread)", raw, enc1.stored, enc1.model_bytes, bound,
                              raw / enc1.seconds / 1e6, raw / dec1_s / 1e9,
                              f"{len(enc1.models)} model(s) ({m1.num_contexts} contexts, {m1.num_entries} entries, "
                              f"{m1.num_slots} slots), ratio {raw / (enc1.stored - enc1.model_bytes):.3f} without "
-                             f"them; {enc1.coded.count(False)} raw chunk(s); emulation == CPU on {n_emul1} chunks"))
+                             f"them; {enc1.coded.count(False)} raw chunk(s); emulation == CPU on {n_emul1} chunks; "
+                             f"decode GB/s by SIMD level (interleaved): "
+                             + ", ".join(f"{lv} {g:.3f}" for lv, g in lv_gbps.items())
+                             + f" (default: {_core.rans_simd_levels()['default']})"))
             drows.append(zstd_rows(name, chunks, raw, bound, repeats))
             if gpu_ok:
                 drows += gpu_rows(name, enc, chunks, raw, bound, gpu_tokens, a.gpu_repeats)
@@ -823,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
             print_table(name, drows, h0, toks.size, extra)
             rows += drows
             results[name] = {"tokens": int(toks.size), "token_bytes": tb, "h0_bits": h0, "bound": bound,
-                             "chunks": len(chunks), "models": len(enc.models), "raw_chunks": nraw}
+                             "chunks": len(chunks), "models": len(enc.models), "raw_chunks": nraw,
+                             "rans1_decode_gbps_by_level": lv_gbps}
         # ------------------------------------------------------------ layout overhead (v1 vs v2)
         layout = [layout_row(tmp, name, toks, codec, a.model_tokens, version, toks.dtype)
                   for name, toks, _ in datasets for codec in ("zstd", "rans", "rans1") for version in (1, 2)]

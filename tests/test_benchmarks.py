@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmio_native import _core
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -80,6 +82,10 @@ def test_bench_codec_smoke(tmp_path):
     for (corpus, codec, version), r in lay.items():
         if version == 2:
             assert r["padding"] < lay[(corpus, codec, 1)]["padding"] and r["padding"] < 8 * 64, r
+    levels = _core.rans_simd_levels()["cpu"]  # rans1 decode timed at every SIMD level the CPU runs
+    by_level = [d["rans1_decode_gbps_by_level"] for d in res["datasets"].values()]
+    assert by_level and all(sorted(b) == sorted(levels) and min(b.values()) > 0 for b in by_level)
+    assert "decode GB/s by SIMD level (interleaved): scalar " in text
 
 
 def test_bench_loader_smoke(tmp_path):

@@ -69,12 +69,16 @@ def h1_bits(t: np.ndarray) -> float:
     return float((-(pc * np.log2(pc / n)).sum() + (cc * np.log2(cc / n)).sum()) / n)
 
 
-DECODERS = [dict(), dict(simd=False), dict(reference=True)]  # AVX2 where the CPU has it, its scalar code, the oracle
+ALL_LEVELS = ["scalar", "avx2", "avx512"]  # the CPU decoders' instruction sets (Rans1Model.decode(simd=...))
+CPU_LEVELS = _core.rans_simd_levels()["cpu"]  # those this CPU runs
+# The default path (the CPU's best level), its scalar code, the oracle, and every SIMD level
+# the CPU runs by name (each bit-identical to the scalar code).
+DECODERS = [dict(), dict(simd=False), dict(reference=True)] + [dict(simd=lv) for lv in CPU_LEVELS if lv != "scalar"]
 
 
 def decode_all(m, enc: bytes, n: int, dtype) -> list[np.ndarray]:
-    """The payload decoded by the default path (AVX2 where available), its scalar code and
-    the reference decoder."""
+    """The payload decoded by the default path, its scalar code, the reference decoder and
+    each SIMD level the CPU runs."""
     outs = []
     for kw in DECODERS:
         out = np.full(n, 0xAB, dtype=dtype)
@@ -158,8 +162,9 @@ def test_tokens_the_model_never_saw_are_escaped(dtype):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_every_escape_density_decodes_identically(dtype):
-    """The AVX2 decoder runs the order-0 phases on the escaped lanes only, packed in lane
-    order: in registers when a step has at most 8 of them, through memory when more. Streams
+    """The SIMD decoders run the order-0 phases on the escaped lanes only, packed in lane
+    order (AVX2: 8 a vector; AVX-512: into one vector when at most 16 escape, else both
+    vectors under their escape masks). Streams
     from no escapes to every token escaped (all 32 lanes each step) decode identically with
     all decoders and the kernel emulation, and cost what their escapes say."""
     n = 2 * B + 1000
@@ -374,6 +379,146 @@ def test_corrupted_models_raise_or_stay_well_formed(sample):
             except _core.CodecError:
                 pass
     assert parsed < 200
+
+
+# ------------------------------------------------------------------------------- SIMD levels
+def _need_level(level: str) -> None:
+    if level not in CPU_LEVELS:
+        pytest.skip(f"this CPU lacks the {level} decoder's instruction set (it runs {CPU_LEVELS})")
+
+
+def _level_corpora(dtype) -> list[np.ndarray]:
+    """Context-heavy (Markov), escape-heavy (Zipf over a large vocabulary), every token
+    escaped with the widest ids (uint32: raw bits above 16, phase 4), and mixes of them, at
+    sizes with full blocks, a short last block and a last run of fewer than 16 steps."""
+    rng = np.random.default_rng(31)
+    top = int(np.iinfo(dtype).max)
+    mk = markov(rng, 2 * B + 1000, 3000, 8, dtype)
+    zf = zipf(rng, B + 33, 60000, s=0.9, dtype=dtype)
+    wide = rng.integers(0, top, B - 1, dtype=np.uint64).astype(dtype)
+    mix = mk[:B].copy()
+    hit = rng.random(B) < 0.3
+    mix[hit] = wide[: int(hit.sum())]
+    return [mk, zf, wide, mix, mk[:1000], mk[:L * 16 + 5]]
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_each_simd_level_decodes_bit_for_bit_as_the_scalar_code(level, dtype):
+    _need_level(level)
+    corpora = _level_corpora(dtype)
+    m = _core.Rans1Model.build(corpora[:1], np.dtype(dtype).itemsize)  # the others escape often
+    for t in corpora:
+        enc = m.encode(t)
+        ref = np.full(len(t), 0xAB, dtype)
+        m.decode(enc, ref, simd=False)
+        np.testing.assert_array_equal(ref, t)
+        out = np.full(len(t), 0xCD, dtype)
+        m.decode(enc, out, simd=level)
+        np.testing.assert_array_equal(out, t)
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+def test_each_simd_level_flags_corruption_as_the_scalar_code(level):
+    """Mutated payloads: each level raises the very error of the scalar code (the block,
+    and overrun / bad symbol / bad final state) or returns its very tokens."""
+    _need_level(level)
+    rng = np.random.default_rng(41)
+    outcomes = {}
+    for dtype in (np.uint16, np.uint32):
+        t = _level_corpora(dtype)[3]
+        m = _core.Rans1Model.build([t], np.dtype(dtype).itemsize)
+        enc = m.encode(t)
+        hdr = 16 + 4 + 4 * L  # header, block table, the block's states
+        for trial in range(150):
+            b = bytearray(enc)
+            kind = trial % 4
+            if kind == 0:  # flip a bit in the states or the words
+                b[int(rng.integers(16, len(b)))] ^= 1 << int(rng.integers(8))
+            elif kind == 1:  # a word replaced
+                i = int(rng.integers(hdr // 2, len(b) // 2)) * 2
+                b[i:i + 2] = rng.integers(0, 256, 2, dtype=np.uint8).tobytes()
+            elif kind == 2:  # two words swapped
+                i, j = sorted(rng.integers(hdr // 2, len(b) // 2, size=2) * 2)
+                b[i:i + 2], b[j:j + 2] = b[j:j + 2], b[i:i + 2]
+            elif trial % 8 == 3:  # a lane's state lowered (it takes more words: overrun) or its low bits changed
+                lane = int(rng.integers(L))
+                x = struct.unpack_from("<I", b, 20 + 4 * lane)[0]
+                x = (1 << 16) + int(rng.integers(256)) if trial % 16 == 3 else x ^ (1 << int(rng.integers(4)))
+                b[20 + 4 * lane:24 + 4 * lane] = struct.pack("<I", x)
+            else:  # the last word the block reads: only its final states differ
+                b[-1 - int(rng.integers(2))] ^= 1 << int(rng.integers(8))
+            res = []
+            for kw in (dict(simd=False), dict(simd=level)):
+                out = np.full(len(t), 0x5A, dtype)
+                try:
+                    m.decode(bytes(b), out, **kw)
+                    res.append(out)
+                except _core.CodecError as exc:
+                    res.append(str(exc))
+            if isinstance(res[0], str):
+                assert res[1] == res[0]
+                err = next((k for k in ("runs out of words", "decodes a symbol", "ends in states", "invalid state",
+                                        "inconsistent") if k in res[0]), res[0])
+                outcomes[err] = outcomes.get(err, 0) + 1
+            else:
+                assert not isinstance(res[1], str), res[1]
+                np.testing.assert_array_equal(res[1], res[0])
+    assert {"runs out of words", "decodes a symbol", "ends in states"} <= set(outcomes), outcomes
+
+
+def test_simd_argument_errors(sample):
+    t, m, enc = sample
+    out = np.empty_like(t)
+    with pytest.raises(ValueError, match="simd='avx1024': expected True, False, 'auto'"):
+        m.decode(enc, out, simd="avx1024")
+    with pytest.raises(TypeError, match="simd must be a bool or a level name"):
+        m.decode(enc, out, simd=2)
+    for level in ALL_LEVELS:
+        if level not in CPU_LEVELS:  # asked for by name and missing: raises, naming what is missing
+            with pytest.raises(lio.UnsupportedError, match=f'simd="{level}" requested, but this CPU lacks'):
+                m.decode(enc, out, simd=level)
+    m.decode(enc, out, simd="auto")
+    np.testing.assert_array_equal(out, t)
+    levels = _core.rans_simd_levels()
+    assert levels["cpu"][0] == "scalar" and levels["default"] in levels["cpu"]
+    assert lio.info()["codec_simd"] == levels
+
+
+@pytest.mark.parametrize("env, expect", [("0", "scalar"), ("scalar", "scalar"), ("avx2", "avx2"),
+                                         ("avx512", "best"), ("", "best"), ("sse9", "error")])
+def test_llmio_rans_simd_caps_the_default_level(env, expect):
+    """LLMIO_RANS_SIMD caps what simd=True runs (read once per process, so a subprocess);
+    explicit levels still run; another value raises on the first decode, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from llmio_native import _core\n"
+        "t = np.arange(3000, dtype=np.uint16) % 97\n"
+        "m = _core.Rans1Model.build([t], 2); out = np.empty_like(t)\n"
+        "try:\n"
+        "    m.decode(m.encode(t), out); assert (out == t).all()\n"
+        "    print(_core.rans_simd_levels()['default'])\n"
+        "except ValueError as exc:\n"
+        "    print('error:', exc)\n"
+        "    import llmio_native; assert llmio_native.info()['codec_simd'] == 'error: ' + str(exc)\n"
+        "m.decode(m.encode(t), out, simd=False); assert (out == t).all()\n"
+    )
+    root = str(Path(lio.__file__).parents[1])
+    env_vars = {**os.environ, "PYTHONPATH": root, "LLMIO_RANS_SIMD": env}
+    res = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = res.stdout.strip()
+    if expect == "error":
+        assert got == "error: LLMIO_RANS_SIMD=sse9: expected 0 or scalar, avx2, avx512, auto or 1", got
+    elif expect == "best":
+        assert got == CPU_LEVELS[-1]
+    else:
+        want = expect if expect in CPU_LEVELS else CPU_LEVELS[-1]  # a cap above the CPU's best is no cap
+        assert got == want
 
 
 # ------------------------------------------------------------------------------- kernel emulation

@@ -36,6 +36,22 @@ Tokens tokens_of(const py::buffer_info& bi, const char* what) {
 
 py::bytes to_bytes(const std::vector<uint8_t>& v) { return py::bytes(reinterpret_cast<const char*>(v.data()), v.size()); }
 
+// decode's simd argument: True (the default level), False (the scalar code) or a
+// level by name.
+llmio::rans::Simd simd_of(const py::object& o) {
+  using llmio::rans::Simd;
+  if (py::isinstance<py::bool_>(o)) return o.cast<bool>() ? Simd::kAuto : Simd::kScalar;
+  if (py::isinstance<py::str>(o)) {
+    const std::string v = o.cast<std::string>();
+    for (Simd s : {Simd::kAuto, Simd::kScalar, Simd::kAvx2, Simd::kAvx512})
+      if (v == llmio::rans::simd_name(s)) return s;
+    throw std::invalid_argument("Rans1Model.decode: simd='" + v + "': expected True, False, 'auto', 'scalar', "
+                                "'avx2' or 'avx512'");
+  }
+  throw py::type_error("Rans1Model.decode: simd must be a bool or a level name, got " +
+                       std::string(py::str(o.get_type())));
+}
+
 }  // namespace
 
 void bind_rans1(py::module_& m) {
@@ -111,7 +127,8 @@ void bind_rans1(py::module_& m) {
           py::arg("tokens"), "Encode a chunk of tokens into a payload (bytes).")
       .def(
           "decode",
-          [](const Model& m, py::buffer payload, py::buffer out, bool reference, bool simd) {
+          [](const Model& m, py::buffer payload, py::buffer out, bool reference, const py::object& simd_arg) {
+            const llmio::rans::Simd simd = simd_of(simd_arg);
             py::buffer_info pi = payload.request();
             py::buffer_info oi = out.request(true);
             Tokens t = tokens_of(oi, "Rans1Model.decode");
@@ -125,8 +142,11 @@ void bind_rans1(py::module_& m) {
           },
           py::arg("payload"), py::arg("out"), py::arg("reference") = false, py::arg("simd") = true,
           "Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. "
-          "reference=True runs the reference decoder (the oracle of the tests); simd=False keeps the default "
-          "path off AVX2 (its scalar code).")
+          "reference=True runs the reference decoder (the oracle of the tests). simd picks the instruction set "
+          "of the default path, bit-identical at every level: True the best the CPU has (AVX-512, AVX2, scalar) "
+          "capped by LLMIO_RANS_SIMD (0/scalar, avx2, avx512); False its scalar code; 'scalar', 'avx2', "
+          "'avx512' or 'auto' by name, raising UnsupportedError where the CPU lacks that level and ValueError "
+          "for another name.")
       .def_property_readonly("token_bytes", &Model::token_bytes)
       .def_property_readonly("scale_bits", &Model::scale_bits)
       .def_property_readonly("ctx_bits", &Model::ctx_bits)
@@ -138,6 +158,21 @@ void bind_rans1(py::module_& m) {
       .def_property_readonly("bits_per_token", &Model::model_bits_per_token,
                              "Expected coded bits per token of the modelled data under the quantised frequencies.");
 
+  m.def(
+      "rans_simd_levels",
+      [] {
+        namespace r = llmio::rans;
+        py::dict d;
+        py::list levels;
+        for (r::Simd s : {r::Simd::kScalar, r::Simd::kAvx2, r::Simd::kAvx512})
+          if (s <= r::cpu_simd()) levels.append(r::simd_name(s));
+        d["cpu"] = levels;
+        d["default"] = r::simd_name(r::default_simd());
+        return d;
+      },
+      "The CPU decoders' instruction-set levels: {'cpu': the levels this CPU runs, lowest first, 'default': what "
+      "simd=True runs (the CPU's best capped by LLMIO_RANS_SIMD)}. Raises ValueError when LLMIO_RANS_SIMD holds "
+      "another value than 0, scalar, avx2, avx512, auto or 1.");
   m.def(
       "rans1_emulate_gpu",
       [](py::array_t<uint8_t, py::array::c_style> src, py::array chunks, py::array blocks,

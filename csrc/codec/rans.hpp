@@ -45,6 +45,25 @@ class CodecError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The CPU decoders' instruction sets, in order. kAuto: the best the CPU has,
+// capped by LLMIO_RANS_SIMD (see default_simd()).
+enum class Simd : int { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// "scalar", "avx2", "avx512" or "auto".
+const char* simd_name(Simd s);
+// The best level this CPU runs: kAvx512 needs AVX-512 F, BW, VL and DQ; kScalar
+// off x86-64.
+Simd cpu_simd();
+// What kAuto means: cpu_simd() capped by the environment variable
+// LLMIO_RANS_SIMD, read once per process: "0" or "scalar" (the scalar code),
+// "avx2" (at most AVX2), "avx512", "auto", "1" or unset (the CPU's best).
+// Throws std::invalid_argument for another value.
+Simd default_simd();
+// The level a decode runs at: kAuto -> default_simd(); an explicit level runs
+// as asked (the environment does not cap it) and throws UnsupportedError when
+// the CPU lacks it. The rans decoder has no AVX-512 path: kAvx512 runs AVX2.
+Simd resolve_simd(Simd requested);
+
 class Model {
  public:
   // Build a model of the tokens in `parts` (arrays of token_bytes-wide ids).

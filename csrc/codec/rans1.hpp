@@ -32,6 +32,7 @@ namespace llmio {
 namespace rans1 {
 
 using rans::CodecError;
+using rans::Simd;
 
 struct BuildParams {
   uint32_t scale_bits = kDefaultScaleBits;  // order-0 model: frequencies sum to 2^scale_bits
@@ -70,10 +71,12 @@ class Model {
   // The default path runs the kernel's per-lane logic (rans1_device.hpp) on the
   // decode image; reference = true runs the oracle instead, written apart from
   // it (searches the model's counts, no slot tables), which the tests compare.
-  // simd: the default path uses AVX2 where the CPU has it (bit-identical; false
-  // forces its scalar code; LLMIO_RANS_SIMD=0 turns AVX2 off process-wide).
+  // simd: the instruction set of the default path (bit-identical at every
+  // level): kAuto is the best the CPU has (AVX-512, else AVX2, else the scalar
+  // code) capped by LLMIO_RANS_SIMD; an explicit level runs as asked and throws
+  // UnsupportedError where the CPU lacks it (rans::resolve_simd).
   void decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference = false,
-              bool simd = true) const;
+              Simd simd = Simd::kAuto) const;
 
   uint32_t token_bytes() const { return token_bytes_; }
   uint32_t scale_bits() const { return scale_bits_; }

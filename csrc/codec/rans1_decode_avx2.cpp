@@ -9,7 +9,8 @@
 // (by permutations) and unpacked after; renormalisation as rans does it (one
 // unaligned load and a permutation chosen by the need mask, the SIMD rANS
 // trick of F. Giesen), groups of eight lanes in lane order. The symbols of 16
-// steps are stored a lane at a time. Dispatched from Model::decode
+// steps are stored together: uint16 tokens transposed in registers (a vector
+// store a lane), uint32 tokens a lane at a time. Dispatched from Model::decode
 // (rans1_decode_ref.cpp); tested bit for bit against the reference decoder and
 // the kernel emulation (tests/test_codec_rans1.py).
 #include <cstdint>
@@ -63,6 +64,44 @@ __attribute__((target("avx2,popcnt"))) inline __m256i renorm8(__m256i x, const u
   w = _mm256_permutevar8x32_epi32(w, _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[m])));
   pos += k;
   return _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), w), need);
+}
+
+// A full run of 16 steps of uint16 tokens (sym[16][32], a step a row) to dst,
+// lane l's 16 tokens adjacent at dst + l * seg: transposed in registers, eight
+// lanes at a time, one 32-byte store a lane (the scalar loop's 512 loads and
+// stores cost about 5% of a decode).
+__attribute__((target("avx2"))) inline void store_run16(const uint32_t* sym, uint32_t seg, uint16_t* dst) {
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  // per 128-bit lane: words 0-3 and 4-7 interleaved (step 2s and 2s+1 of a lane side by side)
+  const __m256i inter = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  for (int g = 0; g < 4; ++g) {  // lanes 8g .. 8g + 7
+    __m256i c[8];
+    for (int s = 0; s < 8; ++s) {
+      const __m256i a = _mm256_and_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(sym + 32 * (2 * s) + 8 * g)), lo16);
+      const __m256i b =
+          _mm256_and_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(sym + 32 * (2 * s + 1) + 8 * g)), lo16);
+      // 128-bit lane h, dword j: steps 2s, 2s + 1 of lane 8g + 4h + j
+      c[s] = _mm256_shuffle_epi8(_mm256_packus_epi32(a, b), inter);
+    }
+    __m256i u[2][4];
+    for (int q = 0; q < 2; ++q) {  // steps 8q .. 8q + 7: a 4 x 4 dword transpose per 128-bit lane
+      const __m256i t0 = _mm256_unpacklo_epi32(c[4 * q], c[4 * q + 1]);
+      const __m256i t1 = _mm256_unpackhi_epi32(c[4 * q], c[4 * q + 1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(c[4 * q + 2], c[4 * q + 3]);
+      const __m256i t3 = _mm256_unpackhi_epi32(c[4 * q + 2], c[4 * q + 3]);
+      u[q][0] = _mm256_unpacklo_epi64(t0, t2);  // lane 8g + 4h + 0
+      u[q][1] = _mm256_unpackhi_epi64(t0, t2);
+      u[q][2] = _mm256_unpacklo_epi64(t1, t3);
+      u[q][3] = _mm256_unpackhi_epi64(t1, t3);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + size_t(8 * g + j) * seg),
+                          _mm256_permute2x128_si256(u[0][j], u[1][j], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + size_t(8 * g + 4 + j) * seg),
+                          _mm256_permute2x128_si256(u[0][j], u[1][j], 0x31));
+    }
+  }
 }
 
 template <class T>
@@ -231,7 +270,9 @@ __attribute__((target("avx2,popcnt"))) void steps_impl(const ImageView& m, const
       }
     }
     for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(row + 8 * k), sv[k]);
-    if (t % kRun == kRun - 1 || t + 1 == steps) {  // a run of steps: kRun tokens a lane, stored together
+    if (sizeof(T) == 2 && t % kRun == kRun - 1) {
+      store_run16(sym, seg, reinterpret_cast<uint16_t*>(dst) + (t - (kRun - 1)));
+    } else if (t % kRun == kRun - 1 || t + 1 == steps) {  // a run of steps: kRun tokens a lane, stored together
       const uint32_t t0 = t - t % kRun, nt = t - t0 + 1;
       T* d = dst + t0;
       for (uint32_t l = 0; l < kLanes; ++l, d += seg)

@@ -131,18 +131,21 @@ void steps_scalar_impl(const ImageView& m, const detail::Order0Tables& o, detail
   s.bad |= bad;
 }
 
-// The CPU path: the steps all 32 lanes take part in eight lanes per AVX2 vector
-// where the CPU has it (detail::steps_avx2), else steps_scalar; the rest (a short
-// last block) through detail::step.
+// The CPU path: the steps all 32 lanes take part in, sixteen lanes per AVX-512
+// vector or eight per AVX2 vector as `simd` (resolved) says, else steps_scalar;
+// the rest (a short last block) through detail::step.
 template <class T>
 int32_t decode_block_fast(const ImageView& m, const detail::Order0Tables& o, const BlockSpan& span, T* dst,
-                          bool simd) {
+                          Simd simd) {
   detail::Lanes s;
   if (detail::init_lanes(m, span, s) != rans::kOk) return rans::kBadState;
   uint32_t t = 0;
   const uint32_t full = s.len[kLanes - 1];
 #if defined(__x86_64__)
-  if (simd && full && o.tab && rans::detail::avx2_available()) {
+  if (full && o.tab && simd == Simd::kAvx512) {
+    detail::steps_avx512(m, o, s, full, span.seg, dst);
+    t = full;
+  } else if (full && o.tab && simd == Simd::kAvx2) {
     detail::steps_avx2(m, o, s, full, span.seg, dst);
     t = full;
   }
@@ -181,11 +184,12 @@ void check_header(const uint8_t* src, size_t nbytes, uint32_t n) {
 }  // namespace
 
 void Model::decode(const uint8_t* src, size_t nbytes, void* out, size_t num_tokens, bool reference,
-                   bool simd) const {
+                   Simd simd) const {
   if (num_tokens > 0xffffffffu) throw CodecError("rans1 decode: more than 2^32-1 tokens");
   const uint32_t n = static_cast<uint32_t>(num_tokens);
   check_header(src, nbytes, n);
   if (reference) return decode_reference(src, nbytes, out, n);
+  simd = rans::resolve_simd(simd);
   const ImageView m = image_view(image_.data());
   const detail::Order0Tables o{simd_fb_.data(), simd_info_.data(), simd_base_.data(), cpu_ctx_info_.data(),
                                cpu_tab_.empty() ? nullptr : reinterpret_cast<const uint8_t*>(cpu_tab_.data())};

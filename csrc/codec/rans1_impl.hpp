@@ -136,9 +136,13 @@ constexpr uint32_t kTabEntryBytes = 16;
 #if defined(__x86_64__)
 // Steps [0, steps) of a block whose lanes are all active for them (steps <=
 // len[31]), eight lanes per AVX2 vector, every phase vectorised. Bit-identical
-// to step(). Only where rans::detail::avx2_available().
+// to step(). Only where rans::cpu_simd() is at least kAvx2.
 void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
 void steps_avx2(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
+// The same steps, sixteen lanes per AVX-512 vector (rans1_decode_avx512.cpp).
+// Only where rans::cpu_simd() is kAvx512.
+void steps_avx512(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint16_t* dst);
+void steps_avx512(const ImageView& m, const Order0Tables& o, Lanes& s, uint32_t steps, uint32_t seg, uint32_t* dst);
 #endif
 
 }  // namespace detail

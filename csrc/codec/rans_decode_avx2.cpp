@@ -1,9 +1,12 @@
 // rans AVX2 decoder: full steps of a block, eight lanes per vector
 // (dispatched from Model::decode in rans_decode_ref.cpp).
 #include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "codec/rans.hpp"
 #include "codec/rans_impl.hpp"
+#include "common/errors.hpp"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -11,6 +14,58 @@
 
 namespace llmio {
 namespace rans {
+
+// ---------------------------------------------------------------- levels
+
+const char* simd_name(Simd s) {
+  switch (s) {
+    case Simd::kScalar: return "scalar";
+    case Simd::kAvx2: return "avx2";
+    case Simd::kAvx512: return "avx512";
+    default: return "auto";
+  }
+}
+
+Simd cpu_simd() {
+  static const Simd level = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Simd::kAvx512;
+    if (__builtin_cpu_supports("avx2")) return Simd::kAvx2;
+#endif
+    return Simd::kScalar;
+  }();
+  return level;
+}
+
+Simd default_simd() {
+  static const Simd level = [] {
+    const char* env = std::getenv("LLMIO_RANS_SIMD");
+    Simd cap = Simd::kAvx512;
+    if (env && (env[0] == '0' || !std::strcmp(env, "scalar")))
+      cap = Simd::kScalar;
+    else if (env && !std::strcmp(env, "avx2"))
+      cap = Simd::kAvx2;
+    else if (env && *env && std::strcmp(env, "avx512") && std::strcmp(env, "auto") && std::strcmp(env, "1"))
+      throw std::invalid_argument(std::string("LLMIO_RANS_SIMD=") + env +
+                                  ": expected 0 or scalar, avx2, avx512, auto or 1");
+    const Simd cpu = cpu_simd();
+    return static_cast<int>(cap) < static_cast<int>(cpu) ? cap : cpu;
+  }();
+  return level;
+}
+
+Simd resolve_simd(Simd requested) {
+  if (requested == Simd::kAuto) return default_simd();
+  if (static_cast<int>(requested) > static_cast<int>(cpu_simd()))
+    throw UnsupportedError(std::string("rans decode: simd=\"") + simd_name(requested) + "\" requested, but this CPU " +
+                           (requested == Simd::kAvx512 ? "lacks AVX-512 (F, BW, VL and DQ are needed)" : "lacks AVX2") +
+                           "; its best is \"" + simd_name(cpu_simd()) + "\"");
+  return requested;
+}
+
 namespace detail {
 
 // ---------------------------------------------------------------- AVX2 decoder
@@ -36,16 +91,6 @@ struct PermTable {
 };
 const PermTable kPerm;
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* env = std::getenv("LLMIO_RANS_SIMD");
-    if (env && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return has;
-}
-
 __attribute__((target("avx2,popcnt"))) inline __m256i renorm8(__m256i x, const uint8_t* words, uint64_t& pos,
                                                              uint64_t end, bool& overrun) {
   const __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(x, 16), _mm256_setzero_si256());
@@ -68,7 +113,7 @@ __attribute__((target("avx2,popcnt"))) inline __m256i renorm8(__m256i x, const u
 
 }  // namespace
 
-bool avx2_available() { return cpu_has_avx2(); }
+bool avx2_available() { return default_simd() >= Simd::kAvx2; }
 
 __attribute__((target("avx2,popcnt"))) void steps_avx2(const SimdArgs& a, uint32_t* x, const uint8_t* words,
                                                       uint64_t& pos, uint64_t end, uint32_t steps, void* out,

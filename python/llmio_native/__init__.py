@@ -80,7 +80,10 @@ def info() -> dict[str, Any]:
     ``cuda``, ``zstd`` via the ``zstandard`` bindings); ``io_uring`` (``usable``, ``errno``, ``reason`` when not
     usable: ENOSYS, seccomp EPERM, the ``kernel.io_uring_disabled`` sysctl, not
     compiled); ``backend`` (what ``backend="auto"`` picks, honouring ``LLMIO_BACKEND``,
-    or the error it would raise); ``cuda`` (see below); ``kernel``, ``python``, ``faults``
+    or the error it would raise); ``cuda`` (see below); ``codec_simd`` (the CPU token
+    decoders' instruction sets: ``{"cpu": the levels this CPU runs, "default": what runs
+    unless a decode names one}``, the default capped by ``LLMIO_RANS_SIMD``; a string
+    ``"error: ..."`` when that variable holds a bad value); ``kernel``, ``python``, ``faults``
     (test-only injection).
 
     ``cuda`` holds: ``built``; ``device_count`` (devices *our* module sees); ``usable`` and,
@@ -148,6 +151,10 @@ def info() -> dict[str, Any]:
     cuda["driver_cuda"] = cuda_str(cuda.get("driver_version", 0))
     need, have = vtuple(cuda["driver_required"]), vtuple(found)
     cuda["driver_ok"] = None if need is None or have is None else have >= need
+    try:
+        codec_simd: Any = dict(_core.rans_simd_levels())
+    except ValueError as exc:  # a bad LLMIO_RANS_SIMD
+        codec_simd = f"error: {exc}"
     return {
         "version": __version__,
         "compiled": {"io_uring": bool(_core.HAVE_URING), "cuda": _cuda is not None, "zstd": _zstd_version() is not None},
@@ -156,6 +163,7 @@ def info() -> dict[str, Any]:
         "backend": backend,
         "env_backend": os.environ.get("LLMIO_BACKEND") or None,
         "cuda": cuda,
+        "codec_simd": codec_simd,
         "kernel": platform.release(),
         "python": platform.python_version(),
         "faults": _core._faults() or None,

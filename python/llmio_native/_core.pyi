@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS1_CTX_BITS_DEFAULT', 'RANS1_SCALE_BITS_DEFAULT', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'Rans1Model', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_block_absmax_fast', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_fast', 'int8_dequant_sum_requant_shared_emulate', 'int8_dequant_sum_requant_shared_fast', 'int8_fast_isa', 'int8_fast_isas', 'int8_fast_set_isa', 'int8_fast_set_threads', 'int8_fast_threads', 'int8_quantize_pack_emulate', 'int8_quantize_pack_fast', 'int8_quantize_pack_shared_emulate', 'int8_quantize_pack_shared_fast', 'int8_unpack_dequantize_emulate', 'int8_unpack_dequantize_fast', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans1_emulate_gpu', 'rans_emulate_gpu', 'staging_pool_enter', 'staging_pool_exit', 'staging_pool_stats']
+__all__: list[str] = ['CUT_MAX_BATCH', 'CodecError', 'CudaError', 'HAVE_URING', 'HostBuffer', 'INT8_DTYPES', 'QUANT_BLOCK', 'RANS1_CTX_BITS_DEFAULT', 'RANS1_SCALE_BITS_DEFAULT', 'RANS_BLOCK_DESC', 'RANS_BLOCK_SYMBOLS', 'RANS_CHUNK_DESC', 'RANS_LANES', 'RANS_MAX_SCALE_BITS', 'RANS_MIN_SCALE_BITS', 'RANS_PAYLOAD_ALIGN', 'RANS_SCALE_BITS_DEFAULT', 'RANS_STATUS', 'RANS_STATUS_BAD_FINAL', 'RANS_STATUS_BAD_HEADER', 'RANS_STATUS_BAD_STATE', 'RANS_STATUS_BAD_SYMBOL', 'RANS_STATUS_OK', 'RANS_STATUS_OVERRUN', 'Rans1Model', 'RansModel', 'Reader', 'ResourceError', 'RingSlot', 'ShortReadError', 'SlotRing', 'UnsupportedError', 'Writer', 'block_absmax_ref', 'cut_windows_emulate', 'cut_windows_ref', 'dequant_sum_requant_ref', 'dequant_sum_requant_shared_ref', 'dequantize_blocks_ref', 'feistel_permute', 'fsync_path', 'host_live_bytes', 'host_live_count', 'int8_block_absmax_emulate', 'int8_block_absmax_fast', 'int8_dequant_sum_requant_emulate', 'int8_dequant_sum_requant_fast', 'int8_dequant_sum_requant_shared_emulate', 'int8_dequant_sum_requant_shared_fast', 'int8_fast_isa', 'int8_fast_isas', 'int8_fast_set_isa', 'int8_fast_set_threads', 'int8_fast_threads', 'int8_quantize_pack_emulate', 'int8_quantize_pack_fast', 'int8_quantize_pack_shared_emulate', 'int8_quantize_pack_shared_fast', 'int8_unpack_dequantize_emulate', 'int8_unpack_dequantize_fast', 'probe_io_uring', 'quantize_blocks_ref', 'quantize_blocks_shared_ref', 'rans1_emulate_gpu', 'rans_emulate_gpu', 'rans_simd_levels', 'staging_pool_enter', 'staging_pool_exit', 'staging_pool_stats']
 class UnsupportedError(RuntimeError):
     pass
 class ShortReadError(OSError):
@@ -237,9 +237,9 @@ class Rans1Model:
         """
         Parse serialize()'s bytes; raises CodecError when they are malformed.
         """
-    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, reference: bool = False, simd: bool = True) -> None:
+    def decode(self, payload: typing_extensions.Buffer, out: typing_extensions.Buffer, reference: bool = False, simd: typing.Any = True) -> None:
         """
-        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. reference=True runs the reference decoder (the oracle of the tests); simd=False keeps the default path off AVX2 (its scalar code).
+        Decode a payload into `out` (its length is the token count); raises CodecError when corrupt. reference=True runs the reference decoder (the oracle of the tests). simd picks the instruction set of the default path, bit-identical at every level: True the best the CPU has (AVX-512, AVX2, scalar) capped by LLMIO_RANS_SIMD (0/scalar, avx2, avx512); False its scalar code; 'scalar', 'avx2', 'avx512' or 'auto' by name, raising UnsupportedError where the CPU lacks that level and ValueError for another name.
         """
     def device_image(self) -> numpy.typing.NDArray[numpy.uint32]:
         ...
@@ -456,6 +456,10 @@ def rans1_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8]
 def rans_emulate_gpu(src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], chunks: numpy.ndarray, blocks: numpy.ndarray, images: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.uint32]], out: typing_extensions.Buffer) -> numpy.typing.NDArray[numpy.int32]:
     """
     Host emulation of the CUDA rans decoder (same descriptors); returns per-chunk status codes.
+    """
+def rans_simd_levels() -> dict:
+    """
+    The CPU decoders' instruction-set levels: {'cpu': the levels this CPU runs, lowest first, 'default': what simd=True runs (the CPU's best capped by LLMIO_RANS_SIMD)}. Raises ValueError when LLMIO_RANS_SIMD holds another value than 0, scalar, avx2, avx512, auto or 1.
     """
 def staging_pool_enter() -> None:
     """

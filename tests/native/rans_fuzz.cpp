@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "codec/rans.hpp"
@@ -99,11 +100,27 @@ int run_case(std::mt19937_64& rng, int mutations) {
   return 0;
 }
 
+// The rans1 CPU decoders: the reference (nullopt-like: reference = true), then the
+// default path at each level the CPU runs, scalar first.
+struct Decoder1 {
+  bool reference;
+  Simd simd;
+};
+std::vector<Decoder1> decoders1() {
+  std::vector<Decoder1> d{{true, Simd::kScalar}, {false, Simd::kScalar}};
+  if (cpu_simd() >= Simd::kAvx2) d.push_back({false, Simd::kAvx2});
+  if (cpu_simd() >= Simd::kAvx512) d.push_back({false, Simd::kAvx512});
+  return d;
+}
+
 // rans1: the same, with Markov-like token streams (so that contexts have entries), the
-// three CPU decoders (AVX2, scalar, reference) and the kernel emulation; mutated
-// payloads, and mutated models, which must parse to a well-formed model or throw.
+// CPU decoders (reference, scalar, every SIMD level the CPU runs) and the kernel
+// emulation; mutated payloads (each SIMD level must end as the scalar code does: the
+// same error or the same tokens), and mutated models, which must parse to a
+// well-formed model or throw.
 template <class T>
 int run_case1(std::mt19937_64& rng, int mutations) {
+  static const std::vector<Decoder1> decs = decoders1();
   namespace r1 = llmio::rans1;
   static const size_t sizes[] = {0, 1, 31, 32, 33, 1000, kBlockSymbols - 1, kBlockSymbols, kBlockSymbols + 1,
                                  2 * kBlockSymbols + 77};
@@ -129,10 +146,11 @@ int run_case1(std::mt19937_64& rng, int mutations) {
   std::vector<uint8_t> enc;
   m.encode(t.data(), t.size(), enc);
   std::unique_ptr<T[]> out(new T[n ? n : 1]);
-  for (int mode = 0; mode < 3; ++mode) {  // AVX2 (where the CPU has it), scalar, reference
-    m.decode(enc.data(), enc.size(), out.get(), n, mode == 2, mode == 0);
+  for (const Decoder1& d : decs) {
+    m.decode(enc.data(), enc.size(), out.get(), n, d.reference, d.simd);
     if (n && std::memcmp(out.get(), t.data(), n * sizeof(T)) != 0) {
-      std::printf("rans1 round trip mismatch n=%zu kind=%d mode=%d\n", n, kind, mode);
+      std::printf("rans1 round trip mismatch n=%zu kind=%d reference=%d simd=%s\n", n, kind, int(d.reference),
+                  simd_name(d.simd));
       return 1;
     }
   }
@@ -156,10 +174,23 @@ int run_case1(std::mt19937_64& rng, int mutations) {
     if (what == 0 && len) buf[rng() % len] ^= static_cast<uint8_t>(1u << (rng() % 8));
     if (what == 1 && len) buf[rng() % len] = static_cast<uint8_t>(rng());
     if (what == 2) len = len ? rng() % len : 0;
-    for (int mode = 0; mode < 3; ++mode) {
+    std::unique_ptr<T[]> first(new T[n ? n : 1]);
+    std::string first_err;
+    for (size_t i = 0; i < decs.size(); ++i) {
+      std::string err;
       try {
-        m.decode(buf.get(), len, out.get(), n, mode == 2, mode == 0);
-      } catch (const CodecError&) {
+        m.decode(buf.get(), len, out.get(), n, decs[i].reference, decs[i].simd);
+      } catch (const CodecError& e) {
+        err = e.what();
+      }
+      if (i == 1) {  // the scalar code: what the SIMD levels must match
+        first_err = err;
+        if (err.empty() && n) std::memcpy(first.get(), out.get(), n * sizeof(T));
+      } else if (i > 1 && (err != first_err || (err.empty() && n &&
+                                                std::memcmp(first.get(), out.get(), n * sizeof(T)) != 0))) {
+        std::printf("rans1 %s differs from scalar on a mutated payload: '%s' vs '%s'\n", simd_name(decs[i].simd),
+                    err.c_str(), first_err.c_str());
+        return 1;
       }
     }
     ChunkDesc c2{0, len, 0, static_cast<uint32_t>(n), 0};
@@ -177,9 +208,9 @@ int run_case1(std::mt19937_64& rng, int mutations) {
       len = rng() % len;
     try {
       r1::Model mm = r1::Model::parse(buf.get(), len);
-      for (int mode = 0; mode < 3; ++mode) {
+      for (const Decoder1& d : decs) {
         try {  // a well-formed but different model decoding the original payload
-          mm.decode(enc.data(), enc.size(), out.get(), n, mode == 2, mode == 0);
+          mm.decode(enc.data(), enc.size(), out.get(), n, d.reference, d.simd);
         } catch (const CodecError&) {
         }
       }
