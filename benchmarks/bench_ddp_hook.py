@@ -28,8 +28,9 @@
    unshaped rows, in the default namespace, with the
    reason printed.
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
-   character level) with each hook for a few hundred steps (AdamW), identical data order; final
-   held-out loss and its ratio to the plain all-reduce.
+   character level) with each hook for a few hundred steps (AdamW), for several seeds (``--seeds``:
+   a seed fixes the initialisation and the data order, the same for every hook); each hook's final
+   held-out loss relative to the plain all-reduce of the same seed, mean and spread over seeds.
 
 ``--quick``: small sizes and few steps (a smoke test of every section).
 """
@@ -409,7 +410,8 @@ def _corpus(path: str) -> tuple[torch.Tensor, int]:
 
 
 def _converge_worker(cfg: dict) -> None:
-    """One rank: the convergence run of every hook (same data order), final held-out loss."""
+    """One rank: the convergence run of every hook for one seed (cfg["seed"]: the model's
+    initialisation and the data order, the same for every hook), final held-out loss."""
     import datetime
     import json
 
@@ -428,11 +430,12 @@ def _converge_worker(cfg: dict) -> None:
     ev_x = torch.stack([data[s:s + T + 1] for s in ev_starts.tolist()])
     out = {}
     for hook in cfg["hooks"]:
-        torch.manual_seed(0)
+        seed = cfg.get("seed", 0)
+        torch.manual_seed(seed)
         net = _TinyGPT(vocab=vocab, d=cfg["d"], layers=cfg["layers"], heads=4, T=T)
         model = torch.nn.parallel.DistributedDataParallel(net)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-        g = torch.Generator().manual_seed(1000 + rank)
+        g = torch.Generator().manual_seed(1000 + rank + 7919 * seed)  # seed 0: the single-seed runs' order
         tail, err, st = [], "", None
         try:
             st = _register(model, hook, net)
@@ -588,28 +591,51 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
     return rows
 
 
-def convergence_table(cfg: dict, hooks: list) -> dict:
+def convergence_table(cfg: dict, hooks: list, seeds: list) -> dict:
+    """Every hook trained once per seed (a seed fixes the initialisation and the data order of all
+    hooks alike); each hook's held-out loss relative to the plain all-reduce OF THE SAME SEED,
+    then the mean and the spread (min .. max, sample std) of those ratios over the seeds."""
     hooks = [h for h in hooks if h != "no_comm"]
-    rows = _launch("converge", dict(cfg, world=2, hooks=hooks), None, 3600)
-    base = rows["allreduce"]["eval_loss"]
-    print(f"\n## convergence, W = 2 on gloo: GPT {rows['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "
+    if "allreduce" not in hooks:
+        hooks = ["allreduce"] + hooks
+    per_seed: dict = {}
+    for seed in seeds:
+        per_seed[seed] = _launch("converge", dict(cfg, world=2, hooks=hooks, seed=seed), None, 3600)
+        print(f"  [convergence seed {seed}] " + ", ".join(
+            f"{h} {r['eval_loss']:.4f}" if r["eval_loss"] is not None else f"{h} n/a"
+            for h, r in per_seed[seed].items()), flush=True)
+    first = per_seed[seeds[0]]
+    print(f"\n## convergence, W = 2 on gloo: GPT {first['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "
           f"{cfg['layers']} layers, T={cfg['T']}, B={cfg['B']} per rank), character-level "
-          f"{os.path.basename(cfg['corpus'])}, AdamW lr {cfg['lr']}, {cfg['steps']} steps, same data order; held-out "
-          f"loss (64 windows) at the end, and the mean training loss of the last 20 steps")
-    print(f"| {'hook':<30} | {'held-out loss':>13} | {'vs all-reduce':>13} | {'train loss (last 20)':>20} | "
-          f"{'wire vs fp32':>12} |")
-    print(f"|{'-' * 32}|{'-' * 15}|{'-' * 15}|{'-' * 22}|{'-' * 14}|")
+          f"{os.path.basename(cfg['corpus'])}, AdamW lr {cfg['lr']}, {cfg['steps']} steps; {len(seeds)} seed(s) "
+          f"{seeds} (a seed: initialisation and data order, the same for every hook); held-out loss (64 windows) at "
+          f"the end relative to the plain all-reduce of the same seed: mean, min .. max and sample std over seeds; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"| {'hook':<30} | {'held-out loss':>13} | {'vs all-reduce (mean)':>20} | {'min .. max':>17} | "
+          f"{'std':>6} | {'train loss (last 20)':>20} | {'wire vs fp32':>12} |")
+    print(f"|{'-' * 32}|{'-' * 15}|{'-' * 22}|{'-' * 19}|{'-' * 8}|{'-' * 22}|{'-' * 14}|")
+    summary: dict = {}
     for h in hooks:
-        r = rows[h]
-        if r["error"]:
-            print(f"| {HOOK_LABEL[h]:<30} | n/a: {r['error'][:60]} |")
+        runs = [per_seed[s][h] for s in seeds]
+        errs = [r["error"] for r in runs if r["error"]]
+        if errs:
+            print(f"| {HOOK_LABEL[h]:<30} | n/a: {errs[0][:60]} |")
+            summary[h] = {"error": errs[0]}
             continue
-        wire = f"{r['stats']['ratio_vs_fp32']:.3f}" if (r.get("stats") or {}).get("ratio_vs_fp32") else "-"
-        print(f"| {HOOK_LABEL[h]:<30} | {r['eval_loss']:13.4f} | {r['eval_loss'] / base - 1:+12.2%} | "
-              f"{r['train_loss_tail']:20.4f} | {wire:>12} |")
+        rel = np.array([per_seed[s][h]["eval_loss"] / per_seed[s]["allreduce"]["eval_loss"] - 1 for s in seeds])
+        ev = float(np.mean([r["eval_loss"] for r in runs]))
+        tr = float(np.mean([r["train_loss_tail"] for r in runs]))
+        std = float(np.std(rel, ddof=1)) if len(rel) > 1 else 0.0
+        st = runs[0].get("stats") or {}
+        wire = f"{st['ratio_vs_fp32']:.3f}" if st.get("ratio_vs_fp32") else "-"
+        print(f"| {HOOK_LABEL[h]:<30} | {ev:13.4f} | {rel.mean():+19.2%} | {rel.min():+7.2%} .. {rel.max():+7.2%} "
+              f"| {std:6.2%} | {tr:20.4f} | {wire:>12} |")
+        summary[h] = {"eval_loss": ev, "train_loss_tail": tr, "rel_mean": float(rel.mean()),
+                      "rel_min": float(rel.min()), "rel_max": float(rel.max()), "rel_std": std,
+                      "rel_per_seed": rel.tolist(), "error": None, "params": runs[0]["params"], "stats": st}
     print("wire vs fp32: ours from its byte counters; PowerSGD: P + Q values over the values of the matrices it "
           "compresses (its 1-D tensors, all-reduced uncompressed, are not in its count)")
-    return rows
+    return {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--int8-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="threads of our CPU kernels per rank (default: cores / 2 ranks)")
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
+    ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
+                    "of each hook's loss relative to the plain all-reduce of the same seed)")
+    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h != "no_comm"),
+                    help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke test")
@@ -639,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.numel, a.reps, a.measure_numel = min(a.numel, 1 << 18), 2, 1 << 14
         a.gpt_steps, a.conv_steps, a.links = min(a.gpt_steps, 2), min(a.conv_steps, 6), "none,1"
+        a.seeds = min(a.seeds, 2)
     n = a.numel // BLOCK * BLOCK
     print(f"# bench_ddp_hook: {machine()}, torch {torch.__version__}, N = {n:,} fp32, best of {a.reps}")
     result: dict = {"machine": machine(), "numel": n, "cpu_kernels": cpu_kernel_table(n, a.reps)}
@@ -670,7 +701,13 @@ def main(argv: list[str] | None = None) -> int:
                    "B": 16, "lr": 3e-3, "int8_threads": a.int8_threads}
             if a.quick:
                 cfg.update(d=64, layers=1, B=4)
-            result["convergence"] = convergence_table(cfg, HOOKS)
+            conv_hooks = [h.strip() for h in a.conv_hooks.split(",") if h.strip()]
+            bad = [h for h in conv_hooks if h not in HOOKS]
+            if bad:
+                ap.error(f"--conv-hooks: unknown hook(s) {bad}; known: {HOOKS}")
+            if a.seeds < 1:
+                ap.error(f"--seeds must be >= 1, got {a.seeds}")
+            result["convergence"] = convergence_table(cfg, conv_hooks, list(range(a.seeds)))
     if a.json:
         import json
 
