@@ -341,9 +341,16 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
     return None
 
 
+def _run_key(hook: str, cap: float, caps: list) -> str:
+    """The result key of ``hook`` at DDP bucket size ``cap`` MB: the hook's name at the first size
+    of ``caps`` (the reference), ``hook@<cap>MB`` at the others."""
+    return hook if cap == caps[0] else f"{hook}@{cap:g}MB"
+
+
 def _steps_worker(cfg: dict) -> None:
-    """One rank: a DDP model per hook of cfg["hooks"], stepped in rounds (one step of each hook in
-    turn, so load changes on a shared machine hit every hook alike); WARM untimed steps first."""
+    """One rank: a DDP model per hook of cfg["hooks"] and bucket size of cfg["bucket_caps"], stepped
+    in rounds (one step of each in turn, so load changes on a shared machine hit all alike); WARM
+    untimed steps first. Ratios are to the first run (plain all-reduce at the first bucket size)."""
     import datetime
     import json
 
@@ -355,17 +362,19 @@ def _steps_worker(cfg: dict) -> None:
     _core.int8_fast_set_threads(cfg["int8_threads"])
     dist.init_process_group("gloo", rank=rank, world_size=cfg["world"], timeout=datetime.timedelta(seconds=120))
     runs = {}
-    for hook in cfg["hooks"]:
-        torch.manual_seed(0)
-        net = _TinyGPT()
-        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cfg["bucket_cap_mb"])
-        run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
-               "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
-        try:
-            run["state"] = _register(model, hook, net)
-        except Exception as exc:
-            run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-        runs[hook] = run
+    caps = cfg["bucket_caps"]
+    for cap in caps:
+        for hook in cfg["hooks"]:
+            torch.manual_seed(0)
+            net = _TinyGPT()
+            model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cap)
+            run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
+                   "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
+            try:
+                run["state"] = _register(model, hook, net)
+            except Exception as exc:
+                run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            runs[_run_key(hook, cap, caps)] = run
     for i in range(cfg["steps"] + WARM):
         for hook, run in runs.items():
             if run["error"]:
@@ -550,15 +559,15 @@ class _Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_cap_mb: float) -> dict:
+def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_caps: list) -> dict:
     load0 = f"{os.getloadavg()[0]:.1f}"
     why = _Netns.unavailable()
     rows: dict = {}
-    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_cap_mb": bucket_cap_mb}
+    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_caps": bucket_caps}
     if why is not None:
         print(f"\n## step time on shaped links: network namespaces unavailable ({why}); unshaped only, default "
               f"namespace")
-        rows["unshaped"] = _launch("steps", cfg, None, 1800)
+        rows["unshaped"] = _launch("steps", cfg, None, 3600)
         links = [None]
     else:
         try:
@@ -566,28 +575,53 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
                 for gbit in links:
                     qd = ns.shape(gbit)
                     label = "unshaped" if gbit is None else f"{gbit:g} Gbit/s"
-                    print(f"  [{label}] {qd or 'no qdisc'}", flush=True)
-                    rows[label] = _launch("steps", cfg, ns.name, 1800)
+                    print(f"  [{label}] {qd or 'no qdisc'} (load average {os.getloadavg()[0]:.1f})", flush=True)
+                    rows[label] = _launch("steps", cfg, ns.name, 3600)
         except RuntimeError as exc:
             print(f"\n## step time on shaped links: namespace setup failed ({exc}); unshaped only")
-            rows = {"unshaped": _launch("steps", cfg, None, 1800)}
+            rows = {"unshaped": _launch("steps", cfg, None, 3600)}
     labels = list(rows)
     params = next(iter(rows.values()))["allreduce"]["params"]
+    caps_txt = ", ".join(f"{c:g}" for c in bucket_caps)
     print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
           f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
-          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; "
-          f"hooks stepped in rounds, {steps} timed rounds; "
-          f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
-          f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
-    print("| hook | " + " | ".join(labels) + " |")
-    print("|---|" + "---|" * len(labels))
-    for h in hooks:
-        cells = []
+          f"SGD, DDP bucket_cap_mb {caps_txt}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; every hook "
+          f"and bucket size stepped in rounds, {steps} timed rounds; median over rounds of the step time / the plain "
+          f"all-reduce's at bucket_cap_mb={bucket_caps[0]:g} in the same round (median ms/step in brackets); load "
+          f"average before: {load0}, after: {os.getloadavg()[0]:.1f}")
+    for cap in bucket_caps:
+        print(f"\n### bucket_cap_mb = {cap:g}")
+        print("| hook | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for h in hooks:
+            cells = []
+            for lab in labels:
+                r = rows[lab][_run_key(h, cap, bucket_caps)]
+                cells.append(f"n/a ({r['error'][:50]})" if r["error"]
+                             else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
+            print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+    if len(bucket_caps) > 1:
+        print("\n### each hook at its own best bucket size (the lowest median ratio; ratio to the plain all-reduce "
+              "at ITS best size in brackets)")
+        print("| hook | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        best: dict = {}
         for lab in labels:
-            r = rows[lab][h]
-            cells.append(f"n/a ({r['error'][:50]})" if r["error"]
-                         else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
-        print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+            for h in hooks:
+                ok = [(rows[lab][_run_key(h, c, bucket_caps)]["ratio"], c) for c in bucket_caps
+                      if not rows[lab][_run_key(h, c, bucket_caps)]["error"]]
+                best[(lab, h)] = min(ok) if ok else None
+        for h in hooks:
+            cells = []
+            for lab in labels:
+                b, ar = best[(lab, h)], best[(lab, "allreduce")]
+                cells.append("n/a" if b is None or ar is None
+                             else f"{b[0]:.2f} x @ {b[1]:g} MB ({b[0] / ar[0]:.2f} x)")
+            print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+        for lab in labels:
+            rows[lab]["best"] = {h: None if best[(lab, h)] is None else {"ratio": best[(lab, h)][0],
+                                                                          "bucket_cap_mb": best[(lab, h)][1]}
+                                 for h in hooks}
     return rows
 
 
@@ -651,8 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wire-numel", type=int, default=25 * (1 << 20) // 4, help="bucket for the byte table (25 MB)")
     ap.add_argument("--measure-numel", type=int, default=1 << 18)
     ap.add_argument("--gpt-steps", type=int, default=15, help="timed steps per hook and link (0: skip section 4)")
-    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size in the step-time runs "
-                    "(25: DDP's default; smaller buckets let communication overlap backward)")
+    ap.add_argument("--bucket-cap-mb", default="25,4,1", help="DDP bucket sizes (MB, comma-separated) of the "
+                    "step-time runs, every hook at each; the first is the reference of the ratios (25: DDP's "
+                    "default; smaller buckets let communication overlap backward)")
+    ap.add_argument("--step-hooks", default=",".join(HOOKS), help="hooks of the step-time table (comma-separated; "
+                    "the plain all-reduce is always run)")
     ap.add_argument("--links", default="none,10,2,1", help="Gbit/s of the shaped loopback; none = unshaped")
     ap.add_argument("--int8-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="threads of our CPU kernels per rank (default: cores / 2 ranks)")
@@ -670,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         a.numel, a.reps, a.measure_numel = min(a.numel, 1 << 18), 2, 1 << 14
         a.gpt_steps, a.conv_steps, a.links = min(a.gpt_steps, 2), min(a.conv_steps, 6), "none,1"
         a.seeds = min(a.seeds, 2)
+        a.bucket_cap_mb = ",".join(a.bucket_cap_mb.split(",")[:2])
     n = a.numel // BLOCK * BLOCK
     print(f"# bench_ddp_hook: {machine()}, torch {torch.__version__}, N = {n:,} fp32, best of {a.reps}")
     result: dict = {"machine": machine(), "numel": n, "cpu_kernels": cpu_kernel_table(n, a.reps)}
@@ -692,7 +730,17 @@ def main(argv: list[str] | None = None) -> int:
     result["formula_vs_fp32"] = (1 + 4 / BLOCK) / 4
     if a.gpt_steps > 0:
         links = [None if x.strip() == "none" else float(x) for x in a.links.split(",")]
-        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, HOOKS, a.bucket_cap_mb)
+        try:
+            caps = [float(c) for c in a.bucket_cap_mb.split(",") if c.strip()]
+        except ValueError:
+            ap.error(f"--bucket-cap-mb: expected comma-separated numbers, got {a.bucket_cap_mb!r}")
+        if not caps or any(c <= 0 for c in caps):
+            ap.error(f"--bucket-cap-mb: expected positive sizes, got {a.bucket_cap_mb!r}")
+        step_hooks = [h.strip() for h in a.step_hooks.split(",") if h.strip()]
+        if [h for h in step_hooks if h not in HOOKS]:
+            ap.error(f"--step-hooks: unknown hook(s) {[h for h in step_hooks if h not in HOOKS]}; known: {HOOKS}")
+        step_hooks = ["allreduce"] + [h for h in step_hooks if h != "allreduce"]
+        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, step_hooks, caps)
     if a.conv_steps > 0:
         if not os.path.exists(a.corpus):
             print(f"\n## convergence: skipped, corpus {a.corpus} not found")
