@@ -22,9 +22,12 @@
    1, 2 and 10 Gbit/s and unshaped (the shaping is shared by both directions). A small GPT
    (4.2M parameters, 16.8 MB of fp32 gradients) with: plain all-reduce, ``bf16_compress_hook``
    (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
-   ``deterministic=True``), and the step without any communication (a hook that returns the
-   bucket: the lower bound, measured in the same run); the ratio of each step time to the plain
-   all-reduce's in the same round, median over rounds. Without namespaces or tc: only the
+   ``deterministic=True``, and with each bucket exchanged whole instead of in pipelined pieces: the
+   A/B of the pipelining), and the step without any communication (a hook that returns the
+   bucket: the lower bound, measured in the same run), each at several DDP bucket sizes
+   (``--bucket-cap-mb``, default 25 (DDP's default), 4 and 1 MB); the ratio of each step time to the
+   plain all-reduce's at the first bucket size in the same round, median over rounds, and each
+   hook at its own best bucket size. Without namespaces or tc: only the
    unshaped rows, in the default namespace, with the
    reason printed.
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
@@ -276,11 +279,12 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
 HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
-         "llmio_int8_deterministic"]
+         "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
               "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
-              "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True"}
+              "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True",
+              "llmio_int8_whole": "llmio INT8, buckets not cut in pieces"}
 WARM = 3  # untimed steps: DDP's bucket rebuild, our warmup_steps=2, PowerSGD start_powerSGD_iter=2
 
 
@@ -333,6 +337,19 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
         st = psgd.PowerSGDState(process_group=dist.group.WORLD, matrix_approximation_rank=int(hook[len("powersgd_r"):]),
                                 start_powerSGD_iter=2, min_compression_rate=2)
         model.register_comm_hook(st, _on_comm_thread(psgd.powerSGD_hook))
+        return st
+    elif hook == "llmio_int8_whole":  # the A/B of the pipelined pieces: each bucket exchanged whole
+        from llmio_native.ddp import exchange
+
+        def whole(state, bucket):  # the exchange's stages are built inside the hook call
+            prev, exchange.PIECE_NUMEL = exchange.PIECE_NUMEL, 0
+            try:
+                return int8_compress_hook(state, bucket)
+            finally:
+                exchange.PIECE_NUMEL = prev
+
+        st = Int8CompressState(warmup_steps=2, model=net)
+        model.register_comm_hook(st, whole)
         return st
     elif hook.startswith("llmio_int8"):
         st = Int8CompressState(warmup_steps=2, deterministic=hook.endswith("deterministic"), model=net)
@@ -696,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
     ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
                     "of each hook's loss relative to the plain all-reduce of the same seed)")
-    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h != "no_comm"),
+    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "llmio_int8_whole")),
                     help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))

@@ -1,7 +1,8 @@
 """The INT8 exchange of one bucket (int8_compress_hook): on CUDA a chain of Future ``.then``
 stages on the current stream; for CPU buckets a job on one communication thread per process
 (:class:`_CommThread`), so the hook returns at once and the exchange overlaps the rest of the
-backward pass, as DDP's own all-reduce does."""
+backward pass, as DDP's own all-reduce does; a large bucket's job pipelines the exchange in pieces
+(:func:`_pipelined`)."""
 import collections
 import os
 import threading
