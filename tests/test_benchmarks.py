@@ -56,6 +56,8 @@ def test_bench_ddp_hook_smoke(tmp_path):
     assert st["llmio_int8@4MB"]["step_s"] > 0 and st["allreduce@4MB"]["ratio"] > 0
     assert st["best"]["llmio_int8"]["bucket_cap_mb"] in (25, 4)
     assert st["best"]["llmio_int8"]["ratio"] == min(st["llmio_int8"]["ratio"], st["llmio_int8@4MB"]["ratio"])
+    ce = res["compression_error"]  # per-step error: own block scales (default) beat shared ones
+    assert 0 < ce["default"]["step_error"] < ce["deterministic"]["step_error"] < 0.1
     conv = res["convergence"]
     assert conv["seeds"] == [0, 1]  # --quick: two seeds, each hook relative to the same seed's all-reduce
     for seed in ("0", "1"):
