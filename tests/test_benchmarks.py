@@ -37,8 +37,8 @@ def test_bench_read_smoke(tmp_path):
 def test_bench_ddp_hook_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, str(BENCH / "bench_ddp_hook.py"), "--quick", "--links", "none",
-         "--json", str(tmp_path / "d.json")],
-        capture_output=True, text=True, timeout=300,
+         "--step-hooks", "allreduce,no_comm,powersgd_r4,llmio_int8", "--json", str(tmp_path / "d.json")],
+        capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "d.json").read_text())
