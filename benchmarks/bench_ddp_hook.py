@@ -22,14 +22,18 @@
    1, 2 and 10 Gbit/s and unshaped (the shaping is shared by both directions). A small GPT
    (4.2M parameters, 16.8 MB of fp32 gradients) with: plain all-reduce, ``bf16_compress_hook``
    (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
-   ``deterministic=True``), and the step without any communication (a hook that returns the
-   bucket: the lower bound, measured in the same run); the ratio of each step time to the plain
-   all-reduce's in the same round, median over rounds. Without namespaces or tc: only the
+   ``deterministic=True``, and with each bucket exchanged whole instead of in pipelined pieces: the
+   A/B of the pipelining), and the step without any communication (a hook that returns the
+   bucket: the lower bound, measured in the same run), each at several DDP bucket sizes
+   (``--bucket-cap-mb``, default 25 (DDP's default), 4 and 1 MB); the ratio of each step time to the
+   plain all-reduce's at the first bucket size in the same round, median over rounds, and each
+   hook at its own best bucket size. Without namespaces or tc: only the
    unshaped rows, in the default namespace, with the
    reason printed.
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
-   character level) with each hook for a few hundred steps (AdamW), identical data order; final
-   held-out loss and its ratio to the plain all-reduce.
+   character level) with each hook for a few hundred steps (AdamW), for several seeds (``--seeds``:
+   a seed fixes the initialisation and the data order, the same for every hook); each hook's final
+   held-out loss relative to the plain all-reduce of the same seed, mean and spread over seeds.
 
 ``--quick``: small sizes and few steps (a smoke test of every section).
 """
@@ -275,11 +279,12 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
 HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
-         "llmio_int8_deterministic"]
+         "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
               "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
-              "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True"}
+              "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True",
+              "llmio_int8_whole": "llmio INT8, buckets not cut in pieces"}
 WARM = 3  # untimed steps: DDP's bucket rebuild, our warmup_steps=2, PowerSGD start_powerSGD_iter=2
 
 
@@ -333,6 +338,19 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
                                 start_powerSGD_iter=2, min_compression_rate=2)
         model.register_comm_hook(st, _on_comm_thread(psgd.powerSGD_hook))
         return st
+    elif hook == "llmio_int8_whole":  # the A/B of the pipelined pieces: each bucket exchanged whole
+        from llmio_native.ddp import exchange
+
+        def whole(state, bucket):  # the exchange's stages are built inside the hook call
+            prev, exchange.PIECE_NUMEL = exchange.PIECE_NUMEL, 0
+            try:
+                return int8_compress_hook(state, bucket)
+            finally:
+                exchange.PIECE_NUMEL = prev
+
+        st = Int8CompressState(warmup_steps=2, model=net)
+        model.register_comm_hook(st, whole)
+        return st
     elif hook.startswith("llmio_int8"):
         st = Int8CompressState(warmup_steps=2, deterministic=hook.endswith("deterministic"), model=net)
         model.register_comm_hook(st, int8_compress_hook)
@@ -340,9 +358,16 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
     return None
 
 
+def _run_key(hook: str, cap: float, caps: list) -> str:
+    """The result key of ``hook`` at DDP bucket size ``cap`` MB: the hook's name at the first size
+    of ``caps`` (the reference), ``hook@<cap>MB`` at the others."""
+    return hook if cap == caps[0] else f"{hook}@{cap:g}MB"
+
+
 def _steps_worker(cfg: dict) -> None:
-    """One rank: a DDP model per hook of cfg["hooks"], stepped in rounds (one step of each hook in
-    turn, so load changes on a shared machine hit every hook alike); WARM untimed steps first."""
+    """One rank: a DDP model per hook of cfg["hooks"] and bucket size of cfg["bucket_caps"], stepped
+    in rounds (one step of each in turn, so load changes on a shared machine hit all alike); WARM
+    untimed steps first. Ratios are to the first run (plain all-reduce at the first bucket size)."""
     import datetime
     import json
 
@@ -354,17 +379,19 @@ def _steps_worker(cfg: dict) -> None:
     _core.int8_fast_set_threads(cfg["int8_threads"])
     dist.init_process_group("gloo", rank=rank, world_size=cfg["world"], timeout=datetime.timedelta(seconds=120))
     runs = {}
-    for hook in cfg["hooks"]:
-        torch.manual_seed(0)
-        net = _TinyGPT()
-        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cfg["bucket_cap_mb"])
-        run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
-               "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
-        try:
-            run["state"] = _register(model, hook, net)
-        except Exception as exc:
-            run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-        runs[hook] = run
+    caps = cfg["bucket_caps"]
+    for cap in caps:
+        for hook in cfg["hooks"]:
+            torch.manual_seed(0)
+            net = _TinyGPT()
+            model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=cap)
+            run = {"model": model, "net": net, "opt": torch.optim.SGD(model.parameters(), lr=1e-3),
+                   "g": torch.Generator().manual_seed(rank), "times": [], "error": None, "state": None}
+            try:
+                run["state"] = _register(model, hook, net)
+            except Exception as exc:
+                run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            runs[_run_key(hook, cap, caps)] = run
     for i in range(cfg["steps"] + WARM):
         for hook, run in runs.items():
             if run["error"]:
@@ -409,7 +436,8 @@ def _corpus(path: str) -> tuple[torch.Tensor, int]:
 
 
 def _converge_worker(cfg: dict) -> None:
-    """One rank: the convergence run of every hook (same data order), final held-out loss."""
+    """One rank: the convergence run of every hook for one seed (cfg["seed"]: the model's
+    initialisation and the data order, the same for every hook), final held-out loss."""
     import datetime
     import json
 
@@ -428,11 +456,12 @@ def _converge_worker(cfg: dict) -> None:
     ev_x = torch.stack([data[s:s + T + 1] for s in ev_starts.tolist()])
     out = {}
     for hook in cfg["hooks"]:
-        torch.manual_seed(0)
+        seed = cfg.get("seed", 0)
+        torch.manual_seed(seed)
         net = _TinyGPT(vocab=vocab, d=cfg["d"], layers=cfg["layers"], heads=4, T=T)
         model = torch.nn.parallel.DistributedDataParallel(net)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-        g = torch.Generator().manual_seed(1000 + rank)
+        g = torch.Generator().manual_seed(1000 + rank + 7919 * seed)  # seed 0: the single-seed runs' order
         tail, err, st = [], "", None
         try:
             st = _register(model, hook, net)
@@ -547,15 +576,15 @@ class _Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_cap_mb: float) -> dict:
+def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_caps: list) -> dict:
     load0 = f"{os.getloadavg()[0]:.1f}"
     why = _Netns.unavailable()
     rows: dict = {}
-    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_cap_mb": bucket_cap_mb}
+    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_caps": bucket_caps}
     if why is not None:
         print(f"\n## step time on shaped links: network namespaces unavailable ({why}); unshaped only, default "
               f"namespace")
-        rows["unshaped"] = _launch("steps", cfg, None, 1800)
+        rows["unshaped"] = _launch("steps", cfg, None, 3600)
         links = [None]
     else:
         try:
@@ -563,53 +592,162 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
                 for gbit in links:
                     qd = ns.shape(gbit)
                     label = "unshaped" if gbit is None else f"{gbit:g} Gbit/s"
-                    print(f"  [{label}] {qd or 'no qdisc'}", flush=True)
-                    rows[label] = _launch("steps", cfg, ns.name, 1800)
+                    print(f"  [{label}] {qd or 'no qdisc'} (load average {os.getloadavg()[0]:.1f})", flush=True)
+                    rows[label] = _launch("steps", cfg, ns.name, 3600)
         except RuntimeError as exc:
             print(f"\n## step time on shaped links: namespace setup failed ({exc}); unshaped only")
-            rows = {"unshaped": _launch("steps", cfg, None, 1800)}
+            rows = {"unshaped": _launch("steps", cfg, None, 3600)}
     labels = list(rows)
     params = next(iter(rows.values()))["allreduce"]["params"]
+    caps_txt = ", ".join(f"{c:g}" for c in bucket_caps)
     print(f"\n## step time, W = 2 on gloo, both ranks in one network namespace, loopback shaped by tc tbf (shared by "
           f"both directions); GPT {params / 1e6:.1f}M params ({params * 4 / 1e6:.1f} MB fp32 gradients), B=4, T=127, "
-          f"SGD, DDP bucket_cap_mb={bucket_cap_mb:g}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; "
-          f"hooks stepped in rounds, {steps} timed rounds; "
-          f"median over rounds of the step time / the plain all-reduce's in the same round (median ms/step in "
-          f"brackets); load average before: {load0}, after: {os.getloadavg()[0]:.1f}")
-    print("| hook | " + " | ".join(labels) + " |")
-    print("|---|" + "---|" * len(labels))
-    for h in hooks:
-        cells = []
+          f"SGD, DDP bucket_cap_mb {caps_txt}, 1 torch thread + {int8_threads} INT8 thread(s) per rank; every hook "
+          f"and bucket size stepped in rounds, {steps} timed rounds; median over rounds of the step time / the plain "
+          f"all-reduce's at bucket_cap_mb={bucket_caps[0]:g} in the same round (median ms/step in brackets); load "
+          f"average before: {load0}, after: {os.getloadavg()[0]:.1f}")
+    for cap in bucket_caps:
+        print(f"\n### bucket_cap_mb = {cap:g}")
+        print("| hook | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for h in hooks:
+            cells = []
+            for lab in labels:
+                r = rows[lab][_run_key(h, cap, bucket_caps)]
+                cells.append(f"n/a ({r['error'][:50]})" if r["error"]
+                             else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
+            print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+    if len(bucket_caps) > 1:
+        print("\n### each hook at its own best bucket size (the lowest median ratio; ratio to the plain all-reduce "
+              "at ITS best size in brackets)")
+        print("| hook | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        best: dict = {}
         for lab in labels:
-            r = rows[lab][h]
-            cells.append(f"n/a ({r['error'][:50]})" if r["error"]
-                         else f"{r['ratio']:.2f} x ({r['step_s'] * 1e3:.0f} ms)")
-        print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+            for h in hooks:
+                ok = [(rows[lab][_run_key(h, c, bucket_caps)]["ratio"], c) for c in bucket_caps
+                      if not rows[lab][_run_key(h, c, bucket_caps)]["error"]]
+                best[(lab, h)] = min(ok) if ok else None
+        for h in hooks:
+            cells = []
+            for lab in labels:
+                b, ar = best[(lab, h)], best[(lab, "allreduce")]
+                cells.append("n/a" if b is None or ar is None
+                             else f"{b[0]:.2f} x @ {b[1]:g} MB ({b[0] / ar[0]:.2f} x)")
+            print(f"| {HOOK_LABEL[h]} | " + " | ".join(cells) + " |")
+        for lab in labels:
+            rows[lab]["best"] = {h: None if best[(lab, h)] is None else {"ratio": best[(lab, h)][0],
+                                                                          "bucket_cap_mb": best[(lab, h)][1]}
+                                 for h in hooks}
     return rows
 
 
-def convergence_table(cfg: dict, hooks: list) -> dict:
+def compression_error_table(n: int = 1 << 16, steps: int = 40, world: int = 2) -> dict:
+    """Per-step relative error (L2) of the averaged gradient through the two-phase exchange, default
+    and ``deterministic=True``, against the exact mean, on synthetic gradients (per-block scales
+    varying over e^N(0,1), a shared signal plus per-rank noise, a few 20x outliers), with error
+    feedback over ``steps`` steps (the C++ oracles, which the kernels match bit for bit); and the
+    error of the sum over all steps (what error feedback bounds)."""
+    sh = n // world
+    nb = n // BLOCK
+    out = {}
+    for det in (False, True):
+        rng = np.random.default_rng(0)
+        rw = [np.zeros(n, np.float32) for _ in range(world)]
+        rs = [np.zeros(sh, np.float32) for _ in range(world)]
+        errs, cum_q, cum_t = [], np.zeros(n), np.zeros(n)
+        for _ in range(steps):
+            base = rng.standard_normal(n) * np.repeat(np.exp(rng.standard_normal(nb)), BLOCK)
+            xs = [((base + 0.5 * rng.standard_normal(n)) * 1e-3).astype(np.float32) for _ in range(world)]
+            for x in xs:
+                x[rng.integers(0, n, 50)] *= 20
+            true = sum(x.astype(np.float64) for x in xs) / world
+            codes = [np.empty(n, np.int8) for _ in range(world)]
+            scales = [np.empty(nb, np.float32) for _ in range(world)]
+            if det:
+                am = [np.empty(nb, np.float32) for _ in range(world)]
+                for r in range(world):
+                    _core.block_absmax_ref(xs[r], rw[r], am[r])
+                shared = np.max(np.stack(am), axis=0)
+                for r in range(world):
+                    _core.quantize_blocks_shared_ref(xs[r], rw[r], shared, codes[r], scales[r])
+            else:
+                for r in range(world):
+                    _core.quantize_blocks_ref(xs[r], rw[r], codes[r], scales[r])
+            avg = np.empty(n, np.float32)
+            for o in range(world):
+                cw = np.stack([c[o * sh:(o + 1) * sh] for c in codes])
+                c, sc, d = np.empty(sh, np.int8), np.empty(sh // BLOCK, np.float32), np.empty(sh, np.float32)
+                if det:
+                    _core.dequant_sum_requant_shared_ref(cw, scales[0][o * sh // BLOCK:(o + 1) * sh // BLOCK], rs[o],
+                                                         c, sc)
+                else:
+                    sw = np.stack([s_[o * sh // BLOCK:(o + 1) * sh // BLOCK] for s_ in scales])
+                    _core.dequant_sum_requant_ref(cw, sw, rs[o], c, sc)
+                _core.dequantize_blocks_ref(c, sc, d)
+                avg[o * sh:(o + 1) * sh] = d
+            errs.append(np.linalg.norm(avg - true) / np.linalg.norm(true))
+            cum_q += avg
+            cum_t += true
+        out["deterministic" if det else "default"] = {
+            "step_error": float(np.mean(errs)), "sum_error": float(np.linalg.norm(cum_q - cum_t) / np.linalg.norm(cum_t))}
+    print(f"\n## compression error per step, W = {world}, N = {n:,} synthetic gradients, {steps} steps with error "
+          f"feedback (C++ oracles): relative L2 error of the averaged gradient (mean over steps) and of its sum over "
+          f"the steps")
+    print("| mode | per step | sum over steps |")
+    print("|---|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v['step_error']:.4f} | {v['sum_error']:.5f} |")
+    print("default quantizes each rank's values with its own block scale, deterministic with the largest over the "
+          "ranks (coarser): default's per-step error is the smaller one")
+    return out
+
+
+def convergence_table(cfg: dict, hooks: list, seeds: list) -> dict:
+    """Every hook trained once per seed (a seed fixes the initialisation and the data order of all
+    hooks alike); each hook's held-out loss relative to the plain all-reduce OF THE SAME SEED,
+    then the mean and the spread (min .. max, sample std) of those ratios over the seeds."""
     hooks = [h for h in hooks if h != "no_comm"]
-    rows = _launch("converge", dict(cfg, world=2, hooks=hooks), None, 3600)
-    base = rows["allreduce"]["eval_loss"]
-    print(f"\n## convergence, W = 2 on gloo: GPT {rows['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "
+    if "allreduce" not in hooks:
+        hooks = ["allreduce"] + hooks
+    per_seed: dict = {}
+    for seed in seeds:
+        per_seed[seed] = _launch("converge", dict(cfg, world=2, hooks=hooks, seed=seed), None, 3600)
+        print(f"  [convergence seed {seed}] " + ", ".join(
+            f"{h} {r['eval_loss']:.4f}" if r["eval_loss"] is not None else f"{h} n/a"
+            for h, r in per_seed[seed].items()), flush=True)
+    first = per_seed[seeds[0]]
+    print(f"\n## convergence, W = 2 on gloo: GPT {first['allreduce']['params'] / 1e6:.2f}M params (d={cfg['d']}, "
           f"{cfg['layers']} layers, T={cfg['T']}, B={cfg['B']} per rank), character-level "
-          f"{os.path.basename(cfg['corpus'])}, AdamW lr {cfg['lr']}, {cfg['steps']} steps, same data order; held-out "
-          f"loss (64 windows) at the end, and the mean training loss of the last 20 steps")
-    print(f"| {'hook':<30} | {'held-out loss':>13} | {'vs all-reduce':>13} | {'train loss (last 20)':>20} | "
-          f"{'wire vs fp32':>12} |")
-    print(f"|{'-' * 32}|{'-' * 15}|{'-' * 15}|{'-' * 22}|{'-' * 14}|")
+          f"{os.path.basename(cfg['corpus'])}, AdamW lr {cfg['lr']}, {cfg['steps']} steps; {len(seeds)} seed(s) "
+          f"{seeds} (a seed: initialisation and data order, the same for every hook); held-out loss (64 windows) at "
+          f"the end relative to the plain all-reduce of the same seed: mean, min .. max and sample std over seeds; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"| {'hook':<30} | {'held-out loss':>13} | {'vs all-reduce (mean)':>20} | {'min .. max':>17} | "
+          f"{'std':>6} | {'train loss (last 20)':>20} | {'wire vs fp32':>12} |")
+    print(f"|{'-' * 32}|{'-' * 15}|{'-' * 22}|{'-' * 19}|{'-' * 8}|{'-' * 22}|{'-' * 14}|")
+    summary: dict = {}
     for h in hooks:
-        r = rows[h]
-        if r["error"]:
-            print(f"| {HOOK_LABEL[h]:<30} | n/a: {r['error'][:60]} |")
+        runs = [per_seed[s][h] for s in seeds]
+        errs = [r["error"] for r in runs if r["error"]]
+        if errs:
+            print(f"| {HOOK_LABEL[h]:<30} | n/a: {errs[0][:60]} |")
+            summary[h] = {"error": errs[0]}
             continue
-        wire = f"{r['stats']['ratio_vs_fp32']:.3f}" if (r.get("stats") or {}).get("ratio_vs_fp32") else "-"
-        print(f"| {HOOK_LABEL[h]:<30} | {r['eval_loss']:13.4f} | {r['eval_loss'] / base - 1:+12.2%} | "
-              f"{r['train_loss_tail']:20.4f} | {wire:>12} |")
+        rel = np.array([per_seed[s][h]["eval_loss"] / per_seed[s]["allreduce"]["eval_loss"] - 1 for s in seeds])
+        ev = float(np.mean([r["eval_loss"] for r in runs]))
+        tr = float(np.mean([r["train_loss_tail"] for r in runs]))
+        std = float(np.std(rel, ddof=1)) if len(rel) > 1 else 0.0
+        st = runs[0].get("stats") or {}
+        wire = f"{st['ratio_vs_fp32']:.3f}" if st.get("ratio_vs_fp32") else "-"
+        print(f"| {HOOK_LABEL[h]:<30} | {ev:13.4f} | {rel.mean():+19.2%} | {rel.min():+7.2%} .. {rel.max():+7.2%} "
+              f"| {std:6.2%} | {tr:20.4f} | {wire:>12} |")
+        summary[h] = {"eval_loss": ev, "train_loss_tail": tr, "rel_mean": float(rel.mean()),
+                      "rel_min": float(rel.min()), "rel_max": float(rel.max()), "rel_std": std,
+                      "rel_per_seed": rel.tolist(), "error": None, "params": runs[0]["params"], "stats": st}
     print("wire vs fp32: ours from its byte counters; PowerSGD: P + Q values over the values of the matrices it "
           "compresses (its 1-D tensors, all-reduced uncompressed, are not in its count)")
-    return rows
+    return {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,12 +763,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wire-numel", type=int, default=25 * (1 << 20) // 4, help="bucket for the byte table (25 MB)")
     ap.add_argument("--measure-numel", type=int, default=1 << 18)
     ap.add_argument("--gpt-steps", type=int, default=15, help="timed steps per hook and link (0: skip section 4)")
-    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size in the step-time runs "
-                    "(25: DDP's default; smaller buckets let communication overlap backward)")
+    ap.add_argument("--bucket-cap-mb", default="25,4,1", help="DDP bucket sizes (MB, comma-separated) of the "
+                    "step-time runs, every hook at each; the first is the reference of the ratios (25: DDP's "
+                    "default; smaller buckets let communication overlap backward)")
+    ap.add_argument("--step-hooks", default=",".join(HOOKS), help="hooks of the step-time table (comma-separated; "
+                    "the plain all-reduce is always run)")
     ap.add_argument("--links", default="none,10,2,1", help="Gbit/s of the shaped loopback; none = unshaped")
     ap.add_argument("--int8-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="threads of our CPU kernels per rank (default: cores / 2 ranks)")
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
+    ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
+                    "of each hook's loss relative to the plain all-reduce of the same seed)")
+    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "llmio_int8_whole")),
+                    help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke test")
@@ -639,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.numel, a.reps, a.measure_numel = min(a.numel, 1 << 18), 2, 1 << 14
         a.gpt_steps, a.conv_steps, a.links = min(a.gpt_steps, 2), min(a.conv_steps, 6), "none,1"
+        a.seeds = min(a.seeds, 2)
+        a.bucket_cap_mb = ",".join(a.bucket_cap_mb.split(",")[:2])
     n = a.numel // BLOCK * BLOCK
     print(f"# bench_ddp_hook: {machine()}, torch {torch.__version__}, N = {n:,} fp32, best of {a.reps}")
     result: dict = {"machine": machine(), "numel": n, "cpu_kernels": cpu_kernel_table(n, a.reps)}
@@ -661,7 +808,17 @@ def main(argv: list[str] | None = None) -> int:
     result["formula_vs_fp32"] = (1 + 4 / BLOCK) / 4
     if a.gpt_steps > 0:
         links = [None if x.strip() == "none" else float(x) for x in a.links.split(",")]
-        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, HOOKS, a.bucket_cap_mb)
+        try:
+            caps = [float(c) for c in a.bucket_cap_mb.split(",") if c.strip()]
+        except ValueError:
+            ap.error(f"--bucket-cap-mb: expected comma-separated numbers, got {a.bucket_cap_mb!r}")
+        if not caps or any(c <= 0 for c in caps):
+            ap.error(f"--bucket-cap-mb: expected positive sizes, got {a.bucket_cap_mb!r}")
+        step_hooks = [h.strip() for h in a.step_hooks.split(",") if h.strip()]
+        if [h for h in step_hooks if h not in HOOKS]:
+            ap.error(f"--step-hooks: unknown hook(s) {[h for h in step_hooks if h not in HOOKS]}; known: {HOOKS}")
+        step_hooks = ["allreduce"] + [h for h in step_hooks if h != "allreduce"]
+        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, step_hooks, caps)
     if a.conv_steps > 0:
         if not os.path.exists(a.corpus):
             print(f"\n## convergence: skipped, corpus {a.corpus} not found")
@@ -670,7 +827,14 @@ def main(argv: list[str] | None = None) -> int:
                    "B": 16, "lr": 3e-3, "int8_threads": a.int8_threads}
             if a.quick:
                 cfg.update(d=64, layers=1, B=4)
-            result["convergence"] = convergence_table(cfg, HOOKS)
+            conv_hooks = [h.strip() for h in a.conv_hooks.split(",") if h.strip()]
+            bad = [h for h in conv_hooks if h not in HOOKS]
+            if bad:
+                ap.error(f"--conv-hooks: unknown hook(s) {bad}; known: {HOOKS}")
+            if a.seeds < 1:
+                ap.error(f"--seeds must be >= 1, got {a.seeds}")
+            result["compression_error"] = compression_error_table(steps=5 if a.quick else 40)
+            result["convergence"] = convergence_table(cfg, conv_hooks, list(range(a.seeds)))
     if a.json:
         import json
 

@@ -39,8 +39,8 @@ def test_bench_read_smoke(tmp_path):
 def test_bench_ddp_hook_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, str(BENCH / "bench_ddp_hook.py"), "--quick", "--links", "none",
-         "--json", str(tmp_path / "d.json")],
-        capture_output=True, text=True, timeout=300,
+         "--step-hooks", "allreduce,no_comm,powersgd_r4,llmio_int8", "--json", str(tmp_path / "d.json")],
+        capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "d.json").read_text())
@@ -54,10 +54,23 @@ def test_bench_ddp_hook_smoke(tmp_path):
     st = res["step_time"]["unshaped"]
     assert st["allreduce"]["ratio"] == 1.0 and st["llmio_int8"]["step_s"] > 0 and st["llmio_int8"]["error"] is None
     assert st["powersgd_r4"]["step_s"] > 0
+    # --quick: the first two default bucket sizes, each hook at each, ratios to the all-reduce at 25 MB
+    assert st["llmio_int8@4MB"]["step_s"] > 0 and st["allreduce@4MB"]["ratio"] > 0
+    assert st["best"]["llmio_int8"]["bucket_cap_mb"] in (25, 4)
+    assert st["best"]["llmio_int8"]["ratio"] == min(st["llmio_int8"]["ratio"], st["llmio_int8@4MB"]["ratio"])
+    ce = res["compression_error"]  # per-step error: own block scales (default) beat shared ones
+    assert 0 < ce["default"]["step_error"] < ce["deterministic"]["step_error"] < 0.1
     conv = res["convergence"]
-    assert conv["allreduce"]["eval_loss"] > 0 and conv["llmio_int8"]["eval_loss"] > 0
-    # a few steps in, INT8 with error feedback stays within a few percent of the exact all-reduce
-    assert abs(conv["llmio_int8"]["eval_loss"] / conv["allreduce"]["eval_loss"] - 1) < 0.05
+    assert conv["seeds"] == [0, 1]  # --quick: two seeds, each hook relative to the same seed's all-reduce
+    for seed in ("0", "1"):
+        ar, q = conv["per_seed"][seed]["allreduce"]["eval_loss"], conv["per_seed"][seed]["llmio_int8"]["eval_loss"]
+        assert ar > 0 and q > 0
+        # a few steps in, INT8 with error feedback stays within a few percent of the exact all-reduce
+        assert abs(q / ar - 1) < 0.05
+    s = conv["summary"]["llmio_int8"]
+    assert s["rel_min"] <= s["rel_mean"] <= s["rel_max"] and len(s["rel_per_seed"]) == 2
+    # the two seeds train different models (initialisation and data order differ)
+    assert conv["per_seed"]["0"]["allreduce"]["eval_loss"] != conv["per_seed"]["1"]["allreduce"]["eval_loss"]
 
 
 def test_bench_codec_smoke(tmp_path):

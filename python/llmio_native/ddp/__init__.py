@@ -28,7 +28,13 @@ Where it runs:
   bucket in place, with per-bucket buffers kept across steps. The exchange runs on one
   communication thread per process (FIFO, so every rank issues its collectives in the same
   order), and the hook returns at once: communication overlaps the rest of the backward pass.
-  The last bucket of a step returns once all queued collectives are issued.
+  The last bucket of a step returns once all queued collectives are issued. A large bucket
+  (over 2 * ``exchange.PIECE_NUMEL`` values, 2**19 by default) is exchanged in pieces,
+  pipelined: piece k+1 is quantized while piece k is on the wire (piece k holds the same part of
+  every rank's shard, so ownership, residuals, the result and the bytes are the whole bucket's,
+  bit for bit). DDP's default 25 MB buckets put most of a small model's gradients into one
+  bucket that is ready only at the end of backward; a smaller ``bucket_cap_mb`` lets the earlier
+  buckets travel during backward (benchmarks/bench_ddp_hook.py measures both).
 * CUDA buckets with ``llmio_native._cuda`` usable: three fused kernels on the bucket's
   device, on ``torch.cuda.current_stream()`` — (a) residual-add + absmax + quantize + pack,
   ``all_to_all_single``, (b) dequantize-sum-requantize of the owned shard,

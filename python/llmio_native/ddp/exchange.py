@@ -1,7 +1,8 @@
 """The INT8 exchange of one bucket (int8_compress_hook): on CUDA a chain of Future ``.then``
 stages on the current stream; for CPU buckets a job on one communication thread per process
 (:class:`_CommThread`), so the hook returns at once and the exchange overlaps the rest of the
-backward pass, as DDP's own all-reduce does."""
+backward pass, as DDP's own all-reduce does; a large bucket's job pipelines the exchange in pieces
+(:func:`_pipelined`)."""
 import collections
 import os
 import threading
@@ -45,6 +46,10 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
     own = get("own", packed, torch.uint8)
     gathered = get("gathered", world * packed, torch.uint8)
     stages: List[Stage] = []
+    piece = _piece_values(ops, world, shard)
+    if piece < shard:
+        return _pipelined(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, out_n, deterministic, temps,
+                          get, piece)
     if deterministic:
         absmax = get("absmax", n_pad // BLOCK, torch.float32)
         scales = get("scales", n_pad // BLOCK, torch.float32)
@@ -86,6 +91,125 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
     stages.append(s3)
     return stages
+
+
+# Host path: a bucket's exchange is cut into pieces of about this many bucket values (a multiple
+# of 256 per rank's shard), pipelined on the communication thread: piece k+1 is quantized while
+# piece k is on the wire, and piece k is requantized and unpacked while later pieces travel
+# (:func:`_pipelined`). A bucket of at most 2 pieces' worth goes whole. The result is bit for bit
+# that of the whole-bucket exchange (every block is quantized alike, each rank owns the same
+# values). 0: never cut.
+PIECE_NUMEL = 1 << 19
+
+
+def _piece_values(ops: Any, world: int, shard: int) -> int:
+    """Values of each rank's shard per piece (a multiple of BLOCK; ``shard``: not cut). Only the
+    host path is cut: on CUDA the whole chain is already issued inside the hook call."""
+    if PIECE_NUMEL <= 0 or ops.device.type != "cpu" or world * shard < 2 * PIECE_NUMEL:
+        return shard
+    return max(BLOCK, PIECE_NUMEL // world // BLOCK * BLOCK)
+
+
+def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
+               res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
+               temps: List[torch.Tensor], get: Alloc, piece: int) -> List[Stage]:
+    """The exchange of :func:`_two_phase` as one stage that cuts it into pieces and pipelines them.
+
+    Piece k holds values ``[k*piece, (k+1)*piece)`` of EVERY rank's shard (so each rank owns the
+    same values, with the same shard residual, as in the whole-bucket exchange): rank r's slot of
+    the piece's ``all_to_all_single`` is the quantized piece of shard r, the owner requantizes its
+    piece of its own shard, and the ``all_gather`` brings every shard's piece back. Collectives are
+    issued in one fixed order on every rank (a2a 0, a2a 1, ag 0, a2a 2, ag 1, ...), each waited for
+    only when its result is needed, so the wire carries piece k while piece k+1 is quantized. Per
+    block the arithmetic is the whole-bucket exchange's: bit for bit the same result, residuals
+    and bytes on the wire.
+
+    Raises:
+        Nothing here: the stage raises (bad sizes, a failed collective) when run.
+    """
+    shard = n_pad // world
+    starts = list(range(0, shard, piece))
+    lens = [min(piece, shard - s) for s in starts]
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    stride = _packed  # bytes of one rank's packed slot of a piece of L values
+    if deterministic:
+        absmax = get("absmax", n_pad // BLOCK, torch.float32)
+        scales = get("scales", n_pad // BLOCK, torch.float32)
+        send = get("send", world * shard, torch.uint8)
+        recv = get("recv", world * shard, torch.uint8)
+        temps += [absmax, scales, send, recv]
+        slot = lambda L: L  # noqa: E731 - codes only in phase 1
+    else:
+        send = get("send", world * _packed(shard), torch.uint8)
+        recv = get("recv", world * _packed(shard), torch.uint8)
+        temps += [send, recv]
+        slot = _packed
+    own = get("own", _packed(shard), torch.uint8)
+    gathered = get("gathered", world * _packed(shard), torch.uint8)
+    temps += [own, gathered]
+
+    def valid(off: int, L: int) -> int:  # values of the bucket (not padding) among [off, off + L)
+        return max(0, min(L, n - off))
+
+    def quantize(k: int) -> Any:
+        s, L = starts[k], lens[k]
+        base = world * slot(s)
+        for r in range(world):
+            off = r * shard + s
+            dst = send[base + r * slot(L):base + (r + 1) * slot(L)]
+            if deterministic:
+                b0, nb = off // BLOCK, L // BLOCK
+                ops.quantize_pack_shared(flat_x[off:], valid(off, L), L, 1, res_w[off:off + L],
+                                         absmax[b0:b0 + nb], dst, scales[b0:b0 + nb])
+            else:
+                ops.quantize_pack(flat_x[off:], valid(off, L), L, 1, res_w[off:off + L], dst)
+        return dist.all_to_all_single(recv[base:base + world * slot(L)], send[base:base + world * slot(L)],
+                                      group=group, async_op=True)
+
+    def requant(k: int, a2a: Any) -> Any:
+        s, L = starts[k], lens[k]
+        a2a.wait()
+        got = recv[world * slot(s):world * slot(s + L)]
+        mine = own[stride(s):stride(s + L)]
+        if deterministic:
+            b0 = (rank * shard + s) // BLOCK
+            ops.dequant_sum_requant_shared(got, world, L, scales[b0:b0 + L // BLOCK], res_s[s:s + L], mine)
+        else:
+            ops.dequant_sum_requant(got, world, L, res_s[s:s + L], mine)
+        return dist.all_gather_into_tensor(gathered[world * stride(s):world * stride(s + L)], mine, group=group,
+                                           async_op=True)
+
+    def unpack(k: int, ag: Any) -> None:
+        s, L = starts[k], lens[k]
+        ag.wait()
+        base = world * stride(s)
+        for r in range(world):
+            off = r * shard + s
+            m = max(0, min(L, out_n - off))
+            if m:
+                ops.unpack_dequantize(gathered[base + r * stride(L):base + (r + 1) * stride(L)], 1, L,
+                                      flat_out[off:], m)
+
+    def run() -> None:
+        if deterministic:
+            ops.block_absmax(x, n, n_pad, res_w, absmax)
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=group, async_op=True).wait()
+        a2a = {0: quantize(0)}
+        ag = {}
+        for k in range(len(starts)):
+            if k + 1 < len(starts):
+                a2a[k + 1] = quantize(k + 1)  # on the wire while piece k is requantized
+            ag[k] = requant(k, a2a.pop(k))
+            if k:
+                unpack(k - 1, ag.pop(k - 1))
+        unpack(len(starts) - 1, ag.pop(len(starts) - 1))
+
+    return [run]
+
+
+def _packed(values: int) -> int:
+    """Bytes of ``values`` codes (a multiple of BLOCK) and their block scales."""
+    return values + 4 * (values // BLOCK)
 
 
 def _collective_future(work: Any, device: torch.device, temps: List[torch.Tensor]) -> torch.futures.Future:
