@@ -87,10 +87,7 @@ def version(peer: str) -> str:
 
 # -- child side -------------------------------------------------------------------------------------
 def _s3_env(endpoint: str) -> dict:
-    # AWS_ALLOW_HTTP: litdata builds an obstore S3Store for chunk GETs from its boto3 client's
-    # endpoint without allow_http, so an http:// endpoint fails with "builder error: BadScheme";
-    # obstore takes the option from the environment
-    return {"AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "S3_ENDPOINT_URL": endpoint}
 
 
@@ -156,7 +153,15 @@ def _make_loader(peer: str, url: str, endpoint: str, cache: str, cache_bytes: in
                  workers: int) -> tuple[Any, Callable[[], dict]]:
     """The peer's dataset and DataLoader over ``url`` through ``endpoint``, global shuffle."""
     if peer == "litdata":
+        import litdata.streaming.downloader as dl
         from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+
+        # litdata fetches chunks with an obstore S3Store built from its boto3 client's endpoint, with
+        # client options that lack allow_http: an http:// endpoint fails ("builder error: BadScheme").
+        # Allowing plain HTTP changes nothing else (the workers fork after this and inherit it).
+        opts = getattr(dl, "_OBSTORE_CLIENT_OPTIONS", None)
+        if isinstance(opts, dict):
+            dl._OBSTORE_CLIENT_OPTIONS = {**opts, "allow_http": True}
 
         so = {"endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
               "region_name": "us-east-1"}
