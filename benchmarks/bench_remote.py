@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="python that has the peers installed (default: this one)")
     ap.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of each peer (default 2)")
     ap.add_argument("--peer-shard-bytes", type=int, default=None,
-                    help="peers' shard/chunk size in bytes (default: ours, shard_tokens x 2)")
+                    help="peers' shard/chunk size in bytes (default: ours, shard_tokens x 2, at most 1/64 of "
+                         "the data: Streaming refuses a cache under 4 shards, and with a half-data cache of "
+                         "fewer shards than a shuffled batch touches it stops making progress)")
     a = ap.parse_args(argv)
     import remote_peers
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_ver[p] = subprocess.run([a.peer_python, remote_peers.__file__, "probe", "--peer", p],
                                          capture_output=True, text=True).stdout.strip()
     peers = [p for p in peers if p not in peer_skip]
-    shard_bytes = a.peer_shard_bytes or 2 * a.shard_tokens
+    shard_bytes = a.peer_shard_bytes or min(2 * a.shard_tokens, max(1 << 16, 2 * a.tokens // 64))
     try:
         from remote_proxy import FaultProxy
         from remote_servers import S3_ENV, Missing, make_bucket, start_moto

@@ -179,10 +179,21 @@ def _make_loader(peer: str, url: str, endpoint: str, cache: str, cache_bytes: in
     return ld, lambda: {}
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent (the benchmark) dies: a killed benchmark leaves no child."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def stream(peer: str, url: str, endpoint: str, cache: str, cache_bytes: int, B: int, T: int, workers: int,
            epochs: int, emit: Callable[[dict], None], wait: Callable[[], None]) -> None:
     """Iterate ``epochs`` epochs cold; report ``first_batch`` and ``epoch_end`` through ``emit``."""
     os.environ.update(_s3_env(endpoint))
+    _die_with_parent()
     t0 = time.perf_counter()
     ld, _ = _make_loader(peer, url, endpoint, cache, cache_bytes, B, T, workers)
     for e in range(epochs):
