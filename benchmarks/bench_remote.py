@@ -177,6 +177,16 @@ def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut
         f"{lru['epochs'][-1]['hit_rate']:.3f}")
     for p, r in peer_res.items():
         u = f"{r['unit']} {r['shard_bytes'] >> 10} KiB"
+        if "error" in r["cold"] or "error" in r["half"]:
+            for kind in ("cold", "half"):
+                if "error" in r[kind]:
+                    print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run failed: {r[kind]['error'][:120]}")
+                else:
+                    e = r[kind]["epochs"][-1]
+                    print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run, epoch {e['epoch']}: "
+                          f"{e['batches'] * B * T / e['s']:.0f} tokens/s, amp "
+                          f"{e['proxy_bytes'] / (e['batches'] * B * T * 2):.2f}, 1st batch {r[kind]['first_batch_s']:.3f} s")
+            continue
         row(f"{p}", u, str(r["cold"]["workers"]), r["cold"]["first_batch_s"], r["cold"]["epochs"][0],
             r["half"]["epochs"][-1], r["convert"]["bytes"], "n/a")
     for p, r in peer_res.items():
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-python", default=sys.executable,
                     help="python that has the peers installed (default: this one)")
     ap.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of each peer (default 2)")
+    ap.add_argument("--peer-timeout", type=float, default=900.0,
+                    help="seconds a peer's run may take before it is killed and reported failed (default 900)")
     ap.add_argument("--peer-shard-bytes", type=int, default=None,
                     help="peers' shard/chunk size in bytes (default: ours, shard_tokens x 2, at most 1/64 of "
                          "the data: Streaming refuses a cache under 4 shards, and with a half-data cache of "
@@ -280,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
             conv = remote_peers.convert_upload(p, a.peer_python, raw, os.path.join(tmp, f"{p}-src"), T, shard_bytes,
                                                srv.url, "bench", p)  # straight to moto: not counted
             purl = f"s3://bench/{p}"
-            stage(f"{p}: cold")
-            pc = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-c1"), 4 * conv["bytes"],
-                                       B, T, a.peer_workers, 1)
-            stage(f"{p}: half cache")
-            ph = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-c2"), conv["bytes"] // 2,
-                                       B, T, a.peer_workers, a.epochs)
+            runs: dict = {}
+            for kind, cb, ne in (("cold", 4 * conv["bytes"], 1), ("half", conv["bytes"] // 2, a.epochs)):
+                stage(f"{p}: {kind}")
+                try:
+                    runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
+                                                       cb, B, T, a.peer_workers, ne, a.peer_timeout)
+                except RuntimeError as exc:  # the peer's own failure is a result: the row says it
+                    msg = str(exc).strip().splitlines()
+                    runs[kind] = {"error": msg[-1] if msg else "failed", "detail": str(exc)[-3000:],
+                                  "cache_bytes": cb, "workers": a.peer_workers}
+                    print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
             peer_res[p] = {"version": peer_ver[p], "unit": remote_peers.UNIT[p], "shard_bytes": shard_bytes,
-                           "convert": conv, "cold": pc, "half": ph}
+                           "convert": conv, **runs}
     finally:
         if px is not None:
             px.stop()
