@@ -181,11 +181,11 @@ def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut
             for kind in ("cold", "half"):
                 if "error" in r[kind]:
                     print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run failed: {r[kind]['error'][:120]}")
-                else:
+                if r[kind]["epochs"]:
                     e = r[kind]["epochs"][-1]
                     print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run, epoch {e['epoch']}: "
                           f"{e['batches'] * B * T / e['s']:.0f} tokens/s, amp "
-                          f"{e['proxy_bytes'] / (e['batches'] * B * T * 2):.2f}, 1st batch {r[kind]['first_batch_s']:.3f} s")
+                          f"{e['proxy_bytes'] / (e['batches'] * B * T * 2):.2f}, 1st batch {r[kind].get('first_batch_s', float('nan')):.3f} s")
             continue
         row(f"{p}", u, str(r["cold"]["workers"]), r["cold"]["first_batch_s"], r["cold"]["epochs"][0],
             r["half"]["epochs"][-1], r["convert"]["bytes"], "n/a")
@@ -298,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
                                                        cb, B, T, a.peer_workers, ne, a.peer_timeout)
-                except RuntimeError as exc:  # the peer's own failure is a result: the row says it
+                except remote_peers.PeerError as exc:  # the peer's own failure is a result: the row says it
                     msg = str(exc).strip().splitlines()
-                    runs[kind] = {"error": msg[-1] if msg else "failed", "detail": str(exc)[-3000:],
-                                  "cache_bytes": cb, "workers": a.peer_workers}
+                    runs[kind] = {**exc.partial, "error": msg[-1] if msg else "failed",
+                                  "detail": str(exc)[-3000:]}
                     print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
             peer_res[p] = {"version": peer_ver[p], "unit": remote_peers.UNIT[p], "shard_bytes": shard_bytes,
                            "convert": conv, **runs}

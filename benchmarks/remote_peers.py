@@ -247,6 +247,14 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 # -- parent side ------------------------------------------------------------------------------------
+class PeerError(RuntimeError):
+    """A peer's run failed or was killed; ``partial`` holds what it reported before (epochs done)."""
+
+    def __init__(self, msg: str, partial: dict) -> None:
+        super().__init__(msg)
+        self.partial = partial
+
+
 def _killpg(p: subprocess.Popen) -> None:
     try:
         os.killpg(p.pid, signal.SIGKILL)
@@ -263,7 +271,7 @@ def run_peer(peer: str, python: str, proxy: Any, url: str, cache: str, cache_byt
             each event).
 
     Raises:
-        RuntimeError: the child failed (its output ends the message) or ran past ``timeout``.
+        PeerError: the child failed (its output ends the message) or ran past ``timeout``.
     """
     cmd = [python, os.path.abspath(__file__), "stream", "--peer", peer, "--url", url, "--endpoint", proxy.url,
            "--cache", cache, "--cache-bytes", str(cache_bytes), "--batch-size", str(B), "--seq-len", str(T),
@@ -312,8 +320,8 @@ def run_peer(peer: str, python: str, proxy: Any, url: str, cache: str, cache_byt
     if rc != 0 or len(out["epochs"]) != epochs:
         log.seek(0)
         err = log.read()[-3000:]
-        raise RuntimeError(f"{peer} stream run ({' '.join(cmd)}) exited with status {rc}:\n"
-                           + "\n".join(tail) + "\n" + err)
+        raise PeerError(f"{peer} stream run ({' '.join(cmd)}) exited with status {rc}:\n" + "\n".join(tail) + "\n"
+                        + err, out)
     log.close()
     return out
 
