@@ -299,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
                                                        cb, B, T, a.peer_workers, ne, a.peer_timeout)
                 except remote_peers.PeerError as exc:  # the peer's own failure is a result: the row says it
-                    msg = str(exc).strip().splitlines()
-                    runs[kind] = {**exc.partial, "error": msg[-1] if msg else "failed",
-                                  "detail": str(exc)[-3000:]}
+                    runs[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
                     print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
             peer_res[p] = {"version": peer_ver[p], "unit": remote_peers.UNIT[p], "shard_bytes": shard_bytes,
                            "convert": conv, **runs}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -250,9 +251,10 @@ def _main(argv: list[str] | None = None) -> int:
 class PeerError(RuntimeError):
     """A peer's run failed or was killed; ``partial`` holds what it reported before (epochs done)."""
 
-    def __init__(self, msg: str, partial: dict) -> None:
+    def __init__(self, msg: str, partial: dict, summary: str) -> None:
         super().__init__(msg)
         self.partial = partial
+        self.summary = summary
 
 
 def _killpg(p: subprocess.Popen) -> None:
@@ -320,8 +322,10 @@ def run_peer(peer: str, python: str, proxy: Any, url: str, cache: str, cache_byt
     if rc != 0 or len(out["epochs"]) != epochs:
         log.seek(0)
         err = log.read()[-3000:]
+        errs = [ln for ln in (tail + err.splitlines()) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+        summary = tail[-1] if killed else errs[-1] if errs else f"exited with status {rc}"
         raise PeerError(f"{peer} stream run ({' '.join(cmd)}) exited with status {rc}:\n" + "\n".join(tail) + "\n"
-                        + err, out)
+                        + err, out, summary)
     log.close()
     return out
 

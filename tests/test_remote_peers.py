@@ -41,6 +41,30 @@ def test_missing_peer_gives_the_import_error(tmp_path):
         remote_peers.available("ffcv")
 
 
+def test_failed_peer_keeps_its_epochs_and_error(tmp_path):
+    """A peer child that finishes an epoch and then dies: the epoch and its exception line are kept."""
+
+    class Proxy:
+        url = "http://127.0.0.1:9"
+        body_bytes, requests = 4096, 3
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    "echo 'PEER {\"event\": \"first_batch\", \"s\": 0.5}'\n"
+                    "echo 'PEER {\"event\": \"epoch_end\", \"epoch\": 1, \"s\": 2.0, \"batches\": 7}'\n"
+                    "read ack\n"
+                    "echo 'Traceback (most recent call last):' >&2\necho 'KeyError: 6' >&2\n"
+                    "echo '  warnings.warn(leaked semaphore)' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(remote_peers.PeerError, match="exited with status 1") as ei:
+        remote_peers.run_peer("litdata", str(fake), Proxy(), "s3://b/x", str(tmp_path / "c"), 1 << 20, 2, 8, 1, 2,
+                              timeout=60.0)
+    assert ei.value.summary == "KeyError: 6"
+    (ep,) = ei.value.partial["epochs"]
+    assert ep["epoch"] == 1 and ep["batches"] == 7 and ep["proxy_bytes"] == 0 and ep["requests"] == 0
+    assert ei.value.partial["first_batch_s"] == 0.5
+
+
 def test_stuck_peer_is_killed_and_named(tmp_path):
     """A peer child that never reports is killed (its whole process group) after the timeout."""
 
@@ -53,9 +77,10 @@ def test_stuck_peer_is_killed_and_named(tmp_path):
     # the child starts a grandchild (as DataLoader workers are)
     fake.write_text(f"#!/bin/sh\nsleep 600 >/dev/null &\necho $! > {pidfile}\nsleep 600\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    with pytest.raises(RuntimeError, match=r"(?s)litdata stream run .*killed: ran past 1 s"):
+    with pytest.raises(remote_peers.PeerError, match=r"(?s)litdata stream run .*killed: ran past 1 s") as ei:
         remote_peers.run_peer("litdata", str(fake), Proxy(), "s3://b/x", str(tmp_path / "c"), 1 << 20, 2, 8, 1, 1,
                               timeout=1.0)
+    assert ei.value.summary == "killed: ran past 1 s" and ei.value.partial["epochs"] == []
     pid = int(pidfile.read_text())
     # the grandchild went with the group (a zombie at most, until init reaps it)
     try:
