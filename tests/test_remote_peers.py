@@ -125,8 +125,8 @@ def test_peer_streams_through_the_proxy(tmp_path, peer):
     windows = n // (T + 1) if peer == "litdata" else (n - 1) // T
     e1, e2 = res["epochs"]
     assert e1["batches"] == e2["batches"] == windows // B
-    # cold, cache >= data: each byte of the converted data crosses the proxy once (the index too);
-    # epoch 2 is served by the cache
-    assert 0.9 * conv["bytes"] <= e1["proxy_bytes"] <= conv["bytes"]
+    # cold, cache >= data: each byte of the converted data crosses the proxy once (index included;
+    # a few hundred bytes of listings or error bodies on top); epoch 2 is served by the cache
+    assert conv["bytes"] <= e1["proxy_bytes"] <= conv["bytes"] + 4096
     assert e2["proxy_bytes"] == 0
     assert res["first_batch_s"] > 0 and 0 < res["first_batch_bytes"] <= e1["proxy_bytes"]
