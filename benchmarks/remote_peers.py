@@ -72,8 +72,13 @@ def available(peer: str, python: str = sys.executable) -> str | None:
     """
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; one of {', '.join(PEERS)}")
-    r = subprocess.run([python, os.path.abspath(__file__), "probe", "--peer", peer], capture_output=True,
-                       text=True, timeout=300)
+    try:
+        r = subprocess.run([python, os.path.abspath(__file__), "probe", "--peer", peer], capture_output=True,
+                           text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return f"importing {peer} in {python} took over 300 s"
+    except OSError as exc:
+        return f"cannot run {python}: {exc}"
     if r.returncode == 0:
         return None
     lines = (r.stdout + r.stderr).strip().splitlines()

@@ -37,6 +37,8 @@ def test_missing_peer_gives_the_import_error(tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     why = remote_peers.available("litdata", str(fake))
     assert why == "ModuleNotFoundError: No module named 'litdata'"
+    why = remote_peers.available("streaming", str(tmp_path / "no-such-python"))
+    assert why.startswith(f"cannot run {tmp_path / 'no-such-python'}: ") and "No such file" in why
     with pytest.raises(ValueError, match="unknown peer 'ffcv'"):
         remote_peers.available("ffcv")
 
