@@ -17,11 +17,17 @@ Rows:
                     the loader's order): epoch-2 hit rate, bytes fetched per byte consumed
   half, LRU         the same cache with eviction="lru" (no future, no prefetch): the baseline
 
+  peers (--peers)   litdata and MosaicML Streaming on the same endpoint, proxy and tokens
+                    (converted once to their formats, uploaded to the same bucket): each in a
+                    child process of its own, a cold run with a cache >= the data and a run with
+                    a cache of half the data; bytes counted at the proxy for every row (ours too)
+
 Targets (issue 13): first batch < 1 s; steady state >= 0.9 x the cap; read amplification
-<= 1.1; epoch-2 hit rate >= 1.5 x LRU's. litdata and MosaicML Streaming are not run: with
-``-c /tmp/torch-constraint.txt`` pip would install ~50 packages into the shared environment
-(numpy downgraded to 2.1.3, transformers, torchvision, tokenizers and urllib3 changed), and
-both need the data converted to their own shard formats first.
+<= 1.1; epoch-2 hit rate >= 1.5 x LRU's. The peers are optional (no dependency of ours): a
+peer that does not import in ``--peer-python`` is skipped with the reason printed. Installed
+into the shared environment they would change ~50 packages (numpy downgraded, transformers,
+tokenizers...), so give them a venv of their own and run this script with its python (our
+package on PYTHONPATH or installed there) or point ``--peer-python`` at it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import concurrent.futures as cf
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +51,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from common import machine  # noqa: E402
 
 
-def build(directory: str, ntok: int, chunk_tokens: int, shard_tokens: int, seed: int) -> None:
+def build(directory: str, ntok: int, chunk_tokens: int, shard_tokens: int, seed: int,
+          raw: str | None = None) -> None:
+    """Our dataset of ``ntok`` random tokens; the same tokens as raw uint16 in ``raw`` (for the peers)."""
     rng = np.random.default_rng(seed)
+    fh = open(raw, "wb") if raw else None
     with lio.DatasetWriter(directory, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, overwrite=True) as w:
         doc = 1 << 16
         for i in range(0, ntok, doc):
-            w.add_document(rng.integers(0, 50257, min(doc, ntok - i), dtype=np.uint16))
+            d = rng.integers(0, 50257, min(doc, ntok - i), dtype=np.uint16)
+            w.add_document(d)
+            if fh:
+                fh.write(d.tobytes())
+    if fh:
+        fh.close()
 
 
 def clients(endpoint: str, bucket: str, key: str, size: int, threads: int = 8) -> dict:
@@ -81,10 +96,17 @@ def clients(endpoint: str, bucket: str, key: str, size: int, threads: int = 8) -
     return out
 
 
+def stage(what: str) -> None:
+    """A progress line on stderr (the runs take minutes at the sizes the issue asks for)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 def epoch_run(url: str, so: dict, cache_dir: str, cache_bytes: int | None, B: int, T: int, epochs: int,
-              eviction: str = "future", data_bytes: int | None = None) -> dict:
-    """Open the dataset cold, iterate ``epochs`` epochs; per-epoch stats of the cache."""
+              eviction: str = "future", data_bytes: int | None = None, px=None) -> dict:
+    """Open the dataset cold, iterate ``epochs`` epochs; per-epoch stats of the cache (and the
+    response bytes and requests the proxy ``px`` saw in each epoch)."""
     shutil.rmtree(cache_dir, ignore_errors=True)
+    pb = (px.body_bytes, px.requests) if px is not None else (0, 0)
     t0 = time.perf_counter()
     ds = lio.open_dataset(url, cache_dir=cache_dir, cache_bytes=cache_bytes or (1 << 40), storage_options=so)
     rc = ds.remote
@@ -110,7 +132,13 @@ def epoch_run(url: str, so: dict, cache_dir: str, cache_bytes: int | None, B: in
         dt = time.perf_counter() - t
         st = rc.stats()
         batches = n
-        rows.append({"epoch": e + 1, "s": dt, "tokens_per_s": batches * B * T / dt,
+        if px is not None:
+            now = (px.body_bytes, px.requests)
+            proxy = {"proxy_bytes": now[0] - pb[0], "proxy_requests": now[1] - pb[1]}
+            pb = now
+        else:
+            proxy = {}
+        rows.append({**proxy, "batches": batches, "epoch": e + 1, "s": dt, "tokens_per_s": batches * B * T / dt,
                      "fetched_bytes": st["bytes_fetched"], "fetch_mbs": st["fetch_mbs_busy"],
                      "network_busy_s": st["network_busy_s"],
                      "hit_rate": st["hit_rate"], "stall_s": st["stall_s"], "requests": st["requests"],
@@ -120,6 +148,54 @@ def epoch_run(url: str, so: dict, cache_dir: str, cache_bytes: int | None, B: in
     data = int(rc.unit_size.sum())
     rc.close()
     return {"open_s": open_s, "first_batch_s": first_s, "data_bytes": data, "epochs": rows}
+
+
+def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut: dict, lru: dict,
+               peer_res: dict, peer_skip: dict) -> None:
+    """Ours and the peers side by side, every byte counted at the proxy."""
+    print()
+    print(f"ours vs peers, bytes counted at the proxy ({a.latency * 1e3:.0f} ms/request, cap {a.cap_mbs:.0f} MB/s); "
+          f"amp = proxy bytes / token bytes the epoch's batches carried (B x T x 2 per batch);")
+    print("cold: cache >= data, epoch 1 (1st batch from the open, empty cache); half: cache = half the data, "
+          f"epoch {a.epochs}; ep{a.epochs} fetched = proxy bytes of epoch {a.epochs} / dataset bytes")
+    print(f"{'run':<11}{'unit of fetch':<26}{'workers':>8}{'1st batch s':>12}{'tokens/s':>11}{'amp':>7}"
+          f"{'half tok/s':>11}{'half amp':>9}{f'ep{a.epochs} fetched':>12}{'hit rate':>9}{'requests':>9}")
+
+    def row(name: str, unit: str, workers: str, first: float, c1: dict, h: dict, nbytes: int, hit: str) -> None:
+        amp1 = c1["proxy_bytes"] / (c1["batches"] * B * T * 2)
+        amph = h["proxy_bytes"] / (h["batches"] * B * T * 2)
+        tps1 = c1["batches"] * B * T / c1["s"]
+        tpsh = h["batches"] * B * T / h["s"]
+        req = h.get("requests", h.get("proxy_requests", 0))
+        print(f"{name:<11}{unit:<26}{workers:>8}{first:>12.3f}{tps1:>11.0f}{amp1:>7.2f}{tpsh:>11.0f}{amph:>9.2f}"
+              f"{h['proxy_bytes'] / nbytes:>12.2f}{hit:>9}{req:>9}")
+
+    unit = f"chunk {a.chunk_tokens * 2 >> 10} KiB, <=8 MiB GETs"
+    row("ours", unit, "1+16thr", cold["first_batch_s"], cold["epochs"][0], fut["epochs"][-1], data,
+        f"{fut['epochs'][-1]['hit_rate']:.3f}")
+    row("ours LRU", unit, "1+16thr", cold["first_batch_s"], cold["epochs"][0], lru["epochs"][-1], data,
+        f"{lru['epochs'][-1]['hit_rate']:.3f}")
+    for p, r in peer_res.items():
+        u = f"{r['unit']} {r['shard_bytes'] >> 10} KiB"
+        if "error" in r["cold"] or "error" in r["half"]:
+            for kind in ("cold", "half"):
+                if "error" in r[kind]:
+                    print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run failed: {r[kind]['error'][:120]}")
+                if r[kind]["epochs"]:
+                    e = r[kind]["epochs"][-1]
+                    print(f"{p:<11}{u:<26}{r[kind]['workers']:>8}  {kind} run, epoch {e['epoch']}: "
+                          f"{e['batches'] * B * T / e['s']:.0f} tokens/s, amp "
+                          f"{e['proxy_bytes'] / (e['batches'] * B * T * 2):.2f}, 1st batch {r[kind].get('first_batch_s', float('nan')):.3f} s")
+            continue
+        row(f"{p}", u, str(r["cold"]["workers"]), r["cold"]["first_batch_s"], r["cold"]["epochs"][0],
+            r["half"]["epochs"][-1], r["convert"]["bytes"], "n/a")
+    for p, r in peer_res.items():
+        c = r["convert"]
+        print(f"  {p} {r['version']}: {c['files']} files, {c['bytes'] / 2**20:.1f} MiB in its format "
+              f"(converted in {c['convert_s']:.1f} s); cache bounds {r['cold']['cache_bytes']} / "
+              f"{r['half']['cache_bytes']} bytes")
+    for p, why in peer_skip.items():
+        print(f"  {p}: skipped ({why})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +209,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-mbs", type=float, default=24.0, help="bandwidth cap, MB/s (default 24)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs of the half-cache runs (the last is reported)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peers", default="", help="comma list of peers to run too: litdata,streaming (default none)")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="python that has the peers installed (default: this one)")
+    ap.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of each peer (default 2)")
+    ap.add_argument("--peer-timeout", type=float, default=900.0,
+                    help="seconds a peer's run may take before it is killed and reported failed (default 900)")
+    ap.add_argument("--peer-shard-bytes", type=int, default=None,
+                    help="peers' shard/chunk size in bytes (default: ours, shard_tokens x 2, at most 1/64 of "
+                         "the data: Streaming refuses a cache under 4 shards, and with a half-data cache of "
+                         "fewer shards than a shuffled batch touches it stops making progress)")
     a = ap.parse_args(argv)
+    import remote_peers
+
+    peers = [p for p in a.peers.split(",") if p]
+    for p in peers:
+        if p not in remote_peers.PEERS:
+            ap.error(f"--peers: unknown peer {p!r}; one of {', '.join(remote_peers.PEERS)}")
+    peer_skip: dict[str, str] = {}
+    peer_ver: dict[str, str] = {}
+    for p in peers:
+        why = remote_peers.available(p, a.peer_python)
+        if why:
+            peer_skip[p] = f"not importable in {a.peer_python}: {why}"
+            print(f"bench_remote: skipping {p}: {peer_skip[p]}")
+        else:
+            peer_ver[p] = subprocess.run([a.peer_python, remote_peers.__file__, "probe", "--peer", p],
+                                         capture_output=True, text=True).stdout.strip()
+    peers = [p for p in peers if p not in peer_skip]
+    shard_bytes = a.peer_shard_bytes or min(2 * a.shard_tokens, max(1 << 16, 2 * a.tokens // 64))
     try:
         from remote_proxy import FaultProxy
         from remote_servers import S3_ENV, Missing, make_bucket, start_moto
@@ -152,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         B, T = a.batch_size, a.seq_len
         src_dir = os.path.join(tmp, "src")
-        build(src_dir, a.tokens, a.chunk_tokens, a.shard_tokens, 0)
+        raw = os.path.join(tmp, "tokens.u16") if peers else None
+        stage("build the dataset")
+        build(src_dir, a.tokens, a.chunk_tokens, a.shard_tokens, 0, raw)
         make_bucket(srv.url, "bench")
         from llmio_native.remote import open_source
 
@@ -171,11 +277,32 @@ def main(argv: list[str] | None = None) -> int:
         url = "s3://bench/ds"
         # the first loader of a process pays one-time costs (imports, engine and server
         # warm-up): reported apart, the measured runs start from an empty cache in a warm process
+        stage("first loader (warm-up)")
         first_ever = epoch_run(url, so, os.path.join(tmp, "c0"), None, B, T, 0)["first_batch_s"]
-        cold = epoch_run(url, so, os.path.join(tmp, "c1"), None, B, T, 1)
+        stage("ours: cold")
+        cold = epoch_run(url, so, os.path.join(tmp, "c1"), None, B, T, 1, px=px)
         data = cold["data_bytes"]
-        fut = epoch_run(url, so, os.path.join(tmp, "c2"), None, B, T, a.epochs, "future", data // 2)
-        lru = epoch_run(url, so, os.path.join(tmp, "c3"), None, B, T, a.epochs, "lru", data // 2)
+        stage("ours: half cache, future")
+        fut = epoch_run(url, so, os.path.join(tmp, "c2"), None, B, T, a.epochs, "future", data // 2, px=px)
+        stage("ours: half cache, LRU")
+        lru = epoch_run(url, so, os.path.join(tmp, "c3"), None, B, T, a.epochs, "lru", data // 2, px=px)
+        peer_res: dict[str, dict] = {}
+        for p in peers:
+            stage(f"{p}: convert and upload")
+            conv = remote_peers.convert_upload(p, a.peer_python, raw, os.path.join(tmp, f"{p}-src"), T, shard_bytes,
+                                               srv.url, "bench", p)  # straight to moto: not counted
+            purl = f"s3://bench/{p}"
+            runs: dict = {}
+            for kind, cb, ne in (("cold", 4 * conv["bytes"], 1), ("half", conv["bytes"] // 2, a.epochs)):
+                stage(f"{p}: {kind}")
+                try:
+                    runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
+                                                       cb, B, T, a.peer_workers, ne, a.peer_timeout)
+                except remote_peers.PeerError as exc:  # the peer's own failure is a result: the row says it
+                    runs[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
+                    print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
+            peer_res[p] = {"version": peer_ver[p], "unit": remote_peers.UNIT[p], "shard_bytes": shard_bytes,
+                           "convert": conv, **runs}
     finally:
         if px is not None:
             px.stop()
@@ -203,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['fetch_mbs'] / a.cap_mbs:>8.2f}{r['fetch_mbs'] / line:>8.2f}{r['fetched_bytes'] / data:>9.2f}"
               f"{r['hit_rate']:>9.3f}{r['stall_s']:>8.2f}{r['fetch_p50_ms']:>8.1f}{r['fetch_p99_ms']:>8.1f}")
     ratio = f2["hit_rate"] / l2["hit_rate"] if l2["hit_rate"] else float("inf")
+    if peers or peer_skip:
+        peer_table(a, data, B, T, cold, fut, lru, peer_res, peer_skip)
     print()
     print(f"targets: first batch {cold['first_batch_s']:.3f} s (< 1 s); read amplification {amp:.3f} (<= 1.1); "
           f"epoch-{a.epochs} hit rate future/LRU {ratio:.2f} (>= 1.5); cold fetch rate (busy) {c1['fetch_mbs']:.1f} MB/s "
@@ -212,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"machine": machine(), "tokens": a.tokens, "chunk_tokens": a.chunk_tokens, "batch_size": B,
                        "seq_len": T, "latency_s": a.latency, "cap_mbs": a.cap_mbs, "line_mbs": line,
                        "clients_mbs": cl, "data_bytes": data, "first_batch_cold_process_s": first_ever, "cold": cold, "half_future": fut, "half_lru": lru,
-                       "read_amplification": amp, "hit_rate_ratio": ratio}, fh, indent=1)
+                       "read_amplification": amp, "hit_rate_ratio": ratio, "peers": peer_res,
+                       "peers_skipped": peer_skip}, fh, indent=1)
     return 0
 
 
