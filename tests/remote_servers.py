@@ -175,5 +175,19 @@ def http_server_root(tmp_path_factory) -> Iterator[tuple[Server, str]]:
     srv.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def aws_env() -> Iterator[None]:
+    """Module-scoped, autouse where imported: the S3 test credentials in os.environ (the
+    moto server accepts any), restored after the module."""
+    old = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 __all__ = ["Missing", "Server", "free_port", "start_moto", "start_nginx", "make_bucket", "s3_server",
-           "http_server_root", "S3_ENV"]
+           "http_server_root", "S3_ENV", "aws_env"]

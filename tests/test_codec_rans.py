@@ -14,6 +14,8 @@ from llmio_native import _core
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans as R
 
+from shard_edit import reseal
+
 B = _core.RANS_BLOCK_SYMBOLS  # 32768
 L = _core.RANS_LANES  # 32
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -468,20 +470,6 @@ def test_verify_checks_the_padding_after_a_model_region(tmp_path):
     assert "after the rans model region" in rep.bad_chunks[0].reason
 
 
-def _reseal(shard, raw: bytearray) -> None:
-    """Write ``raw`` to ``shard`` with its tables checksum, header and manifest entry
-    recomputed (a deliberate rewrite that passes every checksum)."""
-    hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
-    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
-    fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
-                                 "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum, version=hdr["version"])
-    shard.write_bytes(bytes(raw))
-    mpath = shard.parent / "manifest.json"
-    man = json.loads(mpath.read_text())
-    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
-    mpath.write_text(json.dumps(man))
-
 
 def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     """A payload that passes its checksum but does not decode (an encoder bug, or a
@@ -493,7 +481,7 @@ def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     raw[off + n - 3] ^= 0x10
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     struct.pack_into("<Q", raw, hdr["table_offset"] + 1 * 48 + 32, F.checksum(bytes(raw[off:off + n])))
-    _reseal(shard, raw)
+    reseal(shard, raw)
     ds = lio.open_dataset(tmp_path / "d")
     np.testing.assert_array_equal(ds.read(0, 4096), allt[:4096])  # chunk 0 fine
     with pytest.raises(lio.FormatError, match=r"shard-00000.lio chunk 1 .*rans payload") as ei:
@@ -507,7 +495,7 @@ def test_model_offset_on_a_raw_chunk_is_rejected_at_open(tmp_path):
     raw = bytearray(shard.read_bytes())
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     struct.pack_into("<H", raw, hdr["table_offset"] + 2 * 48 + 28, F.CODEC_NONE)
-    _reseal(shard, raw)
+    reseal(shard, raw)
     with pytest.raises(lio.FormatError, match=r"chunk 2 @ offset \d+: (raw chunk size|nonzero model_offset)"):
         lio.open_dataset(tmp_path / "d")
 

@@ -17,6 +17,8 @@ from llmio_native import _core
 from llmio_native.dataset import format as F
 from llmio_native.dataset import rans1 as R1
 
+from shard_edit import reseal
+
 B = _core.RANS_BLOCK_SYMBOLS  # 32768
 L = _core.RANS_LANES  # 32
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -643,19 +645,6 @@ def _one_rans1_shard(tmp_path):
     return lio.open_dataset(tmp_path / "d"), np.concatenate(docs), tmp_path / "d" / "shard-00000.lio"
 
 
-def _reseal(shard, raw: bytearray) -> None:
-    """``raw`` written back with its tables checksum, header and manifest entry recomputed."""
-    hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
-    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
-    fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
-                                 "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum, version=hdr["version"])
-    shard.write_bytes(bytes(raw))
-    mpath = shard.parent / "manifest.json"
-    man = json.loads(mpath.read_text())
-    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
-    mpath.write_text(json.dumps(man))
-
 
 def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     ds, allt, shard = _one_rans1_shard(tmp_path)
@@ -665,7 +654,7 @@ def test_corrupt_payload_with_fixed_checksum_is_a_format_error(tmp_path):
     raw[off + n - 3] ^= 0x10
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     struct.pack_into("<Q", raw, hdr["table_offset"] + 1 * 48 + 32, F.checksum(bytes(raw[off:off + n])))
-    _reseal(shard, raw)
+    reseal(shard, raw)
     ds = lio.open_dataset(tmp_path / "d")
     np.testing.assert_array_equal(ds.read(0, 4096), allt[:4096])
     with pytest.raises(lio.FormatError, match=r"shard-00000.lio chunk 1 .*rans1 payload") as ei:
@@ -690,7 +679,7 @@ def test_a_rans_chunk_pointing_at_a_rans1_model_is_a_format_error(tmp_path):
     raw = bytearray(shard.read_bytes())
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     struct.pack_into("<H", raw, hdr["table_offset"] + 0 * 48 + 28, F.CODEC_RANS)
-    _reseal(shard, raw)
+    reseal(shard, raw)
     ds = lio.open_dataset(tmp_path / "d")
     with pytest.raises(lio.FormatError, match="rans chunk whose model region holds a rans1 model"):
         ds.read(0, 10)

@@ -21,6 +21,8 @@ from llmio_native.loader.staging import fill_staging, plan_group_staging
 from llmio_native.remote.cache import unit_charge, unit_punch_range
 from llmio_native.remote.dataset import _units
 
+from shard_edit import reseal
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -296,24 +298,12 @@ def test_v2_shard_shrunk_after_open_names_the_read(tmp_path):
         ds.read(int(c["first_token"]), 5)
 
 
-def _reseal(shard: Path, raw: bytearray) -> None:
-    hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
-    tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
-    fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
-                                 "chunk_tokens", "table_offset", "doc_index_offset")}
-    raw[:4096] = F.pack_header(**fields, tables_checksum=tsum, version=hdr["version"])
-    shard.write_bytes(bytes(raw))
-    mpath = shard.parent / "manifest.json"
-    man = json.loads(mpath.read_text())
-    man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
-    mpath.write_text(json.dumps(man))
-
 
 def _edit_entry(shard: Path, k: int, field_offset: int, value: int) -> None:
     raw = bytearray(shard.read_bytes())
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     struct.pack_into("<Q", raw, hdr["table_offset"] + 48 * k + field_offset, value)
-    _reseal(shard, raw)
+    reseal(shard, raw)
 
 
 @pytest.mark.parametrize("case,edit,msg", [

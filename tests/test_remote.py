@@ -21,7 +21,7 @@ from llmio_native.loader.token_loader import planned_batches
 
 sys.path.insert(0, os.path.dirname(__file__))
 from remote_proxy import FaultProxy  # noqa: E402
-from remote_servers import S3_ENV, http_server_root, make_bucket, s3_server  # noqa: E402,F401
+from remote_servers import S3_ENV, aws_env, http_server_root, make_bucket, s3_server  # noqa: E402,F401
 
 obstore = pytest.importorskip("obstore", reason="obstore not installed (pip install obstore)")
 
@@ -31,18 +31,6 @@ from llmio_native.remote.cache import CacheFullError, allocated_bytes  # noqa: E
 from llmio_native.remote.dataset import cache_root  # noqa: E402
 
 TOKENS = np.random.default_rng(7).integers(0, 60000, 240_000, dtype=np.uint16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _aws_env():
-    old = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import llmio_native as lio
 
 sys.path.insert(0, os.path.dirname(__file__))
 from remote_proxy import FaultProxy  # noqa: E402
-from remote_servers import S3_ENV, make_bucket, s3_server  # noqa: E402,F401
+from remote_servers import aws_env, make_bucket, s3_server  # noqa: E402,F401
 
 obstore = pytest.importorskip("obstore", reason="obstore not installed (pip install obstore)")
 
@@ -34,18 +34,6 @@ from llmio_native.remote.store import ObjectSource, UploadCancelled  # noqa: E40
 
 BUCKET = "llmio-write"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _aws_env():
-    old = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
