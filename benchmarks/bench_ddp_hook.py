@@ -835,12 +835,41 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--seeds must be >= 1, got {a.seeds}")
             result["compression_error"] = compression_error_table(steps=5 if a.quick else 40)
             result["convergence"] = convergence_table(cfg, conv_hooks, list(range(a.seeds)))
+    chart = step_time_chart(result.get("step_time"))
+    if chart:
+        result["chart"] = chart
     if a.json:
         import json
 
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1, default=float)
     return 0
+
+
+def step_time_chart(step_time: dict | None) -> dict | None:
+    """The bars ``llmio bench hook`` draws: for every link, each hook's step time relative to
+    the plain fp32 all-reduce at DDP's default bucket size, each hook at its own best bucket
+    size (so the all-reduce's own bar can sit below 1). None without a step-time table.
+
+    Raises:
+        Nothing.
+    """
+    if not step_time:
+        return None
+    bars = []
+    for link, rows in step_time.items():
+        best = rows.get("best") or {}
+        for h in HOOKS:
+            b = best.get(h)
+            if not b or b.get("ratio") is None:
+                continue
+            kind = "limit" if h == "no_comm" else ("ours" if h.startswith("llmio") else "baseline")
+            bars.append({"label": f"{link}: {HOOK_LABEL[h]} @ {b['bucket_cap_mb']:g} MB", "value": float(b["ratio"]),
+                         "kind": kind})
+    if not bars:
+        return None
+    return {"title": "llmio bench hook: DDP step time, W = 2 on gloo, shaped loopback (lower is better)",
+            "unit": "x the fp32 all-reduce step at 25 MB buckets", "bars": bars}
 
 
 if __name__ == "__main__":

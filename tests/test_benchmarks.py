@@ -58,6 +58,11 @@ def test_bench_ddp_hook_smoke(tmp_path):
     assert st["llmio_int8@4MB"]["step_s"] > 0 and st["allreduce@4MB"]["ratio"] > 0
     assert st["best"]["llmio_int8"]["bucket_cap_mb"] in (25, 4)
     assert st["best"]["llmio_int8"]["ratio"] == min(st["llmio_int8"]["ratio"], st["llmio_int8@4MB"]["ratio"])
+    # the chart `llmio bench hook` draws: each measured hook at its best bucket size, per link
+    bars = {b["label"]: b for b in res["chart"]["bars"]}
+    ours = bars["unshaped: llmio INT8 (default) @ %g MB" % st["best"]["llmio_int8"]["bucket_cap_mb"]]
+    assert ours["value"] == st["best"]["llmio_int8"]["ratio"] and ours["kind"] == "ours"
+    assert {b["kind"] for b in bars.values()} == {"ours", "baseline", "limit"} and len(bars) == 4 * len(res["step_time"])
     ce = res["compression_error"]  # per-step error: own block scales (default) beat shared ones
     assert 0 < ce["default"]["step_error"] < ce["deterministic"]["step_error"] < 0.1
     conv = res["convergence"]
