@@ -22,8 +22,8 @@ the step spent waiting for the loader), the bytes each rank put on the wire agai
 all-reduce, and ``batches``: a hash chained over every batch every rank consumed. Kill the run
 at any moment (even SIGKILL) and start it again with --resume: it continues from the last
 checkpoint with the same sample stream, so the hash at each step equals that of a run that was
-never interrupted, and so does the loss (bit for bit with --hook none; to about 1e-6 with the
-INT8 hook, whose first step in a new process sees DDP's initial bucket layout).
+never interrupted, and so does the loss, bit for bit (also with the INT8 hook: see
+``settle_buckets``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict
 
@@ -92,10 +93,28 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
+def die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a SIGKILL of torchrun alone would
+    leave the ranks training (and checkpointing) on their own. Ask Linux to SIGKILL this rank
+    when its launcher dies, as a dying node would; elsewhere, do nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE: one process per rank (gloo on CPU, nccl on GPUs)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
+    die_with_launcher()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -162,6 +181,25 @@ def load_hook_state(hook_state: Any, model: nn.Module, t: Dict[str, torch.Tensor
     hook_state.load_state_dict(sd, model)
 
 
+def settle_buckets(model: nn.Module, net: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> None:
+    """One backward on a fixed batch before training, with the plain all-reduce, its gradients
+    dropped.
+
+    DDP lays its gradient buckets out in parameter order, then rebuilds them once, after the
+    first backward of a process, in the order the gradients became ready. The INT8 hook
+    quantizes in blocks of the bucket it is given, so without this the first step of every
+    process (a resumed one included) would see a different layout from all later steps, and a
+    resumed run would drift from an uninterrupted one by about 1e-5 of the loss. With the
+    layout settled here, every training step of every process sees the rebuilt layout, and a
+    resumed run repeats the uninterrupted one bit for bit. Consumes no random numbers and no
+    loader batches; the hook is registered afterwards.
+    """
+    x = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    logits = model(x)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
+    net.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     a = parse_args()
     rank, world, device = setup_distributed(a.device)
@@ -182,6 +220,7 @@ def main() -> None:
     hook_state = None
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        settle_buckets(model, net, a.batch_size, a.seq_len, device)
         if a.hook == "int8":
             from llmio_native.ddp import Int8CompressState, int8_compress_hook
             hook_state = Int8CompressState(model=net)
