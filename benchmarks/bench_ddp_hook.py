@@ -278,9 +278,10 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
-HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
+HOOKS = ["allreduce", "no_comm", "sync_only", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
          "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
+              "sync_only": "no gradient traffic, ranks synchronised once per step (bound of any synchronous hook)",
               "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
               "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True",
@@ -331,6 +332,16 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
             return fut
 
         model.register_comm_hook(None, local)
+    elif hook == "sync_only":  # no gradient traffic; the ranks wait for each other once per step, as with
+        # every synchronous hook (the slower rank's backward sets the step time)
+        def synced(state, bucket):
+            if bucket.is_last():
+                dist.all_reduce(torch.zeros(1))
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model.register_comm_hook(None, synced)
     elif hook == "bf16_compress_hook":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif hook.startswith("powersgd_r"):
@@ -339,17 +350,8 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
         model.register_comm_hook(st, _on_comm_thread(psgd.powerSGD_hook))
         return st
     elif hook == "llmio_int8_whole":  # the A/B of the pipelined pieces: each bucket exchanged whole
-        from llmio_native.ddp import exchange
-
-        def whole(state, bucket):  # the exchange's stages are built inside the hook call
-            prev, exchange.PIECE_NUMEL = exchange.PIECE_NUMEL, 0
-            try:
-                return int8_compress_hook(state, bucket)
-            finally:
-                exchange.PIECE_NUMEL = prev
-
-        st = Int8CompressState(warmup_steps=2, model=net)
-        model.register_comm_hook(st, whole)
+        st = Int8CompressState(warmup_steps=2, model=net, piece_numel=0)
+        model.register_comm_hook(st, int8_compress_hook)
         return st
     elif hook.startswith("llmio_int8"):
         st = Int8CompressState(warmup_steps=2, deterministic=hook.endswith("deterministic"), model=net)
@@ -426,7 +428,9 @@ def _steps_worker(cfg: dict) -> None:
                if r["times"] and not r["error"] and len(r["times"]) == len(base) else None,
                "error": r["error"], "params": sum(p.numel() for p in r["net"].parameters()),
                "stats": _hook_stats(r["state"]),
-               "trace": _trace_summary(r["traces"]) if r.get("traces") and not r["error"] else None}
+               "trace": _trace_summary(r["traces"]) if r.get("traces") and not r["error"] else None,
+               "trace_raw": [[(round((ts - next(u for u, e, _, _ in tr if e == "bwd")) * 1e3, 3), e, i, k)
+                              for ts, e, i, k in tr] for tr in r.get("traces", [])] if not r["error"] else None}
            for h, r in runs.items()}
     exchange.TRACE = None
     if rank == 0:
@@ -864,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
     ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
                     "of each hook's loss relative to the plain all-reduce of the same seed)")
-    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "llmio_int8_whole")),
+    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "sync_only", "llmio_int8_whole")),
                     help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))

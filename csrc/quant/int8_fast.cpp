@@ -56,6 +56,10 @@ struct Kern {
   // fused shared-scale owner's step: v = (float(sum_r c_r) / W) * sc + res (or * 1/W), and its absmax
   float (*dsr_int)(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res,
                    float* v, bool* finite);
+  // 16-bit buckets (f16: fp16, else bf16), len <= B values: widen = to_f32 of each (exact); narrow =
+  // FromF32 of each (round to nearest even, FromF32's NaN), bit for bit at every level
+  void (*widen)(const uint16_t* x, bool f16, size_t len, float* out);
+  void (*narrow)(const float* v, bool f16, size_t len, uint16_t* out);
 };
 
 namespace scalar {
@@ -111,13 +115,40 @@ float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool pow2, float
   }
   return absmax(v, finite);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  if (f16) {
+    for (size_t i = 0; i < len; ++i) out[i] = to_f32(F16{x[i]});
+  } else {
+    for (size_t i = 0; i < len; ++i) out[i] = to_f32(Bf16{x[i]});
+  }
+}
+void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16) {
+    for (size_t i = 0; i < len; ++i) out[i] = FromF32<F16>::conv(v[i]).bits;
+  } else {
+    for (size_t i = 0; i < len; ++i) out[i] = FromF32<Bf16>::conv(v[i]).bits;
+  }
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace scalar
 
 #if defined(LLMIO_INT8_X86)
 #define LLMIO_AVX2 __attribute__((target("avx2")))
+#define LLMIO_AVX2_F16C __attribute__((target("avx2,f16c")))
 #define LLMIO_AVX512 __attribute__((target("avx512f")))
 constexpr int kRound = _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC;  // as std::nearbyint
+
+// fp16 conversions in hardware (F16C; AVX-512F has its own): vcvtph2ps is exact, as to_f32.
+// vcvtps2ph with round-to-nearest-even gives FromF32<F16>'s bits for every non-NaN value (both are
+// IEEE conversions: subnormals, ties and overflow to inf alike) when the scalar version's float
+// arithmetic runs in the default MXCSR state (round to nearest, no FTZ/DAZ); in another state, and
+// for vectors with a NaN (FromF32's canonical NaN, not the hardware's payload), the scalar code runs.
+// bf16 uses integer operations only (the same as FromF32<Bf16>), so it is exact in any state.
+bool has_f16c() {
+  static const bool has = __builtin_cpu_supports("f16c");
+  return has;
+}
+inline bool default_mxcsr() { return (_mm_getcsr() & 0xE040u) == 0; }  // RC = nearest, FTZ and DAZ off
 
 // The quantizer's rint(v / scale) from a reciprocal multiply, exactly. With scale normal
 // (>= FLT_MIN, so inv = fl(1 / scale) is finite and normal) and |v| <= absmax = 127 * scale
@@ -246,7 +277,40 @@ LLMIO_AVX2 float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool 
   *finite = _mm256_movemask_ps(bad) == 0;
   return fold8(m);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+LLMIO_AVX2_F16C void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  if (f16 && !has_f16c()) return scalar::widen(x, f16, len, out);
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    _mm256_storeu_ps(out + i, f16 ? _mm256_cvtph_ps(h)
+                                  : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  scalar::widen(x + i, f16, len - i, out + i);
+}
+LLMIO_AVX2_F16C void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16 && (!has_f16c() || !default_mxcsr())) return scalar::narrow(v, f16, len, out);
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 f = _mm256_loadu_ps(v + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(f, f, _CMP_UNORD_Q))) {
+      scalar::narrow(v + i, f16, 8, out + i);
+      continue;
+    }
+    __m128i h;
+    if (f16) {
+      h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+    } else {  // (u + 0x7fff + ((u >> 16) & 1)) >> 16: no carry out of 32 bits for a non-NaN u
+      const __m256i u = _mm256_castps_si256(f);
+      const __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // <= 0xffff: no saturation
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  scalar::narrow(v + i, f16, len - i, out + i);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace avx2
 
 namespace avx512 {
@@ -347,7 +411,38 @@ LLMIO_AVX512 float dsr_int(const uint8_t* const* c, uint32_t world, float w, boo
   *finite = bad == 0;
   return _mm512_reduce_max_ps(m);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+LLMIO_AVX512 void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    _mm512_storeu_ps(out + i, f16 ? _mm512_cvtph_ps(h)
+                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  scalar::widen(x + i, f16, len - i, out + i);
+}
+LLMIO_AVX512 void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16 && !default_mxcsr()) return scalar::narrow(v, f16, len, out);
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 f = _mm512_loadu_ps(v + i);
+    if (_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q)) {
+      scalar::narrow(v + i, f16, 16, out + i);
+      continue;
+    }
+    __m256i h;
+    if (f16) {
+      h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+    } else {
+      const __m512i u = _mm512_castps_si512(f);
+      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+          _mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), h);
+  }
+  scalar::narrow(v + i, f16, len - i, out + i);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace avx512
 #endif  // LLMIO_INT8_X86
 
@@ -531,19 +626,15 @@ inline float get_f32(const uint8_t* p) {
 }
 
 // Block b of x as fp32 (zero at i >= n): a pointer into x for a full fp32 block, else tmp.
-const float* load_x(const void* x, int dtype, uint64_t n, uint64_t b, float* tmp) {
+const float* load_x(const Kern& k, const void* x, int dtype, uint64_t n, uint64_t b, float* tmp) {
   const uint64_t i0 = b * B;
   const uint64_t len = i0 >= n ? 0 : std::min<uint64_t>(B, n - i0);
   if (dtype == kF32) {
     const float* xf = static_cast<const float*>(x) + i0;
     if (len == B) return xf;
     std::memcpy(tmp, xf, len * 4);
-  } else if (dtype == kBF16) {
-    const Bf16* xh = static_cast<const Bf16*>(x) + i0;
-    for (uint64_t i = 0; i < len; ++i) tmp[i] = to_f32(xh[i]);
   } else {
-    const F16* xh = static_cast<const F16*>(x) + i0;
-    for (uint64_t i = 0; i < len; ++i) tmp[i] = to_f32(xh[i]);
+    k.widen(static_cast<const uint16_t*>(x) + i0, dtype == kF16, len, tmp);
   }
   std::fill(tmp + len, tmp + B, 0.0f);
   return tmp;
@@ -634,7 +725,7 @@ void quantize_pack_fast(const Int8QuantizePackParams& p) {
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
       float* r = p.residual + b * B;
-      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), r, v, &fin);
+      const float m = k.add_absmax(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v, &fin);
       uint8_t* dst = p.send + (b / sblocks) * stride;
       const uint64_t lb = b % sblocks;
       put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r));
@@ -648,7 +739,7 @@ void block_absmax_fast(const Int8BlockAbsmaxParams& p) {
     alignas(64) float tmp[B], v[B];
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
-      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v, &fin);
+      const float m = k.add_absmax(load_x(k, p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v, &fin);
       p.absmax[b] = fin ? m : pos_inf();
     }
   });
@@ -661,7 +752,7 @@ void quantize_pack_shared_fast(const Int8QuantizePackSharedParams& p) {
     alignas(64) float tmp[B], v[B];
     for (uint64_t b = b0; b < b1; ++b) {
       float* r = p.residual + b * B;
-      k.add(load_x(p.x, p.dtype, p.n, b, tmp), r, v);
+      k.add(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v);
       const float m = p.absmax[b];
       uint8_t* dst = p.send + (b / sblocks) * shard + (b % sblocks) * B;
       p.scales[b] = quantize_block(k, v, finite_f(m), m, dst, r);
@@ -730,12 +821,8 @@ void unpack_dequantize_fast(const Int8UnpackDequantizeParams& p) {
       k.deq(src + lb * B, sc, tmp);
       if (p.dtype == kF32) {
         std::memcpy(static_cast<float*>(p.out) + i0, tmp, len * 4);
-      } else if (p.dtype == kBF16) {
-        Bf16* o = static_cast<Bf16*>(p.out) + i0;
-        for (uint64_t i = 0; i < len; ++i) o[i] = FromF32<Bf16>::conv(tmp[i]);
       } else {
-        F16* o = static_cast<F16*>(p.out) + i0;
-        for (uint64_t i = 0; i < len; ++i) o[i] = FromF32<F16>::conv(tmp[i]);
+        k.narrow(tmp, p.dtype == kF16, len, static_cast<uint16_t*>(p.out) + i0);
       }
     }
   });

@@ -33,6 +33,30 @@ def _mark(event: str, idx: int = -1, k: int = -1) -> None:
         tr.append((time.perf_counter(), event, idx, k))
 
 
+def _all_gather_flat(output: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """``inp`` of every rank of ``group``, concatenated into ``output``: ``dist.all_gather_single``
+    where torch has it (torch 2.13 renamed ``all_gather_into_tensor`` and warns on the old name),
+    else ``dist.all_gather_into_tensor`` (torch 2.0 to 2.12). Looked up at each call.
+
+    Raises:
+        RuntimeError: the collective failed (or, with ``async_op``, through its Work).
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, inp, group=group, async_op=async_op)
+
+
+def _reduce_scatter_flat(output: torch.Tensor, inp: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
+                         async_op: bool = False) -> Any:
+    """``inp`` reduced over ``group``, rank r's slice into ``output``: ``dist.reduce_scatter_single``
+    where torch has it (the torch 2.13 name), else ``dist.reduce_scatter_tensor``.
+
+    Raises:
+        RuntimeError: the collective failed (or, with ``async_op``, through its Work).
+    """
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, inp, op=op, group=group, async_op=async_op)
+
+
 Stage = Callable[[], Optional[Any]]  # runs local work; returns the Work of the collective it issued, or None
 
 
@@ -46,12 +70,13 @@ def _fresh(dev: torch.device) -> Alloc:
 
 def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
-               temps: List[torch.Tensor], alloc: Optional[Alloc] = None, idx: int = -1) -> List[Stage]:
+               temps: List[torch.Tensor], alloc: Optional[Alloc] = None, idx: int = -1,
+               piece_numel: Optional[int] = None) -> List[Stage]:
     """The INT8 exchange of ``x[:n]`` (zero-padded to ``n_pad``) among ``group`` as stages for
     :func:`_drive` (their temporaries appended to ``temps``); the dequantized average lands in
     ``out[:out_n]``. ``alloc`` gives the temporaries (default: fresh tensors; the host path
     passes the state's per-bucket buffers, kept across steps); ``idx``: the bucket's index, for
-    :data:`TRACE`.
+    :data:`TRACE`; ``piece_numel``: the pieces of a host exchange (None: :data:`PIECE_NUMEL`).
 
     Raises:
         Nothing here: the stages raise (bad sizes, a failed launch or collective) when run.
@@ -64,7 +89,7 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
     own = get("own", packed, torch.uint8)
     gathered = get("gathered", world * packed, torch.uint8)
     stages: List[Stage] = []
-    piece = _piece_values(ops, world, shard)
+    piece = _piece_values(ops, world, shard, PIECE_NUMEL if piece_numel is None else piece_numel)
     if piece < shard:
         return _pipelined(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, out_n, deterministic, temps,
                           get, piece, idx)
@@ -85,7 +110,7 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         def s2() -> Any:
             ops.dequant_sum_requant_shared(recv, world, shard, scales[rank * sblocks:(rank + 1) * sblocks], res_s, own)
-            return dist.all_gather_into_tensor(gathered, own, group=group, async_op=True)
+            return _all_gather_flat(gathered, own, group=group, async_op=True)
 
         stages += [s0, s1, s2]
     else:
@@ -99,7 +124,7 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         def s2() -> Any:
             ops.dequant_sum_requant(recv, world, shard, res_s, own)
-            return dist.all_gather_into_tensor(gathered, own, group=group, async_op=True)
+            return _all_gather_flat(gathered, own, group=group, async_op=True)
 
         stages += [s1, s2]
     temps += [own, gathered]
@@ -116,16 +141,17 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 # piece k is on the wire, and piece k is requantized and unpacked while later pieces travel
 # (:func:`_pipelined`). A bucket of at most 2 pieces' worth goes whole. The result is bit for bit
 # that of the whole-bucket exchange (every block is quantized alike, each rank owns the same
-# values). 0: never cut.
+# values). 0: never cut. The default of ``Int8CompressState(piece_numel=None)``.
 PIECE_NUMEL = 1 << 19
 
 
-def _piece_values(ops: Any, world: int, shard: int) -> int:
-    """Values of each rank's shard per piece (a multiple of BLOCK; ``shard``: not cut). Only the
-    host path is cut: on CUDA the whole chain is already issued inside the hook call."""
-    if PIECE_NUMEL <= 0 or ops.device.type != "cpu" or world * shard < 2 * PIECE_NUMEL:
+def _piece_values(ops: Any, world: int, shard: int, piece_numel: int) -> int:
+    """Values of each rank's shard per piece of ``piece_numel`` bucket values (a multiple of
+    BLOCK; ``shard``: not cut). Only the host path is cut: on CUDA the whole chain is already
+    issued inside the hook call."""
+    if piece_numel <= 0 or ops.device.type != "cpu" or world * shard < 2 * piece_numel:
         return shard
-    return max(BLOCK, PIECE_NUMEL // world // BLOCK * BLOCK)
+    return max(BLOCK, piece_numel // world // BLOCK * BLOCK)
 
 
 def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
@@ -198,7 +224,7 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
         else:
             ops.dequant_sum_requant(got, world, L, res_s[s:s + L], mine)
         _mark("requant_end", idx, k)
-        return dist.all_gather_into_tensor(gathered[world * stride(s):world * stride(s + L)], mine, group=group,
+        return _all_gather_flat(gathered[world * stride(s):world * stride(s + L)], mine, group=group,
                                            async_op=True)
 
     def unpack(k: int, ag: Any) -> None:
@@ -561,7 +587,7 @@ def _prepare(state: Int8CompressState, bucket: dist.GradBucket, group: Any, worl
         # kernels write in place too, except for a bucket dtype they lack (fp32 staging copy).
         out = x if isinstance(ops, _DeviceOps) else buf
         stages = _two_phase(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, n, state.deterministic, temps,
-                            alloc, idx)
+                            alloc, idx, state.piece_numel)
 
         def finish() -> torch.Tensor:
             if out is not buf:
@@ -588,13 +614,13 @@ def _prepare(state: Int8CompressState, bucket: dist.GradBucket, group: Any, worl
             xf[:n].copy_(buf.reshape(-1))
             xf[n:].zero_()
             xf.div_(L)  # scaled before the sum: L values near the fp32 maximum do not overflow
-            return dist.reduce_scatter_tensor(chunk, xf, op=dist.ReduceOp.SUM, group=intra, async_op=True)
+            return _reduce_scatter_flat(chunk, xf, op=dist.ReduceOp.SUM, group=intra, async_op=True)
 
         inner = _two_phase(ops, cross, M, node, chunk, chunk_n, chunk_n, res_w, res_s, out_chunk, chunk_n,
-                           state.deterministic, temps, alloc, idx)
+                           state.deterministic, temps, alloc, idx, state.piece_numel)
 
         def h2() -> Any:
-            return dist.all_gather_into_tensor(full, out_chunk, group=intra, async_op=True)
+            return _all_gather_flat(full, out_chunk, group=intra, async_op=True)
 
         stages = [h0] + inner + [h2]
 
