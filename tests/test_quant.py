@@ -830,3 +830,41 @@ def test_fast_16bit_buckets_written_bit_identical(dtype, impl):
         if nan.any():  # FromF32's NaN: 0x7fc0 for bf16, sign | 0x7e00 for fp16 (the scale's NaN is positive)
             assert set(np.unique(out[:n][nan]).tolist()) == {0x7fc0 if dtype == "bfloat16" else 0x7e00}
         assert (out[n:] == 0x5A5A).all()  # nothing past n
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_fast_owner_step_scale_fold_boundaries_bit_identical(world, impl):
+    """The vector levels multiply codes by sc * (1/W) in one step for a power-of-two W when every
+    scale of the block is in [2^-126 W, 2^120]: scales at, and one ulp either side of, both ends
+    (codes up to +-127 and -128 from the wire, results near the subnormal range and near
+    overflow), blocks with one rank's scale outside, give the oracle's bits."""
+    lo = np.float32(2.0 ** -126 * world)
+    hi = np.float32(2.0 ** 120)
+    edges = [lo, np.nextafter(lo, np.float32(0)), np.nextafter(lo, np.float32(np.inf)), hi,
+             np.nextafter(hi, np.float32(0)), np.nextafter(hi, np.float32(np.inf)), np.float32(2.0 ** 126),
+             np.float32(3e-39), np.float32(1e-45), np.float32(0), np.float32(1.0), np.float32(0.1) * lo]
+    rng = np.random.default_rng(world)
+    sblocks = 48
+    shard = sblocks * BLOCK
+    scales = np.empty((world, sblocks), np.float32)
+    for b in range(sblocks):
+        base = edges[b % len(edges)]
+        scales[:, b] = base
+        if b >= len(edges):  # later blocks: the other ranks elsewhere in (or out of) the range
+            scales[1:, b] = np.float32(edges[rng.integers(len(edges))]) if world > 1 else base
+    codes = rng.integers(-128, 128, (world, shard)).astype(np.int8)
+    codes[:, ::7] = 127
+    codes[:, 3::7] = -128
+    codes[:, 5::11] = 0
+    recv = np.concatenate([np.concatenate([codes[r].view(np.uint8), scales[r].view(np.uint8)])
+                           for r in range(world)])
+    res0 = (np.random.default_rng(1).standard_normal(shard) * np.float32(1e-38)).astype(np.float32)
+    exp_res = res0.copy()
+    c = np.empty(shard, np.int8)
+    s = np.empty(sblocks, np.float32)
+    _core.dequant_sum_requant_ref(codes, scales, exp_res, c, s)
+    res = res0.copy()
+    own = np.full(shard + 4 * sblocks, 0xAB, np.uint8)
+    impl.dequant_sum_requant(recv, world, shard, res, own)
+    np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))

@@ -42,6 +42,13 @@ constexpr size_t B = kBlock;
 // IEEE division and multiplication both round it correctly (normal, subnormal, inf and NaN
 // alike), so the multiply gives the oracle's bits; tests/test_quant.py checks W = 1..5 at
 // every level.
+//
+// The vector levels fold it further: (c * sc) * 2^-k == c * (sc * 2^-k) when every scale of the
+// block lies in [2^-126 * W, 2^120] (fold_ok). Then sc * 2^-k is a normal number (exact), |c| <=
+// 128 keeps |c * sc| <= 2^127 (no overflow), and |c| >= 1 keeps both c * sc and c * sc * 2^-k
+// normal, so the two roundings see the same significand at exponents 2^k apart: the same bits
+// (c = 0: +-0 either way). A block with a scale outside the range (0, subnormal, huge, NaN) keeps
+// the two multiplies. tests/test_quant.py checks every level against the oracle there.
 struct Kern {
   void (*add)(const float* a, const float* b, float* v);
   float (*absmax)(const float* v, bool* finite);
@@ -137,6 +144,18 @@ constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, na
 #define LLMIO_AVX2_F16C __attribute__((target("avx2,f16c")))
 #define LLMIO_AVX512 __attribute__((target("avx512f")))
 constexpr int kRound = _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC;  // as std::nearbyint
+
+// Whether the owner's step may multiply codes by sc * (1/W) in one step (see Kern): W a power of
+// two (w = 1/W) and every rank's scale in [2^-126 W, 2^120]; sw receives the folded scales.
+inline bool fold_ok(const float* sc, uint32_t world, float w, bool pow2, float* sw) {
+  if (!pow2 || world > 64) return false;
+  const float lo = 0x1.0p-126f / w;  // 2^-126 * W, exact
+  for (uint32_t r = 0; r < world; ++r) {
+    if (!(sc[r] >= lo && sc[r] <= 0x1.0p120f)) return false;  // NaN fails too
+    sw[r] = sc[r] * w;
+  }
+  return true;
+}
 
 // fp16 conversions in hardware (F16C; AVX-512F has its own): vcvtph2ps is exact, as to_f32.
 // vcvtps2ph with round-to-nearest-even gives FromF32<F16>'s bits for every non-NaN value (both are
@@ -242,6 +261,21 @@ LLMIO_AVX2 float dsr(const uint8_t* const* c, const float* sc, uint32_t world, f
                      float* v, bool* finite) {
   const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e+38f), vw = _mm256_set1_ps(w);
   __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  float sw[64];
+  if (fold_ok(sc, world, w, pow2, sw)) {  // one multiply per code (see Kern)
+    for (size_t i = 0; i < B; i += 8) {
+      __m256 x = _mm256_setzero_ps();
+      for (uint32_t r = 0; r < world; ++r)
+        x = _mm256_add_ps(x, _mm256_mul_ps(codes8(c[r] + i), _mm256_set1_ps(sw[r])));
+      x = _mm256_add_ps(x, _mm256_loadu_ps(res + i));
+      _mm256_storeu_ps(v + i, x);
+      const __m256 ax = _mm256_andnot_ps(sign, x);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, big, _CMP_NLE_UQ));
+      m = _mm256_max_ps(m, ax);
+    }
+    *finite = _mm256_movemask_ps(bad) == 0;
+    return fold8(m);
+  }
   for (size_t i = 0; i < B; i += 8) {
     __m256 x = _mm256_setzero_ps();
     for (uint32_t r = 0; r < world; ++r) {
@@ -377,6 +411,21 @@ LLMIO_AVX512 float dsr(const uint8_t* const* c, const float* sc, uint32_t world,
   const __m512 big = _mm512_set1_ps(3.40282347e+38f), vw = _mm512_set1_ps(w);
   __m512 m = _mm512_setzero_ps();
   __mmask16 bad = 0;
+  float sw[64];
+  if (fold_ok(sc, world, w, pow2, sw)) {  // one multiply per code (see Kern)
+    for (size_t i = 0; i < B; i += 16) {
+      __m512 x = _mm512_setzero_ps();
+      for (uint32_t r = 0; r < world; ++r)
+        x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c[r] + i)), _mm512_set1_ps(sw[r])));
+      x = _mm512_add_ps(x, _mm512_loadu_ps(res + i));
+      _mm512_storeu_ps(v + i, x);
+      const __m512 ax = _mm512_abs_ps(x);
+      bad |= _mm512_cmp_ps_mask(ax, big, _CMP_NLE_UQ);
+      m = _mm512_max_ps(m, ax);
+    }
+    *finite = bad == 0;
+    return _mm512_reduce_max_ps(m);
+  }
   for (size_t i = 0; i < B; i += 16) {
     __m512 x = _mm512_setzero_ps();
     for (uint32_t r = 0; r < world; ++r) {
