@@ -868,3 +868,24 @@ def test_fast_owner_step_scale_fold_boundaries_bit_identical(world, impl):
     impl.dequant_sum_requant(recv, world, shard, res, own)
     np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
     np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def test_fast_shared_scale_below_the_values_clamps_like_the_oracle(impl):
+    """quantize_pack_shared with a shared absmax below some |x + residual| (the clamp to +-127
+    binds: a caller's bad absmax, not the hook's): every level clamps as the emulation does (the
+    fast levels skip the clamp only where the block's own absmax makes it a no-op)."""
+    world, n = 2, 8 * BLOCK
+    x = edge_values(n, 17, nonfinite=False)
+    res0 = np.zeros(n, np.float32)
+    absmax = np.empty(n // BLOCK, np.float32)
+    _core.int8_block_absmax_emulate(x, 0, n, n, res0.copy(), absmax)
+    absmax *= np.float32(0.6)  # codes up to 127 / 0.6: clamped
+    ref = Impl("emulate")
+    exp_res, exp_send, exp_sc = res0.copy(), np.empty(n, np.uint8), np.empty(n // BLOCK, np.float32)
+    ref.quantize_pack_shared(x, 0, n, n, world, exp_res, absmax, exp_send, exp_sc)
+    assert (np.abs(exp_send.view(np.int8).astype(int)) == 127).sum() > n // 20  # the clamp binds
+    res, send, sc = res0.copy(), np.empty(n, np.uint8), np.empty(n // BLOCK, np.float32)
+    impl.quantize_pack_shared(x, 0, n, n, world, res, absmax, send, sc)
+    np.testing.assert_array_equal(send, exp_send)
+    np.testing.assert_array_equal(f32_bits(sc), f32_bits(exp_sc))
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))

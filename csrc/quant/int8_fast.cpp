@@ -52,7 +52,9 @@ constexpr size_t B = kBlock;
 struct Kern {
   void (*add)(const float* a, const float* b, float* v);
   float (*absmax)(const float* v, bool* finite);
-  void (*quant)(const float* v, float scale, uint8_t* q, float* res);
+  // own: scale = fl(m / 127) for m = max |v| of this block (not a shared absmax), so a level may
+  // skip the clamp where it cannot bind
+  void (*quant)(const float* v, float scale, uint8_t* q, float* res, bool own);
   void (*deq)(const uint8_t* c, float sc, float* out);
   // fused: v = a + b and its absmax (one pass)
   float (*add_absmax)(const float* a, const float* b, float* v, bool* finite);
@@ -84,7 +86,7 @@ float absmax(const float* v, bool* finite) {
   *finite = fin;
   return m;
 }
-void quant(const float* v, float scale, uint8_t* q, float* res) {
+void quant(const float* v, float scale, uint8_t* q, float* res, bool /*own*/) {
   for (size_t i = 0; i < B; ++i) {
     float r = std::nearbyint(v[i] / scale);
     r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
@@ -204,27 +206,35 @@ LLMIO_AVX2 float absmax(const float* v, bool* finite) {
   for (float x : t) r = x > r ? x : r;
   return r;
 }
-LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res) {
+LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res, bool own) {
   const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
   const __m256 sign = _mm256_set1_ps(-0.0f), inv = _mm256_set1_ps(1.0f / scale), near = _mm256_set1_ps(kNearHalf);
   const bool recip = reciprocal_ok(scale);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (size_t i = 0; i < B; i += 32) {
     __m256i qi[4];
-    for (int k = 0; k < 4; ++k) {
-      const __m256 x = _mm256_loadu_ps(v + i + 8 * k);
-      __m256 r;
-      if (recip) {  // x * (1 / scale), then division only where a half-integer is near (see reciprocal_ok)
-        const __m256 m = _mm256_mul_ps(x, inv);
-        r = _mm256_round_ps(m, kRound);
-        const __m256 t = _mm256_andnot_ps(sign, _mm256_sub_ps(m, r));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(t, near, _CMP_GE_OQ))) r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
-      } else {
-        r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
+    __m256 x[4], r[4];
+    for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(v + i + 8 * k);
+    if (recip) {  // x * (1 / scale), then division where a half-integer is near (see reciprocal_ok)
+      __m256 close = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const __m256 m = _mm256_mul_ps(x[k], inv);
+        r[k] = _mm256_round_ps(m, kRound);
+        close = _mm256_or_ps(close, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(m, r[k])), near, _CMP_GE_OQ));
       }
-      r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
-      qi[k] = _mm256_cvtps_epi32(r);
-      _mm256_storeu_ps(res + i + 8 * k, _mm256_sub_ps(x, _mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), s)));
+      if (_mm256_movemask_ps(close))  // the division gives the same codes elsewhere: redo all 32
+        for (int k = 0; k < 4; ++k) r[k] = _mm256_round_ps(_mm256_div_ps(x[k], s), kRound);
+      // own: a normal scale = fl(absmax / 127) and |x| <= absmax give |x / scale| <= 127 (1 + 2^-23) and
+      // |x * inv| <= 127 (1 + 2^-24)^3, both below 127.5: the codes are within +-127, the clamp is a no-op
+      if (!own)
+        for (int k = 0; k < 4; ++k) r[k] = _mm256_min_ps(_mm256_max_ps(r[k], lo), hi);
+    } else {
+      for (int k = 0; k < 4; ++k)
+        r[k] = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(x[k], s), kRound), lo), hi);
+    }
+    for (int k = 0; k < 4; ++k) {
+      qi[k] = _mm256_cvtps_epi32(r[k]);
+      _mm256_storeu_ps(res + i + 8 * k, _mm256_sub_ps(x[k], _mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), s)));
     }
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, perm));
@@ -364,7 +374,7 @@ LLMIO_AVX512 float absmax(const float* v, bool* finite) {
   *finite = bad == 0;
   return _mm512_reduce_max_ps(m);  // exact: a max of finite values in any order
 }
-LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res) {
+LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res, bool /*own*/) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
   const bool recip = reciprocal_ok(scale);
   const __m512 inv = _mm512_set1_ps(1.0f / scale), near = _mm512_set1_ps(kNearHalf);
@@ -690,8 +700,8 @@ const float* load_x(const Kern& k, const void* x, int dtype, uint64_t n, uint64_
 }
 
 // quantize_one of the oracle for one block of v (absmax m, finite): codes and residual
-// written, the scale returned.
-float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_t* codes, float* res) {
+// written, the scale returned. own: m is max |v| of this block (see Kern::quant).
+float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_t* codes, float* res, bool own) {
   if (!finite) {
     std::memset(codes, 0, B);
     std::fill(res, res + B, 0.0f);
@@ -703,7 +713,7 @@ float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_
     std::memcpy(res, v, B * 4);
     return 0.0f;
   }
-  k.quant(v, scale, codes, res);
+  k.quant(v, scale, codes, res, own);
   return scale;
 }
 
@@ -777,7 +787,7 @@ void quantize_pack_fast(const Int8QuantizePackParams& p) {
       const float m = k.add_absmax(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v, &fin);
       uint8_t* dst = p.send + (b / sblocks) * stride;
       const uint64_t lb = b % sblocks;
-      put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r));
+      put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r, true));
     }
   });
 }
@@ -804,7 +814,7 @@ void quantize_pack_shared_fast(const Int8QuantizePackSharedParams& p) {
       k.add(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v);
       const float m = p.absmax[b];
       uint8_t* dst = p.send + (b / sblocks) * shard + (b % sblocks) * B;
-      p.scales[b] = quantize_block(k, v, finite_f(m), m, dst, r);
+      p.scales[b] = quantize_block(k, v, finite_f(m), m, dst, r, false);  // a shared absmax: clamp
     }
   });
 }
@@ -828,7 +838,7 @@ void dequant_sum_requant_fast(const Int8DequantSumRequantParams& p) {
       }
       float* res = p.residual + lb * B;
       const float m = k.dsr(c.data(), sc.data(), p.world, w, pow2, res, v, &fin);
-      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
+      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res, true));
     }
   });
 }
@@ -847,7 +857,7 @@ void dequant_sum_requant_shared_fast(const Int8DequantSumRequantSharedParams& p)
       for (uint32_t r = 0; r < p.world; ++r) c[r] = p.recv_codes + r * p.shard + lb * B;  // exact int32 sum
       float* res = p.residual + lb * B;
       const float m = k.dsr_int(c.data(), p.world, w, pow2, p.shared_scales[lb], res, v, &fin);
-      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
+      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res, true));
     }
   });
 }
