@@ -1019,8 +1019,11 @@ _DEPRECATED = r".*(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base
 def nowarn_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """DDP training through the hook, flat (pieces) and hierarchical (reduce-scatter and all-gather
     inside a node), with torch's deprecation warnings of the flat collectives turned into errors
-    (raised on the communication thread they reach the hook's future, and backward raises)."""
+    (raised on the communication thread they reach the hook's future, and backward raises); the
+    last flat step recorded by ``exchange.TRACE``."""
     import warnings
+
+    from llmio_native.ddp import exchange
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     warnings.filterwarnings("error", message=_DEPRECATED)
@@ -1043,8 +1046,12 @@ def nowarn_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model.register_comm_hook(state, int8_compress_hook)
         g = torch.Generator().manual_seed(3 + rank)
         for step in range(3):
+            if mode == "flat" and step == 2:
+                exchange.TRACE = []
             model.zero_grad()
             model(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+            if exchange.TRACE is not None:
+                out["trace"], exchange.TRACE = exchange.TRACE, None
         out[mode] = state.stats()["buckets_compressed"]
         del model
     out["calls"] = dict(calls)
@@ -1061,6 +1068,16 @@ def test_hook_issues_no_deprecated_collective(tmp_path):
         with open(tmp_path / f"nowarn{rank}.pkl", "rb") as f:
             out = pickle.load(f)
         assert out["flat"] >= 2 and out["hier"] >= 2, out
+        # the traced step: every compressed bucket's hook call, job, pieces and future, in time order
+        trace = out.pop("trace")
+        assert [t for t, *_ in trace] == sorted(t for t, *_ in trace)
+        names = {e for _, e, _, _ in trace}
+        assert {"hook", "job", "job_end", "quant", "quant_end", "a2a_done", "requant_end", "ag_done", "unpack_end",
+                "future"} <= names, names
+        hooks = {i for _, e, i, _ in trace if e == "hook"}
+        jobs = {i for _, e, i, _ in trace if e == "job_end"}
+        assert len(hooks) >= 2 and jobs == hooks, (hooks, jobs)
+        assert max(k for _, e, _, k in trace if e == "quant") >= 1  # several pieces per bucket
         if hasattr(dist, "all_gather_single"):
             assert out["calls"]["all_gather_single"] >= out["flat"] + 2 * out["hier"], out
         if hasattr(dist, "reduce_scatter_single"):
