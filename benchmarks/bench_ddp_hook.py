@@ -24,12 +24,16 @@
    (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
    ``deterministic=True``, and with each bucket exchanged whole instead of in pipelined pieces: the
    A/B of the pipelining), and the step without any communication (a hook that returns the
-   bucket: the lower bound, measured in the same run), each at several DDP bucket sizes
+   bucket: the lower bound, measured in the same run) and the step without gradient traffic whose
+   ranks wait for each other once per step (``sync_only``: the bound of any synchronous hook; the
+   slower rank's backward sets the step), each at several DDP bucket sizes
    (``--bucket-cap-mb``, default 25 (DDP's default), 4 and 1 MB); the ratio of each step time to the
    plain all-reduce's at the first bucket size in the same round, median over rounds, and each
    hook at its own best bucket size. Without namespaces or tc: only the
    unshaped rows, in the default namespace, with the
-   reason printed.
+   reason printed. ``--trace``: where one rank's step goes (forward, backward compute until the
+   last bucket's hook call, the exposed tail after it split into our kernels' CPU time, waiting for
+   the collectives and DDP's finish, the optimizer; per bucket the hook call and the exchange).
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
    character level) with each hook for a few hundred steps (AdamW), for several seeds (``--seeds``:
    a seed fixes the initialisation and the data order, the same for every hook); each hook's final
