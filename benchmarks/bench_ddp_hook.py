@@ -282,7 +282,8 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
-HOOKS = ["allreduce", "no_comm", "sync_only", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
+HOOKS = ["allreduce", "no_comm", "sync_only", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16",
+         "llmio_int8",
          "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
               "sync_only": "no gradient traffic, ranks synchronised once per step (bound of any synchronous hook)",
@@ -872,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
     ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
                     "of each hook's loss relative to the plain all-reduce of the same seed)")
-    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "sync_only", "llmio_int8_whole")),
+    ap.add_argument("--conv-hooks",
+                    default=",".join(h for h in HOOKS if h not in ("no_comm", "sync_only", "llmio_int8_whole")),
                     help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))
