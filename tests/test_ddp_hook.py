@@ -669,16 +669,16 @@ def test_ranks_that_choose_different_paths_agree_on_one(tmp_path):
         assert np.array_equal(res["out"], np.full(4096, 1.5, np.float32))
 
 
-def _missing_collective(*a, **k):
-    raise AssertionError("called a torch.distributed function that torch 2.3+ does not have")
-
-
 def overflow_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    # Issue 16: these names do not exist in torch 2.3+; the hook must not reach for them.
-    dist.all_gather_single = dist.reduce_scatter_single = _missing_collective
+    # Issue 16: torch before 2.13 (the floor is 2.3) has no all_gather_single / reduce_scatter_single,
+    # only all_gather_into_tensor / reduce_scatter_tensor: the hook must work without the new names
+    # (test_hook_issues_no_deprecated_collective checks that it uses them where torch has them).
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            delattr(dist, name)
     n = 4096
     x = (np.random.default_rng(rank).standard_normal(n)).astype(np.float32)
     x[256:512] = np.float32(3e38)  # one block near the fp32 maximum on every rank
