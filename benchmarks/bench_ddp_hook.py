@@ -24,12 +24,16 @@
    (n/a with its error where gloo refuses it), PowerSGD ranks 1/4/16, ours (default and
    ``deterministic=True``, and with each bucket exchanged whole instead of in pipelined pieces: the
    A/B of the pipelining), and the step without any communication (a hook that returns the
-   bucket: the lower bound, measured in the same run), each at several DDP bucket sizes
+   bucket: the lower bound, measured in the same run) and the step without gradient traffic whose
+   ranks wait for each other once per step (``sync_only``: the bound of any synchronous hook; the
+   slower rank's backward sets the step), each at several DDP bucket sizes
    (``--bucket-cap-mb``, default 25 (DDP's default), 4 and 1 MB); the ratio of each step time to the
    plain all-reduce's at the first bucket size in the same round, median over rounds, and each
    hook at its own best bucket size. Without namespaces or tc: only the
    unshaped rows, in the default namespace, with the
-   reason printed.
+   reason printed. ``--trace``: where one rank's step goes (forward, backward compute until the
+   last bucket's hook call, the exposed tail after it split into our kernels' CPU time, waiting for
+   the collectives and DDP's finish, the optimizer; per bucket the hook call and the exchange).
 5. Convergence: a smaller GPT trained on the shipped corpus (examples/data/tinyshakespeare.txt,
    character level) with each hook for a few hundred steps (AdamW), for several seeds (``--seeds``:
    a seed fixes the initialisation and the data order, the same for every hook); each hook's final
@@ -278,9 +282,10 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4./5. DDP runs in subprocesses
 
-HOOKS = ["allreduce", "no_comm", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16", "llmio_int8",
-         "llmio_int8_deterministic", "llmio_int8_whole"]
+HOOKS = ["allreduce", "no_comm", "sync_only", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16",
+         "llmio_int8", "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
+              "sync_only": "no gradient traffic, ranks synchronised once per step (bound of any synchronous hook)",
               "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
               "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True",
@@ -331,6 +336,16 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
             return fut
 
         model.register_comm_hook(None, local)
+    elif hook == "sync_only":  # no gradient traffic; the ranks wait for each other once per step, as with
+        # every synchronous hook (the slower rank's backward sets the step time)
+        def synced(state, bucket):
+            if bucket.is_last():
+                dist.all_reduce(torch.zeros(1))
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model.register_comm_hook(None, synced)
     elif hook == "bf16_compress_hook":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif hook.startswith("powersgd_r"):
@@ -339,17 +354,8 @@ def _register(model: torch.nn.Module, hook: str, net: torch.nn.Module) -> object
         model.register_comm_hook(st, _on_comm_thread(psgd.powerSGD_hook))
         return st
     elif hook == "llmio_int8_whole":  # the A/B of the pipelined pieces: each bucket exchanged whole
-        from llmio_native.ddp import exchange
-
-        def whole(state, bucket):  # the exchange's stages are built inside the hook call
-            prev, exchange.PIECE_NUMEL = exchange.PIECE_NUMEL, 0
-            try:
-                return int8_compress_hook(state, bucket)
-            finally:
-                exchange.PIECE_NUMEL = prev
-
-        st = Int8CompressState(warmup_steps=2, model=net)
-        model.register_comm_hook(st, whole)
+        st = Int8CompressState(warmup_steps=2, model=net, piece_numel=0)
+        model.register_comm_hook(st, int8_compress_hook)
         return st
     elif hook.startswith("llmio_int8"):
         st = Int8CompressState(warmup_steps=2, deterministic=hook.endswith("deterministic"), model=net)
@@ -392,19 +398,29 @@ def _steps_worker(cfg: dict) -> None:
             except Exception as exc:
                 run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             runs[_run_key(hook, cap, caps)] = run
+    from llmio_native.ddp import exchange
+
     for i in range(cfg["steps"] + WARM):
         for hook, run in runs.items():
             if run["error"]:
                 continue
             x = torch.randint(0, 2048, (4, 128), generator=run["g"])
+            trace = [] if cfg.get("trace") and i >= WARM else None
+            exchange.TRACE = trace
             try:
                 t0 = time.perf_counter()
+                exchange._mark("fwd")
                 loss = torch.nn.functional.cross_entropy(run["model"](x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
                 run["opt"].zero_grad()
+                exchange._mark("bwd")
                 loss.backward()
+                exchange._mark("bwd_end")
                 run["opt"].step()
+                exchange._mark("opt_end")
                 if i >= WARM:
                     run["times"].append(time.perf_counter() - t0)
+                    if trace is not None:
+                        run.setdefault("traces", []).append(trace)
             except Exception as exc:  # a hook that does not run on CPU/gloo: reported, not fatal
                 run["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
                 dist.barrier()
@@ -415,7 +431,12 @@ def _steps_worker(cfg: dict) -> None:
                "ratio": float(np.median(np.array(r["times"]) / np.array(base)))
                if r["times"] and not r["error"] and len(r["times"]) == len(base) else None,
                "error": r["error"], "params": sum(p.numel() for p in r["net"].parameters()),
-               "stats": _hook_stats(r["state"])} for h, r in runs.items()}
+               "stats": _hook_stats(r["state"]),
+               "trace": _trace_summary(r["traces"]) if r.get("traces") and not r["error"] else None,
+               "trace_raw": [[(round((ts - next(u for u, e, _, _ in tr if e == "bwd")) * 1e3, 3), e, i, k)
+                              for ts, e, i, k in tr] for tr in r.get("traces", [])] if not r["error"] else None}
+           for h, r in runs.items()}
+    exchange.TRACE = None
     if rank == 0:
         with open(cfg["out"], "w") as f:
             json.dump(out, f)
@@ -425,6 +446,55 @@ def _steps_worker(cfg: dict) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+_KERNEL = (("quant", "quant_end"), ("a2a_done", "requant_end"), ("ag_done", "unpack_end"))  # pipelined pieces
+
+
+def _trace_summary(traces: list) -> dict:
+    """Medians over steps of one rank's step timeline (``exchange.TRACE`` events, ms): forward,
+    backward compute (until the last bucket's hook call: every gradient is ready), the time from
+    there until ``backward()`` returns (the exposed tail) split into our kernels' CPU time on the
+    communication thread, waiting for the wire, and DDP's finish after the last future; kernel
+    CPU time of the whole step; optimizer; and per bucket the hook call, the exchange's start and
+    end (ms after backward starts)."""
+    rows: dict = {}
+    per_bucket: dict = {}
+    for ev in traces:
+        t = {}
+        for ts, name, idx, k in ev:
+            t.setdefault((name, idx, k), ts)
+        bwd, bwd_end = t[("bwd", -1, -1)], t[("bwd_end", -1, -1)]
+        hooks = sorted(ts for ts, name, _, _ in ev if name == "hook")
+        last_hook = hooks[-1] if hooks else bwd_end
+        busy = []  # intervals of kernel work on the communication thread
+        for ts, name, idx, k in ev:
+            for a, b in _KERNEL:
+                if name == a and (b, idx, k) in t:
+                    busy.append((ts, t[(b, idx, k)]))
+            if name == "stage_end":  # a bucket exchanged whole: stage k ran since the previous wait (or the job start)
+                start = t.get(("wait_done", idx, k - 1), t.get(("job", idx, -1)))
+                if k == 0 and any(e[1] == "quant" and e[2] == idx for e in ev):
+                    continue  # a pipelined bucket: its pieces are counted above
+                if start is not None:
+                    busy.append((start, ts))
+        kern = sum(b - a for a, b in busy)
+        kern_tail = sum(max(0.0, min(b, bwd_end) - max(a, last_hook)) for a, b in busy)
+        futs = [ts for ts, name, _, _ in ev if name == "future"]
+        last_fut = max(futs) if futs else last_hook
+        tail = bwd_end - last_hook
+        vals = {"forward": bwd - t[("fwd", -1, -1)], "backward_compute": last_hook - bwd, "exposed_tail": tail,
+                "tail_kernel_cpu": kern_tail, "tail_wire_wait": max(0.0, last_fut - last_hook - kern_tail),
+                "tail_ddp_finish": bwd_end - max(last_fut, last_hook), "kernel_cpu_step": kern,
+                "optimizer": t[("opt_end", -1, -1)] - bwd_end, "step": t[("opt_end", -1, -1)] - t[("fwd", -1, -1)]}
+        for key, v in vals.items():
+            rows.setdefault(key, []).append(v * 1e3)
+        for ts, name, idx, k in ev:
+            if name in ("hook", "job", "job_end") and k == -1:
+                per_bucket.setdefault((idx, name), []).append((ts - bwd) * 1e3)
+    out = {k: float(np.median(v)) for k, v in rows.items()}
+    out["buckets"] = {f"{idx}:{name}": float(np.median(v)) for (idx, name), v in sorted(per_bucket.items())}
+    return out
 
 
 def _corpus(path: str) -> tuple[torch.Tensor, int]:
@@ -576,11 +646,13 @@ class _Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_caps: list) -> dict:
+def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, bucket_caps: list,
+                    trace: bool = False) -> dict:
     load0 = f"{os.getloadavg()[0]:.1f}"
     why = _Netns.unavailable()
     rows: dict = {}
-    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_caps": bucket_caps}
+    cfg = {"world": 2, "hooks": hooks, "steps": steps, "int8_threads": int8_threads, "bucket_caps": bucket_caps,
+           "trace": trace}
     if why is not None:
         print(f"\n## step time on shaped links: network namespaces unavailable ({why}); unshaped only, default "
               f"namespace")
@@ -639,7 +711,33 @@ def step_time_table(steps: int, links: list, int8_threads: int, hooks: list, buc
             rows[lab]["best"] = {h: None if best[(lab, h)] is None else {"ratio": best[(lab, h)][0],
                                                                           "bucket_cap_mb": best[(lab, h)][1]}
                                  for h in hooks}
+    if trace:
+        _print_traces(rows, labels)
     return rows
+
+
+def _print_traces(rows: dict, labels: list) -> None:
+    """The step timelines of ``--trace`` (rank 0, median ms over the timed steps)."""
+    keys = ["forward", "backward_compute", "exposed_tail", "tail_kernel_cpu", "tail_wire_wait", "tail_ddp_finish",
+            "kernel_cpu_step", "optimizer", "step"]
+    print("\n### step timeline (--trace; rank 0, median ms over the timed steps): backward_compute ends at the last "
+          "bucket's hook call (every gradient ready); exposed_tail = from there to backward() returning = "
+          "tail_kernel_cpu (our kernels on the communication thread) + tail_wire_wait (waiting for collectives) + "
+          "tail_ddp_finish (DDP after the last future); kernel_cpu_step: all our kernel time in the step")
+    for lab in labels:
+        runs = {h: r for h, r in rows[lab].items() if isinstance(r, dict) and r.get("trace")}
+        if not runs:
+            continue
+        print(f"\n#### {lab}")
+        print("| run | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for h, r in runs.items():
+            print(f"| {h} | " + " | ".join(f"{r['trace'][k]:.1f}" for k in keys) + " |")
+        for h, r in runs.items():
+            b = r["trace"]["buckets"]
+            if b:
+                print(f"  {h} per bucket (ms after backward starts; index:event): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in b.items()))
 
 
 def compression_error_table(n: int = 1 << 16, steps: int = 40, world: int = 2) -> dict:
@@ -774,11 +872,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conv-steps", type=int, default=300, help="training steps per hook (0: skip section 5)")
     ap.add_argument("--seeds", type=int, default=3, help="convergence runs per hook, seeds 0..N-1 (mean and spread "
                     "of each hook's loss relative to the plain all-reduce of the same seed)")
-    ap.add_argument("--conv-hooks", default=",".join(h for h in HOOKS if h not in ("no_comm", "llmio_int8_whole")),
+    ap.add_argument("--conv-hooks",
+                    default=",".join(h for h in HOOKS if h not in ("no_comm", "sync_only", "llmio_int8_whole")),
                     help="hooks of the convergence table (the plain all-reduce is always run)")
     ap.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
                                                      "data", "tinyshakespeare.txt"))
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke test")
+    ap.add_argument("--trace", action="store_true", help="record one rank's step timeline in the step-time runs "
+                    "(llmio_native.ddp.exchange.TRACE) and print where the step goes: backward compute, the "
+                    "exposed tail after it (our kernels, waiting for the wire, DDP's finish), optimizer")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -818,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
         if [h for h in step_hooks if h not in HOOKS]:
             ap.error(f"--step-hooks: unknown hook(s) {[h for h in step_hooks if h not in HOOKS]}; known: {HOOKS}")
         step_hooks = ["allreduce"] + [h for h in step_hooks if h != "allreduce"]
-        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, step_hooks, caps)
+        result["step_time"] = step_time_table(a.gpt_steps, links, a.int8_threads, step_hooks, caps, a.trace)
     if a.conv_steps > 0:
         if not os.path.exists(a.corpus):
             print(f"\n## convergence: skipped, corpus {a.corpus} not found")

@@ -669,16 +669,16 @@ def test_ranks_that_choose_different_paths_agree_on_one(tmp_path):
         assert np.array_equal(res["out"], np.full(4096, 1.5, np.float32))
 
 
-def _missing_collective(*a, **k):
-    raise AssertionError("called a torch.distributed function that torch 2.3+ does not have")
-
-
 def overflow_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    # Issue 16: these names do not exist in torch 2.3+; the hook must not reach for them.
-    dist.all_gather_single = dist.reduce_scatter_single = _missing_collective
+    # Issue 16: torch before 2.13 (the floor is 2.3) has no all_gather_single / reduce_scatter_single,
+    # only all_gather_into_tensor / reduce_scatter_tensor: the hook must work without the new names
+    # (test_hook_issues_no_deprecated_collective checks that it uses them where torch has them).
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            delattr(dist, name)
     n = 4096
     x = (np.random.default_rng(rank).standard_normal(n)).astype(np.float32)
     x[256:512] = np.float32(3e38)  # one block near the fp32 maximum on every rank
@@ -915,7 +915,8 @@ def test_cpu_exchange_overlaps_backward_and_matches_the_synchronous_path(tmp_pat
 def pieces_worker(rank: int, world: int, port: int, out_dir: str, deterministic: bool, dtype_name: str) -> None:
     """The same DDP training with each bucket's host exchange whole (PIECE_NUMEL = 0) and cut into
     pipelined pieces (PIECE_NUMEL = 1024: several pieces per bucket, an uneven last piece, pieces
-    of padding only); gradients of every step, residuals, and the collectives issued per mode."""
+    of padding only), and the same two set by ``Int8CompressState(piece_numel=)`` against the other
+    module default; gradients of every step, residuals, and the collectives issued per mode."""
     from llmio_native.ddp import exchange
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -930,14 +931,16 @@ def pieces_worker(rank: int, world: int, port: int, out_dir: str, deterministic:
 
     dist.all_to_all_single = a2a
     out = {}
-    for mode, piece in (("whole", 0), ("pieces", 1024)):
+    for mode, piece, state_piece in (("whole", 0, None), ("pieces", 1024, None), ("state_pieces", 0, 1024),
+                                     ("state_whole", 1024, 0)):
         exchange.PIECE_NUMEL = piece
         counted["a2a"] = 0
         torch.manual_seed(0)
         # 64*200+200 = 13000 and 200*37+37 = 7437 values: not multiples of 256 * W
         net = torch.nn.Sequential(torch.nn.Linear(64, 200), torch.nn.ReLU(), torch.nn.Linear(200, 37)).to(dtype)
         model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.04)
-        state = Int8CompressState(warmup_steps=1, min_numel=1024, deterministic=deterministic, model=net)
+        state = Int8CompressState(warmup_steps=1, min_numel=1024, deterministic=deterministic, model=net,
+                                  piece_numel=state_piece)
         model.register_comm_hook(state, int8_compress_hook)
         g = torch.Generator().manual_seed(7 + rank)
         grads = []
@@ -965,16 +968,117 @@ def test_pipelined_pieces_match_the_whole_bucket_exchange_bit_for_bit(tmp_path, 
     for rank in range(2):
         with open(tmp_path / f"pieces{rank}.pkl", "rb") as f:
             out = pickle.load(f)
-        w, p = out["whole"], out["pieces"]
-        assert w["stats"]["buckets_compressed"] == p["stats"]["buckets_compressed"] >= 4
-        assert w["stats"]["bytes_sent"] == p["stats"]["bytes_sent"]  # the counters (and the wire) are unchanged
-        # whole: one all_to_all per compressed bucket; pieces: several per bucket
+        w = out["whole"]
+        # whole: one all_to_all per compressed bucket (the state's piece_numel=0 overrides a module default
+        # that would cut); pieces: several per bucket (the state's piece_numel=1024 overrides a default of 0)
         assert w["a2a"] == w["stats"]["buckets_compressed"]
-        assert p["a2a"] >= 3 * p["stats"]["buckets_compressed"], (p["a2a"], p["stats"])
-        for gw, gp in zip(w["grads"], p["grads"]):
-            np.testing.assert_array_equal(gw.view(np.uint32), gp.view(np.uint32))
-        assert any(np.abs(v).max() > 0 for v in p["res"].values())  # error feedback is in play
-        for key in ("res", "shard"):
-            assert w[key].keys() == p[key].keys()
-            for k in w[key]:
-                np.testing.assert_array_equal(w[key][k].view(np.uint32), p[key][k].view(np.uint32), err_msg=k)
+        assert out["state_whole"]["a2a"] == w["a2a"]
+        for mode in ("pieces", "state_pieces", "state_whole"):
+            p = out[mode]
+            assert w["stats"]["buckets_compressed"] == p["stats"]["buckets_compressed"] >= 4
+            assert w["stats"]["bytes_sent"] == p["stats"]["bytes_sent"]  # the counters (and the wire) are unchanged
+            if mode != "state_whole":
+                assert p["a2a"] >= 3 * p["stats"]["buckets_compressed"], (mode, p["a2a"], p["stats"])
+            for gw, gp in zip(w["grads"], p["grads"]):
+                np.testing.assert_array_equal(gw.view(np.uint32), gp.view(np.uint32), err_msg=mode)
+            assert any(np.abs(v).max() > 0 for v in p["res"].values())  # error feedback is in play
+            for key in ("res", "shard"):
+                assert w[key].keys() == p[key].keys()
+                for k in w[key]:
+                    np.testing.assert_array_equal(w[key][k].view(np.uint32), p[key][k].view(np.uint32),
+                                                  err_msg=f"{mode} {k}")
+
+
+def test_piece_numel_option_validates_and_pickles():
+    """``Int8CompressState(piece_numel=)``: checked at construction, kept through pickling, and a
+    state pickled before the option existed loads with the module default (None)."""
+    from llmio_native.ddp import exchange
+
+    assert Int8CompressState().piece_numel is None
+    st = Int8CompressState(piece_numel=4096)
+    assert pickle.loads(pickle.dumps(st)).piece_numel == 4096
+    assert pickle.loads(pickle.dumps(Int8CompressState(piece_numel=0))).piece_numel == 0
+    old = st.__getstate__()
+    del old["piece_numel"]  # a state pickled by a version without the option
+    fresh = Int8CompressState.__new__(Int8CompressState)
+    fresh.__setstate__(old)
+    assert fresh.piece_numel is None and fresh.warmup_steps == st.warmup_steps
+    assert exchange.PIECE_NUMEL == 1 << 19  # the module default is unchanged
+    with pytest.raises(ValueError, match="piece_numel must be >= 0"):
+        Int8CompressState(piece_numel=-1)
+    for bad in (1.5, "1024", True):
+        with pytest.raises(TypeError, match="piece_numel must be an int or None"):
+            Int8CompressState(piece_numel=bad)
+
+
+# ---------------------------------------------------------------- no deprecated collectives
+
+_DEPRECATED = r".*(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|_reduce_scatter_base).*"
+
+
+def nowarn_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """DDP training through the hook, flat (pieces) and hierarchical (reduce-scatter and all-gather
+    inside a node), with torch's deprecation warnings of the flat collectives turned into errors
+    (raised on the communication thread they reach the hook's future, and backward raises); the
+    last flat step recorded by ``exchange.TRACE``."""
+    import warnings
+
+    from llmio_native.ddp import exchange
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.filterwarnings("error", message=_DEPRECATED)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = {"all_gather_single": 0, "reduce_scatter_single": 0}
+    for name in calls:
+        real = getattr(dist, name, None)
+        if real is not None:
+            def counted(*a, _real=real, _name=name, **k):
+                calls[_name] += 1
+                return _real(*a, **k)
+            setattr(dist, name, counted)
+    out = {}
+    for mode, kw in (("flat", {"hierarchical": False, "piece_numel": 1024}),
+                     ("hier", {"hierarchical": True, "local_world_size": 2})):
+        torch.manual_seed(0)
+        net = make_model(torch.float32)
+        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.05)
+        state = Int8CompressState(warmup_steps=1, min_numel=256, **kw)
+        model.register_comm_hook(state, int8_compress_hook)
+        g = torch.Generator().manual_seed(3 + rank)
+        for step in range(3):
+            if mode == "flat" and step == 2:
+                exchange.TRACE = []
+            model.zero_grad()
+            model(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+            if exchange.TRACE is not None:
+                out["trace"], exchange.TRACE = exchange.TRACE, None
+        out[mode] = state.stats()["buckets_compressed"]
+        del model
+    out["calls"] = dict(calls)
+    with open(os.path.join(out_dir, f"nowarn{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+    teardown()
+
+
+def test_hook_issues_no_deprecated_collective(tmp_path):
+    """torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (FutureWarning at every
+    call): the hook uses all_gather_single / reduce_scatter_single where torch has them."""
+    mp.spawn(nowarn_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    for rank in range(4):
+        with open(tmp_path / f"nowarn{rank}.pkl", "rb") as f:
+            out = pickle.load(f)
+        assert out["flat"] >= 2 and out["hier"] >= 2, out
+        # the traced step: every compressed bucket's hook call, job, pieces and future, in time order
+        trace = out.pop("trace")
+        assert [t for t, *_ in trace] == sorted(t for t, *_ in trace)
+        names = {e for _, e, _, _ in trace}
+        assert {"hook", "job", "job_end", "quant", "quant_end", "a2a_done", "requant_end", "ag_done", "unpack_end",
+                "future"} <= names, names
+        hooks = {i for _, e, i, _ in trace if e == "hook"}
+        jobs = {i for _, e, i, _ in trace if e == "job_end"}
+        assert len(hooks) >= 2 and jobs == hooks, (hooks, jobs)
+        assert max(k for _, e, _, k in trace if e == "quant") >= 1  # several pieces per bucket
+        if hasattr(dist, "all_gather_single"):
+            assert out["calls"]["all_gather_single"] >= out["flat"] + 2 * out["hier"], out
+        if hasattr(dist, "reduce_scatter_single"):
+            assert out["calls"]["reduce_scatter_single"] >= out["hier"], out

@@ -748,3 +748,144 @@ def test_fast_near_half_codes_bit_identical(impl):
     impl.dequant_sum_requant(recv, 2, n, sres, own)
     np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
     np.testing.assert_array_equal(f32_bits(sres), f32_bits(exp_sres))
+
+
+def all_finite_16bit(dtype: str) -> np.ndarray:
+    """Every finite 16-bit pattern of ``dtype`` (bf16 / fp16: subnormals, +-0, the largest values),
+    in a seeded random order, as the uint16 bits of a bucket."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    exp_all_ones = (bits & 0x7f80) == 0x7f80 if dtype == "bfloat16" else (bits & 0x7c00) == 0x7c00
+    bits = bits[~exp_all_ones]
+    return bits[np.random.default_rng(5).permutation(bits.size)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fast_16bit_buckets_read_bit_identical(dtype, impl):
+    """Every finite bf16 / fp16 value read from the bucket (vectorised widening at the fast
+    levels) gives the oracle's codes, scales and residuals, with a last block not a multiple of
+    the vector width."""
+    raw = all_finite_16bit(dtype)
+    n = raw.size - 13
+    raw = np.ascontiguousarray(raw[:n])
+    xf = torch.from_numpy(raw.view(np.int16)).view(TORCH_DTYPES[dtype]).float().numpy()
+    world = 2
+    n_pad = -(-n // (BLOCK * world)) * BLOCK * world
+    res0 = np.zeros(n_pad, np.float32)
+    exp_res = res0.copy()
+    expected = oracle_packed(xf, exp_res, n_pad, world)
+    res = res0.copy()
+    send = np.full(expected.size, 0xAB, np.uint8)
+    impl.quantize_pack(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
+    np.testing.assert_array_equal(send, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))  # the residual holds the value read, exactly
+    absmax = np.empty(n_pad // BLOCK, np.float32)
+    res = res0.copy()
+    impl.block_absmax(raw, DTYPE_CODES[dtype], n, n_pad, res, absmax)
+    xp = np.zeros(n_pad, np.float32)
+    xp[:n] = xf
+    np.testing.assert_array_equal(f32_bits(absmax), f32_bits(np.abs(xp).reshape(-1, BLOCK).max(axis=1)))
+
+
+def rounding_scales(dtype: str, count: int, seed: int) -> np.ndarray:
+    """fp32 block scales at the target dtype's rounding boundaries (exact ties, one ulp either
+    side), in its subnormal range, at its overflow threshold, and random finite fp32 patterns."""
+    rng = np.random.default_rng(seed)
+    mbits = 7 if dtype == "bfloat16" else 10
+    emin, emax = (-133, 127) if dtype == "bfloat16" else (-24, 15)
+    m = rng.integers(1 << mbits, 1 << (mbits + 1), count).astype(np.float64)
+    e = rng.integers(emin, emax + 1, count)
+    ties = np.ldexp(m + 0.5, e - mbits).astype(np.float32)
+    ties = ties[np.isfinite(ties) & (ties > 0)]
+    near = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(np.inf))])
+    over = np.array([65504, 65519.996, 65520, 65536, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14,
+                     np.finfo(np.float32).max, 3.3961776e38, 3.3895314e38], np.float32)
+    rnd = rng.integers(0, 0x7f800000, count, dtype=np.uint32).view(np.float32)
+    out = np.concatenate([near, over, rnd]).astype(np.float32)
+    return out[rng.permutation(out.size)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fast_16bit_buckets_written_bit_identical(dtype, impl):
+    """The dequantized values written into a bf16 / fp16 bucket (vectorised narrowing at the fast
+    levels) are torch's round-to-nearest-even conversion of the oracle's fp32 values, bit for
+    bit: ties, one ulp either side, subnormals, overflow to inf; a NaN block is FromF32's NaN."""
+    world, sblocks = 2, 24
+    shard = sblocks * BLOCK
+    rng = np.random.default_rng(3)
+    scales = rounding_scales(dtype, 4 * world * sblocks, 9)[:world * sblocks].reshape(world, sblocks)
+    codes = rng.integers(-127, 128, (world, shard)).astype(np.int8)
+    small = rng.random((world, shard)) < 0.5  # many +-1, +-2, +-4: the scale itself, exactly, and its doubles
+    codes[small] = (rng.choice([-4, -2, -1, 1, 2, 4], int(small.sum()))).astype(np.int8)
+    scales[1, 5] = np.nan  # a non-finite block reaches the bucket as NaN
+    gathered = np.concatenate([np.concatenate([codes[r].view(np.uint8), scales[r].view(np.uint8)])
+                               for r in range(world)])
+    full = dequantize_packed(gathered, world, shard)
+    for n in (world * shard, world * shard - 1, world * shard - 9, world * shard - 200):
+        expected = torch.from_numpy(full[:n]).to(TORCH_DTYPES[dtype]).view(torch.int16).numpy().view(np.uint16)
+        out = np.full(n + 3, 0x5A5A, np.uint16)
+        impl.unpack_dequantize(gathered, world, shard, out[:n], DTYPE_CODES[dtype], n)
+        nan = np.isnan(full[:n])
+        assert nan.sum() == min(BLOCK, max(0, n - (sblocks + 5) * BLOCK))
+        np.testing.assert_array_equal(out[:n][~nan], expected[~nan])
+        if nan.any():  # FromF32's NaN: 0x7fc0 for bf16, sign | 0x7e00 for fp16 (the scale's NaN is positive)
+            assert set(np.unique(out[:n][nan]).tolist()) == {0x7fc0 if dtype == "bfloat16" else 0x7e00}
+        assert (out[n:] == 0x5A5A).all()  # nothing past n
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_fast_owner_step_scale_fold_boundaries_bit_identical(world, impl):
+    """The vector levels multiply codes by sc * (1/W) in one step for a power-of-two W when every
+    scale of the block is in [2^-126 W, 2^120]: scales at, and one ulp either side of, both ends
+    (codes up to +-127 and -128 from the wire, results near the subnormal range and near
+    overflow), blocks with one rank's scale outside, give the oracle's bits."""
+    lo = np.float32(2.0 ** -126 * world)
+    hi = np.float32(2.0 ** 120)
+    edges = [lo, np.nextafter(lo, np.float32(0)), np.nextafter(lo, np.float32(np.inf)), hi,
+             np.nextafter(hi, np.float32(0)), np.nextafter(hi, np.float32(np.inf)), np.float32(2.0 ** 126),
+             np.float32(3e-39), np.float32(1e-45), np.float32(0), np.float32(1.0), np.float32(0.1) * lo]
+    rng = np.random.default_rng(world)
+    sblocks = 48
+    shard = sblocks * BLOCK
+    scales = np.empty((world, sblocks), np.float32)
+    for b in range(sblocks):
+        base = edges[b % len(edges)]
+        scales[:, b] = base
+        if b >= len(edges):  # later blocks: the other ranks elsewhere in (or out of) the range
+            scales[1:, b] = np.float32(edges[rng.integers(len(edges))]) if world > 1 else base
+    codes = rng.integers(-128, 128, (world, shard)).astype(np.int8)
+    codes[:, ::7] = 127
+    codes[:, 3::7] = -128
+    codes[:, 5::11] = 0
+    recv = np.concatenate([np.concatenate([codes[r].view(np.uint8), scales[r].view(np.uint8)])
+                           for r in range(world)])
+    res0 = (np.random.default_rng(1).standard_normal(shard) * np.float32(1e-38)).astype(np.float32)
+    exp_res = res0.copy()
+    c = np.empty(shard, np.int8)
+    s = np.empty(sblocks, np.float32)
+    _core.dequant_sum_requant_ref(codes, scales, exp_res, c, s)
+    res = res0.copy()
+    own = np.full(shard + 4 * sblocks, 0xAB, np.uint8)
+    impl.dequant_sum_requant(recv, world, shard, res, own)
+    np.testing.assert_array_equal(own, np.concatenate([c.view(np.uint8), s.view(np.uint8)]))
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
+def test_fast_shared_scale_below_the_values_clamps_like_the_oracle(impl):
+    """quantize_pack_shared with a shared absmax below some |x + residual| (the clamp to +-127
+    binds: a caller's bad absmax, not the hook's): every level clamps as the emulation does (the
+    fast levels skip the clamp only where the block's own absmax makes it a no-op)."""
+    world, n = 2, 8 * BLOCK
+    x = edge_values(n, 17, nonfinite=False)
+    res0 = np.zeros(n, np.float32)
+    absmax = np.empty(n // BLOCK, np.float32)
+    _core.int8_block_absmax_emulate(x, 0, n, n, res0.copy(), absmax)
+    absmax *= np.float32(0.6)  # codes up to 127 / 0.6: clamped
+    ref = Impl("emulate")
+    exp_res, exp_send, exp_sc = res0.copy(), np.empty(n, np.uint8), np.empty(n // BLOCK, np.float32)
+    ref.quantize_pack_shared(x, 0, n, n, world, exp_res, absmax, exp_send, exp_sc)
+    assert (np.abs(exp_send.view(np.int8).astype(int)) == 127).sum() > n // 20  # the clamp binds
+    res, send, sc = res0.copy(), np.empty(n, np.uint8), np.empty(n // BLOCK, np.float32)
+    impl.quantize_pack_shared(x, 0, n, n, world, res, absmax, send, sc)
+    np.testing.assert_array_equal(send, exp_send)
+    np.testing.assert_array_equal(f32_bits(sc), f32_bits(exp_sc))
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))

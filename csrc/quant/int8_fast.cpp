@@ -42,10 +42,19 @@ constexpr size_t B = kBlock;
 // IEEE division and multiplication both round it correctly (normal, subnormal, inf and NaN
 // alike), so the multiply gives the oracle's bits; tests/test_quant.py checks W = 1..5 at
 // every level.
+//
+// The vector levels fold it further: (c * sc) * 2^-k == c * (sc * 2^-k) when every scale of the
+// block lies in [2^-126 * W, 2^120] (fold_ok). Then sc * 2^-k is a normal number (exact), |c| <=
+// 128 keeps |c * sc| <= 2^127 (no overflow), and |c| >= 1 keeps both c * sc and c * sc * 2^-k
+// normal, so the two roundings see the same significand at exponents 2^k apart: the same bits
+// (c = 0: +-0 either way). A block with a scale outside the range (0, subnormal, huge, NaN) keeps
+// the two multiplies. tests/test_quant.py checks every level against the oracle there.
 struct Kern {
   void (*add)(const float* a, const float* b, float* v);
   float (*absmax)(const float* v, bool* finite);
-  void (*quant)(const float* v, float scale, uint8_t* q, float* res);
+  // own: scale = fl(m / 127) for m = max |v| of this block (not a shared absmax), so a level may
+  // skip the clamp where it cannot bind
+  void (*quant)(const float* v, float scale, uint8_t* q, float* res, bool own);
   void (*deq)(const uint8_t* c, float sc, float* out);
   // fused: v = a + b and its absmax (one pass)
   float (*add_absmax)(const float* a, const float* b, float* v, bool* finite);
@@ -56,6 +65,10 @@ struct Kern {
   // fused shared-scale owner's step: v = (float(sum_r c_r) / W) * sc + res (or * 1/W), and its absmax
   float (*dsr_int)(const uint8_t* const* c, uint32_t world, float w, bool pow2, float sc, const float* res,
                    float* v, bool* finite);
+  // 16-bit buckets (f16: fp16, else bf16), len <= B values: widen = to_f32 of each (exact); narrow =
+  // FromF32 of each (round to nearest even, FromF32's NaN), bit for bit at every level
+  void (*widen)(const uint16_t* x, bool f16, size_t len, float* out);
+  void (*narrow)(const float* v, bool f16, size_t len, uint16_t* out);
 };
 
 namespace scalar {
@@ -73,7 +86,7 @@ float absmax(const float* v, bool* finite) {
   *finite = fin;
   return m;
 }
-void quant(const float* v, float scale, uint8_t* q, float* res) {
+void quant(const float* v, float scale, uint8_t* q, float* res, bool /*own*/) {
   for (size_t i = 0; i < B; ++i) {
     float r = std::nearbyint(v[i] / scale);
     r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
@@ -111,13 +124,52 @@ float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool pow2, float
   }
   return absmax(v, finite);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  if (f16) {
+    for (size_t i = 0; i < len; ++i) out[i] = to_f32(F16{x[i]});
+  } else {
+    for (size_t i = 0; i < len; ++i) out[i] = to_f32(Bf16{x[i]});
+  }
+}
+void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16) {
+    for (size_t i = 0; i < len; ++i) out[i] = FromF32<F16>::conv(v[i]).bits;
+  } else {
+    for (size_t i = 0; i < len; ++i) out[i] = FromF32<Bf16>::conv(v[i]).bits;
+  }
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace scalar
 
 #if defined(LLMIO_INT8_X86)
 #define LLMIO_AVX2 __attribute__((target("avx2")))
+#define LLMIO_AVX2_F16C __attribute__((target("avx2,f16c")))
 #define LLMIO_AVX512 __attribute__((target("avx512f")))
 constexpr int kRound = _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC;  // as std::nearbyint
+
+// Whether the owner's step may multiply codes by sc * (1/W) in one step (see Kern): W a power of
+// two (w = 1/W) and every rank's scale in [2^-126 W, 2^120]; sw receives the folded scales.
+inline bool fold_ok(const float* sc, uint32_t world, float w, bool pow2, float* sw) {
+  if (!pow2 || world > 64) return false;
+  const float lo = 0x1.0p-126f / w;  // 2^-126 * W, exact
+  for (uint32_t r = 0; r < world; ++r) {
+    if (!(sc[r] >= lo && sc[r] <= 0x1.0p120f)) return false;  // NaN fails too
+    sw[r] = sc[r] * w;
+  }
+  return true;
+}
+
+// fp16 conversions in hardware (F16C; AVX-512F has its own): vcvtph2ps is exact, as to_f32.
+// vcvtps2ph with round-to-nearest-even gives FromF32<F16>'s bits for every non-NaN value (both are
+// IEEE conversions: subnormals, ties and overflow to inf alike) when the scalar version's float
+// arithmetic runs in the default MXCSR state (round to nearest, no FTZ/DAZ); in another state, and
+// for vectors with a NaN (FromF32's canonical NaN, not the hardware's payload), the scalar code runs.
+// bf16 uses integer operations only (the same as FromF32<Bf16>), so it is exact in any state.
+bool has_f16c() {
+  static const bool has = __builtin_cpu_supports("f16c");
+  return has;
+}
+inline bool default_mxcsr() { return (_mm_getcsr() & 0xE040u) == 0; }  // RC = nearest, FTZ and DAZ off
 
 // The quantizer's rint(v / scale) from a reciprocal multiply, exactly. With scale normal
 // (>= FLT_MIN, so inv = fl(1 / scale) is finite and normal) and |v| <= absmax = 127 * scale
@@ -154,27 +206,35 @@ LLMIO_AVX2 float absmax(const float* v, bool* finite) {
   for (float x : t) r = x > r ? x : r;
   return r;
 }
-LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res) {
+LLMIO_AVX2 void quant(const float* v, float scale, uint8_t* q, float* res, bool own) {
   const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
   const __m256 sign = _mm256_set1_ps(-0.0f), inv = _mm256_set1_ps(1.0f / scale), near = _mm256_set1_ps(kNearHalf);
   const bool recip = reciprocal_ok(scale);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (size_t i = 0; i < B; i += 32) {
     __m256i qi[4];
-    for (int k = 0; k < 4; ++k) {
-      const __m256 x = _mm256_loadu_ps(v + i + 8 * k);
-      __m256 r;
-      if (recip) {  // x * (1 / scale), then division only where a half-integer is near (see reciprocal_ok)
-        const __m256 m = _mm256_mul_ps(x, inv);
-        r = _mm256_round_ps(m, kRound);
-        const __m256 t = _mm256_andnot_ps(sign, _mm256_sub_ps(m, r));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(t, near, _CMP_GE_OQ))) r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
-      } else {
-        r = _mm256_round_ps(_mm256_div_ps(x, s), kRound);
+    __m256 x[4], r[4];
+    for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(v + i + 8 * k);
+    if (recip) {  // x * (1 / scale), then division where a half-integer is near (see reciprocal_ok)
+      __m256 close = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const __m256 m = _mm256_mul_ps(x[k], inv);
+        r[k] = _mm256_round_ps(m, kRound);
+        close = _mm256_or_ps(close, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(m, r[k])), near, _CMP_GE_OQ));
       }
-      r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
-      qi[k] = _mm256_cvtps_epi32(r);
-      _mm256_storeu_ps(res + i + 8 * k, _mm256_sub_ps(x, _mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), s)));
+      if (_mm256_movemask_ps(close))  // the division gives the same codes elsewhere: redo all 32
+        for (int k = 0; k < 4; ++k) r[k] = _mm256_round_ps(_mm256_div_ps(x[k], s), kRound);
+      // own: a normal scale = fl(absmax / 127) and |x| <= absmax give |x / scale| <= 127 (1 + 2^-23) and
+      // |x * inv| <= 127 (1 + 2^-24)^3, both below 127.5: the codes are within +-127, the clamp is a no-op
+      if (!own)
+        for (int k = 0; k < 4; ++k) r[k] = _mm256_min_ps(_mm256_max_ps(r[k], lo), hi);
+    } else {
+      for (int k = 0; k < 4; ++k)
+        r[k] = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(x[k], s), kRound), lo), hi);
+    }
+    for (int k = 0; k < 4; ++k) {
+      qi[k] = _mm256_cvtps_epi32(r[k]);
+      _mm256_storeu_ps(res + i + 8 * k, _mm256_sub_ps(x[k], _mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), s)));
     }
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, perm));
@@ -211,6 +271,21 @@ LLMIO_AVX2 float dsr(const uint8_t* const* c, const float* sc, uint32_t world, f
                      float* v, bool* finite) {
   const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e+38f), vw = _mm256_set1_ps(w);
   __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  float sw[64];
+  if (fold_ok(sc, world, w, pow2, sw)) {  // one multiply per code (see Kern)
+    for (size_t i = 0; i < B; i += 8) {
+      __m256 x = _mm256_setzero_ps();
+      for (uint32_t r = 0; r < world; ++r)
+        x = _mm256_add_ps(x, _mm256_mul_ps(codes8(c[r] + i), _mm256_set1_ps(sw[r])));
+      x = _mm256_add_ps(x, _mm256_loadu_ps(res + i));
+      _mm256_storeu_ps(v + i, x);
+      const __m256 ax = _mm256_andnot_ps(sign, x);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(ax, big, _CMP_NLE_UQ));
+      m = _mm256_max_ps(m, ax);
+    }
+    *finite = _mm256_movemask_ps(bad) == 0;
+    return fold8(m);
+  }
   for (size_t i = 0; i < B; i += 8) {
     __m256 x = _mm256_setzero_ps();
     for (uint32_t r = 0; r < world; ++r) {
@@ -246,7 +321,40 @@ LLMIO_AVX2 float dsr_int(const uint8_t* const* c, uint32_t world, float w, bool 
   *finite = _mm256_movemask_ps(bad) == 0;
   return fold8(m);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+LLMIO_AVX2_F16C void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  if (f16 && !has_f16c()) return scalar::widen(x, f16, len, out);
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    _mm256_storeu_ps(out + i, f16 ? _mm256_cvtph_ps(h)
+                                  : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  scalar::widen(x + i, f16, len - i, out + i);
+}
+LLMIO_AVX2_F16C void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16 && (!has_f16c() || !default_mxcsr())) return scalar::narrow(v, f16, len, out);
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 f = _mm256_loadu_ps(v + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(f, f, _CMP_UNORD_Q))) {
+      scalar::narrow(v + i, f16, 8, out + i);
+      continue;
+    }
+    __m128i h;
+    if (f16) {
+      h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+    } else {  // (u + 0x7fff + ((u >> 16) & 1)) >> 16: no carry out of 32 bits for a non-NaN u
+      const __m256i u = _mm256_castps_si256(f);
+      const __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // <= 0xffff: no saturation
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  scalar::narrow(v + i, f16, len - i, out + i);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace avx2
 
 namespace avx512 {
@@ -266,7 +374,7 @@ LLMIO_AVX512 float absmax(const float* v, bool* finite) {
   *finite = bad == 0;
   return _mm512_reduce_max_ps(m);  // exact: a max of finite values in any order
 }
-LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res) {
+LLMIO_AVX512 void quant(const float* v, float scale, uint8_t* q, float* res, bool /*own*/) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
   const bool recip = reciprocal_ok(scale);
   const __m512 inv = _mm512_set1_ps(1.0f / scale), near = _mm512_set1_ps(kNearHalf);
@@ -313,6 +421,21 @@ LLMIO_AVX512 float dsr(const uint8_t* const* c, const float* sc, uint32_t world,
   const __m512 big = _mm512_set1_ps(3.40282347e+38f), vw = _mm512_set1_ps(w);
   __m512 m = _mm512_setzero_ps();
   __mmask16 bad = 0;
+  float sw[64];
+  if (fold_ok(sc, world, w, pow2, sw)) {  // one multiply per code (see Kern)
+    for (size_t i = 0; i < B; i += 16) {
+      __m512 x = _mm512_setzero_ps();
+      for (uint32_t r = 0; r < world; ++r)
+        x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_cvtepi32_ps(codes16(c[r] + i)), _mm512_set1_ps(sw[r])));
+      x = _mm512_add_ps(x, _mm512_loadu_ps(res + i));
+      _mm512_storeu_ps(v + i, x);
+      const __m512 ax = _mm512_abs_ps(x);
+      bad |= _mm512_cmp_ps_mask(ax, big, _CMP_NLE_UQ);
+      m = _mm512_max_ps(m, ax);
+    }
+    *finite = bad == 0;
+    return _mm512_reduce_max_ps(m);
+  }
   for (size_t i = 0; i < B; i += 16) {
     __m512 x = _mm512_setzero_ps();
     for (uint32_t r = 0; r < world; ++r) {
@@ -347,7 +470,38 @@ LLMIO_AVX512 float dsr_int(const uint8_t* const* c, uint32_t world, float w, boo
   *finite = bad == 0;
   return _mm512_reduce_max_ps(m);
 }
-constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int};
+LLMIO_AVX512 void widen(const uint16_t* x, bool f16, size_t len, float* out) {
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    _mm512_storeu_ps(out + i, f16 ? _mm512_cvtph_ps(h)
+                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  scalar::widen(x + i, f16, len - i, out + i);
+}
+LLMIO_AVX512 void narrow(const float* v, bool f16, size_t len, uint16_t* out) {
+  if (f16 && !default_mxcsr()) return scalar::narrow(v, f16, len, out);
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 f = _mm512_loadu_ps(v + i);
+    if (_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q)) {
+      scalar::narrow(v + i, f16, 16, out + i);
+      continue;
+    }
+    __m256i h;
+    if (f16) {
+      h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+    } else {
+      const __m512i u = _mm512_castps_si512(f);
+      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+          _mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), h);
+  }
+  scalar::narrow(v + i, f16, len - i, out + i);
+}
+constexpr Kern kern{add, absmax, quant, deq, add_absmax, dsr, dsr_int, widen, narrow};
 }  // namespace avx512
 #endif  // LLMIO_INT8_X86
 
@@ -531,27 +685,23 @@ inline float get_f32(const uint8_t* p) {
 }
 
 // Block b of x as fp32 (zero at i >= n): a pointer into x for a full fp32 block, else tmp.
-const float* load_x(const void* x, int dtype, uint64_t n, uint64_t b, float* tmp) {
+const float* load_x(const Kern& k, const void* x, int dtype, uint64_t n, uint64_t b, float* tmp) {
   const uint64_t i0 = b * B;
   const uint64_t len = i0 >= n ? 0 : std::min<uint64_t>(B, n - i0);
   if (dtype == kF32) {
     const float* xf = static_cast<const float*>(x) + i0;
     if (len == B) return xf;
     std::memcpy(tmp, xf, len * 4);
-  } else if (dtype == kBF16) {
-    const Bf16* xh = static_cast<const Bf16*>(x) + i0;
-    for (uint64_t i = 0; i < len; ++i) tmp[i] = to_f32(xh[i]);
   } else {
-    const F16* xh = static_cast<const F16*>(x) + i0;
-    for (uint64_t i = 0; i < len; ++i) tmp[i] = to_f32(xh[i]);
+    k.widen(static_cast<const uint16_t*>(x) + i0, dtype == kF16, len, tmp);
   }
   std::fill(tmp + len, tmp + B, 0.0f);
   return tmp;
 }
 
 // quantize_one of the oracle for one block of v (absmax m, finite): codes and residual
-// written, the scale returned.
-float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_t* codes, float* res) {
+// written, the scale returned. own: m is max |v| of this block (see Kern::quant).
+float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_t* codes, float* res, bool own) {
   if (!finite) {
     std::memset(codes, 0, B);
     std::fill(res, res + B, 0.0f);
@@ -563,7 +713,7 @@ float quantize_block(const Kern& k, const float* v, bool finite, float m, uint8_
     std::memcpy(res, v, B * 4);
     return 0.0f;
   }
-  k.quant(v, scale, codes, res);
+  k.quant(v, scale, codes, res, own);
   return scale;
 }
 
@@ -634,10 +784,10 @@ void quantize_pack_fast(const Int8QuantizePackParams& p) {
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
       float* r = p.residual + b * B;
-      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), r, v, &fin);
+      const float m = k.add_absmax(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v, &fin);
       uint8_t* dst = p.send + (b / sblocks) * stride;
       const uint64_t lb = b % sblocks;
-      put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r));
+      put_f32(dst + shard + 4 * lb, quantize_block(k, v, fin, m, dst + lb * B, r, true));
     }
   });
 }
@@ -648,7 +798,7 @@ void block_absmax_fast(const Int8BlockAbsmaxParams& p) {
     alignas(64) float tmp[B], v[B];
     bool fin;
     for (uint64_t b = b0; b < b1; ++b) {
-      const float m = k.add_absmax(load_x(p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v, &fin);
+      const float m = k.add_absmax(load_x(k, p.x, p.dtype, p.n, b, tmp), p.residual + b * B, v, &fin);
       p.absmax[b] = fin ? m : pos_inf();
     }
   });
@@ -661,10 +811,10 @@ void quantize_pack_shared_fast(const Int8QuantizePackSharedParams& p) {
     alignas(64) float tmp[B], v[B];
     for (uint64_t b = b0; b < b1; ++b) {
       float* r = p.residual + b * B;
-      k.add(load_x(p.x, p.dtype, p.n, b, tmp), r, v);
+      k.add(load_x(k, p.x, p.dtype, p.n, b, tmp), r, v);
       const float m = p.absmax[b];
       uint8_t* dst = p.send + (b / sblocks) * shard + (b % sblocks) * B;
-      p.scales[b] = quantize_block(k, v, finite_f(m), m, dst, r);
+      p.scales[b] = quantize_block(k, v, finite_f(m), m, dst, r, false);  // a shared absmax: clamp
     }
   });
 }
@@ -688,7 +838,7 @@ void dequant_sum_requant_fast(const Int8DequantSumRequantParams& p) {
       }
       float* res = p.residual + lb * B;
       const float m = k.dsr(c.data(), sc.data(), p.world, w, pow2, res, v, &fin);
-      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
+      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res, true));
     }
   });
 }
@@ -707,7 +857,7 @@ void dequant_sum_requant_shared_fast(const Int8DequantSumRequantSharedParams& p)
       for (uint32_t r = 0; r < p.world; ++r) c[r] = p.recv_codes + r * p.shard + lb * B;  // exact int32 sum
       float* res = p.residual + lb * B;
       const float m = k.dsr_int(c.data(), p.world, w, pow2, p.shared_scales[lb], res, v, &fin);
-      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res));
+      put_f32(p.own + p.shard + 4 * lb, quantize_block(k, v, fin, m, p.own + lb * B, res, true));
     }
   });
 }
@@ -730,12 +880,8 @@ void unpack_dequantize_fast(const Int8UnpackDequantizeParams& p) {
       k.deq(src + lb * B, sc, tmp);
       if (p.dtype == kF32) {
         std::memcpy(static_cast<float*>(p.out) + i0, tmp, len * 4);
-      } else if (p.dtype == kBF16) {
-        Bf16* o = static_cast<Bf16*>(p.out) + i0;
-        for (uint64_t i = 0; i < len; ++i) o[i] = FromF32<Bf16>::conv(tmp[i]);
       } else {
-        F16* o = static_cast<F16*>(p.out) + i0;
-        for (uint64_t i = 0; i < len; ++i) o[i] = FromF32<F16>::conv(tmp[i]);
+        k.narrow(tmp, p.dtype == kF16, len, static_cast<uint16_t*>(p.out) + i0);
       }
     }
   });

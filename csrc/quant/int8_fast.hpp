@@ -6,7 +6,8 @@
 // dequantize-sum-requantize), straight from the bucket into the packed send
 // buffer and from the gathered buffer into the bucket (no intermediate copies).
 // Vectorised: AVX2 or AVX-512F, chosen at run time (__builtin_cpu_supports),
-// the functions compiled with target attributes (no -mavx2 for the build).
+// the functions compiled with target attributes (no -mavx2 for the build);
+// bf16 / fp16 buckets widened and narrowed in vectors too (F16C with AVX2).
 // Every operation is the oracle's: IEEE division (vdivps rounds exactly as
 // divss), round half to even in the current rounding mode (roundps with
 // _MM_FROUND_CUR_DIRECTION, as std::nearbyint), a separate multiply and

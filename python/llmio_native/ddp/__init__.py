@@ -29,7 +29,8 @@ Where it runs:
   communication thread per process (FIFO, so every rank issues its collectives in the same
   order), and the hook returns at once: communication overlaps the rest of the backward pass.
   The last bucket of a step returns once all queued collectives are issued. A large bucket
-  (over 2 * ``exchange.PIECE_NUMEL`` values, 2**19 by default) is exchanged in pieces,
+  (over 2 * ``piece_numel`` values: ``Int8CompressState(piece_numel=)``, default
+  ``exchange.PIECE_NUMEL`` = 2**19) is exchanged in pieces,
   pipelined: piece k+1 is quantized while piece k is on the wire (piece k holds the same part of
   every rank's shard, so ownership, residuals, the result and the bytes are the whole bucket's,
   bit for bit). DDP's default 25 MB buckets put most of a small model's gradients into one
@@ -38,7 +39,7 @@ Where it runs:
 * CUDA buckets with ``llmio_native._cuda`` usable: three fused kernels on the bucket's
   device, on ``torch.cuda.current_stream()`` — (a) residual-add + absmax + quantize + pack,
   ``all_to_all_single``, (b) dequantize-sum-requantize of the owned shard,
-  ``all_gather_into_tensor``, (c) dequantize into the bucket — chained through the
+  ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13), (c) dequantize into the bucket — chained through the
   collectives' futures, with residuals as device tensors: no host synchronisation and no
   host copy. With NCCL the futures complete when the collective is enqueued, so the whole
   chain is issued inside the hook call and every rank issues its collectives in the same

@@ -6,6 +6,7 @@ backward pass, as DDP's own all-reduce does; a large bucket's job pipelines the 
 import collections
 import os
 import threading
+import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
@@ -15,6 +16,46 @@ from .. import _native
 from . import ops as _ops
 from .ops import BLOCK, DTYPE_CODES, _DeviceOps
 from .state import Int8CompressState
+
+# Step timeline for profiling (benchmarks/bench_ddp_hook.py --trace): None (off: one test per
+# event), or a list that the hook and the communication thread append
+# ``(time.perf_counter(), event, bucket index, piece)`` to. Events: ``hook`` (the hook called),
+# ``job`` / ``job_end`` (the exchange on the communication thread), per piece ``quant`` /
+# ``quant_end``, ``a2a_done``, ``requant_end``, ``ag_done``, ``unpack_end`` (a bucket exchanged
+# whole is piece 0), ``future`` (the hook's future completed).
+TRACE: Optional[List[Tuple[float, str, int, int]]] = None
+
+
+def _mark(event: str, idx: int = -1, k: int = -1) -> None:
+    """Appends one event to :data:`TRACE` when tracing is on."""
+    tr = TRACE
+    if tr is not None:
+        tr.append((time.perf_counter(), event, idx, k))
+
+
+def _all_gather_flat(output: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """``inp`` of every rank of ``group``, concatenated into ``output``: ``dist.all_gather_single``
+    where torch has it (torch 2.13 renamed ``all_gather_into_tensor`` and warns on the old name),
+    else ``dist.all_gather_into_tensor`` (torch 2.0 to 2.12). Looked up at each call.
+
+    Raises:
+        RuntimeError: the collective failed (or, with ``async_op``, through its Work).
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, inp, group=group, async_op=async_op)
+
+
+def _reduce_scatter_flat(output: torch.Tensor, inp: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
+                         async_op: bool = False) -> Any:
+    """``inp`` reduced over ``group``, rank r's slice into ``output``: ``dist.reduce_scatter_single``
+    where torch has it (the torch 2.13 name), else ``dist.reduce_scatter_tensor``.
+
+    Raises:
+        RuntimeError: the collective failed (or, with ``async_op``, through its Work).
+    """
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, inp, op=op, group=group, async_op=async_op)
+
 
 Stage = Callable[[], Optional[Any]]  # runs local work; returns the Work of the collective it issued, or None
 
@@ -29,11 +70,13 @@ def _fresh(dev: torch.device) -> Alloc:
 
 def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
-               temps: List[torch.Tensor], alloc: Optional[Alloc] = None) -> List[Stage]:
+               temps: List[torch.Tensor], alloc: Optional[Alloc] = None, idx: int = -1,
+               piece_numel: Optional[int] = None) -> List[Stage]:
     """The INT8 exchange of ``x[:n]`` (zero-padded to ``n_pad``) among ``group`` as stages for
     :func:`_drive` (their temporaries appended to ``temps``); the dequantized average lands in
     ``out[:out_n]``. ``alloc`` gives the temporaries (default: fresh tensors; the host path
-    passes the state's per-bucket buffers, kept across steps).
+    passes the state's per-bucket buffers, kept across steps); ``idx``: the bucket's index, for
+    :data:`TRACE`; ``piece_numel``: the pieces of a host exchange (None: :data:`PIECE_NUMEL`).
 
     Raises:
         Nothing here: the stages raise (bad sizes, a failed launch or collective) when run.
@@ -46,10 +89,10 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
     own = get("own", packed, torch.uint8)
     gathered = get("gathered", world * packed, torch.uint8)
     stages: List[Stage] = []
-    piece = _piece_values(ops, world, shard)
+    piece = _piece_values(ops, world, shard, PIECE_NUMEL if piece_numel is None else piece_numel)
     if piece < shard:
         return _pipelined(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, out_n, deterministic, temps,
-                          get, piece)
+                          get, piece, idx)
     if deterministic:
         absmax = get("absmax", n_pad // BLOCK, torch.float32)
         scales = get("scales", n_pad // BLOCK, torch.float32)
@@ -67,7 +110,7 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         def s2() -> Any:
             ops.dequant_sum_requant_shared(recv, world, shard, scales[rank * sblocks:(rank + 1) * sblocks], res_s, own)
-            return dist.all_gather_into_tensor(gathered, own, group=group, async_op=True)
+            return _all_gather_flat(gathered, own, group=group, async_op=True)
 
         stages += [s0, s1, s2]
     else:
@@ -81,7 +124,7 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         def s2() -> Any:
             ops.dequant_sum_requant(recv, world, shard, res_s, own)
-            return dist.all_gather_into_tensor(gathered, own, group=group, async_op=True)
+            return _all_gather_flat(gathered, own, group=group, async_op=True)
 
         stages += [s1, s2]
     temps += [own, gathered]
@@ -98,21 +141,22 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 # piece k is on the wire, and piece k is requantized and unpacked while later pieces travel
 # (:func:`_pipelined`). A bucket of at most 2 pieces' worth goes whole. The result is bit for bit
 # that of the whole-bucket exchange (every block is quantized alike, each rank owns the same
-# values). 0: never cut.
+# values). 0: never cut. The default of ``Int8CompressState(piece_numel=None)``.
 PIECE_NUMEL = 1 << 19
 
 
-def _piece_values(ops: Any, world: int, shard: int) -> int:
-    """Values of each rank's shard per piece (a multiple of BLOCK; ``shard``: not cut). Only the
-    host path is cut: on CUDA the whole chain is already issued inside the hook call."""
-    if PIECE_NUMEL <= 0 or ops.device.type != "cpu" or world * shard < 2 * PIECE_NUMEL:
+def _piece_values(ops: Any, world: int, shard: int, piece_numel: int) -> int:
+    """Values of each rank's shard per piece of ``piece_numel`` bucket values (a multiple of
+    BLOCK; ``shard``: not cut). Only the host path is cut: on CUDA the whole chain is already
+    issued inside the hook call."""
+    if piece_numel <= 0 or ops.device.type != "cpu" or world * shard < 2 * piece_numel:
         return shard
-    return max(BLOCK, PIECE_NUMEL // world // BLOCK * BLOCK)
+    return max(BLOCK, piece_numel // world // BLOCK * BLOCK)
 
 
 def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
-               temps: List[torch.Tensor], get: Alloc, piece: int) -> List[Stage]:
+               temps: List[torch.Tensor], get: Alloc, piece: int, idx: int = -1) -> List[Stage]:
     """The exchange of :func:`_two_phase` as one stage that cuts it into pieces and pipelines them.
 
     Piece k holds values ``[k*piece, (k+1)*piece)`` of EVERY rank's shard (so each rank owns the
@@ -153,6 +197,7 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
     def quantize(k: int) -> Any:
         s, L = starts[k], lens[k]
+        _mark("quant", idx, k)
         base = world * slot(s)
         for r in range(world):
             off = r * shard + s
@@ -163,12 +208,14 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
                                          absmax[b0:b0 + nb], dst, scales[b0:b0 + nb])
             else:
                 ops.quantize_pack(flat_x[off:], valid(off, L), L, 1, res_w[off:off + L], dst)
+        _mark("quant_end", idx, k)
         return dist.all_to_all_single(recv[base:base + world * slot(L)], send[base:base + world * slot(L)],
                                       group=group, async_op=True)
 
     def requant(k: int, a2a: Any) -> Any:
         s, L = starts[k], lens[k]
         a2a.wait()
+        _mark("a2a_done", idx, k)
         got = recv[world * slot(s):world * slot(s + L)]
         mine = own[stride(s):stride(s + L)]
         if deterministic:
@@ -176,12 +223,14 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
             ops.dequant_sum_requant_shared(got, world, L, scales[b0:b0 + L // BLOCK], res_s[s:s + L], mine)
         else:
             ops.dequant_sum_requant(got, world, L, res_s[s:s + L], mine)
-        return dist.all_gather_into_tensor(gathered[world * stride(s):world * stride(s + L)], mine, group=group,
+        _mark("requant_end", idx, k)
+        return _all_gather_flat(gathered[world * stride(s):world * stride(s + L)], mine, group=group,
                                            async_op=True)
 
     def unpack(k: int, ag: Any) -> None:
         s, L = starts[k], lens[k]
         ag.wait()
+        _mark("ag_done", idx, k)
         base = world * stride(s)
         for r in range(world):
             off = r * shard + s
@@ -189,6 +238,7 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
             if m:
                 ops.unpack_dequantize(gathered[base + r * stride(L):base + (r + 1) * stride(L)], 1, L,
                                       flat_out[off:], m)
+        _mark("unpack_end", idx, k)
 
     def run() -> None:
         if deterministic:
@@ -379,18 +429,24 @@ def _complete(fut: torch.futures.Future, res: Any) -> None:
 _COMM = _CommThread()
 
 
-def _run_stages(stages: List[Stage], finish: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _run_stages(stages: List[Stage], finish: Callable[[], torch.Tensor], idx: int = -1) -> torch.Tensor:
     """The stages one after another on this thread, each collective waited for before the next
-    stage (which needs its result); then ``finish()``.
+    stage (which needs its result); then ``finish()``. ``idx``: the bucket's index, for
+    :data:`TRACE` (``stage_end`` / ``wait_done``, piece = the stage's position).
 
     Raises:
         RuntimeError: a failed collective; whatever a stage raises.
     """
-    for stage in stages:
+    _mark("job", idx)
+    for i, stage in enumerate(stages):
         work = stage()
+        _mark("stage_end", idx, i)
         if work is not None:
             work.wait()
-    return finish()
+            _mark("wait_done", idx, i)
+    out = finish()
+    _mark("job_end", idx)
+    return out
 
 
 def _allreduce(state: Int8CompressState, group: Any, buf: torch.Tensor, world: int) -> torch.futures.Future:
@@ -424,6 +480,7 @@ def int8_compress_hook(state: Int8CompressState, bucket: dist.GradBucket) -> tor
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buf = bucket.buffer()
+    _mark("hook", bucket.index())
     if HOST_ASYNC and world > 1 and buf.device.type == "cpu":
         fut = _hook_queued(state, bucket, group, world)
         if bucket.is_last():
@@ -447,7 +504,11 @@ def _hook_queued(state: Int8CompressState, bucket: dist.GradBucket, group: Any,
         buf = bucket.buffer()
         return _COMM.submit(lambda: _allreduce_issue(group, buf, world))
     stages, _dev, _temps, finish = prepared
-    return _COMM.submit(lambda: _run_stages(stages, finish))
+    idx = bucket.index()
+    fut = _COMM.submit(lambda: _run_stages(stages, finish, idx))
+    if TRACE is not None:
+        fut.add_done_callback(lambda f: _mark("future", idx))
+    return fut
 
 
 def _hook_now(state: Int8CompressState, bucket: dist.GradBucket, group: Any, world: int) -> torch.futures.Future:
@@ -526,7 +587,7 @@ def _prepare(state: Int8CompressState, bucket: dist.GradBucket, group: Any, worl
         # kernels write in place too, except for a bucket dtype they lack (fp32 staging copy).
         out = x if isinstance(ops, _DeviceOps) else buf
         stages = _two_phase(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, n, state.deterministic, temps,
-                            alloc)
+                            alloc, idx, state.piece_numel)
 
         def finish() -> torch.Tensor:
             if out is not buf:
@@ -553,13 +614,13 @@ def _prepare(state: Int8CompressState, bucket: dist.GradBucket, group: Any, worl
             xf[:n].copy_(buf.reshape(-1))
             xf[n:].zero_()
             xf.div_(L)  # scaled before the sum: L values near the fp32 maximum do not overflow
-            return dist.reduce_scatter_tensor(chunk, xf, op=dist.ReduceOp.SUM, group=intra, async_op=True)
+            return _reduce_scatter_flat(chunk, xf, op=dist.ReduceOp.SUM, group=intra, async_op=True)
 
         inner = _two_phase(ops, cross, M, node, chunk, chunk_n, chunk_n, res_w, res_s, out_chunk, chunk_n,
-                           state.deterministic, temps, alloc)
+                           state.deterministic, temps, alloc, idx, state.piece_numel)
 
         def h2() -> Any:
-            return dist.all_gather_into_tensor(full, out_chunk, group=intra, async_op=True)
+            return _all_gather_flat(full, out_chunk, group=intra, async_op=True)
 
         stages = [h0] + inner + [h2]
 

@@ -29,6 +29,11 @@ class Int8CompressState:
             variable (torchrun sets it).
         model: the module whose gradients are reduced (optional; see :meth:`bind`): residuals
             are then pickled per parameter name.
+        piece_numel: CPU buckets: the exchange of a bucket of more than ``2 * piece_numel``
+            values is cut into pieces of about this many values, pipelined (piece k+1 quantized
+            while piece k is on the wire; bit for bit the whole bucket's result). 0: never cut.
+            ``None``: the module default, ``llmio_native.ddp.exchange.PIECE_NUMEL`` (2**19),
+            read at each bucket.
 
     Residuals are kept per parameter: :meth:`state_dict` / :meth:`load_state_dict` save and
     restore them by parameter name (worker and shard residuals apart, so a restart with the
@@ -40,17 +45,19 @@ class Int8CompressState:
     shapes: pass ``model=`` where layers repeat), never by memory address.
 
     Raises:
-        ValueError: a negative ``warmup_steps`` / ``min_numel``, a ``local_world_size`` < 1,
-            or ``hierarchical`` not None/True/False.
+        ValueError: a negative ``warmup_steps`` / ``min_numel`` / ``piece_numel``, a
+            ``local_world_size`` < 1, or ``hierarchical`` not None/True/False.
+        TypeError: ``piece_numel`` not an int or None.
     """
 
     __slots__ = ("process_group", "warmup_steps", "min_numel", "iteration", "_residuals", "_signatures",
                  "counters", "_bucket_params", "_pending", "deterministic", "hierarchical", "local_world_size",
-                 "_layout", "_topo", "_groups", "_warned_host", "_names", "_path", "_buffers")
+                 "_layout", "_topo", "_groups", "_warned_host", "_names", "_path", "_buffers", "piece_numel")
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 2, min_numel: int = 1024,
                  deterministic: bool = False, hierarchical: Optional[bool] = None,
-                 local_world_size: Optional[int] = None, model: Optional[torch.nn.Module] = None) -> None:
+                 local_world_size: Optional[int] = None, model: Optional[torch.nn.Module] = None,
+                 piece_numel: Optional[int] = None) -> None:
         if warmup_steps < 0 or min_numel < 0:
             raise ValueError(f"warmup_steps and min_numel must be >= 0, got warmup_steps={warmup_steps}, "
                              f"min_numel={min_numel}")
@@ -58,6 +65,13 @@ class Int8CompressState:
             raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
         if local_world_size is not None and int(local_world_size) < 1:
             raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
+        if piece_numel is not None:
+            if isinstance(piece_numel, bool) or not isinstance(piece_numel, (int, np.integer)):
+                raise TypeError(f"piece_numel must be an int or None, got {type(piece_numel).__name__} "
+                                f"({piece_numel!r})")
+            if piece_numel < 0:
+                raise ValueError(f"piece_numel must be >= 0 (0: never cut a bucket), got {piece_numel}")
+        self.piece_numel = None if piece_numel is None else int(piece_numel)
         self.process_group = process_group
         self.warmup_steps = int(warmup_steps)
         self.min_numel = int(min_numel)
@@ -111,6 +125,7 @@ class Int8CompressState:
         self._path = None
         # defaults for states pickled before these settings existed
         self.deterministic, self.hierarchical, self.local_world_size = False, None, None
+        self.piece_numel = None
         self._layout, self._warned_host, self._names, self._buffers = {}, False, {}, {}
         self._residuals, self._signatures, self._bucket_params, self._pending = {}, {}, {}, {}
         for k, v in state.items():
