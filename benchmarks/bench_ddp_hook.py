@@ -618,7 +618,24 @@ class _Netns:
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {p.stderr.strip()}")
 
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Deletes the namespaces a killed run of this benchmark left behind (named after a pid
+        that no longer exists); returns their names."""
+        import subprocess
+
+        p = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        gone = []
+        for line in p.stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            pid = name[len("llmio_bench_"):]
+            if name.startswith("llmio_bench_") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+                gone.append(name)
+        return gone
+
     def __enter__(self) -> "_Netns":
+        self.remove_stale()
         self._run("ip", "netns", "add", self.name)
         try:
             self._run("ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up")

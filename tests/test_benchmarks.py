@@ -148,3 +148,29 @@ def test_bench_write_smoke(tmp_path):
         pytest.skip("liburing write limit not buildable here: " + res["limit_reason"])
     assert "limit: liburing qd32 1MiB O_DIRECT" in rows and res["best_vs_limit"] > 0
     assert all(r["vs_limit"] > 0 for r in res["rows"])
+
+
+def test_bench_ddp_hook_removes_namespaces_left_by_a_killed_run():
+    import os
+    import shutil
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and `ip` (network namespaces)")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_ddp_hook as b
+    finally:
+        sys.path.remove(str(BENCH))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = f"llmio_bench_{dead.pid}", f"llmio_bench_{os.getpid()}"
+    for name in (stale, live):
+        if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+            pytest.skip("ip netns add refused here")
+    try:
+        removed = b._Netns.remove_stale()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert stale in removed and stale not in names  # its pid is gone: deleted
+        assert live not in removed and live in names  # a running benchmark's namespace stays
+    finally:
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
