@@ -985,8 +985,10 @@ def region_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Several populate chunks even for a few MiB, so the helper thread has work."""
+    """Several populate chunks even for a few MiB, long reads cut in 1 MiB steps, so the helper
+    threads have work."""
     monkeypatch.setattr(sio, "_POPULATE_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(sio._Populator, "_STEP", 1 << 20)
 
 
 @pytest.mark.parametrize("io_mode", ["direct", "buffered"])
@@ -1095,33 +1097,85 @@ def test_freeing_loaded_tensors_unmaps_their_memory(tmp_path, monkeypatch):
     assert r_loaded - rss_bytes() >= 0.9 * total
 
 
-def test_populate_helper_prefaults_every_chunk_after_the_first():
+def _resident_pages(t: torch.Tensor) -> int:
     import ctypes
 
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = -(-t.numel() // page)
+    vec = (ctypes.c_ubyte * pages)()
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert lib.mincore(ctypes.c_void_p(t.data_ptr()), t.numel(), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_populate_helpers_prefault_every_chunk_and_release_each_when_done(monkeypatch, threads):
+    monkeypatch.setattr(sio._Populator, "_STEP", 1 * MIB)  # several pieces per region
     rs = sio._RegionStats()
     regs = [sio._new_region(n, False, rs) for n in (3 * MIB, 5 * MIB + 4096, 64 * KIB)]
-    lc = sio._Libc.get()
     page = os.sysconf("SC_PAGE_SIZE")
-
-    def resident(t: torch.Tensor) -> int:
-        pages = -(-t.numel() // page)
-        vec = (ctypes.c_ubyte * pages)()
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        assert lib.mincore(ctypes.c_void_p(t.data_ptr()), t.numel(), vec) == 0
-        return sum(v & 1 for v in vec)
-
-    assert lc is not None and all(resident(t) == 0 for t in regs)  # fresh mappings: nothing faulted yet
-    pop = sio._Populator([[(regs[0].data_ptr(), regs[0].numel())],
-                          [(regs[1].data_ptr(), regs[1].numel()), (regs[2].data_ptr(), regs[2].numel())]], rs)
-    pop.thread.start()
-    pop.finish()
+    assert sio._Libc.get() is not None and all(_resident_pages(t) == 0 for t in regs)  # fresh: nothing faulted
+    pop = sio._Populator([[(regs[0].data_ptr(), regs[0].numel())], [],
+                          [(regs[1].data_ptr(), regs[1].numel()), (regs[2].data_ptr(), regs[2].numel())]], rs,
+                         threads)
+    assert len(pop.threads) == threads
+    assert pop.ready[1].is_set() and not pop.ready[0].is_set()  # a chunk with nothing to fault is ready at once
+    with pop:
+        for k in range(3):
+            pop.wait(k)
+        pop.finish()
     if rs.populate_refused:
         pytest.skip("kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
-    assert rs.populate_ok == 2
-    assert resident(regs[0]) == 0  # the first chunk is the engine's to fault
-    assert resident(regs[1]) == regs[1].numel() // page and resident(regs[2]) == regs[2].numel() // page
+    assert rs.populate_ok == 3  # every region, the first chunk's included
+    assert [_resident_pages(t) for t in regs] == [-(-t.numel() // page) for t in regs]
     assert torch.count_nonzero(regs[1]) == 0  # populated pages read as zeros
+    assert not any(t.is_alive() for t in pop.threads)
+
+
+def test_populate_chunks_cut_long_reads_at_aligned_steps(monkeypatch):
+    monkeypatch.setattr(sio._Populator, "_STEP", 1 * MIB)
+    monkeypatch.setattr(sio, "_POPULATE_CHUNK_BYTES", 2 * MIB)
+    base = 1 << 40
+    reqs = [(0, 4096, base, 3 * MIB + 100), (0, 8 * MIB, 77, 5000), (1, 0, base + 8 * MIB, 512 * KIB)]
+    regions = [(base, 3 * MIB + 4096), (0, 0), (base + 8 * MIB, 512 * KIB)]
+    chunks = sio._populate_chunks(reqs, regions)
+    flat = [r for c in chunks for r, _ in c]
+    # the reads still cover exactly the same bytes, file offsets and addresses moving together
+    assert flat == [(0, 4096, base, MIB), (0, 4096 + MIB, base + MIB, MIB), (0, 4096 + 2 * MIB, base + 2 * MIB, MIB),
+                    (0, 4096 + 3 * MIB, base + 3 * MIB, 100), (0, 8 * MIB, 77, 5000), reqs[2]]
+    ends = [False, False, False, True, False, True]  # a mapping counts as populated once its last part is
+    assert [p for c in chunks for _, p in c] == [(r[2], r[3], e) if i != 4 else (0, 0, False)
+                                                 for i, (r, e) in enumerate(zip(flat, ends))]
+    # the first chunk is one step (the engine starts early), the others about the chunk size
+    assert [sum(r[3] for r, _ in c) for c in chunks] == [MIB, 2 * MIB, 100 + 5000 + 512 * KIB]
+
+
+def test_populate_threads_come_from_the_environment_or_the_cpus(monkeypatch):
+    monkeypatch.delenv("LLMIO_CKPT_POPULATE_THREADS", raising=False)
+    assert sio._populate_threads() == max(1, min(4, len(os.sched_getaffinity(0))))
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE_THREADS", "3")
+    assert sio._populate_threads() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("LLMIO_CKPT_POPULATE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"LLMIO_CKPT_POPULATE_THREADS.*{bad}"):
+            sio._populate_threads()
+
+
+def test_load_with_populate_faults_every_mapping_before_reading_it(tmp_path, monkeypatch, small_chunks):
+    sd = region_dict(6)
+    p = tmp_path / "pop.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_ALLOC", "plain")
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE", "on")
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE_THREADS", "2")
+    s: dict = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)
+    assert all(same_bits(got[k], v) for k, v in sd.items())
+    if s["populate_refused"]:
+        pytest.skip("kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
+    assert s["populate_threads"] == 2
+    assert s["populated_regions"] == s["regions"] > 0  # the first chunk's mappings too
 
 
 def test_refused_advice_falls_back_and_still_loads_bit_exactly(tmp_path, monkeypatch, small_chunks):
@@ -1140,8 +1194,9 @@ def test_refused_advice_falls_back_and_still_loads_bit_exactly(tmp_path, monkeyp
     rs = sio._RegionStats()
     t = sio._new_region(3 * MIB, True, rs)
     pop = sio._Populator([[], [(t.data_ptr(), t.numel())]], rs)
-    pop.thread.start()
-    pop.finish()
+    with pop:
+        pop.wait(1)  # a refusal releases every chunk: the engine faults the pages itself
+        pop.finish()
     assert rs.populate_refused == 1 and rs.populate_ok == 0 and rs.huge_refused == 1
     t.fill_(9)  # the mapping is usable all the same
     assert int(t.sum()) == 9 * t.numel()
@@ -1220,4 +1275,4 @@ def test_read_error_with_populate_names_the_file_and_stops_the_helper(tmp_path, 
     with pytest.raises(OSError) as ei:
         ck.load_file(p, io_mode="direct")
     assert ei.value.errno == errno.EIO and "e.safetensors" in str(ei.value)
-    assert not any(t.name == "llmio-ckpt-populate" for t in threading.enumerate())
+    assert not any(t.name.startswith("llmio-ckpt-populate") for t in threading.enumerate())

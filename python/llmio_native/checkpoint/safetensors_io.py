@@ -76,9 +76,9 @@ their partial blocks (a copy of at most a few KiB)."""
 _REGION_MIN_BYTES = 1 << 20
 """CPU tensors from this size up get their own anonymous mapping (huge pages where allowed)."""
 _HUGE_BYTES = 2 << 20
-_POPULATE_CHUNK_BYTES = 128 << 20
-"""With populate on, reads are issued in chunks of about this many bytes; the helper thread
-pre-faults chunk k+1 while chunk k is read."""
+_POPULATE_CHUNK_BYTES = 64 << 20
+"""With populate on, reads are issued in chunks of about this many bytes, each once the helper
+threads have pre-faulted it; they fault the next chunks while this one is read."""
 ALLOC_MODES = ("auto", "hugepage", "plain", "torch")
 POPULATE_MODES = ("auto", "on", "off")
 _MADV_HUGEPAGE = 14
@@ -488,44 +488,117 @@ def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
 
 
 class _Populator:
-    """Helper thread that pre-faults (MADV_POPULATE_WRITE) the mappings of chunk k+1 while the
-    caller reads chunk k. A refusal (kernel before 5.14, or the advice unknown) stops it and is
-    counted; the engine's reads then fault the pages themselves."""
+    """Helper threads that pre-fault (MADV_POPULATE_WRITE) the mappings of every read chunk, in
+    read order, ahead of the engine: the reader waits (:meth:`wait`) until chunk k is populated,
+    then reads it while the helpers fault chunk k+1, k+2... Fresh memory then faults on as many
+    CPUs as there are helpers (a page fault is CPU work; an O_DIRECT read into populated memory
+    is almost none), and the engine's reads never fault. A refusal (kernel before 5.14, or the
+    advice unknown) stops the helpers, is counted, and releases every chunk: the engine's reads
+    then fault the pages themselves."""
 
     _STEP = 16 << 20
 
-    def __init__(self, chunks: list[list[tuple[int, int]]], rs: _RegionStats) -> None:
-        self.chunks, self.rs = chunks, rs
+    def __init__(self, chunks: Sequence[Sequence[tuple[int, ...]]], rs: _RegionStats, threads: int = 1) -> None:
+        """``chunks[k]``: (address, bytes[, ends a region]) to populate before chunk k is read."""
+        self.rs = rs
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="llmio-ckpt-populate", daemon=True)
+        self.ready = [threading.Event() for _ in chunks]
+        self._lock = threading.Lock()
+        self._left = [0] * len(chunks)  # pieces of each chunk not yet populated
+        self._pieces: list[tuple[int, int, int, bool]] = []  # (chunk, address, bytes, last piece of its region)
+        for c, chunk in enumerate(chunks):
+            for item in chunk:
+                addr, length = item[0], item[1]
+                ends = item[2] if len(item) > 2 else True  # the region's last part (counted when done)
+                pos = 0
+                while pos < length:
+                    n = min(self._STEP, length - pos)
+                    self._pieces.append((c, addr + pos, n, ends and pos + n == length))
+                    self._left[c] += 1
+                    pos += n
+            if not self._left[c]:
+                self.ready[c].set()
+        self._next = 0
+        self.threads = [threading.Thread(target=self._run, name=f"llmio-ckpt-populate-{i}", daemon=True)
+                        for i in range(max(1, min(threads, len(self._pieces))))]
+
+    def _take(self) -> tuple[int, int, int, bool] | None:
+        with self._lock:
+            if self._next >= len(self._pieces) or self.stop.is_set():
+                return None
+            self._next += 1
+            return self._pieces[self._next - 1]
+
+    def _release_all(self) -> None:
+        for e in self.ready:
+            e.set()
 
     def _run(self) -> None:
         lc = _Libc.get()
         assert lc is not None
-        for chunk in self.chunks[1:]:
-            for addr, length in chunk:
-                pos = 0
-                while pos < length:
-                    if self.stop.is_set():
-                        return
-                    n = min(self._STEP, length - pos)
-                    if lc.madvise(ctypes.c_void_p(addr + pos), n, _MADV_POPULATE_WRITE) != 0:
+        try:
+            while (piece := self._take()) is not None:
+                c, addr, n, last = piece
+                if lc.madvise(ctypes.c_void_p(addr), n, _MADV_POPULATE_WRITE) != 0:
+                    with self._lock:
                         self.rs.populate_refused += 1
-                        return
-                    pos += n
-                self.rs.populate_ok += 1
+                    self.stop.set()
+                    break
+                with self._lock:
+                    if last:
+                        self.rs.populate_ok += 1
+                    self._left[c] -= 1
+                    done = self._left[c] == 0
+                if done:
+                    self.ready[c].set()
+        finally:
+            if self.stop.is_set():
+                self._release_all()
+
+    def start(self) -> "_Populator":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait(self, k: int) -> None:
+        """Block until chunk ``k`` is populated (or the helpers stopped)."""
+        self.ready[k].wait()
 
     def __enter__(self) -> "_Populator":
-        self.thread.start()
-        return self
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
-        self.thread.join()
+        for t in self.threads:
+            t.join()
 
     def finish(self) -> None:
-        """Wait until every chunk after the first is populated (tests; loads stop it instead)."""
-        self.thread.join()
+        """Wait until every chunk is populated (tests; loads stop it instead)."""
+        for t in self.threads:
+            t.join()
+
+
+def _populate_threads() -> int:
+    """Helper threads for populate: ``LLMIO_CKPT_POPULATE_THREADS``, else the CPUs this process
+    may run on, at most 4 (fault throughput grows with CPUs; past a few, the disk is the limit).
+
+    Raises:
+        ValueError: the variable is not a positive integer (names it).
+    """
+    v = os.environ.get("LLMIO_CKPT_POPULATE_THREADS")
+    if v is not None:
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"LLMIO_CKPT_POPULATE_THREADS must be a positive integer, got {v!r}")
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def _align_down(x: int, a: int) -> int:
@@ -610,27 +683,53 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
         reqs.append((fi, abs_off, t.data_ptr(), info.nbytes))
         regions.append((0, 0))
         out[name] = t
+    nthreads = 0
     if reqs:
         native = reader.native()
-        if pmode == "on" and sum(r[3] for r in reqs) > _POPULATE_CHUNK_BYTES:
-            chunks: list[list[int]] = [[]]
-            acc = 0
-            for k, r in enumerate(reqs):
-                if acc >= _POPULATE_CHUNK_BYTES:
-                    chunks.append([])
-                    acc = 0
-                chunks[-1].append(k)
-                acc += r[3]
-            with _Populator([[regions[k] for k in c if regions[k][1]] for c in chunks], rs):
-                for c in chunks:
-                    native.read_batch_ptr([reqs[k] for k in c])
+        if pmode == "on" and any(r[1] for r in regions):
+            nthreads = _populate_threads()
+            chunks = _populate_chunks(reqs, regions)
+            with _Populator([[p for _, p in c if p[1]] for c in chunks], rs, nthreads) as pop:
+                for k, c in enumerate(chunks):
+                    pop.wait(k)
+                    native.read_batch_ptr([r for r, _ in c])
         else:
             native.read_batch_ptr(reqs)
     if stats is not None:
         stats.update(alloc=amode, populate=pmode, regions=rs.regions, region_bytes=rs.region_bytes,
                      hugepage_advised=rs.huge_ok, hugepage_refused=rs.huge_refused,
-                     populated_regions=rs.populate_ok, populate_refused=rs.populate_refused)
+                     populated_regions=rs.populate_ok, populate_refused=rs.populate_refused,
+                     populate_threads=nthreads)
     return out
+
+
+def _populate_chunks(reqs: list[tuple[int, int, int, int]], regions: list[tuple[int, int]]
+                     ) -> list[list[tuple[tuple[int, int, int, int], tuple[int, int, bool]]]]:
+    """Reads grouped into chunks of about ``_POPULATE_CHUNK_BYTES`` (the first one
+    ``_Populator._STEP``, so the engine starts early), each read paired with the part of its
+    mapping it fills, as (address, bytes, ends the mapping) ((0, 0, False): none). A read into a
+    mapping that is longer than a step is cut at multiples of ``_Populator._STEP`` from its
+    start (aligned as the read itself is)."""
+    step = _Populator._STEP
+    Piece = tuple[tuple[int, int, int, int], tuple[int, int, bool]]
+    pieces: list[Piece] = []
+    for r, reg in zip(reqs, regions):
+        fi, off, ptr, n = r
+        if not reg[1] or n <= step:
+            pieces.append((r, (ptr, n, True) if reg[1] else (0, 0, False)))
+            continue
+        for pos in range(0, n, step):
+            m = min(step, n - pos)
+            pieces.append(((fi, off + pos, ptr + pos, m), (ptr + pos, m, pos + m == n)))
+    chunks: list[list[Piece]] = [[]]
+    acc, limit = 0, step
+    for p in pieces:
+        if acc >= limit:
+            chunks.append([])
+            acc, limit = 0, _POPULATE_CHUNK_BYTES
+        chunks[-1].append(p)
+        acc += p[0][3]
+    return chunks
 
 
 class _Pipeline:
