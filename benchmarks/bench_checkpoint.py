@@ -22,8 +22,10 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
                    its default fresh-memory path (see ``alloc=`` rows)
   ... alloc=A populate=P  the same with LLMIO_CKPT_ALLOC=A (torch: torch.empty per tensor, the
                    previous design; plain: one anonymous mapping per tensor; hugepage: the same,
-                   2 MiB-aligned and MADV_HUGEPAGE) and LLMIO_CKPT_POPULATE=P (on: a helper
-                   thread pre-faults chunk k+1 with MADV_POPULATE_WRITE while chunk k is read)
+                   2 MiB-aligned and MADV_HUGEPAGE; adaptive: the same, each 2 MiB step advised
+                   huge or 4 KiB pages by whichever faulted faster just before) and
+                   LLMIO_CKPT_POPULATE=P (on: helper threads, one per CPU up to 4, pre-fault each
+                   chunk with MADV_POPULATE_WRITE before the engine reads it, running ahead)
   ... via staging  the same through 3 x 64 MiB aligned staging slots + memcpy (the design not taken)
   safetensors      safetensors.torch.load_file, then every page of every tensor touched
   torch.load mmap  torch.load(mmap=True) of the torch.save file, every page touched
@@ -32,6 +34,9 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
   first touch      allocating fresh tensors and touching each page, no I/O: what every loader
                    that returns new tensors pays beside the read (slow on some VMs); once with
                    torch.empty, once with a 2 MiB-aligned MADV_HUGEPAGE mapping
+  read into touched 4KiB pages  the engine into torch memory already touched (4 KiB pages): the
+                   read alone, without fault cost, where the pages are small (compare the limit
+                   row into 2 MiB pages: more DMA segments per read)
 
 ``--settle S`` waits S seconds before each load row: on a VM whose balloon reports free pages
 to the host (as the dev VM's does), memory freed by the previous row is then taken back by the
@@ -238,6 +243,11 @@ def touch(sd: dict[str, torch.Tensor]) -> int:
     return s
 
 
+ALLOC_ROWS = (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on"),
+              ("adaptive", "on"))
+"""(LLMIO_CKPT_ALLOC, LLMIO_CKPT_POPULATE) of the forced-path load rows."""
+
+
 def first_touch(nbytes: int) -> int:
     """Allocate ``nbytes`` of fresh tensors and write one byte per page (what any loader that
     returns new tensors pays on top of the read)."""
@@ -422,6 +432,9 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
     m = common_machine()
     print(f"# machine: {m['cpu']} x{m['cores']}, {m['ram_gib']} GiB RAM, kernel {m['kernel']}; torch {torch.__version__}; "
           f"backend {lio.io.resolve_backend('auto')}")
+    from llmio_native.checkpoint.safetensors_io import _free_page_reporting, _populate_threads, _thp_mode
+    print(f"# THP {_thp_mode() or 'n/a'}; balloon free page reporting {_free_page_reporting()}; "
+          f"populate threads {_populate_threads()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     p_ours = os.path.join(work, "ours.safetensors")
     p_st = os.path.join(work, "lib.safetensors")
     p_pt = os.path.join(work, "model.pt")
@@ -475,15 +488,19 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
     rows.append(best_of(a.repeat, lambda: row("load", "llmio load_file", lambda: ck.load_file(p_ours, stats=s), nbytes,
                                               p_ours, cold_paths=[p_ours])))
     rows[-1]["note"] = (f"direct={s.get('io_direct')} backend={s.get('backend')} bounce={s.get('bounce_bytes', 0)}B "
-                        f"alloc={s.get('alloc')} populate={s.get('populate')}")
-    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on")):
+                        f"alloc={s.get('alloc')} populate={s.get('populate')} x{s.get('populate_threads')} "
+                        f"huge {s.get('huge_bytes', 0) // MiB} MiB / 4k {s.get('small_page_bytes', 0) // MiB} MiB")
+    for alloc, pop in ALLOC_ROWS:
         env = {"LLMIO_CKPT_ALLOC": alloc, "LLMIO_CKPT_POPULATE": pop}
         v: dict = {}
         rows.append(best_of(a.repeat, lambda: row(
             "load", f"llmio load_file alloc={alloc} populate={pop}",
             with_env(env, lambda: ck.load_file(p_ours, stats=v)), nbytes, p_ours, cold_paths=[p_ours])))
         rows[-1]["note"] = (f"huge advised {v.get('hugepage_advised')}/{v.get('regions')}, "
-                            f"populated {v.get('populated_regions')} refused {v.get('populate_refused')}")
+                            f"populated {v.get('populated_regions')} x{v.get('populate_threads')} refused "
+                            f"{v.get('populate_refused')}" + (f", huge {v.get('huge_bytes', 0) // MiB} MiB / 4k "
+                                                              f"{v.get('small_page_bytes', 0) // MiB} MiB"
+                                                              if alloc == "adaptive" else ""))
 
     def staged() -> Any:
         from llmio_native.checkpoint import safetensors_io as sio
@@ -516,11 +533,16 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
                                               nbytes, None)))
     rows.append(best_of(a.repeat, lambda: row("load", "memory: first touch, MADV_HUGEPAGE mapping",
                                               lambda: first_touch_huge(nbytes), nbytes, None)))
+    small = torch.empty(file_bytes, dtype=torch.uint8)
+    small[::4096] = 1
+    rows.append(best_of(a.repeat, lambda: row("load", "read into touched 4KiB pages", lambda: eng.read_into(
+        0, 0, small), file_bytes, p_ours, cold_paths=[p_ours], note="no fault cost, small pages")))
+    small = None  # freed (not del: the lambdas above name it)
     rows.append(best_of(a.repeat, lambda: row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours],
                                               note="second run")))
     rows.append(best_of(a.repeat, lambda: row("load", "limit: engine into touched 2MiB pages", lambda: eng.read_into(
         0, 0, warm), file_bytes, p_ours, cold_paths=[p_ours], note="second run")))
-    del warm, eng
+    warm = eng = None  # freed
     lims = [r for r in rows if r["section"] == "load" and r["name"].startswith("limit")]
     best = max(lims, key=lambda r: r["gbps"])
     rows = [r for r in rows if not (r["section"] == "load" and r["name"].startswith("limit") and r is not best)]

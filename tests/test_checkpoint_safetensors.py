@@ -925,7 +925,8 @@ def test_bench_checkpoint_smoke(tmp_path):
     assert all(r["gbps"] > 0 and r["seconds"] > 0 for r in res["rows"])
     assert res["state_dict_bytes"] > 20 * MIB and res["cuda_run"] == torch.cuda.is_available()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench_ckpt")] == []  # cleaned up
-    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on")):
+    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on"),
+                       ("adaptive", "on")):
         assert ("load", f"llmio load_file alloc={alloc} populate={pop}") in rows
     assert ("load", "memory: first touch, MADV_HUGEPAGE mapping") in rows
     # --load-only: no save rows; --repeat keeps one (the best) row per name
@@ -992,7 +993,7 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("io_mode", ["direct", "buffered"])
-@pytest.mark.parametrize("alloc", ["hugepage", "plain", "torch"])
+@pytest.mark.parametrize("alloc", ["adaptive", "hugepage", "plain", "torch"])
 @pytest.mark.parametrize("populate", ["on", "off"])
 def test_every_alloc_and_populate_path_loads_bit_exactly(tmp_path, monkeypatch, small_chunks, io_mode, alloc,
                                                          populate):
@@ -1011,7 +1012,12 @@ def test_every_alloc_and_populate_path_loads_bit_exactly(tmp_path, monkeypatch, 
     if alloc == "hugepage":
         assert s["hugepage_advised"] + s["hugepage_refused"] == len(big)
     else:
-        assert s["hugepage_advised"] == s["hugepage_refused"] == 0
+        assert s["hugepage_advised"] == s["hugepage_refused"] == 0  # adaptive: advised step by step, not here
+    if alloc == "adaptive" and populate == "on" and not s["populate_refused"]:
+        want = sum(sio._align_up(sd[k].numel() * sd[k].element_size(), 4096) for k in big)
+        # every mapped tensor's bytes were faulted as one page size or the other (4 KiB slack each
+        # at most: the read covers the aligned superset of the tensor, the mapping whole pages)
+        assert want - 4096 * len(big) <= s["huge_bytes"] + s["small_page_bytes"] <= want + 2 * 4096 * len(big)
     for k in big:
         m = mapping_of(got[k].data_ptr())
         assert m is not None
@@ -1151,6 +1157,68 @@ def test_populate_chunks_cut_long_reads_at_aligned_steps(monkeypatch):
     assert [sum(r[3] for r, _ in c) for c in chunks] == [MIB, 2 * MIB, 100 + 5000 + 512 * KIB]
 
 
+def test_page_chooser_tries_both_sizes_then_keeps_the_faster_and_probes_rarely():
+    ch = sio._PageChooser()
+    assert ch.choose() is True  # nothing measured: huge pages first
+    ch.record(True, 2 * MIB, 2 * MIB / 20e9)  # a backed huge page: 20 GB/s
+    assert ch.choose() is False  # then 4 KiB pages once
+    ch.record(False, 2 * MIB, 2 * MIB / 2e9)
+    picks = [ch.choose() for _ in range(1000)]
+    # huge pages, with a 4 KiB probe every PROBE_COST * 20 / 2 = 200 steps
+    assert picks.count(False) == 1000 // 200 and picks[:150] == [True] * 150
+    ch.record(True, 2 * MIB, 2 * MIB / 0.25e9)  # the backed blocks are used up: 0.25 GB/s
+    picks = [ch.choose() for _ in range(480)]
+    # 4 KiB pages; a huge probe costs 8 steps' time now: one every 20 * 8 = 160 steps (5 %)
+    assert picks.count(True) == 480 // 160 and picks[:100] == [False] * 100
+    ch.record(True, 2 * MIB, 2 * MIB / 1.5e9)  # within BIAS of 2 GB/s: huge pages again (faster reads)
+    assert ch.choose() is True
+    ch.refuse()
+    assert not any(ch.choose() for _ in range(5000))  # no THP: never huge again, no probes
+
+
+def test_adaptive_populate_advises_each_step_as_chosen(monkeypatch):
+    """Each 2 MiB step carries the advice of the page size chosen for it (VmFlags hg / nh)."""
+    picks = iter([True, False, False, True, True, False] * 4)
+    monkeypatch.setattr(sio._PageChooser, "choose", lambda self: next(picks))
+    rs = sio._RegionStats()
+    t = sio._new_region(12 * MIB + 4096, True, rs, advise=False)  # 6 whole steps and one page
+    assert t.data_ptr() % (2 * MIB) == 0 and rs.huge_ok == rs.huge_refused == 0
+    assert " hg" not in mapping_of(t.data_ptr())[2]  # not advised before it is populated
+    pop = sio._Populator([[(t.data_ptr(), t.numel())]], rs, 1, sio._PageChooser())
+    with pop:
+        pop.finish()
+    if rs.populate_refused or rs.huge_refused:
+        pytest.skip("kernel refuses MADV_POPULATE_WRITE or THP advice")
+    want = [True, False, False, True, True, False]
+    for k, huge in enumerate(want):
+        flags = mapping_of(t.data_ptr() + k * 2 * MIB)[2]
+        assert (" hg" in flags, " nh" in flags) == (huge, not huge), (k, flags)
+    assert rs.huge_bytes == 3 * 2 * MIB and rs.small_bytes == 3 * 2 * MIB + 4096  # the tail page: 4 KiB
+    assert _resident_pages(t) == t.numel() // 4096 and torch.count_nonzero(t) == 0
+
+
+def test_adaptive_load_faults_every_byte_once_and_loads_bit_exactly(tmp_path, monkeypatch):
+    sd = {"a": random_tensor(torch.bfloat16, (3000, 2000), 3), "b": random_tensor(torch.float32, (2048, 1500), 4),
+          "c": random_tensor(torch.float16, (5,), 5)}
+    p = tmp_path / "ad.safetensors"
+    ck.save_file(sd, p)
+    monkeypatch.setenv("LLMIO_CKPT_POPULATE_THREADS", "2")
+    monkeypatch.setattr(sio._Populator, "_STEP", 4 * MIB)
+    monkeypatch.setattr(sio, "_POPULATE_CHUNK_BYTES", 4 * MIB)
+    s: dict = {}
+    got = ck.load_file(p, io_mode="direct", stats=s)  # LLMIO_CKPT_ALLOC unset: auto
+    assert all(same_bits(got[k], v) for k, v in sd.items())
+    if sio._thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"no THP by madvise here (alloc=auto is {s['alloc']})")
+    assert s["alloc"] == "adaptive"
+    if s["populate_refused"]:
+        pytest.skip("kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
+    assert s["populate"] == "on" and s["populated_regions"] == s["regions"] == 2
+    want = sum(sio._align_up(v.numel() * v.element_size(), 4096) for k, v in sd.items() if k != "c")
+    assert want - 2 * 4096 <= s["huge_bytes"] + s["small_page_bytes"] <= want + 4 * 4096
+    assert s["huge_bytes"] >= 2 * MIB and s["small_page_bytes"] >= 2 * MIB  # the first steps try both
+
+
 def test_populate_threads_come_from_the_environment_or_the_cpus(monkeypatch):
     monkeypatch.delenv("LLMIO_CKPT_POPULATE_THREADS", raising=False)
     assert sio._populate_threads() == max(1, min(4, len(os.sched_getaffinity(0))))
@@ -1209,25 +1277,27 @@ def test_auto_alloc_follows_the_kernel_and_libc(tmp_path, monkeypatch):
     monkeypatch.delenv("LLMIO_CKPT_ALLOC", raising=False)
     monkeypatch.delenv("LLMIO_CKPT_POPULATE", raising=False)
     monkeypatch.setattr(sio, "_free_page_reporting", lambda: False)
-    for thp, expect in (("never", "torch"), ("madvise", "hugepage"), ("always", "hugepage"), ("", "torch")):
+    for thp, expect in (("never", "torch"), ("madvise", "adaptive"), ("always", "adaptive"), ("", "torch")):
         monkeypatch.setattr(sio, "_thp_mode", lambda thp=thp: thp)
         s: dict = {}
         got = ck.load_file(p, io_mode="direct", stats=s)
         assert s["alloc"] == expect, thp
-        assert s["populate"] == ("on" if expect == "hugepage" else "off")  # populate=auto follows the pages
+        assert s["populate"] == ("on" if expect == "adaptive" else "off")  # populate=auto follows the pages
         assert all(same_bits(got[k], v) for k, v in sd.items())
-    # a balloon that reports free pages to the host: huge pages would fault on the host too
+    # a balloon that reports free pages to the host: still adaptive (the helpers measure which
+    # page size faults faster at the moment instead of guessing from the machine)
     monkeypatch.setattr(sio, "_free_page_reporting", lambda: True)
+    monkeypatch.setattr(sio, "_thp_mode", lambda: "madvise")
     s = {}
     got = ck.load_file(p, io_mode="direct", stats=s)
-    assert s["alloc"] == "torch" and all(same_bits(got[k], v) for k, v in sd.items())
+    assert s["alloc"] == "adaptive" and all(same_bits(got[k], v) for k, v in sd.items())
     monkeypatch.setenv("LLMIO_CKPT_ALLOC", "hugepage")  # forcing still works there
     s = {}
     ck.load_file(p, io_mode="direct", stats=s)
     assert s["alloc"] == "hugepage" and s["regions"] > 0
     # no libc mmap/madvise at all: even a forced mapping path becomes torch memory
     monkeypatch.setattr(sio._Libc, "get", classmethod(lambda cls: None))
-    for alloc in ("hugepage", "plain", "auto"):
+    for alloc in ("adaptive", "hugepage", "plain", "auto"):
         monkeypatch.setenv("LLMIO_CKPT_ALLOC", alloc)
         s = {}
         got = ck.load_file(p, io_mode="direct", stats=s)

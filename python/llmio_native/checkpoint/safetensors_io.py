@@ -48,6 +48,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import weakref
 from collections import namedtuple
 from pathlib import Path
@@ -79,9 +80,10 @@ _HUGE_BYTES = 2 << 20
 _POPULATE_CHUNK_BYTES = 64 << 20
 """With populate on, reads are issued in chunks of about this many bytes, each once the helper
 threads have pre-faulted it; they fault the next chunks while this one is read."""
-ALLOC_MODES = ("auto", "hugepage", "plain", "torch")
+ALLOC_MODES = ("auto", "adaptive", "hugepage", "plain", "torch")
 POPULATE_MODES = ("auto", "on", "off")
 _MADV_HUGEPAGE = 14
+_MADV_NOHUGEPAGE = 15
 _MADV_POPULATE_WRITE = 23
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
@@ -375,11 +377,17 @@ def _free_page_reporting(balloon_dir: str | None = None) -> bool:
 
 
 def _auto_alloc() -> str:
-    """What alloc='auto' means here: huge-page mappings where THP can be had by madvise and no
-    balloon hands free huge blocks back to the host; else torch's allocator."""
+    """What alloc='auto' means here: per-tensor mappings whose page size the populate helpers
+    choose as they go (``adaptive``) where THP can be had by madvise; else torch's allocator.
+
+    Huge pages are not always the cheaper ones to fault: on a VM whose balloon reports free
+    pages to the host (:func:`_free_page_reporting`), a 2 MiB block the host took back faults
+    several times slower per byte than 4 KiB pages, and not faster with more threads, while
+    blocks freed a moment ago fault several times faster as huge pages. Which kind the kernel
+    hands out next is not knowable in advance, so the helpers measure both and keep the faster."""
     if _Libc.get() is None or _thp_mode() not in ("always", "madvise"):
         return "torch"
-    return "torch" if _free_page_reporting() else "hugepage"
+    return "adaptive"
 
 
 def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
@@ -399,7 +407,7 @@ def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
     if a != "torch" and _Libc.get() is None:  # pragma: no cover - no libc symbols
         a = "torch"
     if p == "auto":
-        p = "on" if a == "hugepage" else "off"
+        p = "on" if a in ("hugepage", "adaptive") else "off"
     if a == "torch":
         p = "off"  # torch's allocator gives no mapping to pre-fault
     return a, p
@@ -413,6 +421,10 @@ class _RegionStats:
         self.huge_refused = 0
         self.populate_ok = 0
         self.populate_refused = 0
+        self.huge_bytes = 0
+        """Bytes the adaptive helpers faulted as huge pages (advised MADV_HUGEPAGE)."""
+        self.small_bytes = 0
+        """Bytes the adaptive helpers faulted as 4 KiB pages (advised MADV_NOHUGEPAGE)."""
 
 
 _live_lock = threading.Lock()
@@ -439,11 +451,12 @@ def _unmap_region(base: int, length: int) -> None:
         _live_bytes[1] -= 1
 
 
-def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
+def _new_region(nbytes: int, huge: bool, rs: _RegionStats, advise: bool = True) -> "torch.Tensor":
     """A fresh anonymous private mapping of ``nbytes`` (rounded up to pages) as a uint8 tensor
     that owns it: munmap runs when the tensor's storage (every view of it) is freed. With
-    ``huge``, the mapping starts 2 MiB-aligned and is advised MADV_HUGEPAGE (a refusal is
-    counted, not raised).
+    ``huge``, the mapping starts 2 MiB-aligned and (``advise``) is advised MADV_HUGEPAGE (a
+    refusal is counted, not raised); without ``advise`` the page size is left for the adaptive
+    populate helpers to choose.
 
     Raises:
         MemoryError: mmap failed.
@@ -466,7 +479,7 @@ def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
         tail = addr + span - (base + length)
         if tail:
             lc.munmap(ctypes.c_void_p(base + length), tail)
-    if huge:
+    if huge and advise:
         if lc.madvise(ctypes.c_void_p(base), length, _MADV_HUGEPAGE) == 0:
             rs.huge_ok += 1
         else:
@@ -498,9 +511,13 @@ class _Populator:
 
     _STEP = 16 << 20
 
-    def __init__(self, chunks: Sequence[Sequence[tuple[int, ...]]], rs: _RegionStats, threads: int = 1) -> None:
-        """``chunks[k]``: (address, bytes[, ends a region]) to populate before chunk k is read."""
+    def __init__(self, chunks: Sequence[Sequence[tuple[int, ...]]], rs: _RegionStats, threads: int = 1,
+                 chooser: "_PageChooser | None" = None) -> None:
+        """``chunks[k]``: (address, bytes[, ends a region]) to populate before chunk k is read;
+        with a ``chooser``, each piece is advised huge or 4 KiB pages just before it is faulted
+        (the mappings must not have been advised, and be 2 MiB-aligned for huge pages)."""
         self.rs = rs
+        self.chooser = chooser
         self.stop = threading.Event()
         self.ready = [threading.Event() for _ in chunks]
         self._lock = threading.Lock()
@@ -539,7 +556,7 @@ class _Populator:
         try:
             while (piece := self._take()) is not None:
                 c, addr, n, last = piece
-                if lc.madvise(ctypes.c_void_p(addr), n, _MADV_POPULATE_WRITE) != 0:
+                if not self._populate(lc, addr, n):
                     with self._lock:
                         self.rs.populate_refused += 1
                     self.stop.set()
@@ -554,6 +571,36 @@ class _Populator:
         finally:
             if self.stop.is_set():
                 self._release_all()
+
+    def _populate(self, lc: _Libc, addr: int, n: int) -> bool:
+        """Fault [addr, addr + n) (False: MADV_POPULATE_WRITE refused). With a chooser, step by
+        step (2 MiB-aligned steps), each advised huge or 4 KiB pages just before it faults."""
+        if self.chooser is None:
+            return lc.madvise(ctypes.c_void_p(addr), n, _MADV_POPULATE_WRITE) == 0
+        step = self.chooser.STEP
+        pos, end = addr, addr + n
+        while pos < end:
+            nxt = min(end, _align_down(pos, step) + step)
+            m = nxt - pos
+            huge = m == step and self.chooser.choose()
+            a = ctypes.c_void_p(pos)
+            if m == step and lc.madvise(a, m, _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE) != 0:
+                with self._lock:
+                    self.rs.huge_refused += 1
+                self.chooser.refuse()
+                huge = False  # no THP here: the step keeps whatever pages the kernel gives
+            t0 = time.perf_counter()
+            if lc.madvise(a, m, _MADV_POPULATE_WRITE) != 0:
+                return False
+            if m == step:
+                self.chooser.record(huge, m, time.perf_counter() - t0)
+            with self._lock:
+                if huge:
+                    self.rs.huge_bytes += m
+                else:
+                    self.rs.small_bytes += m
+            pos = nxt
+        return True
 
     def start(self) -> "_Populator":
         for t in self.threads:
@@ -576,6 +623,57 @@ class _Populator:
         """Wait until every chunk is populated (tests; loads stop it instead)."""
         for t in self.threads:
             t.join()
+
+
+class _PageChooser:
+    """Chooses the page size of each 2 MiB populate step from the fault rates (bytes per second
+    per thread) last measured for each kind. Huge pages fault either much faster than 4 KiB
+    pages (a block that is backed) or much slower (on a VM, a block the host took back), and
+    which one the kernel hands out next changes during a load, so the choice is remade at every
+    step: the first step tries huge pages, the next 4 KiB pages; then each step takes the kind
+    whose last step was faster (huge pages win ties within ``BIAS``: reads into them are faster
+    too, with fewer DMA segments), and now and then one step tries the other kind, rarely
+    enough that the probes cost at most ``1 / PROBE_COST`` of the time."""
+
+    STEP = _HUGE_BYTES
+    BIAS = 0.7
+    PROBE_COST = 20
+    MIN_PROBE_EVERY = 16
+    MAX_PROBE_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.steps = 0
+        self._last_probe = 0
+
+    def choose(self) -> bool:
+        """True: fault the next step as a huge page."""
+        with self._lock:
+            self.steps += 1
+            rh, rs = self.rate[True], self.rate[False]
+            if rh is None:
+                return True
+            if rs is None:
+                return False
+            best = rh >= self.BIAS * rs
+            rb, ro = (rh, rs) if best else (rs, rh)
+            every = min(self.MAX_PROBE_EVERY, max(self.MIN_PROBE_EVERY, int(self.PROBE_COST * rb / max(ro, 1.0))))
+            if self.steps - self._last_probe >= every:
+                self._last_probe = self.steps
+                return not best
+            return best
+
+    def record(self, huge: bool, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.rate[huge] = nbytes / max(seconds, 1e-9)
+
+    def refuse(self) -> None:
+        """The kernel refused a page-size advice: 4 KiB pages from now on."""
+        with self._lock:
+            self.rate[True] = 0.0
+            self.rate[False] = self.rate[False] or 1.0
+            self._last_probe = 1 << 62
 
 
 def _populate_threads() -> int:
@@ -659,7 +757,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
             if congruent and _Libc.get().page % A == 0:  # type: ignore[union-attr]
                 a0 = _align_down(abs_off, A)
                 a1 = min(_align_up(abs_off + info.nbytes, A), reader.file_size(fi))
-                raw = _new_region(a1 - a0, amode == "hugepage", rs)
+                raw = _new_region(a1 - a0, amode in ("hugepage", "adaptive"), rs, amode == "hugepage")
                 start = abs_off - a0
                 if (raw.data_ptr() + start) % itemsize == 0:
                     reqs.append((fi, a0, raw.data_ptr(), a1 - a0))
@@ -667,7 +765,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
                     out[name] = _view_as(raw[start:start + info.nbytes], dtype, shape)
                     continue
                 del raw
-            raw = _new_region(info.nbytes, amode == "hugepage", rs)
+            raw = _new_region(info.nbytes, amode in ("hugepage", "adaptive"), rs, amode == "hugepage")
             reqs.append((fi, abs_off, raw.data_ptr(), info.nbytes))
             regions.append((raw.data_ptr(), raw.numel()))
             out[name] = _view_as(raw[:info.nbytes], dtype, shape)
@@ -689,7 +787,8 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
         if pmode == "on" and any(r[1] for r in regions):
             nthreads = _populate_threads()
             chunks = _populate_chunks(reqs, regions)
-            with _Populator([[p for _, p in c if p[1]] for c in chunks], rs, nthreads) as pop:
+            chooser = _PageChooser() if amode == "adaptive" else None
+            with _Populator([[p for _, p in c if p[1]] for c in chunks], rs, nthreads, chooser) as pop:
                 for k, c in enumerate(chunks):
                     pop.wait(k)
                     native.read_batch_ptr([r for r, _ in c])
@@ -699,7 +798,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
         stats.update(alloc=amode, populate=pmode, regions=rs.regions, region_bytes=rs.region_bytes,
                      hugepage_advised=rs.huge_ok, hugepage_refused=rs.huge_refused,
                      populated_regions=rs.populate_ok, populate_refused=rs.populate_refused,
-                     populate_threads=nthreads)
+                     populate_threads=nthreads, huge_bytes=rs.huge_bytes, small_page_bytes=rs.small_bytes)
     return out
 
 
