@@ -29,6 +29,11 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
   ... via staging  the same through 3 x 64 MiB aligned staging slots + memcpy (the design not taken)
   safetensors      safetensors.torch.load_file, then every page of every tensor touched
   torch.load mmap  torch.load(mmap=True) of the torch.save file, every page touched
+  runai-model-streamer  runai_model_streamer.SafetensorsStreamer over the safetensors file (its
+                   defaults), each tensor cloned as it streams (the streamer reuses its buffers)
+  fastsafetensors  fastsafetensors.fastsafe_open(nogds=True, device="cpu"), get_tensor(k).clone()
+                   for each key (its tensors view a buffer freed at close); both rows are skipped,
+                   with the import error printed, where the package is absent
   llmio load_into  llmio_native.checkpoint.load_into into a preallocated (touched) state dict
   DCP              torch.distributed.checkpoint.load(FileSystemReader) into a preallocated dict
   first touch      allocating fresh tensors and touching each page, no I/O: what every loader
@@ -246,6 +251,54 @@ def touch(sd: dict[str, torch.Tensor]) -> int:
 ALLOC_ROWS = (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on"),
               ("adaptive", "on"))
 """(LLMIO_CKPT_ALLOC, LLMIO_CKPT_POPULATE) of the forced-path load rows."""
+
+
+def runai_load(path: str) -> dict[str, torch.Tensor]:
+    """runai-model-streamer's safetensors streamer; owned copies (it reuses its buffers)."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as st:
+        st.stream_file(path)
+        for name, t in st.get_tensors():
+            out[name] = t.clone()
+    return out
+
+
+def fastsafetensors_load(path: str) -> dict[str, torch.Tensor]:
+    """fastsafetensors without GPUDirect Storage, to CPU; owned copies (its tensors view a
+    buffer that close() frees)."""
+    from fastsafetensors import fastsafe_open
+
+    with fastsafe_open(filenames=[path], nogds=True, device="cpu", debug_log=False) as f:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}
+
+
+PEER_LOADS = (("runai-model-streamer + clone", "runai_model_streamer", runai_load),
+              ("fastsafetensors nogds cpu + clone", "fastsafetensors", fastsafetensors_load))
+"""(row name, module, loader) of the optional peers, run where they import."""
+
+
+def peer_rows(rows: list[dict], sd: dict[str, torch.Tensor], path: str, nbytes: int) -> None:
+    """A load row per peer that imports here (checked bit-exact against ``sd``); the reason
+    printed for each that does not."""
+    import importlib
+
+    for name, mod, fn in PEER_LOADS:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # ImportError, or a broken install failing at import
+            print(f"  load  {name}: not run ({type(e).__name__}: {e})")
+            continue
+        got: dict = {}
+        try:
+            rows.append(row("load", name, lambda: got.update(fn(path)), nbytes, path, cold_paths=[path]))
+        except Exception as e:  # pragma: no cover - depends on the peer's version
+            print(f"  load  {name}: failed ({type(e).__name__}: {e})")
+            continue
+        assert set(got) == set(sd) and all(torch.equal(got[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8))
+                                           for k, v in sd.items()), f"{name} returned other bytes"
+        got.clear()
 
 
 def first_touch(nbytes: int) -> int:
@@ -515,6 +568,7 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
                     cold_paths=[p_st]))
     rows.append(row("load", "torch.load(mmap=True) + touch",
                     lambda: touch(torch.load(p_pt, mmap=True, weights_only=True)), nbytes, p_pt, cold_paths=[p_pt]))
+    peer_rows(rows, sd, p_st, nbytes)
     dst = {k: torch.zeros_like(v) for k, v in sd.items()}  # a model already built: memory touched
     rows.append(row("load", "llmio load_into (preallocated)", lambda: ck.load_into(dst, p_ours), nbytes, p_ours,
                     cold_paths=[p_ours]))

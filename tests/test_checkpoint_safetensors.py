@@ -929,6 +929,15 @@ def test_bench_checkpoint_smoke(tmp_path):
                        ("adaptive", "on")):
         assert ("load", f"llmio load_file alloc={alloc} populate={pop}") in rows
     assert ("load", "memory: first touch, MADV_HUGEPAGE mapping") in rows
+    assert ("load", "read into touched 4KiB pages") in rows
+    import importlib.util
+
+    for peer, mod in (("runai-model-streamer + clone", "runai_model_streamer"),
+                      ("fastsafetensors nogds cpu + clone", "fastsafetensors")):
+        if importlib.util.find_spec(mod) is not None:
+            assert ("load", peer) in rows
+        else:  # absent: said so, with the import error
+            assert f"{peer}: not run (ModuleNotFoundError" in out.stdout
     # --load-only: no save rows; --repeat keeps one (the best) row per name
     out = subprocess.run([sys.executable, str(bench), "--size", "24MiB", "--dir", str(tmp_path), "--load-only",
                           "--no-dcp", "--repeat", "2", "--settle", "0.01", "--json", str(tmp_path / "l.json")],
