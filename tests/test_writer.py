@@ -820,3 +820,127 @@ def test_staging_pool_in_a_forked_child_starts_empty(tmp_path, backend):
             w.write(source(9000, seed=4))
         assert staging_pool_stats()["hits"] == hits + 1
     assert file_bytes(tmp_path / "p2.bin") == source(9000, seed=4)
+
+
+# -- io_uring rings pooled with their arenas (io/staging_pool.hpp attachments) ------------------
+def _ring_files() -> list[str]:
+    """Targets of the files registered in every io_uring instance of this process
+    (/proc/self/fdinfo of each ring descriptor, its UserFiles table)."""
+    out = []
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if not any(ln.startswith("UserFiles:") for ln in lines):
+            continue
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("UserFiles:"))
+        for ln in lines[i + 1:]:
+            if not ln.strip() or not ln.strip()[0].isdigit() or ":" not in ln:
+                break
+            out.append(ln.split(":", 1)[1].strip())
+    return out
+
+
+@needs_uring
+def test_reuse_staging_hands_the_io_uring_ring_to_the_next_writer(tmp_path):
+    """Inside reuse_staging a closed io_uring Writer's ring stays with its arena (file slots
+    cleared) and the next Writer of that arena writes through it, data exact; outside, none."""
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    data = [source(3 * 8192 + 77, seed=k) for k in range(3)]
+    with reuse_staging():
+        with Writer(tmp_path / "r0.bin", backend="io_uring", **SMALL) as w:
+            w.write(data[0])
+        first = w.stats()
+        s1 = staging_pool_stats()
+        assert first["ring_reused"] == 0 and s1["idle_attachments"] == 1
+        # the pooled ring holds no reference to the closed file
+        assert not any(p.endswith("r0.bin") for p in _ring_files())
+        for k in (1, 2):
+            with Writer(tmp_path / f"r{k}.bin", backend="io_uring", **SMALL) as w:
+                w.write(data[k])
+            s = w.stats()
+            assert s["ring_reused"] == 1 and s["registered_files"] == first["registered_files"]
+            assert s["registered_buffers"] == first["registered_buffers"]
+            if s["registered_buffers"]:
+                assert s["fixed_buffer_ops"] == s["ops"] > 0  # the arena is still the ring's fixed buffer
+        s2 = staging_pool_stats()
+        assert s2["attachment_hits"] == s1["attachment_hits"] + 2 and s2["idle_attachments"] == 1
+        # another ring size does not take it (a ring of its own), the pooled one is destroyed
+        with Writer(tmp_path / "q.bin", backend="io_uring", chunk_bytes=8192, staging_bytes=32 * KIB,
+                    queue_depth=2) as w:
+            w.write(data[0])
+        assert w.stats()["ring_reused"] == 0 and w.stats()["ring_entries"] == 2
+    assert staging_pool_stats()["idle_attachments"] == 0
+    assert [file_bytes(tmp_path / f"r{k}.bin") for k in range(3)] == data
+    with Writer(tmp_path / "out.bin", backend="io_uring", **SMALL) as w:  # no scope: nothing pooled
+        w.write(data[1])
+    assert w.stats()["ring_reused"] == 0 and file_bytes(tmp_path / "out.bin") == data[1]
+
+
+@needs_uring
+def test_pooled_rings_are_bounded_and_a_failed_ring_is_not_pooled(tmp_path, faults):
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    cap = staging_pool_stats()["max_idle_attachments"]
+    with reuse_staging():
+        ws = [Writer(tmp_path / f"{i}.bin", backend="io_uring", **SMALL) for i in range(cap + 3)]
+        for i, w in enumerate(ws):
+            w.write(source(100, seed=i))
+            w.close()
+        s = staging_pool_stats()
+        assert s["idle_count"] == cap + 3 and s["idle_attachments"] == cap  # arenas kept, rings bounded
+    assert all(file_bytes(tmp_path / f"{i}.bin") == source(100, seed=i) for i in range(cap + 3))
+    with reuse_staging():
+        w = Writer(tmp_path / "bad.bin", backend="io_uring", **SMALL)
+        w.write(source(2 * 8192 + 5))  # two chunks in flight before the ring fails
+        faults("uring_submit_eio")
+
+        def go():
+            w.write(source(10 * 8192))
+            w.close()
+
+        with pytest.raises(OSError) as ei:
+            call_with_deadline(go, 60)
+        assert ei.value.errno == errno.EIO
+        faults("")
+        w.abort()
+        s = staging_pool_stats()
+        assert s["idle_count"] == 1 and s["idle_attachments"] == 0  # the arena is pooled, the broken ring is not
+
+
+@needs_uring
+def test_pooled_ring_in_a_forked_child_is_not_used(tmp_path):
+    """A child forked while the pool holds a ring does not inherit it (it starts empty, makes
+    its own, and pools that); the parent's ring keeps serving the parent."""
+    from llmio_native.io import reuse_staging, staging_pool_stats
+
+    with reuse_staging():
+        with Writer(tmp_path / "p.bin", backend="io_uring", **SMALL) as w:
+            w.write(source(9000))
+        assert staging_pool_stats()["idle_attachments"] == 1
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ok = staging_pool_stats()["idle_attachments"] == 0
+                reused = []
+                with reuse_staging():
+                    for k in range(2):
+                        with Writer(tmp_path / f"c{k}.bin", backend="io_uring", **SMALL) as cw:
+                            cw.write(source(9000, seed=k + 5))
+                        reused.append(cw.stats()["ring_reused"])
+                ok = ok and reused == [0, 1] and file_bytes(tmp_path / "c1.bin") == source(9000, seed=6)
+                os.write(wfd, b"0" if ok else b"2")
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        _, status = os.waitpid(pid, 0)
+        assert os.read(r, 16) == b"0" and status == 0
+        os.close(r)
+        with Writer(tmp_path / "p2.bin", backend="io_uring", **SMALL) as w:
+            w.write(source(9000, seed=4))
+        assert w.stats()["ring_reused"] == 1
+    assert file_bytes(tmp_path / "p2.bin") == source(9000, seed=4)

@@ -9,16 +9,18 @@ flight), straight into the memory the caller gets back:
   (no bounce copy, no page cache). The tensor's storage is private to it and may extend a few
   KiB (at most three alignment blocks) around the tensor's bytes: the slack of the aligned read.
   Tensors under 16 KiB get an exact allocation instead (the engine bounces their partial blocks).
-  Fresh memory costs a page fault per page on first touch (on some VMs slower than the disk), so
-  tensors from ``_REGION_MIN_BYTES`` up get their own anonymous mapping, 2 MiB-aligned and
-  advised ``MADV_HUGEPAGE`` (one fault per 2 MiB), unmapped when the last tensor or view of it is
-  freed -- except on a VM whose balloon reports free pages to the host, where huge pages come
-  from blocks the host took back and fault slower than 4 KiB ones (``_auto_alloc``); with
-  ``populate``, a helper thread pre-faults (``MADV_POPULATE_WRITE``) the next chunk's mappings
-  while the engine reads the current chunk. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``hugepage``
-  | ``plain`` | ``torch``) and ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) force a path;
-  where the kernel refuses one (no THP, no ``MADV_POPULATE_WRITE``) the load carries on without
-  it (``stats`` reports what ran).
+  Fresh memory costs a page fault per page on first touch (on some VMs slower than the disk),
+  so tensors from ``_REGION_MIN_BYTES`` up get their own anonymous mapping, 2 MiB-aligned,
+  unmapped when the last tensor or view of it is freed; with ``populate``, helper threads
+  (one per CPU, at most 4) pre-fault (``MADV_POPULATE_WRITE``) each chunk of reads before the
+  engine reads it, running ahead while it reads. With ``alloc="adaptive"`` (the ``auto``
+  choice where THP can be had by madvise) each 2 MiB step is advised huge or 4 KiB pages just
+  before it is faulted, whichever faulted faster last (:class:`_PageChooser`): huge pages are
+  far faster to fault where the memory is backed and far slower where a VM balloon gave it
+  back to the host. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``adaptive`` | ``hugepage`` | ``plain``
+  | ``torch``), ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) and
+  ``LLMIO_CKPT_POPULATE_THREADS`` force a path; where the kernel refuses one (no THP, no
+  ``MADV_POPULATE_WRITE``) the load carries on without it (``stats`` reports what ran).
 * CUDA: runs of consecutive tensors are read into page-locked staging slots and copied to their
   final allocations on a side stream; slot k+1 is read while slot k is being copied.
 
@@ -731,7 +733,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
     ``_REGION_MIN_BYTES`` up unless ``alloc`` is "torch"), in one batch (chunks with populate).
 
     Raises:
-        ValueError: an unknown alloc or populate mode.
+        ValueError: an unknown alloc or populate mode, a bad LLMIO_CKPT_POPULATE_THREADS.
         MemoryError: a mapping could not be made.
         OSError: a read failed.
     """
@@ -1055,13 +1057,16 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         max_header_bytes: refuse headers longer than this.
         stats: when a dict, updated with the Reader's counters (``bytes``, ``bytes_direct``...)
             and ``io_direct``; on the CPU also the fresh-memory path taken (``alloc``,
-            ``populate``, ``regions``, ``hugepage_advised``, ``hugepage_refused``,
-            ``populated_regions``, ``populate_refused``).
+            ``populate``, ``populate_threads``, ``regions``, ``hugepage_advised``,
+            ``hugepage_refused``, ``populated_regions``, ``populate_refused``, ``huge_bytes``,
+            ``small_page_bytes``).
 
-    CPU tensors of 1 MiB and more live in their own anonymous mapping (huge pages where that
-    pays; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` force a path), unmapped as soon as
-    the tensor and its views are freed; such tensors cannot grow in place (``resize_`` past
-    their storage raises ``RuntimeError``; ``clone()`` first).
+    CPU tensors of 1 MiB and more live in their own anonymous mapping (pre-faulted by helper
+    threads while the disk reads, huge or 4 KiB pages per 2 MiB step, whichever faults faster
+    here; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS``
+    force a path), private to that tensor and its views (no two returned tensors share
+    memory), unmapped as soon as the tensor and its views are freed; such tensors cannot grow
+    in place (``resize_`` past their storage raises ``RuntimeError``; ``clone()`` first).
 
     Returns:
         name -> tensor, in file order.
@@ -1071,7 +1076,7 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
             torch lacks; the message names the file and the tensor.
         FileNotFoundError: ``path`` does not exist.
         ValueError: bad ``device``, ``io_mode``, or group arguments; an unknown
-            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` value.
+            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS`` value.
         MemoryError: a tensor's mapping could not be made.
         OSError: a read failed (names file, offset, length).
     """
