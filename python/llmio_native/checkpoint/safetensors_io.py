@@ -14,10 +14,10 @@ flight), straight into the memory the caller gets back:
   unmapped when the last tensor or view of it is freed; with ``populate``, helper threads
   (one per CPU, at most 4) pre-fault (``MADV_POPULATE_WRITE``) each chunk of reads before the
   engine reads it, running ahead while it reads. With ``alloc="adaptive"`` (the ``auto``
-  choice where THP can be had by madvise) each 2 MiB step is advised huge or 4 KiB pages just
-  before it is faulted, whichever faulted faster last (:class:`_PageChooser`): huge pages are
-  far faster to fault where the memory is backed and far slower where a VM balloon gave it
-  back to the host. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``adaptive`` | ``hugepage`` | ``plain``
+  choice where THP can be had by madvise) the helpers fault each 2 MiB step as a huge page
+  while huge pages fault fast, and otherwise leave it in 4 KiB pages for the read to fault
+  (:class:`_PageChooser`): huge pages are far faster to fault where the memory is backed and
+  far slower where a VM balloon gave it back to the host. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``adaptive`` | ``hugepage`` | ``plain``
   | ``torch``), ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) and
   ``LLMIO_CKPT_POPULATE_THREADS`` force a path; where the kernel refuses one (no THP, no
   ``MADV_POPULATE_WRITE``) the load carries on without it (``stats`` reports what ran).
@@ -79,14 +79,17 @@ their partial blocks (a copy of at most a few KiB)."""
 _REGION_MIN_BYTES = 1 << 20
 """CPU tensors from this size up get their own anonymous mapping (huge pages where allowed)."""
 _HUGE_BYTES = 2 << 20
-_POPULATE_CHUNK_BYTES = 64 << 20
-"""With populate on, reads are issued in chunks of about this many bytes, each once the helper
-threads have pre-faulted it; they fault the next chunks while this one is read."""
+_POPULATE_CHUNK_BYTES = 1 << 30
+"""With populate on, reads are issued in chunks, each once the helper threads have pre-faulted
+it (they fault the next chunks while this one is read), doubling from 16 MiB up to this size."""
 ALLOC_MODES = ("auto", "adaptive", "hugepage", "plain", "torch")
 POPULATE_MODES = ("auto", "on", "off")
 _MADV_HUGEPAGE = 14
 _MADV_NOHUGEPAGE = 15
 _MADV_POPULATE_WRITE = 23
+_ADAPTIVE_POPULATE_SMALL = False
+"""alloc=adaptive: also fault the 4 KiB-page steps in the helpers (the alternative the benchmark
+measures; off: leaving them to the reads won on the dev VM once the memory had settled)."""
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
@@ -426,7 +429,7 @@ class _RegionStats:
         self.huge_bytes = 0
         """Bytes the adaptive helpers faulted as huge pages (advised MADV_HUGEPAGE)."""
         self.small_bytes = 0
-        """Bytes the adaptive helpers faulted as 4 KiB pages (advised MADV_NOHUGEPAGE)."""
+        """Bytes the adaptive helpers left to the reads as 4 KiB pages (MADV_NOHUGEPAGE)."""
 
 
 _live_lock = threading.Lock()
@@ -576,7 +579,8 @@ class _Populator:
 
     def _populate(self, lc: _Libc, addr: int, n: int) -> bool:
         """Fault [addr, addr + n) (False: MADV_POPULATE_WRITE refused). With a chooser, step by
-        step (2 MiB-aligned steps), each advised huge or 4 KiB pages just before it faults."""
+        step (2 MiB-aligned steps): a huge step is advised MADV_HUGEPAGE and faulted here, a
+        small one advised MADV_NOHUGEPAGE and left for the engine's read to fault."""
         if self.chooser is None:
             return lc.madvise(ctypes.c_void_p(addr), n, _MADV_POPULATE_WRITE) == 0
         step = self.chooser.STEP
@@ -584,18 +588,21 @@ class _Populator:
         while pos < end:
             nxt = min(end, _align_down(pos, step) + step)
             m = nxt - pos
-            huge = m == step and self.chooser.choose()
             a = ctypes.c_void_p(pos)
-            if m == step and lc.madvise(a, m, _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE) != 0:
+            huge = m == step and self.chooser.choose()
+            # unadvised memory gets 4 KiB pages unless THP is "always": advise only what differs
+            advice = _MADV_HUGEPAGE if huge else (_MADV_NOHUGEPAGE if self.chooser.thp_always else 0)
+            if advice and lc.madvise(a, m, advice) != 0:
                 with self._lock:
                     self.rs.huge_refused += 1
                 self.chooser.refuse()
-                huge = False  # no THP here: the step keeps whatever pages the kernel gives
-            t0 = time.perf_counter()
-            if lc.madvise(a, m, _MADV_POPULATE_WRITE) != 0:
-                return False
-            if m == step:
-                self.chooser.record(huge, m, time.perf_counter() - t0)
+                huge = False  # no THP here: the reads fault whatever pages the kernel gives
+            if huge or _ADAPTIVE_POPULATE_SMALL:
+                t0 = time.perf_counter()
+                if lc.madvise(a, m, _MADV_POPULATE_WRITE) != 0:
+                    return False
+                if huge:
+                    self.chooser.record(m, time.perf_counter() - t0)
             with self._lock:
                 if huge:
                     self.rs.huge_bytes += m
@@ -628,54 +635,61 @@ class _Populator:
 
 
 class _PageChooser:
-    """Chooses the page size of each 2 MiB populate step from the fault rates (bytes per second
-    per thread) last measured for each kind. Huge pages fault either much faster than 4 KiB
-    pages (a block that is backed) or much slower (on a VM, a block the host took back), and
-    which one the kernel hands out next changes during a load, so the choice is remade at every
-    step: the first step tries huge pages, the next 4 KiB pages; then each step takes the kind
-    whose last step was faster (huge pages win ties within ``BIAS``: reads into them are faster
-    too, with fewer DMA segments), and now and then one step tries the other kind, rarely
-    enough that the probes cost at most ``1 / PROBE_COST`` of the time."""
+    """Chooses, for each 2 MiB step of a mapping, between huge pages faulted by the populate
+    helpers and 4 KiB pages left for the engine's reads to fault.
+
+    Measured on the dev VM (a balloon reporting free pages to the host): a huge page faults
+    either far faster than the disk reads (a block freed a moment ago and still backed: 13-24
+    GB/s per thread) or far slower (a block the host took back: 0.1-0.5 GB/s, and no faster
+    with more threads), and a load can meet both, in runs. 4 KiB pages left unfaulted until
+    the O_DIRECT read pins them load at 1.9 GB/s there, where faulting them ahead with
+    ``MADV_POPULATE_WRITE`` loaded at 1.0-1.1 GB/s (see docs/guide.md, Checkpoints). So each
+    step goes to huge pages while the last huge step faulted at ``HUGE_MIN_RATE`` or more per
+    thread, else to the reads; after a slow huge step, one step in ``every`` tries huge pages
+    again, ``every`` chosen so that the probes cost at most ``1 / PROBE_COST`` of the time (2 %)
+    (a probe against steps loading at about ``SMALL_RATE``)."""
 
     STEP = _HUGE_BYTES
-    BIAS = 0.7
-    PROBE_COST = 20
+    HUGE_MIN_RATE = 2e9
+    SMALL_RATE = 1.5e9
+    PROBE_COST = 50
     MIN_PROBE_EVERY = 16
     MAX_PROBE_EVERY = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.huge_rate: float | None = None
         self.steps = 0
         self._last_probe = 0
+        self._refused = False
+        self.thp_always = _thp_mode() == "always"
 
     def choose(self) -> bool:
-        """True: fault the next step as a huge page."""
+        """True: fault the next step as a huge page now; False: leave it to the reads."""
         with self._lock:
             self.steps += 1
-            rh, rs = self.rate[True], self.rate[False]
-            if rh is None:
-                return True
-            if rs is None:
+            if self._refused:
                 return False
-            best = rh >= self.BIAS * rs
-            rb, ro = (rh, rs) if best else (rs, rh)
-            every = min(self.MAX_PROBE_EVERY, max(self.MIN_PROBE_EVERY, int(self.PROBE_COST * rb / max(ro, 1.0))))
+            rh = self.huge_rate
+            if rh is None or rh >= self.HUGE_MIN_RATE:
+                return True
+            every = min(self.MAX_PROBE_EVERY,
+                        max(self.MIN_PROBE_EVERY, int(self.PROBE_COST * self.SMALL_RATE / max(rh, 1e6))))
             if self.steps - self._last_probe >= every:
                 self._last_probe = self.steps
-                return not best
-            return best
+                return True
+            return False
 
-    def record(self, huge: bool, nbytes: int, seconds: float) -> None:
+    def record(self, nbytes: int, seconds: float) -> None:
+        """A huge step of ``nbytes`` faulted in ``seconds``."""
         with self._lock:
-            self.rate[huge] = nbytes / max(seconds, 1e-9)
+            self.huge_rate = nbytes / max(seconds, 1e-9)
+            self._last_probe = self.steps  # the next probe counts from this measurement
 
     def refuse(self) -> None:
-        """The kernel refused a page-size advice: 4 KiB pages from now on."""
+        """The kernel refused a page-size advice: no huge pages from now on."""
         with self._lock:
-            self.rate[True] = 0.0
-            self.rate[False] = self.rate[False] or 1.0
-            self._last_probe = 1 << 62
+            self._refused = True
 
 
 def _populate_threads() -> int:
@@ -806,8 +820,10 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
 
 def _populate_chunks(reqs: list[tuple[int, int, int, int]], regions: list[tuple[int, int]]
                      ) -> list[list[tuple[tuple[int, int, int, int], tuple[int, int, bool]]]]:
-    """Reads grouped into chunks of about ``_POPULATE_CHUNK_BYTES`` (the first one
-    ``_Populator._STEP``, so the engine starts early), each read paired with the part of its
+    """Reads grouped into chunks that double in size from ``_Populator._STEP`` (the engine
+    starts early) up to ``_POPULATE_CHUNK_BYTES`` (few waits: the engine's queue drains at the
+    end of each chunk, which costs most where the reads fault the pages themselves), each read
+    paired with the part of its
     mapping it fills, as (address, bytes, ends the mapping) ((0, 0, False): none). A read into a
     mapping that is longer than a step is cut at multiples of ``_Populator._STEP`` from its
     start (aligned as the read itself is)."""
@@ -827,7 +843,7 @@ def _populate_chunks(reqs: list[tuple[int, int, int, int]], regions: list[tuple[
     for p in pieces:
         if acc >= limit:
             chunks.append([])
-            acc, limit = 0, _POPULATE_CHUNK_BYTES
+            acc, limit = 0, min(2 * limit, _POPULATE_CHUNK_BYTES)
         chunks[-1].append(p)
         acc += p[0][3]
     return chunks
@@ -1061,9 +1077,9 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
             ``hugepage_refused``, ``populated_regions``, ``populate_refused``, ``huge_bytes``,
             ``small_page_bytes``).
 
-    CPU tensors of 1 MiB and more live in their own anonymous mapping (pre-faulted by helper
-    threads while the disk reads, huge or 4 KiB pages per 2 MiB step, whichever faults faster
-    here; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS``
+    CPU tensors of 1 MiB and more live in their own anonymous mapping (faulted in huge pages by
+    helper threads while the disk reads where that is fast here, else in 4 KiB pages by the
+    reads; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS``
     force a path), private to that tensor and its views (no two returned tensors share
     memory), unmapped as soon as the tensor and its views are freed; such tensors cannot grow
     in place (``resize_`` past their storage raises ``RuntimeError``; ``clone()`` first).
