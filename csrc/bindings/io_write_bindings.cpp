@@ -117,13 +117,8 @@ void bind_io_write(py::module_& m) {
     d["misses"] = s.misses;
     d["scopes"] = s.scopes;
     d["max_idle_bytes"] = kStagingPoolMaxIdleBytes;
-    d["idle_attachments"] = s.idle_attachments;
-    d["attachment_hits"] = s.attachment_hits;
-    d["max_idle_attachments"] = kStagingPoolMaxIdleAttachments;
     return d;
-  }, "Counters of the Writer staging pool: idle_bytes, idle_count, hits, misses, scopes, max_idle_bytes, "
-     "idle_attachments (idle arenas keeping their io_uring ring), attachment_hits (Writers that took a pooled "
-     "ring), max_idle_attachments.");
+  }, "Counters of the Writer staging pool: idle_bytes, idle_count, hits, misses, scopes, max_idle_bytes.");
 
   m.def("fsync_path", &fsync_path, py::arg("path"), py::arg("data_only") = false,
         py::call_guard<py::gil_scoped_release>(),

@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <iterator>
 #include <list>
 #include <mutex>
 
@@ -15,9 +14,9 @@ namespace {
 
 struct Pool {
   std::mutex mu;
-  std::list<PooledArena> idle;  // front: most recently returned
+  std::list<std::unique_ptr<HostBuffer>> idle;  // front: most recently returned
   uint64_t idle_bytes = 0;
-  uint64_t hits = 0, misses = 0, scopes = 0, attachment_hits = 0;
+  uint64_t hits = 0, misses = 0, scopes = 0;
   pid_t pid = ::getpid();
 };
 
@@ -38,80 +37,60 @@ Pool& pool() {
 void adopt_locked(Pool& p) {
   const pid_t me = ::getpid();
   if (p.pid == me) return;
-  p.idle.clear();  // attachments destroyed first (their child-side copies), arenas not unmapped here
+  p.idle.clear();
   p.idle_bytes = 0;
   p.scopes = 0;
-  p.hits = p.misses = p.attachment_hits = 0;
+  p.hits = p.misses = 0;
   p.pid = me;
 }
 
-// Evicted entries go to `drop` (destroyed by the caller outside the lock).
-void trim_locked(Pool& p, uint64_t max_bytes, std::list<PooledArena>& drop) {
+void trim_locked(Pool& p, uint64_t max_bytes) {
   while (p.idle_bytes > max_bytes && !p.idle.empty()) {
-    p.idle_bytes -= p.idle.back().buf->size();
-    drop.splice(drop.end(), p.idle, std::prev(p.idle.end()));  // least recently used
-  }
-  uint64_t attached = 0;
-  for (auto& a : p.idle) {
-    if (!a.attachment) continue;
-    if (++attached > kStagingPoolMaxIdleAttachments) {
-      drop.emplace_back();
-      drop.back().attachment = std::move(a.attachment);  // the arena stays pooled
-    }
+    p.idle_bytes -= p.idle.back()->size();
+    p.idle.pop_back();  // least recently used
   }
 }
 
 }  // namespace
 
-PooledArena take_arena(uint64_t nbytes) {
+std::unique_ptr<HostBuffer> take(uint64_t nbytes) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> g(p.mu);
     adopt_locked(p);
     if (p.scopes > 0) {
-      // The smallest arena that fits; among equal sizes one with an attachment.
       auto best = p.idle.end();
       for (auto it = p.idle.begin(); it != p.idle.end(); ++it) {
-        const uint64_t s = it->buf->size();
-        if (s < nbytes || s / kStagingPoolMaxOversize > nbytes) continue;
-        if (best == p.idle.end() || s < best->buf->size() ||
-            (s == best->buf->size() && it->attachment && !best->attachment))
+        const uint64_t s = (*it)->size();
+        if (s >= nbytes && s / kStagingPoolMaxOversize <= nbytes && (best == p.idle.end() || s < (*best)->size()))
           best = it;
       }
       if (best != p.idle.end()) {
-        PooledArena a = std::move(*best);
+        std::unique_ptr<HostBuffer> b = std::move(*best);
         p.idle.erase(best);
-        p.idle_bytes -= a.buf->size();
+        p.idle_bytes -= b->size();
         ++p.hits;
-        if (a.attachment) ++p.attachment_hits;
-        return a;
+        return b;
       }
       ++p.misses;
     }
   }
-  PooledArena a;
-  a.buf = std::make_unique<HostBuffer>(nbytes, /*dont_fork=*/true);
-  return a;
+  return std::make_unique<HostBuffer>(nbytes, /*dont_fork=*/true);
 }
 
-std::unique_ptr<HostBuffer> take(uint64_t nbytes) {
-  return take_arena(nbytes).buf;  // an attachment, if any, destroyed here
-}
-
-void give(std::unique_ptr<HostBuffer> buf, std::unique_ptr<ArenaAttachment> attachment) noexcept {
+void give(std::unique_ptr<HostBuffer> buf) noexcept {
   if (!buf) return;
   Pool& p = pool();
-  std::list<PooledArena> drop;  // destroyed outside the lock, each attachment before its arena
+  std::unique_ptr<HostBuffer> drop;  // unmapped outside the lock
   {
     std::lock_guard<std::mutex> g(p.mu);
     adopt_locked(p);
-    PooledArena a{std::move(buf), std::move(attachment)};
-    if (p.scopes == 0 || a.buf->unmapped_here() || a.buf->size() > kStagingPoolMaxIdleBytes) {
-      drop.push_back(std::move(a));
+    if (p.scopes == 0 || buf->unmapped_here() || buf->size() > kStagingPoolMaxIdleBytes) {
+      drop = std::move(buf);
     } else {
-      p.idle_bytes += a.buf->size();
-      p.idle.push_front(std::move(a));
-      trim_locked(p, kStagingPoolMaxIdleBytes, drop);
+      p.idle_bytes += buf->size();
+      p.idle.push_front(std::move(buf));
+      trim_locked(p, kStagingPoolMaxIdleBytes);
     }
   }
 }
@@ -125,7 +104,7 @@ void scope_enter() {
 
 void scope_exit() noexcept {
   Pool& p = pool();
-  std::list<PooledArena> drop;
+  std::list<std::unique_ptr<HostBuffer>> drop;
   {
     std::lock_guard<std::mutex> g(p.mu);
     adopt_locked(p);
@@ -147,8 +126,6 @@ StagingPoolStats stats() {
   s.hits = p.hits;
   s.misses = p.misses;
   s.scopes = p.scopes;
-  s.attachment_hits = p.attachment_hits;
-  for (auto& a : p.idle) s.idle_attachments += a.attachment ? 1 : 0;
   return s;
 }
 

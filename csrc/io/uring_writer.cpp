@@ -4,14 +4,6 @@
 // thread only: submit() queues an SQE and submits without waiting; reap()
 // collects completions, resubmitting short writes (the rest of the range),
 // EINTR/EAGAIN, and direct writes refused with EINVAL (buffered from then on).
-//
-// Pooling. Inside a staging-pool scope (io/staging_pool.hpp) a closed Writer
-// leaves its ring attached to its arena (UringWriteRing): quiescent, file
-// slots cleared (the ring holds no reference to the closed file), the arena
-// still registered. The next Writer of that arena updates the two file slots
-// (one io_uring_register call) instead of creating a ring, registering its
-// files and pinning the arena's pages (about 11 ms for 64 MiB here). A ring
-// that failed, or with anything in flight, is never pooled.
 #include <unistd.h>
 
 #include <cerrno>
@@ -32,8 +24,7 @@ namespace detail {
 
 #ifndef LLMIO_HAVE_URING
 
-std::unique_ptr<WriteEngine> make_uring_write_engine(WriteFile&, WriterStats&, uint32_t, uint8_t*, uint64_t,
-                                                     std::unique_ptr<ArenaAttachment>) {
+std::unique_ptr<WriteEngine> make_uring_write_engine(WriteFile&, WriterStats&, uint32_t, uint8_t*, uint64_t) {
   throw UnsupportedError("io_uring backend unavailable: " + probe_io_uring().reason);
 }
 
@@ -41,109 +32,39 @@ std::unique_ptr<WriteEngine> make_uring_write_engine(WriteFile&, WriterStats&, u
 
 namespace {
 
-// A ring and its registrations: two file slots (buffered, direct) and one
-// fixed buffer [buf, buf + buf_bytes). Pooled with its arena between Writers.
-class UringWriteRing final : public ArenaAttachment {
- public:
-  struct io_uring ring;
-  uint32_t entries = 0;
-  bool files_registered = false;
-  bool buffers_registered = false;
-  const uint8_t* buf = nullptr;
-  uint64_t buf_bytes = 0;
-
-  // ResourceError / UnsupportedError naming path when the ring cannot be made.
-  UringWriteRing(uint32_t n, const std::string& path) : entries(n) {
-    const int rc = io_uring_queue_init(entries, &ring, 0);
-    if (rc < 0) {
-      const std::string what = "io_uring_queue_init(" + std::to_string(entries) + ") for writing " + path +
-                               " failed: " + std::strerror(-rc);
-      if (rc == -ENOMEM || rc == -EMFILE || rc == -ENFILE || rc == -EAGAIN)
-        throw ResourceError(-rc, path, what + " (RLIMIT_MEMLOCK, RLIMIT_NOFILE; or a smaller queue_depth)");
-      throw UnsupportedError(what);
-    }
-  }
-  // Also in a forked child (the pool forgetting the parent's arenas): unmaps the
-  // child's copies of the ring mappings and closes its descriptor; the parent's
-  // ring is untouched. In the owner, waits for anything still owed (see the
-  // engine's destructor) and releases the registrations.
-  ~UringWriteRing() override { io_uring_queue_exit(&ring); }
-  UringWriteRing(const UringWriteRing&) = delete;
-  UringWriteRing& operator=(const UringWriteRing&) = delete;
-
-  // Points the file slots at fds (-1: an empty slot). False when the slots
-  // could not be set: the ring then holds no file and writes use plain fds.
-  bool set_files(const int fds[2]) {
-    int local[2] = {fds[0], fds[1]};
-    if (files_registered) {
-      if (io_uring_register_files_update(&ring, 0, local, 2) == 2) return true;
-      (void)io_uring_unregister_files(&ring);  // best effort: an optimisation only
-      files_registered = false;
-    }
-    if (local[0] < 0 && local[1] < 0) return false;
-    files_registered = io_uring_register_files(&ring, local, 2) == 0;
-    return files_registered;
-  }
-
-  // Registers [p, p + n) as the fixed buffer unless the current one covers it.
-  void cover(uint8_t* p, uint64_t n) {
-    if (buffers_registered && p >= buf && p + n <= buf + buf_bytes) return;
-    if (buffers_registered) {
-      (void)io_uring_unregister_buffers(&ring);
-      buffers_registered = false;
-    }
-    struct iovec iov = {p, static_cast<size_t>(n)};
-    buffers_registered = n <= (1ull << 30) && io_uring_register_buffers(&ring, &iov, 1) == 0;
-    buf = buffers_registered ? p : nullptr;
-    buf_bytes = buffers_registered ? n : 0;
-  }
-};
-
 class UringWriteEngine final : public WriteEngine {
  public:
-  UringWriteEngine(WriteFile& f, WriterStats& st, uint32_t qd, uint8_t* staging, uint64_t staging_bytes,
-                   std::unique_ptr<ArenaAttachment> pooled)
+  UringWriteEngine(WriteFile& f, WriterStats& st, uint32_t qd, uint8_t* staging, uint64_t staging_bytes)
       : f_(f), st_(st) {
     UringProbe p = probe_io_uring();
     if (!p.usable) throw UnsupportedError("io_uring backend unavailable: " + p.reason);
     entries_ = std::max<uint32_t>(1, std::min<uint32_t>(qd, 4096));
-    auto* old = dynamic_cast<UringWriteRing*>(pooled.get());
-    if (old && old->entries == entries_) {
-      (void)pooled.release();
-      r_.reset(old);
-      reused_ = true;
-    } else {
-      pooled.reset();  // another kind or size: destroyed, a ring of our own made below
-      r_ = std::make_unique<UringWriteRing>(entries_, f.path);
+    const int rc = io_uring_queue_init(entries_, &ring_, 0);
+    if (rc < 0) {
+      const std::string what = "io_uring_queue_init(" + std::to_string(entries_) + ") for writing " + f.path +
+                               " failed: " + std::strerror(-rc);
+      if (rc == -ENOMEM || rc == -EMFILE || rc == -ENFILE || rc == -EAGAIN)
+        throw ResourceError(-rc, f.path, what + " (RLIMIT_MEMLOCK, RLIMIT_NOFILE; or a smaller queue_depth)");
+      throw UnsupportedError(what);
     }
     // Both registrations are optimisations: failure (limits, old kernel) is not an error.
     int fds[2] = {f.fd_buffered, f.fd_direct};
-    files_registered_ = r_->set_files(fds);
-    r_->cover(staging, staging_bytes);
-    buffers_registered_ = r_->buffers_registered;
+    files_registered_ = io_uring_register_files(&ring_, fds, 2) == 0;
+    struct iovec iov = {staging, static_cast<size_t>(staging_bytes)};
+    buffers_registered_ = staging_bytes <= (1ull << 30) && io_uring_register_buffers(&ring_, &iov, 1) == 0;
   }
 
   ~UringWriteEngine() override {
     // The Writer drains before destroying its engine; should a completion still
     // be owed (a ring that failed), the kernel may write from the arena until
-    // the ring is gone, and io_uring_queue_exit (the ring's destructor) waits for that.
-    r_.reset();
+    // the ring is gone, and io_uring_queue_exit waits for that.
+    io_uring_queue_exit(&ring_);
   }
 
   const char* name() const override { return "io_uring"; }
   std::vector<std::pair<std::string, int64_t>> features() const override {
     return {{"registered_files", files_registered_}, {"registered_buffers", buffers_registered_},
-            {"ring_entries", static_cast<int64_t>(entries_)}, {"ring_reused", reused_}};
-  }
-
-  std::unique_ptr<ArenaAttachment> detach_for_pool() noexcept override {
-    if (!r_ || broken_ || kernel_inflight_ != 0 || unsubmitted_ != 0 || !synthetic_.empty()) return nullptr;
-    if (io_uring_cq_ready(&r_->ring) != 0) return nullptr;  // a completion nobody reaped: not clean
-    if (r_->files_registered) {
-      const int none[2] = {-1, -1};
-      (void)r_->set_files(none);  // the ring keeps no reference to this Writer's file
-    }
-    return std::move(r_);
+            {"ring_entries", static_cast<int64_t>(entries_)}};
   }
 
   void submit(const WriteJob& job) override {
@@ -167,7 +88,7 @@ class UringWriteEngine final : public WriteEngine {
       if (!block || !out.empty() || kernel_inflight_ == 0) return;
       int rc;
       do {
-        rc = io_uring_submit_and_wait(&r_->ring, 1);
+        rc = io_uring_submit_and_wait(&ring_, 1);
       } while (rc == -EINTR);
       if (rc >= 0 && faults().uring_submit_eio) rc = -EIO;  // test fault: the ring fails, writes in flight
       st_.submits.fetch_add(1, std::memory_order_relaxed);
@@ -191,12 +112,12 @@ class UringWriteEngine final : public WriteEngine {
     struct io_uring_cqe* cqe;
     unsigned head, seen = 0;
     std::vector<std::pair<uint32_t, int>> results;
-    io_uring_for_each_cqe(&r_->ring, head, cqe) {
+    io_uring_for_each_cqe(&ring_, head, cqe) {
       ++seen;
       results.emplace_back(static_cast<uint32_t>(io_uring_cqe_get_data64(cqe)), cqe->res);
     }
     if (seen == 0) return;
-    io_uring_cq_advance(&r_->ring, seen);
+    io_uring_cq_advance(&ring_, seen);
     kernel_inflight_ -= seen;
     for (auto& r : results) complete_now(r.first, r.second);
     flush_sq();
@@ -224,12 +145,12 @@ class UringWriteEngine final : public WriteEngine {
       complete_now(c, -broken_);
       return;
     }
-    struct io_uring_sqe* sqe = io_uring_get_sqe(&r_->ring);
+    struct io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (!sqe) {
       // The ring has as many entries as the Writer keeps in flight, so this
       // only happens with SQEs queued but not yet submitted: submit them.
       flush_sq();
-      sqe = io_uring_get_sqe(&r_->ring);
+      sqe = io_uring_get_sqe(&ring_);
       if (!sqe) {
         complete_now(c, -EBUSY);
         return;
@@ -257,7 +178,7 @@ class UringWriteEngine final : public WriteEngine {
       rc = -EIO;  // test fault: io_uring_enter fails before the kernel takes the queued writes
     } else {
       do {
-        rc = io_uring_submit(&r_->ring);
+        rc = io_uring_submit(&ring_);
       } while (rc == -EINTR);
     }
     st_.submits.fetch_add(1, std::memory_order_relaxed);
@@ -278,17 +199,17 @@ class UringWriteEngine final : public WriteEngine {
   void fail_ring(int e, const char* what) {
     broken_ = e;
     broken_what_ = what;
-    const unsigned queued = std::min<unsigned>(io_uring_sq_ready(&r_->ring), kernel_inflight_);
+    const unsigned queued = std::min<unsigned>(io_uring_sq_ready(&ring_), kernel_inflight_);
     kernel_inflight_ -= queued;
     unsubmitted_ = 0;
     std::vector<std::pair<uint32_t, int>> results;
     while (kernel_inflight_ > 0) {
       struct io_uring_cqe* c = nullptr;
-      const int w = io_uring_wait_cqe(&r_->ring, &c);
+      const int w = io_uring_wait_cqe(&ring_, &c);
       if (w == -EINTR) continue;
       if (w != 0 || !c) break;  // the kernel returns nothing more: the ring stays as is
       results.emplace_back(static_cast<uint32_t>(io_uring_cqe_get_data64(c)), c->res);
-      io_uring_cqe_seen(&r_->ring, c);
+      io_uring_cqe_seen(&ring_, c);
       --kernel_inflight_;
     }
     for (auto& r : results) complete_now(r.first, r.second);
@@ -365,9 +286,9 @@ class UringWriteEngine final : public WriteEngine {
 
   WriteFile& f_;
   WriterStats& st_;
-  std::unique_ptr<UringWriteRing> r_;
+  struct io_uring ring_;
   uint32_t entries_ = 0;
-  bool files_registered_ = false, buffers_registered_ = false, reused_ = false;
+  bool files_registered_ = false, buffers_registered_ = false;
   std::vector<State> states_;
   std::deque<WriteDone> synthetic_;
   uint32_t kernel_inflight_ = 0, unsubmitted_ = 0;
@@ -378,9 +299,8 @@ class UringWriteEngine final : public WriteEngine {
 }  // namespace
 
 std::unique_ptr<WriteEngine> make_uring_write_engine(WriteFile& f, WriterStats& st, uint32_t queue_depth,
-                                                     uint8_t* staging, uint64_t staging_bytes,
-                                                     std::unique_ptr<ArenaAttachment> pooled) {
-  return std::make_unique<UringWriteEngine>(f, st, queue_depth, staging, staging_bytes, std::move(pooled));
+                                                     uint8_t* staging, uint64_t staging_bytes) {
+  return std::make_unique<UringWriteEngine>(f, st, queue_depth, staging, staging_bytes);
 }
 
 #endif  // LLMIO_HAVE_URING

@@ -314,20 +314,14 @@ Writer::Writer(const std::string& path, const WriterOptions& opt) : opt_(opt), o
     n = std::min<uint64_t>(n, std::max<uint64_t>(2, static_cast<uint64_t>(opt_.queue_depth) + 1));
     // From the staging pool when a save holds it open (io/staging_pool.hpp): the
     // arena may be larger than asked; only n chunks of it are used and registered.
-    PooledArena arena = staging_pool::take_arena(n * chunk_bytes_);
-    staging_ = std::move(arena.buf);
+    staging_ = staging_pool::take(n * chunk_bytes_);
     chunks_.resize(n);
     for (uint64_t i = 0; i < n; ++i) {
       chunks_[i].data = staging_->data() + i * chunk_bytes_;
       free_.push_back(static_cast<uint32_t>(n - 1 - i));
     }
     if (opt_.backend == "io_uring")
-      // The whole arena is registered (up to 1 GiB), so that its ring, pooled with it,
-      // serves any later Writer that takes this arena, whatever part of it that one uses.
-      engine_ = detail::make_uring_write_engine(file_, stats_, opt_.queue_depth, staging_->data(),
-                                                staging_->size() <= (1ull << 30) ? staging_->size()
-                                                                                 : n * chunk_bytes_,
-                                                std::move(arena.attachment));
+      engine_ = detail::make_uring_write_engine(file_, stats_, opt_.queue_depth, staging_->data(), n * chunk_bytes_);
     else
       engine_ = detail::make_thread_write_engine(
           file_, stats_, std::min<uint32_t>({opt_.queue_depth, static_cast<uint32_t>(n), kMaxWriterThreads}));
@@ -545,10 +539,8 @@ void Writer::retire_staging() noexcept {
     } catch (...) {
     }
   }
-  std::unique_ptr<ArenaAttachment> ring;
-  if (engine_) ring = engine_->detach_for_pool();  // io_uring: the ring, its file slots cleared
-  engine_.reset();  // joins the pool threads / unregisters the arena from a ring not pooled
-  staging_pool::give(std::move(staging_), std::move(ring));
+  engine_.reset();  // joins the pool threads / unregisters the arena from the ring
+  staging_pool::give(std::move(staging_));
 }
 
 void Writer::abort() noexcept {

@@ -45,7 +45,6 @@
 #include <vector>
 
 #include "common/errors.hpp"
-#include "io/staging_pool.hpp"
 
 namespace llmio {
 
@@ -115,10 +114,6 @@ class WriteEngine {
   virtual void reap(bool block, std::vector<WriteDone>& out) = 0;
   virtual const char* name() const = 0;
   virtual std::vector<std::pair<std::string, int64_t>> features() const { return {}; }
-  // With nothing in flight: what the engine can leave attached to its staging
-  // arena for the next Writer (io/staging_pool.hpp), or null. The engine is
-  // destroyed right after.
-  virtual std::unique_ptr<ArenaAttachment> detach_for_pool() noexcept { return nullptr; }
 };
 
 namespace detail {
@@ -134,13 +129,9 @@ uint64_t injected_write_limit(uint64_t offset, uint64_t len, bool direct, uint32
 
 std::unique_ptr<WriteEngine> make_thread_write_engine(WriteFile& f, WriterStats& st, uint32_t threads);
 // staging: the arena every job's src lies in (registered as one fixed buffer
-// when RLIMIT_MEMLOCK allows). pooled: what a previous Writer left attached to
-// this arena; when it is a ring of the same size, it is reused (its buffer
-// registration too, when it covers the staging range) instead of set up anew.
-// Throws UnsupportedError when io_uring is unusable.
+// when RLIMIT_MEMLOCK allows). Throws UnsupportedError when io_uring is unusable.
 std::unique_ptr<WriteEngine> make_uring_write_engine(WriteFile& f, WriterStats& st, uint32_t queue_depth,
-                                                     uint8_t* staging, uint64_t staging_bytes,
-                                                     std::unique_ptr<ArenaAttachment> pooled = nullptr);
+                                                     uint8_t* staging, uint64_t staging_bytes);
 }  // namespace detail
 
 class HostBuffer;

@@ -471,7 +471,7 @@ def staging_pool_exit() -> None:
     """
 def staging_pool_stats() -> dict:
     """
-    Counters of the Writer staging pool: idle_bytes, idle_count, hits, misses, scopes, max_idle_bytes, idle_attachments (idle arenas keeping their io_uring ring), attachment_hits (Writers that took a pooled ring), max_idle_attachments.
+    Counters of the Writer staging pool: idle_bytes, idle_count, hits, misses, scopes, max_idle_bytes.
     """
 CUT_MAX_BATCH: int = 65535
 HAVE_URING: bool = True

@@ -168,9 +168,7 @@ class Writer:
         bytes (padding included), ``fixed_buffer_ops`` (io_uring WRITE_FIXED), ``retries``
         (short writes resumed, EINTR/EAGAIN), ``submits``, ``wait_s`` (time blocked on
         completions), ``copy_s`` (time copying into staging), ``direct_active``,
-        ``direct_fallbacks`` and ``fallback_reason``, plus the engine's settings (io_uring:
-        ``registered_files``, ``registered_buffers``, ``ring_entries``, ``ring_reused``: 1 when
-        the ring came from the staging pool, see :func:`reuse_staging`)."""
+        ``direct_fallbacks`` and ``fallback_reason``, plus the engine's settings."""
         return self._native.stats()
 
     def __enter__(self) -> "Writer":
@@ -225,12 +223,7 @@ def reuse_staging() -> Iterator[None]:
     """While this context is open (in any thread of the process), a new :class:`Writer` takes
     its staging arena from a process-wide pool of idle ones, and a closed or aborted Writer
     returns its arena there: a save that writes many files maps, faults in and (io_uring)
-    registers its staging memory about once, not once per file. An io_uring Writer also
-    leaves its ring with the arena (idle, its file slots cleared: it holds no reference to the
-    closed file), and the next io_uring Writer of the same queue depth that takes the arena
-    writes through it instead of setting up a ring of its own (``stats()["ring_reused"]``);
-    at most ``staging_pool_stats()["max_idle_attachments"]`` (8) idle rings are kept, and a
-    ring that failed is never kept. Idle arenas are bounded by
+    registers its staging memory about once, not once per file. Idle arenas are bounded by
     ``staging_pool_stats()["max_idle_bytes"]`` (256 MiB; least recently used unmapped first),
     and all of them are unmapped when the last open context exits. Contexts nest. A forked
     child starts with an empty pool and no open context.
@@ -249,13 +242,7 @@ def staging_pool_stats() -> dict[str, int]:
     """The staging pool's counters: ``idle_bytes``, ``idle_count`` (arenas kept for reuse),
     ``hits`` / ``misses`` (Writers that took a pooled arena / mapped a new one while a
     :func:`reuse_staging` context was open), ``scopes`` (contexts open now),
-    ``max_idle_bytes``, ``idle_attachments`` (idle arenas that keep their io_uring ring),
-    ``attachment_hits`` (Writers that took a pooled ring with the arena),
-    ``max_idle_attachments``.
-
-    Raises:
-        Nothing.
-    """
+    ``max_idle_bytes``."""
     return dict(_core.staging_pool_stats())
 
 
