@@ -88,8 +88,8 @@ _MADV_HUGEPAGE = 14
 _MADV_NOHUGEPAGE = 15
 _MADV_POPULATE_WRITE = 23
 _ADAPTIVE_POPULATE_SMALL = False
-"""alloc=adaptive: also fault the 4 KiB-page steps in the helpers (the alternative the benchmark
-measures; off: leaving them to the reads won on the dev VM once the memory had settled)."""
+"""alloc=adaptive: also fault the 4 KiB-page steps in the helpers (the alternative measured when
+choosing; off: leaving them to the reads loaded faster on the dev VM once memory had settled)."""
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
