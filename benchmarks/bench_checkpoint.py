@@ -22,8 +22,8 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
                    its default fresh-memory path (see ``alloc=`` rows)
   ... alloc=A populate=P  the same with LLMIO_CKPT_ALLOC=A (torch: torch.empty per tensor, the
                    previous design; plain: one anonymous mapping per tensor; hugepage: the same,
-                   2 MiB-aligned and MADV_HUGEPAGE; adaptive: the same, each 2 MiB step advised
-                   huge or 4 KiB pages by whichever faulted faster just before) and
+                   2 MiB-aligned and MADV_HUGEPAGE; adaptive: the same, each 2 MiB step a huge
+                   page faulted ahead while those fault fast, else 4 KiB pages left to the read) and
                    LLMIO_CKPT_POPULATE=P (on: helper threads, one per CPU up to 4, pre-fault each
                    chunk with MADV_POPULATE_WRITE before the engine reads it, running ahead)
   ... via staging  the same through 3 x 64 MiB aligned staging slots + memcpy (the design not taken)
