@@ -22,16 +22,26 @@ Load rows, to CPU, cold (the files are evicted from the page cache before each r
                    its default fresh-memory path (see ``alloc=`` rows)
   ... alloc=A populate=P  the same with LLMIO_CKPT_ALLOC=A (torch: torch.empty per tensor, the
                    previous design; plain: one anonymous mapping per tensor; hugepage: the same,
-                   2 MiB-aligned and MADV_HUGEPAGE) and LLMIO_CKPT_POPULATE=P (on: a helper
-                   thread pre-faults chunk k+1 with MADV_POPULATE_WRITE while chunk k is read)
+                   2 MiB-aligned and MADV_HUGEPAGE; adaptive: the same, each 2 MiB step a huge
+                   page faulted ahead while those fault fast, else 4 KiB pages left to the read) and
+                   LLMIO_CKPT_POPULATE=P (on: helper threads, one per CPU up to 4, pre-fault each
+                   chunk with MADV_POPULATE_WRITE before the engine reads it, running ahead)
   ... via staging  the same through 3 x 64 MiB aligned staging slots + memcpy (the design not taken)
   safetensors      safetensors.torch.load_file, then every page of every tensor touched
   torch.load mmap  torch.load(mmap=True) of the torch.save file, every page touched
+  runai-model-streamer  runai_model_streamer.SafetensorsStreamer over the safetensors file (its
+                   defaults), each tensor cloned as it streams (the streamer reuses its buffers)
+  fastsafetensors  fastsafetensors.fastsafe_open(nogds=True, device="cpu"), get_tensor(k).clone()
+                   for each key (its tensors view a buffer freed at close); both rows are skipped,
+                   with the import error printed, where the package is absent
   llmio load_into  llmio_native.checkpoint.load_into into a preallocated (touched) state dict
   DCP              torch.distributed.checkpoint.load(FileSystemReader) into a preallocated dict
   first touch      allocating fresh tensors and touching each page, no I/O: what every loader
                    that returns new tensors pays beside the read (slow on some VMs); once with
                    torch.empty, once with a 2 MiB-aligned MADV_HUGEPAGE mapping
+  read into touched 4KiB pages  the engine into torch memory already touched (4 KiB pages): the
+                   read alone, without fault cost, where the pages are small (compare the limit
+                   row into 2 MiB pages: more DMA segments per read)
 
 ``--settle S`` waits S seconds before each load row: on a VM whose balloon reports free pages
 to the host (as the dev VM's does), memory freed by the previous row is then taken back by the
@@ -238,6 +248,59 @@ def touch(sd: dict[str, torch.Tensor]) -> int:
     return s
 
 
+ALLOC_ROWS = (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on"),
+              ("adaptive", "on"))
+"""(LLMIO_CKPT_ALLOC, LLMIO_CKPT_POPULATE) of the forced-path load rows."""
+
+
+def runai_load(path: str) -> dict[str, torch.Tensor]:
+    """runai-model-streamer's safetensors streamer; owned copies (it reuses its buffers)."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as st:
+        st.stream_file(path)
+        for name, t in st.get_tensors():
+            out[name] = t.clone()
+    return out
+
+
+def fastsafetensors_load(path: str) -> dict[str, torch.Tensor]:
+    """fastsafetensors without GPUDirect Storage, to CPU; owned copies (its tensors view a
+    buffer that close() frees)."""
+    from fastsafetensors import fastsafe_open
+
+    with fastsafe_open(filenames=[path], nogds=True, device="cpu", debug_log=False) as f:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}
+
+
+PEER_LOADS = (("runai-model-streamer + clone", "runai_model_streamer", runai_load),
+              ("fastsafetensors nogds cpu + clone", "fastsafetensors", fastsafetensors_load))
+"""(row name, module, loader) of the optional peers, run where they import."""
+
+
+def peer_rows(rows: list[dict], sd: dict[str, torch.Tensor], path: str, nbytes: int) -> None:
+    """A load row per peer that imports here (checked bit-exact against ``sd``); the reason
+    printed for each that does not."""
+    import importlib
+
+    for name, mod, fn in PEER_LOADS:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # ImportError, or a broken install failing at import
+            print(f"  load  {name}: not run ({type(e).__name__}: {e})")
+            continue
+        got: dict = {}
+        try:
+            rows.append(row("load", name, lambda: got.update(fn(path)), nbytes, path, cold_paths=[path]))
+        except Exception as e:  # pragma: no cover - depends on the peer's version
+            print(f"  load  {name}: failed ({type(e).__name__}: {e})")
+            continue
+        assert set(got) == set(sd) and all(torch.equal(got[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8))
+                                           for k, v in sd.items()), f"{name} returned other bytes"
+        got.clear()
+
+
 def first_touch(nbytes: int) -> int:
     """Allocate ``nbytes`` of fresh tensors and write one byte per page (what any loader that
     returns new tensors pays on top of the read)."""
@@ -422,6 +485,9 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
     m = common_machine()
     print(f"# machine: {m['cpu']} x{m['cores']}, {m['ram_gib']} GiB RAM, kernel {m['kernel']}; torch {torch.__version__}; "
           f"backend {lio.io.resolve_backend('auto')}")
+    from llmio_native.checkpoint.safetensors_io import _free_page_reporting, _populate_threads, _thp_mode
+    print(f"# THP {_thp_mode() or 'n/a'}; balloon free page reporting {_free_page_reporting()}; "
+          f"populate threads {_populate_threads()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     p_ours = os.path.join(work, "ours.safetensors")
     p_st = os.path.join(work, "lib.safetensors")
     p_pt = os.path.join(work, "model.pt")
@@ -475,15 +541,19 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
     rows.append(best_of(a.repeat, lambda: row("load", "llmio load_file", lambda: ck.load_file(p_ours, stats=s), nbytes,
                                               p_ours, cold_paths=[p_ours])))
     rows[-1]["note"] = (f"direct={s.get('io_direct')} backend={s.get('backend')} bounce={s.get('bounce_bytes', 0)}B "
-                        f"alloc={s.get('alloc')} populate={s.get('populate')}")
-    for alloc, pop in (("torch", "off"), ("plain", "off"), ("plain", "on"), ("hugepage", "off"), ("hugepage", "on")):
+                        f"alloc={s.get('alloc')} populate={s.get('populate')} x{s.get('populate_threads')} "
+                        f"huge {s.get('huge_bytes', 0) // MiB} MiB / 4k {s.get('small_page_bytes', 0) // MiB} MiB")
+    for alloc, pop in ALLOC_ROWS:
         env = {"LLMIO_CKPT_ALLOC": alloc, "LLMIO_CKPT_POPULATE": pop}
         v: dict = {}
         rows.append(best_of(a.repeat, lambda: row(
             "load", f"llmio load_file alloc={alloc} populate={pop}",
             with_env(env, lambda: ck.load_file(p_ours, stats=v)), nbytes, p_ours, cold_paths=[p_ours])))
         rows[-1]["note"] = (f"huge advised {v.get('hugepage_advised')}/{v.get('regions')}, "
-                            f"populated {v.get('populated_regions')} refused {v.get('populate_refused')}")
+                            f"populated {v.get('populated_regions')} x{v.get('populate_threads')} refused "
+                            f"{v.get('populate_refused')}" + (f", huge {v.get('huge_bytes', 0) // MiB} MiB / 4k "
+                                                              f"{v.get('small_page_bytes', 0) // MiB} MiB"
+                                                              if alloc == "adaptive" else ""))
 
     def staged() -> Any:
         from llmio_native.checkpoint import safetensors_io as sio
@@ -498,6 +568,7 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
                     cold_paths=[p_st]))
     rows.append(row("load", "torch.load(mmap=True) + touch",
                     lambda: touch(torch.load(p_pt, mmap=True, weights_only=True)), nbytes, p_pt, cold_paths=[p_pt]))
+    peer_rows(rows, sd, p_st, nbytes)
     dst = {k: torch.zeros_like(v) for k, v in sd.items()}  # a model already built: memory touched
     rows.append(row("load", "llmio load_into (preallocated)", lambda: ck.load_into(dst, p_ours), nbytes, p_ours,
                     cold_paths=[p_ours]))
@@ -516,11 +587,16 @@ def run(a: argparse.Namespace, size: int, work: str) -> int:
                                               nbytes, None)))
     rows.append(best_of(a.repeat, lambda: row("load", "memory: first touch, MADV_HUGEPAGE mapping",
                                               lambda: first_touch_huge(nbytes), nbytes, None)))
+    small = torch.empty(file_bytes, dtype=torch.uint8)
+    small[::4096] = 1
+    rows.append(best_of(a.repeat, lambda: row("load", "read into touched 4KiB pages", lambda: eng.read_into(
+        0, 0, small), file_bytes, p_ours, cold_paths=[p_ours], note="no fault cost, small pages")))
+    small = None  # freed (not del: the lambdas above name it)
     rows.append(best_of(a.repeat, lambda: row("load", lim_name, lim, file_bytes, p_ours, cold_paths=[p_ours],
                                               note="second run")))
     rows.append(best_of(a.repeat, lambda: row("load", "limit: engine into touched 2MiB pages", lambda: eng.read_into(
         0, 0, warm), file_bytes, p_ours, cold_paths=[p_ours], note="second run")))
-    del warm, eng
+    warm = eng = None  # freed
     lims = [r for r in rows if r["section"] == "load" and r["name"].startswith("limit")]
     best = max(lims, key=lambda r: r["gbps"])
     rows = [r for r in rows if not (r["section"] == "load" and r["name"].startswith("limit") and r is not best)]

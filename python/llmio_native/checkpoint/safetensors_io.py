@@ -9,16 +9,18 @@ flight), straight into the memory the caller gets back:
   (no bounce copy, no page cache). The tensor's storage is private to it and may extend a few
   KiB (at most three alignment blocks) around the tensor's bytes: the slack of the aligned read.
   Tensors under 16 KiB get an exact allocation instead (the engine bounces their partial blocks).
-  Fresh memory costs a page fault per page on first touch (on some VMs slower than the disk), so
-  tensors from ``_REGION_MIN_BYTES`` up get their own anonymous mapping, 2 MiB-aligned and
-  advised ``MADV_HUGEPAGE`` (one fault per 2 MiB), unmapped when the last tensor or view of it is
-  freed -- except on a VM whose balloon reports free pages to the host, where huge pages come
-  from blocks the host took back and fault slower than 4 KiB ones (``_auto_alloc``); with
-  ``populate``, a helper thread pre-faults (``MADV_POPULATE_WRITE``) the next chunk's mappings
-  while the engine reads the current chunk. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``hugepage``
-  | ``plain`` | ``torch``) and ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) force a path;
-  where the kernel refuses one (no THP, no ``MADV_POPULATE_WRITE``) the load carries on without
-  it (``stats`` reports what ran).
+  Fresh memory costs a page fault per page on first touch (on some VMs slower than the disk),
+  so tensors from ``_REGION_MIN_BYTES`` up get their own anonymous mapping, 2 MiB-aligned,
+  unmapped when the last tensor or view of it is freed; with ``populate``, helper threads
+  (one per CPU, at most 4) pre-fault (``MADV_POPULATE_WRITE``) each chunk of reads before the
+  engine reads it, running ahead while it reads. With ``alloc="adaptive"`` (the ``auto``
+  choice where THP can be had by madvise) the helpers fault each 2 MiB step as a huge page
+  while huge pages fault fast, and otherwise leave it in 4 KiB pages for the read to fault
+  (:class:`_PageChooser`): huge pages are far faster to fault where the memory is backed and
+  far slower where a VM balloon gave it back to the host. ``LLMIO_CKPT_ALLOC`` (``auto`` | ``adaptive`` | ``hugepage`` | ``plain``
+  | ``torch``), ``LLMIO_CKPT_POPULATE`` (``auto`` | ``on`` | ``off``) and
+  ``LLMIO_CKPT_POPULATE_THREADS`` force a path; where the kernel refuses one (no THP, no
+  ``MADV_POPULATE_WRITE``) the load carries on without it (``stats`` reports what ran).
 * CUDA: runs of consecutive tensors are read into page-locked staging slots and copied to their
   final allocations on a side stream; slot k+1 is read while slot k is being copied.
 
@@ -48,6 +50,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import weakref
 from collections import namedtuple
 from pathlib import Path
@@ -76,13 +79,17 @@ their partial blocks (a copy of at most a few KiB)."""
 _REGION_MIN_BYTES = 1 << 20
 """CPU tensors from this size up get their own anonymous mapping (huge pages where allowed)."""
 _HUGE_BYTES = 2 << 20
-_POPULATE_CHUNK_BYTES = 128 << 20
-"""With populate on, reads are issued in chunks of about this many bytes; the helper thread
-pre-faults chunk k+1 while chunk k is read."""
-ALLOC_MODES = ("auto", "hugepage", "plain", "torch")
+_POPULATE_CHUNK_BYTES = 1 << 30
+"""With populate on, reads are issued in chunks, each once the helper threads have pre-faulted
+it (they fault the next chunks while this one is read), doubling from 16 MiB up to this size."""
+ALLOC_MODES = ("auto", "adaptive", "hugepage", "plain", "torch")
 POPULATE_MODES = ("auto", "on", "off")
 _MADV_HUGEPAGE = 14
+_MADV_NOHUGEPAGE = 15
 _MADV_POPULATE_WRITE = 23
+_ADAPTIVE_POPULATE_SMALL = False
+"""alloc=adaptive: also fault the 4 KiB-page steps in the helpers (the alternative measured when
+choosing; off: leaving them to the reads loaded faster on the dev VM once memory had settled)."""
 _CPU_STAGING = False
 """Load CPU tensors through staging slots + memcpy instead of reading straight into them (the
 alternative the benchmark measures; off: direct reads into the final memory won there)."""
@@ -375,11 +382,17 @@ def _free_page_reporting(balloon_dir: str | None = None) -> bool:
 
 
 def _auto_alloc() -> str:
-    """What alloc='auto' means here: huge-page mappings where THP can be had by madvise and no
-    balloon hands free huge blocks back to the host; else torch's allocator."""
+    """What alloc='auto' means here: per-tensor mappings whose page size the populate helpers
+    choose as they go (``adaptive``) where THP can be had by madvise; else torch's allocator.
+
+    Huge pages are not always the cheaper ones to fault: on a VM whose balloon reports free
+    pages to the host (:func:`_free_page_reporting`), a 2 MiB block the host took back faults
+    several times slower per byte than 4 KiB pages, and not faster with more threads, while
+    blocks freed a moment ago fault several times faster as huge pages. Which kind the kernel
+    hands out next is not knowable in advance, so the helpers measure both and keep the faster."""
     if _Libc.get() is None or _thp_mode() not in ("always", "madvise"):
         return "torch"
-    return "torch" if _free_page_reporting() else "hugepage"
+    return "adaptive"
 
 
 def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
@@ -399,7 +412,7 @@ def _resolve_modes(alloc: str | None, populate: str | None) -> tuple[str, str]:
     if a != "torch" and _Libc.get() is None:  # pragma: no cover - no libc symbols
         a = "torch"
     if p == "auto":
-        p = "on" if a == "hugepage" else "off"
+        p = "on" if a in ("hugepage", "adaptive") else "off"
     if a == "torch":
         p = "off"  # torch's allocator gives no mapping to pre-fault
     return a, p
@@ -413,6 +426,10 @@ class _RegionStats:
         self.huge_refused = 0
         self.populate_ok = 0
         self.populate_refused = 0
+        self.huge_bytes = 0
+        """Bytes the adaptive helpers faulted as huge pages (advised MADV_HUGEPAGE)."""
+        self.small_bytes = 0
+        """Bytes the adaptive helpers left to the reads as 4 KiB pages (MADV_NOHUGEPAGE)."""
 
 
 _live_lock = threading.Lock()
@@ -439,11 +456,12 @@ def _unmap_region(base: int, length: int) -> None:
         _live_bytes[1] -= 1
 
 
-def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
+def _new_region(nbytes: int, huge: bool, rs: _RegionStats, advise: bool = True) -> "torch.Tensor":
     """A fresh anonymous private mapping of ``nbytes`` (rounded up to pages) as a uint8 tensor
     that owns it: munmap runs when the tensor's storage (every view of it) is freed. With
-    ``huge``, the mapping starts 2 MiB-aligned and is advised MADV_HUGEPAGE (a refusal is
-    counted, not raised).
+    ``huge``, the mapping starts 2 MiB-aligned and (``advise``) is advised MADV_HUGEPAGE (a
+    refusal is counted, not raised); without ``advise`` the page size is left for the adaptive
+    populate helpers to choose.
 
     Raises:
         MemoryError: mmap failed.
@@ -466,7 +484,7 @@ def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
         tail = addr + span - (base + length)
         if tail:
             lc.munmap(ctypes.c_void_p(base + length), tail)
-    if huge:
+    if huge and advise:
         if lc.madvise(ctypes.c_void_p(base), length, _MADV_HUGEPAGE) == 0:
             rs.huge_ok += 1
         else:
@@ -488,44 +506,213 @@ def _new_region(nbytes: int, huge: bool, rs: _RegionStats) -> "torch.Tensor":
 
 
 class _Populator:
-    """Helper thread that pre-faults (MADV_POPULATE_WRITE) the mappings of chunk k+1 while the
-    caller reads chunk k. A refusal (kernel before 5.14, or the advice unknown) stops it and is
-    counted; the engine's reads then fault the pages themselves."""
+    """Helper threads that pre-fault (MADV_POPULATE_WRITE) the mappings of every read chunk, in
+    read order, ahead of the engine: the reader waits (:meth:`wait`) until chunk k is populated,
+    then reads it while the helpers fault chunk k+1, k+2... Fresh memory then faults on as many
+    CPUs as there are helpers (a page fault is CPU work; an O_DIRECT read into populated memory
+    is almost none), and the engine's reads never fault. A refusal (kernel before 5.14, or the
+    advice unknown) stops the helpers, is counted, and releases every chunk: the engine's reads
+    then fault the pages themselves."""
 
     _STEP = 16 << 20
 
-    def __init__(self, chunks: list[list[tuple[int, int]]], rs: _RegionStats) -> None:
-        self.chunks, self.rs = chunks, rs
+    def __init__(self, chunks: Sequence[Sequence[tuple[int, ...]]], rs: _RegionStats, threads: int = 1,
+                 chooser: "_PageChooser | None" = None) -> None:
+        """``chunks[k]``: (address, bytes[, ends a region]) to populate before chunk k is read;
+        with a ``chooser``, each piece is advised huge or 4 KiB pages just before it is faulted
+        (the mappings must not have been advised, and be 2 MiB-aligned for huge pages)."""
+        self.rs = rs
+        self.chooser = chooser
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="llmio-ckpt-populate", daemon=True)
+        self.ready = [threading.Event() for _ in chunks]
+        self._lock = threading.Lock()
+        self._left = [0] * len(chunks)  # pieces of each chunk not yet populated
+        self._pieces: list[tuple[int, int, int, bool]] = []  # (chunk, address, bytes, last piece of its region)
+        for c, chunk in enumerate(chunks):
+            for item in chunk:
+                addr, length = item[0], item[1]
+                ends = item[2] if len(item) > 2 else True  # the region's last part (counted when done)
+                pos = 0
+                while pos < length:
+                    n = min(self._STEP, length - pos)
+                    self._pieces.append((c, addr + pos, n, ends and pos + n == length))
+                    self._left[c] += 1
+                    pos += n
+            if not self._left[c]:
+                self.ready[c].set()
+        self._next = 0
+        self.threads = [threading.Thread(target=self._run, name=f"llmio-ckpt-populate-{i}", daemon=True)
+                        for i in range(max(1, min(threads, len(self._pieces))))]
+
+    def _take(self) -> tuple[int, int, int, bool] | None:
+        with self._lock:
+            if self._next >= len(self._pieces) or self.stop.is_set():
+                return None
+            self._next += 1
+            return self._pieces[self._next - 1]
+
+    def _release_all(self) -> None:
+        for e in self.ready:
+            e.set()
 
     def _run(self) -> None:
         lc = _Libc.get()
         assert lc is not None
-        for chunk in self.chunks[1:]:
-            for addr, length in chunk:
-                pos = 0
-                while pos < length:
-                    if self.stop.is_set():
-                        return
-                    n = min(self._STEP, length - pos)
-                    if lc.madvise(ctypes.c_void_p(addr + pos), n, _MADV_POPULATE_WRITE) != 0:
+        try:
+            while (piece := self._take()) is not None:
+                c, addr, n, last = piece
+                if not self._populate(lc, addr, n):
+                    with self._lock:
                         self.rs.populate_refused += 1
-                        return
-                    pos += n
-                self.rs.populate_ok += 1
+                    self.stop.set()
+                    break
+                with self._lock:
+                    if last:
+                        self.rs.populate_ok += 1
+                    self._left[c] -= 1
+                    done = self._left[c] == 0
+                if done:
+                    self.ready[c].set()
+        finally:
+            if self.stop.is_set():
+                self._release_all()
+
+    def _populate(self, lc: _Libc, addr: int, n: int) -> bool:
+        """Fault [addr, addr + n) (False: MADV_POPULATE_WRITE refused). With a chooser, step by
+        step (2 MiB-aligned steps): a huge step is advised MADV_HUGEPAGE and faulted here, a
+        small one advised MADV_NOHUGEPAGE and left for the engine's read to fault."""
+        if self.chooser is None:
+            return lc.madvise(ctypes.c_void_p(addr), n, _MADV_POPULATE_WRITE) == 0
+        step = self.chooser.STEP
+        pos, end = addr, addr + n
+        while pos < end:
+            nxt = min(end, _align_down(pos, step) + step)
+            m = nxt - pos
+            a = ctypes.c_void_p(pos)
+            huge = m == step and self.chooser.choose()
+            # unadvised memory gets 4 KiB pages unless THP is "always": advise only what differs
+            advice = _MADV_HUGEPAGE if huge else (_MADV_NOHUGEPAGE if self.chooser.thp_always else 0)
+            if advice and lc.madvise(a, m, advice) != 0:
+                with self._lock:
+                    self.rs.huge_refused += 1
+                self.chooser.refuse()
+                huge = False  # no THP here: the reads fault whatever pages the kernel gives
+            if huge or _ADAPTIVE_POPULATE_SMALL:
+                t0 = time.perf_counter()
+                if lc.madvise(a, m, _MADV_POPULATE_WRITE) != 0:
+                    return False
+                if huge:
+                    self.chooser.record(m, time.perf_counter() - t0)
+            with self._lock:
+                if huge:
+                    self.rs.huge_bytes += m
+                else:
+                    self.rs.small_bytes += m
+            pos = nxt
+        return True
+
+    def start(self) -> "_Populator":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait(self, k: int) -> None:
+        """Block until chunk ``k`` is populated (or the helpers stopped)."""
+        self.ready[k].wait()
 
     def __enter__(self) -> "_Populator":
-        self.thread.start()
-        return self
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
-        self.thread.join()
+        for t in self.threads:
+            t.join()
 
     def finish(self) -> None:
-        """Wait until every chunk after the first is populated (tests; loads stop it instead)."""
-        self.thread.join()
+        """Wait until every chunk is populated (tests; loads stop it instead)."""
+        for t in self.threads:
+            t.join()
+
+
+class _PageChooser:
+    """Chooses, for each 2 MiB step of a mapping, between huge pages faulted by the populate
+    helpers and 4 KiB pages left for the engine's reads to fault.
+
+    Measured on the dev VM (a balloon reporting free pages to the host): a huge page faults
+    either far faster than the disk reads (a block freed a moment ago and still backed: 13-24
+    GB/s per thread) or far slower (a block the host took back: 0.1-0.5 GB/s, and no faster
+    with more threads), and a load can meet both, in runs. 4 KiB pages left unfaulted until
+    the O_DIRECT read pins them load at 1.9 GB/s there, where faulting them ahead with
+    ``MADV_POPULATE_WRITE`` loaded at 1.0-1.1 GB/s (see docs/guide.md, Checkpoints). So each
+    step goes to huge pages while the last huge step faulted at ``HUGE_MIN_RATE`` or more per
+    thread, else to the reads; after a slow huge step, one step in ``every`` tries huge pages
+    again, ``every`` chosen so that the probes cost at most ``1 / PROBE_COST`` of the time (2 %)
+    (a probe against steps loading at about ``SMALL_RATE``)."""
+
+    STEP = _HUGE_BYTES
+    HUGE_MIN_RATE = 2e9
+    SMALL_RATE = 1.5e9
+    PROBE_COST = 50
+    MIN_PROBE_EVERY = 16
+    MAX_PROBE_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.huge_rate: float | None = None
+        self.steps = 0
+        self._last_probe = 0
+        self._refused = False
+        self.thp_always = _thp_mode() == "always"
+
+    def choose(self) -> bool:
+        """True: fault the next step as a huge page now; False: leave it to the reads."""
+        with self._lock:
+            self.steps += 1
+            if self._refused:
+                return False
+            rh = self.huge_rate
+            if rh is None or rh >= self.HUGE_MIN_RATE:
+                return True
+            every = min(self.MAX_PROBE_EVERY,
+                        max(self.MIN_PROBE_EVERY, int(self.PROBE_COST * self.SMALL_RATE / max(rh, 1e6))))
+            if self.steps - self._last_probe >= every:
+                self._last_probe = self.steps
+                return True
+            return False
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        """A huge step of ``nbytes`` faulted in ``seconds``."""
+        with self._lock:
+            self.huge_rate = nbytes / max(seconds, 1e-9)
+            self._last_probe = self.steps  # the next probe counts from this measurement
+
+    def refuse(self) -> None:
+        """The kernel refused a page-size advice: no huge pages from now on."""
+        with self._lock:
+            self._refused = True
+
+
+def _populate_threads() -> int:
+    """Helper threads for populate: ``LLMIO_CKPT_POPULATE_THREADS``, else the CPUs this process
+    may run on, at most 4 (fault throughput grows with CPUs; past a few, the disk is the limit).
+
+    Raises:
+        ValueError: the variable is not a positive integer (names it).
+    """
+    v = os.environ.get("LLMIO_CKPT_POPULATE_THREADS")
+    if v is not None:
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"LLMIO_CKPT_POPULATE_THREADS must be a positive integer, got {v!r}")
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def _align_down(x: int, a: int) -> int:
@@ -560,7 +747,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
     ``_REGION_MIN_BYTES`` up unless ``alloc`` is "torch"), in one batch (chunks with populate).
 
     Raises:
-        ValueError: an unknown alloc or populate mode.
+        ValueError: an unknown alloc or populate mode, a bad LLMIO_CKPT_POPULATE_THREADS.
         MemoryError: a mapping could not be made.
         OSError: a read failed.
     """
@@ -586,7 +773,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
             if congruent and _Libc.get().page % A == 0:  # type: ignore[union-attr]
                 a0 = _align_down(abs_off, A)
                 a1 = min(_align_up(abs_off + info.nbytes, A), reader.file_size(fi))
-                raw = _new_region(a1 - a0, amode == "hugepage", rs)
+                raw = _new_region(a1 - a0, amode in ("hugepage", "adaptive"), rs, amode == "hugepage")
                 start = abs_off - a0
                 if (raw.data_ptr() + start) % itemsize == 0:
                     reqs.append((fi, a0, raw.data_ptr(), a1 - a0))
@@ -594,7 +781,7 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
                     out[name] = _view_as(raw[start:start + info.nbytes], dtype, shape)
                     continue
                 del raw
-            raw = _new_region(info.nbytes, amode == "hugepage", rs)
+            raw = _new_region(info.nbytes, amode in ("hugepage", "adaptive"), rs, amode == "hugepage")
             reqs.append((fi, abs_off, raw.data_ptr(), info.nbytes))
             regions.append((raw.data_ptr(), raw.numel()))
             out[name] = _view_as(raw[:info.nbytes], dtype, shape)
@@ -610,27 +797,56 @@ def _read_cpu(reader: Any, src: _Source, names: Sequence[str], direct: bool, all
         reqs.append((fi, abs_off, t.data_ptr(), info.nbytes))
         regions.append((0, 0))
         out[name] = t
+    nthreads = 0
     if reqs:
         native = reader.native()
-        if pmode == "on" and sum(r[3] for r in reqs) > _POPULATE_CHUNK_BYTES:
-            chunks: list[list[int]] = [[]]
-            acc = 0
-            for k, r in enumerate(reqs):
-                if acc >= _POPULATE_CHUNK_BYTES:
-                    chunks.append([])
-                    acc = 0
-                chunks[-1].append(k)
-                acc += r[3]
-            with _Populator([[regions[k] for k in c if regions[k][1]] for c in chunks], rs):
-                for c in chunks:
-                    native.read_batch_ptr([reqs[k] for k in c])
+        if pmode == "on" and any(r[1] for r in regions):
+            nthreads = _populate_threads()
+            chunks = _populate_chunks(reqs, regions)
+            chooser = _PageChooser() if amode == "adaptive" else None
+            with _Populator([[p for _, p in c if p[1]] for c in chunks], rs, nthreads, chooser) as pop:
+                for k, c in enumerate(chunks):
+                    pop.wait(k)
+                    native.read_batch_ptr([r for r, _ in c])
         else:
             native.read_batch_ptr(reqs)
     if stats is not None:
         stats.update(alloc=amode, populate=pmode, regions=rs.regions, region_bytes=rs.region_bytes,
                      hugepage_advised=rs.huge_ok, hugepage_refused=rs.huge_refused,
-                     populated_regions=rs.populate_ok, populate_refused=rs.populate_refused)
+                     populated_regions=rs.populate_ok, populate_refused=rs.populate_refused,
+                     populate_threads=nthreads, huge_bytes=rs.huge_bytes, small_page_bytes=rs.small_bytes)
     return out
+
+
+def _populate_chunks(reqs: list[tuple[int, int, int, int]], regions: list[tuple[int, int]]
+                     ) -> list[list[tuple[tuple[int, int, int, int], tuple[int, int, bool]]]]:
+    """Reads grouped into chunks that double in size from ``_Populator._STEP`` (the engine
+    starts early) up to ``_POPULATE_CHUNK_BYTES`` (few waits: the engine's queue drains at the
+    end of each chunk, which costs most where the reads fault the pages themselves), each read
+    paired with the part of its
+    mapping it fills, as (address, bytes, ends the mapping) ((0, 0, False): none). A read into a
+    mapping that is longer than a step is cut at multiples of ``_Populator._STEP`` from its
+    start (aligned as the read itself is)."""
+    step = _Populator._STEP
+    Piece = tuple[tuple[int, int, int, int], tuple[int, int, bool]]
+    pieces: list[Piece] = []
+    for r, reg in zip(reqs, regions):
+        fi, off, ptr, n = r
+        if not reg[1] or n <= step:
+            pieces.append((r, (ptr, n, True) if reg[1] else (0, 0, False)))
+            continue
+        for pos in range(0, n, step):
+            m = min(step, n - pos)
+            pieces.append(((fi, off + pos, ptr + pos, m), (ptr + pos, m, pos + m == n)))
+    chunks: list[list[Piece]] = [[]]
+    acc, limit = 0, step
+    for p in pieces:
+        if acc >= limit:
+            chunks.append([])
+            acc, limit = 0, min(2 * limit, _POPULATE_CHUNK_BYTES)
+        chunks[-1].append(p)
+        acc += p[0][3]
+    return chunks
 
 
 class _Pipeline:
@@ -857,13 +1073,16 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
         max_header_bytes: refuse headers longer than this.
         stats: when a dict, updated with the Reader's counters (``bytes``, ``bytes_direct``...)
             and ``io_direct``; on the CPU also the fresh-memory path taken (``alloc``,
-            ``populate``, ``regions``, ``hugepage_advised``, ``hugepage_refused``,
-            ``populated_regions``, ``populate_refused``).
+            ``populate``, ``populate_threads``, ``regions``, ``hugepage_advised``,
+            ``hugepage_refused``, ``populated_regions``, ``populate_refused``, ``huge_bytes``,
+            ``small_page_bytes``).
 
-    CPU tensors of 1 MiB and more live in their own anonymous mapping (huge pages where that
-    pays; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` force a path), unmapped as soon as
-    the tensor and its views are freed; such tensors cannot grow in place (``resize_`` past
-    their storage raises ``RuntimeError``; ``clone()`` first).
+    CPU tensors of 1 MiB and more live in their own anonymous mapping (faulted in huge pages by
+    helper threads while the disk reads where that is fast here, else in 4 KiB pages by the
+    reads; ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS``
+    force a path), private to that tensor and its views (no two returned tensors share
+    memory), unmapped as soon as the tensor and its views are freed; such tensors cannot grow
+    in place (``resize_`` past their storage raises ``RuntimeError``; ``clone()`` first).
 
     Returns:
         name -> tensor, in file order.
@@ -873,7 +1092,7 @@ def load_file(path: str | os.PathLike[str], device: Any = "cpu", *, dtype: "torc
             torch lacks; the message names the file and the tensor.
         FileNotFoundError: ``path`` does not exist.
         ValueError: bad ``device``, ``io_mode``, or group arguments; an unknown
-            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` value.
+            ``LLMIO_CKPT_ALLOC`` / ``LLMIO_CKPT_POPULATE`` / ``LLMIO_CKPT_POPULATE_THREADS`` value.
         MemoryError: a tensor's mapping could not be made.
         OSError: a read failed (names file, offset, length).
     """
