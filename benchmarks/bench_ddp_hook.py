@@ -285,7 +285,7 @@ def cpu_kernel_table(n: int, reps: int) -> list[dict]:
 HOOKS = ["allreduce", "no_comm", "sync_only", "bf16_compress_hook", "powersgd_r1", "powersgd_r4", "powersgd_r16",
          "llmio_int8", "llmio_int8_deterministic", "llmio_int8_whole"]
 HOOK_LABEL = {"allreduce": "plain all-reduce", "no_comm": "no communication (lower bound)",
-              "sync_only": "no gradient traffic, ranks synchronised once per step (bound of any synchronous hook)",
+              "sync_only": "sync only (no gradient bytes; floor of a synchronous hook)",
               "bf16_compress_hook": "bf16_compress_hook",
               "powersgd_r1": "PowerSGD rank 1", "powersgd_r4": "PowerSGD rank 4", "powersgd_r16": "PowerSGD rank 16",
               "llmio_int8": "llmio INT8 (default)", "llmio_int8_deterministic": "llmio INT8 deterministic=True",
