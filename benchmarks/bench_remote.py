@@ -167,7 +167,7 @@ def epoch_run(url: str, so: dict, cache_dir: str, cache_bytes: int | None, B: in
                      "network_busy_s": st["network_busy_s"],
                      "hit_rate": st["hit_rate"], "stall_s": st["stall_s"], "requests": st["requests"],
                      "fetch_p50_ms": st["fetch_p50_ms"], "fetch_p99_ms": st["fetch_p99_ms"],
-                     "evictions": st["evictions"], "peak_in_flight": st["peak_in_flight"], "max_used": st["used_bytes"], "bound": rc.cache_bytes})
+                     "evictions": st["evictions"], "peak_in_flight": st.get("peak_in_flight", rc.threads), "max_used": st["used_bytes"], "bound": rc.cache_bytes})
     del it
     data = int(rc.unit_size.sum())
     rc.close()

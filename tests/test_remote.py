@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -82,6 +83,38 @@ def remote_dataset(tmp_path_factory, bucket, proxy, codec="none", name=None):
 
 
 # -- URLs ---------------------------------------------------------------------------------------------
+def test_prefetch_keeps_fetching_while_one_request_is_held(tmp_path_factory, tmp_path, bucket, proxy, monkeypatch):
+    """A slow prefetch request does not hold back the ones after it. Regression: each
+    prefetch round waited for its slowest request before the next round was claimed, so the
+    link idled for a latency and a tail per round (0.76 x the proxy's cap in bench_remote)."""
+    from llmio_native.remote import cache as cache_mod
+
+    url, _ = remote_dataset(tmp_path_factory, bucket, proxy)
+    ds = lio.open_dataset(url, cache_dir=str(tmp_path / "c"), cache_bytes=64 << 20,
+                          storage_options=opts(proxy, timeout=120.0))
+    rc = ds.remote
+    monkeypatch.setattr(cache_mod, "PREFETCH_ROUND_BYTES", int(rc.unit_size.max()))  # one unit a round
+    n = min(rc.n, 24)
+    s, e = int(rc.unit_start[0]), int(rc.unit_end[0])
+    proxy.clear()
+    proxy.inject("hold", match=f"{rc.keys[0]} bytes={s}-{e - 1}")
+    rc.follow(iter([(i, np.array([i])) for i in range(n)]))
+    rc.advance(0)
+    others = np.arange(1, n)
+    deadline = time.monotonic() + 60  # not a timing: the held request only goes when released
+    while time.monotonic() < deadline and not rc.present()[others].all():
+        time.sleep(0.05)
+    got = rc.present()
+    missing = [int(u) for u in others if not got[u]]
+    proxy.release()
+    assert proxy.faults == 1 and not got[0], "the held request was not the first unit's"
+    assert missing == [], f"units {missing} were not fetched while the first unit's request was held"
+    while time.monotonic() < deadline + 60 and not rc.present()[0]:
+        time.sleep(0.05)
+    assert rc.present()[:n].all() and rc.stats()["prefetched_units"] == n
+    rc.close()
+
+
 def test_parse_url():
     u = parse_url("s3://bucket/a/b/")
     assert (u.scheme, u.netloc, u.path) == ("s3", "bucket", "a/b")
