@@ -260,6 +260,7 @@ class ChunkCache:
         self._pool: cf.ThreadPoolExecutor | None = None
         self._pf_pool: cf.ThreadPoolExecutor | None = None
         self._pf_queued = 0  # prefetch runs handed to the prefetch pool and not finished
+        self._pf_tasks: dict[cf.Future, list[int]] = {}  # those runs, to cancel the queued ones
         self._pf_backoff_until = 0.0
         self._peak_in_flight = 0
         self._prefetcher: threading.Thread | None = None
@@ -342,9 +343,10 @@ class ChunkCache:
         ``hit_rate``, ``fetch_p50_ms``/``fetch_p90_ms``/``fetch_p99_ms`` (request latency),
         ``stall_s`` (time reads waited for the network), ``evictions``, ``bytes_evicted``,
         ``retries``, ``verify_failures``, ``prefetched_units``, ``network_busy_s`` (wall time
-        with a request in flight), ``peak_in_flight`` (most requests in flight at once) and ``fetch_mbs_busy`` (MB fetched per busy second: the
-        rate the link gave while used), ``used_bytes``,
-        ``cache_bytes``, ``policy`` and ``offline`` (opened from the cache alone)."""
+        with a request in flight), ``peak_in_flight`` (most requests in flight at once since the
+        last :meth:`reset_stats`) and ``fetch_mbs_busy`` (MB fetched per busy second: the rate
+        the link gave while used), ``used_bytes``, ``cache_bytes``, ``policy`` and ``offline``
+        (opened from the cache alone)."""
         with self._mutex:
             s = dict(self._stats)
             lat = np.array(self._latency) if self._latency else np.zeros(1)
@@ -482,6 +484,14 @@ class ChunkCache:
         if t is not None:
             t.join()
         self._prefetcher = None
+        with self._cond:  # prefetches of that future not started yet: given back, not fetched
+            dropped = [run for f, run in self._pf_tasks.items() if f.cancel()]
+            self._pf_tasks = {f: r for f, r in self._pf_tasks.items() if not f.cancelled()}
+            self._pf_queued -= len(dropped)
+        if dropped:
+            with self._locked():
+                for run in dropped:
+                    self._unclaim(run)
         with self._cond:
             self._future = None
             self.policy = "lru"
@@ -817,8 +827,9 @@ class ChunkCache:
                     runs = sorted(self._runs(fetch), key=lambda r: min(order[u] for u in r))  # soonest first
                     self._pf_queued += len(runs)
                 pool = self._prefetch_pool()
-                for run in runs:
-                    pool.submit(self._prefetch_run, run)
+                with self._cond:
+                    for run in runs:
+                        self._pf_tasks[pool.submit(self._prefetch_run, run)] = run
         except BaseException as exc:  # noqa: BLE001 - surfaced by the next acquire
             self._prefetch_error = exc
 
@@ -832,6 +843,7 @@ class ChunkCache:
             exc = e
         with self._cond:
             self._pf_queued -= 1
+            self._pf_tasks = {f: r for f, r in self._pf_tasks.items() if not f.done() and r is not run}
             if exc is None:
                 self._stats["prefetched_units"] += len(run)
                 self._stats["units_fetched"] += len(run)
