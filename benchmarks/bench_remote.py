@@ -197,9 +197,9 @@ def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut
               f"{h['proxy_bytes'] / nbytes:>12.2f}{hit:>9}{req:>9}")
 
     unit = f"chunk {a.chunk_tokens * 2 >> 10} KiB, <=8 MiB GETs"
-    row("ours", unit, "1+16thr", cold["first_batch_s"], cold["epochs"][0], fut["epochs"][-1], data,
+    row("ours", unit, "1+16+16", cold["first_batch_s"], cold["epochs"][0], fut["epochs"][-1], data,
         f"{fut['epochs'][-1]['hit_rate']:.3f}")
-    row("ours LRU", unit, "1+16thr", cold["first_batch_s"], cold["epochs"][0], lru["epochs"][-1], data,
+    row("ours LRU", unit, "1+16+16", cold["first_batch_s"], cold["epochs"][0], lru["epochs"][-1], data,
         f"{lru['epochs'][-1]['hit_rate']:.3f}")
     for p, r in peer_res.items():
         u = f"{r['unit']} {r['shard_bytes'] >> 10} KiB"
@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
     c1 = cold["epochs"][0]
     f2, l2 = fut["epochs"][-1], lru["epochs"][-1]
+    seg = (f"b{(a.epochs - 1) * a.half_batches + 1}-{a.epochs * a.half_batches}" if a.half_batches
+           else f"ep{a.epochs}")
+
     amp = c1["fetched_bytes"] / data
     print(f"machine: {machine()}")
     print(f"dataset: {a.tokens} tokens ({data / 2**20:.1f} MiB of chunks), chunk_tokens={a.chunk_tokens}, "
@@ -366,12 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     print("fetch MB/s: bytes fetched per second with a request in flight (the rate the link gave); read amp: "
           "bytes fetched / bytes of the dataset the rows' batches span (an epoch's worth per epoch)")
     if a.half_batches:
-        print(f"half rows: batches {seg} of epoch 1 (the cache warmed by the {(a.epochs - 1) * a.half_batches} "
+        print(f"half rows: batches {seg} from the open (the cache warmed by the {(a.epochs - 1) * a.half_batches} "
               "before), not a whole epoch 2 (--half-batches)")
     print(f"{'run':<22}{'1st batch s':>12}{'tokens/s':>12}{'fetch MB/s':>11}{'vs cap':>8}{'vs ceil':>8}"
           f"{'read amp':>9}{'hit rate':>9}{'stall s':>8}{'p50 ms':>8}{'p99 ms':>8}")
-    seg = (f"b{(a.epochs - 1) * a.half_batches + 1}-{a.epochs * a.half_batches}" if a.half_batches
-           else f"ep{a.epochs}")
     rows = [("cold, cache>=data, ep1", cold, c1), (f"half, future, {seg}", fut, f2),
             (f"half, LRU, {seg}", lru, l2)]
     for name, run, r in rows:
