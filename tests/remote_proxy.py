@@ -12,6 +12,7 @@ on a bad day:
   ``"reset"`` (the connection is reset before any byte of the response), ``"truncate"``
   (headers promise the full body, half of it comes, then the connection closes),
   ``"stall"`` (nothing is sent for ``stall_s`` seconds: the client's timeout must fire),
+  ``"hold"`` (nothing is sent until :meth:`FaultProxy.release` is called, or ``hold_s`` passes),
   ``"corrupt"`` (one byte of the body flipped: only checksums can tell).
 
 Counters: ``requests`` (all requests seen), ``faults`` (faults applied), ``body_bytes``
@@ -27,7 +28,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "throttle", "reset", "truncate", "stall", "corrupt")
+FAULTS = ("503", "throttle", "reset", "truncate", "stall", "corrupt", "hold")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -59,15 +60,19 @@ class FaultProxy:
         latency: seconds before each response.
         bandwidth: bytes/s for all response bodies together (None: no cap).
         stall_s: how long a ``"stall"`` fault holds the response.
+        hold_s: the longest a ``"hold"`` fault waits for :meth:`release` (a safety net: a
+            test that forgets to release does not leave a thread behind for ever).
     """
 
     def __init__(self, upstream: str, latency: float = 0.0, bandwidth: float | None = None,
-                 stall_s: float = 30.0) -> None:
+                 stall_s: float = 30.0, hold_s: float = 120.0) -> None:
         u = urlsplit(upstream)
         self.host, self.uport = u.hostname or "127.0.0.1", u.port or 80
         self.latency = latency
         self.bucket = _Bucket(bandwidth)
         self.stall_s = stall_s
+        self.hold_s = hold_s
+        self.released = threading.Event()
         self.lock = threading.Lock()
         self.plan: list[list] = []  # [kind, remaining count, match substring]
         self.requests = 0
@@ -115,12 +120,17 @@ class FaultProxy:
             self.requests = self.faults = self.body_bytes = 0
             self.log.clear()
 
+    def release(self) -> None:
+        """Let the responses held by ``"hold"`` faults (now and later) go."""
+        self.released.set()
+
     def set_bandwidth(self, rate: float | None) -> None:
         """Change the bandwidth cap (bytes/s; None removes it)."""
         self.bucket = _Bucket(rate)
 
     def stop(self) -> None:
         """Stop listening (open connections end with their handler threads)."""
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -160,6 +170,8 @@ class FaultProxy:
             return
         if fault == "stall":
             time.sleep(self.stall_s)
+        if fault == "hold":
+            self.released.wait(self.hold_s)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
         headers["Host"] = f"{self.host}:{self.uport}"
         conn = http.client.HTTPConnection(self.host, self.uport, timeout=60)

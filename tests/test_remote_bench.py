@@ -34,3 +34,8 @@ def test_bench_remote_smoke(tmp_path):
         assert run["max_used"] <= run["bound"] and 0 < run["hit_rate"] < 1
     assert fut["hit_rate"] > lru["hit_rate"]
     assert res["hit_rate_ratio"] == pytest.approx(fut["hit_rate"] / lru["hit_rate"])
+    # the ceiling: raw GETs through the same proxy, as many in flight and as large as the cold run's
+    ceil = res["ceiling"]
+    assert ceil["threads"] == cold["peak_in_flight"] >= 1 and ceil["mbs"] > 0
+    assert abs(ceil["get_bytes"] - cold["fetched_bytes"] / cold["requests"]) <= 2048
+    assert "ceiling through the proxy" in r.stdout and "vs ceil" in r.stdout

@@ -7,6 +7,7 @@ sizes recorded at open): it is part of the generic dataset, split out for size.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,14 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
     or a short read is reported too; so is damage around a rans model region (chunk
     ``-1``). Bad chunks never raise.
 
+    A remote dataset (``ds.remote``) is checked through its cache: each group of chunks is
+    fetched (what is not cached yet; a cache smaller than the data evicts as it goes) and
+    pinned while it is read back, so every chunk of the store is checked, not the holes of
+    the cache files. A chunk that cannot be fetched (after the retries), or fails its checksum
+    in two fetches, is a bad chunk whose reason names the URL and byte range; with the store
+    unreachable at open (``ds.remote.offline``) the chunks not in the cache are reported as
+    not checked.
+
     Args:
         ds: the dataset.
         progress: show a tqdm progress bar over the bytes.
@@ -85,8 +94,11 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
 
     Raises:
         OSError: only if no data file can be read at all (e.g. the directory is gone).
+        DatasetChangedError: a remote dataset changed in the store since it was opened.
     """
     t0 = time.perf_counter()
+    remote = getattr(ds, "remote", None)
+    limit = GROUP_BYTES if remote is None else min(GROUP_BYTES, remote.read_group_bytes)
     report = VerifyReport(ok=True, checksums=ds.has_checksums)
     bad = report.bad_chunks
     readable = []
@@ -121,7 +133,7 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
             continue
         group.append(ci)
         gbytes += int(ds.region_ends[ci] - ds.chunks[ci]["offset"])
-        if gbytes >= GROUP_BYTES:
+        if gbytes >= limit:
             _verify_group(ds, reader, fmap, group, report, bar)
             group, gbytes = [], 0
     if group:
@@ -142,15 +154,26 @@ def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list
     rans = np.isin(ds.chunks["codec"], F.MODEL_CODECS)
     if not rans.any():
         return
+    remote = getattr(ds, "remote", None)
     for f, off in sorted(set(zip(ds.chunks["file"][rans].tolist(), ds.chunks["model"][rans].tolist()))):
         if f not in fmap:
             continue
         path = ds.paths[f]
+        held: Any = contextlib.nullcontext()
+        if remote is not None:  # the model region travels with a chunk's unit: fetch and pin it
+            ci = int(np.flatnonzero(rans & (ds.chunks["file"] == f) & (ds.chunks["model"] == off))[0])
+            units = remote.units_of_chunks([ci])
+            if remote.offline and not remote.present()[units].all():
+                bad.append(BadChunk(path, -1, off, "rans model region not checked: not in the cache, and the store "
+                                                   "was unreachable when the dataset was opened"))
+                continue
+            held = remote.pinned(units)
         try:
-            head = reader.read(fmap[f], off, F.MODEL_HEADER_BYTES)
-            end = off + F.model_region_size(head, path, off)
-            pad = reader.read(fmap[f], end, F.align_up(end, F.chunk_align(getattr(ds, "format_version", 1))) - end)
-        except (OSError, FormatError) as exc:
+            with held:
+                head = reader.read(fmap[f], off, F.MODEL_HEADER_BYTES)
+                end = off + F.model_region_size(head, path, off)
+                pad = reader.read(fmap[f], end, F.align_up(end, F.chunk_align(getattr(ds, "format_version", 1))) - end)
+        except (OSError, FormatError, ValueError) as exc:
             bad.append(BadChunk(path, -1, off, f"rans model region: {exc}"))
             continue
         if pad.any():
@@ -161,6 +184,46 @@ def _verify_model_padding(ds: "TokenDataset", reader: Any, fmap: dict, bad: list
 
 def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int], report: VerifyReport,
                   bar: Any) -> None:
+    remote = getattr(ds, "remote", None)
+    if remote is None:
+        _verify_read(ds, reader, fmap, group, report, bar)
+        return
+    from ..remote.cache import CacheFullError
+    from ..remote.errors import DatasetChangedError, RemoteChecksumError, RemoteError
+
+    if remote.offline:  # nothing can be fetched: what is not cached cannot be checked
+        here = remote.present()
+        missing = [ci for ci in group if not here[remote.units_of_chunks([ci])].all()]
+        for ci in missing:
+            _bad(ds, report, ci, "not checked: not in the cache, and the store was unreachable when the dataset "
+                                 "was opened")
+            report.chunks_checked += 1
+        group = [ci for ci in group if ci not in set(missing)]
+        if not group:
+            return
+    try:
+        with remote.pinned(remote.units_of_chunks(group)):
+            _verify_read(ds, reader, fmap, group, report, bar)
+        return
+    except DatasetChangedError:
+        raise
+    except (RemoteError, RemoteChecksumError, CacheFullError) as exc:
+        if len(group) > 1:  # find the chunk(s) at fault, one at a time
+            for ci in group:
+                _verify_group(ds, reader, fmap, [ci], report, bar)
+            return
+        report.chunks_checked += 1
+        _bad(ds, report, group[0], f"{type(exc).__name__}: {exc}")
+
+
+def _bad(ds: "TokenDataset", report: VerifyReport, ci: int, reason: str) -> None:
+    c = ds.chunks[ci]
+    report.bad_chunks.append(BadChunk(ds.paths[int(c["file"])], ds.chunk_origin(ci)["chunk"], int(c["offset"]), reason))
+
+
+def _verify_read(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int], report: VerifyReport,
+                 bar: Any) -> None:
+    """Read ``group``'s chunk regions back and check each (the chunks are local, or pinned)."""
     reqs = []
     for ci in group:
         c = ds.chunks[ci]
@@ -188,9 +251,7 @@ def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int],
         if not isinstance(buf, BaseException):
             report.bytes_checked += int(buf.nbytes)
         if reason is not None:
-            c = ds.chunks[ci]
-            report.bad_chunks.append(
-                BadChunk(ds.paths[int(c["file"])], ds.chunk_origin(ci)["chunk"], int(c["offset"]), reason))
+            _bad(ds, report, ci, reason)
     if bar is not None:
         bar.update(sum(r[2] for r in reqs))
 

@@ -258,6 +258,11 @@ class ChunkCache:
         self._clock = 0
         self._future: _Future | None = None
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._pf_pool: cf.ThreadPoolExecutor | None = None
+        self._pf_queued = 0  # prefetch runs handed to the prefetch pool and not finished
+        self._pf_tasks: dict[cf.Future, list[int]] = {}  # those runs, to cancel the queued ones
+        self._pf_backoff_until = 0.0
+        self._peak_in_flight = 0
         self._prefetcher: threading.Thread | None = None
         self._stop = False
         self._prefetch_error: BaseException | None = None
@@ -338,9 +343,10 @@ class ChunkCache:
         ``hit_rate``, ``fetch_p50_ms``/``fetch_p90_ms``/``fetch_p99_ms`` (request latency),
         ``stall_s`` (time reads waited for the network), ``evictions``, ``bytes_evicted``,
         ``retries``, ``verify_failures``, ``prefetched_units``, ``network_busy_s`` (wall time
-        with a request in flight) and ``fetch_mbs_busy`` (MB fetched per busy second: the
-        rate the link gave while used), ``used_bytes``,
-        ``cache_bytes``, ``policy`` and ``offline`` (opened from the cache alone)."""
+        with a request in flight), ``peak_in_flight`` (most requests in flight at once since the
+        last :meth:`reset_stats`) and ``fetch_mbs_busy`` (MB fetched per busy second: the rate
+        the link gave while used), ``used_bytes``, ``cache_bytes``, ``policy`` and ``offline``
+        (opened from the cache alone)."""
         with self._mutex:
             s = dict(self._stats)
             lat = np.array(self._latency) if self._latency else np.zeros(1)
@@ -349,6 +355,7 @@ class ChunkCache:
         s["fetch_mbs_busy"] = s["bytes_fetched"] / s["network_busy_s"] / 1e6 if s["network_busy_s"] else 0.0
         for q in (50, 90, 99):
             s[f"fetch_p{q}_ms"] = float(np.percentile(lat, q) * 1e3)
+        s["peak_in_flight"] = self._peak_in_flight
         s["used_bytes"] = self.used_bytes()
         s["cache_bytes"] = self.cache_bytes
         s["policy"] = self.policy
@@ -361,6 +368,7 @@ class ChunkCache:
             for k in self._stats:
                 self._stats[k] = 0.0 if isinstance(self._stats[k], float) else 0
             self._latency = []
+            self._peak_in_flight = self._active
 
     def acquire(self, units: np.ndarray, step: int | None = None) -> np.ndarray:
         """Make ``units`` present and pin them (no process evicts a pinned unit); the caller
@@ -476,6 +484,14 @@ class ChunkCache:
         if t is not None:
             t.join()
         self._prefetcher = None
+        with self._cond:  # prefetches of that future not started yet: given back, not fetched
+            dropped = [run for f, run in self._pf_tasks.items() if f.cancel()]
+            self._pf_tasks = {f: r for f, r in self._pf_tasks.items() if not f.cancelled()}
+            self._pf_queued -= len(dropped)
+        if dropped:
+            with self._locked():
+                for run in dropped:
+                    self._unclaim(run)
         with self._cond:
             self._future = None
             self.policy = "lru"
@@ -483,9 +499,10 @@ class ChunkCache:
     def close(self) -> None:
         """Stop the prefetcher and the request pool, close the files."""
         self.stop_follow()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pf_pool, self._pool):  # prefetches in flight finish (or fail) first
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._pf_pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -663,23 +680,29 @@ class ChunkCache:
         err: BaseException | None = None
         with self._locked():
             for run, exc in zip(runs, results):
-                if exc is not None:
-                    err = err or exc
-                    self._unclaim(run)
-                    continue
-                for u in run:
-                    self._units_state[u] = PRESENT
-                    self._owner[u] = 0
-                    self._verified[u] = True
-                    if pinned_after:
-                        self._pins[u] += 1
-                        pinned.append(u)
-                    self._touch(u)
-                    ev = self._inflight.pop(u, None)
-                    if ev is not None:
-                        ev.set()
+                err = err or exc
+                self._finish_run(run, exc, pinned_after=pinned_after, pinned=pinned)
         if err is not None:
             raise err
+
+    def _finish_run(self, run: list[int], exc: BaseException | None, *, pinned_after: bool,
+                    pinned: list[int]) -> None:
+        """Under the lock: a fetched run's units become present (pinned if asked), or, if its
+        fetch failed (``exc``), go back to absent; waiters on them are woken either way."""
+        if exc is not None:
+            self._unclaim(run)
+            return
+        for u in run:
+            self._units_state[u] = PRESENT
+            self._owner[u] = 0
+            self._verified[u] = True
+            if pinned_after:
+                self._pins[u] += 1
+                pinned.append(u)
+            self._touch(u)
+            ev = self._inflight.pop(u, None)
+            if ev is not None:
+                ev.set()
 
     def _fetch_run_safe(self, run: list[int]) -> BaseException | None:
         try:
@@ -725,6 +748,7 @@ class ChunkCache:
             if self._active == 0:
                 self._active_since = t0
             self._active += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._active)
         try:
             data = self.source.read_range(key, lo, hi, self.expect[f], on_retry=retried)
         finally:
@@ -768,16 +792,25 @@ class ChunkCache:
 
     # -- prefetch -------------------------------------------------------------------------------
     def _prefetch_loop(self) -> None:
+        """Claim the coming units a round at a time and hand each coalesced run to the
+        prefetch pool without waiting for it: the next round is claimed while the last one's
+        requests are still in flight, so the link never idles between rounds (a round that
+        waited for its slowest request left the link idle for a latency and a tail each
+        time: 0.8 x the cap instead of the ceiling)."""
         try:
             while True:
                 with self._cond:
-                    if self._stop:
+                    if self._stop or self._prefetch_error is not None:
                         return
                     fut = self._future
                     assert fut is not None
                     if fut.cursor < 0 and time.monotonic() < self._follow_t0 + 0.5:
                         # the first batch's own fetches get the link first (time to first batch)
                         self._cond.wait(0.01)
+                        continue
+                    if self._pf_queued >= self.threads or time.monotonic() < self._pf_backoff_until:
+                        # every request slot has work queued: claim more only when one frees
+                        self._cond.wait(0.05)
                         continue
                     fut.extend(256)
                     want = self._prefetch_candidates(fut)
@@ -787,25 +820,46 @@ class ChunkCache:
                     # claim within the lock (admission: only by evicting units needed later)
                     fetch, _ = self._claim(want[0], pin=False, pinned=[], count=False,
                                            protect=np.array(want[0], dtype=np.int64), admit_before=want[1])
-                if not fetch:
-                    with self._cond:
-                        if self._stop:
-                            return
+                    if not fetch:
                         self._cond.wait(0.02)
-                    continue
-                try:
-                    self._fetch(fetch, pinned_after=False, pinned=[])
-                except (RemoteError, CacheFullError):
-                    # a transient failure of a prefetch is not the reader's: its own acquire
-                    # retries (and raises) if the chunk is still needed
-                    with self._cond:
-                        self._cond.wait(0.1)
-                    continue
-                with self._mutex:
-                    self._stats["prefetched_units"] += len(fetch)
-                    self._stats["units_fetched"] += len(fetch)
+                        continue
+                    order = {u: i for i, u in enumerate(want[0])}
+                    runs = sorted(self._runs(fetch), key=lambda r: min(order[u] for u in r))  # soonest first
+                    self._pf_queued += len(runs)
+                pool = self._prefetch_pool()
+                with self._cond:
+                    for run in runs:
+                        self._pf_tasks[pool.submit(self._prefetch_run, run)] = run
         except BaseException as exc:  # noqa: BLE001 - surfaced by the next acquire
             self._prefetch_error = exc
+
+    def _prefetch_run(self, run: list[int]) -> None:
+        """One prefetch request (on the prefetch pool): fetch, verify, write, mark present."""
+        try:
+            exc = self._fetch_run_safe(run)
+            with self._locked():
+                self._finish_run(run, exc, pinned_after=False, pinned=[])
+        except BaseException as e:  # noqa: BLE001 - the state update itself failed
+            exc = e
+        with self._cond:
+            self._pf_queued -= 1
+            self._pf_tasks = {f: r for f, r in self._pf_tasks.items() if not f.done() and r is not run}
+            if exc is None:
+                self._stats["prefetched_units"] += len(run)
+                self._stats["units_fetched"] += len(run)
+            elif isinstance(exc, (RemoteError, CacheFullError)):
+                # a transient failure of a prefetch is not the reader's: its own acquire
+                # retries (and raises) if the chunk is still needed
+                self._pf_backoff_until = time.monotonic() + 0.1
+            elif self._prefetch_error is None:  # DatasetChangedError, RemoteChecksumError, ...
+                self._prefetch_error = exc
+            self._cond.notify_all()
+
+    def _prefetch_pool(self) -> cf.ThreadPoolExecutor:
+        with self._mutex:
+            if self._pf_pool is None:
+                self._pf_pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="llmio-prefetch")
+            return self._pf_pool
 
     def _prefetch_candidates(self, fut: _Future) -> tuple[list[int], int] | None:
         """Absent units of the coming steps within ``prefetch_bytes`` (up to one request's

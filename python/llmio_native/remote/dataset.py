@@ -72,6 +72,12 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         pos += os.pwrite(fd, view[pos:], offset + pos)
 
 
+#: Requests in flight at open (HEAD of each shard, then its header and tables): each costs a
+#: round trip (20 ms or more to an object store), so a dataset of many shards opens in
+#: ceil(shards / this) x 3 round trips (256 shards: 5.5 s with 8, under 1 s with 64).
+_META_THREADS = 64
+
+
 def _fetch_meta(src: Source, name: str, info: ObjectInfo, path: str) -> None:
     """Header and tables of one shard into a sparse local file of its size."""
     size = info.size
@@ -221,7 +227,7 @@ def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
     for nm in names:
         if os.path.basename(nm) != nm or nm in ("", ".", ".."):
             raise FormatError(f"{src.key_url(F.MANIFEST_NAME)}: bad shard name {nm!r}", path=src.key_url(F.MANIFEST_NAME))
-    with cf.ThreadPoolExecutor(8) as ex:
+    with cf.ThreadPoolExecutor(_META_THREADS) as ex:
         infos = list(ex.map(src.info, names))
     for nm, size, info in zip(names, sizes, infos):
         if info.size != size:
@@ -235,7 +241,7 @@ def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
             if name not in ("setup.lock", "users"):
                 p = os.path.join(root, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
-        with cf.ThreadPoolExecutor(8) as ex:
+        with cf.ThreadPoolExecutor(_META_THREADS) as ex:
             list(ex.map(lambda a: _fetch_meta(src, a[0], a[1], os.path.join(root, a[0])), zip(names, infos)))
         tok = man.get("tokenizer")
         if isinstance(tok, str) and os.path.basename(tok) == tok and tok not in ("", ".", ".."):
