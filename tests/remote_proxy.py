@@ -84,6 +84,10 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in separate writes: with Nagle on, the body waited for the
+            # client's delayed ACK, adding ~40 ms to every response (measured: 8 KiB ranged GETs
+            # at latency=1 ms took 52 ms at the median, 9 ms with TCP_NODELAY)
+            disable_nagle_algorithm = True
 
             def log_message(self, *a: object) -> None:
                 pass
