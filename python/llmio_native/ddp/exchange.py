@@ -85,20 +85,15 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
     get = alloc if alloc is not None else _fresh(dev)
     shard = n_pad // world
     sblocks = shard // BLOCK
-    packed = shard + 4 * sblocks
-    own = get("own", packed, torch.uint8)
-    gathered = get("gathered", world * packed, torch.uint8)
+    bufs = _buffers(get, world, shard, deterministic, temps)
+    absmax, scales, send, recv, own, gathered = bufs
     stages: List[Stage] = []
     piece = _piece_values(ops, world, shard, PIECE_NUMEL if piece_numel is None else piece_numel)
     if piece < shard:
-        return _pipelined(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, out_n, deterministic, temps,
-                          get, piece, idx)
+        return _pipelined(ops, group, world, rank, x, n, n_pad, res_w, res_s, out, out_n, deterministic, bufs,
+                          piece, idx)
     if deterministic:
-        absmax = get("absmax", n_pad // BLOCK, torch.float32)
-        scales = get("scales", n_pad // BLOCK, torch.float32)
-        send = get("send", world * shard, torch.uint8)
-        recv = get("recv", world * shard, torch.uint8)
-        temps += [absmax, scales, send, recv]
+        assert absmax is not None and scales is not None
 
         def s0() -> Any:
             ops.block_absmax(x, n, n_pad, res_w, absmax)
@@ -114,9 +109,6 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
 
         stages += [s0, s1, s2]
     else:
-        send = get("send", world * packed, torch.uint8)
-        recv = get("recv", world * packed, torch.uint8)
-        temps += [send, recv]
 
         def s1() -> Any:
             ops.quantize_pack(x, n, n_pad, world, res_w, send)
@@ -127,7 +119,6 @@ def _two_phase(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
             return _all_gather_flat(gathered, own, group=group, async_op=True)
 
         stages += [s1, s2]
-    temps += [own, gathered]
 
     def s3() -> None:
         ops.unpack_dequantize(gathered, world, shard, out, out_n)
@@ -156,7 +147,7 @@ def _piece_values(ops: Any, world: int, shard: int, piece_numel: int) -> int:
 
 def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: int, n_pad: int,
                res_w: torch.Tensor, res_s: torch.Tensor, out: torch.Tensor, out_n: int, deterministic: bool,
-               temps: List[torch.Tensor], get: Alloc, piece: int, idx: int = -1) -> List[Stage]:
+               bufs: tuple, piece: int, idx: int = -1) -> List[Stage]:
     """The exchange of :func:`_two_phase` as one stage that cuts it into pieces and pipelines them.
 
     Piece k holds values ``[k*piece, (k+1)*piece)`` of EVERY rank's shard (so each rank owns the
@@ -176,21 +167,8 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
     lens = [min(piece, shard - s) for s in starts]
     flat_x, flat_out = x.reshape(-1), out.reshape(-1)
     stride = _packed  # bytes of one rank's packed slot of a piece of L values
-    if deterministic:
-        absmax = get("absmax", n_pad // BLOCK, torch.float32)
-        scales = get("scales", n_pad // BLOCK, torch.float32)
-        send = get("send", world * shard, torch.uint8)
-        recv = get("recv", world * shard, torch.uint8)
-        temps += [absmax, scales, send, recv]
-        slot = lambda L: L  # noqa: E731 - codes only in phase 1
-    else:
-        send = get("send", world * _packed(shard), torch.uint8)
-        recv = get("recv", world * _packed(shard), torch.uint8)
-        temps += [send, recv]
-        slot = _packed
-    own = get("own", _packed(shard), torch.uint8)
-    gathered = get("gathered", world * _packed(shard), torch.uint8)
-    temps += [own, gathered]
+    absmax, scales, send, recv, own, gathered = bufs  # from _buffers
+    slot = (lambda L: L) if deterministic else _packed  # phase 1 sends codes only when deterministic
 
     def valid(off: int, L: int) -> int:  # values of the bucket (not padding) among [off, off + L)
         return max(0, min(L, n - off))
@@ -255,6 +233,25 @@ def _pipelined(ops: Any, group: Any, world: int, rank: int, x: torch.Tensor, n: 
         unpack(len(starts) - 1, ag.pop(len(starts) - 1))
 
     return [run]
+
+
+def _buffers(get: Alloc, world: int, shard: int, deterministic: bool, temps: List[torch.Tensor]) -> tuple:
+    """The exchange's temporaries, appended to ``temps``: ``(absmax, scales, send, recv, own,
+    gathered)``. ``absmax``/``scales`` (one per block of the bucket) exist only when
+    ``deterministic`` (else None); phase 1's ``send``/``recv`` then carry codes only, otherwise
+    codes and block scales; ``own`` is this rank's requantized shard, ``gathered`` every rank's."""
+    absmax = scales = None
+    if deterministic:
+        absmax = get("absmax", world * shard // BLOCK, torch.float32)
+        scales = get("scales", world * shard // BLOCK, torch.float32)
+        temps += [absmax, scales]
+    slot = shard if deterministic else _packed(shard)
+    send = get("send", world * slot, torch.uint8)
+    recv = get("recv", world * slot, torch.uint8)
+    own = get("own", _packed(shard), torch.uint8)
+    gathered = get("gathered", world * _packed(shard), torch.uint8)
+    temps += [send, recv, own, gathered]
+    return absmax, scales, send, recv, own, gathered
 
 
 def _packed(values: int) -> int:
