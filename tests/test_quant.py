@@ -377,6 +377,19 @@ def oracle_packed(xf: np.ndarray, res: np.ndarray, n_pad: int, world: int) -> np
                                            scales[r * sb:(r + 1) * sb].view(np.uint8)]) for r in range(world)])
 
 
+def check_quantize_pack(impl, raw: np.ndarray, dtype: str, xf: np.ndarray, n: int, n_pad: int, world: int,
+                        res0: np.ndarray) -> None:
+    """``impl.quantize_pack`` of the bucket ``raw`` (read as ``xf``) from residual ``res0``: the
+    packed bytes and the new residual equal the oracle's, bit for bit."""
+    exp_res = res0.copy()
+    expected = oracle_packed(xf, exp_res, n_pad, world)
+    res = res0.copy()
+    send = np.full(expected.size, 0xAB, np.uint8)
+    impl.quantize_pack(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
+    np.testing.assert_array_equal(send, expected)
+    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+
+
 def f32_bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint32)
 
@@ -424,13 +437,7 @@ def test_quantize_pack_emulation_bit_identical(dtype, n, world, big, impl):
     raw, xf = as_bucket(edge_values(n, n + world, big=big), dtype)
     res0 = (np.random.default_rng(n).standard_normal(n_pad) * np.float32(0.01)).astype(np.float32)
     res0[:BLOCK] = 0
-    exp_res = res0.copy()
-    expected = oracle_packed(xf, exp_res, n_pad, world)
-    res = res0.copy()
-    send = np.full(expected.size, 0xAB, np.uint8)
-    impl.quantize_pack(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
-    np.testing.assert_array_equal(send, expected)
-    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))
+    check_quantize_pack(impl, raw, dtype, xf, n, n_pad, world, res0)
 
 
 def packed_copies(world: int, shard: int, seed: int, big: bool) -> np.ndarray:
@@ -771,13 +778,7 @@ def test_fast_16bit_buckets_read_bit_identical(dtype, impl):
     world = 2
     n_pad = -(-n // (BLOCK * world)) * BLOCK * world
     res0 = np.zeros(n_pad, np.float32)
-    exp_res = res0.copy()
-    expected = oracle_packed(xf, exp_res, n_pad, world)
-    res = res0.copy()
-    send = np.full(expected.size, 0xAB, np.uint8)
-    impl.quantize_pack(raw, DTYPE_CODES[dtype], n, n_pad, world, res, send)
-    np.testing.assert_array_equal(send, expected)
-    np.testing.assert_array_equal(f32_bits(res), f32_bits(exp_res))  # the residual holds the value read, exactly
+    check_quantize_pack(impl, raw, dtype, xf, n, n_pad, world, res0)  # the residual holds the value read, exactly
     absmax = np.empty(n_pad // BLOCK, np.float32)
     res = res0.copy()
     impl.block_absmax(raw, DTYPE_CODES[dtype], n, n_pad, res, absmax)

@@ -333,6 +333,15 @@ def test_sigint_uploads_no_manifest_and_removes_staging(bucket, s3_server, tmp_p
 
 
 # -- llmio pack -o s3:// ------------------------------------------------------------------------------------
+def _corpus_text(tmp_path, nchars):
+    """The first ``nchars`` characters of the shared corpus as ``tmp_path/in.txt``, for ``llmio
+    pack`` (skips where the tokenizers package is absent)."""
+    pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
+    text = tmp_path / "in.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:nchars], encoding="utf-8")
+    return text
+
+
 def _pack(args, endpoint, tmp):
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, LLMIO_CACHE_DIR=str(tmp / "llmio-cache"), TMPDIR=str(tmp))
     env["PYTHONPATH"] = str(Path(lio.__file__).resolve().parents[1])
@@ -342,9 +351,7 @@ def _pack(args, endpoint, tmp):
 
 @pytest.mark.skipif(not CORPUS.exists(), reason=f"the corpus {CORPUS} is absent")
 def test_pack_to_s3_end_to_end(bucket, s3_server, tmp_path):
-    pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
-    text = tmp_path / "in.txt"
-    text.write_text(CORPUS.read_text(encoding="utf-8")[:300_000], encoding="utf-8")
+    text = _corpus_text(tmp_path, 300_000)
     url = f"s3://{bucket}/packed"
     common = [str(text), "--train-bpe", "400", "--doc-sep", "blank", "--codec", "zstd", "--shard-tokens", "30000",
               "--chunk-tokens", "4096", "--num-workers", "1"]
@@ -376,9 +383,7 @@ def test_pack_to_s3_end_to_end(bucket, s3_server, tmp_path):
 
 @pytest.mark.skipif(not CORPUS.exists(), reason=f"the corpus {CORPUS} is absent")
 def test_pack_upload_failure_is_one_line_naming_the_object(bucket, s3_server, tmp_path):
-    pytest.importorskip("tokenizers", reason="llmio pack needs the tokenizers package")
-    text = tmp_path / "in.txt"
-    text.write_text(CORPUS.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    text = _corpus_text(tmp_path, 200_000)
     url = f"s3://{bucket}/cli-fail"
     px = FaultProxy(s3_server.url)
     try:

@@ -634,27 +634,43 @@ def test_unclosed_writer_warns_and_aborts(tmp_path, backend):
     assert file_bytes(path) == source(10000)[:8192]  # full chunks only: the tail was staged
 
 
-def test_writer_used_in_forked_child_raises_and_parent_continues(tmp_path, backend):
-    path = tmp_path / "fork.bin"
-    w = Writer(path, backend=backend, **SMALL)
-    w.write(source(9000))
+def assert_in_forked_child(check) -> None:
+    """Runs ``check()`` in a forked child and asserts that it returned True there (an exception
+    in the child, or a child that does not exit cleanly, fails too)."""
     r, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: every call refuses, nothing hangs, the parent's file is not touched
-        code = 1
+    if pid == 0:
         try:
             try:
-                w.write(b"x")
-            except RuntimeError as e:
-                code = 0 if "forked child" in str(e) else 2
-            w.abort()  # a no-op here
+                code = 0 if check() else 2
+            except BaseException:  # noqa: BLE001 - reported to the parent as a failure
+                code = 3
             os.write(wfd, b"%d" % code)
         finally:
             os._exit(0)
     os.close(wfd)
     _, status = os.waitpid(pid, 0)
-    assert os.read(r, 16) == b"0" and status == 0
+    got = os.read(r, 16)
     os.close(r)
+    assert got == b"0" and status == 0, f"child check failed (code {got!r}, status {status})"
+
+
+def test_writer_used_in_forked_child_raises_and_parent_continues(tmp_path, backend):
+    path = tmp_path / "fork.bin"
+    w = Writer(path, backend=backend, **SMALL)
+    w.write(source(9000))
+
+    def child() -> bool:  # every call refuses, nothing hangs, the parent's file is not touched
+        try:
+            w.write(b"x")
+        except RuntimeError as e:
+            refused = "forked child" in str(e)
+        else:
+            refused = False
+        w.abort()  # a no-op here
+        return refused
+
+    assert_in_forked_child(child)
     w.write(source(9000, seed=1))
     w.close()
     assert file_bytes(path) == source(9000) + source(9000, seed=1)
@@ -794,27 +810,19 @@ def test_staging_pool_in_a_forked_child_starts_empty(tmp_path, backend):
         with Writer(tmp_path / "p.bin", backend=backend, **SMALL) as w:
             w.write(source(9000))
         assert staging_pool_stats()["idle_count"] == 1
-        r, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
+
+        def child() -> bool:
+            s = staging_pool_stats()
+            ok = s["idle_count"] == 0 and s["scopes"] == 0
+            with reuse_staging():
+                for k in range(2):
+                    with Writer(tmp_path / f"child{k}.bin", backend=backend, **SMALL) as cw:
+                        cw.write(source(9000, seed=3))
                 s = staging_pool_stats()
-                ok = s["idle_count"] == 0 and s["scopes"] == 0
-                with reuse_staging():
-                    for k in range(2):
-                        with Writer(tmp_path / f"child{k}.bin", backend=backend, **SMALL) as cw:
-                            cw.write(source(9000, seed=3))
-                    s = staging_pool_stats()
-                    ok = ok and s["hits"] == 1 and s["misses"] == 1
-                code = 0 if ok and file_bytes(tmp_path / "child1.bin") == source(9000, seed=3) else 2
-                os.write(wfd, b"%d" % code)
-            finally:
-                os._exit(0)
-        os.close(wfd)
-        _, status = os.waitpid(pid, 0)
-        assert os.read(r, 16) == b"0" and status == 0
-        os.close(r)
+                ok = ok and s["hits"] == 1 and s["misses"] == 1
+            return ok and file_bytes(tmp_path / "child1.bin") == source(9000, seed=3)
+
+        assert_in_forked_child(child)
         hits = staging_pool_stats()["hits"]
         with Writer(tmp_path / "p2.bin", backend=backend, **SMALL) as w:  # the parent's arena still serves
             w.write(source(9000, seed=4))
