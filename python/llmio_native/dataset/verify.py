@@ -193,12 +193,13 @@ def _verify_group(ds: "TokenDataset", reader: Any, fmap: dict, group: list[int],
 
     if remote.offline:  # nothing can be fetched: what is not cached cannot be checked
         here = remote.present()
-        missing = [ci for ci in group if not here[remote.units_of_chunks([ci])].all()]
-        for ci in missing:
+        cached = [ci for ci in group if here[remote.units_of_chunks([ci])].all()]
+        kept = set(cached)
+        for ci in (ci for ci in group if ci not in kept):
             _bad(ds, report, ci, "not checked: not in the cache, and the store was unreachable when the dataset "
                                  "was opened")
             report.chunks_checked += 1
-        group = [ci for ci in group if ci not in set(missing)]
+        group = cached
         if not group:
             return
     try:
