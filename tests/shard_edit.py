@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 from llmio_native.dataset import format as F
+from llmio_native.dataset.index import rebuild_index
 
 
 def reseal(shard: Path, raw: bytearray) -> None:
-    """Write ``raw`` to ``shard`` with its tables checksum, header and manifest entry
-    recomputed (a deliberate rewrite that passes every checksum; shard 0 of its dataset)."""
+    """Write ``raw`` to ``shard`` with its tables checksum, header, manifest entry and
+    index.lio recomputed (a deliberate rewrite that passes every checksum; shard 0 of its dataset)."""
     hdr = F.unpack_header(bytes(raw[:4096]), str(shard))
     tsum = F.checksum(bytes(raw[hdr["table_offset"]:]))
     fields = {k: hdr[k] for k in ("token_bytes", "codec", "num_chunks", "num_tokens", "num_documents",
@@ -20,3 +21,4 @@ def reseal(shard: Path, raw: bytearray) -> None:
     man = json.loads(mpath.read_text())
     man["shards"][0]["header_checksum"] = int.from_bytes(bytes(raw[80:88]), "little")
     mpath.write_text(json.dumps(man))
+    rebuild_index(str(shard.parent))  # index.lio describes the rewritten shard

@@ -21,6 +21,7 @@ import llmio_native as lio
 from llmio_native.dataset import format as F
 from llmio_native.dataset import base as base_mod
 from llmio_native.dataset import manifest as manifest_mod
+from llmio_native.dataset.index import rebuild_index
 from llmio_native.dataset import writer as writer_mod
 
 CHUNK = 1000  # tokens: 2000 B for uint16 -> every chunk is followed by zero padding
@@ -300,7 +301,7 @@ def test_refuses_existing_dataset_unless_overwrite(tmp_path):
     write(d, [[1, 2]], overwrite=True)
     ds = lio.open_dataset(d)
     assert ds.read(0, 2).tolist() == [1, 2] and len(ds.paths) == 1
-    assert sorted(os.listdir(d)) == ["manifest.json", "notes.txt", "shard-00000.lio"]  # stale shards gone
+    assert sorted(os.listdir(d)) == ["index.lio", "manifest.json", "notes.txt", "shard-00000.lio"]  # stale shards gone
 
 
 def test_dataset_files_is_the_one_rule(tmp_path):
@@ -308,10 +309,11 @@ def test_dataset_files_is_the_one_rule(tmp_path):
     d = tmp_path / "d"
     assert manifest_mod.dataset_files(d) == [] and manifest_mod.dataset_files(tmp_path / "nofile") == []
     write(d, [np.arange(SHARD, dtype=np.uint16)] * 2, tokenizer=None)
-    for n in ("notes.txt", "tokenizer.json", "shard-x.bin", "shard-00009.lio.docs.tmp", ".manifest.json.tmp"):
+    for n in ("notes.txt", "tokenizer.json", "shard-x.bin", "shard-00009.lio.docs.tmp", ".manifest.json.tmp",
+              ".index.lio.tmp", "index.lio.bak"):
         (d / n).write_text("")
-    assert manifest_mod.dataset_files(d) == ["manifest.json", ".manifest.json.tmp", "shard-00000.lio",
-                                             "shard-00001.lio", "shard-00009.lio.docs.tmp"]
+    assert manifest_mod.dataset_files(d) == ["manifest.json", ".index.lio.tmp", ".manifest.json.tmp", "index.lio",
+                                             "shard-00000.lio", "shard-00001.lio", "shard-00009.lio.docs.tmp"]
     assert manifest_mod.dataset_files(d / "notes.txt") == []
     assert [manifest_mod.is_shard_name(n) for n in ("shard-00000.lio", "shard-0.lio.docs.tmp", "x.lio")] == [
         True, False, False]
@@ -325,8 +327,8 @@ def test_manifest_schema_round_trip(tmp_path):
     m = manifest_mod.read_manifest(str(d))
     assert m.to_json() == raw and m.raw == raw and lio.open_dataset(d).manifest == raw
     assert list(raw) == ["format", "version", "dtype", "codec", "chunk_tokens", "shard_tokens", "zstd_level",
-                         "rans_model_tokens", "num_tokens", "num_documents", "shards", "tokenizer", "eot_token",
-                         "metadata", "created_by"]
+                         "rans_model_tokens", "num_tokens", "num_documents", "shards", "index", "tokenizer",
+                         "eot_token", "metadata", "created_by"]
     assert [s.name for s in m.shards] == ["shard-00000.lio", "shard-00001.lio"]
     assert m.shards[1] == manifest_mod.ShardEntry(**raw["shards"][1])
     with pytest.raises(lio.FormatError, match="dtype='uint32' was requested"):
@@ -465,6 +467,7 @@ def _fix_manifest(dirpath, shard_index, header_checksum):
     m = json.loads((dirpath / "manifest.json").read_text())
     m["shards"][shard_index]["header_checksum"] = header_checksum
     (dirpath / "manifest.json").write_text(json.dumps(m))
+    rebuild_index(str(dirpath))  # index.lio describes the rewritten shard
 
 
 def test_dtype_mismatch(small):
@@ -615,7 +618,7 @@ DOCUMENTED = (lio.ChecksumError, lio.FormatError, lio.ShortReadError, FileNotFou
 
 
 def _mutate(rng, d, kind):
-    shards = sorted(p for p in os.listdir(d) if p.endswith(".lio"))
+    shards = sorted(p for p in os.listdir(d) if manifest_mod.is_shard_name(p))
     target = os.path.join(d, shards[int(rng.integers(len(shards)))])
     size = os.path.getsize(target)
     raw = bytearray(Path(target).read_bytes())
@@ -753,7 +756,8 @@ def test_interrupted_writer_subprocess(tmp_path):
         lio.DatasetWriter(d)
     write(d, [[1, 2, 3]], overwrite=True)
     ds = lio.open_dataset(d)
-    assert ds.read(0, 3).tolist() == [1, 2, 3] and sorted(os.listdir(d)) == ["manifest.json", "shard-00000.lio"]
+    assert ds.read(0, 3).tolist() == [1, 2, 3] and sorted(os.listdir(d)) == ["index.lio", "manifest.json",
+                                                                             "shard-00000.lio"]
 
 
 def test_unclosed_writer_leaves_incomplete_dataset(tmp_path):

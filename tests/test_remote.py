@@ -6,6 +6,7 @@ where moto, nginx or obstore are absent.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -246,6 +247,57 @@ def test_damaged_cache_file_is_refetched(tmp_path_factory, tmp_path, bucket, pro
     assert st["verify_failures"] == 1 and st["bytes_fetched"] == ds2.remote.unit_size[1]
 
 
+@pytest.mark.parametrize("shard_tokens", [120_000, 8_000])
+def test_cold_open_is_three_requests_whatever_the_shard_count(tmp_path_factory, tmp_path, bucket, proxy, shard_tokens):
+    """A cold open asks for the manifest, one listing (sizes and ETags of every shard) and
+    index.lio (every shard's header and tables): 3 requests for 2 shards and for 30. Before
+    the index it was 3 per shard (HEAD, header, tables)."""
+    d = write_dataset(tmp_path_factory.mktemp("o1") / "ds", shard_tokens=shard_tokens)
+    url = f"s3://{bucket}/o1-{shard_tokens}"
+    upload(d, url, opts(proxy))
+    proxy.clear()
+    ds = lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 24, storage_options=opts(proxy))
+    wire = [(m, p.split("?")[0].rsplit("/", 1)[-1] or p) for m, p, _ in proxy.log]
+    assert len(ds.paths) == len(lio.open_dataset(d).paths) >= (2 if shard_tokens > 100_000 else 30)
+    assert sorted(w for w in wire if w[1] != f"{bucket}") == [("GET", "index.lio"), ("GET", "manifest.json")]
+    assert len(wire) == 3 and any(p.startswith(f"/{bucket}?") or p.startswith(f"/{bucket}/?")
+                                  for _, p, _ in proxy.log), proxy.log
+    np.testing.assert_array_equal(ds.read(0, ds.num_tokens), TOKENS)
+    assert ds.verify().ok
+    # a warm reopen (metadata cached, store unchanged): the manifest and the listing only
+    ds.remote.close()
+    proxy.clear()
+    lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 24, storage_options=opts(proxy))
+    assert proxy.requests == 2 and ("GET", f"/{bucket}/o1-{shard_tokens}/manifest.json") in \
+        [(m, p) for m, p, _ in proxy.log]
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "stale"])
+def test_unusable_index_falls_back_to_the_shards_with_a_warning(tmp_path_factory, tmp_path, bucket, proxy, damage):
+    """index.lio damaged, missing, or left from another version of the dataset: the open
+    warns, reads each shard's header and tables instead, and every token is right."""
+    d = write_dataset(tmp_path_factory.mktemp("bi") / "ds", shard_tokens=30_000)
+    url = f"s3://{bucket}/badindex-{damage}"
+    src = upload(d, url, opts(proxy))
+    bad = tmp_path / "index.lio"
+    if damage == "flip":
+        b = bytearray(open(os.path.join(d, "index.lio"), "rb").read())
+        b[len(b) // 3] ^= 0x40
+        bad.write_bytes(bytes(b))
+        src.put("index.lio", str(bad))
+    elif damage == "delete":
+        src.delete(["index.lio"])
+    else:  # an intact index of other tokens, same shard names and sizes
+        d2 = write_dataset(tmp_path_factory.mktemp("bi2") / "ds", shard_tokens=30_000, tokens=TOKENS[::-1].copy())
+        src.put("index.lio", os.path.join(d2, "index.lio"))
+    proxy.clear()
+    with pytest.warns(RuntimeWarning, match=f"{url}: the dataset's index cannot be used .*reading each shard's"):
+        ds = lio.open_dataset(url, cache_dir=tmp_path / "c", cache_bytes=1 << 24, storage_options=opts(proxy))
+    nshards = len(ds.paths)
+    assert nshards >= 8 and proxy.requests == 3 + 2 * nshards  # manifest, list, index; header + tables each
+    np.testing.assert_array_equal(ds.read(0, ds.num_tokens), TOKENS)
+
+
 def test_dataset_changed_remotely_raises(tmp_path_factory, tmp_path, bucket, proxy):
     d = write_dataset(tmp_path_factory.mktemp("chg") / "ds")
     url = f"s3://{bucket}/changing"
@@ -257,7 +309,19 @@ def test_dataset_changed_remotely_raises(tmp_path_factory, tmp_path, bucket, pro
     src.put("shard-00000.lio", os.path.join(d2, "shard-00000.lio"))
     with pytest.raises(DatasetChangedError, match="changed while the dataset was open"):
         ds.read(50_000, 100)
-    # reopened now, the new shard does not match the old manifest: refused, naming the URL
+    # reopened now: the metadata comes from index.lio (written with the old manifest), so the
+    # open cannot see the new shard; its first chunk fails its checksum twice, and the shard's
+    # header in the store then tells a rewrite from damage: refused, naming the URL
+    ds1 = lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 22, storage_options=so)
+    with pytest.raises(DatasetChangedError, match=f"{url}/shard-00000.lio: the object's header differs"):
+        ds1.read(0, 100)
+    # without an index (a dataset written before it existed) the open reads each shard's
+    # header, and refuses the new one at once
+    man = json.loads(src.read("manifest.json"))
+    man["index"] = None
+    with open(tmp_path / "noindex.json", "w") as fh:
+        json.dump(man, fh)
+    src.put("manifest.json", str(tmp_path / "noindex.json"))
     with pytest.raises(lio.FormatError, match=f"{url}: .*header_checksum"):
         lio.open_dataset(url, cache_dir=tmp_path, cache_bytes=1 << 22, storage_options=so)
     upload(d2, url, so)  # the rewrite completes (shards, then the manifest)

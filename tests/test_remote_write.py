@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import llmio_native as lio
+from llmio_native.dataset.manifest import is_shard_name
 
 sys.path.insert(0, os.path.dirname(__file__))
 from remote_proxy import FaultProxy  # noqa: E402
@@ -133,7 +134,7 @@ def test_manifest_is_uploaded_last_and_staging_is_bounded(bucket, proxy, tmp_pat
     real_put = upload_mod.ShardUploader._put
 
     def spy(self, name, path):
-        staged = [n for n in os.listdir(self.staging) if n.endswith(".lio")]
+        staged = [n for n in os.listdir(self.staging) if is_shard_name(n)]
         seen.append((name, keys(self.src), staged))
         return real_put(self, name, path)
 
@@ -141,14 +142,16 @@ def test_manifest_is_uploaded_last_and_staging_is_bounded(bucket, proxy, tmp_pat
     tok = tmp_path / "tok.json"
     tok.write_text("{}")
     write(url, storage_options=so(proxy.url), shard_tokens=40_000, tokenizer=tok)
-    shards = [n for n, _, _ in seen if n.endswith(".lio")]
+    shards = [n for n, _, _ in seen if is_shard_name(n)]
     assert len(shards) >= 8
-    assert [n for n, _, _ in seen] == shards + ["tokenizer.json", "manifest.json"]
+    tail = ["tokenizer.json", "index.lio", "manifest.json"]
+    assert [n for n, _, _ in seen] == shards + tail
     for i, (name, listing, staged) in enumerate(seen[:-1]):
         assert "manifest.json" not in listing, f"manifest visible before {name} was uploaded"
-        assert listing == sorted(shards[:i] if name.endswith(".lio") else shards)
+        assert listing == sorted(shards[:i] if is_shard_name(name) else shards + tail[:tail.index(name)])
         assert len(staged) <= upload_mod.MAX_STAGED
-    assert seen[-1][1] == sorted(shards + ["tokenizer.json"])  # every shard there before the manifest
+    # every shard and the index there before the manifest
+    assert seen[-1][1] == sorted(shards + ["tokenizer.json", "index.lio"])
     # on the wire: after the manifest's PUT, only its check (HEAD) and nothing else
     log = [(m, p) for m, p, _ in proxy.log]
     puts = [i for i, (m, p) in enumerate(log) if m == "PUT"]
@@ -160,7 +163,7 @@ def test_empty_dataset(bucket, s3_server, tmp_path):
     url = f"s3://{bucket}/empty"
     w = lio.DatasetWriter(url, storage_options=so(s3_server.url))
     w.close()
-    assert keys(open_source(url, so(s3_server.url))) == ["manifest.json"]
+    assert keys(open_source(url, so(s3_server.url))) == ["index.lio", "manifest.json"]
     ds = lio.open_dataset(url, cache_dir=tmp_path / "c", storage_options=so(s3_server.url))
     assert (ds.num_tokens, ds.num_documents) == (0, 0)
 

@@ -86,7 +86,7 @@ def _top(counts: dict[int, int] | np.ndarray, k: int) -> list[tuple[int, int]]:
 def _disk_bytes(ds: Any) -> int:
     files = list(ds.paths)
     if ds.format == "llmio":
-        files.append(os.path.join(ds.path, "manifest.json"))
+        files += [os.path.join(ds.path, "manifest.json"), os.path.join(ds.path, "index.lio")]
     elif ds.format == "megatron":
         files += [p[: -len(".bin")] + ".idx" for p in ds.paths if p.endswith(".bin")]
     return sum(os.path.getsize(f) for f in files if os.path.exists(f))

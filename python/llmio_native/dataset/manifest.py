@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import format as F
+from .index import INDEX_NAME, INDEX_TMP_NAME
 
 #: The tokenizer file name a dataset directory may carry (recorded in the manifest).
 TOKENIZER_NAME = "tokenizer.json"
@@ -35,7 +36,7 @@ def is_dataset_name(name: str) -> bool:
     """Whether ``name`` is a file a writer creates or leaves behind (see :func:`dataset_files`)."""
     if name.startswith(F.SHARD_PREFIX) and (name.endswith(F.SHARD_SUFFIX) or name.endswith(F.DOCS_SPILL_SUFFIX)):
         return True
-    return name in (F.MANIFEST_NAME, F.MANIFEST_TMP_NAME)
+    return name in (F.MANIFEST_NAME, F.MANIFEST_TMP_NAME, INDEX_NAME, INDEX_TMP_NAME)
 
 
 def dataset_files(directory: str | os.PathLike[str]) -> list[str]:
@@ -123,6 +124,9 @@ class Manifest:
     metadata: dict = field(default_factory=dict)
     created_by: str | None = None
     version: int = F.VERSION
+    #: ``{"name": "index.lio", "bytes": N, "checksum": XXH3}`` (see :mod:`.index`), or None
+    #: for a dataset written before the index existed
+    index: dict | None = None
     raw: dict | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
@@ -139,6 +143,7 @@ class Manifest:
             "num_tokens": self.num_tokens,
             "num_documents": self.num_documents,
             "shards": [s.to_json() for s in self.shards],
+            "index": self.index,
             "tokenizer": self.tokenizer,
             "eot_token": self.eot_token,
             "metadata": self.metadata,
@@ -198,11 +203,22 @@ def read_manifest(directory: str, dtype: np.dtype | None = None) -> Manifest:
         FormatError: anything above; the message names ``manifest.json`` (and the shard
             entry); a dtype other than ``dtype``.
     """
-    d = directory
-    mpath = os.path.join(d, F.MANIFEST_NAME)
+    mpath = os.path.join(directory, F.MANIFEST_NAME)
+    with open(mpath, "rb") as fh:
+        data = fh.read()
+    return parse_manifest(data, mpath, dtype, directory)
+
+
+def parse_manifest(data: bytes, mpath: str, dtype: np.dtype | None = None, where: str | None = None) -> Manifest:
+    """Parse and check the bytes of a ``manifest.json`` (see :func:`read_manifest`);
+    ``mpath`` names it in messages, ``where`` (default ``mpath``) the dataset.
+
+    Raises:
+        FormatError: as :func:`read_manifest`.
+    """
+    d = where if where is not None else mpath
     try:
-        with open(mpath, "rb") as fh:
-            raw = json.loads(fh.read().decode("utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{mpath}: not valid JSON ({exc})", path=mpath) from None
     if not isinstance(raw, dict):
@@ -240,6 +256,14 @@ def read_manifest(directory: str, dtype: np.dtype | None = None) -> Manifest:
     meta = raw.get("metadata") or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{mpath}: metadata must be an object", path=mpath)
+    index = raw.get("index")
+    if index is not None:
+        where = f"{mpath} index"
+        iname = require(index, "name", str, where)
+        if os.path.basename(iname) != iname or iname in ("", ".", ".."):
+            raise FormatError(f"{where}: name must be a file name in the directory, got {iname!r}", path=mpath)
+        index = {"name": iname, "bytes": require(index, "bytes", int, where),
+                 "checksum": require(index, "checksum", int, where)}
     shards: list[ShardEntry] = []
     seen: set[str] = set()
     for si, entry in enumerate(shard_list):
@@ -254,9 +278,9 @@ def read_manifest(directory: str, dtype: np.dtype | None = None) -> Manifest:
         dtype=dname, codec=codec, chunk_tokens=chunk_tokens, num_tokens=total_tokens, num_documents=total_docs,
         shards=shards, shard_tokens=raw.get("shard_tokens"), zstd_level=raw.get("zstd_level"),
         rans_model_tokens=raw.get("rans_model_tokens"), tokenizer=tok, eot_token=eot, metadata=meta,
-        created_by=raw.get("created_by"), version=version, raw=raw,
+        created_by=raw.get("created_by"), version=version, index=index, raw=raw,
     )
 
 
 __all__ = ["dataset_files", "is_shard_name", "is_dataset_name", "fsync_dir", "Manifest", "ShardEntry",
-           "write_manifest", "read_manifest", "require", "TOKENIZER_NAME"]
+           "write_manifest", "read_manifest", "parse_manifest", "require", "TOKENIZER_NAME"]

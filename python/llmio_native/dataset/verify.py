@@ -74,8 +74,8 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
     For each chunk: the stored bytes are read (with the zero padding after them in
     our format), the checksum compared, the chunk decoded to its recorded size and
     the padding checked for zeros. A file whose size changed since open, a read error
-    or a short read is reported too; so is damage around a rans model region (chunk
-    ``-1``). Bad chunks never raise.
+    or a short read is reported too; so is damage around a rans model region, and a
+    missing or damaged ``index.lio`` of our format (chunk ``-1``). Bad chunks never raise.
 
     A remote dataset (``ds.remote``) is checked through its cache: each group of chunks is
     fetched (what is not cached yet; a cache smaller than the data evicts as it goes) and
@@ -141,6 +141,8 @@ def verify(ds: "TokenDataset", progress: bool = False) -> VerifyReport:
     if bar is not None:
         bar.close()
     _verify_model_padding(ds, reader, fmap, bad)
+    if remote is None and hasattr(ds, "_metadata_problems"):  # our format: index.lio
+        bad.extend(BadChunk(p, -1, off, reason) for p, off, reason in ds._metadata_problems())
     bad.sort(key=lambda b: (ds.paths.index(b.path) if b.path in ds.paths else -1, b.chunk))
     report.ok = not bad
     report.seconds = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from .._native import _core
 from ..remote.store import is_url
 from ..remote.upload import ShardUploader
 from . import format as F
+from .index import IndexWriter
 from .manifest import (TOKENIZER_NAME, Manifest, ShardEntry, dataset_files, fsync_dir, is_shard_name,
                        write_manifest)
 
@@ -247,6 +248,7 @@ class DatasetWriter:
         self._fill = 0
         self._shards: list[ShardEntry] = []
         self._shard_fh: BinaryIO | None = None
+        self._index: IndexWriter | None = None  # index.lio, a record per finished shard
         self._error: BaseException | None = None
         self.num_tokens = 0
         self.num_documents = 0
@@ -460,22 +462,27 @@ class DatasetWriter:
         import xxhash
 
         h = xxhash.xxh3_64()
-        tb = table.tobytes()
-        fh.write(tb)
-        h.update(tb)
+        ndoc = self._spill_count + len(self._doc_ends)
+        assert ndoc == self._shard_ndoc
+        size = doc_index_offset + ndoc * 8
+        if self._index is None:
+            self._index = IndexWriter(self.path)
+        self._index.begin(self._shard_name, size, size - table_offset)
+
+        def put(piece: bytes) -> None:  # the tables go to the shard, its checksum and the index
+            fh.write(piece)
+            h.update(piece)
+            self._index.tables(piece)
+
+        put(table.tobytes())
         if self._spill_count:
             with open(self._spill_path, "rb") as sp:
                 while True:
                     piece = sp.read(8 << 20)
                     if not piece:
                         break
-                    fh.write(piece)
-                    h.update(piece)
-        tail = self._doc_ends.tobytes()
-        fh.write(tail)
-        h.update(tail)
-        ndoc = self._spill_count + len(self._doc_ends)
-        assert ndoc == self._shard_ndoc
+                    put(piece)
+        put(self._doc_ends.tobytes())
         header = F.pack_header(
             token_bytes=self.dtype.itemsize, codec=self._codec_id, num_chunks=len(table),
             num_tokens=self._shard_ntok, num_documents=ndoc, chunk_tokens=self.chunk_tokens,
@@ -485,9 +492,9 @@ class DatasetWriter:
         fh.seek(0)
         fh.write(header)
         fh.flush()
+        self._index.end(header)
         if self._uploader is None:  # a staged shard needs no durability: it is read back for the upload
             os.fsync(fh.fileno())
-        size = doc_index_offset + ndoc * 8
         fh.close()
         self._shard_fh = None
         if self._spill_count:
@@ -530,6 +537,9 @@ class DatasetWriter:
                     os.fsync(fh.fileno())
             from .. import __version__
 
+            if self._index is None:  # no shard: an empty index
+                self._index = IndexWriter(self.path)
+            index = self._index.commit()
             manifest = Manifest(
                 dtype=self.dtype.name,
                 codec=self.codec,
@@ -545,10 +555,11 @@ class DatasetWriter:
                 metadata=self.metadata,
                 created_by=f"llmio_native {__version__}",
                 version=self.format_version,
+                index=index,
             )
             write_manifest(self.path, manifest)
             if self._uploader is not None:
-                self._uploader.commit(tok_name)  # shards, tokenizer, checks, then manifest.json
+                self._uploader.commit(tok_name)  # shards, tokenizer, index, checks, then manifest.json
         except BaseException:
             self.abort()
             raise
@@ -584,6 +595,8 @@ class DatasetWriter:
                 os.unlink(self._spill_path)
             except OSError:
                 pass
+        if self._index is not None:
+            self._index.close()
         if self._uploader is not None:
             self._uploader.abort()
 

@@ -62,7 +62,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import RemoteChecksumError, RemoteError
+from ..dataset import format as F
+from .errors import DatasetChangedError, RemoteChecksumError, RemoteError
 from .store import ObjectInfo, Source
 
 ABSENT, PRESENT, FETCHING = 0, 1, 2
@@ -725,6 +726,7 @@ class ChunkCache:
                 s, e = int(self.unit_start[u]), int(self.unit_end[u])
                 again = self._get(key, f, s, e)
                 if not self._check(u, again, s):
+                    self._raise_if_rewritten(key, f)
                     cs, cn = int(self.chunk_offset[u]), int(self.chunk_bytes[u])
                     raise RemoteChecksumError(
                         f"{self.source.key_url(key)} bytes [{cs}, {cs + cn}): chunk {u} fails its checksum "
@@ -736,6 +738,24 @@ class ChunkCache:
         pos = 0
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], lo + pos)
+
+    def _raise_if_rewritten(self, key: str, f: int) -> None:
+        """After a chunk failed its checksum twice: whether the shard itself is another one
+        than the metadata describes (rewritten in place under an unchanged manifest; the
+        metadata came from ``index.lio``, so open could not see it). Compares the shard's
+        header in the store with the cached one.
+
+        Raises:
+            DatasetChangedError: they differ (names the URL).
+        """
+        mine = os.pread(self._fd(f), F.HEADER_BYTES, 0)
+        theirs = self._get(key, f, 0, min(F.HEADER_BYTES, self.expect[f].size))
+        if theirs != mine:
+            url = self.source.key_url(key)
+            raise DatasetChangedError(
+                f"{url}: the object's header differs from the one in the dataset's manifest.json and index.lio: the "
+                "shard was rewritten in place (the dataset is being rewritten, or was changed); its chunks fail their "
+                "checksums", path=url, offset=0)
 
     def _get(self, key: str, f: int, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of shard ``f`` from the store (retried; counted in stats)."""

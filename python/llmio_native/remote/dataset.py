@@ -2,9 +2,13 @@
 :class:`~llmio_native.dataset.llmio.LioDataset` on the cache files with a
 :class:`~.cache.ChunkCache` attached (``ds.remote``).
 
-At open: ``manifest.json`` is fetched; each shard's size and ETag are asked (HEAD); each
-shard's header and tables are fetched into a sparse local file of the shard's size (the
-chunks are holes until needed). The local directory is then opened and checked like a
+At open: ``manifest.json`` is fetched; then, in parallel, the shards' sizes and ETags (one
+listing; a HEAD of each where the source cannot list) and ``index.lio`` (every shard's
+header and tables in one object, checked against the manifest,
+:mod:`llmio_native.dataset.index`): two round trips whatever the shard count. Each shard's
+header and tables go into a sparse local file of the shard's size (the chunks are holes
+until needed). A dataset without a usable index has each shard's header and tables
+fetched from the shard (two requests per shard, 64 in flight). The local directory is then opened and checked like a
 local dataset. A cache left by an earlier run is reused when the manifest and the shards'
 sizes and ETags are unchanged, and wiped otherwise.
 
@@ -26,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..dataset import format as F
+from ..dataset.index import IndexRecord, load_index
+from ..dataset.manifest import Manifest, parse_manifest
 from ..errors import FormatError, IncompleteDatasetError
 from .cache import ChunkCache, allocated_bytes, create_state, reset_if_alone, state_ok, unit_charge
 from .errors import DatasetChangedError, RemoteError, RemoteNotFoundError
@@ -65,39 +71,71 @@ def cache_root(cache_dir: str, url: str) -> str:
     return os.path.join(os.path.abspath(cache_dir), hashlib.blake2b(url.encode(), digest_size=10).hexdigest())
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
     pos = 0
     while pos < len(view):
         pos += os.pwrite(fd, view[pos:], offset + pos)
 
 
-#: Requests in flight at open (HEAD of each shard, then its header and tables): each costs a
-#: round trip (20 ms or more to an object store), so a dataset of many shards opens in
-#: ceil(shards / this) x 3 round trips (256 shards: 5.5 s with 8, under 1 s with 64).
+#: Requests in flight at open for a dataset without ``index.lio`` (header, then tables, of
+#: each shard; and a HEAD of each where the source cannot list): each costs a round trip
+#: (20 ms or more to an object store), so such a dataset opens in ceil(shards / this) x 2 or 3
+#: round trips. With the index it is two round trips whatever the shard count.
 _META_THREADS = 64
 
 
-def _fetch_meta(src: Source, name: str, info: ObjectInfo, path: str) -> None:
-    """Header and tables of one shard into a sparse local file of its size."""
-    size = info.size
+def _write_meta(path: str, size: int, header: Any, t_off: int, tables: Any) -> None:
+    """A sparse local file of ``size`` bytes holding a shard's header and tables (the chunks
+    are holes until fetched); written as ``path.tmp`` and renamed."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
-        head = src.read_range(name, 0, min(F.HEADER_BYTES, size), info)
-        _pwrite_all(fd, head, 0)
-        hdr = F.unpack_header(head, src.key_url(name))
-        t_off = int(hdr["table_offset"])
-        if not F.HEADER_BYTES <= t_off <= size:
-            raise FormatError(f"{src.key_url(name)}: table_offset {t_off} outside a file of {size} bytes",
-                              path=src.key_url(name), offset=56)
-        if t_off < size:
-            _pwrite_all(fd, src.read_range(name, t_off, size, info), t_off)
+        _pwrite_all(fd, header, 0)
+        _pwrite_all(fd, tables, t_off)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _fetch_meta(src: Source, name: str, info: ObjectInfo, path: str) -> None:
+    """Header and tables of one shard, fetched from the shard itself (two requests)."""
+    size = info.size
+    head = src.read_range(name, 0, min(F.HEADER_BYTES, size), info)
+    hdr = F.unpack_header(head, src.key_url(name))
+    t_off = int(hdr["table_offset"])
+    if not F.HEADER_BYTES <= t_off <= size:
+        raise FormatError(f"{src.key_url(name)}: table_offset {t_off} outside a file of {size} bytes",
+                          path=src.key_url(name), offset=56)
+    tables = src.read_range(name, t_off, size, info) if t_off < size else b""
+    _write_meta(path, size, head, t_off, tables)
+
+
+def _index_records(src: Source, man: Manifest, data: bytes | BaseException | None) -> list[IndexRecord] | None:
+    """The checked records of the dataset's ``index.lio`` (``data``: its bytes, the error
+    fetching it raised, or None to fetch it now), or None, with a warning, where it cannot
+    be used (missing, damaged, stale): the caller then reads each shard's metadata from the
+    shard.
+
+    Raises:
+        Exception: an error fetching it other than a :class:`RemoteError`.
+    """
+    ent = man.index
+    if ent is None:
+        return None
+    url = src.key_url(ent["name"])
+    try:
+        if data is None:
+            data = src.read(ent["name"])
+        if isinstance(data, BaseException):
+            raise data
+        return load_index(data, ent, man.shards, url)
+    except (FormatError, RemoteError) as exc:
+        warnings.warn(f"{src.url}: the dataset's index cannot be used ({exc}); reading each shard's metadata "
+                      "from the shard instead (slower to open)", RuntimeWarning, stacklevel=4)
+        return None
 
 
 def _units(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -194,6 +232,36 @@ def _present_bytes(spath: str, usize: np.ndarray) -> int:
     return int(usize[st == 1].sum()) if len(st) == len(usize) else 0
 
 
+def _read_or_error(src: Source, key: str) -> bytes | BaseException:
+    """``src.read(key)``, or the error it raised (handed to the caller's thread)."""
+    try:
+        return src.read(key)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller when it needs the bytes
+        return exc
+
+
+def _shard_infos(src: Source, names: list[str]) -> list[ObjectInfo]:
+    """Size and ETag of each shard: one listing where the source can list (S3: a request
+    per 1000 objects), else a HEAD of each (``http(s)://``, or a store that refuses to list).
+
+    Raises:
+        RemoteNotFoundError: a shard is missing. RemoteError: the requests failed.
+    """
+    listed = None
+    try:
+        listed = src.infos()
+    except RemoteError:
+        listed = None  # e.g. no permission to list: ask each object
+    if listed is not None:
+        missing = [n for n in names if n not in listed]
+        if missing:
+            raise RemoteNotFoundError(f"{src.key_url(missing[0])}: listed in manifest.json but not in the store "
+                                      f"({len(missing)} shard(s) missing)", url=src.key_url(missing[0]))
+        return [listed[n] for n in names]
+    with cf.ThreadPoolExecutor(_META_THREADS) as ex:
+        return list(ex.map(src.info, names))
+
+
 def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
     """Fetch (or reuse) the metadata in ``root``; returns ``(offline, identity, shard infos)``."""
     ident_path = os.path.join(root, _IDENTITY)
@@ -217,18 +285,16 @@ def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
                       "only (chunks not cached will fail)", RuntimeWarning, stacklevel=3)
         return True, cached, [ObjectInfo(int(s), e) for _, s, e in cached["shards"]]
     digest = hashlib.blake2b(manifest, digest_size=16).hexdigest()
-    try:
-        man = json.loads(manifest.decode("utf-8"))
-        names = [str(s["name"]) for s in man["shards"]]
-        sizes = [int(s["bytes"]) for s in man["shards"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{src.key_url(F.MANIFEST_NAME)}: not a valid manifest ({exc})",
-                          path=src.key_url(F.MANIFEST_NAME)) from None
-    for nm in names:
-        if os.path.basename(nm) != nm or nm in ("", ".", ".."):
-            raise FormatError(f"{src.key_url(F.MANIFEST_NAME)}: bad shard name {nm!r}", path=src.key_url(F.MANIFEST_NAME))
-    with cf.ThreadPoolExecutor(_META_THREADS) as ex:
-        infos = list(ex.map(src.info, names))
+    man = parse_manifest(manifest, src.key_url(F.MANIFEST_NAME))
+    names = [s.name for s in man.shards]
+    sizes = [s.bytes for s in man.shards]
+    # Two round trips whatever the shard count: the listing (sizes and ETags) and, when the
+    # cache does not hold this manifest's metadata, index.lio, in parallel.
+    want_index = man.index is not None and (cached is None or cached.get("manifest") != digest)
+    with cf.ThreadPoolExecutor(2) as ex:
+        f_idx = ex.submit(_read_or_error, src, man.index["name"]) if want_index else None
+        infos = _shard_infos(src, names)
+        index_data = f_idx.result() if f_idx is not None else None
     for nm, size, info in zip(names, sizes, infos):
         if info.size != size:
             raise DatasetChangedError(
@@ -241,10 +307,17 @@ def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
             if name not in ("setup.lock", "users"):
                 p = os.path.join(root, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+        recs = _index_records(src, man, index_data)
         with cf.ThreadPoolExecutor(_META_THREADS) as ex:
-            list(ex.map(lambda a: _fetch_meta(src, a[0], a[1], os.path.join(root, a[0])), zip(names, infos)))
-        tok = man.get("tokenizer")
-        if isinstance(tok, str) and os.path.basename(tok) == tok and tok not in ("", ".", ".."):
+            if recs is not None:
+                jobs = [ex.submit(_write_meta, os.path.join(root, r.name), r.bytes, r.header,
+                                  r.bytes - len(r.tables), r.tables) for r in recs]
+            else:
+                jobs = [ex.submit(_fetch_meta, src, n, i, os.path.join(root, n)) for n, i in zip(names, infos)]
+            for j in jobs:
+                j.result()
+        tok = man.tokenizer
+        if tok is not None:
             with open(os.path.join(root, tok), "wb") as fh:
                 fh.write(src.read(tok))
         tmp = os.path.join(root, F.MANIFEST_NAME + ".part")

@@ -44,6 +44,9 @@ from .errors import DatasetChangedError, RemoteError, RemoteNotFoundError
 #: URL schemes served by :class:`ObjectSource`.
 OBJECT_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "azure", "http", "https")
 
+#: URL schemes that are read-only and cannot be listed (range requests only).
+READ_ONLY_SCHEMES = ("http", "https")
+
 #: Files above this size are uploaded in parts (multipart upload).
 MULTIPART_BYTES = 16 << 20
 #: Bytes read from the local file per piece of a cancellable multipart upload.
@@ -217,6 +220,17 @@ class Source:
         """
         raise NotImplementedError
 
+    def infos(self) -> dict[str, ObjectInfo] | None:
+        """Size and ETag of every object directly under the source (not in sub-prefixes),
+        in as few requests as the store allows (S3: one per 1000 objects); ``None`` where
+        the source cannot list (``http(s)://``: ask :meth:`info` per object instead).
+
+        Raises:
+            RemoteError: the listing failed (after the retries; a store that refuses to
+                list, for lack of permission, too).
+        """
+        raise NotImplementedError
+
     def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         """Upload the local file ``path`` as ``key`` (multipart above 16 MiB for object stores).
 
@@ -372,6 +386,18 @@ class ObjectSource(Source):
 
         return with_retries(ls, self.policy, self.key_url(prefix))
 
+    def infos(self) -> dict[str, ObjectInfo] | None:
+        import obstore
+
+        if self.parsed.scheme in READ_ONLY_SCHEMES:
+            return None
+
+        def ls() -> dict[str, ObjectInfo]:
+            res = obstore.list_with_delimiter(self.store)
+            return {m["path"]: ObjectInfo(int(m["size"]), m.get("e_tag")) for m in res["objects"]}
+
+        return with_retries(ls, self.policy, self.url + "/")
+
     def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         import obstore
 
@@ -455,6 +481,15 @@ class LocalSource(Source):
                     out.append((rel, os.path.getsize(os.path.join(dirpath, f))))
         return sorted(out)
 
+    def infos(self) -> dict[str, ObjectInfo] | None:
+        out = {}
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.is_file():
+                    st = e.stat()
+                    out[e.name] = ObjectInfo(st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
+        return out
+
     def put(self, key: str, path: str, cancel: threading.Event | None = None) -> ObjectInfo:
         import shutil
 
@@ -488,4 +523,4 @@ def open_source(url: str, storage_options: dict | None = None) -> Source:
 
 __all__ = ["OBJECT_SCHEMES", "StoreURL", "parse_url", "is_url", "RetryPolicy", "with_retries", "ObjectInfo",
            "Source", "ObjectSource", "LocalSource", "open_source", "TruncatedBody", "UploadCancelled",
-           "MULTIPART_BYTES"]
+           "MULTIPART_BYTES", "READ_ONLY_SCHEMES"]

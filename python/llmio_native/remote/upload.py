@@ -8,9 +8,10 @@ local copy. The staging directory holds at most ``max_staged`` shards (default 2
 uploading and the one being written); a writer that gets ahead of the upload waits in
 :meth:`ShardUploader.submit`.
 
-Commit (:meth:`ShardUploader.commit`): wait for the shards, upload ``tokenizer.json``,
-check that the store holds every shard at its size (and the ETag its upload returned,
-where the store gives ETags) and nothing else of a dataset under the prefix, then upload
+Commit (:meth:`ShardUploader.commit`): wait for the shards, upload ``tokenizer.json`` and
+``index.lio`` (every shard's header and tables, :mod:`llmio_native.dataset.index`), check
+that the store holds every shard at its size (and the ETag its upload returned, where the
+store gives ETags) and nothing else of a dataset under the prefix, then upload
 ``manifest.json`` last. A reader (``open_dataset(url)``) looks for the manifest first, so
 it never sees a half-written dataset.
 
@@ -37,14 +38,13 @@ import threading
 from collections import deque
 
 from ..dataset import format as F
+from ..dataset.index import INDEX_NAME
 from ..dataset.manifest import TOKENIZER_NAME, is_dataset_name
 from .errors import RemoteError
-from .store import ObjectInfo, Source, UploadCancelled, open_source, parse_url
+from .store import READ_ONLY_SCHEMES, ObjectInfo, Source, UploadCancelled, open_source, parse_url
 
 #: Shards kept in the staging directory at most: the one uploading and the one being written.
 MAX_STAGED = 2
-#: URL schemes a dataset cannot be written to (read-only range requests).
-READ_ONLY_SCHEMES = ("http", "https")
 _WAIT_S = 0.2  # waits are sliced so that Ctrl-C reaches the main thread
 
 
@@ -224,7 +224,7 @@ class ShardUploader:
     # -- commit --------------------------------------------------------------------------
     def commit(self, tokenizer: str | None) -> None:
         """Wait for the shards, upload ``tokenizer`` (a file name in the staging directory,
-        or None), check the store, then upload ``manifest.json`` from the staging directory
+        or None) and the index, check the store, then upload ``manifest.json`` from the staging directory
         last and remove the staging directory.
 
         Raises:
@@ -240,6 +240,9 @@ class ShardUploader:
             self._raise_if_failed()
         if tokenizer is not None:
             self._put(tokenizer, os.path.join(self.staging, tokenizer))
+        index = os.path.join(self.staging, INDEX_NAME)
+        if os.path.exists(index):  # every shard's metadata in one object: a reader opens in two requests
+            self._uploaded[INDEX_NAME] = self._put(INDEX_NAME, index)
         listed = dict(self.src.list())
         for name, info in self._uploaded.items():
             if listed.get(name) != info.size:
