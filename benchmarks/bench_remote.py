@@ -47,6 +47,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch  # noqa: F401 - loaded before any timing, as in a training process (the loader needs it: ~1 s)
 
 import llmio_native as lio
 

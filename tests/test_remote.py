@@ -272,6 +272,20 @@ def test_cold_open_is_three_requests_whatever_the_shard_count(tmp_path_factory, 
         [(m, p) for m, p, _ in proxy.log]
 
 
+def test_listing_reads_every_page_and_only_the_prefix(bucket, s3_server):
+    """Source.infos (the cold open's sizes and ETags) follows S3's pages of 1000 keys and
+    leaves out sub-prefixes; each ETag is the store's."""
+    import concurrent.futures as cf
+
+    src = open_source(f"s3://{bucket}/pages", {"endpoint": s3_server.url})
+    with cf.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda i: obstore.put(src.store, f"k{i:05d}", b"x" * (i % 7)), range(1003)))
+    obstore.put(src.store, "sub/inner", b"y")
+    infos = src.infos()
+    assert len(infos) == 1003 and "sub/inner" not in infos and "sub" not in infos
+    assert infos["k01002"].size == 1002 % 7 and infos["k00005"] == src.info("k00005")
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete", "stale"])
 def test_unusable_index_falls_back_to_the_shards_with_a_warning(tmp_path_factory, tmp_path, bucket, proxy, damage):
     """index.lio damaged, missing, or left from another version of the dataset: the open
