@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage(f"{p}: {kind}")
                 try:
                     runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
-                                                       cb, B, T, a.peer_workers, ne, a.peer_timeout)
+                                                       cb, B, T, a.peer_workers, ne, a.peer_timeout,
+                                                       a.half_batches if kind == "half" else None)
                 except remote_peers.PeerError as exc:  # the peer's own failure is a result: the row says it
                     runs[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
                     print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)

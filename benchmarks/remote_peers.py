@@ -196,21 +196,30 @@ def _die_with_parent() -> None:
 
 
 def stream(peer: str, url: str, endpoint: str, cache: str, cache_bytes: int, B: int, T: int, workers: int,
-           epochs: int, emit: Callable[[dict], None], wait: Callable[[], None]) -> None:
-    """Iterate ``epochs`` epochs cold; report ``first_batch`` and ``epoch_end`` through ``emit``."""
+           epochs: int, emit: Callable[[dict], None], wait: Callable[[], None], steps: int | None = None) -> None:
+    """Iterate ``epochs`` epochs cold (``steps``: segments of that many batches instead, the
+    loader's epochs run back to back); report ``first_batch`` and ``epoch_end`` through ``emit``."""
     os.environ.update(_s3_env(endpoint))
     _die_with_parent()
     t0 = time.perf_counter()
     ld, _ = _make_loader(peer, url, endpoint, cache, cache_bytes, B, T, workers)
+
+    def endless() -> Any:
+        while True:
+            yield from ld
+
+    it = endless() if steps else None
     for e in range(epochs):
         t = time.perf_counter() if e else t0
         n = 0
-        for x, y in ld:
+        for x, y in (ld if it is None else it):
             if n == 0 and e == 0:
                 emit({"event": "first_batch", "s": time.perf_counter() - t0})
             if tuple(x.shape) != (B, T) or tuple(y.shape) != (B, T):
                 raise RuntimeError(f"{peer}: batch {n} of epoch {e + 1} has shape {tuple(x.shape)}, not {(B, T)}")
             n += 1
+            if steps and n == steps:
+                break
         emit({"event": "epoch_end", "epoch": e + 1, "s": time.perf_counter() - t, "batches": n})
         wait()
     emit({"event": "done"})
@@ -233,6 +242,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-bytes", type=int)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="segments of this many batches instead of epochs")
     a = ap.parse_args(argv)
     if a.cmd == "probe":
         import torch  # noqa: F401
@@ -248,7 +258,7 @@ def _main(argv: list[str] | None = None) -> int:
         print("PEER " + json.dumps(ev), flush=True)
 
     stream(a.peer, a.url, a.endpoint, a.cache, a.cache_bytes, a.batch_size, a.seq_len, a.workers, a.epochs, emit,
-           lambda: sys.stdin.readline())
+           lambda: sys.stdin.readline(), a.steps)
     return 0
 
 
@@ -270,8 +280,9 @@ def _killpg(p: subprocess.Popen) -> None:
 
 
 def run_peer(peer: str, python: str, proxy: Any, url: str, cache: str, cache_bytes: int, B: int, T: int,
-             workers: int, epochs: int, timeout: float = 1800.0) -> dict:
-    """Run one cold streaming run of ``peer`` in a child; per-epoch proxy bytes and requests.
+             workers: int, epochs: int, timeout: float = 1800.0, steps: int | None = None) -> dict:
+    """Run one cold streaming run of ``peer`` in a child; per-epoch proxy bytes and requests
+    (``steps``: per segment of that many batches, as ``bench_remote --half-batches``).
 
     Args:
         proxy: the ``remote_proxy.FaultProxy`` the child reads through (its counters are read at
@@ -282,7 +293,7 @@ def run_peer(peer: str, python: str, proxy: Any, url: str, cache: str, cache_byt
     """
     cmd = [python, os.path.abspath(__file__), "stream", "--peer", peer, "--url", url, "--endpoint", proxy.url,
            "--cache", cache, "--cache-bytes", str(cache_bytes), "--batch-size", str(B), "--seq-len", str(T),
-           "--workers", str(workers), "--epochs", str(epochs)]
+           "--workers", str(workers), "--epochs", str(epochs)] + (["--steps", str(steps)] if steps else [])
     log = open(cache.rstrip("/") + ".log", "w+")
     # its own process group: its DataLoader workers hold the pipe too and go with it
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
