@@ -168,7 +168,8 @@ def with_retries(fn: Callable[[], T], policy: RetryPolicy, url: str, start: int 
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What the store says of an object: ``size`` and ``etag`` (``None`` where it gives none)."""
+    """What the store says of an object: ``size`` and ``etag`` (``None`` where it gives none;
+    normalised by :func:`normalize_etag`)."""
 
     size: int
     etag: str | None
@@ -258,7 +259,22 @@ class Source:
         raise NotImplementedError
 
 
+def normalize_etag(tag: Any) -> str | None:
+    """An ETag as compared here: without the quotes and the weak ``W/`` prefix, ``None`` for
+    none. A store may quote it in one answer and not in another: Azure's listing (and
+    fake-gcs-server's) gives ``0x8D...`` where the same object's GET and HEAD headers give
+    ``"0x8D..."``; compared raw, every read after an open from a listing would look like a
+    changed object."""
+    if tag is None:
+        return None
+    t = str(tag).strip()
+    if t.startswith("W/"):
+        t = t[2:]
+    return t.strip('"') or None
+
+
 def _check_changed(url: str, expect: ObjectInfo | None, size: int, etag: str | None) -> None:
+    etag = normalize_etag(etag)
     if expect is None:
         return
     if size != expect.size or (expect.etag is not None and etag is not None and etag != expect.etag):
@@ -347,7 +363,7 @@ class ObjectSource(Source):
         import obstore
 
         m = with_retries(lambda: obstore.head(self.store, key), self.policy, self.key_url(key))
-        return ObjectInfo(int(m["size"]), m.get("e_tag"))
+        return ObjectInfo(int(m["size"]), normalize_etag(m.get("e_tag")))
 
     def read(self, key: str) -> bytes:
         import obstore
@@ -394,7 +410,7 @@ class ObjectSource(Source):
 
         def ls() -> dict[str, ObjectInfo]:
             res = obstore.list_with_delimiter(self.store)
-            return {m["path"]: ObjectInfo(int(m["size"]), m.get("e_tag")) for m in res["objects"]}
+            return {m["path"]: ObjectInfo(int(m["size"]), normalize_etag(m.get("e_tag"))) for m in res["objects"]}
 
         return with_retries(ls, self.policy, self.url + "/")
 
@@ -426,7 +442,7 @@ class ObjectSource(Source):
             return obstore.put(self.part_store if multipart else self.store, key, body, use_multipart=multipart)
 
         res = with_retries(put, self.policy, self.key_url(key))
-        return ObjectInfo(size, (res or {}).get("e_tag"))
+        return ObjectInfo(size, normalize_etag((res or {}).get("e_tag")))
 
     def delete(self, keys: list[str]) -> None:
         import obstore
