@@ -36,6 +36,7 @@ from remote_servers import (  # noqa: E402,F401
 obstore = pytest.importorskip("obstore", reason="obstore not installed (pip install obstore)")
 
 from llmio_native.remote import RemoteError, RemoteNotFoundError, open_source  # noqa: E402
+from llmio_native.remote.store import normalize_etag  # noqa: E402
 
 TOKENS = np.random.default_rng(11).integers(0, 60000, 150_000, dtype=np.uint16)
 SHARD_TOKENS = 40_000  # 4 shards
@@ -96,6 +97,13 @@ def check_remote(url, so, local, server, tmp_path):
     assert n == 40
     ds.remote.close()
     return len(ds.paths)
+
+
+def test_etags_compare_without_quotes():
+    """Azure's listing gives an ETag bare, its GET and HEAD quoted (fake-gcs-server's too):
+    the forms compare equal, a weak ETag as its strong form, a missing one stays None."""
+    assert normalize_etag('"0x8DC1A2B3C4D5E6F"') == normalize_etag("0x8DC1A2B3C4D5E6F") == "0x8DC1A2B3C4D5E6F"
+    assert normalize_etag('W/"abc-4"') == "abc-4" and normalize_etag(None) is None and normalize_etag('""') is None
 
 
 # -- Azure Blob (Azurite) -----------------------------------------------------------------------------
