@@ -242,16 +242,22 @@ def start_fake_gcs() -> Server:
 
 def gcs_options(server: Server) -> dict:
     """obstore storage options for ``gs://`` URLs on ``server``: a service-account key
-    naming it as the base URL, with OAuth off (how object_store is pointed at an emulator)."""
+    naming it as the base URL, with OAuth off (how object_store is pointed at an emulator;
+    the same JSON in ``$GOOGLE_SERVICE_ACCOUNT_KEY`` does it too). Plain HTTP is allowed
+    because that base URL is ``http://``."""
     key = {"gcs_base_url": server.url, "disable_oauth": True, "client_email": "", "private_key": "",
            "private_key_id": ""}
-    return {"service_account_key": json.dumps(key), "allow_http": True}
+    return {"service_account_key": json.dumps(key)}
 
 
 def _json_request(url: str, method: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+    """One request to an emulator's own API; an error status raises RuntimeError with its body."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.read()
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{method} {url}: {exc.code} {exc.read()[:500]!r}") from None
 
 
 def gcs_create_bucket(server: Server, bucket: str) -> None:

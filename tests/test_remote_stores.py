@@ -113,13 +113,20 @@ def container(azure_server):
     return "llmio"
 
 
-def test_azure_writer_round_trip(azure_server, container, local, tmp_path):
+@pytest.fixture(scope="module")
+def azure_dataset(azure_server, container, tmp_path_factory):
+    """The dataset written once by DatasetWriter('az://llmio/round-trip')."""
+    url = f"az://{container}/round-trip"
+    write(url, {**azure_options(azure_server), **RETRY}, staging_dir=str(tmp_path_factory.mktemp("stage")))
+    return url
+
+
+def test_azure_writer_round_trip(azure_server, azure_dataset, local, tmp_path):
     """DatasetWriter('az://...') uploads; the dataset opens cold in 3 requests, every token,
     verify() and a TokenLoader match the local copy, and the uploaded objects are the local
     writer's bytes."""
     so = {**azure_options(azure_server), **RETRY}
-    url = f"az://{container}/round-trip"
-    write(url, so, staging_dir=str(tmp_path / "stage"))
+    url = azure_dataset
     src = open_source(url, so)
     names = sorted(os.listdir(local))
     assert sorted(k for k, _ in src.list()) == names
@@ -127,6 +134,21 @@ def test_azure_writer_round_trip(azure_server, container, local, tmp_path):
         with open(os.path.join(local, name), "rb") as fh:
             assert src.read(name) == fh.read(), name
     check_remote(url, so, local, azure_server, tmp_path)
+
+
+def test_azure_loader_url_source_with_env_defaults(azure_server, azure_dataset, local, tmp_path, monkeypatch):
+    """TokenLoader(sources=['az://...']) with no storage_options: the emulator from Azure's
+    own variables (AZURE_STORAGE_USE_EMULATOR, AZURITE_BLOB_STORAGE_URL), the cache from
+    ours; the batches are the local copy's."""
+    monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azure_server.url)
+    monkeypatch.setenv("LLMIO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMIO_CACHE_BYTES", str(1 << 22))
+    a = lio.TokenLoader(local, batch_size=2, seq_len=256, seed=1, steps=30)
+    b = lio.TokenLoader(azure_dataset, batch_size=2, seq_len=256, seed=1, steps=30)
+    got = [torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)]
+    assert len(got) == 30 and all(got)
+    assert b.stats()["remote"][0]["bytes_fetched"] > 0
 
 
 def test_azure_missing_dataset_and_object(azure_server, container, tmp_path):
@@ -175,14 +197,35 @@ def seed_gcs(server, bucket, prefix, local):
             gcs_put(server, bucket, f"{prefix}/{name}", fh.read())
 
 
-def test_gcs_open_matches_local(gcs_server, gcs_bucket, local, tmp_path):
+@pytest.fixture(scope="module")
+def gcs_dataset(gcs_server, gcs_bucket, local):
+    """The local dataset put under gs://llmio/ds once."""
+    seed_gcs(gcs_server, gcs_bucket, "ds", local)
+    return f"gs://{gcs_bucket}/ds"
+
+
+def test_gcs_open_matches_local(gcs_server, gcs_dataset, local, tmp_path):
     """gs:// through obstore's GCS client (XML API): a cold open in 3 requests (the listing
     included), every token, verify() and a TokenLoader match the local copy."""
     so = {**gcs_options(gcs_server), **RETRY}
-    url = f"gs://{gcs_bucket}/ds"
-    seed_gcs(gcs_server, gcs_bucket, "ds", local)
+    url = gcs_dataset
     assert sorted(k for k, _ in open_source(url, so).list()) == sorted(os.listdir(local))
     check_remote(url, so, local, gcs_server, tmp_path)
+
+
+def test_gcs_loader_url_source_with_env_defaults(gcs_server, gcs_dataset, local, tmp_path, monkeypatch):
+    """TokenLoader(sources=['gs://...']) with no storage_options: the emulator from
+    $GOOGLE_SERVICE_ACCOUNT_KEY (its http:// gcs_base_url allows plain HTTP; it failed with
+    obstore's opaque "builder error" before), the cache from ours; the batches are the local
+    copy's."""
+    monkeypatch.setenv("GOOGLE_SERVICE_ACCOUNT_KEY", gcs_options(gcs_server)["service_account_key"])
+    monkeypatch.setenv("LLMIO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMIO_CACHE_BYTES", str(1 << 22))
+    a = lio.TokenLoader(local, batch_size=2, seq_len=256, seed=2, steps=30)
+    b = lio.TokenLoader(gcs_dataset, batch_size=2, seq_len=256, seed=2, steps=30)
+    got = [torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)]
+    assert len(got) == 30 and all(got)
+    assert b.stats()["remote"][0]["bytes_fetched"] > 0
 
 
 def test_gcs_missing_dataset_object_and_bucket(gcs_server, gcs_bucket, tmp_path):

@@ -30,6 +30,7 @@ are not retried.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -283,6 +284,23 @@ def _check_changed(url: str, expect: ObjectInfo | None, size: int, etag: str | N
             f"ETag {expect.etag} -> {etag}); reopen the dataset", path=url)
 
 
+def _gcs_base_url(scheme: str, opts: dict) -> str:
+    """Where a ``gs://`` store is asked (``""``: Google's): ``base_url`` or ``$GOOGLE_BASE_URL``,
+    else the ``gcs_base_url`` of a service-account key given as a string (how object_store
+    is pointed at an emulator). A plain ``http://`` one turns ``allow_http`` on, as an
+    ``http://`` S3 endpoint does; without it every request fails with an opaque "builder error"."""
+    if scheme != "gs":
+        return ""
+    base = opts.get("base_url") or os.environ.get("GOOGLE_BASE_URL")
+    key = opts.get("service_account_key") or os.environ.get("GOOGLE_SERVICE_ACCOUNT_KEY")
+    if not base and key:
+        try:
+            base = json.loads(key).get("gcs_base_url")
+        except (ValueError, AttributeError):
+            base = None  # not JSON: obstore says so when it builds the store
+    return str(base or "")
+
+
 class ObjectSource(Source):
     """An object store or HTTP prefix through obstore.
 
@@ -291,7 +309,9 @@ class ObjectSource(Source):
         storage_options: obstore store configuration (``endpoint``, ``region``,
             ``access_key_id``, ...; default: the store's environment variables), plus
             ``timeout`` / ``connect_timeout`` (seconds), ``retries``, ``retry_base``,
-            ``retry_cap`` (our retry policy) and ``allow_http``.
+            ``retry_cap`` (our retry policy) and ``allow_http`` (default: on for ``http://``
+            URLs and for a plain ``http://`` endpoint: an S3 ``endpoint``, a GCS ``base_url``
+            or service-account ``gcs_base_url``).
 
     Raises:
         ImportError: obstore is not installed (``pip install 'llmio-native[remote]'``).
@@ -312,7 +332,8 @@ class ObjectSource(Source):
             cap=float(opts.pop("retry_cap", 2.0)), timeout=float(opts.pop("timeout", 30.0)),
             connect_timeout=float(opts.pop("connect_timeout", 5.0)))
         endpoint = str(opts.get("endpoint") or opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL", ""))
-        allow_http = bool(opts.pop("allow_http", self.parsed.scheme == "http" or endpoint.startswith("http://")))
+        plain = endpoint.startswith("http://") or _gcs_base_url(self.parsed.scheme, opts).startswith("http://")
+        allow_http = bool(opts.pop("allow_http", self.parsed.scheme == "http" or plain))
         client = {"timeout": f"{self.policy.timeout}s", "connect_timeout": f"{self.policy.connect_timeout}s",
                   "allow_http": allow_http}
         if "endpoint_url" in opts:
