@@ -18,6 +18,7 @@ Request counts are read from each emulator's own access log.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import urllib.parse
@@ -136,6 +137,26 @@ def test_azure_writer_round_trip(azure_server, azure_dataset, local, tmp_path):
     check_remote(url, so, local, azure_server, tmp_path)
 
 
+def test_azure_multipart_shard(azure_server, container, tmp_path):
+    """A shard above the 16 MiB multipart threshold goes up as Azure blocks (Put Block, Put
+    Block List, in the emulator's log) and reads back token for token."""
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 65535, 3_000_000, dtype=np.uint16) for _ in range(3)]  # one 18 MB shard
+    so = {**azure_options(azure_server), **RETRY}
+    url = f"az://{container}/multipart"
+    n0 = azure_server.mark()
+    with lio.DatasetWriter(url, shard_tokens=1 << 30, storage_options=so, staging_dir=str(tmp_path / "s")) as w:
+        for d in docs:
+            w.add_document(d)
+    puts = [p for m, p in azure_server.requests()[n0:azure_server.mark() - 1] if m == "PUT" and "shard-00000" in p]
+    assert sum("comp=block&" in p for p in puts) >= 3 and sum(p.endswith("comp=blocklist") for p in puts) == 1
+    src = open_source(url, so)
+    assert dict(src.list())["shard-00000.lio"] > 16 << 20
+    ds = lio.open_dataset(url, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 26, storage_options=so)
+    np.testing.assert_array_equal(ds.read(0, ds.num_tokens), np.concatenate(docs))
+    ds.remote.close()
+
+
 def test_azure_loader_url_source_with_env_defaults(azure_server, azure_dataset, local, tmp_path, monkeypatch):
     """TokenLoader(sources=['az://...']) with no storage_options: the emulator from Azure's
     own variables (AZURE_STORAGE_USE_EMULATOR, AZURITE_BLOB_STORAGE_URL), the cache from
@@ -242,6 +263,22 @@ def test_gcs_missing_dataset_object_and_bucket(gcs_server, gcs_bucket, tmp_path)
     with pytest.raises(RemoteNotFoundError, match="gs://no-such-bucket/ds/manifest.json"):
         lio.open_dataset("gs://no-such-bucket/ds", cache_dir=str(tmp_path / "c2"), cache_bytes=1 << 20,
                          storage_options=so)
+
+
+@pytest.mark.parametrize("key", ["not json", "bad pem"])
+def test_gcs_unreadable_credentials_are_a_clear_error(gcs_server, gcs_dataset, tmp_path, key):
+    """A service-account key that is not JSON, or whose private key is not PEM: RemoteError
+    naming manifest.json's URL and the credential problem, at once (tries == 1: a retry cannot
+    fix it; it was retried as transient before), and no request reaches the store."""
+    if key == "bad pem":
+        key = json.dumps({"gcs_base_url": gcs_server.url, "client_email": "a@example.com",
+                          "private_key": "not a pem", "private_key_id": "1"})
+    so = {"service_account_key": key, "allow_http": True, **RETRY}
+    n0 = gcs_server.mark()
+    with pytest.raises(RemoteError, match=f"{gcs_dataset}/manifest.json: .*(service account|pem)") as ei:
+        lio.open_dataset(gcs_dataset, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 20, storage_options=so)
+    assert ei.value.tries == 1 and not isinstance(ei.value, RemoteNotFoundError)
+    assert wire(gcs_server, n0) == []
 
 
 def test_gcs_upload_refused_names_url_and_commits_nothing(gcs_server, gcs_bucket, tmp_path):

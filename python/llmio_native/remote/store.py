@@ -128,8 +128,15 @@ def _permanent(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, DatasetChangedError, ValueError, TypeError)):
         return True
     name = type(exc).__name__
+    if name == "GenericError" and any(m in str(exc) for m in _BAD_CREDENTIALS):
+        return True
     return name in ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError", "InvalidPathError",
                     "NotSupportedError", "UnknownConfigurationKeyError")
+
+
+#: obstore's messages for credentials that cannot be read at all (a service-account key that
+#: is not JSON, a private key that is not PEM): raised before any request, so never retried.
+_BAD_CREDENTIALS = ("Unable to decode service account", "Error reading pem file")
 
 
 def with_retries(fn: Callable[[], T], policy: RetryPolicy, url: str, start: int | None = None,
