@@ -567,4 +567,4 @@ def open_source(url: str, storage_options: dict | None = None) -> Source:
 
 __all__ = ["OBJECT_SCHEMES", "StoreURL", "parse_url", "is_url", "RetryPolicy", "with_retries", "ObjectInfo",
            "Source", "ObjectSource", "LocalSource", "open_source", "TruncatedBody", "UploadCancelled",
-           "MULTIPART_BYTES", "READ_ONLY_SCHEMES"]
+           "MULTIPART_BYTES", "READ_ONLY_SCHEMES", "normalize_etag"]
