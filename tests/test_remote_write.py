@@ -120,7 +120,7 @@ def test_multipart_shard_and_tokenizer(bucket, proxy, tmp_path):
     src = open_source(url, so(proxy.url))
     listing = dict(src.list())
     assert listing["shard-00000.lio"] > 16 << 20
-    assert src.info("shard-00000.lio").etag.endswith('-4"')  # a multipart ETag: 4 parts
+    assert src.info("shard-00000.lio").etag.endswith('-4')  # a multipart ETag: 4 parts (quotes stripped)
     assert src.read("tokenizer.json") == tok.read_bytes()
     ds = lio.open_dataset(url, cache_dir=tmp_path / "c", storage_options=so(proxy.url))
     assert ds.manifest["tokenizer"] == "tokenizer.json"

@@ -30,6 +30,7 @@ are not retried.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -127,8 +128,15 @@ def _permanent(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, DatasetChangedError, ValueError, TypeError)):
         return True
     name = type(exc).__name__
+    if name == "GenericError" and any(m in str(exc) for m in _BAD_CREDENTIALS):
+        return True
     return name in ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError", "InvalidPathError",
                     "NotSupportedError", "UnknownConfigurationKeyError")
+
+
+#: obstore's messages for credentials that cannot be read at all (a service-account key that
+#: is not JSON, a private key that is not PEM): raised before any request, so never retried.
+_BAD_CREDENTIALS = ("Unable to decode service account", "Error reading pem file")
 
 
 def with_retries(fn: Callable[[], T], policy: RetryPolicy, url: str, start: int | None = None,
@@ -168,7 +176,8 @@ def with_retries(fn: Callable[[], T], policy: RetryPolicy, url: str, start: int 
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What the store says of an object: ``size`` and ``etag`` (``None`` where it gives none)."""
+    """What the store says of an object: ``size`` and ``etag`` (``None`` where it gives none;
+    normalised by :func:`normalize_etag`)."""
 
     size: int
     etag: str | None
@@ -258,13 +267,45 @@ class Source:
         raise NotImplementedError
 
 
+def normalize_etag(tag: Any) -> str | None:
+    """An ETag as compared here: without the quotes and the weak ``W/`` prefix, ``None`` for
+    none. A store may quote it in one answer and not in another: Azure's listing (and
+    fake-gcs-server's) gives ``0x8D...`` where the same object's GET and HEAD headers give
+    ``"0x8D..."``; compared raw, every read after an open from a listing would look like a
+    changed object."""
+    if tag is None:
+        return None
+    t = str(tag).strip()
+    if t.startswith("W/"):
+        t = t[2:]
+    return t.strip('"') or None
+
+
 def _check_changed(url: str, expect: ObjectInfo | None, size: int, etag: str | None) -> None:
+    etag = normalize_etag(etag)
     if expect is None:
         return
     if size != expect.size or (expect.etag is not None and etag is not None and etag != expect.etag):
         raise DatasetChangedError(
             f"{url}: the object changed while the dataset was open (size {expect.size} -> {size}, "
             f"ETag {expect.etag} -> {etag}); reopen the dataset", path=url)
+
+
+def _gcs_base_url(scheme: str, opts: dict) -> str:
+    """Where a ``gs://`` store is asked (``""``: Google's): ``base_url`` or ``$GOOGLE_BASE_URL``,
+    else the ``gcs_base_url`` of a service-account key given as a string (how object_store
+    is pointed at an emulator). A plain ``http://`` one turns ``allow_http`` on, as an
+    ``http://`` S3 endpoint does; without it every request fails with an opaque "builder error"."""
+    if scheme != "gs":
+        return ""
+    base = opts.get("base_url") or os.environ.get("GOOGLE_BASE_URL")
+    key = opts.get("service_account_key") or os.environ.get("GOOGLE_SERVICE_ACCOUNT_KEY")
+    if not base and key:
+        try:
+            base = json.loads(key).get("gcs_base_url")
+        except (ValueError, AttributeError):
+            base = None  # not JSON: obstore says so when it builds the store
+    return str(base or "")
 
 
 class ObjectSource(Source):
@@ -275,7 +316,9 @@ class ObjectSource(Source):
         storage_options: obstore store configuration (``endpoint``, ``region``,
             ``access_key_id``, ...; default: the store's environment variables), plus
             ``timeout`` / ``connect_timeout`` (seconds), ``retries``, ``retry_base``,
-            ``retry_cap`` (our retry policy) and ``allow_http``.
+            ``retry_cap`` (our retry policy) and ``allow_http`` (default: on for ``http://``
+            URLs and for a plain ``http://`` endpoint: an S3 ``endpoint``, a GCS ``base_url``
+            or service-account ``gcs_base_url``).
 
     Raises:
         ImportError: obstore is not installed (``pip install 'llmio-native[remote]'``).
@@ -296,7 +339,8 @@ class ObjectSource(Source):
             cap=float(opts.pop("retry_cap", 2.0)), timeout=float(opts.pop("timeout", 30.0)),
             connect_timeout=float(opts.pop("connect_timeout", 5.0)))
         endpoint = str(opts.get("endpoint") or opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL", ""))
-        allow_http = bool(opts.pop("allow_http", self.parsed.scheme == "http" or endpoint.startswith("http://")))
+        plain = endpoint.startswith("http://") or _gcs_base_url(self.parsed.scheme, opts).startswith("http://")
+        allow_http = bool(opts.pop("allow_http", self.parsed.scheme == "http" or plain))
         client = {"timeout": f"{self.policy.timeout}s", "connect_timeout": f"{self.policy.connect_timeout}s",
                   "allow_http": allow_http}
         if "endpoint_url" in opts:
@@ -347,7 +391,7 @@ class ObjectSource(Source):
         import obstore
 
         m = with_retries(lambda: obstore.head(self.store, key), self.policy, self.key_url(key))
-        return ObjectInfo(int(m["size"]), m.get("e_tag"))
+        return ObjectInfo(int(m["size"]), normalize_etag(m.get("e_tag")))
 
     def read(self, key: str) -> bytes:
         import obstore
@@ -394,7 +438,7 @@ class ObjectSource(Source):
 
         def ls() -> dict[str, ObjectInfo]:
             res = obstore.list_with_delimiter(self.store)
-            return {m["path"]: ObjectInfo(int(m["size"]), m.get("e_tag")) for m in res["objects"]}
+            return {m["path"]: ObjectInfo(int(m["size"]), normalize_etag(m.get("e_tag"))) for m in res["objects"]}
 
         return with_retries(ls, self.policy, self.url + "/")
 
@@ -426,7 +470,7 @@ class ObjectSource(Source):
             return obstore.put(self.part_store if multipart else self.store, key, body, use_multipart=multipart)
 
         res = with_retries(put, self.policy, self.key_url(key))
-        return ObjectInfo(size, (res or {}).get("e_tag"))
+        return ObjectInfo(size, normalize_etag((res or {}).get("e_tag")))
 
     def delete(self, keys: list[str]) -> None:
         import obstore
@@ -523,4 +567,4 @@ def open_source(url: str, storage_options: dict | None = None) -> Source:
 
 __all__ = ["OBJECT_SCHEMES", "StoreURL", "parse_url", "is_url", "RetryPolicy", "with_retries", "ObjectInfo",
            "Source", "ObjectSource", "LocalSource", "open_source", "TruncatedBody", "UploadCancelled",
-           "MULTIPART_BYTES", "READ_ONLY_SCHEMES"]
+           "MULTIPART_BYTES", "READ_ONLY_SCHEMES", "normalize_etag"]
