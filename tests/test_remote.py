@@ -480,6 +480,33 @@ def test_http_source_through_nginx(http_server_root, tmp_path):
         lio.open_dataset(f"{srv.url}/nope", cache_dir=tmp_path, cache_bytes=200_000)
 
 
+def test_http_open_asks_nothing_per_shard_and_learns_each_etag(http_server_root, tmp_path):
+    """An HTTP source cannot list: the open is the manifest and index.lio (2 requests for 8
+    shards); each shard's ETag comes from its first response, so a shard replaced in place
+    afterwards (same size, nginx's ETag is mtime-size) raises DatasetChangedError on its next
+    fetch; a shard missing from the server is named on its first read."""
+    srv, root = http_server_root
+    d = write_dataset(os.path.join(root, "ds3"), shard_tokens=30_000)
+    px = FaultProxy(srv.url)
+    try:
+        so = {"timeout": 3, "retries": 1, "retry_base": 0.01}
+        ds = lio.open_dataset(f"{px.url}/ds3", cache_dir=tmp_path, cache_bytes=1 << 22, storage_options=so)
+        assert len(ds.paths) == 8
+        assert sorted(p for _, p, _ in px.log) == ["/ds3/index.lio", "/ds3/manifest.json"]
+        np.testing.assert_array_equal(ds.read(0, 100), TOKENS[:100])  # shard 0's ETag learned
+        assert ds.remote.expect[0].etag and ds.remote.expect[1].etag is None
+        p0 = os.path.join(d, "shard-00000.lio")
+        st = os.stat(p0)
+        os.utime(p0, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # same bytes, another ETag
+        with pytest.raises(DatasetChangedError, match="shard-00000.lio: the object changed"):
+            ds.read(29_000, 100)  # a chunk of shard 0 not fetched yet
+        os.rename(os.path.join(d, "shard-00005.lio"), os.path.join(d, "gone"))
+        with pytest.raises(RemoteNotFoundError, match="ds3/shard-00005.lio"):
+            ds.read(5 * 30_000, 100)
+    finally:
+        px.stop()
+
+
 def test_http_faults_through_proxy(http_server_root, tmp_path):
     srv, root = http_server_root
     if not os.path.exists(os.path.join(root, "ds2")):

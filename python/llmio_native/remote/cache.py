@@ -739,6 +739,13 @@ class ChunkCache:
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], lo + pos)
 
+    def _learn(self, f: int, info: ObjectInfo) -> None:
+        """Keep the ETag of shard ``f``'s first response where the open did not learn it (a
+        source that cannot list: ``http(s)://``): later responses must carry the same."""
+        with self._mutex:
+            if self.expect[f].etag is None and info.etag is not None:
+                self.expect[f] = ObjectInfo(self.expect[f].size, info.etag)
+
     def _raise_if_rewritten(self, key: str, f: int) -> None:
         """After a chunk failed its checksum twice: whether the shard itself is another one
         than the metadata describes (rewritten in place under an unchanged manifest; the
@@ -769,8 +776,10 @@ class ChunkCache:
                 self._active_since = t0
             self._active += 1
             self._peak_in_flight = max(self._peak_in_flight, self._active)
+        expect = self.expect[f]
         try:
-            data = self.source.read_range(key, lo, hi, self.expect[f], on_retry=retried)
+            data = self.source.read_range(key, lo, hi, expect, on_retry=retried,
+                                          seen=None if expect.etag is not None else lambda i: self._learn(f, i))
         finally:
             with self._mutex:
                 self._active -= 1

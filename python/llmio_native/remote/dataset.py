@@ -3,12 +3,12 @@
 :class:`~.cache.ChunkCache` attached (``ds.remote``).
 
 At open: ``manifest.json`` is fetched; then, in parallel, the shards' sizes and ETags (one
-listing; a HEAD of each where the source cannot list) and ``index.lio`` (every shard's
-header and tables in one object, checked against the manifest,
-:mod:`llmio_native.dataset.index`): two round trips whatever the shard count. Each shard's
-header and tables go into a sparse local file of the shard's size (the chunks are holes
-until needed). A dataset without a usable index has each shard's header and tables
-fetched from the shard (two requests per shard, 64 in flight). The local directory is then opened and checked like a
+listing; where the source cannot list, the manifest's sizes, and each shard's ETag is learned
+from its first response) and ``index.lio`` (every shard's header and tables in one object,
+checked against the manifest, :mod:`llmio_native.dataset.index`): two round trips whatever
+the shard count. Each shard's header and tables go into a sparse local file of the shard's
+size (the chunks are holes until needed). A dataset without a usable index has each shard's
+header and tables fetched from the shard (two requests per shard, 64 in flight). The local directory is then opened and checked like a
 local dataset. A cache left by an earlier run is reused when the manifest and the shards'
 sizes and ETags are unchanged, and wiped otherwise.
 
@@ -79,8 +79,8 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
 
 
 #: Requests in flight at open for a dataset without ``index.lio`` (header, then tables, of
-#: each shard; and a HEAD of each where the source cannot list): each costs a round trip
-#: (20 ms or more to an object store), so such a dataset opens in ceil(shards / this) x 2 or 3
+#: each shard): each costs a round trip
+#: (20 ms or more to an object store), so such a dataset opens in ceil(shards / this) x 2
 #: round trips. With the index it is two round trips whatever the shard count.
 _META_THREADS = 64
 
@@ -240,26 +240,31 @@ def _read_or_error(src: Source, key: str) -> bytes | BaseException:
         return exc
 
 
-def _shard_infos(src: Source, names: list[str]) -> list[ObjectInfo]:
+def _shard_infos(src: Source, names: list[str], sizes: list[int]) -> list[ObjectInfo]:
     """Size and ETag of each shard: one listing where the source can list (S3: a request
-    per 1000 objects), else a HEAD of each (``http(s)://``, or a store that refuses to list).
+    per 1000 objects). Where it cannot (``http(s)://``, or a store that refuses to list),
+    no request: the manifest's sizes, the ETags unknown (each shard's first response
+    gives it, :meth:`ChunkCache._learn`; every response's size is checked).
 
     Raises:
-        RemoteNotFoundError: a shard is missing. RemoteError: the requests failed.
+        RemoteNotFoundError: a shard is missing from the listing. RemoteError: the listing
+            failed other than by refusal.
     """
-    listed = None
     try:
         listed = src.infos()
-    except RemoteError:
-        listed = None  # e.g. no permission to list: ask each object
-    if listed is not None:
-        missing = [n for n in names if n not in listed]
-        if missing:
-            raise RemoteNotFoundError(f"{src.key_url(missing[0])}: listed in manifest.json but not in the store "
-                                      f"({len(missing)} shard(s) missing)", url=src.key_url(missing[0]))
-        return [listed[n] for n in names]
-    with cf.ThreadPoolExecutor(_META_THREADS) as ex:
-        return list(ex.map(src.info, names))
+    except RemoteNotFoundError:
+        raise
+    except RemoteError as exc:
+        if exc.transient:
+            raise
+        listed = None  # e.g. no permission to list
+    if listed is None:
+        return [ObjectInfo(int(s), None) for s in sizes]
+    missing = [n for n in names if n not in listed]
+    if missing:
+        raise RemoteNotFoundError(f"{src.key_url(missing[0])}: listed in manifest.json but not in the store "
+                                  f"({len(missing)} shard(s) missing)", url=src.key_url(missing[0]))
+    return [listed[n] for n in names]
 
 
 def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
@@ -293,7 +298,7 @@ def _setup(src: Source, root: str) -> tuple[bool, dict, list[ObjectInfo]]:
     want_index = man.index is not None and (cached is None or cached.get("manifest") != digest)
     with cf.ThreadPoolExecutor(2) as ex:
         f_idx = ex.submit(_read_or_error, src, man.index["name"]) if want_index else None
-        infos = _shard_infos(src, names)
+        infos = _shard_infos(src, names, sizes)
         index_data = f_idx.result() if f_idx is not None else None
     for nm, size, info in zip(names, sizes, infos):
         if info.size != size:

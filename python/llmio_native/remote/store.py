@@ -210,11 +210,14 @@ class Source:
         raise NotImplementedError
 
     def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
-                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
+                   on_retry: Callable[[BaseException], None] | None = None,
+                   seen: Callable[[ObjectInfo], None] | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``key``; exactly ``end - start`` bytes or an error.
 
-        ``expect``: the object's size and ETag seen at open; a response for another version
-        raises :class:`DatasetChangedError`. ``on_retry`` is called with each retried error.
+        ``expect``: the object's size and ETag seen at open (its ETag may be None: not known
+        yet); a response for another version raises :class:`DatasetChangedError`.
+        ``on_retry`` is called with each retried error, ``seen`` with the size and ETag of
+        the response that was accepted (how an ETag not known at open is learned).
 
         Raises:
             RemoteError: after the retries (names URL and range). DatasetChangedError: see above.
@@ -406,17 +409,21 @@ class ObjectSource(Source):
         return with_retries(get, self.policy, self.key_url(key))
 
     def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
-                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
+                   on_retry: Callable[[BaseException], None] | None = None,
+                   seen: Callable[[ObjectInfo], None] | None = None) -> bytes:
         import obstore
 
         url = self.key_url(key)
 
         def get() -> bytes:
             r = obstore.get(self.store, key, options={"range": (int(start), int(end))})
-            _check_changed(url, expect, int(r.meta["size"]), r.meta.get("e_tag"))
+            size, etag = int(r.meta["size"]), normalize_etag(r.meta.get("e_tag"))
+            _check_changed(url, expect, size, etag)
             data = bytes(r.bytes())
             if len(data) != end - start:
                 raise TruncatedBody(f"body of {len(data)} bytes for a range of {end - start}")
+            if seen is not None:
+                seen(ObjectInfo(size, etag))
             return data
 
         return with_retries(get, self.policy, url, start, end, on_retry)
@@ -506,7 +513,8 @@ class LocalSource(Source):
             raise RemoteNotFoundError(f"{self.key_url(key)}: no such file", url=self.key_url(key)) from None
 
     def read_range(self, key: str, start: int, end: int, expect: ObjectInfo | None = None,
-                   on_retry: Callable[[BaseException], None] | None = None) -> bytes:
+                   on_retry: Callable[[BaseException], None] | None = None,
+                   seen: Callable[[ObjectInfo], None] | None = None) -> bytes:
         p = self.key_url(key)
         with open(p, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
