@@ -100,6 +100,16 @@ def check_remote(url, so, local, server, tmp_path):
     return len(ds.paths)
 
 
+def same_batches_from_url(local, url, seed, steps=30):
+    """A TokenLoader over ``url`` (opened with the defaults from the environment) gives the
+    batches of one over the local copy, and fetched them from the store."""
+    a = lio.TokenLoader(local, batch_size=2, seq_len=256, seed=seed, steps=steps)
+    b = lio.TokenLoader(url, batch_size=2, seq_len=256, seed=seed, steps=steps)
+    got = [torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)]
+    assert len(got) == steps and all(got)
+    assert b.stats()["remote"][0]["bytes_fetched"] > 0
+
+
 def test_etags_compare_without_quotes():
     """Azure's listing gives an ETag bare, its GET and HEAD quoted (fake-gcs-server's too):
     the forms compare equal, a weak ETag as its strong form, a missing one stays None."""
@@ -165,11 +175,7 @@ def test_azure_loader_url_source_with_env_defaults(azure_server, azure_dataset, 
     monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azure_server.url)
     monkeypatch.setenv("LLMIO_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMIO_CACHE_BYTES", str(1 << 22))
-    a = lio.TokenLoader(local, batch_size=2, seq_len=256, seed=1, steps=30)
-    b = lio.TokenLoader(azure_dataset, batch_size=2, seq_len=256, seed=1, steps=30)
-    got = [torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)]
-    assert len(got) == 30 and all(got)
-    assert b.stats()["remote"][0]["bytes_fetched"] > 0
+    same_batches_from_url(local, azure_dataset, seed=1)
 
 
 def test_azure_missing_dataset_and_object(azure_server, container, tmp_path):
@@ -242,11 +248,7 @@ def test_gcs_loader_url_source_with_env_defaults(gcs_server, gcs_dataset, local,
     monkeypatch.setenv("GOOGLE_SERVICE_ACCOUNT_KEY", gcs_options(gcs_server)["service_account_key"])
     monkeypatch.setenv("LLMIO_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMIO_CACHE_BYTES", str(1 << 22))
-    a = lio.TokenLoader(local, batch_size=2, seq_len=256, seed=2, steps=30)
-    b = lio.TokenLoader(gcs_dataset, batch_size=2, seq_len=256, seed=2, steps=30)
-    got = [torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b)]
-    assert len(got) == 30 and all(got)
-    assert b.stats()["remote"][0]["bytes_fetched"] > 0
+    same_batches_from_url(local, gcs_dataset, seed=2)
 
 
 def test_gcs_missing_dataset_object_and_bucket(gcs_server, gcs_bucket, tmp_path):
