@@ -161,6 +161,23 @@ class _Future:
         self.horizon = horizon  # unit occurrences to know ahead
         self.known = 0
         self.done = False
+        # the entries' units and steps flattened (for vectorised scans): [_head:] of the
+        # arrays, then the pending parts appended since
+        self._flat_u = np.zeros(0, dtype=np.int64)
+        self._flat_s = np.zeros(0, dtype=np.int64)
+        self._head = 0
+        self._pending: list[tuple[int, np.ndarray]] = []
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(units, steps)``: every unit occurrence of the known future, in order."""
+        if self._pending:
+            us = [self._flat_u[self._head:]] + [u for _, u in self._pending]
+            ss = [self._flat_s[self._head:]] + [np.full(len(u), st, dtype=np.int64) for st, u in self._pending]
+            self._flat_u = np.concatenate(us).astype(np.int64, copy=False)
+            self._flat_s = np.concatenate(ss)
+            self._head = 0
+            self._pending = []
+        return self._flat_u[self._head:], self._flat_s[self._head:]
 
     def extend(self, max_steps: int) -> int:
         """Pull up to ``max_steps`` more steps (while under the horizon); how many were pulled."""
@@ -172,6 +189,7 @@ class _Future:
                 self.done = True
                 break
             self.entries.append((step, units))
+            self._pending.append((step, units))
             for u in units.tolist():
                 q = self.occ.get(u)
                 if q is None:
@@ -183,12 +201,30 @@ class _Future:
             n += 1
         return n
 
+    def _drop_flat(self, n: int) -> None:
+        """The oldest ``n`` occurrences are consumed (from the flat arrays, then the pending)."""
+        left = len(self._flat_u) - self._head
+        if n <= left:
+            self._head += n
+            return
+        self._head = len(self._flat_u)
+        n -= left
+        while n:
+            st, u = self._pending[0]
+            if len(u) <= n:
+                self._pending.pop(0)
+                n -= len(u)
+            else:  # pragma: no cover - entries are consumed whole
+                self._pending[0] = (st, u[n:])
+                n = 0
+
     def advance(self, step: int) -> None:
         """Steps before ``step`` are consumed."""
         self.cursor = max(self.cursor, step)
         while self.entries and self.entries[0][0] < step:
             _, units = self.entries.popleft()
             self.known -= len(units)
+            self._drop_flat(len(units))
             for u in units.tolist():
                 q = self.occ[u]
                 q.popleft()
@@ -892,30 +928,27 @@ class ChunkCache:
 
     def _prefetch_candidates(self, fut: _Future) -> tuple[list[int], int] | None:
         """Absent units of the coming steps within ``prefetch_bytes`` (up to one request's
-        worth), and the step of the last one (admission bound)."""
+        worth), and the step of the last one (admission bound).
+
+        Vectorised over the known future (a Python loop over it held the lock, and the GIL,
+        for about 10 ms a round at a 1 GiB budget: a third of the loader's time)."""
+        u, s = fut.flat()
+        if not len(u):
+            return None
+        first = u[fut.next_use[u] == s]  # each unit once, at its first coming use, in order
+        span = np.cumsum(self.unit_size[first])
+        k = int(np.searchsorted(span, self.prefetch_bytes, side="right"))
         st = np.asarray(self._units_state)
-        seen: set[int] = set()
-        span = 0
-        out: list[int] = []
-        out_bytes = 0
-        last = 0
-        for step, units in fut.entries:
-            for u in units.tolist():
-                if u in seen:
-                    continue
-                seen.add(u)
-                span += int(self.unit_size[u])
-                if span > self.prefetch_bytes:
-                    return (out, last) if out else None
-                if st[u] == ABSENT:
-                    out.append(u)
-                    out_bytes += int(self.unit_size[u])
-                    last = step
-                    # small rounds in future order: the next steps' units are never queued
-                    # behind a long prefetch (and demand fetches get their share of the link)
-                    if out_bytes >= PREFETCH_ROUND_BYTES:
-                        return out, last
-        return (out, last) if out else None
+        cand = first[:k]
+        absent = cand[st[cand] == ABSENT]
+        if not len(absent):
+            return None
+        # small rounds in future order: the next steps' units are never queued behind a long
+        # prefetch (and demand fetches get their share of the link)
+        got = np.cumsum(self.unit_size[absent])
+        m = min(len(absent), int(np.searchsorted(got, PREFETCH_ROUND_BYTES, side="left")) + 1)
+        out = absent[:m]
+        return out.tolist(), int(fut.next_use[out[-1]])
 
 
 def _alive(pid: int, me: int) -> bool:
