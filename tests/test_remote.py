@@ -107,12 +107,19 @@ def test_prefetch_keeps_fetching_while_one_request_is_held(tmp_path_factory, tmp
         time.sleep(0.05)
     got = rc.present()
     missing = [int(u) for u in others if not got[u]]
+    # the held request keeps the link busy: the busy time under way counts, after a reset too
+    # (it counted only once the link went idle, so a link never idle read 0 MB/s)
+    before = rc.stats()["prefetched_units"]
+    rc.reset_stats()
+    time.sleep(0.2)
+    busy = rc.stats()["network_busy_s"]
     proxy.release()
+    assert busy >= 0.2
     assert proxy.faults == 1 and not got[0], "the held request was not the first unit's"
     assert missing == [], f"units {missing} were not fetched while the first unit's request was held"
     while time.monotonic() < deadline + 60 and not rc.present()[0]:
         time.sleep(0.05)
-    assert rc.present()[:n].all() and rc.stats()["prefetched_units"] == n
+    assert rc.present()[:n].all() and before + rc.stats()["prefetched_units"] == n
     rc.close()
 
 

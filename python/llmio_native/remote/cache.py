@@ -386,6 +386,8 @@ class ChunkCache:
         (opened from the cache alone)."""
         with self._mutex:
             s = dict(self._stats)
+            if self._active:  # the busy period under way counts up to now
+                s["network_busy_s"] += time.perf_counter() - self._active_since
             lat = np.array(self._latency) if self._latency else np.zeros(1)
         n = s["hits"] + s["misses"]
         s["hit_rate"] = s["hits"] / n if n else 0.0
@@ -406,6 +408,8 @@ class ChunkCache:
                 self._stats[k] = 0.0 if isinstance(self._stats[k], float) else 0
             self._latency = []
             self._peak_in_flight = self._active
+            if self._active:  # a busy period under way counts from now
+                self._active_since = time.perf_counter()
 
     def acquire(self, units: np.ndarray, step: int | None = None) -> np.ndarray:
         """Make ``units`` present and pin them (no process evicts a pinned unit); the caller
