@@ -178,7 +178,7 @@ def epoch_run(url: str, so: dict, cache_dir: str, cache_bytes: int | None, B: in
 
 
 def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut: dict, lru: dict,
-               peer_res: dict, peer_skip: dict) -> None:
+               peer_res: dict, peer_skip: dict, child: dict | None = None) -> None:
     """Ours and the peers side by side, every byte counted at the proxy."""
     print()
     print(f"ours vs peers, bytes counted at the proxy ({a.latency * 1e3:.0f} ms/request, cap {a.cap_mbs:.0f} MB/s); "
@@ -202,6 +202,11 @@ def peer_table(a: argparse.Namespace, data: int, B: int, T: int, cold: dict, fut
         f"{fut['epochs'][-1]['hit_rate']:.3f}")
     row("ours LRU", unit, "1+16+16", cold["first_batch_s"], cold["epochs"][0], lru["epochs"][-1], data,
         f"{lru['epochs'][-1]['hit_rate']:.3f}")
+    if child and all("error" not in child.get(k, {"error": 1}) for k in ("cold", "half")):
+        row("ours child", unit, "1+16+16", child["cold"]["first_batch_s"], child["cold"]["epochs"][0],
+            child["half"]["epochs"][-1], data, "n/a")
+    elif child:
+        print(f"{'ours child':<11}{unit:<26}  failed: " + "; ".join(f"{k}: {v.get('error')}" for k, v in child.items()))
     for p, r in peer_res.items():
         u = f"{r['unit']} {r['shard_bytes'] >> 10} KiB"
         if "error" in r["cold"] or "error" in r["half"]:
@@ -328,6 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         lru = epoch_run(url, so, os.path.join(tmp, "c3"), None, B, T, a.epochs, "lru", data // 2, px=px,
                         steps=a.half_batches)
         peer_res: dict[str, dict] = {}
+        child: dict = {}
+        if peers:  # ours in the peers' harness: a child process of its own, the proxy alone in this one
+            for kind, cb, ne in (("cold", 4 * data, 1), ("half", data // 2 + (4 << 20), a.epochs)):
+                stage(f"ours in a child: {kind}")
+                try:
+                    child[kind] = remote_peers.run_peer("ours", sys.executable, px, url, os.path.join(tmp, f"ours-{kind}"),
+                                                        cb, B, T, 0, ne, a.peer_timeout,
+                                                        a.half_batches if kind == "half" else None)
+                except remote_peers.PeerError as exc:
+                    child[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
+                    print(f"bench_remote: ours (child) {kind} run failed: {child[kind]['error']}", file=sys.stderr)
         for p in peers:
             stage(f"{p}: convert and upload")
             conv = remote_peers.convert_upload(p, a.peer_python, raw, os.path.join(tmp, f"{p}-src"), T, shard_bytes,
@@ -383,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['hit_rate']:>9.3f}{r['stall_s']:>8.2f}{r['fetch_p50_ms']:>8.1f}{r['fetch_p99_ms']:>8.1f}")
     ratio = f2["hit_rate"] / l2["hit_rate"] if l2["hit_rate"] else float("inf")
     if peers or peer_skip:
-        peer_table(a, data, B, T, cold, fut, lru, peer_res, peer_skip)
+        peer_table(a, data, B, T, cold, fut, lru, peer_res, peer_skip, child)
     print()
     print(f"targets: first batch {cold['first_batch_s']:.3f} s (< 1 s); read amplification {amp:.3f} (<= 1.1); "
           f"{seg} hit rate future/LRU {ratio:.2f} (>= 1.5); cold fetch rate (busy) {c1['fetch_mbs']:.1f} MB/s "
@@ -393,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"machine": machine(), "tokens": a.tokens, "chunk_tokens": a.chunk_tokens, "batch_size": B,
                        "seq_len": T, "latency_s": a.latency, "cap_mbs": a.cap_mbs, "line_mbs": line,
                        "clients_mbs": cl, "ceiling": ceil, "loadavg": os.getloadavg(), "data_bytes": data, "first_batch_cold_process_s": first_ever, "cold": cold, "half_future": fut, "half_lru": lru,
-                       "read_amplification": amp, "hit_rate_ratio": ratio, "peers": peer_res,
+                       "read_amplification": amp, "hit_rate_ratio": ratio, "peers": peer_res, "ours_child": child,
                        "peers_skipped": peer_skip}, fh, indent=1)
     return 0
 

@@ -38,8 +38,10 @@ from typing import Any, Callable
 import numpy as np
 
 PEERS = ("litdata", "streaming")
+#: What a child can run: the peers, and ours (the same harness: its own process, beside the proxy's)
+KINDS = PEERS + ("ours",)
 #: How each peer fetches (printed beside its rows).
-UNIT = {"litdata": "whole chunk", "streaming": "whole shard"}
+UNIT = {"litdata": "whole chunk", "streaming": "whole shard", "ours": "chunk"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -87,7 +89,7 @@ def available(peer: str, python: str = sys.executable) -> str | None:
 
 def version(peer: str) -> str:
     """The installed version of ``peer`` (imported here)."""
-    mod = _import_streaming() if peer == "streaming" else __import__(peer)
+    mod = _import_streaming() if peer == "streaming" else __import__("llmio_native" if peer == "ours" else peer)
     return str(mod.__version__)
 
 
@@ -157,7 +159,16 @@ def _collate(samples: list) -> tuple:
 
 def _make_loader(peer: str, url: str, endpoint: str, cache: str, cache_bytes: int, B: int, T: int,
                  workers: int) -> tuple[Any, Callable[[], dict]]:
-    """The peer's dataset and DataLoader over ``url`` through ``endpoint``, global shuffle."""
+    """The peer's dataset and DataLoader over ``url`` through ``endpoint``, global shuffle
+    (``ours``: open_dataset and a TokenLoader, the cache bounded by ``cache_bytes``)."""
+    if peer == "ours":
+        import llmio_native as lio
+
+        ds = lio.open_dataset(url, cache_dir=cache, cache_bytes=cache_bytes,
+                              storage_options={"endpoint": endpoint, "timeout": 30})
+        epoch = len(lio.TokenLoader(ds, batch_size=B, seq_len=T, seed=1))
+        # a TokenLoader's stream is endless; steps=one epoch ends each iter() there, as a DataLoader does
+        return lio.TokenLoader(ds, batch_size=B, seq_len=T, seed=1, prefetch=1, steps=epoch), lambda: {}
     if peer == "litdata":
         import litdata.streaming.downloader as dl
         from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
@@ -228,7 +239,7 @@ def stream(peer: str, url: str, endpoint: str, cache: str, cache_bytes: int, B: 
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=("probe", "convert", "stream"))
-    ap.add_argument("--peer", choices=PEERS, required=True)
+    ap.add_argument("--peer", choices=KINDS, required=True)
     ap.add_argument("--tokens-file")
     ap.add_argument("--out")
     ap.add_argument("--seq-len", type=int, default=1024)
