@@ -39,3 +39,20 @@ def test_bench_remote_smoke(tmp_path):
     assert ceil["threads"] == cold["peak_in_flight"] >= 1 and ceil["mbs"] > 0
     assert abs(ceil["get_bytes"] - cold["fetched_bytes"] / cold["requests"]) <= 2048
     assert "ceiling through the proxy" in r.stdout and "vs ceil" in r.stdout
+
+
+def test_bench_remote_open_smoke(tmp_path):
+    """bench_remote_open.py at a tiny size: the index row opens in fewer requests than the
+    per-shard row (2 per shard more), its JSON holds each shape's sizes and both rows."""
+    out = tmp_path / "o.json"
+    script = BENCH.parent / "bench_remote_open.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--tokens", "300000", "--shapes", "4096x30000", "--reps", "1",
+         "--latency", "0.001", "--cap-mbs", "400", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["row"] for x in rows] == ["index", "no index"]
+    idx, old = rows
+    assert idx["shards"] == old["shards"] >= 4 and idx["index_bytes"] > 0
+    assert old["requests_to_first_batch"] - idx["requests_to_first_batch"] >= 2 * idx["shards"] - 2
