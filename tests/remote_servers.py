@@ -329,49 +329,40 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 
 
 # -- pytest fixtures (session scope) ------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[Server]:
-    """A moto S3 server for the session (skips when moto is absent)."""
+def _serve(start: Callable[..., Server], *args: object) -> Iterator[Server]:
+    """Start a server for the session's fixture, or skip the tests that need it (``Missing``)."""
     try:
-        srv = start_moto()
+        srv = start(*args)
     except Missing as exc:
         pytest.skip(str(exc))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Server]:
+    """A moto S3 server for the session (skips when moto is absent)."""
+    yield from _serve(start_moto)
 
 
 @pytest.fixture(scope="session")
 def http_server_root(tmp_path_factory) -> Iterator[tuple[Server, str]]:
     """nginx serving a fresh directory for the session: ``(server, root)`` (skips without nginx)."""
     root = str(tmp_path_factory.mktemp("www"))
-    try:
-        srv = start_nginx(root)
-    except Missing as exc:
-        pytest.skip(str(exc))
-    yield srv, root
-    srv.stop()
+    for srv in _serve(start_nginx, root):
+        yield srv, root
 
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[Server]:
     """fake-gcs-server for the session (skips when it is not installed)."""
-    try:
-        srv = start_fake_gcs()
-    except Missing as exc:
-        pytest.skip(str(exc))
-    yield srv
-    srv.stop()
+    yield from _serve(start_fake_gcs)
 
 
 @pytest.fixture(scope="session")
 def azure_server() -> Iterator[Server]:
     """Azurite's blob service for the session (skips when it is not installed)."""
-    try:
-        srv = start_azurite()
-    except Missing as exc:
-        pytest.skip(str(exc))
-    yield srv
-    srv.stop()
+    yield from _serve(start_azurite)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -110,6 +110,17 @@ def same_batches_from_url(local, url, seed, steps=30):
     assert b.stats()["remote"][0]["bytes_fetched"] > 0
 
 
+def check_not_found(server, url, so, tmp_path):
+    """No dataset at ``url``: RemoteNotFoundError naming manifest.json's URL; a missing object:
+    RemoteNotFoundError naming its URL and range, after one request (not retried)."""
+    with pytest.raises(RemoteNotFoundError, match=f"{url}/manifest.json: no manifest.json"):
+        lio.open_dataset(url, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 20, storage_options=so)
+    n0 = server.mark()
+    with pytest.raises(RemoteNotFoundError, match=f"{url}/missing.bin bytes \\[0, 10\\)") as ei:
+        open_source(url, so).read_range("missing.bin", 0, 10)
+    assert ei.value.tries == 1 and wire(server, n0) == [("GET", "missing.bin")]
+
+
 def test_etags_compare_without_quotes():
     """Azure's listing gives an ETag bare, its GET and HEAD quoted (fake-gcs-server's too):
     the forms compare equal, a weak ETag as its strong form, a missing one stays None."""
@@ -181,14 +192,7 @@ def test_azure_loader_url_source_with_env_defaults(azure_server, azure_dataset, 
 def test_azure_missing_dataset_and_object(azure_server, container, tmp_path):
     """No dataset at the prefix: RemoteNotFoundError naming manifest.json's URL; a missing
     object: RemoteNotFoundError naming its URL; neither retried."""
-    so = {**azure_options(azure_server), **RETRY}
-    url = f"az://{container}/nothing-here"
-    with pytest.raises(RemoteNotFoundError, match=f"{url}/manifest.json: no manifest.json"):
-        lio.open_dataset(url, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 20, storage_options=so)
-    n0 = azure_server.mark()
-    with pytest.raises(RemoteNotFoundError, match=f"{url}/missing.bin bytes \\[0, 10\\)") as ei:
-        open_source(url, so).read_range("missing.bin", 0, 10)
-    assert ei.value.tries == 1 and wire(azure_server, n0) == [("GET", "missing.bin")]
+    check_not_found(azure_server, f"az://{container}/nothing-here", {**azure_options(azure_server), **RETRY}, tmp_path)
 
 
 def test_azure_bad_key_is_a_clear_error(azure_server, container, local, tmp_path):
@@ -255,13 +259,7 @@ def test_gcs_missing_dataset_object_and_bucket(gcs_server, gcs_bucket, tmp_path)
     """No dataset at the prefix, no such object, no such bucket: RemoteNotFoundError naming
     the URL, not retried."""
     so = {**gcs_options(gcs_server), **RETRY}
-    url = f"gs://{gcs_bucket}/nothing-here"
-    with pytest.raises(RemoteNotFoundError, match=f"{url}/manifest.json: no manifest.json"):
-        lio.open_dataset(url, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 20, storage_options=so)
-    n0 = gcs_server.mark()
-    with pytest.raises(RemoteNotFoundError, match=f"{url}/missing.bin bytes \\[0, 10\\)") as ei:
-        open_source(url, so).read_range("missing.bin", 0, 10)
-    assert ei.value.tries == 1 and wire(gcs_server, n0) == [("GET", "missing.bin")]
+    check_not_found(gcs_server, f"gs://{gcs_bucket}/nothing-here", so, tmp_path)
     with pytest.raises(RemoteNotFoundError, match="gs://no-such-bucket/ds/manifest.json"):
         lio.open_dataset("gs://no-such-bucket/ds", cache_dir=str(tmp_path / "c2"), cache_bytes=1 << 20,
                          storage_options=so)
