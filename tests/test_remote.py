@@ -569,6 +569,26 @@ def test_loader_url_source_with_env_defaults(tmp_path_factory, tmp_path, bucket,
     assert os.path.isdir(cache_root(str(tmp_path), url))
 
 
+def test_future_flat_copy_follows_its_entries():
+    """_Future.flat() (the prefetcher's vectorised view) equals the concatenated entries after
+    any interleaving of extend, advance and flat."""
+    from llmio_native.remote import cache as C
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        steps = [(i, np.unique(rng.integers(0, 50, int(rng.integers(1, 8))))) for i in range(500)]
+        fut = C._Future(iter(steps), 50, 10**9)
+        for _ in range(30):
+            fut.extend(int(rng.integers(0, 20)))
+            if rng.random() < 0.5:
+                fut.flat()
+            if fut.entries and rng.random() < 0.6:
+                fut.advance(fut.entries[min(len(fut.entries) - 1, int(rng.integers(0, 5)))][0])
+            u, s = fut.flat()
+            assert u.tolist() == [int(x) for _, us in fut.entries for x in us]
+            assert s.tolist() == [st for st, us in fut.entries for _ in us]
+
+
 def test_prefetch_candidates_match_the_reference_scan():
     """The vectorised choice of what to prefetch next equals the plain scan it replaced (each
     unit of the known future once, at its first use, within the byte budget; the absent ones,

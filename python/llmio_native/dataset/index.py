@@ -17,14 +17,13 @@ Layout (little-endian), records in manifest order, then a footer::
     record: name_len u32 | name (UTF-8) | shard_bytes u64 | tables_len u64
             | tables (the shard's bytes [table_offset, EOF))
             | header (the first 88 bytes of the shard; the rest of its 4096 are zeros)
+    footer: count u64 | XXH3-64 of every byte before it, the count included, u64 | b"LIOINDEX"
 
-(The header comes last because the writer knows it only after the tables: it holds their
-checksum.)
-    footer: count u64 | XXH3-64 of everything before the footer u64 | b"LIOINDEX"
+The header comes last because the writer knows it only after the tables: it holds their
+checksum. The manifest's ``checksum`` is the footer's XXH3.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -135,8 +134,9 @@ class IndexWriter:
             pass
 
 
-def parse_index(data: bytes | bytearray | memoryview, where: str) -> list[IndexRecord]:
-    """The records of an index file's bytes, checked for structure and footer checksum.
+def parse_index(data: bytes | bytearray | memoryview, where: str, expect: int | None = None) -> list[IndexRecord]:
+    """The records of an index file's bytes, checked for structure and footer checksum
+    (and, where ``expect`` is given, that the bytes' XXH3 is the manifest's).
 
     Raises:
         FormatError: truncated, bad magic, checksum mismatch, a record running past the end;
@@ -144,12 +144,15 @@ def parse_index(data: bytes | bytearray | memoryview, where: str) -> list[IndexR
     """
     buf = memoryview(data).cast("B")
     n = len(buf)
+    body = max(0, n - 16)  # the count is hashed with the records
+    got = xxhash.xxh3_64_intdigest(buf[:body])
+    if expect is not None and got != expect:
+        raise FormatError(f"{where}: XXH3 {got:#018x}, manifest.json says {expect:#018x} (damaged, or "
+                          "the index of another version of the dataset)", path=where)
     if n < _FOOTER.size or bytes(buf[n - 8:]) != INDEX_MAGIC:
         raise FormatError(f"{where}: not an llmio index (no {INDEX_MAGIC!r} footer in {n} bytes)", path=where,
                           offset=max(0, n - 8))
     count, digest, _ = _FOOTER.unpack_from(buf, n - _FOOTER.size)
-    body = n - _FOOTER.size + 8  # the count is hashed with the records
-    got = xxhash.xxh3_64_intdigest(buf[:body])
     if got != digest:
         raise FormatError(f"{where}: index checksum mismatch (recorded {digest:#018x}, computed {got:#018x})",
                           path=where, offset=body)
@@ -224,11 +227,7 @@ def load_index(data: bytes | bytearray | memoryview, entry: dict, shards: list[A
     if n != entry["bytes"]:
         raise FormatError(f"{where}: {n} bytes, manifest.json says {entry['bytes']}", path=where,
                           offset=min(n, entry["bytes"]))
-    got = xxhash.xxh3_64_intdigest(memoryview(data)[:max(0, n - 16)])
-    if got != entry["checksum"]:
-        raise FormatError(f"{where}: XXH3 {got:#018x}, manifest.json says {entry['checksum']:#018x} (damaged, or "
-                          "the index of another version of the dataset)", path=where)
-    recs = parse_index(data, where)
+    recs = parse_index(data, where, entry["checksum"])
     check_index(recs, shards, where)
     return recs
 
@@ -246,7 +245,7 @@ def rebuild_index(directory: str) -> dict:
         FileNotFoundError: no manifest.json, or a shard is missing.
         FormatError: a shard's header does not parse. OSError: reading or writing failed.
     """
-    from .manifest import fsync_dir, read_manifest
+    from .manifest import read_manifest, write_manifest
 
     d = os.path.abspath(directory)
     man = read_manifest(d)
@@ -266,14 +265,7 @@ def rebuild_index(directory: str) -> dict:
     except BaseException:
         w.close()
         raise
-    tmp = os.path.join(d, F.MANIFEST_TMP_NAME)
-    with open(tmp, "w", encoding="utf-8") as fh:  # every field as read, the index replaced
-        json.dump(dict(man.raw or man.to_json(), index=entry), fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(d, F.MANIFEST_NAME))
-    fsync_dir(d)
+    write_manifest(d, dict(man.raw or man.to_json(), index=entry))  # every field as read, the index replaced
     return entry
 
 

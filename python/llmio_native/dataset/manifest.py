@@ -151,9 +151,10 @@ class Manifest:
         }
 
 
-def write_manifest(directory: str, manifest: Manifest) -> None:
+def write_manifest(directory: str, manifest: Manifest | dict) -> None:
     """Commit a dataset: write ``manifest.json`` atomically (temp file, fsync, rename, fsync
-    of the directory). Call it after every shard was fsynced.
+    of the directory). Call it after every shard was fsynced. ``manifest``: a
+    :class:`Manifest`, or the JSON object itself (to rewrite one as read, unknown keys kept).
 
     Raises:
         OSError: writing, fsync or rename failed (the temp file may remain; it is one of
@@ -161,12 +162,17 @@ def write_manifest(directory: str, manifest: Manifest) -> None:
     """
     tmp = os.path.join(directory, F.MANIFEST_TMP_NAME)
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest.to_json(), fh, indent=1)
+        json.dump(manifest.to_json() if isinstance(manifest, Manifest) else manifest, fh, indent=1)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(directory, F.MANIFEST_NAME))
     fsync_dir(directory)
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is a plain file name in the dataset directory (no path, not . or ..)."""
+    return os.path.basename(name) == name and name not in ("", ".", "..")
 
 
 def require(obj: Any, key: str, kind: type | tuple, where: str) -> Any:
@@ -251,25 +257,25 @@ def parse_manifest(data: bytes, mpath: str, dtype: np.dtype | None = None, where
                             or not 0 <= eot <= np.iinfo(ds_dtype).max):
         raise FormatError(f"{mpath}: eot_token {eot!r} is not a {dname} token", path=mpath)
     tok = raw.get("tokenizer")
-    if tok is not None and (not isinstance(tok, str) or os.path.basename(tok) != tok or tok in ("", ".", "..")):
+    if tok is not None and (not isinstance(tok, str) or not _plain_name(tok)):
         raise FormatError(f"{mpath}: tokenizer must be a file name in the directory, got {tok!r}", path=mpath)
     meta = raw.get("metadata") or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{mpath}: metadata must be an object", path=mpath)
     index = raw.get("index")
     if index is not None:
-        where = f"{mpath} index"
-        iname = require(index, "name", str, where)
-        if os.path.basename(iname) != iname or iname in ("", ".", ".."):
-            raise FormatError(f"{where}: name must be a file name in the directory, got {iname!r}", path=mpath)
-        index = {"name": iname, "bytes": require(index, "bytes", int, where),
-                 "checksum": require(index, "checksum", int, where)}
+        iwhere = f"{mpath} index"
+        iname = require(index, "name", str, iwhere)
+        if not _plain_name(iname):
+            raise FormatError(f"{iwhere}: name must be a file name in the directory, got {iname!r}", path=mpath)
+        index = {"name": iname, "bytes": require(index, "bytes", int, iwhere),
+                 "checksum": require(index, "checksum", int, iwhere)}
     shards: list[ShardEntry] = []
     seen: set[str] = set()
     for si, entry in enumerate(shard_list):
         where = f"{mpath} shards[{si}]"
         name = require(entry, "name", str, where)
-        if os.path.basename(name) != name or name in ("", ".", "..") or name in seen:
+        if not _plain_name(name) or name in seen:
             raise FormatError(f"{where}: bad or repeated shard name {name!r}", path=mpath)
         seen.add(name)
         ints = {k: require(entry, k, int, where) for k in ShardEntry.INT_FIELDS}

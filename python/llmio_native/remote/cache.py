@@ -202,21 +202,12 @@ class _Future:
         return n
 
     def _drop_flat(self, n: int) -> None:
-        """The oldest ``n`` occurrences are consumed (from the flat arrays, then the pending)."""
-        left = len(self._flat_u) - self._head
-        if n <= left:
+        """The oldest entry, of ``n`` occurrences, is consumed (from the flat arrays, or the
+        pending parts when not flattened yet: entries are consumed whole)."""
+        if self._head < len(self._flat_u):
             self._head += n
-            return
-        self._head = len(self._flat_u)
-        n -= left
-        while n:
-            st, u = self._pending[0]
-            if len(u) <= n:
-                self._pending.pop(0)
-                n -= len(u)
-            else:  # pragma: no cover - entries are consumed whole
-                self._pending[0] = (st, u[n:])
-                n = 0
+        else:
+            self._pending.pop(0)
 
     def advance(self, step: int) -> None:
         """Steps before ``step`` are consumed."""

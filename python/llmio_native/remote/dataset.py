@@ -8,9 +8,9 @@ from its first response) and ``index.lio`` (every shard's header and tables in o
 checked against the manifest, :mod:`llmio_native.dataset.index`): two round trips whatever
 the shard count. Each shard's header and tables go into a sparse local file of the shard's
 size (the chunks are holes until needed). A dataset without a usable index has each shard's
-header and tables fetched from the shard (two requests per shard, 64 in flight). The local directory is then opened and checked like a
-local dataset. A cache left by an earlier run is reused when the manifest and the shards'
-sizes and ETags are unchanged, and wiped otherwise.
+header and tables fetched from the shard (two requests per shard, 64 in flight). The local
+directory is then opened and checked like a local dataset. A cache left by an earlier run is
+reused when the manifest and the shards' sizes and ETags are unchanged, and wiped otherwise.
 
 Offline: when the store cannot be reached and the cache holds the dataset's metadata, the
 dataset opens from the cache with a warning, ``ds.remote.offline`` (and ``stats()``) say
@@ -79,9 +79,8 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
 
 
 #: Requests in flight at open for a dataset without ``index.lio`` (header, then tables, of
-#: each shard): each costs a round trip
-#: (20 ms or more to an object store), so such a dataset opens in ceil(shards / this) x 2
-#: round trips. With the index it is two round trips whatever the shard count.
+#: each shard): each costs a round trip (20 ms or more to an object store), so such a dataset
+#: opens in ceil(shards / this) x 2 round trips. With the index it is two whatever the count.
 _META_THREADS = 64
 
 
