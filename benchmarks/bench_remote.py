@@ -333,32 +333,30 @@ def main(argv: list[str] | None = None) -> int:
         lru = epoch_run(url, so, os.path.join(tmp, "c3"), None, B, T, a.epochs, "lru", data // 2, px=px,
                         steps=a.half_batches)
         peer_res: dict[str, dict] = {}
-        child: dict = {}
-        if peers:  # ours in the peers' harness: a child process of its own, the proxy alone in this one
-            for kind, cb, ne in (("cold", 4 * data, 1), ("half", data // 2 + (4 << 20), a.epochs)):
-                stage(f"ours in a child: {kind}")
+
+        def child_runs(name: str, python: str, purl: str, data_bytes: int, half_bytes: int, workers: int) -> dict:
+            """A cold run (cache 4 x the data) and a half-cache run of ``name`` in a child process;
+            a run that fails is a result too (its row says so)."""
+            runs: dict = {}
+            for kind, cb, ne in (("cold", 4 * data_bytes, 1), ("half", half_bytes, a.epochs)):
+                stage(f"{name}: {kind}")
                 try:
-                    child[kind] = remote_peers.run_peer("ours", sys.executable, px, url, os.path.join(tmp, f"ours-{kind}"),
-                                                        cb, B, T, 0, ne, a.peer_timeout,
-                                                        a.half_batches if kind == "half" else None)
+                    runs[kind] = remote_peers.run_peer(name, python, px, purl, os.path.join(tmp, f"{name}-{kind}"),
+                                                       cb, B, T, workers, ne, a.peer_timeout,
+                                                       a.half_batches if kind == "half" else None)
                 except remote_peers.PeerError as exc:
-                    child[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
-                    print(f"bench_remote: ours (child) {kind} run failed: {child[kind]['error']}", file=sys.stderr)
+                    runs[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
+                    print(f"bench_remote: {name} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
+            return runs
+
+        # ours in the peers' harness too: a child process of its own, the proxy alone in this one
+        # (its bound covers the metadata as well: 4 MiB over half the data)
+        child = child_runs("ours", sys.executable, url, data, data // 2 + (4 << 20), 0) if peers else {}
         for p in peers:
             stage(f"{p}: convert and upload")
             conv = remote_peers.convert_upload(p, a.peer_python, raw, os.path.join(tmp, f"{p}-src"), T, shard_bytes,
                                                srv.url, "bench", p)  # straight to moto: not counted
-            purl = f"s3://bench/{p}"
-            runs: dict = {}
-            for kind, cb, ne in (("cold", 4 * conv["bytes"], 1), ("half", conv["bytes"] // 2, a.epochs)):
-                stage(f"{p}: {kind}")
-                try:
-                    runs[kind] = remote_peers.run_peer(p, a.peer_python, px, purl, os.path.join(tmp, f"{p}-{kind}"),
-                                                       cb, B, T, a.peer_workers, ne, a.peer_timeout,
-                                                       a.half_batches if kind == "half" else None)
-                except remote_peers.PeerError as exc:  # the peer's own failure is a result: the row says it
-                    runs[kind] = {**exc.partial, "error": exc.summary, "detail": str(exc)[-3000:]}
-                    print(f"bench_remote: {p} {kind} run failed: {runs[kind]['error']}", file=sys.stderr)
+            runs = child_runs(p, a.peer_python, f"s3://bench/{p}", conv["bytes"], conv["bytes"] // 2, a.peer_workers)
             peer_res[p] = {"version": peer_ver[p], "unit": remote_peers.UNIT[p], "shard_bytes": shard_bytes,
                            "convert": conv, **runs}
     finally:
